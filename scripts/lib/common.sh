@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Shared helpers for the scripts in scripts/: ROOT_DIR, die, require_file, env loading and
+# the Python of the workspace venv. Source it; don't run it.
+#   source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+# The workspace root: two levels above this file (scripts/lib/common.sh).
+ROOT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export ROOT_DIR
+export RWKVFORGE_ROOT="${RWKVFORGE_ROOT:-$ROOT_DIR}"
+VENV_DIR="${VENV_DIR:-$ROOT_DIR/.venv}"
+
+die() {
+  printf 'error: %s\n' "$*" >&2
+  exit 2
+}
+
+info() {
+  printf '[rwkvforge] %s\n' "$*" >&2
+}
+
+require_file() {
+  # require_file PATH [what to do]
+  [[ -f "$1" ]] || die "missing file: $1${2:+ — $2}"
+}
+
+require_cmd() {
+  command -v "$1" >/dev/null 2>&1 || die "'$1' not found on PATH${2:+ — $2}"
+}
+
+# Read KEY=value lines from an .env file without executing it (no `source`): the file is
+# data, so a value like $(rm -rf ~) is never run. Prints "KEY<TAB>value" lines.
+# Full validation (unknown keys, types, shell syntax) is done by `rwkvforge config`.
+read_env_file() {
+  local file="$1" line key val
+  [[ -f "$file" ]] || return 0
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    line="${line%$'\r'}"
+    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
+    [[ "$line" =~ ^([A-Z][A-Z0-9_]*)=(.*)$ ]] || die "$file: bad line: $line"
+    key="${BASH_REMATCH[1]}"
+    val="${BASH_REMATCH[2]}"
+    val="$(printf '%s' "$val" | sed -E 's/[[:space:]]+#.*$//; s/[[:space:]]+$//')"
+    if [[ "$val" =~ ^\"(.*)\"$ || "$val" =~ ^\'(.*)\'$ ]]; then
+      val="${BASH_REMATCH[1]}"
+    fi
+    printf '%s\t%s\n' "$key" "$val"
+  done <"$file"
+}
+
+# env_get KEY [default]: value of KEY from the environment, else configs/workspace.env
+# (or its .example), else the default. Model / profile layers are resolved in Python.
+env_get() {
+  local key="$1" def="${2:-}" file k v found=""
+  if [[ -n "${!key+x}" ]]; then
+    printf '%s' "${!key}"
+    return 0
+  fi
+  file="$ROOT_DIR/configs/workspace.env"
+  [[ -f "$file" ]] || file="$ROOT_DIR/configs/workspace.env.example"
+  while IFS=$'\t' read -r k v; do
+    if [[ "$k" == "$key" ]]; then
+      found="$v"
+    fi
+  done < <(read_env_file "$file")
+  printf '%s' "${found:-$def}"
+}
+
+# The workspace Python: .venv when bootstrapped, else fail with what to do.
+venv_python() {
+  if [[ -x "$VENV_DIR/bin/python" ]]; then
+    printf '%s' "$VENV_DIR/bin/python"
+  else
+    die "no environment at $VENV_DIR — run ./scripts/bootstrap.sh first"
+  fi
+}
+
+# ensure_env: bootstrap once if the venv is missing, then print its python.
+ensure_env() {
+  if [[ ! -x "$VENV_DIR/bin/python" ]] || ! "$VENV_DIR/bin/python" -c 'import rwkvforge' 2>/dev/null; then
+    info "no working environment yet: running scripts/bootstrap.sh"
+    "$ROOT_DIR/scripts/bootstrap.sh" >&2
+  fi
+  venv_python
+}
+
+# run_stage STAGE [args...]: exec `python -m rwkvforge.cli STAGE args...` in the venv.
+run_stage() {
+  local py
+  py="$(ensure_env)"
+  exec "$py" -m rwkvforge.cli "$@"
+}

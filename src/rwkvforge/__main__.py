@@ -1,0 +1,3 @@
+from rwkvforge.cli import main
+
+raise SystemExit(main())

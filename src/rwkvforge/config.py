@@ -1,0 +1,418 @@
+"""Settings: the .env grammar, the typed schema, precedence and the resolved-config JSON.
+
+Purpose: one place that turns `configs/workspace.env` < `configs/model/<name>.env` <
+`configs/profile/<name>.env` < environment variables < CLI flags into one typed `Settings`
+object, remembering where every value came from.
+
+    rwkvforge config show --model rwkv7-tiny --profile qlora-nf4
+    python -m rwkvforge.config show --json
+
+Grammar of a `.env` file (also `source`-able by bash):
+    # a comment
+    KEY=value            # trailing comment after whitespace
+    KEY="value with spaces"   or   KEY='literal'
+No `export`, no `$VAR` / `$(...)` / backticks, no `;`, `|`, `&`: values are literal, and
+anything that looks like shell is an error naming the file, line and key.
+
+This module knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from rwkvforge.paths import workspace_root
+
+KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
+SHELL_CHARS = re.compile(r"[$`;|&<>(){}\\]")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a person can fix; the message says where and how."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, lo: float | None = None,
+       hi: float | None = None, group: str = "workspace") -> Any:
+    meta = {"help": help, "choices": choices, "min": lo, "max": hi, "group": group}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    """Every knob of the workspace. KEY in a .env file = the field name in upper case;
+    CLI flag = `--field-name`."""
+
+    # ---- workspace -------------------------------------------------------------------
+    base_model: str = _f("", "Base model .pth (BlinkDL layout). Empty: the embedded demo "
+                         "model under models/base/ is generated and used.")
+    data_file: str = _f("", "Training JSONL. Empty: the shipped sample data/samples/.")
+    data_type: str = _f("sft", "How DATA_FILE is read: text (binidx, plain LM), sft "
+                        "(chat, prompt masked out of the loss) or dpo.",
+                        choices=("text", "sft", "dpo"))
+    data_prefix: str = _f("", "Prepared data prefix (<prefix>.bin/.idx). Empty: "
+                          "data/processed/<name of DATA_FILE>.")
+    val_fraction: float = _f(0.05, "Share of documents held out for validation.",
+                             lo=0.0, hi=0.9)
+    runs_dir: str = _f("runs", "Folder holding one sub-folder per run.")
+    run_name: str = _f("", "Run folder name. Empty: <model>-<profile>-<timestamp>.")
+    trainer: str = _f("builtin", "builtin (this package) or rwkv-peft "
+                      "(third_party/RWKV-PEFT's trainer, arguments mapped from this config).",
+                      choices=("builtin", "rwkv-peft"))
+    infer_backend: str = _f("builtin", "Inference engine: builtin, rwkv (pip package) or "
+                            "albatross (third_party/Albatross, CUDA only).",
+                            choices=("builtin", "rwkv", "albatross"))
+    torch_spec: str = _f("", "pip requirement for torch chosen by bootstrap "
+                         "(e.g. torch==2.13.0). Empty: picked from the GPU.")
+    torch_index_url: str = _f("", "pip index for torch (e.g. a CUDA 12.8 wheel index). "
+                              "Empty: picked from the GPU.")
+    device: str = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.",
+                     choices=("auto", "cpu", "cuda"))
+    seed: int = _f(42, "Random seed for data order, init and sampling.", lo=0)
+    wandb_project: str = _f("", "Weights & Biases project; empty disables W&B logging.")
+    serve_host: str = _f("127.0.0.1", "Server bind address. 0.0.0.0 exposes the model to "
+                         "your network: set SERVE_API_KEY first.")
+    serve_port: int = _f(8000, "OpenAI-compatible server port.", lo=1, hi=65535)
+    serve_api_key: str = _f("", "Bearer key required by the server; empty: no auth "
+                            "(fine on 127.0.0.1).")
+    serve_max_batch: int = _f(16, "Streams decoded together by the server: more = higher "
+                              "throughput, more memory.", lo=1, hi=1024)
+    serve_max_queue: int = _f(64, "Waiting requests before the server answers 429.",
+                              lo=1, hi=100000)
+    serve_max_tokens: int = _f(2048, "Cap on max_tokens per request.", lo=1)
+    dashboard_port: int = _f(8501, "Dashboard port (binds 127.0.0.1).", lo=1, hi=65535)
+    vram: str = _f("", "Memory budget for the planner, e.g. 12GiB. Empty: the detected "
+                   "GPU's memory (or system RAM on CPU).")
+
+    # ---- model -----------------------------------------------------------------------
+    model_name: str = _f("rwkv7-tiny", "Display name of the model (set by model/*.env).",
+                         group="model")
+    ctx_len: int = _f(512, "Training context in tokens: longer = more memory, better "
+                      "long-range learning.", lo=16, hi=1 << 20, group="model")
+    wkv_impl: str = _f("auto", "WKV kernel: auto (fla on CUDA, chunked otherwise), ref "
+                       "(sequential, slow, exact), chunked (matmul form) or fla.",
+                       choices=("auto", "ref", "chunked", "fla"), group="model")
+
+    # ---- profile: adapter + precision ------------------------------------------------
+    profile: str = _f("lora-bf16", "Profile name (set by profile/*.env).", group="profile")
+    quant: str = _f("none", "Base weights: none, nf4 (4-bit, least memory, slower) or int8.",
+                    choices=("none", "nf4", "int8"), group="profile")
+    precision: str = _f("bf16", "Compute dtype: bf16 (fast on modern GPUs / AMX CPUs), "
+                        "fp16 or fp32 (exact, slow).", choices=("fp32", "bf16", "fp16"),
+                        group="profile")
+    lora_r: int = _f(32, "LoRA rank: higher = more capacity, more memory.", lo=1, hi=4096,
+                     group="profile")
+    lora_alpha: float = _f(32.0, "LoRA scale numerator (scale = alpha / r).", lo=0.0,
+                           group="profile")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input: regularises small datasets.",
+                             lo=0.0, hi=0.9, group="profile")
+    lora_targets: str = _f("att.receptance,att.key,att.value,att.output,ffn.key,ffn.value",
+                           "Comma list of block Linears that get adapters.", group="profile")
+    train_parts: str = _f("", "Extra full-trained parts, comma list of: ln (layer norms), "
+                          "time (time-mix / decay parameters), emb, head.", group="profile")
+    peft_init: str = _f("default", "Adapter init: default (B=0) or pissa (principal "
+                        "singular vectors: faster start, slower setup).",
+                        choices=("default", "pissa"), group="profile")
+    use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA): a bit better, ~20% slower.",
+                        group="profile")
+
+    # ---- training --------------------------------------------------------------------
+    micro_bsz: int = _f(1, "Sequences per forward pass: more = faster, more memory.", lo=1,
+                        group="train")
+    grad_accum: int = _f(1, "Micro-batches per optimiser step (effective batch = "
+                         "MICRO_BSZ x GRAD_ACCUM x GPUs).", lo=1, group="train")
+    lr: float = _f(1e-4, "Peak learning rate.", lo=0.0, hi=1.0, group="train")
+    lr_final: float = _f(1e-5, "Learning rate at the end of the schedule.", lo=0.0, hi=1.0,
+                         group="train")
+    lr_schedule: str = _f("cosine", "cosine, wsd (warmup-stable-decay) or constant.",
+                          choices=("cosine", "wsd", "constant"), group="train")
+    warmup_steps: int = _f(10, "Linear warm-up steps.", lo=0, group="train")
+    max_steps: int = _f(60, "Optimiser steps to run (0 = EPOCHS over the data).", lo=0,
+                        group="train")
+    epochs: int = _f(1, "Passes over the data when MAX_STEPS=0.", lo=1, group="train")
+    weight_decay: float = _f(0.0, "AdamW weight decay on adapter weights.", lo=0.0,
+                             group="train")
+    grad_clip: float = _f(1.0, "Clip gradient norm (0 = off).", lo=0.0, group="train")
+    grad_cp: bool = _f(False, "Recompute activations: ~30% slower, far less memory.",
+                       group="train")
+    optimizer: str = _f("adamw", "adamw (fp32 states) or adamw8bit (bitsandbytes, ~4x less "
+                        "optimiser memory).", choices=("adamw", "adamw8bit"), group="train")
+    head_chunk: int = _f(1024, "Tokens per chunk of head + cross-entropy: smaller = less "
+                         "memory for the 65536-way logits.", lo=16, group="train")
+    save_every: int = _f(20, "Checkpoint every N steps (0 = only at the end).", lo=0,
+                         group="train")
+    eval_every: int = _f(0, "Validation loss every N steps (0 = only at the end).", lo=0,
+                         group="train")
+    log_every: int = _f(1, "Metrics line every N steps.", lo=1, group="train")
+    deepspeed_stage: int = _f(0, "0 = plain torch; 2 / 3 = DeepSpeed ZeRO stage.",
+                              choices=(0, 1, 2, 3), group="train")
+    deepspeed_offload: bool = _f(False, "ZeRO CPU offload of optimiser states: less VRAM, "
+                                 "slower steps.", group="train")
+    num_gpus: int = _f(1, "Processes for DeepSpeed (one per GPU).", lo=1, group="train")
+
+
+FIELD_BY_KEY = {f.name.upper(): f for f in fields(Settings)}
+
+
+@dataclass
+class Resolved:
+    """Resolved settings plus, for every key, where its value came from."""
+
+    settings: Settings
+    sources: dict[str, str]
+    files: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "settings": dataclasses.asdict(self.settings),
+            "sources": dict(self.sources),
+            "files": list(self.files),
+        }
+
+
+def suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]}?" if close else ""
+
+
+def _strip_comment(raw: str) -> str:
+    """Remove a trailing ` # comment` that is outside quotes."""
+    quote = None
+    for i, ch in enumerate(raw):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#" and (i == 0 or raw[i - 1] in " \t"):
+            return raw[:i].rstrip()
+    return raw.rstrip()
+
+
+def parse_env_text(text: str, origin: str) -> dict[str, tuple[str, int]]:
+    """Parse .env text into {KEY: (raw value, line number)}; raise ConfigError on bad syntax."""
+    out: dict[str, tuple[str, int]] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        where = f"{origin}:{lineno}"
+        if s.startswith("export "):
+            raise ConfigError(f"{where}: 'export' is not allowed; write plain KEY=value.")
+        if "=" not in s:
+            raise ConfigError(f"{where}: expected KEY=value, got {s!r}.")
+        key, _, rest = s.partition("=")
+        if key != key.strip() or not KEY_RE.match(key):
+            raise ConfigError(f"{where}: bad key {key!r}: keys are UPPER_CASE with no spaces "
+                              "around '='.")
+        val = _strip_comment(rest)
+        if val and val[0] in "\"'":
+            q = val[0]
+            if len(val) < 2 or not val.endswith(q) or q in val[1:-1]:
+                raise ConfigError(f"{where}: key {key}: unbalanced quotes in {val!r}.")
+            if q == '"' and SHELL_CHARS.search(val[1:-1]):
+                raise ConfigError(f"{where}: key {key}: shell syntax in {val!r}; values are "
+                                  "literal (no $VAR, $(...), backticks). Use single quotes "
+                                  "for a literal value.")
+            val = val[1:-1]
+        else:
+            if SHELL_CHARS.search(val) or " " in val or "\t" in val:
+                raise ConfigError(f"{where}: key {key}: shell syntax or unquoted space in "
+                                  f"{val!r}; values are literal. Quote values with spaces; "
+                                  "no $VAR, $(...), ;, |, &.")
+        if key in out:
+            raise ConfigError(f"{where}: key {key} repeated (first on line {out[key][1]}).")
+        out[key] = (val, lineno)
+    return out
+
+
+def coerce(key: str, raw: str, where: str) -> Any:
+    """Convert a raw string to the field's type, checking choices and range."""
+    if key not in FIELD_BY_KEY:
+        raise ConfigError(f"{where}: unknown key {key}.{suggest(key, FIELD_BY_KEY)}")
+    f = FIELD_BY_KEY[key]
+    meta = f.metadata
+    typ = f.type if isinstance(f.type, str) else f.type.__name__
+    try:
+        if typ == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                val: Any = True
+            elif low in ("0", "false", "no", "off", ""):
+                val = False
+            else:
+                raise ValueError("expected 0/1/true/false")
+        elif typ == "int":
+            val = int(raw)
+        elif typ == "float":
+            val = float(raw)
+        else:
+            val = raw
+    except ValueError as e:
+        raise ConfigError(f"{where}: key {key}: {raw!r} is not a valid {typ} ({e}).") from None
+    if meta.get("choices") is not None and val not in meta["choices"]:
+        opts = ", ".join(str(c) for c in meta["choices"])
+        raise ConfigError(f"{where}: key {key}: {raw!r} is not one of {opts}."
+                          f"{suggest(str(val), [str(c) for c in meta['choices']])}")
+    if meta.get("min") is not None and val < meta["min"]:
+        raise ConfigError(f"{where}: key {key}: {val} is below the minimum {meta['min']}.")
+    if meta.get("max") is not None and val > meta["max"]:
+        raise ConfigError(f"{where}: key {key}: {val} is above the maximum {meta['max']}.")
+    return val
+
+
+def load_env_file(path: Path) -> dict[str, tuple[Any, str]]:
+    """Parse and validate one .env file: {KEY: (typed value, 'file:line')}."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8.") from None
+    out = {}
+    for key, (raw, lineno) in parse_env_text(text, str(path)).items():
+        where = f"{path}:{lineno}"
+        out[key] = (coerce(key, raw, where), where)
+    return out
+
+
+def _named_env(root: Path, kind: str, name: str) -> Path:
+    folder = root / "configs" / kind
+    if name.endswith(".env") or "/" in name:
+        p = Path(name)
+        return p if p.is_absolute() else (Path.cwd() / p)
+    p = folder / f"{name}.env"
+    if not p.exists():
+        known = sorted(x.stem for x in folder.glob("*.env"))
+        raise ConfigError(f"no {kind} named {name!r} in {folder}.{suggest(name, known)} "
+                          f"Available: {', '.join(known) or 'none'}.")
+    return p
+
+
+def resolve(model: str | None = None, profile: str | None = None,
+            cli: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+            root: Path | None = None) -> Resolved:
+    """Resolve settings: defaults < workspace.env < model < profile < environment < cli.
+
+    `model` / `profile` are names under configs/ (or paths to .env files); when None, the
+    MODEL / PROFILE named by the workspace file or environment (RWKVFORGE_MODEL /
+    RWKVFORGE_PROFILE) is used, if any. `cli` maps field names (lower case) to values that
+    were given on the command line (None values are ignored).
+    """
+    root = root or workspace_root()
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {f.name.upper(): "default" for f in fields(Settings)}
+    files: list[str] = []
+
+    def apply(layer: Mapping[str, tuple[Any, str]]) -> None:
+        for k, (v, where) in layer.items():
+            values[k] = v
+            sources[k] = where
+
+    ws = root / "configs" / "workspace.env"
+    if not ws.exists():
+        ws = root / "configs" / "workspace.env.example"
+    if ws.exists():
+        apply(load_env_file(ws))
+        files.append(str(ws))
+    model = model or env.get("RWKVFORGE_MODEL") or None
+    profile = profile or env.get("RWKVFORGE_PROFILE") or None
+    if model:
+        p = _named_env(root, "model", model)
+        apply(load_env_file(p))
+        files.append(str(p))
+    if profile:
+        p = _named_env(root, "profile", profile)
+        apply(load_env_file(p))
+        files.append(str(p))
+    for key in FIELD_BY_KEY:
+        if key in env:
+            values[key] = coerce(key, env[key], f"environment variable {key}")
+            sources[key] = "env"
+    for name, v in (cli or {}).items():
+        if v is None:
+            continue
+        key = name.upper().replace("-", "_")
+        values[key] = coerce(key, str(int(v) if isinstance(v, bool) else v),
+                             f"command-line flag --{name.lower().replace('_', '-')}")
+        sources[key] = "cli"
+    settings = Settings(**{k.lower(): v for k, v in values.items()})
+    return Resolved(settings=settings, sources=sources, files=files)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None = None
+                       ) -> None:
+    """Add `--model`, `--profile` and one `--field-name` flag per setting (default None, so
+    only flags given on the command line override lower layers)."""
+    parser.add_argument("--model", help="model config name under configs/model/ or a .env path")
+    parser.add_argument("--profile", help="profile name under configs/profile/ or a .env path")
+    wanted = set(only) if only is not None else None
+    for f in fields(Settings):
+        if (wanted is not None and f.name not in wanted) or f.name == "profile":
+            continue  # PROFILE is set by the profile file that --profile picks
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata['help']} [{f.name.upper()}]"
+        parser.add_argument(flag, dest=f"set_{f.name}", default=None, help=help_,
+                            metavar=f.name.upper())
+
+
+def resolve_from_args(args: argparse.Namespace, root: Path | None = None) -> Resolved:
+    cli = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    return resolve(model=getattr(args, "model", None), profile=getattr(args, "profile", None),
+                   cli=cli, root=root)
+
+
+def format_table(res: Resolved) -> str:
+    rows = []
+    for f in fields(Settings):
+        key = f.name.upper()
+        val = getattr(res.settings, f.name)
+        rows.append((key, json.dumps(val, ensure_ascii=False) if isinstance(val, str)
+                     else str(int(val) if isinstance(val, bool) else val), res.sources[key]))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = min(max(len(r[1]) for r in rows), 60)
+    lines = [f"{'KEY':<{w0}}  {'VALUE':<{w1}}  SOURCE"]
+    lines += [f"{k:<{w0}}  {v:<{w1}}  {s}" for k, v, s in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rwkvforge config",
+                                 description="Show the resolved settings and their sources.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    show = sub.add_parser("show", help="print resolved settings (workspace < model < "
+                          "profile < environment < CLI flag)")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    add_settings_flags(show)
+    check = sub.add_parser("check", help="validate every .env under configs/")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "check":
+            root = workspace_root()
+            n = 0
+            for p in sorted((root / "configs").rglob("*.env*")):
+                load_env_file(p)
+                n += 1
+            print(f"{n} config files valid")
+            return 0
+        res = resolve_from_args(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print("files: " + (", ".join(res.files) or "(none)"))
+        print(format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
