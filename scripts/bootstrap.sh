@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Create or update the workspace environment in .venv/ (safe to run again).
+#
+#   ./scripts/bootstrap.sh                 # runtime deps, torch picked from the GPU (or CPU)
+#   ./scripts/bootstrap.sh --dev           # + test / benchmark tools (pytest, openai, ...)
+#   ./scripts/bootstrap.sh --with-upstream # + clone RWKV-PEFT and Albatross into third_party/
+#
+# torch: TORCH_SPEC / TORCH_INDEX_URL (configs/workspace.env or the environment) win.
+# Otherwise: no nvidia-smi -> the CPU build, never CUDA wheels; an RTX 50 (sm_120) card ->
+# a CUDA 12.8 build; older cards -> a CUDA 12.6 build. The choice and its reason are printed.
+set -euo pipefail
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+
+WITH_DEV=0
+WITH_UPSTREAM=0
+TORCH_VERSION_DEFAULT="2.13.0"
+# Pinned upstream refs (optional back-ends; bump deliberately).
+RWKV_PEFT_REPO="https://github.com/JL-er/RWKV-PEFT.git"
+RWKV_PEFT_REF="14688d1f0e3f751433571698e070d520ad59ea82"
+ALBATROSS_REPO="https://github.com/BlinkDL/Albatross.git"
+ALBATROSS_REF="b5b43538eaeffcb66249807074a3bf872c12da56"
+CUDA_INDEX_BASE="https://download.pytorch.org/whl"
+
+usage() {
+  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dev) WITH_DEV=1 ;;
+    --with-upstream) WITH_UPSTREAM=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+  shift
+done
+
+PY_BOOT="${PYTHON:-python3}"
+require_cmd "$PY_BOOT" "install Python 3.10+ (3.11 recommended)"
+"$PY_BOOT" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
+  || die "Python 3.10+ is required; found $("$PY_BOOT" --version 2>&1)"
+
+cd "$ROOT_DIR"
+mkdir -p models/base models/merged data/raw data/processed runs logs third_party
+
+if [[ ! -f configs/workspace.env ]]; then
+  cp configs/workspace.env.example configs/workspace.env
+  info "created configs/workspace.env from the example (edit it for your model and data)"
+fi
+
+if [[ ! -x "$VENV_DIR/bin/python" ]]; then
+  info "creating virtual environment in $VENV_DIR"
+  "$PY_BOOT" -m venv "$VENV_DIR"
+fi
+PY="$VENV_DIR/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+# Skip the slow part when nothing changed since the last successful bootstrap.
+STAMP="$VENV_DIR/.rwkvforge-bootstrap"
+stamp_value() {
+  {
+    sha256sum pyproject.toml "${BASH_SOURCE[0]}"
+    printf 'dev=%s torch_spec=%s index=%s\n' "$WITH_DEV" "$(env_get TORCH_SPEC)" "$(env_get TORCH_INDEX_URL)"
+  } | sha256sum | cut -d' ' -f1
+}
+if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$(stamp_value)" ]] \
+  && "$PY" -c 'import rwkvforge, torch' 2>/dev/null; then
+  info "environment up to date ($VENV_DIR)"
+else
+  "${PIP[@]}" install --quiet --upgrade pip wheel setuptools
+
+  # ---- choose torch ----------------------------------------------------------------
+  TORCH_SPEC="$(env_get TORCH_SPEC)"
+  TORCH_INDEX_URL="$(env_get TORCH_INDEX_URL)"
+  reason=""
+  if [[ -n "$TORCH_SPEC" || -n "$TORCH_INDEX_URL" ]]; then
+    reason="TORCH_SPEC / TORCH_INDEX_URL set in configs/workspace.env or the environment"
+    TORCH_SPEC="${TORCH_SPEC:-torch==$TORCH_VERSION_DEFAULT}"
+  elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ')"
+    gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
+    major="${cap%%.*}"
+    TORCH_SPEC="torch==$TORCH_VERSION_DEFAULT"
+    if [[ "${major:-0}" -ge 12 ]]; then
+      TORCH_INDEX_URL="$CUDA_INDEX_BASE/cu128"
+      reason="$gpu (sm_${cap/./}) needs a CUDA 12.8+ build (RTX 50-series / Blackwell)"
+    else
+      TORCH_INDEX_URL="$CUDA_INDEX_BASE/cu126"
+      reason="$gpu (sm_${cap/./}) is supported by the CUDA 12.6 build"
+    fi
+  else
+    TORCH_SPEC="torch==$TORCH_VERSION_DEFAULT"
+    reason="no NVIDIA GPU (nvidia-smi not found): CPU build, no CUDA wheels"
+    # If the default index would resolve a CUDA build (it pulls nvidia-* wheels), use the
+    # CPU index instead. A local CPU wheel (pip find-links) is taken as it is.
+    report="$(mktemp)"
+    if "${PIP[@]}" install --quiet --dry-run --ignore-installed --report "$report" "$TORCH_SPEC" >/dev/null 2>&1 \
+      && grep -q '"name": "nvidia-' "$report"; then
+      TORCH_INDEX_URL="$CUDA_INDEX_BASE/cpu"
+    fi
+    rm -f "$report"
+  fi
+  info "torch: $TORCH_SPEC${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL} — $reason"
+  if [[ -n "$TORCH_INDEX_URL" ]]; then
+    "${PIP[@]}" install --quiet "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"
+  else
+    "${PIP[@]}" install --quiet "$TORCH_SPEC"
+  fi
+
+  # Pin whatever torch is now installed so no later requirement can swap the build.
+  CONSTRAINTS="$VENV_DIR/torch-constraints.txt"
+  "$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$CONSTRAINTS"
+  info "pinned $(cat "$CONSTRAINTS") for every later install"
+
+  extras=""
+  [[ "$WITH_DEV" == 1 ]] && extras="[dev]"
+  info "installing rwkvforge$extras (editable) and its dependencies"
+  "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -e ".$extras"
+  # deepspeed's build imports torch: build it against the installed one.
+  "${PIP[@]}" install --quiet -c "$CONSTRAINTS" --no-build-isolation "deepspeed==0.19.8" \
+    || info "deepspeed could not be installed (multi-GPU training unavailable); see the log above"
+  stamp_value >"$STAMP"
+fi
+
+# ---- optional upstream checkouts -----------------------------------------------------
+clone_pinned() {
+  local name="$1" url="$2" ref="$3" dest="third_party/$1"
+  if [[ -d "$dest/.git" ]]; then
+    info "$name already in $dest"
+    return 0
+  fi
+  if timeout 120 git clone --quiet --filter=blob:none "$url" "$dest.tmp" >/dev/null 2>&1 \
+    && git -C "$dest.tmp" checkout --quiet "$ref" >/dev/null 2>&1; then
+    mv "$dest.tmp" "$dest"
+    info "$name cloned at $ref into $dest"
+  else
+    rm -rf "$dest.tmp"
+    info "$name: could not clone $url (no network?) — skipped; it is optional"
+  fi
+}
+if [[ "$WITH_UPSTREAM" == 1 ]]; then
+  clone_pinned RWKV-PEFT "$RWKV_PEFT_REPO" "$RWKV_PEFT_REF"
+  clone_pinned Albatross "$ALBATROSS_REPO" "$ALBATROSS_REF"
+fi
+
+info "done. Next: ./scripts/healthcheck.sh"

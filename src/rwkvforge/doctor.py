@@ -1,0 +1,301 @@
+"""Healthcheck: is this machine ready to fine-tune, and if not, what to do.
+
+    ./scripts/healthcheck.sh            (== rwkvforge doctor)
+    rwkvforge doctor --json
+
+Reports OS / WSL2 (and WSL's pinned-memory limit), GPU + driver + compute capability,
+whether the installed torch has kernels for that capability, the bitsandbytes backend,
+deepspeed, flash-linear-attention, free disk, Python and key package versions.
+Exit code: 0 = ready, 1 = warnings only, 2 = blockers.
+
+The JSON schema (SCHEMA_VERSION) is stable: top-level keys are listed in REPORT_KEYS and each
+finding is {"id", "level": "ok"|"warn"|"block", "message", "fix"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as md
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from rwkvforge.paths import workspace_root
+
+SCHEMA_VERSION = 1
+REPORT_KEYS = ("schema_version", "status", "exit_code", "os", "python", "gpu", "torch",
+               "bitsandbytes", "deepspeed", "fla", "disk", "memory", "packages", "findings")
+KEY_PACKAGES = ("torch", "rwkv", "pyrwkv-tokenizer", "peft", "bitsandbytes", "deepspeed",
+                "safetensors", "numpy", "fastapi", "uvicorn", "streamlit",
+                "flash-linear-attention", "triton", "transformers", "wandb")
+MIN_FREE_DISK_GIB = 10.0
+LEVEL_RANK = {"ok": 0, "warn": 1, "block": 2}
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return md.version(pkg)
+    except md.PackageNotFoundError:
+        return None
+
+
+def _run(argv: list[str], timeout: float = 10.0) -> str | None:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
+        return out.stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def os_info() -> dict[str, Any]:
+    release = platform.release()
+    proc_version = ""
+    try:
+        proc_version = Path("/proc/version").read_text(errors="replace")
+    except OSError:
+        pass
+    wsl = "microsoft" in (release + proc_version).lower() or bool(os.environ.get("WSL_DISTRO_NAME"))
+    distro = None
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                distro = line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return {"system": platform.system(), "release": release, "machine": platform.machine(),
+            "distro": distro, "wsl": wsl, "wsl_version": (2 if "wsl2" in release.lower()
+                                                          or wsl else None) if wsl else None}
+
+
+def memory_info() -> dict[str, Any]:
+    total = avail = None
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        total, avail = vm.total, vm.available
+    except ImportError:
+        pass
+    gib = 1024 ** 3
+    return {"total_gib": round(total / gib, 1) if total else None,
+            "available_gib": round(avail / gib, 1) if avail else None,
+            "cpu_count": os.cpu_count()}
+
+
+def gpu_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"available": False, "count": 0, "devices": [], "driver": None,
+                            "cuda_driver_version": None, "source": None}
+    out = _run(["nvidia-smi", "--query-gpu=name,driver_version,compute_cap,memory.total",
+                "--format=csv,noheader,nounits"]) if shutil.which("nvidia-smi") else None
+    if out:
+        for line in out.strip().splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) >= 4:
+                info["devices"].append({"name": parts[0], "compute_capability": parts[2],
+                                        "memory_mib": int(float(parts[3]))
+                                        if parts[3].replace(".", "").isdigit() else None})
+                info["driver"] = parts[1]
+        info["available"] = bool(info["devices"])
+        info["count"] = len(info["devices"])
+        info["source"] = "nvidia-smi"
+        head = _run(["nvidia-smi"]) or ""
+        for token in head.split("|"):
+            if "CUDA Version" in token:
+                info["cuda_driver_version"] = token.split(":")[-1].strip()
+    return info
+
+
+def torch_info() -> dict[str, Any]:
+    try:
+        torch = importlib.import_module("torch")
+    except Exception as e:  # noqa: BLE001 - any import failure is a finding
+        return {"installed": False, "error": f"{type(e).__name__}: {e}"}
+    cuda_ok = bool(torch.cuda.is_available())
+    return {"installed": True, "version": torch.__version__,
+            "cuda_build": torch.version.cuda, "cuda_available": cuda_ok,
+            "arch_list": list(torch.cuda.get_arch_list()) if torch.version.cuda else [],
+            "threads": torch.get_num_threads()}
+
+
+def torch_supports(cap: str, arch_list: list[str]) -> bool:
+    """True when a torch build with `arch_list` has kernels (SASS, or PTX it can JIT) for
+    compute capability `cap` ("12.0")."""
+    major, _, minor = cap.partition(".")
+    want = int(major) * 10 + int(minor or 0)
+    for arch in arch_list:
+        kind, _, num = arch.partition("_")
+        if not num.isdigit():
+            continue
+        n = int(num)
+        if kind == "sm" and n == want:
+            return True
+        if kind == "sm" and n // 10 == want // 10 and n <= want:  # same major: binary compatible
+            return True
+        if kind == "compute" and n <= want:  # PTX JIT-compiles forward
+            return True
+    return False
+
+
+def bnb_info() -> dict[str, Any]:
+    ver = _version("bitsandbytes")
+    if not ver:
+        return {"installed": False, "version": None, "backend": None}
+    try:
+        import torch
+
+        importlib.import_module("bitsandbytes")
+        backend = "cuda" if torch.cuda.is_available() else "cpu"
+        return {"installed": True, "version": ver, "backend": backend, "error": None}
+    except Exception as e:  # noqa: BLE001
+        return {"installed": True, "version": ver, "backend": None,
+                "error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def optional_info(dist: str) -> dict[str, Any]:
+    ver = _version(dist)
+    return {"installed": ver is not None, "version": ver}
+
+
+def disk_info(path: Path) -> dict[str, Any]:
+    usage = shutil.disk_usage(path)
+    gib = 1024 ** 3
+    return {"path": str(path), "free_gib": round(usage.free / gib, 1),
+            "total_gib": round(usage.total / gib, 1)}
+
+
+def findings_for(rep: dict[str, Any]) -> list[dict[str, str]]:
+    """Turn the raw facts into findings, each with a fix."""
+    out: list[dict[str, str]] = []
+
+    def add(id_: str, level: str, message: str, fix: str = "") -> None:
+        out.append({"id": id_, "level": level, "message": message, "fix": fix})
+
+    py = sys.version_info
+    if py < (3, 10):
+        add("python", "block", f"Python {py.major}.{py.minor} is too old.",
+            "Install Python 3.10+ (3.11 recommended) and re-run ./scripts/bootstrap.sh.")
+    else:
+        add("python", "ok", f"Python {platform.python_version()}.")
+    t = rep["torch"]
+    g = rep["gpu"]
+    if not t.get("installed"):
+        add("torch", "block", f"torch cannot be imported ({t.get('error')}).",
+            "Run ./scripts/bootstrap.sh.")
+    else:
+        add("torch", "ok", f"torch {t['version']} (CUDA build: {t['cuda_build'] or 'none'}).")
+    if g["available"]:
+        for i, d in enumerate(g["devices"]):
+            cap = d["compute_capability"]
+            if t.get("installed") and not t.get("cuda_build"):
+                add(f"gpu{i}-torch", "block",
+                    f"{d['name']} found but the installed torch is a CPU build.",
+                    "Set TORCH_SPEC/TORCH_INDEX_URL empty in configs/workspace.env, delete "
+                    ".venv and re-run ./scripts/bootstrap.sh to get a CUDA build.")
+            elif t.get("installed") and not torch_supports(cap, t.get("arch_list", [])):
+                add(f"gpu{i}-kernels", "block",
+                    f"torch {t['version']} has no kernels for {d['name']} (sm_{cap.replace('.', '')}); "
+                    f"it was built for {', '.join(t.get('arch_list', [])) or 'nothing'}. "
+                    "Symptom: 'no kernel image is available for execution on the device'.",
+                    "RTX 50-series (sm_120) needs a CUDA 12.8+ torch build: set "
+                    "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 in "
+                    "configs/workspace.env, delete .venv, re-run ./scripts/bootstrap.sh.")
+            else:
+                add(f"gpu{i}", "ok", f"{d['name']} sm_{cap.replace('.', '')}, "
+                    f"{d['memory_mib']} MiB, driver {g['driver']}.")
+            if t.get("installed") and t.get("cuda_build") and not t.get("cuda_available"):
+                add("cuda-runtime", "block", "torch has CUDA but torch.cuda.is_available() is "
+                    "False.", "Update the NVIDIA driver (on WSL2: the Windows driver; do not "
+                    "install a Linux display driver inside WSL).")
+    else:
+        add("gpu", "warn", "No NVIDIA GPU found: everything runs on the CPU (fine for the demo "
+            "model; slow for real models).",
+            "On WSL2 install the NVIDIA Windows driver and check `nvidia-smi` works inside WSL.")
+    b = rep["bitsandbytes"]
+    if not b["installed"]:
+        add("bitsandbytes", "warn", "bitsandbytes is not installed: QLoRA profiles unavailable.",
+            "Run ./scripts/bootstrap.sh.")
+    elif b.get("error"):
+        add("bitsandbytes", "warn", f"bitsandbytes {b['version']} fails to import: {b['error']}",
+            "See docs/troubleshooting.md#bitsandbytes; re-run ./scripts/bootstrap.sh.")
+    else:
+        add("bitsandbytes", "ok", f"bitsandbytes {b['version']} ({b['backend']} backend).")
+    if not rep["deepspeed"]["installed"]:
+        add("deepspeed", "warn", "deepspeed not installed: multi-GPU (DEEPSPEED_STAGE) unavailable.",
+            "Run ./scripts/bootstrap.sh (it installs deepspeed with --no-build-isolation).")
+    else:
+        add("deepspeed", "ok", f"deepspeed {rep['deepspeed']['version']}.")
+    if g["available"] and not rep["fla"]["installed"]:
+        add("fla", "warn", "flash-linear-attention not installed: training uses the chunked "
+            "torch WKV kernel (slower on GPU).", "pip install flash-linear-attention "
+            "(inside .venv, with the torch constraints file: -c .venv/torch-constraints.txt).")
+    d = rep["disk"]
+    if d["free_gib"] < MIN_FREE_DISK_GIB:
+        add("disk", "warn", f"Only {d['free_gib']} GiB free at {d['path']}.",
+            "Free disk space: checkpoints of a 1.5B model take several GiB each.")
+    else:
+        add("disk", "ok", f"{d['free_gib']} GiB free.")
+    if rep["os"]["wsl"]:
+        mem = rep["memory"].get("total_gib")
+        add("wsl-pinned-memory", "warn" if g["available"] else "ok",
+            f"Running under WSL2 with {mem} GiB visible. WSL2 caps pinned (page-locked) memory, "
+            "so CPU offload and pinned data loading can fail with 'CUDA error: out of memory' "
+            "even when the GPU has room.",
+            "Keep DEEPSPEED_OFFLOAD=0 on WSL2 unless needed; raise memory= in %UserProfile%\\"
+            ".wslconfig and run `wsl --shutdown` to apply.")
+    return out
+
+
+def collect(root: Path | None = None) -> dict[str, Any]:
+    root = root or workspace_root()
+    rep: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "os": os_info(),
+        "python": {"version": platform.python_version(), "executable": sys.executable,
+                   "venv": sys.prefix != sys.base_prefix},
+        "gpu": gpu_info(),
+        "torch": torch_info(),
+        "bitsandbytes": bnb_info(),
+        "deepspeed": optional_info("deepspeed"),
+        "fla": optional_info("flash-linear-attention"),
+        "disk": disk_info(root if root.exists() else Path.cwd()),
+        "memory": memory_info(),
+        "packages": {p: _version(p) for p in KEY_PACKAGES},
+    }
+    rep["findings"] = findings_for(rep)
+    worst = max((LEVEL_RANK[f["level"]] for f in rep["findings"]), default=0)
+    rep["exit_code"] = worst
+    rep["status"] = ("ready", "warnings", "blocked")[worst]
+    return {k: rep[k] for k in REPORT_KEYS}
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    mark = {"ok": "  ok  ", "warn": " warn ", "block": "BLOCK "}
+    lines = [f"rwkvforge healthcheck — {rep['status']}"]
+    o = rep["os"]
+    lines.append(f"os: {o['distro'] or o['system']} {o['release']}{' (WSL2)' if o['wsl'] else ''}")
+    for f in rep["findings"]:
+        lines.append(f"[{mark[f['level']]}] {f['message']}")
+        if f["level"] != "ok" and f["fix"]:
+            lines.append(f"         fix: {f['fix']}")
+    pk = ", ".join(f"{k} {v}" for k, v in rep["packages"].items() if v)
+    lines.append(f"packages: {pk}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rwkvforge doctor", description=__doc__.split("\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    rep = collect()
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return int(rep["exit_code"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

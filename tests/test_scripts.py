@@ -1,0 +1,80 @@
+"""Shell entry points: shellcheck-clean, strict mode, and input checks before long work."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "scripts").rglob("*.sh")) + [ROOT / ".ci" / "run"]
+
+
+def test_shellcheck_clean() -> None:
+    if not shutil.which("shellcheck"):
+        pytest.fail("shellcheck is not installed: scripts/test.sh installs it from Debian's "
+                    "packages (apt-get install shellcheck)")
+    out = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_strict_mode_and_shebang(path: Path) -> None:
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n"), path
+    if path.parent.name != "lib":
+        assert "set -euo pipefail" in text, path
+        assert path.stat().st_mode & 0o111, f"{path} is not executable"
+
+
+def test_bootstrap_rejects_unknown_option() -> None:
+    out = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh"), "--nope"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown option '--nope'" in out.stderr
+
+
+def test_bootstrap_help() -> None:
+    out = subprocess.run([str(ROOT / "scripts" / "bootstrap.sh"), "--help"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "--with-upstream" in out.stdout
+
+
+def test_env_get_reads_without_executing(tmp_path: Path) -> None:
+    """common.sh's reader never executes values and the environment wins over the file."""
+    ws = tmp_path / "configs"
+    ws.mkdir()
+    marker = tmp_path / "pwned"
+    (ws / "workspace.env").write_text(f"SEED=7   # c\nDATA_FILE='$(touch {marker})'\n")
+    lib = ROOT / "scripts" / "lib" / "common.sh"
+    script = (f'source "{lib}"; ROOT_DIR="{tmp_path}"; printf "%s|%s|%s" '
+              '"$(env_get SEED)" "$(env_get DATA_FILE)" "$(env_get LR 0.5)"')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"7|$(touch {marker})|0.5"
+    assert not marker.exists()
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "SEED": "9"})
+    assert out.stdout.startswith("9|")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "./scripts/test.sh" in readme
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "exec ./scripts/test.sh" in ci
+
+
+def test_gitignore_covers_workspace_outputs() -> None:
+    ignored = ["runs/x/metrics.jsonl", "models/base/a.pth", "data/raw/a.jsonl",
+               "data/processed/a.bin", "logs/a.log", "third_party/RWKV-PEFT/x.py",
+               "configs/workspace.env", ".venv/bin/python"]
+    kept = ["models/README.md", "configs/workspace.env.example", "data/samples/README.md"]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *ignored, *kept],
+                         capture_output=True, text=True, cwd=ROOT)
+    got = set(out.stdout.split())
+    assert set(ignored) <= got
+    assert not (set(kept) & got)
