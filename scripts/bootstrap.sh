@@ -54,7 +54,7 @@ if [[ ! -x "$VENV_DIR/bin/python" ]]; then
   "$PY_BOOT" -m venv "$VENV_DIR"
 fi
 PY="$VENV_DIR/bin/python"
-PIP=("$PY" -m pip --disable-pip-version-check)
+PIP=("$PY" -m pip --disable-pip-version-check --no-warn-script-location)
 
 # Skip the slow part when nothing changed since the last successful bootstrap.
 STAMP="$VENV_DIR/.rwkvforge-bootstrap"
@@ -64,7 +64,8 @@ stamp_value() {
     printf 'dev=%s torch_spec=%s index=%s\n' "$WITH_DEV" "$(env_get TORCH_SPEC)" "$(env_get TORCH_INDEX_URL)"
   } | sha256sum | cut -d' ' -f1
 }
-if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$(stamp_value)" ]] \
+STAMP_NOW="$(stamp_value)"  # before TORCH_SPEC & co. are assigned below
+if [[ -f "$STAMP" ]] && [[ "$(cat "$STAMP")" == "$STAMP_NOW" ]] \
   && "$PY" -c 'import rwkvforge, torch' 2>/dev/null; then
   info "environment up to date ($VENV_DIR)"
 else
@@ -120,7 +121,7 @@ else
   # deepspeed's build imports torch: build it against the installed one.
   "${PIP[@]}" install --quiet -c "$CONSTRAINTS" --no-build-isolation "deepspeed==0.19.8" \
     || info "deepspeed could not be installed (multi-GPU training unavailable); see the log above"
-  stamp_value >"$STAMP"
+  printf '%s\n' "$STAMP_NOW" >"$STAMP"
 fi
 
 # ---- optional upstream checkouts -----------------------------------------------------
