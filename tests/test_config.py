@@ -181,3 +181,13 @@ def test_cli_config_show_bad_flag_value_is_clear() -> None:
 def test_settings_schema_documents_every_field() -> None:
     for f in config.fields(Settings):
         assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+@pytest.mark.parametrize("lang,name", [("en", "configuration.md"),
+                                       ("zh-CN", "configuration.zh-CN.md")])
+def test_configuration_reference_is_fresh(lang: str, name: str) -> None:
+    page = (ROOT / "docs" / name).read_text(encoding="utf-8")
+    assert page == config.reference_markdown(lang), (
+        f"docs/{name} is stale: run `rwkvforge config docs`")
+    for f in config.fields(Settings):
+        assert f"`{f.name.upper()}`" in page

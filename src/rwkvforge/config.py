@@ -383,6 +383,52 @@ def format_table(res: Resolved) -> str:
     return "\n".join(lines)
 
 
+GROUP_TITLES = {
+    "en": {"workspace": "Workspace", "model": "Model", "profile": "Profile (adapter and "
+           "precision)", "train": "Training"},
+    "zh-CN": {"workspace": "工作区", "model": "模型", "profile": "配置档（适配器与精度）",
+              "train": "训练"},
+}
+REFERENCE_INTRO = {
+    "en": ("# Configuration reference\n\n"
+           "Generated from the settings schema (`src/rwkvforge/config.py`) by "
+           "`rwkvforge config docs`; a test fails when it is stale. Set a key in "
+           "`configs/workspace.env`, `configs/model/<name>.env`, `configs/profile/<name>.env`, "
+           "as an environment variable, or as a command-line flag (later wins). "
+           "[中文](configuration.zh-CN.md)\n"),
+    "zh-CN": ("# 配置参考\n\n"
+              "由 `rwkvforge config docs` 根据配置模式（`src/rwkvforge/config.py`）生成；内容过期时"
+              "测试会失败。可以在 `configs/workspace.env`、`configs/model/<name>.env`、"
+              "`configs/profile/<name>.env`、环境变量或命令行参数中设置（后者优先）。"
+              "说明文字取自代码中的英文文档。[English](configuration.md)\n"),
+}
+
+
+def reference_markdown(lang: str = "en") -> str:
+    """The configuration reference page, generated from `Settings`."""
+    head = ("| KEY | flag | type | default | allowed | meaning |" if lang == "en" else
+            "| 键 | 命令行参数 | 类型 | 默认值 | 取值范围 | 说明 |")
+    parts = [REFERENCE_INTRO[lang]]
+    for group, title in GROUP_TITLES[lang].items():
+        parts.append(f"\n## {title}\n\n{head}\n|---|---|---|---|---|---|")
+        for f in fields(Settings):
+            if f.metadata["group"] != group:
+                continue
+            m = f.metadata
+            typ = f.type if isinstance(f.type, str) else f.type.__name__
+            if m["choices"]:
+                allowed = " / ".join(f"`{c}`" for c in m["choices"])
+            elif m["min"] is not None or m["max"] is not None:
+                allowed = f"{'' if m['min'] is None else m['min']} … {'' if m['max'] is None else m['max']}"
+            else:
+                allowed = ""
+            default = json.dumps(f.default, ensure_ascii=False)
+            flag = "(set by --profile)" if f.name == "profile" else f"`--{f.name.replace('_', '-')}`"
+            parts.append(f"| `{f.name.upper()}` | {flag} | {typ} | `{default}` | {allowed} | "
+                         f"{m['help']} |")
+    return "\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rwkvforge config",
                                  description="Show the resolved settings and their sources.")
@@ -391,8 +437,19 @@ def main(argv: list[str] | None = None) -> int:
                           "profile < environment < CLI flag)")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     add_settings_flags(show)
-    check = sub.add_parser("check", help="validate every .env under configs/")
+    sub.add_parser("check", help="validate every .env under configs/")
+    docs = sub.add_parser("docs", help="write docs/configuration.md and its Chinese twin")
+    docs.add_argument("--out-dir", default=None, help="default: <workspace>/docs")
     args = ap.parse_args(argv)
+    if args.cmd == "docs":
+        out_dir = Path(args.out_dir) if args.out_dir else workspace_root() / "docs"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for lang, name in (("en", "configuration.md"), ("zh-CN", "configuration.zh-CN.md")):
+            tmp = out_dir / f".{name}.tmp"
+            tmp.write_text(reference_markdown(lang), encoding="utf-8")
+            os.replace(tmp, out_dir / name)
+            print(f"wrote {out_dir / name}")
+        return 0
     try:
         if args.cmd == "check":
             root = workspace_root()
