@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The main job end to end on the embedded default (or on your configured model and data):
+# bootstrap -> prepare -> train (QLoRA nf4) -> merge (verified) -> eval (base vs tuned) -> chat.
+#
+#   ./scripts/quickstart.sh                       # demo model + shipped 1C sample, CPU: minutes
+#   ./scripts/quickstart.sh --profile lora-bf16   # another profile; other flags go to `train`
+set -euo pipefail
+# shellcheck source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+cd "$ROOT_DIR"
+
+PROFILE="qlora-nf4"
+args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --profile) [[ $# -ge 2 ]] || die "--profile needs a value"; PROFILE="$2"; shift ;;
+    -h | --help) sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) args+=("$1") ;;
+  esac
+  shift
+done
+require_file "configs/profile/$PROFILE.env" "profiles: $(ls configs/profile)"
+
+PY="$(ensure_env)"
+RUN_NAME="quickstart-$PROFILE-$(date +%Y%m%d-%H%M%S)"
+RUNS_DIR="$(env_get RUNS_DIR runs)"
+RUN_DIR="$RUNS_DIR/$RUN_NAME"
+
+info "1/5 prepare + train ($PROFILE) -> $RUN_DIR"
+"$PY" -m rwkvforge.cli train --profile "$PROFILE" --run-name "$RUN_NAME" "${args[@]}"
+require_file "$RUN_DIR/adapter/adapter_config.json" "training did not write an adapter; see $RUN_DIR/train.log"
+
+info "2/5 merge the adapter into the full-precision base (self-verified)"
+"$PY" -m rwkvforge.cli merge --adapter "$RUN_DIR/adapter"
+MERGED="$(find "$RUN_DIR/merged" -maxdepth 1 -name '*.pth' | head -n 1)"
+[[ -n "$MERGED" ]] || die "merge wrote no .pth in $RUN_DIR/merged"
+
+info "3/5 evaluate base vs tuned"
+"$PY" -m rwkvforge.cli eval --run "$RUN_DIR"
+
+info "4/5 ask the merged model"
+"$PY" -m rwkvforge.cli infer --base-model "$MERGED" --max-tokens 80 \
+  --prompt "Напиши процедуру, которая выводит сообщение «Привет» на клиенте."
+
+info "5/5 done. Run folder: $RUN_DIR (report: $RUN_DIR/eval/report.md)"
+info "next: ./scripts/dashboard.sh   |   ./scripts/serve.sh --base-model $MERGED"

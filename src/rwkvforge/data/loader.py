@@ -1,0 +1,461 @@
+"""Training batches from prepared data: magic-prime windows (text), SFT and DPO batches.
+
+    from rwkvforge.data.loader import build_train_loader, build_val_batches
+    loader = build_train_loader("data/processed/bsl_sft", ctx_len=512, micro_bsz=4, seed=42)
+    batch = next(loader)          # {"input_ids", "targets", "loss_mask"}: (B, T) tensors
+    state = loader.state_dict()   # save with the checkpoint; loader.load_state_dict(state)
+    val = build_val_batches("data/processed/bsl_sft", ctx_len=512, micro_bsz=4)
+
+Input: a prefix written by `rwkvforge prepare` (its `<prefix>.meta.json` names the type and
+splits), or a bare `<prefix>` of a binidx made elsewhere (e.g. RWKV-LM's make_data.py),
+read as plain text.
+
+Text (RWKV-LM semantics). The .bin is one token stream. With ctx_len C and D tokens,
+magic_prime p is the largest prime p <= D // C - 1 with p % 3 == 2 (make_data.py's rule;
+needs D >= 3C). Global sample g = 0, 1, 2, ... reads the C + 1 tokens starting at
+
+    offset(g) = ((floor(p * (sqrt(5) - 1) / 2) * (g + 1) ** 3) mod p) * C
+
+which is RWKV-LM's dataset.py with ii = g + 1. Because p is prime and p % 3 == 2, cubing
+and the multiplication are bijections mod p, so samples g = e*p .. e*p + p - 1 (epoch e)
+visit each of the p windows exactly once, scattered over the data. input_ids = window[:-1],
+targets = window[1:], loss_mask = 1 (the end-of-document 0s are trained, as in RWKV-LM).
+
+SFT. One prepared example = ids ending with 0 + a 0/1 mask (1 on assistant text and its end
+of turn). Each epoch visits the examples in a permutation seeded by (seed, epoch). An
+example longer than C + 1 tokens is cut to C + 1. targets[t] = ids[t + 1] and
+loss_mask[t] = mask[t + 1] (the mask belongs to the predicted token). Batches are padded
+(input 0, target 0, mask 0) to the longest row (`pad_to="longest"`, fastest) or to C
+(`pad_to="ctx_len"`, fixed shapes). `pack=True` instead fills C + 1-token rows with whole
+consecutive examples (an RNN carries state across the 0 separators, as in pretraining).
+
+DPO. One prepared pair = two items, chosen then rejected, each ids + mask over the response.
+A batch has chosen_* and rejected_* versions of the three keys, all padded to one T.
+
+Data parallel: rank r of w ranks takes global samples r, r + w, r + 2w, ...; with the same
+seed the ranks never overlap. State (epoch, position) is plain ints: resuming yields exactly
+the batches an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from rwkvforge.data.binidx import BinIdxReader
+
+if TYPE_CHECKING:  # torch is imported on first batch: `prepare` uses magic_prime without it
+    import torch
+
+META_SUFFIX = ".meta.json"
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+# ---------------------------------------------------------------------------------------
+# magic prime (RWKV-LM)
+# ---------------------------------------------------------------------------------------
+
+def is_prime(n: int) -> bool:
+    if n <= 3:
+        return n >= 2
+    if n % 2 == 0 or n % 3 == 0:
+        return False
+    i = 5
+    while i * i <= n:
+        if n % i == 0 or n % (i + 2) == 0:
+            return False
+        i += 6
+    return True
+
+
+def magic_prime(num_tokens: int, ctx_len: int) -> int | None:
+    """Largest prime p <= num_tokens // ctx_len - 1 with p % 3 == 2 (RWKV-LM make_data.py),
+    or None when num_tokens < 3 * ctx_len."""
+    if ctx_len < 1:
+        raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
+    if num_tokens < 3 * ctx_len:
+        return None
+    for p in range(num_tokens // ctx_len - 1, 1, -1):
+        if p % 3 == 2 and is_prime(p):
+            return p
+    return None
+
+
+def window_offset(sample: int, prime: int, ctx_len: int) -> int:
+    """Token offset of global sample `sample` (0-based) in magic-prime order."""
+    factor = int(prime * GOLDEN)
+    ii = sample + 1
+    return ((factor * ii * ii * ii) % prime) * ctx_len
+
+
+def too_small_text(num_tokens: int, ctx_len: int, where: str) -> ValueError:
+    need = 3 * ctx_len
+    return ValueError(
+        f"{where}: {num_tokens} tokens is too small for ctx_len={ctx_len}: magic-prime "
+        f"sampling needs at least 3 x ctx_len = {need} tokens. Lower CTX_LEN (--ctx-len) "
+        f"to at most {max(num_tokens // 3, 0)}, or prepare more data (more documents, or "
+        f"--repeat {math.ceil(need / max(num_tokens, 1))} in rwkvforge prepare).")
+
+
+# ---------------------------------------------------------------------------------------
+# prepared data
+# ---------------------------------------------------------------------------------------
+
+def meta_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}{META_SUFFIX}")
+
+
+def load_meta(prefix_or_meta: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """(prefix, meta or None). Accepts `<prefix>`, `<prefix>.meta.json` or `<prefix>.bin`."""
+    s = str(prefix_or_meta)
+    for suffix in (META_SUFFIX, ".bin", ".idx"):
+        if s.endswith(suffix):
+            s = s[: -len(suffix)]
+            break
+    prefix = Path(s)
+    mp = meta_path(prefix)
+    if not mp.is_file():
+        return prefix, None
+    try:
+        meta = json.loads(mp.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{mp}: not valid JSON ({e}); prepare the data again") from None
+    if meta.get("format") != "rwkvforge-data/1":
+        raise ValueError(f"{mp}: unknown format {meta.get('format')!r}, expected "
+                         "rwkvforge-data/1")
+    return prefix, meta
+
+
+class Split:
+    """One split of prepared data: token items (+ mask items for sft / dpo)."""
+
+    def __init__(self, prefix: Path, kind: str, mask_prefix: Path | None = None) -> None:
+        self.prefix, self.kind = prefix, kind
+        self.ids = BinIdxReader(prefix)
+        self.mask = BinIdxReader(mask_prefix) if mask_prefix is not None else None
+        if self.mask is not None and not np.array_equal(self.mask.sizes, self.ids.sizes):
+            raise ValueError(f"{mask_prefix}: mask items do not match {prefix} item sizes; "
+                             "prepare the data again")
+        if kind == "dpo" and len(self.ids) % 2:
+            raise ValueError(f"{prefix}: a DPO split needs an even number of items "
+                             f"(chosen, rejected), has {len(self.ids)}")
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.ids) // 2 if self.kind == "dpo" else len(self.ids)
+
+    def item(self, i: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.ids[i][:limit]
+        mask = self.mask[i][:limit] if self.mask is not None else np.ones(len(ids), np.uint8)
+        return ids, mask
+
+
+def open_split(prefix_or_meta: str | Path, split: str = "train") -> Split | None:
+    """The named split ("train" | "val") of prepared data; None when it has no such split."""
+    prefix, meta = load_meta(prefix_or_meta)
+    if meta is None:  # bare binidx: text, all of it is "train"
+        return Split(prefix, "text") if split == "train" else None
+    info = (meta.get("splits") or {}).get(split)
+    if not info or not info.get("documents"):
+        return None
+    base = prefix.parent
+    mask = base / info["mask_prefix"] if info.get("mask_prefix") else None
+    return Split(base / info["prefix"], meta["type"], mask)
+
+
+# ---------------------------------------------------------------------------------------
+# batch assembly
+# ---------------------------------------------------------------------------------------
+
+def _rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray]], T: int | None,
+                   prefix: str = "") -> dict[str, torch.Tensor]:
+    """rows of (ids, mask) with len >= 1 -> shifted, padded (B, T) tensors."""
+    import torch
+
+    T = T if T is not None else max(max(len(r[0]) - 1 for r in rows), 1)
+    B = len(rows)
+    x = np.zeros((B, T), dtype=np.int64)
+    y = np.zeros((B, T), dtype=np.int64)
+    m = np.zeros((B, T), dtype=np.float32)
+    for b, (ids, mask) in enumerate(rows):
+        n = min(len(ids) - 1, T)
+        x[b, :n] = ids[:n]
+        y[b, :n] = ids[1:n + 1]
+        m[b, :n] = mask[1:n + 1]
+    return {f"{prefix}input_ids": torch.from_numpy(x), f"{prefix}targets": torch.from_numpy(y),
+            f"{prefix}loss_mask": torch.from_numpy(m)}
+
+
+class _Stream:
+    """Shared position logic: an endless stream of global samples split across ranks."""
+
+    kind = ""
+
+    def __init__(self, micro_bsz: int, seed: int, rank: int, world_size: int) -> None:
+        if micro_bsz < 1:
+            raise ValueError(f"micro_bsz must be >= 1, got {micro_bsz}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.micro_bsz, self.seed, self.rank, self.world_size = micro_bsz, seed, rank, world_size
+        self.epoch, self.pos = 0, rank  # pos: global sample index inside the epoch
+
+    def epoch_len(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def _next_index(self) -> tuple[int, int]:
+        while self.pos >= self.epoch_len(self.epoch):
+            self.pos -= self.epoch_len(self.epoch)
+            self.epoch += 1
+        e, p = self.epoch, self.pos
+        self.pos += self.world_size
+        return e, p
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.epoch_len(0)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Micro-batches per epoch on each rank (>= 1)."""
+        return max(self.samples_per_epoch // (self.micro_bsz * self.world_size), 1)
+
+    @property
+    def epoch_progress(self) -> float:
+        """Epochs done as a float (for logs)."""
+        n = self.epoch_len(self.epoch)
+        return self.epoch + min(self.pos - self.rank, n) / n
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "epoch": self.epoch, "pos": self.pos, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size,
+                "micro_bsz": self.micro_bsz, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("kind", "world_size", *self._fingerprint()):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"loader state does not match this data/loader: {key} was "
+                                 f"{state.get(key)!r}, now {mine[key]!r}. Resume with the "
+                                 "same prepared data, CTX_LEN, SEED and number of GPUs, or "
+                                 "start a new run.")
+        if state.get("rank") != self.rank:
+            raise ValueError(f"loader state is for rank {state.get('rank')}, this is rank "
+                             f"{self.rank}")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+
+
+class TextWindowLoader(_Stream):
+    """ctx_len + 1-token windows of a token stream in magic-prime order (see module doc).
+    The order is RWKV-LM's and does not depend on `seed`."""
+
+    kind = "text"
+
+    def __init__(self, split: Split, ctx_len: int, micro_bsz: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(micro_bsz, seed, rank, world_size)
+        self.tokens = split.ids.tokens
+        self.ctx_len = ctx_len
+        self.num_tokens = int(len(self.tokens))
+        p = magic_prime(self.num_tokens, ctx_len)
+        if p is None:
+            raise too_small_text(self.num_tokens, ctx_len, str(split.prefix))
+        self.magic_prime = p
+        if p < micro_bsz * world_size:
+            raise ValueError(
+                f"{split.prefix}: {p} windows of ctx_len={ctx_len} per epoch is fewer than "
+                f"one batch (micro_bsz={micro_bsz} x {world_size} GPUs). Lower MICRO_BSZ or "
+                "CTX_LEN, or prepare more data (--repeat N).")
+
+    def epoch_len(self, epoch: int) -> int:
+        return self.magic_prime
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"ctx_len": self.ctx_len, "magic_prime": self.magic_prime}
+
+    def sample_offset(self, epoch: int, pos: int) -> int:
+        return window_offset(epoch * self.magic_prime + pos, self.magic_prime, self.ctx_len)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows = []
+        for _ in range(self.micro_bsz):
+            off = self.sample_offset(*self._next_index())
+            w = np.asarray(self.tokens[off:off + self.ctx_len + 1])
+            rows.append((w, np.ones(len(w), np.uint8)))
+        return _rows_to_batch(rows, self.ctx_len)
+
+
+class SFTLoader(_Stream):
+    """Masked examples, one per row (padded) or packed (see module doc)."""
+
+    kind = "sft"
+
+    def __init__(self, split: Split, ctx_len: int, micro_bsz: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, pack: bool = False,
+                 pad_to: str = "longest") -> None:
+        super().__init__(micro_bsz, seed, rank, world_size)
+        if pad_to not in ("longest", "ctx_len"):
+            raise ValueError(f"pad_to must be 'longest' or 'ctx_len', got {pad_to!r}")
+        self.split, self.ctx_len, self.pack, self.pad_to = split, ctx_len, pack, pad_to
+        self.n = split.num_examples
+        need = micro_bsz * world_size
+        if self.n < need and not pack:
+            raise ValueError(
+                f"{split.prefix}: {self.n} examples is fewer than one batch (micro_bsz="
+                f"{micro_bsz} x {world_size} GPUs = {need}). Lower MICRO_BSZ, add examples, or "
+                "prepare with --repeat N.")
+        self._plan_cache: tuple[int, list[list[int]]] | None = None
+        self._order_cache: tuple[int, list[int]] | None = None
+        if pack and len(self._plan(0)) < need:
+            raise ValueError(
+                f"{split.prefix}: packing {self.n} examples into ctx_len={ctx_len} rows gives "
+                f"{len(self._plan(0))} rows, fewer than one batch ({need}). Lower MICRO_BSZ "
+                "or CTX_LEN, or prepare with --repeat N.")
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        """Packed rows of an epoch: lists of example indices (whole examples, in order)."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        cap = self.ctx_len + 1
+        rows: list[list[int]] = []
+        cur: list[int] = []
+        used = 0
+        for i in self._order(epoch).tolist():
+            size = min(int(self.split.ids.sizes[i]), cap)
+            if cur and used + size > cap:
+                rows.append(cur)
+                cur, used = [], 0
+            cur.append(i)
+            used += size
+        if cur:
+            rows.append(cur)
+        self._plan_cache = (epoch, rows)
+        return rows
+
+    def epoch_len(self, epoch: int) -> int:
+        return len(self._plan(epoch)) if self.pack else self.n
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"ctx_len": self.ctx_len, "examples": self.n, "pack": self.pack,
+                "seed": self.seed}
+
+    def _row(self, epoch: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        cap = self.ctx_len + 1
+        if not self.pack:
+            return self.split.item(self._epoch_order(epoch)[pos], cap)
+        parts = [self.split.item(i, cap) for i in self._plan(epoch)[pos]]
+        ids = np.concatenate([p[0] for p in parts])[:cap]
+        mask = np.concatenate([p[1] for p in parts])[:cap]
+        return ids, mask
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if self._order_cache is None or self._order_cache[0] != epoch:
+            self._order_cache = (epoch, self._order(epoch).tolist())
+        return self._order_cache[1]
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        rows = [self._row(*self._next_index()) for _ in range(self.micro_bsz)]
+        T = self.ctx_len if (self.pad_to == "ctx_len" or self.pack) else None
+        return _rows_to_batch(rows, T)
+
+
+class DPOLoader(SFTLoader):
+    """(chosen, rejected) pairs; batch keys chosen_* and rejected_*, one common T."""
+
+    kind = "dpo"
+
+    def __init__(self, split: Split, ctx_len: int, micro_bsz: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, pad_to: str = "longest") -> None:
+        super().__init__(split, ctx_len, micro_bsz, seed, rank, world_size, pack=False,
+                         pad_to=pad_to)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        pairs = [self._epoch_order(e)[p] for e, p in
+                 (self._next_index() for _ in range(self.micro_bsz))]
+        return _pair_batch(self.split, pairs, self.ctx_len, self.pad_to)
+
+
+def _pair_batch(split: Split, pairs: list[int], ctx_len: int, pad_to: str
+                ) -> dict[str, torch.Tensor]:
+    cap = ctx_len + 1
+    chosen = [split.item(2 * k, cap) for k in pairs]
+    rejected = [split.item(2 * k + 1, cap) for k in pairs]
+    T = ctx_len if pad_to == "ctx_len" else max(max(len(r[0]) for r in chosen + rejected) - 1,
+                                                1)
+    return {**_rows_to_batch(chosen, T, "chosen_"), **_rows_to_batch(rejected, T, "rejected_")}
+
+
+# ---------------------------------------------------------------------------------------
+# entry points
+# ---------------------------------------------------------------------------------------
+
+def build_train_loader(prefix_or_meta: str | Path, ctx_len: int, micro_bsz: int,
+                       seed: int = 0, *, rank: int = 0, world_size: int = 1,
+                       pack: bool = False, pad_to: str = "longest"
+                       ) -> TextWindowLoader | SFTLoader | DPOLoader:
+    """Endless, resumable batch iterator over the train split (type from the meta file).
+
+    Text batches are always (micro_bsz, ctx_len). Raises ValueError (never IndexError) when
+    the data is smaller than one window / one batch, naming the sizes and what to change."""
+    split = open_split(prefix_or_meta, "train")
+    if split is None:
+        raise ValueError(f"{prefix_or_meta}: no training documents (all held out for "
+                         "validation?); lower VAL_FRACTION or add data")
+    if split.kind == "text":
+        return TextWindowLoader(split, ctx_len, micro_bsz, seed, rank, world_size)
+    if split.kind == "sft":
+        return SFTLoader(split, ctx_len, micro_bsz, seed, rank, world_size, pack, pad_to)
+    if split.kind == "dpo":
+        return DPOLoader(split, ctx_len, micro_bsz, seed, rank, world_size, pad_to)
+    raise ValueError(f"{prefix_or_meta}: unknown data type {split.kind!r}")
+
+
+def build_val_batches(prefix_or_meta: str | Path, ctx_len: int, micro_bsz: int, *,
+                      max_batches: int | None = None, pad_to: str = "longest"
+                      ) -> list[dict[str, torch.Tensor]]:
+    """Deterministic validation batches; [] when the data has no validation split.
+
+    Text: consecutive non-overlapping ctx_len + 1 windows over the val stream (the last one
+    shorter, padded with loss_mask 0). SFT / DPO: examples in file order, one per row."""
+    split = open_split(prefix_or_meta, "val")
+    if split is None:
+        return []
+    rows: list[Any] = []
+    if split.kind == "text":
+        toks = split.ids.tokens
+        for start in range(0, max(len(toks) - 1, 0), ctx_len):
+            w = np.asarray(toks[start:start + ctx_len + 1])
+            rows.append((w, np.ones(len(w), np.uint8)))
+    elif split.kind == "sft":
+        rows = [split.item(i, ctx_len + 1) for i in range(split.num_examples)]
+    else:
+        rows = list(range(split.num_examples))
+    batches = []
+    for b in range(0, len(rows), micro_bsz):
+        chunk = rows[b:b + micro_bsz]
+        if split.kind == "dpo":
+            batches.append(_pair_batch(split, chunk, ctx_len, pad_to))
+        else:
+            T = ctx_len if (split.kind == "text" or pad_to == "ctx_len") else None
+            batches.append(_rows_to_batch(chunk, T))
+        if max_batches is not None and len(batches) >= max_batches:
+            break
+    return batches

@@ -1,0 +1,730 @@
+"""Prepare training data: JSONL -> binidx (text), masked SFT examples or DPO pairs.
+
+    rwkvforge prepare --input data/raw/corpus.jsonl --output-prefix data/processed/corpus \\
+        --type text --ctx-len 4096 --repeat 3 --shuffle --seed 42 --val-fraction 0
+    ./scripts/prepare_binidx.sh --type sft          # DATA_FILE / DATA_TYPE / ... from configs
+    python -m rwkvforge.data.prepare --help
+
+Input: one JSON object per line (UTF-8; blank lines are skipped, as in RWKV-LM):
+  text  {"text": "..."}
+  sft   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]},
+        {"prompt": "...", "response": "..."} or Alpaca {"instruction", "input"?, "output"}
+        (optional "system" string on the last two)
+  dpo   {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+
+Outputs, for `--output-prefix P`:
+  P.bin / P.idx            train token ids: MMIDIDX v1 binidx, uint16 (see data/binidx.py).
+                           text: one item per document, the document's ids + end-of-doc 0;
+                           byte-identical to RWKV-LM make_data.py for the same documents in
+                           the same order (--val-fraction 0, no --shuffle, --repeat 1 gives
+                           the file's order).
+                           sft: one item per example (World chat format, ends with 0).
+                           dpo: two items per pair (chosen, rejected), one document per pair.
+  P.mask.bin / .mask.idx   sft / dpo: the loss mask, uint8 (1 = trained token), item for
+                           item the same sizes as P.bin. Why binidx + a mask stream rather
+                           than .npz / safetensors: the ids stay readable by every binidx tool
+                           (megatron-core IndexedDataset, RWKV-LM readers), both files are
+                           memory-mapped (no load time, any size), and streaming writes need
+                           no second copy in memory.
+  P.val.*                  the validation split, same layout (absent when no document is
+                           held out). Held-out documents are picked by --seed and kept in file
+                           order; they are never repeated or shuffled.
+  P.meta.json              counts, magic prime and steps per epoch for CTX_LEN, the options
+                           and the source's sha256. Written last: it marks a complete run.
+  P.rejects.jsonl          with --skip-invalid: each rejected line with its reason.
+
+Every line is checked: not UTF-8, invalid JSON, not an object, missing or non-string fields,
+empty text, roles out of order, a lone surrogate (e.g. "\\ud800"), encode -> decode not giving
+the text back, a line over --max-line-mb. Errors name file:line. By default any error stops
+the run before an output is written; --skip-invalid skips such lines and lists them in
+P.rejects.jsonl. Outputs are written under temporary names and renamed (.idx after .bin,
+meta last), so an interrupted run never leaves a valid-looking half-written dataset.
+
+Tokenization runs in --workers processes (default: all cores) with the fast Rust tokenizer;
+a progress bar shows on a terminal for inputs over a few MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from rwkvforge import config as cfg
+from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
+from rwkvforge.paths import sample_data_dir, workspace_root
+from rwkvforge.tokenizer import (EOT, VOCAB_NAME, ChatFormatError, TokenizerInputError,
+                                 _byte_tables, _surrogate_error, chat_segments, check_messages,
+                                 get_tokenizer)
+
+SAMPLES = {"text": "bsl_code.jsonl", "sft": "bsl_sft.jsonl", "dpo": "bsl_dpo.jsonl"}
+CHUNK_LINES = 512  # lines per worker task: big enough to amortise IPC
+MAX_ERRORS_SHOWN = 20
+META_FORMAT = "rwkvforge-data/1"
+
+
+class PrepareError(Exception):
+    """A problem with the input or options; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------
+# one line -> token ids (runs in worker processes)
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class LineResult:
+    lineno: int
+    items: list[tuple[bytes, bytes | None]] | None  # [(uint16 ids, uint8 mask | None)]
+    error: str | None = None
+
+
+def _typename(v: Any) -> str:
+    return "missing" if v is None else f"{type(v).__name__}"
+
+
+def _need_str(rec: dict, key: str) -> str:
+    v = rec.get(key)
+    if not isinstance(v, str):
+        if key not in rec:
+            raise ValueError(f"missing field '{key}' (found keys: "
+                             f"{', '.join(sorted(rec)) or 'none'})")
+        raise ValueError(f"field '{key}' is {_typename(v)}, expected a string")
+    return v
+
+
+def record_to_messages(rec: dict) -> list[dict[str, str]]:
+    """An SFT record in any supported shape -> World chat messages."""
+    system = rec.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"field 'system' is {_typename(system)}, expected a string")
+    head = [{"role": "system", "content": system}] if system and system.strip() else []
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list):
+            raise ValueError(f"field 'messages' is {_typename(msgs)}, expected a list")
+        return msgs
+    if "prompt" in rec or "response" in rec:
+        return head + [{"role": "user", "content": _need_str(rec, "prompt")},
+                       {"role": "assistant", "content": _need_str(rec, "response")}]
+    if "instruction" in rec or "output" in rec:
+        user = _need_str(rec, "instruction")
+        extra = rec.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise ValueError(f"field 'input' is {_typename(extra)}, expected a string")
+        if extra and extra.strip():
+            user = f"{user}\n{extra}"
+        return head + [{"role": "user", "content": user},
+                       {"role": "assistant", "content": _need_str(rec, "output")}]
+    raise ValueError("no SFT fields: expected 'messages', 'prompt' + 'response', or "
+                     f"'instruction' + 'output' (found keys: {', '.join(sorted(rec)) or 'none'})")
+
+
+def _dpo_side(rec: dict, key: str, role: str, prompt: list | None = None) -> list[dict]:
+    v = rec.get(key)
+    if isinstance(v, str):
+        return [{"role": role, "content": v}]
+    if isinstance(v, list):
+        if prompt is not None and len(v) > len(prompt) and v[:len(prompt)] == prompt:
+            v = v[len(prompt):]  # chosen / rejected repeating the prompt turns
+        return v
+    if key not in rec:
+        raise ValueError(f"missing field '{key}' (found keys: {', '.join(sorted(rec))})")
+    raise ValueError(f"field '{key}' is {_typename(v)}, expected a string or a list of "
+                     "messages")
+
+
+def _encode_segments(segs: list[tuple[str, bool]], tok) -> tuple[bytes, bytes]:
+    """Encode chat segments, verify the round trip, return (ids, mask) bytes."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for (text, trained), enc in zip(segs, tok.encode_batch([t for t, _ in segs])):
+        ids += enc
+        mask += [int(trained)] * len(enc)
+    expect = "".join(t for t, _ in segs).encode("utf-8")
+    if tok.decode_bytes(ids) != expect:
+        raise ValueError("encode -> decode does not give the text back (tokenizer problem); "
+                         "report this line")
+    ids.append(EOT)
+    mask.append(int(segs[-1][1]))
+    return np.asarray(ids, np.uint16).tobytes(), np.asarray(mask, np.uint8).tobytes()
+
+
+def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]:
+    """A parsed JSON value -> the items of one document; raises ValueError with the reason."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    if kind == "text":
+        text = _need_str(rec, "text")
+        if not text.strip():
+            raise ValueError("empty text")
+        ids = tok.encode(text)
+        arr = np.empty(len(ids) + 1, np.uint16)  # the document's ids + end-of-doc 0
+        arr[:-1] = ids
+        arr[-1] = EOT
+        if tok.decode_bytes(arr[:-1]) != text.encode("utf-8"):
+            raise ValueError("encode -> decode does not give the text back (tokenizer "
+                             "problem); report this line")
+        return [(arr.tobytes(), None)]
+    if kind == "sft":
+        msgs = record_to_messages(rec)
+        return [_encode_segments(chat_segments(msgs), tok)]
+    if kind == "dpo":
+        prompt = _dpo_side(rec, "prompt", "user")
+        check_messages(prompt)
+        if prompt[-1]["role"] != "user":
+            raise ChatFormatError("the DPO prompt must end with a user message")
+        out = []
+        for key in ("chosen", "rejected"):
+            resp = _dpo_side(rec, key, "assistant", prompt)
+            try:
+                segs = chat_segments(prompt + resp, train_from=len(prompt))
+            except ChatFormatError as e:
+                raise ChatFormatError(f"'{key}' (after the prompt's {len(prompt)} "
+                                      f"messages): {e}") from None
+            out.append(_encode_segments(segs, tok))
+        if out[0][0] == out[1][0]:
+            raise ValueError("'chosen' and 'rejected' are identical: the pair teaches nothing")
+        return out
+    raise ValueError(f"unknown type {kind!r}")
+
+
+def parse_line(raw: bytes, lineno: int) -> Any:
+    """Bytes of one JSONL line -> the JSON value; ValueError says what is wrong."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
+                         f"{e.start} of the line): save the file as UTF-8, e.g. "
+                         "`iconv -f cp1251 -t utf-8 in.jsonl > out.jsonl`") from None
+    if lineno == 1 and line.startswith("\ufeff"):
+        line = line[1:]  # a UTF-8 byte-order mark
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+
+
+def process_line(raw: bytes, lineno: int, kind: str, tok) -> LineResult:
+    try:
+        return LineResult(lineno, process_record(parse_line(raw, lineno), kind, tok))
+    except (ValueError, ChatFormatError, TokenizerInputError) as e:
+        return LineResult(lineno, None, str(e))
+
+
+def process_text_chunk(chunk: list[tuple[int, bytes]], tok) -> list[LineResult]:
+    """Text lines, batched: one vectorised round-trip check per chunk (per-document checks
+    only when the chunk check fails). Same results as process_line, faster on short
+    documents."""
+    out: list[LineResult | None] = []
+    texts: list[str] = []
+    utf8: list[bytes] = []
+    slot: list[int] = []
+    for lineno, raw in chunk:
+        try:
+            rec = parse_line(raw, lineno)
+            if not isinstance(rec, dict):
+                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+            text = _need_str(rec, "text")
+            if not text.strip():
+                raise ValueError("empty text")
+            try:
+                b = text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise _surrogate_error(text, e) from None
+        except ValueError as e:
+            out.append(LineResult(lineno, None, str(e)))
+            continue
+        slot.append(len(out))
+        out.append(LineResult(lineno, None))
+        texts.append(text)
+        utf8.append(b)
+    flat: list[int] = []
+    sizes = []
+    for enc in tok.encode_batch(texts):
+        flat += enc
+        flat.append(EOT)  # decodes to b"": the chunk check needs no slicing
+        sizes.append(len(enc) + 1)
+    arr = np.frombuffer(array.array("H", flat), np.uint16)  # faster than np.array(list)
+    all_ok = tok.decode_bytes(arr) == b"".join(utf8)
+    pos = 0
+    for k, n in enumerate(sizes):
+        piece = arr[pos:pos + n]
+        pos += n
+        r = out[slot[k]]
+        assert r is not None
+        if all_ok or tok.decode_bytes(piece) == utf8[k]:
+            r.items = [(piece.tobytes(), None)]
+        else:
+            r.error = ("encode -> decode does not give the text back (tokenizer problem); "
+                       "report this line")
+    return [r for r in out if r is not None]
+
+
+_WORKER_KIND = "text"
+
+
+def _worker_init(kind: str) -> None:
+    global _WORKER_KIND
+    _WORKER_KIND = kind
+    get_tokenizer()
+    _byte_tables()  # built before the fork, shared by the workers
+
+
+def _worker_chunk(chunk: list[tuple[int, bytes]]) -> list[LineResult]:
+    tok = get_tokenizer()
+    if _WORKER_KIND == "text":
+        return process_text_chunk(chunk, tok)
+    return [process_line(raw, lineno, _WORKER_KIND, tok) for lineno, raw in chunk]
+
+
+# ---------------------------------------------------------------------------------------
+# reading the file
+# ---------------------------------------------------------------------------------------
+
+def iter_chunks(path: Path, max_line_bytes: int, hasher, progress
+                ) -> Iterator[tuple[list[tuple[int, bytes]], list[LineResult]]]:
+    """Yield (lines to process, lines already rejected for size), CHUNK_LINES at a time.
+    Blank lines are skipped; a line over `max_line_bytes` is never held whole in memory."""
+    chunk: list[tuple[int, bytes]] = []
+    oversize: list[LineResult] = []
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            lineno += 1
+            hasher.update(raw)
+            n = len(raw)
+            if n > max_line_bytes and not raw.endswith(b"\n"):
+                while True:  # skip the rest of the over-long line
+                    more = f.readline(1 << 20)
+                    hasher.update(more)
+                    n += len(more)
+                    if not more or more.endswith(b"\n"):
+                        break
+                mb = max_line_bytes / (1 << 20)
+                oversize.append(LineResult(lineno, None, f"line is {n} bytes, over the "
+                                           f"{mb:g} MiB limit: split the document, or raise "
+                                           "--max-line-mb"))
+            elif raw.strip():
+                chunk.append((lineno, raw))
+            progress.update(n)
+            if len(chunk) >= CHUNK_LINES or len(oversize) >= CHUNK_LINES:
+                yield chunk, oversize
+                chunk, oversize = [], []
+    if chunk or oversize:
+        yield chunk, oversize
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=None,
+                file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    input: Path
+    prefix: Path
+    kind: str
+    ctx_len: int = 512
+    repeat: int = 1
+    shuffle: bool = False
+    seed: int = 42
+    val_fraction: float = 0.0
+    skip_invalid: bool = False
+    workers: int = 1
+    max_line_mb: float = 64.0
+    micro_bsz: int = 1
+    grad_accum: int = 1
+    num_gpus: int = 1
+    progress: bool = True
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _remove_dataset(prefix: Path) -> None:
+    for p in (idx_path(prefix), bin_path(prefix)):
+        p.unlink(missing_ok=True)
+
+
+def split_documents(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, val ids), both in file order; val picked by `seed`. At least one train
+    document; at least one val document when val_fraction > 0 and n >= 2."""
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, n - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    val = np.sort(perm[:n_val])
+    train = np.sort(perm[n_val:])
+    return train, val
+
+
+def train_order(train: np.ndarray, repeat: int, shuffle: bool, seed: int) -> np.ndarray:
+    """Document order of the train split: `repeat` passes, each reshuffled when `shuffle`
+    (seeded, unlike make_data.py's unseeded random.shuffle)."""
+    rng = np.random.default_rng([seed, 1])
+    passes = [rng.permutation(train) if shuffle else train for _ in range(repeat)]
+    return np.concatenate(passes) if passes else train[:0]
+
+
+def _write_split(stage_ids: BinIdxReader, stage_mask: BinIdxReader | None,
+                 doc_items: np.ndarray, order: np.ndarray, prefix: Path, kind: str
+                 ) -> tuple[list[BinIdxWriter], dict[str, Any]]:
+    writers = [BinIdxWriter(prefix, np.uint16)]
+    if stage_mask is not None:
+        writers.append(BinIdxWriter(Path(f"{prefix}.mask"), np.uint8))
+    per_doc = 2 if kind == "dpo" else 1
+    n_docs = int(len(order))
+    tokens = trained = 0
+    try:
+        if len(order) == len(doc_items) and np.array_equal(order, np.arange(len(order))):
+            # every document in staging order (no split / shuffle / repeat): one bulk copy
+            for w, src in zip(writers, (stage_ids, stage_mask)):
+                assert src is not None
+                w.add_items(np.asarray(src.tokens), src.sizes, per_doc)
+            tokens = stage_ids.num_tokens
+            trained = int(stage_mask.tokens.sum()) if stage_mask is not None else 0
+            order = order[:0]
+        for d in order.tolist():
+            first = int(doc_items[d])
+            for k in range(per_doc):
+                a = stage_ids[first + k]
+                writers[0].add_item(a)
+                tokens += len(a)
+                if stage_mask is not None:
+                    m = stage_mask[first + k]
+                    writers[1].add_item(m)
+                    trained += int(m.sum())
+            for w in writers:
+                w.end_document()
+        for w in writers:
+            w.finalize()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    info = {"prefix": prefix.name, "documents": n_docs, "tokens": tokens,
+            "mask_prefix": f"{prefix.name}.mask" if stage_mask is not None else None}
+    if stage_mask is not None:
+        info["trained_tokens"] = trained
+    return writers, info
+
+
+def _epoch_numbers(opts: Options, train_tokens: int, train_docs: int) -> dict[str, Any]:
+    from rwkvforge.data.loader import magic_prime
+
+    per_step = opts.micro_bsz * opts.grad_accum * opts.num_gpus
+    out: dict[str, Any] = {"ctx_len": opts.ctx_len, "micro_bsz": opts.micro_bsz,
+                           "grad_accum": opts.grad_accum, "num_gpus": opts.num_gpus}
+    if opts.kind == "text":
+        p = magic_prime(train_tokens, opts.ctx_len)
+        out["magic_prime"] = p
+        out["samples_per_epoch"] = p
+        out["steps_per_epoch"] = (p // per_step) if p else 0
+        out["rwkv_lm_args"] = (f"--my_exit_tokens {train_tokens} --magic_prime {p} "
+                               f"--ctx_len {opts.ctx_len}" if p else None)
+    else:
+        out["magic_prime"] = None
+        out["samples_per_epoch"] = train_docs
+        out["steps_per_epoch"] = train_docs // per_step
+    return out
+
+
+def run(opts: Options, log=print) -> dict[str, Any]:
+    """Prepare `opts.input` into `opts.prefix`; returns the meta dict. Raises PrepareError
+    (nothing written) on invalid input without skip_invalid."""
+    t0 = time.time()
+    src = opts.input
+    if not src.is_file():
+        raise PrepareError(f"{src}: input file not found")
+    if opts.kind not in SAMPLES:
+        raise PrepareError(f"unknown --type {opts.kind!r}: use text, sft or dpo")
+    if opts.repeat < 1:
+        raise PrepareError(f"--repeat must be >= 1, got {opts.repeat}")
+    if not 0 <= opts.val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    prefix = opts.prefix
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    has_mask = opts.kind in ("sft", "dpo")
+    stage_prefix = prefix.with_name(f"{prefix.name}.staging-{os.getpid()}")
+    stage_ids = BinIdxWriter(stage_prefix, np.uint16)
+    stage_mask = BinIdxWriter(Path(f"{stage_prefix}.mask"), np.uint8) if has_mask else None
+    errors: list[LineResult] = []
+    raw_lines: dict[int, str] = {}
+    doc_first_item: list[int] = []
+    hasher = hashlib.sha256()
+    size = src.stat().st_size
+    bar = _progress(size, opts.progress and size > (4 << 20))
+    writers: list[BinIdxWriter] = []
+    try:
+        chunks = iter_chunks(src, int(opts.max_line_mb * (1 << 20)), hasher, bar)
+        pool = None
+        _worker_init(opts.kind)  # load the tokenizer once; forked workers inherit it
+        if opts.workers > 1:
+            methods = mp.get_all_start_methods()
+            ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+            pool = ctx.Pool(opts.workers, initializer=_worker_init, initargs=(opts.kind,))
+        try:
+            # at most 2 chunks per worker in flight: memory stays bounded on huge files
+            pending: deque = deque()
+            max_inflight = 2 * opts.workers if pool is not None else 0
+            for chunk, oversize in chunks:
+                errors.extend(oversize)
+                job = pool.apply_async(_worker_chunk, (chunk,)) if pool is not None else None
+                pending.append((chunk, job))
+                while len(pending) > max_inflight:
+                    _collect(*pending.popleft(), opts, errors, raw_lines, doc_first_item,
+                             stage_ids, stage_mask)
+            while pending:
+                _collect(*pending.popleft(), opts, errors, raw_lines, doc_first_item,
+                         stage_ids, stage_mask)
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            bar.close()
+        errors.sort(key=lambda r: r.lineno)
+        if errors and not opts.skip_invalid:
+            shown = "\n".join(f"  {src}:{e.lineno}: {e.error}"
+                              for e in errors[:MAX_ERRORS_SHOWN])
+            more = (f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more"
+                    if len(errors) > MAX_ERRORS_SHOWN else "")
+            raise PrepareError(
+                f"{len(errors)} invalid line(s) in {src}; nothing was written:\n{shown}{more}\n"
+                f"Fix them, or pass --skip-invalid to skip them (they are listed in "
+                f"{prefix}.rejects.jsonl).")
+        n_docs = len(doc_first_item)
+        if n_docs == 0:
+            raise PrepareError(f"{src}: no valid documents ({len(errors)} rejected); "
+                               "nothing was written")
+        for w in (stage_ids, stage_mask):
+            if w is not None:
+                w.commit()
+        s_ids = BinIdxReader(stage_prefix)
+        s_mask = BinIdxReader(Path(f"{stage_prefix}.mask")) if has_mask else None
+        items = np.asarray(doc_first_item, np.int64)
+        train, val = split_documents(n_docs, opts.val_fraction, opts.seed)
+        order = train_order(train, opts.repeat, opts.shuffle, opts.seed)
+        w_train, info_train = _write_split(s_ids, s_mask, items, order, prefix, opts.kind)
+        writers += w_train
+        val_prefix = Path(f"{prefix}.val")
+        info_val = None
+        if len(val):
+            w_val, info_val = _write_split(s_ids, s_mask, items, val, val_prefix, opts.kind)
+            writers += w_val
+        # publish: meta goes first (incomplete from here), then each .bin before its .idx
+        meta_file = Path(f"{prefix}.meta.json")
+        meta_file.unlink(missing_ok=True)
+        for stale in (Path(f"{prefix}.mask"), val_prefix, Path(f"{val_prefix}.mask")):
+            _remove_dataset(stale)
+        for w in writers[::-1]:  # masks and val first, the train ids last
+            w.commit()
+        writers = []
+        rejects_file = Path(f"{prefix}.rejects.jsonl")
+        if errors:
+            _atomic_write_text(rejects_file, "".join(
+                json.dumps({"file": str(src), "line": e.lineno, "reason": e.error,
+                            "content": raw_lines.get(e.lineno, "")}, ensure_ascii=False)
+                + "\n" for e in errors))
+        else:
+            rejects_file.unlink(missing_ok=True)
+        meta: dict[str, Any] = {
+            "format": META_FORMAT, "type": opts.kind, "tokenizer": VOCAB_NAME,
+            "source": {"path": str(src), "sha256": hasher.hexdigest(), "bytes": size},
+            "options": {"repeat": opts.repeat, "shuffle": opts.shuffle, "seed": opts.seed,
+                        "val_fraction": opts.val_fraction, "skip_invalid": opts.skip_invalid},
+            "documents": n_docs, "rejected": len(errors),
+            "rejects_file": rejects_file.name if errors else None,
+            "splits": {"train": info_train, "val": info_val},
+            **_epoch_numbers(opts, info_train["tokens"], info_train["documents"]),
+            "seconds": round(time.time() - t0, 3),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        if has_mask:
+            s_ids_sizes = s_ids.sizes
+            meta["longer_than_ctx"] = int((s_ids_sizes > opts.ctx_len + 1).sum())
+        _atomic_write_text(meta_file, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        _summary(meta, prefix, log)
+        return meta
+    finally:
+        for w in writers:
+            w.abort()
+        for w in (stage_ids, stage_mask):
+            if w is not None:
+                w.abort()
+        _remove_dataset(stage_prefix)
+        _remove_dataset(Path(f"{stage_prefix}.mask"))
+
+
+def _collect(chunk: list[tuple[int, bytes]], job, opts: Options, errors: list[LineResult],
+             raw_lines: dict[int, str], doc_first_item: list[int], stage_ids: BinIdxWriter,
+             stage_mask: BinIdxWriter | None) -> None:
+    """Store one chunk's results in the staging files (in file order) or as errors."""
+    results = job.get() if job is not None else _worker_chunk(chunk)
+    raw_of = dict(chunk)
+    for r in results:
+        if r.error is not None:
+            errors.append(r)
+            if opts.skip_invalid:
+                raw_lines[r.lineno] = raw_of[r.lineno].decode(
+                    "utf-8", "replace").rstrip("\r\n")[:100_000]
+            continue
+        if errors and not opts.skip_invalid:
+            continue  # failing anyway: keep checking the rest, stop storing
+        assert r.items is not None
+        doc_first_item.append(len(stage_ids.sizes))
+        for ids, mask in r.items:
+            stage_ids.add_item(np.frombuffer(ids, np.uint16))
+            if stage_mask is not None:
+                assert mask is not None
+                stage_mask.add_item(np.frombuffer(mask, np.uint8))
+
+
+def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    unit = {"text": "documents", "sft": "examples", "dpo": "pairs"}[meta["type"]]
+    log(f"prepared {prefix} ({meta['type']}) from {meta['source']['path']}")
+    log(f"  {meta['documents']} {unit} accepted, {meta['rejected']} rejected"
+        + (f" (see {prefix.parent / meta['rejects_file']})" if meta["rejects_file"] else ""))
+    log(f"  train: {tr['documents']} {unit}, {tr['tokens']} tokens -> {prefix}.bin/.idx")
+    if va:
+        log(f"  val:   {va['documents']} {unit}, {va['tokens']} tokens -> {prefix}.val.bin/.idx")
+    batch = (f"micro_bsz {meta['micro_bsz']} x grad_accum {meta['grad_accum']} x "
+             f"{meta['num_gpus']} GPU")
+    if meta["type"] == "text":
+        if meta["magic_prime"]:
+            log(f"  CTX_LEN={meta['ctx_len']}: magic_prime {meta['magic_prime']} = windows "
+                f"per epoch; {meta['steps_per_epoch']} steps per epoch ({batch})")
+            log(f"  RWKV-LM: {meta['rwkv_lm_args']}")
+        else:
+            log(f"  warning: {tr['tokens']} tokens is under 3 x CTX_LEN={meta['ctx_len']}: no "
+                "magic prime; train with a smaller CTX_LEN or prepare with --repeat N")
+    else:
+        log(f"  CTX_LEN={meta['ctx_len']}: {meta['steps_per_epoch']} steps per epoch "
+            f"({batch}, unpacked)")
+        if meta.get("longer_than_ctx"):
+            log(f"  note: {meta['longer_than_ctx']} {unit} are longer than CTX_LEN + 1 tokens "
+                "and will be cut by the loader")
+    log(f"  wrote {prefix}.meta.json in {meta['seconds']:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------
+
+SETTING_FLAGS = ("data_file", "data_type", "data_prefix", "ctx_len", "val_fraction", "seed",
+                 "micro_bsz", "grad_accum", "num_gpus")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="rwkvforge prepare",
+        description="JSONL -> binidx (text) / masked SFT examples / DPO pairs, validated.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults come from the config (DATA_FILE, DATA_TYPE, DATA_PREFIX, CTX_LEN, "
+               "VAL_FRACTION, SEED); an empty DATA_FILE uses the shipped sample for the type.")
+    ap.add_argument("--input", dest="set_data_file", metavar="X.jsonl",
+                    help="input JSONL [DATA_FILE]")
+    ap.add_argument("--type", dest="set_data_type", choices=("text", "sft", "dpo"),
+                    help="text, sft or dpo [DATA_TYPE]")
+    ap.add_argument("--output-prefix", dest="set_data_prefix", metavar="PREFIX",
+                    help="output prefix, e.g. data/processed/name [DATA_PREFIX]")
+    cfg.add_settings_flags(ap, only=SETTING_FLAGS)
+    ap.add_argument("--repeat", type=int, default=1, help="write the train documents N times "
+                    "(epochs baked into the file, like make_data.py) [1]")
+    ap.add_argument("--shuffle", action="store_true",
+                    help="shuffle each repeat with --seed (default: file order)")
+    ap.add_argument("--skip-invalid", action="store_true",
+                    help="skip invalid lines (listed in PREFIX.rejects.jsonl) instead of "
+                    "stopping")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="tokenizer processes (0 = all cores)")
+    ap.add_argument("--max-line-mb", type=float, default=64.0,
+                    help="reject lines longer than this many MiB [64]")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def _resolve_path(value: str, source: str) -> Path:
+    """CLI paths are relative to the current folder, config paths to the workspace root."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    return (Path.cwd() if source == "cli" else workspace_root()) / p
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    res = cfg.resolve_from_args(args)
+    s, src = res.settings, res.sources
+    kind = s.data_type
+    if s.data_file:
+        inp = _resolve_path(s.data_file, src["DATA_FILE"])
+    else:
+        inp = sample_data_dir() / SAMPLES[kind]
+    if s.data_prefix:
+        prefix = _resolve_path(s.data_prefix, src["DATA_PREFIX"])
+    else:
+        prefix = workspace_root() / "data" / "processed" / inp.stem
+    workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                               else os.cpu_count() or 1)
+    return Options(input=inp, prefix=prefix, kind=kind, ctx_len=s.ctx_len,
+                   repeat=args.repeat, shuffle=args.shuffle, seed=s.seed,
+                   val_fraction=s.val_fraction, skip_invalid=args.skip_invalid,
+                   workers=max(workers, 1), max_line_mb=args.max_line_mb,
+                   micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, num_gpus=s.num_gpus,
+                   progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        opts = options_from_args(args)
+        if not opts.input.is_file():
+            hint = (" (the shipped sample is missing: reinstall the workspace or set "
+                    "DATA_FILE)" if opts.input.parent == sample_data_dir() else "")
+            raise PrepareError(f"{opts.input}: input file not found{hint}")
+        run(opts)
+    except cfg.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except PrepareError as e:
+        print(f"prepare error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,252 @@
+"""prepare: make_data.py-identical binidx, splits, validation with file:line, atomic outputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rwkvforge.data import prepare as P
+from rwkvforge.data.binidx import BinIdxReader
+from rwkvforge.tokenizer import encode_chat, get_tokenizer
+
+# Fixed corpus for the byte-compatibility check. The two hashes below were obtained once by
+# running RWKV-LM's own writer (BlinkDL/RWKV-LM @ 524481d, RWKV-v5/make_data.py's
+# MMapIndexedDatasetBuilder + add_raw with RWKV-v5/src/binidx.py's Index.writer, tokenized by
+# the rwkv package's TRIE_TOKENIZER) on this corpus written by `write_jsonl` below.
+CORPUS = [
+    "Hello, world!",
+    "Процедура ОбработкаПроведения(Отказ, Режим)\n\tДвижения.Остатки.Записать();\nКонецПроцедуры",
+    "你好，世界。这是一个测试。",
+    "def add(a, b):\r\n    return a + b\r\n",
+    "emoji 😀👍🏽 and NUL \x00 inside",
+    "Запрос.Текст = \"ВЫБРАТЬ Номенклатура.Ссылка ИЗ Справочник.Номенклатура КАК Номенклатура\";",
+    "  leading and trailing spaces  \n\n\n",
+    "x",
+]
+MAKE_DATA_BIN_SHA256 = "dd88320e6dd480193de9c8ea9437a8660d0d9a97da70e3e77b952b19f2c5b6f9"
+MAKE_DATA_IDX_SHA256 = "67767adcc3ad780144091fef9988e3628462178cb496a2a290f2083575433cfb"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
+
+
+def opts(tmp_path: Path, src: Path, kind: str = "text", **kw) -> P.Options:
+    kw.setdefault("workers", 1)
+    return P.Options(input=src, prefix=tmp_path / "out" / "d", kind=kind, progress=False, **kw)
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def outputs(folder: Path) -> list[Path]:
+    return sorted([*folder.glob("*.bin"), *folder.glob("*.idx")])
+
+
+def quiet(*_a, **_k) -> None:
+    pass
+
+
+def test_text_is_byte_identical_to_make_data(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    meta = P.run(opts(tmp_path, src, ctx_len=16), log=quiet)
+    out = tmp_path / "out"
+    assert sha(out / "d.bin") == MAKE_DATA_BIN_SHA256
+    assert sha(out / "d.idx") == MAKE_DATA_IDX_SHA256
+    # and independently: the reference tokenizer's ids + EOT, one item per document
+    ref = get_tokenizer("reference")
+    r = BinIdxReader(out / "d")
+    assert [r[i].tolist() for i in range(len(r))] == [ref.reference.encode(t) + [0]
+                                                      for t in CORPUS]
+    assert meta["documents"] == 8 and meta["splits"]["train"]["tokens"] == r.num_tokens
+    assert meta["magic_prime"] == 5  # 145 tokens // 16 - 1 = 8 -> largest p%3==2 prime: 5
+    assert meta["rwkv_lm_args"] == f"--my_exit_tokens {r.num_tokens} --magic_prime 5 --ctx_len 16"
+    assert json.loads((out / "d.meta.json").read_text()) == meta
+    assert sorted(p.name for p in out.iterdir()) == ["d.bin", "d.idx", "d.meta.json"]
+
+
+@pytest.mark.timeout(60)  # forked workers once deadlocked on the wheel's thread pool
+@pytest.mark.parametrize("kind", ["text", "sft"])
+def test_workers_give_the_same_bytes(tmp_path, kind):
+    if kind == "text":
+        rows = [{"text": f"{CORPUS[i % 8]} #{i}"} for i in range(1500)]  # > 2 chunks
+    else:
+        rows = [{"prompt": f"{CORPUS[i % 8]} #{i}", "response": CORPUS[(i + 1) % 8]}
+                for i in range(1100)]
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    P.run(opts(tmp_path, src, kind, workers=1), log=quiet)  # this process tokenizes first
+    one = [sha(p) for p in outputs(tmp_path / "out")]
+    P.run(opts(tmp_path, src, kind, workers=2), log=quiet)
+    assert [sha(p) for p in outputs(tmp_path / "out")] == one
+    assert len(one) == (2 if kind == "text" else 4)
+
+
+def test_split_repeat_shuffle_are_seeded(tmp_path):
+    rows = [{"text": f"document number {i}"} for i in range(40)]
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    tok = get_tokenizer()
+
+    def docs(prefix: Path) -> list[str]:
+        r = BinIdxReader(prefix)
+        return [tok.decode(r[i][:-1]) for i in range(len(r))]
+
+    m = P.run(opts(tmp_path, src, val_fraction=0.2, repeat=3, shuffle=True, seed=7), log=quiet)
+    train, val = docs(tmp_path / "out/d"), docs(tmp_path / "out/d.val")
+    assert len(val) == 8 and m["splits"]["val"]["documents"] == 8
+    assert val == sorted(val, key=lambda s: int(s.split()[-1]))  # file order
+    assert len(train) == 96 and not set(train) & set(val)
+    assert set(train) | set(val) == {r["text"] for r in rows}
+    passes = [train[i * 32:(i + 1) * 32] for i in range(3)]
+    assert all(sorted(p) == sorted(passes[0]) for p in passes) and passes[0] != passes[1]
+    first = (sha(tmp_path / "out/d.bin"), sha(tmp_path / "out/d.val.bin"))
+    P.run(opts(tmp_path, src, val_fraction=0.2, repeat=3, shuffle=True, seed=7), log=quiet)
+    assert (sha(tmp_path / "out/d.bin"), sha(tmp_path / "out/d.val.bin")) == first
+    P.run(opts(tmp_path, src, val_fraction=0.2, repeat=3, shuffle=True, seed=8), log=quiet)
+    assert sha(tmp_path / "out/d.bin") != first[0]
+    P.run(opts(tmp_path, src), log=quiet)  # no val now: stale val files are removed
+    assert not (tmp_path / "out/d.val.bin").exists()
+
+
+BAD_LINES = [
+    ('{"text": "ok"', "invalid JSON"),
+    ('["a"]', "expected a JSON object, got list"),
+    ('{"txt": "a"}', "missing field 'text' (found keys: txt)"),
+    ('{"text": 5}', "field 'text' is int"),
+    ('{"text": "   "}', "empty text"),
+    ('{"text": "bad \\ud800 surrogate"}', "lone surrogate U+D800"),
+]
+
+
+def test_invalid_lines_stop_before_writing(tmp_path):
+    rows = ['{"text": "good line"}'] + [b for b, _ in BAD_LINES] + ["", '{"text": "fine"}']
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(P.PrepareError) as ei:
+        P.run(opts(tmp_path, src), log=quiet)
+    msg = str(ei.value)
+    for lineno, (_, reason) in enumerate(BAD_LINES, start=2):
+        assert f"{src}:{lineno}: " in msg and reason in msg
+    assert "--skip-invalid" in msg and "nothing was written" in msg
+    assert list((tmp_path / "out").iterdir()) == []  # not even temp files
+
+
+def test_skip_invalid_writes_rejects(tmp_path):
+    rows = ['{"text": "good line"}'] + [b for b, _ in BAD_LINES] + ["", '{"text": "fine"}']
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    meta = P.run(opts(tmp_path, src, skip_invalid=True), log=quiet)
+    assert meta["documents"] == 2 and meta["rejected"] == len(BAD_LINES)
+    rej = [json.loads(x) for x in (tmp_path / "out/d.rejects.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rej] == list(range(2, 2 + len(BAD_LINES)))
+    assert all(reason in r["reason"] for r, (_, reason) in zip(rej, BAD_LINES))
+    assert rej[0]["content"] == BAD_LINES[0][0]
+    assert BinIdxReader(tmp_path / "out/d").num_documents == 2
+
+
+def test_not_utf8_and_oversize_lines(tmp_path):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes('{"text": "ok"}\n'.encode() + '{"text": "Привет"}\n'.encode("cp1251")
+                    + b'{"text": "' + b"x" * 3000 + b'"}\n' + b'{"text": "end"}')
+    with pytest.raises(P.PrepareError) as ei:
+        P.run(opts(tmp_path, src, max_line_mb=2000 / (1 << 20)), log=quiet)
+    msg = str(ei.value)
+    assert f"{src}:2: not valid UTF-8 (byte 0xcf" in msg and "iconv" in msg
+    assert f"{src}:3: line is 3013 bytes, over the" in msg and "--max-line-mb" in msg
+    assert ":1:" not in msg and ":4:" not in msg
+
+
+def test_sft_formats_and_masks(tmp_path):
+    msgs = [{"role": "user", "content": "Как создать запрос?"},
+            {"role": "assistant", "content": "Запрос = Новый Запрос;"}]
+    rows = [{"messages": msgs},
+            {"prompt": "Как создать запрос?", "response": "Запрос = Новый Запрос;"},
+            {"instruction": "Как создать", "input": "запрос?", "output": "Запрос = Новый Запрос;"},
+            {"system": "Ты эксперт 1С.", "prompt": "Q", "response": "A"}]
+    src = write_jsonl(tmp_path / "s.jsonl", rows)
+    meta = P.run(opts(tmp_path, src, "sft"), log=quiet)
+    ids_r, mask_r = BinIdxReader(tmp_path / "out/d"), BinIdxReader(tmp_path / "out/d.mask")
+    assert meta["splits"]["train"]["mask_prefix"] == "d.mask" and mask_r.dtype == np.uint8
+    want = encode_chat(msgs)
+    for i in range(2):
+        assert ids_r[i].tolist() == want[0] and mask_r[i].tolist() == want[1]
+    alpaca = encode_chat([{"role": "user", "content": "Как создать\nзапрос?"}, msgs[1]])
+    assert ids_r[2].tolist() == alpaca[0]
+    tok = get_tokenizer()
+    assert tok.decode(ids_r[3]).startswith("System: Ты эксперт 1С.\n\nUser: Q")
+    assert meta["splits"]["train"]["trained_tokens"] == int(mask_r.tokens.sum())
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "roles out of order"),
+    ({"messages": [{"role": "user", "content": "q"}]}, "must end with an assistant reply"),
+    ({"prompt": "q"}, "missing field 'response'"),
+    ({"question": "q"}, "no SFT fields"),
+    ({"messages": "hi"}, "field 'messages' is str"),
+])
+def test_sft_errors(tmp_path, row, reason):
+    src = write_jsonl(tmp_path / "s.jsonl", [row])
+    with pytest.raises(P.PrepareError, match=reason):
+        P.run(opts(tmp_path, src, "sft"), log=quiet)
+
+
+def test_dpo_pairs(tmp_path):
+    conv = [{"role": "user", "content": "Первый"}, {"role": "assistant", "content": "Ок"},
+            {"role": "user", "content": "Второй"}]
+    rows = [{"prompt": "Напиши цикл", "chosen": "Для Каждого Стр Из Т Цикл КонецЦикла;",
+             "rejected": "Пока Истина Цикл"},
+            {"prompt": conv, "chosen": conv + [{"role": "assistant", "content": "Да"}],
+             "rejected": [{"role": "assistant", "content": "Нет"}]},
+            {"prompt": "same", "chosen": "x", "rejected": "x"}]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    meta = P.run(opts(tmp_path, src, "dpo", skip_invalid=True), log=quiet)
+    assert meta["documents"] == 2 and "identical" in json.loads(
+        (tmp_path / "out/d.rejects.jsonl").read_text())["reason"]
+    ids, mask = BinIdxReader(tmp_path / "out/d"), BinIdxReader(tmp_path / "out/d.mask")
+    assert len(ids) == 4 and ids.doc_idx.tolist() == [0, 2, 4]
+    tok = get_tokenizer()
+    trained = [tok.decode(ids[i][mask[i] > 0]) for i in range(4)]
+    assert trained == [" Для Каждого Стр Из Т Цикл КонецЦикла;", " Пока Истина Цикл", " Да", " Нет"]
+
+
+def test_interrupted_run_leaves_no_dataset_or_temp(tmp_path, monkeypatch):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    calls = {"n": 0}
+    real = P.BinIdxWriter.commit
+
+    def dying_commit(self):
+        calls["n"] += 1
+        if calls["n"] == 2:  # staging committed, dies while publishing the train split
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(P.BinIdxWriter, "commit", dying_commit)
+    with pytest.raises(KeyboardInterrupt):
+        P.run(opts(tmp_path, src), log=quiet)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_cli_defaults_from_config(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ws"
+    (root / "configs").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    (root / "configs" / "workspace.env").write_text("DATA_TYPE=text\nCTX_LEN=16\n"
+                                                    "VAL_FRACTION=0\n")
+    (root / "data" / "samples").mkdir(parents=True)
+    write_jsonl(root / "data/samples/bsl_code.jsonl", [{"text": t} for t in CORPUS])
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(root))
+    for k in ("DATA_FILE", "DATA_TYPE", "DATA_PREFIX", "CTX_LEN", "VAL_FRACTION", "SEED"):
+        monkeypatch.delenv(k, raising=False)
+    assert P.main(["--workers", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "magic_prime 5" in out and "--my_exit_tokens 145 --magic_prime 5 --ctx_len 16" in out
+    assert sha(root / "data/processed/bsl_code.bin") == MAKE_DATA_BIN_SHA256
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": 1}'])
+    assert P.main(["--input", str(bad), "--output-prefix", str(tmp_path / "x"),
+                   "--workers", "1"]) == 1
+    assert f"{bad}:1: field 'text' is int" in capsys.readouterr().err

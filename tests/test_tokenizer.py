@@ -1,0 +1,152 @@
+"""Tokenizer: the fast backend matches the rwkv package's reference ids; chat format + masks."""
+
+from __future__ import annotations
+
+import random
+import sys
+import types
+
+import pytest
+
+from rwkvforge import tokenizer as T
+
+MIXED = [
+    "Hello, world! The quick brown fox jumps over the lazy dog.",
+    "你好，世界！这是一个中文分词测试：人工智能、机器学习。",
+    "Процедура ОбработкаПроведения(Отказ, Режим)\n\tДвижения.ТоварыНаСкладах.Записать();\n"
+    "КонецПроцедуры",
+    "Функция ПолучитьОстаток(Номенклатура, Склад) Экспорт\n\tВозврат 0;\nКонецФункции",
+    "Запрос.Текст = \"ВЫБРАТЬ Т.Ссылка ИЗ Справочник.Номенклатура КАК Т ГДЕ Т.ЭтоГруппа = ЛОЖЬ\";",
+    "def f(x):\r\n    return {'a': [1, 2, 3]}  # CRLF line ends\r\n",
+    "int main(void) { printf(\"%d\\n\", 42); return 0; }",
+    "emoji 😀👍🏽👨‍👩‍👧 🇷🇺 and a ZWJ sequence",
+    "NUL\x00inside\x00\x00 and other controls \x01\x7f\u0085\u2028\u2029",
+    "mixed 混合 смешанный text 123.45e-6 \t\ttabs   spaces\n\n\nnewlines",
+    " " * 300 + "-" * 200 + "=" * 81,
+    "",
+    "\ufeffBOM at start, \ufffd replacement char, combining e\u0301",
+]
+
+
+@pytest.fixture(scope="module")
+def fast() -> T.Tokenizer:
+    tok = T.Tokenizer("fast")
+    assert tok.backend == "fast"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def ref() -> T.Tokenizer:
+    return T.Tokenizer("reference")
+
+
+def test_fast_matches_reference_on_mixed_corpus(fast, ref):
+    for text in MIXED:
+        ids = ref.reference.encode(text)  # the rwkv package's TRIE_TOKENIZER itself
+        assert fast.encode(text) == ids, repr(text)
+        assert ref.encode(text) == ids
+        assert fast.decode(ids) == text
+        assert fast.decode_bytes(ids) == text.encode("utf-8")
+    joined = "\n".join(MIXED)
+    assert fast.encode(joined) == ref.reference.encode(joined)
+    assert fast.encode_batch(MIXED) == [ref.reference.encode(t) for t in MIXED]
+
+
+def test_fast_matches_reference_on_random_token_soup(fast, ref):
+    """Concatenations of random vocabulary entries stress greedy longest-match boundaries."""
+    rng = random.Random(1234)
+    table = [t for t in T.token_table() if t]
+    for _ in range(400):
+        raw = b"".join(rng.choice(table) for _ in range(rng.randint(1, 25)))
+        text = raw.decode("utf-8", errors="replace")
+        assert fast.encode(text) == ref.reference.encode(text), repr(text)
+
+
+def test_invalid_utf8_bytes_follow_reference(fast, ref):
+    """Invalid UTF-8 exists only as bytes: encode_bytes gives the reference's byte-level ids,
+    and decode_bytes restores the exact bytes."""
+    for raw in (b"\xff\xfe abc", b"ok \xe4\xbd", b"\xd0\x9f\xd1 cut cyrillic", b"\x80" * 5,
+                "valid Привет".encode()):
+        ids = fast.encode_bytes(raw)
+        assert ids == ref.reference.encodeBytes(raw)
+        assert fast.decode_bytes(ids) == raw
+        assert fast.decode(ids) == raw.decode("utf-8", errors="replace")
+
+
+def test_partial_token_decodes_with_replacement(fast):
+    # id 129 is the lone byte 0x80: the Rust wheel panics on it; we must not
+    assert fast.decode_bytes([129]) == b"\x80"
+    assert fast.decode([129]) == "\ufffd"
+    cut = fast.encode("你")
+    assert fast.decode(cut + [0]) == "你"  # EOT decodes to nothing
+
+
+def test_lone_surrogate_is_an_input_error(fast, ref):
+    for tok in (fast, ref):
+        with pytest.raises(T.TokenizerInputError, match=r"U\+D800 at character 3"):
+            tok.encode("abc\ud800def")
+
+
+def test_vocab_and_ids_range(fast):
+    assert fast.vocab_size == 65536 and fast.eot == 0
+    assert all(0 < i < 65530 for i in fast.encode("".join(MIXED)))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fast.decode_bytes([70000])
+
+
+def test_reference_loads_despite_module_name_clash(monkeypatch):
+    """A foreign top-level `rwkv_tokenizer` module must not shadow the rwkv package's file."""
+    fake = types.ModuleType("rwkv_tokenizer")
+    fake.TRIE_TOKENIZER = None
+    monkeypatch.setitem(sys.modules, "rwkv_tokenizer", fake)
+    mod = T._load_reference_module()
+    assert mod is not fake and mod.__file__.replace("\\", "/").endswith("rwkv/rwkv_tokenizer.py")
+    assert callable(mod.TRIE_TOKENIZER)
+
+
+def test_render_chat_world_format():
+    msgs = [{"role": "system", "content": "Ты помощник 1С."},
+            {"role": "user", "content": "Line one\n\n\nline two\r\n\r\nthree  "},
+            {"role": "assistant", "content": "Ответ"},
+            {"role": "user", "content": "Ещё?"}]
+    assert T.render_chat(msgs) == ("System: Ты помощник 1С.\n\nUser: Line one\nline two\nthree"
+                                   "\n\nAssistant: Ответ\n\nUser: Ещё?\n\nAssistant:")
+    assert T.render_chat(msgs, add_generation_prompt=False).endswith("User: Ещё?")
+
+
+def test_encode_chat_mask_covers_replies_and_end_of_turn(fast):
+    msgs = [{"role": "user", "content": "Привет"}, {"role": "assistant", "content": "Здравствуйте!"},
+            {"role": "user", "content": "Как дела?"}, {"role": "assistant", "content": "Хорошо."}]
+    ids, mask = T.encode_chat(msgs, fast)
+    assert len(ids) == len(mask) and ids[-1] == 0 and mask[-1] == 1
+    trained = fast.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == " Здравствуйте!\n\n Хорошо."
+    prompt = fast.decode([i for i, m in zip(ids, mask) if not m])
+    assert prompt == "User: Привет\n\nAssistant:User: Как дела?\n\nAssistant:"
+    # the prompt tokens are exactly what inference feeds the model for the first turn
+    first = T.render_chat(msgs[:1])
+    assert ids[:len(fast.encode(first))] == fast.encode(first)
+    assert fast.decode(ids) == T.render_chat(msgs, add_generation_prompt=False)
+    # DPO: only replies from train_from on are trained
+    ids2, mask2 = T.encode_chat(msgs, fast, train_from=3)
+    assert ids2 == ids
+    assert fast.decode([i for i, m in zip(ids2, mask2) if m]) == " Хорошо."
+
+
+@pytest.mark.parametrize("msgs, match", [
+    ([], "non-empty list"),
+    ([{"role": "assistant", "content": "hi"}], "expected user"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "out of order"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "only allowed first"),
+    ([{"role": "bot", "content": "a"}], "role is 'bot'"),
+    ([{"role": "user", "content": 5}], "content is int"),
+    ([{"role": "user", "content": " \n\n "}], "content is empty"),
+])
+def test_chat_errors_name_the_message(msgs, match):
+    with pytest.raises(T.ChatFormatError, match=match):
+        T.render_chat(msgs)
+
+
+def test_encode_chat_requires_assistant_last(fast):
+    with pytest.raises(T.ChatFormatError, match="must end with an assistant reply"):
+        T.encode_chat([{"role": "user", "content": "q"}], fast)
