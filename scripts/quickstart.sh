@@ -27,7 +27,7 @@ RUNS_DIR="$(env_get RUNS_DIR runs)"
 RUN_DIR="$RUNS_DIR/$RUN_NAME"
 
 info "1/5 prepare + train ($PROFILE) -> $RUN_DIR"
-"$PY" -m rwkvforge.cli train --profile "$PROFILE" --run-name "$RUN_NAME" "${args[@]}"
+"$PY" -m rwkvforge.cli train --profile "$PROFILE" --run-name "$RUN_NAME" ${args[@]+"${args[@]}"}
 require_file "$RUN_DIR/adapter/adapter_config.json" "training did not write an adapter; see $RUN_DIR/train.log"
 
 info "2/5 merge the adapter into the full-precision base (self-verified)"
