@@ -1,0 +1,412 @@
+"""Evaluate a run: what did training do? Base vs tuned model, side by side, in one run.
+
+    rwkvforge eval --run runs/<run>                                  # adapter + data of the run
+    rwkvforge eval --run runs/<run> --tuned runs/<run>/merged/<run>-bf16.pth
+    rwkvforge eval --run runs/<run> --val data/samples/bsl_sft.jsonl --checks data/samples/bsl_checks.jsonl
+    ./scripts/eval.sh --run runs/<run>
+
+Three things, each for the base and the tuned model:
+1. loss / perplexity on a validation set: a prepared prefix (its val split; a bare binidx made
+   elsewhere is read whole, as text) or a JSONL (SFT records: the loss covers the assistant
+   replies only, as in training; {"text": ...} records: every token). Loss is token-weighted,
+   sum(CE * mask) / sum(mask) over the whole set, and perplexity = exp(loss).
+2. prompt checks from a JSONL of {"prompt", "expect", "kind": "substring" | "regex"}: the
+   prompt is asked as a chat turn, answered greedily (temperature 0), and passes when the
+   answer contains `expect` (substring) or `re.search(expect, answer)` finds a match (regex).
+3. the answers themselves, base vs tuned, in a table.
+
+Tuned model: `--adapter DIR` (default runs/<run>/adapter) is merged into the base in memory in
+fp32 (`rwkvforge.merge`, verified there to match base + adapter run by peft), or `--tuned X.pth`
+loads a merged file. Results go to runs/<run>/eval/eval.json and report.md (atomic writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CHECK_KINDS = ("substring", "regex")
+STOP_STRINGS = ("\n\nUser:", "\n\nSystem:")  # a chat turn ends here (World chat format)
+
+
+class EvalError(ValueError):
+    """Bad input: what was wrong, where (file:line), and what to do."""
+
+
+# ----------------------------------------------------------------------------- checks
+@dataclass(frozen=True)
+class Check:
+    prompt: str
+    expect: str
+    kind: str = "substring"
+    where: str = ""  # file:line
+
+    def passes(self, answer: str) -> bool:
+        if self.kind == "substring":
+            return self.expect in answer
+        return re.search(self.expect, answer) is not None
+
+
+def load_checks(path: str | Path) -> list[Check]:
+    """Read and validate a checks JSONL; every problem names file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: checks file not found (expected JSONL lines of "
+                        f'{{"prompt", "expect", "kind": "substring"|"regex"}}).')
+    checks = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{where}: invalid JSON ({e.msg} at column {e.colno}).") from e
+        if not isinstance(rec, dict):
+            raise EvalError(f"{where}: expected a JSON object, got {type(rec).__name__}.")
+        for key in ("prompt", "expect"):
+            if not isinstance(rec.get(key), str):
+                raise EvalError(f"{where}: field '{key}' must be a string "
+                                f"(found keys: {', '.join(sorted(rec)) or 'none'}).")
+        kind = rec.get("kind", "substring")
+        if kind not in CHECK_KINDS:
+            raise EvalError(f"{where}: kind={kind!r}; expected one of {', '.join(CHECK_KINDS)}.")
+        if kind == "regex":
+            try:
+                re.compile(rec["expect"])
+            except re.error as e:
+                raise EvalError(f"{where}: expect is not a valid regex ({e}).") from e
+        checks.append(Check(rec["prompt"], rec["expect"], kind, where))
+    if not checks:
+        raise EvalError(f"{path}: no checks in the file.")
+    return checks
+
+
+def pass_rate(checks: list[Check], answers: list[str]) -> dict:
+    """{"passed": n, "total": n, "rate": passed / total, "results": [bool per check]}."""
+    if len(checks) != len(answers):
+        raise ValueError(f"{len(checks)} checks but {len(answers)} answers")
+    results = [c.passes(a) for c, a in zip(checks, answers)]
+    return {"passed": sum(results), "total": len(results),
+            "rate": (sum(results) / len(results)) if results else 0.0, "results": results}
+
+
+# ----------------------------------------------------------------------------- validation data
+def _jsonl_rows(path: Path, ctx_len: int, tok) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask) per JSONL record: SFT records through the training chat encoding (mask on
+    assistant replies), {"text": ...} records as plain text + end of document (mask all 1)."""
+    from rwkvforge.data.prepare import record_to_messages
+    from rwkvforge.tokenizer import encode_chat
+
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{where}: invalid JSON ({e.msg} at column {e.colno}).") from e
+        if not isinstance(rec, dict):
+            raise EvalError(f"{where}: expected a JSON object.")
+        try:
+            if "text" in rec and isinstance(rec["text"], str):
+                ids = tok.encode(rec["text"]) + [0]
+                mask = [1] * len(ids)
+            else:
+                ids, mask = encode_chat(record_to_messages(rec), tok)
+        except ValueError as e:
+            raise EvalError(f"{where}: {e}") from e
+        ids, mask = ids[: ctx_len + 1], mask[: ctx_len + 1]
+        if len(ids) >= 2 and any(mask[1:]):
+            rows.append((ids, mask))
+    if not rows:
+        raise EvalError(f"{path}: no usable records (need SFT records with an assistant reply "
+                        f"or {{\"text\": ...}} lines).")
+    return rows
+
+
+def _batch(rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Pad to the longest row; targets[t] = ids[t+1], loss_mask[t] = mask[t+1] (the mask
+    belongs to the predicted token, as in data/loader.py)."""
+    T = max(len(ids) for ids, _ in rows) - 1
+    inp = torch.zeros(len(rows), T, dtype=torch.long)
+    tgt = torch.zeros(len(rows), T, dtype=torch.long)
+    msk = torch.zeros(len(rows), T, dtype=torch.float32)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        inp[i, :n] = torch.tensor(ids[:-1])
+        tgt[i, :n] = torch.tensor(ids[1:])
+        msk[i, :n] = torch.tensor(mask[1:], dtype=torch.float32)
+    return {"input_ids": inp, "targets": tgt, "loss_mask": msk}
+
+
+def val_batches(source: str | Path, ctx_len: int, micro_bsz: int, tok=None,
+                max_batches: int | None = None) -> tuple[list[dict[str, torch.Tensor]], str]:
+    """Validation batches from a JSONL or a binidx prefix; (batches, description)."""
+    source = Path(source)
+    if source.suffix == ".jsonl":
+        if not source.is_file():
+            raise EvalError(f"{source}: validation JSONL not found.")
+        from rwkvforge.tokenizer import get_tokenizer
+
+        rows = _jsonl_rows(source, ctx_len, tok or get_tokenizer())
+        batches = [_batch(rows[i: i + micro_bsz]) for i in range(0, len(rows), micro_bsz)]
+        desc = f"{source} (JSONL, {len(rows)} records)"
+    else:
+        from rwkvforge.data.loader import build_val_batches, load_meta, open_split
+
+        prefix = Path(str(source).removesuffix(".bin").removesuffix(".idx").removesuffix(".meta.json"))
+        if not (prefix.with_suffix(".bin").is_file() or Path(f"{prefix}.meta.json").is_file()
+                or Path(f"{prefix}.bin").is_file()):
+            raise EvalError(f"{source}: no such JSONL or prepared data (<prefix>.bin/.idx or "
+                            f"<prefix>.meta.json); run `rwkvforge prepare` first.")
+        _, meta = load_meta(prefix)
+        if meta is None:  # a bare binidx from elsewhere: all of it is the validation text
+            split = open_split(prefix, "train")
+            toks = split.ids.tokens
+            rows = []
+            for start in range(0, max(len(toks) - 1, 0), ctx_len):
+                w = [int(t) for t in toks[start: start + ctx_len + 1]]
+                if len(w) >= 2:
+                    rows.append((w, [1] * len(w)))
+            batches = [_batch(rows[i: i + micro_bsz]) for i in range(0, len(rows), micro_bsz)]
+            desc = f"{prefix} (bare binidx, read whole as text)"
+        else:
+            batches = build_val_batches(prefix, ctx_len, micro_bsz)
+            if not batches:
+                raise EvalError(f"{prefix}: the prepared data has no validation split "
+                                f"(VAL_FRACTION=0?); prepare it with VAL_FRACTION > 0 or pass "
+                                f"--val with a JSONL.")
+            if "input_ids" not in batches[0]:
+                raise EvalError(f"{prefix}: {meta.get('type')} data (chosen / rejected pairs) has "
+                                f"no single loss; evaluate with an SFT / text prefix or a JSONL.")
+            desc = f"{prefix} (val split, {meta.get('type', '?')})"
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    return batches, desc
+
+
+# ----------------------------------------------------------------------------- loss
+@torch.no_grad()
+def masked_loss(model, batches: list[dict[str, torch.Tensor]], head_chunk: int = 256) -> dict:
+    """Token-weighted masked cross-entropy over all batches: sum(CE * mask) / sum(mask).
+    The head runs on `head_chunk` positions at a time (never the full T x V logits)."""
+    total, count = 0.0, 0.0
+    for b in batches:
+        h, _ = model.forward_hidden(b["input_ids"])  # (B, T, C)
+        for s in range(0, h.shape[1], head_chunk):
+            logits = model.head(h[:, s: s + head_chunk]).float()  # (B, t, V)
+            ce = F.cross_entropy(logits.flatten(0, 1), b["targets"][:, s: s + head_chunk].flatten(),
+                                 reduction="none")
+            m = b["loss_mask"][:, s: s + head_chunk].flatten().float()
+            total += float((ce * m).sum())
+            count += float(m.sum())
+    if count == 0:
+        raise EvalError("the validation set has no target tokens (every loss_mask is 0).")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+
+# ----------------------------------------------------------------------------- answers
+def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: int = 16) -> list[str]:
+    """Greedy answers, each prompt asked as one user turn in the World chat format."""
+    from rwkvforge.generate import Engine, SamplingParams, encode_chat_prompt
+
+    eng = Engine(model, tok, max_batch=max_batch, cache_prompts=False)
+    handles = []
+    for p in prompts:
+        ids, _ = encode_chat_prompt([{"role": "user", "content": p}], tok)
+        params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens,
+                                stop=STOP_STRINGS, seed=0)
+        handles.append(eng.submit(ids, params))
+    with torch.inference_mode():
+        eng.run_until_idle()
+    return [h.result().strip() for h in handles]
+
+
+# ----------------------------------------------------------------------------- models
+def load_tuned(base_sd: dict[str, torch.Tensor], adapter: str | Path | None, tuned: str | Path | None):
+    """(tuned RWKV7 in fp32, description)."""
+    from rwkvforge.checkpoint import load_model, model_from_state_dict
+    from rwkvforge.merge import MergeError, load_adapter, merge_state_dict
+
+    if tuned is not None:
+        return load_model(tuned), f"merged model {tuned}"
+    try:
+        ad = load_adapter(adapter)
+        sd = merge_state_dict(base_sd, ad, torch.float32, "fp32")
+    except MergeError as e:
+        raise EvalError(str(e)) from e
+    return model_from_state_dict(sd), f"base + adapter {adapter} (merged in memory, fp32)"
+
+
+def _md_cell(text: str, limit: int = 400) -> str:
+    t = text if len(text) <= limit else text[:limit] + " …"
+    return t.replace("|", "\\|").replace("\r", "").replace("\n", "<br>") or "*(empty)*"
+
+
+def render_report(res: dict) -> str:
+    b, t = res["loss"]["base"], res["loss"]["tuned"]
+    lines = [f"# Evaluation: {res['run']}", "",
+             f"- base: `{res['models']['base']}`", f"- tuned: {res['models']['tuned']}",
+             f"- validation: {res['val']['source']} ({b['tokens']} target tokens)", "",
+             "| | base | tuned | change |", "|---|---|---|---|",
+             f"| loss | {b['loss']:.4f} | {t['loss']:.4f} | {t['loss'] - b['loss']:+.4f} |",
+             f"| perplexity | {b['ppl']:.3f} | {t['ppl']:.3f} | {t['ppl'] / b['ppl'] - 1:+.1%} |"]
+    ch = res.get("checks")
+    if ch:
+        cb, ct = ch["base"], ch["tuned"]
+        lines.append(f"| prompt checks passed | {cb['passed']}/{cb['total']} ({cb['rate']:.0%}) | "
+                     f"{ct['passed']}/{ct['total']} ({ct['rate']:.0%}) | {ct['rate'] - cb['rate']:+.0%} |")
+        lines += ["", f"## Answers (greedy, max {res['settings']['max_tokens']} tokens; checks "
+                      f"from {ch['file']})", "",
+                  "| # | prompt | expect | base | tuned |", "|---|---|---|---|---|"]
+        for i, it in enumerate(ch["items"], 1):
+            mark = lambda ok: "✅" if ok else "❌"  # noqa: E731
+            lines.append(f"| {i} | {_md_cell(it['prompt'], 200)} | `{_md_cell(it['expect'], 80)}` "
+                         f"({it['kind']}) | {mark(it['base_pass'])} {_md_cell(it['base_answer'])} | "
+                         f"{mark(it['tuned_pass'])} {_md_cell(it['tuned_answer'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, val: Path,
+             checks_path: Path | None, out_dir: Path, ctx_len: int = 512, micro_bsz: int = 4,
+             max_tokens: int = 128, max_val_batches: int | None = None, log=print) -> dict:
+    from rwkvforge.checkpoint import CheckpointError, atomic_write_bytes, load_state_dict, model_from_state_dict
+    from rwkvforge.tokenizer import get_tokenizer
+
+    t0 = time.time()
+    # inputs first, all of them, before any long work
+    if not Path(base).is_file():
+        raise EvalError(f"{base}: base model not found (pass --base).")
+    if tuned is None and (adapter is None or not Path(adapter).exists()):
+        raise EvalError(f"{adapter}: adapter not found; pass --adapter DIR or --tuned merged.pth "
+                        f"(a run has runs/<run>/adapter once training finished).")
+    if tuned is not None and not Path(tuned).is_file():
+        raise EvalError(f"{tuned}: tuned (merged) model not found.")
+    checks = load_checks(checks_path) if checks_path else []
+    tok = get_tokenizer()
+    batches, val_desc = val_batches(val, ctx_len, micro_bsz, tok, max_val_batches)
+    try:
+        base_sd = load_state_dict(base)
+        base_model = model_from_state_dict(base_sd)
+    except CheckpointError as e:
+        raise EvalError(f"base model: {e}") from e
+    tuned_model, tuned_desc = load_tuned(base_sd, adapter, tuned)
+    if tuned_model.config != base_model.config:
+        raise EvalError(f"tuned model shape {tuned_model.config} differs from the base "
+                        f"{base_model.config}: not the same model family.")
+
+    res = {"run": run.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "models": {"base": str(base), "tuned": tuned_desc},
+           "val": {"source": val_desc, "batches": len(batches)},
+           "settings": {"ctx_len": ctx_len, "micro_bsz": micro_bsz, "max_tokens": max_tokens,
+                        "decoding": "greedy (temperature 0)"},
+           "loss": {}}
+    for name, model in (("base", base_model), ("tuned", tuned_model)):
+        res["loss"][name] = masked_loss(model, batches)
+        log(f"[eval] {name}: loss {res['loss'][name]['loss']:.4f}, "
+            f"perplexity {res['loss'][name]['ppl']:.3f} over {res['loss'][name]['tokens']} tokens")
+    res["loss"]["delta"] = res["loss"]["tuned"]["loss"] - res["loss"]["base"]["loss"]
+    if checks:
+        prompts = [c.prompt for c in checks]
+        answers = {}
+        for name, model in (("base", base_model), ("tuned", tuned_model)):
+            log(f"[eval] {name}: answering {len(prompts)} prompts ...")
+            answers[name] = answer_prompts(model, tok, prompts, max_tokens)
+        pr = {n: pass_rate(checks, answers[n]) for n in answers}
+        res["checks"] = {
+            "file": str(checks_path),
+            "base": {k: v for k, v in pr["base"].items() if k != "results"},
+            "tuned": {k: v for k, v in pr["tuned"].items() if k != "results"},
+            "items": [{"prompt": c.prompt, "expect": c.expect, "kind": c.kind, "where": c.where,
+                       "base_answer": answers["base"][i], "tuned_answer": answers["tuned"][i],
+                       "base_pass": pr["base"]["results"][i], "tuned_pass": pr["tuned"]["results"][i]}
+                      for i, c in enumerate(checks)],
+        }
+        log(f"[eval] checks passed: base {pr['base']['passed']}/{len(checks)}, "
+            f"tuned {pr['tuned']['passed']}/{len(checks)}")
+    res["seconds"] = round(time.time() - t0, 2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "eval.json", (json.dumps(res, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(out_dir / "report.md", render_report(res).encode())
+    return res
+
+
+def _default_val(run_cfg: dict) -> Path | None:
+    prefix = (run_cfg.get("data") or {}).get("prefix")
+    return Path(prefix) if prefix else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rwkvforge import paths
+
+    ap = argparse.ArgumentParser(prog="rwkvforge eval", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="the run folder (runs/<run>)")
+    ap.add_argument("--base", type=Path, default=None, help="base .pth (default: the run's model)")
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: <run>/adapter)")
+    g.add_argument("--tuned", type=Path, default=None, help="a merged .pth to evaluate instead")
+    ap.add_argument("--val", type=Path, default=None,
+                    help="validation data: a prepared prefix or a JSONL (default: the run's data "
+                         "prefix, else data/samples/bsl_sft.jsonl)")
+    ap.add_argument("--checks", type=Path, default=None,
+                    help="prompt checks JSONL (default: data/samples/bsl_checks.jsonl if present)")
+    ap.add_argument("--no-checks", action="store_true", help="skip prompt checks and answers")
+    ap.add_argument("--ctx-len", type=int, default=None, help="tokens per validation row "
+                    "(default: the run's CTX_LEN, else 512)")
+    ap.add_argument("--micro-bsz", type=int, default=4, help="rows per forward pass")
+    ap.add_argument("--max-tokens", type=int, default=128, help="answer length cap")
+    ap.add_argument("--max-val-batches", type=int, default=None, help="evaluate only the first N batches")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval)")
+    args = ap.parse_args(argv)
+
+    run = args.run
+    cfg = {}
+    if (run / "config.json").is_file():
+        try:
+            cfg = json.loads((run / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            print(f"error: {run / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})", file=sys.stderr)
+            return 2
+    elif not run.is_dir():
+        print(f"error: {run}: no such run folder.", file=sys.stderr)
+        return 2
+    base = args.base or (Path(cfg["model"]["path"]) if (cfg.get("model") or {}).get("path") else None)
+    if base is None:
+        print("error: --base is required (the run has no config.json naming its model).", file=sys.stderr)
+        return 2
+    adapter = None if args.tuned else (args.adapter or run / "adapter")
+    val = args.val or _default_val(cfg) or paths.sample_data_dir() / "bsl_sft.jsonl"
+    checks = None
+    if not args.no_checks:
+        checks = args.checks or paths.sample_data_dir() / "bsl_checks.jsonl"
+        if args.checks is None and not checks.is_file():
+            checks = None
+    ctx = args.ctx_len or int((cfg.get("settings") or {}).get("ctx_len") or 512)
+    try:
+        evaluate(run, base, adapter, args.tuned, val, checks, args.out or run / "eval", ctx,
+                 args.micro_bsz, args.max_tokens, args.max_val_batches,
+                 log=lambda m: print(m, file=sys.stderr))
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = args.out or run / "eval"
+    print(f"results: {out / 'eval.json'}")
+    print(f"report:  {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,390 @@
+"""Merge: maths vs a slow reference, merged logits vs base + adapter (peft, unmerged) for LoRA,
+a QLoRA-trained adapter, DoRA, rsLoRA and PiSSA, refusals (non-finite, mismatched, not RWKV-7,
+missing), RWKV-PEFT .pth import, the rwkv pip runtime check, and no output on failure."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkvforge import merge as M
+
+VOCAB, LAYERS, EMBD = 1024, 2, 128  # small vocab: merge does not care, the tests get faster
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def base_sd():
+    from rwkvforge.demo import make_random_model_sd
+
+    return make_random_model_sd(LAYERS, EMBD, vocab_size=VOCAB, seed=0)
+
+
+@pytest.fixture(scope="module")
+def base_path(base_sd, tmp_path_factory):
+    from rwkvforge.checkpoint import save_pth
+
+    p = tmp_path_factory.mktemp("base") / "base.pth"
+    save_pth(base_sd, p)
+    return p
+
+
+def _peft_model(base_sd, **spec_kw):
+    from rwkvforge import peft as rp
+    from rwkvforge.checkpoint import model_from_state_dict
+
+    spec = rp.AdapterSpec(**{"r": 4, "alpha": 8.0, **spec_kw})
+    return rp.apply_adapter(model_from_state_dict(base_sd), spec), spec
+
+
+def _perturb(pm, seed=0, std=0.05):
+    """Stand-in for training where the test needs no optimiser: random B (A is random already),
+    DoRA magnitudes nudged."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def _save(pm, spec, folder: Path) -> Path:
+    from rwkvforge import peft as rp
+    from rwkvforge.checkpoint import save_adapter
+
+    cfg, tensors = rp.export_adapter(pm, spec)
+    save_adapter(folder, cfg, tensors)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lora_dir(base_sd, tmp_path_factory):
+    pm, spec = _peft_model(base_sd)
+    _perturb(pm)
+    return _save(pm, spec, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+_ulp = M.ulp
+
+
+# ----------------------------------------------------------------------------- pure maths
+@pytest.mark.parametrize("dora", [False, True])
+def test_fast_merge_matches_slow_reference(dora):
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(48, 32, generator=g)
+    f = M.LoraFactor(torch.randn(5, 32, generator=g), torch.randn(48, 5, generator=g) * 0.1,
+                     scale=M.lora_scale(16, 5), magnitude=(torch.rand(48, generator=g) + 0.5) if dora else None)
+    fast, ref = M.merge_fast(W, f), M.merge_reference(W, f)
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast.double(), ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ref, W.double(), atol=1e-3)  # the adapter did something
+    if dora:  # every row has exactly the trained magnitude
+        assert torch.allclose(ref.norm(dim=1), f.magnitude.double(), rtol=1e-9)
+
+
+def test_scale_rules():
+    assert M.lora_scale(32, 16) == 2.0
+    assert M.lora_scale(32, 16, use_rslora=True) == 8.0  # alpha / sqrt(r)
+
+
+# ----------------------------------------------------------------------------- LoRA
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16", "fp16"])
+def test_lora_merge_matches_base_plus_adapter(base_sd, base_path, lora_dir, tmp_path, dtype_name):
+    out = tmp_path / f"m-{dtype_name}.pth"
+    res = M.merge(base_path, lora_dir, out, dtype_name, runtime_check=False, log=lambda m: None)
+    rep = json.loads((tmp_path / "verify.json").read_text())
+    c = rep["checks"]["logits"]
+    assert rep["passed"] and c["passed"] and rep["output"] == out.name
+    assert c["max_abs_diff"] <= c["tolerance"]
+    assert c["adapter_effect_max_abs"] > 10 * c["tolerance"]  # the check can see the adapter
+    if dtype_name == "fp32":
+        assert c["rounding_effect"] == 0.0 and c["max_abs_diff"] < 1e-4
+    else:  # the budget comes from rounding, and rounding is what we see
+        assert c["rounding_effect"] > 0 and c["max_abs_diff"] > 0.1 * c["rounding_effect"]
+    merged = torch.load(out, weights_only=True)
+    dt = M.DTYPES[dtype_name]
+    assert set(merged) == set(base_sd) and all(v.dtype == dt for v in merged.values())
+    # rounded exactly once: each merged weight is the nearest `dt` number to the float64 merge,
+    # up to the fp32 arithmetic of the fast path (~1e-7 of the magnitude of the summed terms)
+    adapter = M.load_adapter(lora_dir)
+    assert len(adapter.factors) == 12  # 6 targets x 2 layers
+    for key, f in adapter.factors.items():
+        ref = M.merge_reference(base_sd[key], f)
+        terms = base_sd[key].double().abs() + f.scale * (f.B.double().abs() @ f.A.double().abs())
+        slack = 0.5 * _ulp(ref, dt) * (1 + 1e-6) + 4e-7 * terms
+        assert bool(((merged[key].double() - ref).abs() <= slack).all()), key
+    assert res.report["sha256"] and res.output == out
+
+
+def test_lora_merge_into_bf16_base_upcasts_first(base_sd, lora_dir, tmp_path):
+    """A bf16 base (what BlinkDL ships) is merged in fp32: W.float() + s B A, then rounded."""
+    from rwkvforge.checkpoint import save_pth
+
+    bf = {k: v.to(torch.bfloat16) for k, v in base_sd.items()}
+    save_pth(bf, tmp_path / "bf.pth")
+    res = M.merge(tmp_path / "bf.pth", lora_dir, tmp_path / "o.pth", "bf16", runtime_check=False,
+                  log=lambda m: None)
+    c = res.report["checks"]["logits"]
+    # the base is exact in bf16, but the merged matrices are not: the budget must see that
+    assert c["passed"] and c["rounding_effect"] > 0 and c["max_abs_diff"] > 0
+    merged = torch.load(tmp_path / "o.pth", weights_only=True)
+    f = M.load_adapter(lora_dir).factors["blocks.1.att.key.weight"]
+    ref = (bf["blocks.1.att.key.weight"].float() + f.scale * f.B @ f.A).to(torch.bfloat16)
+    assert torch.equal(merged["blocks.1.att.key.weight"], ref)
+    # adding in bf16 (the rounding-order bug) gives a different, worse result
+    bad = bf["blocks.1.att.key.weight"] + (f.scale * f.B @ f.A).to(torch.bfloat16)
+    assert not torch.equal(bad, ref)
+
+
+# ----------------------------------------------------------------------------- QLoRA
+@pytest.mark.slow  # real bitsandbytes NF4 training steps
+def test_qlora_trained_adapter_merges_into_full_precision_base(base_sd, base_path, tmp_path):
+    """Train 3 real steps on an NF4 base (bitsandbytes), then merge: the result is the fp32
+    base + adapter, not the NF4-dequantised base + adapter."""
+    import bitsandbytes.functional as bnbf
+
+    from rwkvforge import peft as rp
+
+    pm, spec = _peft_model(base_sd, quant="nf4")
+    inner = rp.unwrap(pm)
+    assert type(inner.blocks[0].att.key.base_layer).__name__ == "Linear4bit"
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    idx = torch.randint(1, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    inner.train()
+    for _ in range(3):
+        logits, _ = inner(idx[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), idx[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = _save(pm, spec, tmp_path / "adapter")
+    res = M.merge(base_path, folder, tmp_path / "q.pth", "fp32", runtime_check=False, log=lambda m: None)
+    assert res.report["checks"]["logits"]["passed"]
+    merged = torch.load(tmp_path / "q.pth", weights_only=True)
+    key = "blocks.0.att.key.weight"
+    f = M.load_adapter(folder).factors[key]
+    assert float(f.B.abs().max()) > 0  # training moved B off zero
+    W = base_sd[key]
+    assert torch.allclose(merged[key], W + f.scale * f.B @ f.A, atol=1e-6)
+    q, st = bnbf.quantize_4bit(W, quant_type="nf4")
+    deq = bnbf.dequantize_4bit(q, st).float()
+    assert float((merged[key] - (deq + f.scale * f.B @ f.A)).abs().max()) > 100 * 1e-6
+
+
+# ----------------------------------------------------------------------------- DoRA / rsLoRA / PiSSA
+def test_dora_merge(base_sd, base_path, tmp_path):
+    pm, spec = _peft_model(base_sd, use_dora=True)
+    _perturb(pm, seed=3)
+    folder = _save(pm, spec, tmp_path / "adapter")
+    ad = M.load_adapter(folder)
+    assert ad.use_dora and all(f.magnitude is not None for f in ad.factors.values())
+    res = M.merge(base_path, folder, tmp_path / "d.pth", "fp32", runtime_check=False, log=lambda m: None)
+    c = res.report["checks"]["logits"]
+    assert c["passed"] and c["adapter_effect_max_abs"] > 100 * c["max_abs_diff"]
+    merged = torch.load(tmp_path / "d.pth", weights_only=True)
+    k = "blocks.1.ffn.value.weight"
+    assert torch.allclose(merged[k].norm(dim=1), ad.factors[k].magnitude, rtol=1e-5)
+
+
+def test_rslora_adapter_saved_by_peft(base_sd, base_path, tmp_path):
+    """An adapter written by peft's own save_pretrained with use_rslora: scale alpha/sqrt(r)."""
+    from peft import LoraConfig, get_peft_model
+
+    from rwkvforge.checkpoint import model_from_state_dict
+
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["att.key", "ffn.value"])
+    pm = get_peft_model(model_from_state_dict(base_sd), cfg)
+    _perturb(pm, seed=4)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ad = M.load_adapter(tmp_path / "adapter")
+    assert {f.scale for f in ad.factors.values()} == {8 / math.sqrt(4)}
+    res = M.merge(base_path, tmp_path / "adapter", tmp_path / "r.pth", "fp32", runtime_check=False,
+                  log=lambda m: None)
+    assert res.report["checks"]["logits"]["passed"]
+    assert res.report["adapter"]["use_rslora"] is True
+
+
+def test_pissa_adapter_merged_matches_the_live_training_model(base_sd, base_path, tmp_path):
+    """PiSSA trains on the residual W - s B0 A0; the exported (converted) adapter merged into the
+    original base must reproduce the live peft model that trained."""
+    from rwkvforge import peft as rp
+
+    pm, spec = _peft_model(base_sd, init="pissa")
+    _perturb(pm, seed=5, std=0.02)
+    folder = _save(pm, spec, tmp_path / "adapter")
+    M.merge(base_path, folder, tmp_path / "p.pth", "fp32", runtime_check=False, log=lambda m: None)
+    idx = M.probe_batch(VOCAB)
+    with torch.no_grad():
+        live = rp.unwrap(pm).eval()(idx)[0]
+    merged = M.model_logits(torch.load(tmp_path / "p.pth", weights_only=True), idx)
+    assert float((merged - live).abs().max()) < 1e-3
+
+
+def test_unconverted_pissa_adapter_is_refused(lora_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "pissa"
+    shutil.copytree(lora_dir, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = "pissa_niter_4"
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.MergeError, match="modified"):
+        M.load_adapter(d)
+
+
+# ----------------------------------------------------------------------------- refusals
+def _assert_nothing_written(folder: Path, name: str):
+    assert not (folder / name).exists()
+    assert not list(folder.glob(".*verifying*")), "temporary file left behind"
+
+
+def test_non_finite_adapter_refused(base_sd, base_path, tmp_path):
+    pm, spec = _peft_model(base_sd)
+    _perturb(pm)
+    with torch.no_grad():
+        next(p for n, p in pm.named_parameters() if "blocks.1.att.value.lora_B" in n)[0, 0] = float("nan")
+    folder = _save(pm, spec, tmp_path / "adapter")
+    with pytest.raises(M.NonFiniteError, match="NaN"):
+        M.merge(base_path, folder, tmp_path / "out" / "x.pth", "bf16", runtime_check=False, log=lambda m: None)
+    assert not (tmp_path / "out" / "x.pth").exists()
+
+
+def test_fp16_overflow_refused(base_sd, base_path, tmp_path):
+    pm, spec = _peft_model(base_sd)
+    _perturb(pm, std=1e5)  # finite in fp32, > 65504 after the merge
+    folder = _save(pm, spec, tmp_path / "adapter")
+    with pytest.raises(M.NonFiniteError, match="bf16"):
+        M.merge(base_path, folder, tmp_path / "x.pth", "fp16", runtime_check=False, log=lambda m: None)
+    _assert_nothing_written(tmp_path, "x.pth")
+
+
+def test_failed_verification_leaves_no_output(base_path, lora_dir, tmp_path, monkeypatch):
+    """A merge that is subtly wrong (scale x1.5, e.g. a misread alpha) must be caught by the
+    logit check, even in bf16, and leave no model file behind (only verify-failed.json)."""
+    real = M.merge_fast
+    monkeypatch.setattr(M, "merge_fast", lambda W, f: real(W, M.LoraFactor(f.A, f.B, f.scale * 1.5)))
+    out = tmp_path / "bad.pth"
+    with pytest.raises(M.VerificationError, match="differs from base"):
+        M.merge(base_path, lora_dir, out, "bf16", runtime_check=False, log=lambda m: None)
+    _assert_nothing_written(tmp_path, "bad.pth")
+    assert not (tmp_path / "verify.json").exists()
+    rep = json.loads((tmp_path / "verify-failed.json").read_text())
+    assert rep["passed"] is False and rep["checks"]["logits"]["max_abs_diff"] > rep["checks"]["logits"]["tolerance"]
+
+
+def test_mismatched_adapter_refused_before_work(lora_dir, tmp_path):
+    from rwkvforge.checkpoint import save_pth
+    from rwkvforge.demo import make_random_model_sd
+
+    wide = tmp_path / "wide.pth"
+    save_pth(make_random_model_sd(LAYERS, 192, vocab_size=VOCAB, seed=1), wide)
+    with pytest.raises(M.MergeError, match=r"does not fit base weight \(192, 192\)"):
+        M.merge(wide, lora_dir, tmp_path / "o.pth", runtime_check=False, log=lambda m: None)
+    shallow = tmp_path / "shallow.pth"
+    save_pth(make_random_model_sd(1, EMBD, vocab_size=VOCAB, seed=1), shallow)
+    with pytest.raises(M.MergeError, match="the base has only 1 layers"):
+        M.merge(shallow, lora_dir, tmp_path / "o.pth", runtime_check=False, log=lambda m: None)
+    assert not list(tmp_path.glob("o.pth"))
+
+
+def test_other_targets_refused(base_sd, lora_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    d = tmp_path / "a"
+    shutil.copytree(lora_dir, d)
+    t = load_file(str(d / "adapter_model.safetensors"))
+    t["base_model.model.blocks.0.att.gate.lora_A.weight"] = torch.zeros(4, EMBD)
+    t["base_model.model.blocks.0.att.gate.lora_B.weight"] = torch.zeros(EMBD, 4)
+    save_file(t, str(d / "adapter_model.safetensors"))
+    with pytest.raises(M.MergeError, match="blocks.0.att.gate: no such weight"):
+        M.check_adapter_matches_base(M.load_adapter(d), base_sd)
+
+
+def test_bad_inputs_are_clear_errors(base_path, lora_dir, tmp_path):
+    with pytest.raises(M.MergeError, match="base model not found"):
+        M.merge(tmp_path / "nope.pth", lora_dir, tmp_path / "o.pth", log=lambda m: None)
+    with pytest.raises(M.MergeError, match="adapter not found"):
+        M.merge(base_path, tmp_path / "nope", tmp_path / "o.pth", log=lambda m: None)
+    v6 = {"emb.weight": torch.zeros(8, 4), "blocks.0.att.time_maa_x": torch.zeros(1, 1, 4),
+          "blocks.0.att.time_decay_w1": torch.zeros(4, 2), "head.weight": torch.zeros(8, 4)}
+    torch.save(v6, tmp_path / "v6.pth")
+    with pytest.raises(M.MergeError, match="RWKV-6"):
+        M.merge(tmp_path / "v6.pth", lora_dir, tmp_path / "o.pth", log=lambda m: None)
+    with pytest.raises(M.MergeError, match="disagrees"):
+        M.load_adapter(lora_dir, alpha=16)
+
+
+# ----------------------------------------------------------------------------- RWKV-PEFT
+def _rwkv_peft_pth(base_sd, path: Path, prefix: str = "") -> dict:
+    """A checkpoint in RWKV-PEFT's LoRA layout: bf16, keys without '.weight', a trained ln."""
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for i in range(LAYERS):
+        for t in ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"):
+            out_f, in_f = base_sd[f"blocks.{i}.{t}.weight"].shape
+            sd[f"{prefix}blocks.{i}.{t}.lora_A"] = (torch.randn(8, in_f, generator=g) / in_f**0.5).bfloat16()
+            sd[f"{prefix}blocks.{i}.{t}.lora_B"] = (torch.randn(out_f, 8, generator=g) * 0.02).bfloat16()
+    sd[f"{prefix}blocks.1.ln1.weight"] = (base_sd["blocks.1.ln1.weight"] * 1.1).bfloat16()
+    torch.save(sd, path)
+    return sd
+
+
+@pytest.mark.parametrize("prefix", ["", "model."])
+def test_rwkv_peft_pth_import(base_sd, base_path, tmp_path, prefix):
+    lp = tmp_path / "rwkv-0.pth"
+    sd = _rwkv_peft_pth(base_sd, lp, prefix)
+    with pytest.raises(M.MergeError, match="--alpha"):
+        M.load_adapter(lp)
+    with pytest.raises(M.MergeError, match="rank 8"):
+        M.load_adapter(lp, alpha=16, rank=4)
+    res = M.merge(base_path, lp, tmp_path / "m.pth", "fp32", alpha=16, runtime_check=False,
+                  export_adapter=tmp_path / "peft", log=lambda m: None)
+    assert res.report["checks"]["logits"]["passed"]
+    assert res.report["adapter"]["kind"] == "rwkv-peft" and res.report["adapter"]["scales"] == [2.0]
+    merged = torch.load(tmp_path / "m.pth", weights_only=True)
+    k = "blocks.0.att.receptance"
+    expect = base_sd[k + ".weight"] + 2.0 * sd[f"{prefix}{k}.lora_B"].float() @ sd[f"{prefix}{k}.lora_A"].float()
+    assert torch.allclose(merged[k + ".weight"], expect, atol=1e-6)
+    assert torch.equal(merged["blocks.1.ln1.weight"], sd[f"{prefix}blocks.1.ln1.weight"].float())
+    # the PEFT-layout export reads back (here and in peft) as the same adapter
+    back = M.load_adapter(tmp_path / "peft")
+    assert back.kind == "peft" and set(back.factors) == {f"{k}.weight" for k in
+                                                         (x[len(prefix):-len(".lora_A")] for x in sd if x.endswith("lora_A"))}
+    assert back.factors[k + ".weight"].scale == 2.0 and "blocks.1.ln1.weight" in back.replacements
+    idx = M.probe_batch(VOCAB)
+    via_peft = M.unmerged_logits(base_sd, back, idx, adapter_dir=tmp_path / "peft")
+    assert float((via_peft - M.model_logits(merged, idx)).abs().max()) < 1e-3
+
+
+# ----------------------------------------------------------------------------- runtime + CLI
+@pytest.mark.slow  # a subprocess importing torch + the rwkv package
+def test_cli_merge_runs_in_rwkv_pip_and_exports(base_path, lora_dir, tmp_path, capsys):
+    out = tmp_path / "merged" / "tiny.pth"
+    rc = M.main(["--base", str(base_path), "--adapter", str(lora_dir), "--out", str(out),
+                 "--dtype", "bf16", "--safetensors"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out.parent / "verify.json").read_text())
+    pip = rep["checks"]["rwkv_pip"]
+    assert pip["passed"] and pip["env"] == "RWKV_V7_ON=1" and pip["max_abs_diff_vs_ours"] <= pip["tolerance"]
+    import os
+    assert os.environ.get("RWKV_V7_ON") is None  # the env var stayed in the subprocess
+    from safetensors.torch import load_file
+
+    st = load_file(str(out.with_suffix(".safetensors")))
+    pth = torch.load(out, weights_only=True)
+    assert set(st) == set(pth) and all(torch.equal(st[k], pth[k]) for k in pth)
+    import hashlib
+
+    assert rep["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert "merged model:" in capsys.readouterr().out
+
+
+def test_cli_error_is_for_people(lora_dir, tmp_path, capsys):
+    rc = M.main(["--adapter", str(lora_dir)])
+    assert rc == 2 and "--base is required" in capsys.readouterr().err
