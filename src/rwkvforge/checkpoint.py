@@ -1,0 +1,422 @@
+"""Every on-disk model format: BlinkDL `.pth` checkpoints in and out, and atomic writes.
+
+    from rwkvforge.checkpoint import load_model
+    model = load_model("models/base/rwkv7-tiny-demo.pth")
+
+Files are read with `torch.load(..., weights_only=True)` and validated: a file that is not an
+RWKV-7 checkpoint (an RWKV-4/5/6 model, a truncated download, a training-state dict, integer
+tensors, missing keys, wrong shapes) raises `CheckpointError` saying what was found and what
+was expected. Writes go to a temporary name in the same folder and are renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from rwkvforge.model.rwkv7 import RWKV7, RWKV7Config
+
+
+class CheckpointError(ValueError):
+    """A model file that cannot be used, with what was wrong and what to do."""
+
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# keys present in some RWKV-7 exports that the model does not use (layer 0 has no value residual)
+_IGNORED_KEYS = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
+_REQUIRED_MARKERS = ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w0", "head.weight")
+
+
+# ------------------------------------------------------------------------------------ loading
+def _detect_family(keys: set[str]) -> str | None:
+    """Name the model family of a non-RWKV-7 state dict, or None when it looks like RWKV-7."""
+    if "blocks.0.att.r_k" in keys and "blocks.0.att.k_k" in keys:
+        return None
+    if any(k.startswith(("model.layers.", "transformer.h.", "model.decoder.")) for k in keys):
+        return "a Hugging Face transformer (not an RWKV .pth)"
+    if any(k.startswith("rwkv.") for k in keys):
+        return "a Hugging Face RWKV export (rwkv.blocks.*); use BlinkDL's .pth file instead"
+    if "blocks.0.att.time_maa_x" in keys or "blocks.0.att.time_decay_w1" in keys:
+        return "an RWKV-6 checkpoint (found blocks.0.att.time_maa_x / time_decay_w1)"
+    if "blocks.0.att.time_faaaa" in keys:
+        return "an RWKV-5 checkpoint (found blocks.0.att.time_faaaa)"
+    if "blocks.0.att.time_first" in keys:
+        return "an RWKV-4 checkpoint (found blocks.0.att.time_first)"
+    return None
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read and validate an RWKV-7 `.pth` (fp32 / bf16 / fp16) into a dict of CPU tensors."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " Run `rwkvforge demo-model` to create the demo model." if "demo" in path.name else ""
+        raise CheckpointError(f"{path}: model file not found.{hint}")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # old (non-zip) serialisation cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure here means "not a readable .pth"
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path}: cannot be read as a PyTorch checkpoint ({size} bytes; {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). The file may be truncated (an "
+            f"interrupted download or copy) or not a .pth at all; download or generate it again."
+        ) from e
+    return validate_state_dict(obj, source=str(path))
+
+
+def validate_state_dict(obj, source: str = "<state_dict>") -> dict[str, torch.Tensor]:
+    """Check that `obj` is an RWKV-7 state dict; return it (unwrapping {'state_dict': ...})."""
+    if isinstance(obj, dict) and len(obj) <= 4:
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{source}: holds a {type(obj).__name__}, expected a dict of tensors "
+            f"(an RWKV-7 .pth state dict with keys like emb.weight, blocks.0.att.r_k)."
+        )
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(
+            f"{source}: entry {k!r} is a {type(obj[k]).__name__}, not a tensor; this looks like "
+            f"a training-state file, not model weights. Expected an RWKV-7 .pth state dict."
+        )
+    keys = set(obj)
+    family = _detect_family(keys)
+    if family is not None:
+        raise CheckpointError(
+            f"{source}: this is {family}. rwkvforge works with RWKV-7 (\"x070\") models only; "
+            f"use an rwkv7 .pth (e.g. rwkv7-g1 from huggingface.co/BlinkDL)."
+        )
+    missing = [k for k in _REQUIRED_MARKERS if k not in keys]
+    if missing:
+        raise CheckpointError(
+            f"{source}: not an RWKV-7 checkpoint: missing {', '.join(missing)} "
+            f"({len(keys)} keys, e.g. {', '.join(sorted(keys)[:3]) or 'none'})."
+        )
+    for k, v in obj.items():
+        if v.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(
+                f"{source}: tensor {k} has dtype {v.dtype}; expected float32, bfloat16 or "
+                f"float16 weights (quantised / integer checkpoints are not supported)."
+            )
+    return obj
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> RWKV7Config:
+    """Read every shape (layers, width, heads, head size, LoRA ranks, FFN, vocab) from `sd`."""
+    def get(k: str) -> torch.Tensor:
+        if k not in sd:
+            raise CheckpointError(f"checkpoint is missing {k}; expected a complete RWKV-7 state dict")
+        return sd[k]
+
+    vocab, C = get("emb.weight").shape
+    H, N = get("blocks.0.att.r_k").shape
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    n_layer = max(layers) + 1
+    if layers != set(range(n_layer)):
+        gaps = sorted(set(range(n_layer)) - layers)
+        raise CheckpointError(f"checkpoint has no tensors for layer(s) {gaps} of {n_layer}")
+    if H * N != C:
+        raise CheckpointError(f"blocks.0.att.r_k is {H}x{N} = {H * N} but emb.weight width is {C}")
+    d_mv = sd["blocks.1.att.v1"].shape[1] if "blocks.1.att.v1" in sd else RWKV7Config.suggested(1, C).d_mv
+    return RWKV7Config(
+        vocab_size=int(vocab),
+        n_layer=n_layer,
+        n_embd=int(C),
+        head_size=int(N),
+        dim_ffn=int(get("blocks.0.ffn.key.weight").shape[0]),
+        d_decay=int(get("blocks.0.att.w1").shape[1]),
+        d_aaa=int(get("blocks.0.att.a1").shape[1]),
+        d_mv=int(d_mv),
+        d_gate=int(get("blocks.0.att.g1").shape[1]),
+    )
+
+
+def conform_state_dict(sd: dict[str, torch.Tensor], cfg: RWKV7Config, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Match `sd` against the model's expected keys and shapes; reshape squeezed vectors
+    (some converters store x_r as (C,) instead of (1,1,C)); drop ignorable keys."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in RWKV7(cfg).state_dict().items()}
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected) - _IGNORED_KEYS)
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing {len(missing)} RWKV-7 tensor(s): {', '.join(missing[:6])}"
+            f"{' ...' if len(missing) > 6 else ''} (shape {cfg.n_layer}L x {cfg.n_embd}C inferred)."
+        )
+    if extra:
+        raise CheckpointError(
+            f"{source}: unexpected tensor(s) {', '.join(extra[:6])}{' ...' if len(extra) > 6 else ''}; "
+            f"not a plain RWKV-7 model (variants such as DeepEmbed are not supported)."
+        )
+    out = {}
+    for k, shape in expected.items():
+        t = sd[k]
+        if tuple(t.shape) != shape:
+            if t.numel() != math_prod(shape):
+                raise CheckpointError(
+                    f"{source}: tensor {k} has shape {tuple(t.shape)}, expected {shape} for a "
+                    f"model with n_embd={cfg.n_embd}, head_size={cfg.head_size}."
+                )
+            t = t.reshape(shape)
+        out[k] = t
+    return out
+
+
+def math_prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device="cpu") -> RWKV7:
+    """Load a BlinkDL RWKV-7 `.pth` into an `RWKV7` (eval mode) with weights in `dtype`."""
+    sd = load_state_dict(path)
+    cfg = infer_config(sd)
+    return model_from_state_dict(sd, cfg, dtype=dtype, device=device, source=str(path))
+
+
+def model_from_state_dict(sd, cfg: RWKV7Config | None = None, dtype=torch.float32, device="cpu", source="state_dict") -> RWKV7:
+    cfg = cfg or infer_config(sd)
+    sd = conform_state_dict(sd, cfg, source=source)
+    with torch.device("meta"):
+        model = RWKV7(cfg)
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True, strict=True)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------ writing
+def _umask_mode() -> int:
+    """0o666 minus the process umask: what a plain open() would have given the file."""
+    old = os.umask(0o022)
+    os.umask(old)
+    return 0o666 & ~old
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that owns exactly its storage (torch.save writes whole storages)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
+
+
+def save_pth(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write a state dict as a `.pth` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: _fresh(v) for k, v in sd.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(clean, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Build a folder under `<path>.tmp` and rename it to `path` only if the block succeeds.
+
+        with atomic_dir(run / "checkpoints" / "step-100") as d:
+            save_pth(sd, d / "model.pth")
+    An existing `path` is replaced; on error the temporary folder is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ====================================================================================
+# Adapters / resume state (training helper's section) go below this line.
+# ====================================================================================
+# ---- adapters and resume state (training) ----
+# Adapter folders (PEFT layout) and the trainer state of a run's checkpoints/step-N/.
+#
+#   save_adapter(dir, adapter_config, tensors, metadata)  -> adapter_config.json +
+#                                                             adapter_model.safetensors
+#   load_adapter(dir) -> (adapter_config, tensors, metadata)
+#   save_trainer_state(path, state) / load_trainer_state(path)   (torch.save, weights_only)
+#   write_checkpoint(run_dir, step, fill) -> checkpoints/step-N (COMPLETE written last)
+#   latest_checkpoint(run_dir) -> newest complete checkpoints/step-N or None
+# The tensor semantics of an adapter (lora_A / lora_B / whole TRAIN_PARTS tensors) are
+# described in rwkvforge/peft.py.
+
+import json as _json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINER_STATE = "trainer_state.pt"
+COMPLETE_MARKER = "COMPLETE"
+_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+
+
+def save_adapter(folder: str | os.PathLike, adapter_config: dict, tensors: dict[str, torch.Tensor],
+                 metadata: dict | None = None) -> Path:
+    """Write an adapter in PEFT layout into `folder` (each file atomically). `metadata`
+    (JSON-able) is stored in the safetensors header under "rwkvforge"."""
+    from safetensors.torch import save as st_save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt"}
+    if metadata:
+        meta["rwkvforge"] = _json.dumps(metadata, sort_keys=True, default=str)
+    blob = st_save({k: _fresh(v) for k, v in tensors.items()}, metadata=meta)
+    atomic_write_bytes(folder / ADAPTER_WEIGHTS, blob)
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter_config.items()}
+    atomic_write_bytes(folder / ADAPTER_CONFIG,
+                       (_json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n").encode())
+    return folder
+
+
+def load_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Read a PEFT-layout adapter folder: (adapter_config, tensors, rwkvforge metadata)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg_p, w_p = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for p in (cfg_p, w_p):
+        if not p.is_file():
+            raise CheckpointError(f"{folder}: not an adapter folder (missing {p.name}); expected "
+                                  f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}, e.g. runs/<run>/adapter.")
+    try:
+        cfg = _json.loads(cfg_p.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_p}: not valid JSON ({e}).") from None
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        raise CheckpointError(f"{cfg_p}: peft_type is {cfg.get('peft_type')!r}; only LORA "
+                              "adapters (LoRA / PiSSA / DoRA) are supported.")
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise CheckpointError(f"{cfg_p}: missing {key!r}.")
+    try:
+        with safe_open(str(w_p), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 - any failure = unreadable file
+        raise CheckpointError(f"{w_p}: cannot be read as safetensors ({type(e).__name__}: {e}); "
+                              "the file is truncated or not an adapter.") from e
+    info = _json.loads(meta["rwkvforge"]) if "rwkvforge" in meta else {}
+    return cfg, tensors, info
+
+
+def _rng_to_plain(x):
+    """numpy RNG state -> weights_only-loadable types (ndarray -> tensor)."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rng_to_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _rng_to_plain(v) for k, v in x.items()}
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+def save_trainer_state(path: str | os.PathLike, state: dict) -> Path:
+    """torch.save `state` atomically; numpy arrays become tensors so that
+    `torch.load(weights_only=True)` reads it back."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(_rng_to_plain(state), buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_trainer_state(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: trainer state not found; the checkpoint is incomplete.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); resume from "
+                              "an earlier checkpoint (delete this step folder).") from e
+
+
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of every checkpoints/step-N, by step."""
+    root = Path(run_dir) / "checkpoints"
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p, (p / COMPLETE_MARKER).is_file()))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoints/step-N of a run (None when there is none)."""
+    done = [p for _, p, ok in checkpoint_dirs(run_dir) if ok]
+    return done[-1] if done else None
+
+
+def write_checkpoint(run_dir: str | os.PathLike, step: int, fill) -> Path:
+    """Create runs/<run>/checkpoints/step-N atomically: `fill(tmp_dir)` writes the files into
+    step-N.tmp, then COMPLETE is written (fsynced) and the folder renamed. A crash at any
+    point leaves no folder that looks complete."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    with atomic_dir(final) as tmp:
+        fill(tmp)
+        atomic_write_bytes(tmp / COMPLETE_MARKER, f"step {step}\n".encode())
+    return final

@@ -1,0 +1,413 @@
+"""The RWKV-7 ("x070") language model in plain PyTorch.
+
+Parameter names and shapes are exactly those of BlinkDL's `.pth` files, so
+a BlinkDL state dict loads with `RWKV7(cfg).load_state_dict(sd)` and `model.state_dict()` saves a file
+every RWKV runtime loads. Shapes come from `RWKV7Config` (inferred from a checkpoint by
+`rwkvforge.checkpoint.infer_config`). Model code does no I/O.
+
+Three entry points share one set of weights:
+- `forward(idx, state)` / `forward_hidden(idx, state)`: a whole (B, T) sequence (training,
+  prefill); the WKV recurrence runs in its chunked matmul form (see `model/wkv.py`).
+- `step(idx, state)`: one token per stream for decoding, (B,) -> (B, V).
+State is a list with one `(att_shift (B,C), wkv (B,H,N,N), ffn_shift (B,C))` tuple per layer,
+all fp32 whatever the weight dtype; it carries across calls, so prefill-then-step equals one
+long forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rwkvforge.model.wkv import DEFAULT_CHUNK, WKV_IMPLS, wkv
+
+# log(decay) = -exp(-0.5) * sigmoid(z): decay per step lies in (exp(-0.6065), 1). The literal
+# matches the reference implementations (rwkv pip, RWKV-LM) digit for digit.
+DECAY_SCALE = 0.606531
+LN_X_EPS = 64e-5  # GroupNorm eps of att.ln_x in RWKV-7 (not the 1e-5 default)
+
+State = list  # list[tuple[Tensor, Tensor, Tensor]], one tuple per layer
+
+
+def _suggested_lora_dim(n_embd: int, factor: float) -> int:
+    # RWKV-7's own sizing rule for the low-rank decay/iclr/value/gate projections
+    return max(32, int(round(factor * math.sqrt(n_embd) / 32) * 32))
+
+
+@dataclass
+class RWKV7Config:
+    """Shape of an RWKV-7 model. Read it from a checkpoint (`checkpoint.infer_config`)."""
+
+    vocab_size: int = 65536
+    n_layer: int = 12
+    n_embd: int = 768
+    head_size: int = 64
+    dim_ffn: int = 3072
+    d_decay: int = 64  # rank of w1/w2 (decay)
+    d_aaa: int = 64  # rank of a1/a2 (in-context learning rate)
+    d_mv: int = 32  # rank of v1/v2 (value residual)
+    d_gate: int = 128  # rank of g1/g2 (output gate)
+
+    @property
+    def n_head(self) -> int:
+        return self.n_embd // self.head_size
+
+    @classmethod
+    def suggested(cls, n_layer: int, n_embd: int, vocab_size: int = 65536, head_size: int = 64) -> "RWKV7Config":
+        """The shapes BlinkDL's training code picks for a given depth and width."""
+        return cls(
+            vocab_size=vocab_size,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            head_size=head_size,
+            dim_ffn=4 * n_embd,
+            d_decay=_suggested_lora_dim(n_embd, 2.5),
+            d_aaa=_suggested_lora_dim(n_embd, 2.5),
+            d_mv=_suggested_lora_dim(n_embd, 1.7),
+            d_gate=_suggested_lora_dim(n_embd, 5.0),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def n_params(self) -> int:
+        C, F_ = self.n_embd, self.dim_ffn
+        att = 4 * C * C + 2 * C * (self.d_decay + self.d_aaa + self.d_gate) + 13 * C
+        att_v = 2 * C * self.d_mv + C
+        ffn = 2 * C * F_ + C
+        per = att + ffn + 4 * C
+        return 2 * self.vocab_size * C + self.n_layer * per + (self.n_layer - 1) * att_v + 4 * C
+
+
+def _call(x, module):
+    return module(x)
+
+
+def _vec(C: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(1, 1, C))
+
+
+class TimeMix(nn.Module):
+    """RWKV-7 attention replacement ("time mixing") of one layer."""
+
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
+        self.layer_id = layer_id
+        self.n_head, self.head_size = H, N
+        self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g = (_vec(C) for _ in range(6))
+        self.w0 = _vec(C)
+        self.w1 = nn.Parameter(torch.zeros(C, cfg.d_decay))
+        self.w2 = nn.Parameter(torch.zeros(cfg.d_decay, C))
+        self.a0 = _vec(C)
+        self.a1 = nn.Parameter(torch.zeros(C, cfg.d_aaa))
+        self.a2 = nn.Parameter(torch.zeros(cfg.d_aaa, C))
+        if layer_id > 0:  # layer 0 defines v_first; real checkpoints have no v0/v1/v2 there
+            self.v0 = _vec(C)
+            self.v1 = nn.Parameter(torch.zeros(C, cfg.d_mv))
+            self.v2 = nn.Parameter(torch.zeros(cfg.d_mv, C))
+        self.g1 = nn.Parameter(torch.zeros(C, cfg.d_gate))
+        self.g2 = nn.Parameter(torch.zeros(cfg.d_gate, C))
+        self.k_k = _vec(C)
+        self.k_a = _vec(C)
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
+
+    def forward(self, x, shift, S, v_first, wkv_impl: str, chunk: int, lin=_call):
+        """x (B,T,C) after ln1; shift (B,C) = previous token's x; S (B,H,N,N) fp32.
+        `lin(x, module)` applies one of the big Linears (lets inference swap in bf16 copies)."""
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B,T,C)
+        xx = prev - x
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+        r = lin(xr, self.receptance)
+        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+        k = lin(xk, self.key)
+        v = lin(xv, self.value)
+        if self.layer_id == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+        g = torch.sigmoid(xg @ self.g1) @ self.g2
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # (B,T,H,N)
+        k = k * (1 + (a - 1) * self.k_a)
+        log_w = -DECAY_SCALE * torch.sigmoid(w.float())  # (B,T,C) fp32, in (-0.61, 0)
+        a4 = a.view(B, T, H, N)
+        impl = "ref" if T == 1 else wkv_impl  # one step: the loop is the cheapest form
+        y, S = wkv(
+            r.view(B, T, H, N), log_w.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
+            -kk, kk * a4, S, impl=impl, chunk_size=chunk,
+        )  # y (B,T,H,N) fp32
+        y = F.group_norm(y.reshape(B * T, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), LN_X_EPS)
+        y = y.view(B, T, H, N).to(x.dtype)
+        bonus = (r.view(B, T, H, N) * k.view(B, T, H, N) * self.r_k).sum(-1, keepdim=True)
+        y = (y + bonus * v.view(B, T, H, N)).view(B, T, C)
+        return lin(y * g, self.output), x[:, -1].float(), S, v_first
+
+
+class ChannelMix(nn.Module):
+    """RWKV-7 feed-forward ("channel mixing"): squared-ReLU MLP with a token shift."""
+
+    def __init__(self, cfg: RWKV7Config):
+        super().__init__()
+        self.x_k = _vec(cfg.n_embd)
+        self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
+        self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
+
+    def forward(self, x, shift, lin=_call):
+        prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+        k = torch.addcmul(x, prev - x, self.x_k)
+        k = torch.relu(lin(k, self.key)).square()
+        return lin(k, self.value), x[:, -1].float()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV7Config, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg, layer_id)
+        self.ffn = ChannelMix(cfg)
+
+    def forward(self, x, v_first, att_shift, S, ffn_shift, wkv_impl: str, chunk: int, lin=_call):
+        dx, att_shift, S, v_first = self.att(self.ln1(x), att_shift, S, v_first, wkv_impl, chunk, lin)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, lin)
+        return x + dx, v_first, att_shift, S, ffn_shift
+
+
+class RWKV7(nn.Module):
+    """RWKV-7 language model. Build from a checkpoint with `checkpoint.load_model(path)`."""
+
+    def __init__(self, cfg: RWKV7Config):
+        super().__init__()
+        if cfg.n_embd % cfg.head_size:
+            raise ValueError(f"n_embd {cfg.n_embd} is not a multiple of head_size {cfg.head_size}")
+        self.config = cfg
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward: ~30% slower, far less memory
+        self.wkv_impl = "auto"  # auto | ref | chunked | fla (see model/wkv.py)
+        self.wkv_chunk = DEFAULT_CHUNK
+        # Inference speed knob (no_grad calls only; training never sees it):
+        #   None           every matmul in the weights' own dtype: exact (parity tests use this)
+        #   torch.bfloat16 calls with >= 8 rows (batched decode, prefill) run the big Linears
+        #                  and the head on cached bf16 copies: ~2-4x faster GEMMs on CPUs with
+        #                  AMX / AVX512-BF16; +50% weight memory; ~1e-2 relative logit error
+        #   torch.int8     as bf16, and calls with < 8 rows (single-stream decode) use cached
+        #                  weight-only int8 (per-channel scales): ~1.6x faster GEMV than fp32
+        # State, norms and the WKV recurrence stay fp32 in every mode.
+        self.infer_dtype: torch.dtype | None = None
+        self._lowp: dict[tuple, tuple] = {}  # (id(weight), kind) -> (weight, version, copies)
+        self._consts: dict[int, tuple] = {}  # layer -> (param versions, small tensors for step)
+
+    # ----------------------------------------------------------------------------- state
+    def init_state(self, batch_size: int, device=None) -> State:
+        cfg = self.config
+        device = device if device is not None else self.emb.weight.device
+        B, C, H, N = batch_size, cfg.n_embd, cfg.n_head, cfg.head_size
+        return [
+            (
+                torch.zeros(B, C, dtype=torch.float32, device=device),
+                torch.zeros(B, H, N, N, dtype=torch.float32, device=device),
+                torch.zeros(B, C, dtype=torch.float32, device=device),
+            )
+            for _ in range(cfg.n_layer)
+        ]
+
+    # ----------------------------------------------------------------------------- sequence
+    def forward_hidden(self, idx: torch.Tensor, state: State | None = None):
+        """idx (B,T) long -> (hidden (B,T,C) after ln_out, new state)."""
+        if self.wkv_impl not in WKV_IMPLS:
+            raise ValueError(f"wkv_impl={self.wkv_impl!r}; expected one of {', '.join(WKV_IMPLS)}")
+        B, T = idx.shape
+        if state is None:
+            state = self.init_state(B, idx.device)
+        x = self.emb(idx)  # (B,T,C)
+        x = self.blocks[0].ln0(x)
+        v_first = x  # placeholder; layer 0 replaces it with its own v
+        use_cp = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        new_state = []
+        for block, (att_shift, S, ffn_shift) in zip(self.blocks, state):
+            args = (x, v_first, att_shift, S, ffn_shift, self.wkv_impl, self.wkv_chunk, self._lin)
+            if use_cp:
+                x, v_first, att_shift, S, ffn_shift = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, v_first, att_shift, S, ffn_shift = block(*args)
+            new_state.append((att_shift, S, ffn_shift))
+        return self.ln_out(x), new_state
+
+    def forward(self, idx: torch.Tensor, state: State | None = None, *, last_only: bool = False):
+        """idx (B,T) long -> (logits (B,T,V) fp32, new state). `last_only`: logits (B,V) of
+        the final position only (prefill: skips T-1 rows of the vocabulary projection)."""
+        h, state = self.forward_hidden(idx, state)
+        if last_only:
+            h = h[:, -1]
+        return self._lin(h, self.head).float(), state
+
+    # ----------------------------------------------------------------------------- fast matmuls
+    def _step_consts(self, block: Block, dtype: torch.dtype) -> dict:
+        """Per-layer small tensors reshaped for `step` (flat (C,) vectors, the six mixing
+        vectors stacked), cached and rebuilt whenever a parameter of the layer changes."""
+        att, ffn = block.att, block.ffn
+        srcs = (att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g, att.w0, att.a0, att.k_k,
+                att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias, ffn.x_k) + ((att.v0,) if att.layer_id else ())
+        key = (dtype, tuple((id(p), p._version) for p in srcs))
+        hit = self._consts.get(block.layer_id)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            H, N = att.n_head, att.head_size
+            flat = lambda p: p.detach().reshape(-1).to(dtype)  # noqa: E731
+            c = {
+                "maa": torch.stack([flat(p) for p in srcs[:6]]).unsqueeze(1),  # (6,1,C)
+                "w0": flat(att.w0), "a0": flat(att.a0), "k_k": flat(att.k_k), "k_a": flat(att.k_a),
+                "r_k": att.r_k.detach().float().view(1, H, N),
+                "lnx_w": att.ln_x.weight.detach().float(), "lnx_b": att.ln_x.bias.detach().float(),
+                "ffn_x_k": flat(ffn.x_k),
+            }
+            if att.layer_id:
+                c["v0"] = flat(att.v0)
+        self._consts[block.layer_id] = (key, c)
+        return c
+
+    def _lin(self, x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
+        """mod(x), on a cached low-precision weight copy when `infer_dtype` allows it."""
+        mode = self.infer_dtype
+        if mode is None or type(mod) is not nn.Linear or torch.is_grad_enabled():
+            return mod(x)
+        w = mod.weight
+        if x.numel() >= 8 * x.shape[-1]:  # many rows: bf16 GEMM (AMX / AVX512-BF16)
+            if w.dtype == torch.bfloat16:
+                return mod(x)
+            return F.linear(x.to(torch.bfloat16), self._lowp_weight(w, "bf16")[0]).to(x.dtype)
+        if mode == torch.int8:  # few rows: weight-only int8 GEMV, half the bytes of bf16
+            q, scale = self._lowp_weight(w, "int8")
+            shape = x.shape
+            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), q, scale)
+            return y.view(*shape[:-1], -1).to(x.dtype)
+        return mod(x)
+
+    def _lowp_weight(self, w: torch.Tensor, kind: str) -> tuple:
+        key = (id(w), kind)
+        hit = self._lowp.get(key)
+        if hit is None or hit[0] is not w or hit[1] != w._version:
+            wd = w.detach()
+            if kind == "bf16":
+                data = (wd.to(torch.bfloat16),)
+            else:  # symmetric per-output-channel int8; scale in bf16 as the kernel expects
+                wf = wd.float()
+                scale = (wf.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+                q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+                data = (q, scale.to(torch.bfloat16))
+            hit = (w, w._version, data)
+            self._lowp[key] = hit
+        return hit[2]
+
+    def train(self, mode: bool = True):
+        self._lowp.clear()  # weights are about to change: drop low-precision copies
+        self._consts.clear()
+        return super().train(mode)
+
+    # ----------------------------------------------------------------------------- decode
+    @torch.no_grad()
+    def step(self, idx: torch.Tensor, state: State):
+        """One decoding step: idx (B,) long, state -> (logits (B,V) fp32, new state).
+
+        Same maths as `forward` with T=1, written on (B,C) tensors to keep per-token
+        overhead low. The input state is not modified.
+        """
+        x = self.blocks[0].ln0(self.emb(idx))  # (B,C)
+        B, C = x.shape
+        lin = self._lin
+        v_first = x
+        new_state = []
+        for block, (att_shift, S, ffn_shift) in zip(self.blocks, state):
+            att, ffn = block.att, block.ffn
+            c = self._step_consts(block, x.dtype)
+            H, N = att.n_head, att.head_size
+            xa_ = block.ln1(x)
+            # the six token-shift interpolations in one op: (6,B,C)
+            xr, xw, xk, xv, xa, xg = torch.addcmul(xa_, att_shift.to(xa_.dtype) - xa_, c["maa"]).unbind(0)
+            r = lin(xr, att.receptance)
+            w = torch.addmm(c["w0"], torch.tanh(xw @ att.w1), att.w2)
+            k = lin(xk, att.key)
+            v = lin(xv, att.value)
+            if att.layer_id == 0:
+                v_first = v
+            else:
+                v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(c["v0"], xv @ att.v1, att.v2)))
+            a = torch.sigmoid(torch.addmm(c["a0"], xa @ att.a1, att.a2))
+            g = torch.sigmoid(xg @ att.g1) @ att.g2
+            kk = F.normalize((k * c["k_k"]).view(B * H, N, 1), dim=1, p=2.0).float()
+            k = k * (1 + (a - 1) * c["k_a"])
+            w = torch.exp(torch.sigmoid(w.float()) * -DECAY_SCALE).view(B * H, 1, N)
+            r4, k4, v4 = (t.float().view(B * H, N, 1) for t in (r, k, v))
+            # S <- S diag(w) + (S @ -kk) (kk*a)^T + v k^T ; y = S r      (B*H,N,N) fp32
+            S2 = S.view(B * H, N, N)
+            sa = torch.bmm(S2, kk).neg_()
+            S2 = torch.baddbmm(S2 * w, sa, (kk * a.float().view(B * H, N, 1)).transpose(1, 2))
+            S2 = torch.baddbmm(S2, v4, k4.transpose(1, 2))
+            y = torch.bmm(S2, r4).view(B, C)
+            y = F.group_norm(y, H, c["lnx_w"], c["lnx_b"], LN_X_EPS).view(B, H, N)
+            bonus = (r4 * k4).view(B, H, N).mul_(c["r_k"]).sum(-1, keepdim=True)  # (B,H,1)
+            y = torch.addcmul(y, bonus, v4.view(B, H, N)).view(B, C).to(x.dtype)
+            x = x + lin(y * g, att.output)
+
+            xf = block.ln2(x)
+            kx = torch.addcmul(xf, ffn_shift.to(xf.dtype) - xf, c["ffn_x_k"])
+            x = x + lin(torch.relu(lin(kx, ffn.key)).square_(), ffn.value)
+            new_state.append((xa_.float(), S2.view(B, H, N, N), xf.float()))
+        return lin(self.ln_out(x), self.head).float(), new_state
+
+
+# --------------------------------------------------------------------------------- state ops
+def state_select(state: State, idx) -> State:
+    """Rows `idx` (list / LongTensor of batch indices) of every tensor in `state`."""
+    if not torch.is_tensor(idx):
+        idx = torch.as_tensor(idx, dtype=torch.long)
+    out = []
+    for layer in state:
+        i = idx.to(layer[0].device)
+        out.append(tuple(t.index_select(0, i) for t in layer))
+    return out
+
+
+def state_cat(states: list[State]) -> State:
+    """Concatenate several states along the batch dimension (in order)."""
+    if not states:
+        raise ValueError("state_cat needs at least one state")
+    return [tuple(torch.cat([s[i][j] for s in states], dim=0) for j in range(3)) for i in range(len(states[0]))]
+
+
+def state_clone(state: State) -> State:
+    return [tuple(t.clone() for t in layer) for layer in state]
+
+
+__all__ = [
+    "RWKV7",
+    "RWKV7Config",
+    "State",
+    "state_select",
+    "state_cat",
+    "state_clone",
+]

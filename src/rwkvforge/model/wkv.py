@@ -1,0 +1,173 @@
+"""WKV-7 kernels: the RWKV-7 state recurrence, three ways.
+
+State convention (the same as the `rwkv` pip package): per head, `S` is an (N, N) matrix whose
+rows index the value dimension and whose columns index the key dimension. One step is
+
+    S_t = S_{t-1} @ (diag(w_t) + a_t b_t^T) + v_t k_t^T        y_t = S_t @ r_t
+
+with w_t = exp(log_w_t) in (0, 1). In RWKV-7, a = -kk and b = kk * iclr, and
+log_w = -exp(-0.5) * sigmoid(.), so log_w lies in (-0.6066, 0): that bound is what keeps the
+chunked form below stable in fp32.
+
+- `wkv_ref`: one step at a time in fp32. Obviously correct, slow; the yardstick.
+- `wkv_chunked`: the same maths with matmuls over chunks of `chunk_size` steps (a WY-style
+  triangular solve inside each chunk, a short loop across chunks). Plain torch, so autograd
+  gives the backward pass; used for training and prefill on CPU (and CUDA without fla).
+- `wkv_fla`: flash-linear-attention's Triton kernels on CUDA, imported only when asked for on
+  a CUDA tensor (the CPU path never imports triton).
+
+All functions take r, log_w, k, v, a, b as (B, T, H, N) and state as (B, H, N, N) fp32 (or
+None for zeros), and return (y (B, T, H, N) fp32, new state (B, H, N, N) fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+WKV_IMPLS = ("auto", "ref", "chunked", "fla")
+DEFAULT_CHUNK = 32  # exp(+-0.6066 * 32) ~ 2.6e8: far from fp32 limits, and matmuls stay big enough
+
+_fla_fn = None  # cached fla entry point (None = not tried, False = unavailable)
+
+
+def _zeros_state(r: torch.Tensor) -> torch.Tensor:
+    B, _, H, N = r.shape
+    return torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)
+
+
+def wkv_ref(r, log_w, k, v, a, b, state=None):
+    """Sequential fp32 reference. Inputs (B,T,H,N); state (B,H,N,N) rows=value, cols=key."""
+    B, T, H, N = r.shape
+    S = _zeros_state(r) if state is None else state.float()
+    r, k, v, a, b = (x.float() for x in (r, k, v, a, b))
+    w = torch.exp(log_w.float())
+    ys = []
+    for t in range(T):
+        # (B,H,N,N) * (B,H,1,N): decay acts on the key (column) dimension
+        sa = S @ a[:, t, :, :, None]  # (B,H,N,1)
+        S = S * w[:, t, :, None, :] + sa @ b[:, t, :, None, :] + v[:, t, :, :, None] @ k[:, t, :, None, :]
+        ys.append((S @ r[:, t, :, :, None]).squeeze(-1))  # (B,H,N)
+    y = torch.stack(ys, dim=1) if ys else r.new_zeros(B, 0, H, N)
+    return y, S
+
+
+def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK):
+    """Chunked matmul form of `wkv_ref` (same results up to fp32 rounding; differentiable).
+
+    Inside a chunk of L steps, with g_t = sum_{s<=t} log_w_s (per key channel) and
+    u_t = S_{t-1} a_t, unrolling the recurrence gives (all vectors over the key dim)
+
+        u_t = S_0 (a_t e^{g_{t-1}}) + sum_{s<t} [u_s (b_s e^{-g_s}) + v_s (k_s e^{-g_s})] . (a_t e^{g_{t-1}})
+        y_t = S_0 (r_t e^{g_t})     + sum_{s<=t}[u_s (b_s e^{-g_s}) + v_s (k_s e^{-g_s})] . (r_t e^{g_t})
+        S_L = S_0 diag(e^{g_L}) + sum_s (u_s b_s^T + v_s k_s^T) diag(e^{g_L - g_s})
+
+    The first line is a unit lower-triangular system in U (solved once per chunk, for all
+    chunks at once); the loop across chunks is then three small matmuls per chunk.
+    """
+    B, T, H, N = r.shape
+    L = int(chunk_size)
+    S = _zeros_state(r) if state is None else state.float()
+    if T == 0:
+        return r.new_zeros(B, 0, H, N, dtype=torch.float32), S
+    pad = (-T) % L
+    # (B,T,H,N) -> (B,H,T,N) fp32; padded steps have w=1 and zero inputs, so they leave S alone
+    xs = [x.float().transpose(1, 2) for x in (r, log_w, k, v, a, b)]
+    if pad:
+        xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
+    nc = (T + pad) // L
+    r_, lw, k_, v_, a_, b_ = (x.reshape(B, H, nc, L, N) for x in xs)  # (B,H,nc,L,N)
+
+    g = torch.cumsum(lw, dim=3)  # inclusive log decay from chunk start, (B,H,nc,L,N), <= 0
+    g_prev = g - lw  # exclusive (up to t-1)
+    g_last = g[:, :, :, -1:, :]  # (B,H,nc,1,N)
+    r_t = r_ * torch.exp(g)
+    a_t = a_ * torch.exp(g_prev)
+    inv = torch.exp(-g)
+    b_h = b_ * inv
+    k_h = k_ * inv
+    b_end = b_ * torch.exp(g_last - g)  # decay from s to chunk end, <= 1
+    k_end = k_ * torch.exp(g_last - g)
+    decay_end = torch.exp(g_last).squeeze(3)  # (B,H,nc,N)
+
+    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0)
+    m_ab = (a_t @ b_h.transpose(-1, -2)).masked_fill(~strict, 0.0)  # (B,H,nc,L,L)
+    m_ak = (a_t @ k_h.transpose(-1, -2)).masked_fill(~strict, 0.0)
+    m_rb = (r_t @ b_h.transpose(-1, -2)).masked_fill(~incl, 0.0)
+    m_rk = (r_t @ k_h.transpose(-1, -2)).masked_fill(~incl, 0.0)
+
+    eye = torch.eye(L, dtype=torch.float32, device=r.device)
+    lhs = eye - m_ab
+    # U = W_a S_0^T + U_v   with  W_a = (I - M_ab)^-1 A~,  U_v = (I - M_ab)^-1 M_ak V
+    rhs = torch.cat([a_t, m_ak @ v_], dim=-1)  # (B,H,nc,L,2N)
+    sol = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
+    w_a, u_v = sol[..., :N], sol[..., N:]
+    y_v = m_rk @ v_  # state-independent part of y, (B,H,nc,L,N)
+
+    ys = []
+    for c in range(nc):
+        St = S.transpose(-1, -2)  # (B,H,Nk,Nv)
+        u = w_a[:, :, c] @ St + u_v[:, :, c]  # (B,H,L,Nv)
+        y = r_t[:, :, c] @ St + m_rb[:, :, c] @ u + y_v[:, :, c]  # (B,H,L,Nv)
+        ys.append(y)
+        S = (
+            S * decay_end[:, :, c, None, :]
+            + u.transpose(-1, -2) @ b_end[:, :, c]
+            + v_[:, :, c].transpose(-1, -2) @ k_end[:, :, c]
+        )
+    y = torch.cat(ys, dim=2)[:, :, :T]  # (B,H,T,N)
+    return y.transpose(1, 2), S
+
+
+def _load_fla():
+    global _fla_fn
+    if _fla_fn is None:
+        try:  # imported lazily, on CUDA only: fla pulls in triton
+            from fla.ops.rwkv7 import chunk_rwkv7  # type: ignore
+
+            _fla_fn = chunk_rwkv7
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            _fla_fn = False
+    return _fla_fn
+
+
+def fla_available(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda" and bool(_load_fla())
+
+
+def wkv_fla(r, log_w, k, v, a, b, state=None):
+    """flash-linear-attention's chunk_rwkv7 (CUDA). fla keeps state as (B,H,K,V): transposed."""
+    fn = _load_fla()
+    if not fn:
+        raise RuntimeError(
+            "wkv_impl='fla' needs flash-linear-attention on a CUDA device "
+            "(pip install flash-linear-attention); use wkv_impl='chunked' otherwise"
+        )
+    B, T, H, N = r.shape
+    s0 = None if state is None else state.float().transpose(-1, -2).contiguous()
+    dt = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    out = fn(  # w is log-decay in fla's API; state (B,H,K,V)
+        r=r.to(dt), w=log_w.to(dt), k=k.to(dt), v=v.to(dt), a=a.to(dt), b=b.to(dt),
+        scale=1.0, initial_state=s0, output_final_state=True,
+    )
+    y, s1 = out[0], out[1]  # some fla versions return extra items
+    return y.float(), s1.float().transpose(-1, -2)
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    if impl not in WKV_IMPLS:
+        raise ValueError(f"unknown wkv_impl {impl!r}; expected one of {', '.join(WKV_IMPLS)}")
+    if impl == "auto":
+        return "fla" if fla_available(device) else "chunked"
+    return impl
+
+
+def wkv(r, log_w, k, v, a, b, state=None, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK):
+    """Dispatch to one of the kernels above (see module docstring for shapes)."""
+    name = resolve_impl(impl, r.device)
+    if name == "ref":
+        return wkv_ref(r, log_w, k, v, a, b, state)
+    if name == "fla":
+        return wkv_fla(r, log_w, k, v, a, b, state)
+    return wkv_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)

@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny random RWKV-7 checkpoint (real 65536 vocabulary, L2 C128 head 64)."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_LAYERS, TINY_EMBD = 2, 128
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory):
+    """Path to a tiny random RWKV-7 .pth (written once per test session; do not modify it)."""
+    from rwkvforge.checkpoint import save_pth
+    from rwkvforge.demo import make_random_model_sd
+
+    path = tmp_path_factory.mktemp("tiny_model") / "rwkv7-tiny-test.pth"
+    save_pth(make_random_model_sd(TINY_LAYERS, TINY_EMBD, seed=0), path)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tiny_model_path):
+    """A fresh fp32 RWKV7 (eval mode) loaded from `tiny_model_path`; each test gets its own."""
+    from rwkvforge.checkpoint import load_model
+
+    return load_model(tiny_model_path)

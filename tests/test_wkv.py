@@ -1,0 +1,117 @@
+"""WKV-7 kernels: the chunked form (forward and backward) against the sequential reference."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkvforge.model.wkv import resolve_impl, wkv, wkv_chunked, wkv_ref
+
+
+def _inputs(B=2, T=37, H=2, N=16, seed=0, decay_spread=3.0, requires_grad=False):
+    """Random inputs shaped like RWKV-7's: a = -kk, b = kk * iclr with unit-norm kk."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, H, N, generator=g)
+    k = torch.randn(B, T, H, N, generator=g) * 0.5
+    v = torch.randn(B, T, H, N, generator=g)
+    log_w = -0.606531 * torch.sigmoid(torch.randn(B, T, H, N, generator=g) * decay_spread)
+    kk = F.normalize(torch.randn(B, T, H, N, generator=g), dim=-1)
+    iclr = torch.sigmoid(torch.randn(B, T, H, N, generator=g))
+    a, b = -kk, kk * iclr
+    s0 = torch.randn(B, H, N, N, generator=g) * 0.5
+    xs = [r, log_w, k, v, a, b, s0]
+    if requires_grad:
+        xs = [x.clone().requires_grad_(True) for x in xs]
+    return xs
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 32, 64])
+@pytest.mark.parametrize("T", [1, 16, 37])
+def test_chunked_forward_matches_reference(chunk, T):
+    r, lw, k, v, a, b, s0 = _inputs(T=T)
+    y_ref, s_ref = wkv_ref(r, lw, k, v, a, b, s0)
+    y, s = wkv_chunked(r, lw, k, v, a, b, s0, chunk_size=chunk)
+    assert y.shape == (2, T, 2, 16) and s.shape == (2, 2, 16, 16)
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(s, s_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_zero_initial_state_and_state_carry():
+    r, lw, k, v, a, b, _ = _inputs(T=40)
+    y_ref, s_ref = wkv_ref(r, lw, k, v, a, b, None)
+    # two calls of 25 + 15 steps == one call of 40
+    y1, s1 = wkv_chunked(*(x[:, :25] for x in (r, lw, k, v, a, b)), None, chunk_size=16)
+    y2, s2 = wkv_chunked(*(x[:, 25:] for x in (r, lw, k, v, a, b)), s1, chunk_size=16)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y_ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(s2, s_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_strongest_decay_over_long_chunks_stays_finite_and_exact():
+    # every step at the strongest decay RWKV-7 allows: exp(+-0.6065 * 64) inside a chunk
+    r, lw, k, v, a, b, s0 = _inputs(T=130, H=1, decay_spread=50.0, seed=3)
+    lw = torch.full_like(lw, -0.606531)
+    y_ref, s_ref = wkv_ref(r, lw, k, v, a, b, s0)
+    y, s = wkv_chunked(r, lw, k, v, a, b, s0, chunk_size=64)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+    torch.testing.assert_close(y, y_ref, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(s, s_ref, atol=5e-5, rtol=1e-4)
+
+
+def test_chunked_gradients_match_reference():
+    outs = []
+    for fn in (wkv_ref, lambda *xs: wkv_chunked(*xs, chunk_size=8)):
+        xs = _inputs(B=1, T=21, H=2, N=8, seed=1, requires_grad=True)
+        y, s = fn(*xs)
+        g = torch.Generator().manual_seed(9)
+        loss = (y * torch.randn(y.shape, generator=g)).sum() + (s * torch.randn(s.shape, generator=g)).sum()
+        loss.backward()
+        outs.append([x.grad for x in xs])
+    names = ["r", "log_w", "k", "v", "a", "b", "state"]
+    for name, g_ref, g in zip(names, *outs):
+        assert g is not None and g_ref.abs().sum() > 0, name
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def test_dispatch_and_errors():
+    assert resolve_impl("auto", "cpu") == "chunked"
+    assert resolve_impl("ref", "cpu") == "ref"
+    with pytest.raises(ValueError, match="expected one of"):
+        resolve_impl("cuda-magic", "cpu")
+    r, lw, k, v, a, b, s0 = _inputs(T=5)
+    with pytest.raises(RuntimeError, match="fla"):
+        wkv(r, lw, k, v, a, b, s0, impl="fla")
+    y, _ = wkv(r, lw, k, v, a, b, s0, impl="auto")
+    y_ref, _ = wkv(r, lw, k, v, a, b, s0, impl="ref")
+    torch.testing.assert_close(y, y_ref, atol=2e-5, rtol=1e-5)
+
+
+def test_cpu_path_never_imports_triton():
+    code = (
+        "import sys, torch\n"
+        "from rwkvforge.model.wkv import wkv\n"
+        "x = torch.zeros(1, 3, 1, 4)\n"
+        "wkv(x, x - 0.1, x, x, x, x, None, impl='auto')\n"
+        "print('triton' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fla_matches_reference_on_cuda():
+    from rwkvforge.model.wkv import fla_available
+
+    if not fla_available("cuda"):
+        pytest.skip("flash-linear-attention not installed")
+    xs = [x.cuda() for x in _inputs(B=1, T=64, H=2, N=64)]
+    y_ref, s_ref = wkv_ref(*xs)
+    y, s = wkv(*xs, impl="fla")
+    torch.testing.assert_close(y, y_ref, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(s, s_ref, atol=1e-3, rtol=1e-3)
