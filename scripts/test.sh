@@ -29,7 +29,7 @@ apt_install() {
   fi
 }
 apt_install shellcheck shellcheck
-apt_install chromium chromium
+apt_install chromium chromium fonts-wqy-microhei
 
 PY="$(venv_python)"
 mkdir -p "$ROOT_DIR/.test-artifacts"

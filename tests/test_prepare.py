@@ -77,7 +77,7 @@ def test_text_is_byte_identical_to_make_data(tmp_path):
 @pytest.mark.parametrize("kind", ["text", "sft"])
 def test_workers_give_the_same_bytes(tmp_path, kind):
     if kind == "text":
-        rows = [{"text": f"{CORPUS[i % 8]} #{i}"} for i in range(1500)]  # > 2 chunks
+        rows = [{"text": f"{CORPUS[i % 8]} #{i}"} for i in range(1500)]  # > 2 blocks
     else:
         rows = [{"prompt": f"{CORPUS[i % 8]} #{i}", "response": CORPUS[(i + 1) % 8]}
                 for i in range(1100)]
@@ -250,3 +250,34 @@ def test_cli_defaults_from_config(tmp_path, monkeypatch, capsys):
     assert P.main(["--input", str(bad), "--output-prefix", str(tmp_path / "x"),
                    "--workers", "1"]) == 1
     assert f"{bad}:1: field 'text' is int" in capsys.readouterr().err
+
+
+def test_blocks_split_lines_exactly(tmp_path):
+    """Tiny read blocks: lines across block edges, an over-long line spanning several
+    blocks, CRLF, blank lines, a last line without newline, a separator-holding text and
+    a line only json.loads accepts (NaN): same documents, errors and line numbers."""
+    rows = [json.dumps({"text": CORPUS[i % 8] + f" #{i}"}, ensure_ascii=False)
+            for i in range(60)]
+    rows[5] = '{"text": "' + "y" * 5000 + '"}'  # over the limit, spans blocks
+    rows[9] = '{"text": "unit\\u001fseparator", "x": NaN}'
+    rows[12] = ""
+    rows[20] = '{"text": "crlf line"}\r'
+    src = tmp_path / "c.jsonl"
+    src.write_bytes("\n".join(rows).encode("utf-8"))  # no final newline
+    for block in (16, 100, 4096, 1 << 20):
+        errors = []
+        blocks = list(P.iter_blocks(src, 3000, hashlib.sha256(), P._NoBar(), block))
+        assert b"".join(b for _, b, _ in blocks).count(b"\n") + 1 + sum(
+            len(o) for _, _, o in blocks) == len(rows)
+        got = []
+        for first, data, oversize in blocks:
+            errors += [(e.lineno, e.error) for e in oversize]
+            r = P.process_block(first, data, 3000, "text", get_tokenizer())
+            errors += [(e.lineno, e.error) for e in r.errors]
+            got.append(np.frombuffer(r.ids, np.uint16))
+        assert errors == [(6, "line is 5013 bytes, over the 0.00286102 MiB limit: split the "
+                           "document, or raise --max-line-mb")], block
+        tok = get_tokenizer("reference").reference
+        want = [tok.encode(json.loads(r)["text"]) + [0] for i, r in enumerate(rows)
+                if i not in (5, 12)]
+        assert np.concatenate(got).tolist() == [i for w in want for i in w]

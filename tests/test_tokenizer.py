@@ -6,6 +6,7 @@ import random
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from rwkvforge import tokenizer as T
@@ -150,3 +151,49 @@ def test_chat_errors_name_the_message(msgs, match):
 def test_encode_chat_requires_assistant_last(fast):
     with pytest.raises(T.ChatFormatError, match="must end with an assistant reply"):
         T.encode_chat([{"role": "user", "content": "q"}], fast)
+
+
+def test_encode_documents_matches_reference_per_text(fast, ref):
+    """One joined call (texts separated by DOC_SEP) gives each text's own ids + EOT; texts
+    holding DOC_SEP themselves take the per-text path and still match."""
+    assert T._doc_sep_id() == fast.encode(T.DOC_SEP)[0]
+    rng = random.Random(7)
+    table = [t for t in T.token_table() if t]
+    soup = [b"".join(rng.choice(table) for _ in range(rng.randint(1, 20))).decode(
+        "utf-8", errors="replace") for _ in range(200)]
+    for texts in (MIXED, soup, MIXED + [f"has the separator {T.DOC_SEP} inside"]):
+        arr, sizes = fast.encode_documents(texts)
+        want = [ref.reference.encode(t) + [0] for t in texts]
+        assert arr.dtype == np.uint16 and sizes.tolist() == [len(w) for w in want]
+        assert arr.tolist() == [i for w in want for i in w]
+    arr, sizes = ref.encode_documents(MIXED[:3])
+    assert arr.tolist() == [i for t in MIXED[:3] for i in ref.reference.encode(t) + [0]]
+
+
+def test_ids_match_bytes_equals_decode_comparison(fast):
+    """The vectorised round-trip check agrees with decode_bytes(ids) == data, including
+    long tokens (> 8 bytes), swapped tokens, flipped bits, EOT and unused ids."""
+    rng = random.Random(3)
+    ids = [i for i, t in enumerate(T.token_table()) if t]
+    long_ids = [i for i, t in enumerate(T.token_table()) if len(t) > 16]
+    for _ in range(2000):
+        a = [rng.choice(long_ids if rng.random() < 0.2 else ids)
+             for _ in range(rng.randint(0, 12))]
+        if rng.random() < 0.2:
+            a.insert(rng.randint(0, len(a)), rng.choice([0, 65530, 65535]))
+        data = fast.decode_bytes(a)
+        r = rng.random()
+        if r < 0.3 and data:
+            b = bytearray(data)
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+            data = bytes(b)
+        elif r < 0.4 and len(a) > 1:
+            i = rng.randrange(len(a) - 1)
+            a[i], a[i + 1] = a[i + 1], a[i]
+        want = fast.decode_bytes(a) == data
+        assert T.ids_match_bytes(np.array(a, np.uint16), data) == want, (a, data)
+        assert T.ids_match_bytes(a, data) == want
+    empty = [0, fast.encode("a")[0], 65531]
+    assert T.ids_match_bytes(empty, b"a", empty_tokens=2)
+    assert not T.ids_match_bytes(empty, b"a", empty_tokens=0)
+    assert not T.ids_match_bytes([-1], b"") and not T.ids_match_bytes([70000], b"")

@@ -40,14 +40,17 @@ the run before an output is written; --skip-invalid skips such lines and lists t
 P.rejects.jsonl. Outputs are written under temporary names and renamed (.idx after .bin,
 meta last), so an interrupted run never leaves a valid-looking half-written dataset.
 
-Tokenization runs in --workers processes (default: all cores) with the fast Rust tokenizer;
-a progress bar shows on a terminal for inputs over a few MB.
+Tokenization runs in --workers processes (default: all cores) with the fast Rust tokenizer:
+the file goes to them in blocks of whole lines (16 KiB .. 1 MiB); each block's documents are
+encoded in one call and round-trip checked in one vectorised pass (bench/prepare_bench.py).
+msgspec, when installed, parses JSON (json.loads re-parses anything it refuses). A progress
+bar shows on a terminal for inputs over a few MB.
 """
 
 from __future__ import annotations
 
 import argparse
-import array
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -65,11 +68,10 @@ from rwkvforge import config as cfg
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.paths import sample_data_dir, workspace_root
 from rwkvforge.tokenizer import (EOT, VOCAB_NAME, ChatFormatError, TokenizerInputError,
-                                 _byte_tables, _surrogate_error, chat_segments, check_messages,
-                                 get_tokenizer)
+                                 _doc_sep_id, _surrogate_error, _word_tables, chat_segments,
+                                 check_messages, get_tokenizer, ids_match_bytes)
 
 SAMPLES = {"text": "bsl_code.jsonl", "sft": "bsl_sft.jsonl", "dpo": "bsl_dpo.jsonl"}
-CHUNK_LINES = 512  # lines per worker task: big enough to amortise IPC
 MAX_ERRORS_SHOWN = 20
 META_FORMAT = "rwkvforge-data/1"
 
@@ -199,8 +201,22 @@ def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]
     raise ValueError(f"unknown type {kind!r}")
 
 
+try:  # optional: ~2x faster than json.loads; any line it rejects is re-parsed by json
+    import msgspec as _msgspec
+
+    _fast_json = _msgspec.json.Decoder().decode
+    _FastJSONError: type[Exception] = _msgspec.DecodeError
+except ImportError:  # pragma: no cover - msgspec missing
+    _fast_json = None
+    _FastJSONError = ValueError
+
+
 def parse_line(raw: bytes, lineno: int) -> Any:
-    """Bytes of one JSONL line -> the JSON value; ValueError says what is wrong."""
+    """Bytes of one JSONL line -> the JSON value; ValueError says what is wrong.
+
+    Accepts exactly what json.loads accepts (make_data.py's parser): msgspec, when
+    installed, is only a fast path; every line it refuses (NaN, lone surrogates, ...) goes
+    through json.loads, which gives the value or the error message."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -209,6 +225,11 @@ def parse_line(raw: bytes, lineno: int) -> Any:
                          "`iconv -f cp1251 -t utf-8 in.jsonl > out.jsonl`") from None
     if lineno == 1 and line.startswith("\ufeff"):
         line = line[1:]  # a UTF-8 byte-order mark
+    if _fast_json is not None:
+        try:
+            return _fast_json(line)
+        except (_FastJSONError, ValueError, RecursionError):
+            pass
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
@@ -222,16 +243,70 @@ def process_line(raw: bytes, lineno: int, kind: str, tok) -> LineResult:
         return LineResult(lineno, None, str(e))
 
 
-def process_text_chunk(chunk: list[tuple[int, bytes]], tok) -> list[LineResult]:
-    """Text lines, batched: one vectorised round-trip check per chunk (per-document checks
-    only when the chunk check fails). Same results as process_line, faster on short
-    documents."""
-    out: list[LineResult | None] = []
+@dataclass
+class BlockResult:
+    """One block of lines, processed: the accepted documents' items back to back (file
+    order) and the rejected lines."""
+    ids: bytes  # uint16 ids of all items
+    mask: bytes | None  # uint8 loss mask of all items (sft / dpo)
+    sizes: np.ndarray  # int64 size of each item
+    per_doc: int  # items per document (2 for dpo pairs)
+    errors: list[LineResult]
+    rejected: dict[int, str]  # line number -> its text, for the rejects file
+
+
+def _oversize(lineno: int, n: int, max_line_bytes: int) -> LineResult:
+    mb = max_line_bytes / (1 << 20)
+    return LineResult(lineno, None, f"line is {n} bytes, over the {mb:g} MiB limit: split "
+                      "the document, or raise --max-line-mb")
+
+
+def _block_lines(first: int, data: bytes, max_line_bytes: int, errors: list[LineResult]
+                 ) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of the non-blank lines of a block; over-long ones -> errors."""
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the block ends with a newline
+        last_open = -1
+    else:
+        last_open = len(lines) - 1  # the file's last line, without a newline
+    for i, raw in enumerate(lines):
+        if len(raw) > max_line_bytes:
+            errors.append(_oversize(first + i, len(raw) + (i != last_open), max_line_bytes))
+        elif raw.strip():
+            yield first + i, raw
+
+
+def _rejected_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace").rstrip("\r\n")[:100_000]
+
+
+ROUND_TRIP_ERROR = ("encode -> decode does not give the text back (tokenizer problem); "
+                    "report this line")
+
+
+def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> BlockResult:
+    """Text lines of one block -> their ids + EOT, back to back. All documents are encoded
+    in one call and checked in one vectorised round trip (per document only when that
+    fails): the same results as process_line per line, with little Python per token."""
+    errors: list[LineResult] = []
+    rejected: dict[int, str] = {}
     texts: list[str] = []
-    utf8: list[bytes] = []
-    slot: list[int] = []
-    for lineno, raw in chunk:
-        try:
+    linenos: list[int] = []
+    raws: list[bytes] = []
+    for lineno, raw in _block_lines(first, data, max_line_bytes, errors):
+        if _fast_json is not None:  # fast path: a well-formed {"text": "..."} line
+            try:
+                rec = _fast_json(raw)  # bytes: msgspec checks UTF-8 and never makes surrogates
+            except (_FastJSONError, ValueError, RecursionError):
+                rec = None
+            text = rec.get("text") if type(rec) is dict else None
+            if type(text) is str and text and not text.isspace():
+                texts.append(text)
+                linenos.append(lineno)
+                raws.append(raw)
+                continue
+        try:  # the slow path gives the exact reason (or accepts what only json.loads does)
             rec = parse_line(raw, lineno)
             if not isinstance(rec, dict):
                 raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
@@ -239,93 +314,115 @@ def process_text_chunk(chunk: list[tuple[int, bytes]], tok) -> list[LineResult]:
             if not text.strip():
                 raise ValueError("empty text")
             try:
-                b = text.encode("utf-8")
+                text.encode("utf-8")
             except UnicodeEncodeError as e:
                 raise _surrogate_error(text, e) from None
         except ValueError as e:
-            out.append(LineResult(lineno, None, str(e)))
+            errors.append(LineResult(lineno, None, str(e)))
+            rejected[lineno] = _rejected_text(raw)
             continue
-        slot.append(len(out))
-        out.append(LineResult(lineno, None))
         texts.append(text)
-        utf8.append(b)
-    flat: list[int] = []
-    sizes = []
-    for enc in tok.encode_batch(texts):
-        flat += enc
-        flat.append(EOT)  # decodes to b"": the chunk check needs no slicing
-        sizes.append(len(enc) + 1)
-    arr = np.frombuffer(array.array("H", flat), np.uint16)  # faster than np.array(list)
-    all_ok = tok.decode_bytes(arr) == b"".join(utf8)
-    pos = 0
-    for k, n in enumerate(sizes):
-        piece = arr[pos:pos + n]
-        pos += n
-        r = out[slot[k]]
-        assert r is not None
-        if all_ok or tok.decode_bytes(piece) == utf8[k]:
-            r.items = [(piece.tobytes(), None)]
-        else:
-            r.error = ("encode -> decode does not give the text back (tokenizer problem); "
-                       "report this line")
-    return [r for r in out if r is not None]
+        linenos.append(lineno)
+        raws.append(raw)
+    arr, sizes = tok.encode_documents(texts)
+    # every document's bytes back to back, and no empty token but the EOT ending each one
+    if not ids_match_bytes(arr, "".join(texts).encode("utf-8"), empty_tokens=len(sizes)):
+        keep = np.ones(len(sizes), bool)
+        ends = np.cumsum(sizes)
+        for k, (lo, hi) in enumerate(zip(ends - sizes, ends)):
+            if not ids_match_bytes(arr[lo:hi - 1], texts[k].encode("utf-8"), empty_tokens=0):
+                keep[k] = False
+                errors.append(LineResult(linenos[k], None, ROUND_TRIP_ERROR))
+                rejected[linenos[k]] = _rejected_text(raws[k])
+        arr = arr[np.repeat(keep, sizes)]
+        sizes = sizes[keep]
+    return BlockResult(arr.tobytes(), None, sizes, 1, errors, rejected)
+
+
+def process_block(first: int, data: bytes, max_line_bytes: int, kind: str, tok
+                  ) -> BlockResult:
+    if kind == "text":
+        return process_text_block(first, data, max_line_bytes, tok)
+    errors: list[LineResult] = []
+    rejected: dict[int, str] = {}
+    ids: list[bytes] = []
+    mask: list[bytes] = []
+    sizes: list[int] = []
+    for lineno, raw in _block_lines(first, data, max_line_bytes, errors):
+        r = process_line(raw, lineno, kind, tok)
+        if r.error is not None:
+            errors.append(r)
+            rejected[lineno] = _rejected_text(raw)
+            continue
+        assert r.items is not None
+        for i, m in r.items:
+            ids.append(i)
+            mask.append(m or b"")
+            sizes.append(len(i) // 2)
+    return BlockResult(b"".join(ids), b"".join(mask), np.asarray(sizes, np.int64),
+                       2 if kind == "dpo" else 1, errors, rejected)
 
 
 _WORKER_KIND = "text"
+_WORKER_MAX_LINE = 1 << 26
 
 
-def _worker_init(kind: str) -> None:
-    global _WORKER_KIND
-    _WORKER_KIND = kind
+def _worker_init(kind: str, max_line_bytes: int) -> None:
+    global _WORKER_KIND, _WORKER_MAX_LINE
+    _WORKER_KIND, _WORKER_MAX_LINE = kind, max_line_bytes
     get_tokenizer()
-    _byte_tables()  # built before the fork, shared by the workers
+    _word_tables()  # built before the fork, shared by the workers
+    _doc_sep_id()
 
 
-def _worker_chunk(chunk: list[tuple[int, bytes]]) -> list[LineResult]:
-    tok = get_tokenizer()
-    if _WORKER_KIND == "text":
-        return process_text_chunk(chunk, tok)
-    return [process_line(raw, lineno, _WORKER_KIND, tok) for lineno, raw in chunk]
+def _worker_block(task: tuple[int, bytes]) -> BlockResult:
+    return process_block(task[0], task[1], _WORKER_MAX_LINE, _WORKER_KIND, get_tokenizer())
 
 
 # ---------------------------------------------------------------------------------------
 # reading the file
 # ---------------------------------------------------------------------------------------
 
-def iter_chunks(path: Path, max_line_bytes: int, hasher, progress
-                ) -> Iterator[tuple[list[tuple[int, bytes]], list[LineResult]]]:
-    """Yield (lines to process, lines already rejected for size), CHUNK_LINES at a time.
-    Blank lines are skipped; a line over `max_line_bytes` is never held whole in memory."""
-    chunk: list[tuple[int, bytes]] = []
-    oversize: list[LineResult] = []
+def block_size_for(file_bytes: int, workers: int) -> int:
+    """Bytes per worker task: ~4 tasks per worker (balance), 16 KiB .. 1 MiB (IPC cost)."""
+    return int(min(1 << 20, max(16 << 10, file_bytes // (4 * max(workers, 1)))))
+
+
+def iter_blocks(path: Path, max_line_bytes: int, hasher, progress, block_bytes: int
+                ) -> Iterator[tuple[int, bytes, list[LineResult]]]:
+    """Yield (number of the first line, whole lines, lines already rejected for size).
+
+    The file is read in `block_bytes` pieces; a line over `max_line_bytes` that does not
+    fit in a piece is skipped as it is read, never held whole in memory."""
+    lineno = 1  # number of the line that starts `carry`
+    carry = b""
+    skipping = 0  # > 0: bytes so far of an over-long line being skipped
     with open(path, "rb") as f:
-        lineno = 0
         while True:
-            raw = f.readline(max_line_bytes + 1)
-            if not raw:
+            buf = f.read(block_bytes)
+            if not buf:
                 break
-            lineno += 1
-            hasher.update(raw)
-            n = len(raw)
-            if n > max_line_bytes and not raw.endswith(b"\n"):
-                while True:  # skip the rest of the over-long line
-                    more = f.readline(1 << 20)
-                    hasher.update(more)
-                    n += len(more)
-                    if not more or more.endswith(b"\n"):
-                        break
-                mb = max_line_bytes / (1 << 20)
-                oversize.append(LineResult(lineno, None, f"line is {n} bytes, over the "
-                                           f"{mb:g} MiB limit: split the document, or raise "
-                                           "--max-line-mb"))
-            elif raw.strip():
-                chunk.append((lineno, raw))
-            progress.update(n)
-            if len(chunk) >= CHUNK_LINES or len(oversize) >= CHUNK_LINES:
-                yield chunk, oversize
-                chunk, oversize = [], []
-    if chunk or oversize:
-        yield chunk, oversize
+            hasher.update(buf)
+            progress.update(len(buf))
+            if skipping:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    skipping += len(buf)
+                    continue
+                yield lineno, b"", [_oversize(lineno, skipping + nl + 1, max_line_bytes)]
+                lineno, skipping, buf = lineno + 1, 0, buf[nl + 1:]
+            data = carry + buf if carry else buf
+            cut = data.rfind(b"\n") + 1
+            block, carry = data[:cut], data[cut:]
+            if block:
+                yield lineno, block, []
+                lineno += block.count(b"\n")
+            if len(carry) > max_line_bytes:
+                skipping, carry = len(carry), b""
+    if skipping:
+        yield lineno, b"", [_oversize(lineno, skipping, max_line_bytes)]
+    elif carry:
+        yield lineno, carry, []  # the last line has no newline
 
 
 class _NoBar:
@@ -490,26 +587,37 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     bar = _progress(size, opts.progress and size > (4 << 20))
     writers: list[BinIdxWriter] = []
     try:
-        chunks = iter_chunks(src, int(opts.max_line_mb * (1 << 20)), hasher, bar)
+        max_line = int(opts.max_line_mb * (1 << 20))
+        blocks = iter_blocks(src, max_line, hasher, bar, block_size_for(size, opts.workers))
         pool = None
-        _worker_init(opts.kind)  # load the tokenizer once; forked workers inherit it
+        _worker_init(opts.kind, max_line)  # load the tokenizer once; forked workers inherit it
         if opts.workers > 1:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-            pool = ctx.Pool(opts.workers, initializer=_worker_init, initargs=(opts.kind,))
+            # frozen objects are skipped by the garbage collector: the forked workers never
+            # walk (and copy-on-write) the parent's heap, e.g. a loaded reference tokenizer
+            gc.freeze()
+            try:
+                pool = ctx.Pool(opts.workers, initializer=_worker_init,
+                                initargs=(opts.kind, max_line))
+            finally:
+                gc.unfreeze()
         try:
-            # at most 2 chunks per worker in flight: memory stays bounded on huge files
+            # at most 2 blocks per worker in flight: memory stays bounded on huge files
             pending: deque = deque()
             max_inflight = 2 * opts.workers if pool is not None else 0
-            for chunk, oversize in chunks:
+            for first, data, oversize in blocks:
                 errors.extend(oversize)
-                job = pool.apply_async(_worker_chunk, (chunk,)) if pool is not None else None
-                pending.append((chunk, job))
+                if not data:
+                    continue
+                task = (first, data)
+                pending.append(pool.apply_async(_worker_block, (task,)) if pool is not None
+                               else task)
                 while len(pending) > max_inflight:
-                    _collect(*pending.popleft(), opts, errors, raw_lines, doc_first_item,
+                    _collect(pending.popleft(), opts, errors, raw_lines, doc_first_item,
                              stage_ids, stage_mask)
             while pending:
-                _collect(*pending.popleft(), opts, errors, raw_lines, doc_first_item,
+                _collect(pending.popleft(), opts, errors, raw_lines, doc_first_item,
                          stage_ids, stage_mask)
         finally:
             if pool is not None:
@@ -589,28 +697,22 @@ def run(opts: Options, log=print) -> dict[str, Any]:
         _remove_dataset(Path(f"{stage_prefix}.mask"))
 
 
-def _collect(chunk: list[tuple[int, bytes]], job, opts: Options, errors: list[LineResult],
-             raw_lines: dict[int, str], doc_first_item: list[int], stage_ids: BinIdxWriter,
+def _collect(job, opts: Options, errors: list[LineResult], raw_lines: dict[int, str],
+             doc_first_item: list[int], stage_ids: BinIdxWriter,
              stage_mask: BinIdxWriter | None) -> None:
-    """Store one chunk's results in the staging files (in file order) or as errors."""
-    results = job.get() if job is not None else _worker_chunk(chunk)
-    raw_of = dict(chunk)
-    for r in results:
-        if r.error is not None:
-            errors.append(r)
-            if opts.skip_invalid:
-                raw_lines[r.lineno] = raw_of[r.lineno].decode(
-                    "utf-8", "replace").rstrip("\r\n")[:100_000]
-            continue
-        if errors and not opts.skip_invalid:
-            continue  # failing anyway: keep checking the rest, stop storing
-        assert r.items is not None
-        doc_first_item.append(len(stage_ids.sizes))
-        for ids, mask in r.items:
-            stage_ids.add_item(np.frombuffer(ids, np.uint16))
-            if stage_mask is not None:
-                assert mask is not None
-                stage_mask.add_item(np.frombuffer(mask, np.uint8))
+    """Store one block's results in the staging files (in file order) or as errors."""
+    r: BlockResult = job.get() if hasattr(job, "get") else _worker_block(job)
+    errors.extend(r.errors)
+    if opts.skip_invalid:
+        raw_lines.update(r.rejected)
+    if (errors and not opts.skip_invalid) or not len(r.sizes):
+        return  # failing anyway: keep checking the rest, stop storing
+    base = len(stage_ids.sizes)
+    doc_first_item.extend(range(base, base + len(r.sizes), r.per_doc))
+    stage_ids.add_items(np.frombuffer(r.ids, np.uint16), r.sizes, r.per_doc)
+    if stage_mask is not None:
+        assert r.mask is not None
+        stage_mask.add_items(np.frombuffer(r.mask, np.uint8), r.sizes, r.per_doc)
 
 
 def _summary(meta: dict[str, Any], prefix: Path, log) -> None:

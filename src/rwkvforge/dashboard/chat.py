@@ -1,0 +1,103 @@
+"""The Chat page's engine: load a base / merged .pth (optionally + a run's adapter) into the
+built-in generator (rwkvforge.generate.Engine) and answer one prompt.
+
+Adapters are merged into the base weights in memory by rwkvforge.peft.merge_state_dict (the
+same reference merge `rwkvforge merge` verifies against); the dashboard never writes a file.
+
+    python -c "from rwkvforge.dashboard.chat import *; \
+e = load_engine(Path('models/base/rwkv7-tiny-demo.pth')); print(answer(e, ChatRequest('', 'Hi')))"
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rwkvforge.generate import Engine, SamplingParams
+
+
+@dataclass
+class ChatRequest:
+    system: str
+    prompt: str
+    max_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 0.7
+    seed: int = 42
+
+
+@dataclass
+class ChatAnswer:
+    text: str
+    n_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _with_adapter(model_path: Path, adapter_dir: Path) -> Any:
+    """Base model + a PEFT-layout adapter folder, merged in memory (rwkvforge.peft's
+    reference merge); nothing is written."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from rwkvforge.checkpoint import load_state_dict, model_from_state_dict
+    from rwkvforge.peft import merge_state_dict
+
+    cfg_path = adapter_dir / "adapter_config.json"
+    weights = adapter_dir / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: {adapter_dir} is not a complete adapter "
+                                    "(adapter_config.json + adapter_model.safetensors)")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    merged = merge_state_dict(load_state_dict(model_path), config, load_file(str(weights)))
+    return model_from_state_dict(merged, source=f"{model_path} + {adapter_dir}")
+
+
+def load_engine(model_path: Path, adapter_dir: Path | None = None) -> Engine:
+    """An inline (no background thread) engine over the model at `model_path`."""
+    import torch
+
+    from rwkvforge.checkpoint import load_model
+    from rwkvforge.tokenizer import get_tokenizer
+
+    if adapter_dir is None:
+        model = load_model(model_path, dtype=torch.float32, device="cpu")
+    else:
+        model = _with_adapter(model_path, adapter_dir)
+    model.eval()
+    return Engine(model, get_tokenizer(), max_batch=2, cache_prompts=False)
+
+
+def build_prompt(req: ChatRequest) -> str:
+    """World chat format: System / User turns, ending with "Assistant:"."""
+    from rwkvforge.tokenizer import render_chat
+
+    messages = []
+    if req.system.strip():
+        messages.append({"role": "system", "content": req.system})
+    messages.append({"role": "user", "content": req.prompt})
+    return render_chat(messages, add_generation_prompt=True)
+
+
+def answer(engine: Engine, req: ChatRequest) -> ChatAnswer:
+    """Generate one reply; the same seed gives the same sampling noise for base and tuned,
+    so differences come from the weights."""
+    import torch
+
+    params = SamplingParams(temperature=req.temperature, top_p=req.top_p,
+                            max_tokens=req.max_tokens, seed=req.seed,
+                            stop=("\n\nUser:", "\n\nSystem:"))
+    ids = engine.tok.encode(build_prompt(req))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        h = engine.generate(ids, params)
+    text = h.result()
+    return ChatAnswer(text=text.strip(), n_tokens=h.completion_tokens,
+                      seconds=time.perf_counter() - t0)

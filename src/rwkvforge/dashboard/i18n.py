@@ -1,0 +1,100 @@
+"""Translation catalogues of the dashboard: one flat JSON object per language in i18n/.
+
+Every string the dashboard shows comes from here: `t(lang, "runs.title")`, with `{name}`
+placeholders filled by `str.format`. en and zh-CN are complete and must have the same keys;
+ru carries the welcome text only and falls back to English for the rest.
+
+    python -m rwkvforge.dashboard.i18n      # checks the catalogues, prints key counts
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+CATALOGUE_DIR = Path(__file__).resolve().parent / "i18n"
+LANGS = ("en", "zh-CN", "ru")
+FULL_LANGS = ("en", "zh-CN")  # complete catalogues; their key sets must be identical
+FALLBACK = "en"
+
+
+class CatalogueError(ValueError):
+    """A broken or incomplete translation catalogue."""
+
+
+@lru_cache(maxsize=None)
+def catalogue(lang: str) -> dict[str, str]:
+    """The {key: text} catalogue of `lang`, read once."""
+    if lang not in LANGS:
+        raise CatalogueError(f"unknown language {lang!r}; known: {', '.join(LANGS)}")
+    path = CATALOGUE_DIR / f"{lang}.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CatalogueError(f"{path}: cannot read the catalogue ({e}).") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                             for k, v in data.items()):
+        raise CatalogueError(f"{path}: must be one JSON object of string keys and values.")
+    return data
+
+
+def t(lang: str, key: str, /, **kwargs: object) -> str:
+    """The text of `key` in `lang` (English when `lang` lacks it), formatted with kwargs."""
+    cat = catalogue(lang)
+    if key in cat:
+        text = cat[key]
+    elif lang not in FULL_LANGS and key in catalogue(FALLBACK):
+        text = catalogue(FALLBACK)[key]
+    else:
+        raise KeyError(f"translation key {key!r} missing from {CATALOGUE_DIR / (lang + '.json')}")
+    return text.format(**kwargs) if kwargs else text
+
+
+def placeholders(text: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name}
+
+
+def template_regex(text: str) -> re.Pattern[str]:
+    """A regex matching `text` with every `{placeholder}` filled by any value."""
+    parts = []
+    for literal, name, _, _ in string.Formatter().parse(text):
+        parts.append(re.escape(literal))
+        if name is not None:
+            parts.append(r"(?s:.*?)")
+    return re.compile("".join(parts) + r"\Z", re.S)
+
+
+def check_catalogues() -> list[str]:
+    """Problems with the catalogues (empty when they are consistent)."""
+    problems = []
+    en, zh = catalogue("en"), catalogue("zh-CN")
+    for a, b, name_b in ((en, zh, "zh-CN"), (zh, en, "en")):
+        for k in sorted(set(a) - set(b)):
+            problems.append(f"key {k!r} missing from {name_b}.json")
+    for k in sorted(set(en) & set(zh)):
+        if placeholders(en[k]) != placeholders(zh[k]):
+            problems.append(f"key {k!r}: placeholders differ: en {sorted(placeholders(en[k]))}"
+                            f" vs zh-CN {sorted(placeholders(zh[k]))}")
+    ru = catalogue("ru")
+    for k in sorted(set(ru) - set(en)):
+        problems.append(f"key {k!r} in ru.json is not an English key")
+    if "welcome" not in ru:
+        problems.append("ru.json lacks the 'welcome' text")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    problems = check_catalogues()
+    for p in problems:
+        print(f"i18n: {p}", file=sys.stderr)
+    for lang in LANGS:
+        print(f"{lang}: {len(catalogue(lang))} keys")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

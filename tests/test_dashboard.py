@@ -1,0 +1,509 @@
+"""Dashboard: every page in both languages (Streamlit AppTest) on run folders made by a real
+short training run, translation catalogues, language switch keeping page state, refusal of
+paths outside the workspace, and the read-only run-folder reader.
+
+    cd /work/main && python -m pytest tests/test_dashboard.py -q
+"""
+
+from __future__ import annotations
+
+import html as htmllib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import pytest
+
+from dashboard_workspace import build_workspace
+from rwkvforge.dashboard import i18n
+from rwkvforge.dashboard import runs as R
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "src" / "rwkvforge" / "dashboard" / "app.py"
+PAGES = ("runs", "compare", "data", "chat", "system")
+LANGS = ("en", "zh-CN")
+# widgets whose options are translated labels (the others list data: runs, files, models)
+TRANSLATED_OPTIONS = {"w.lang", "w.page", "w.compare.metric", "w.data.split", "w.chat.tuned"}
+PROSE = {"markdown", "caption", "header", "subheader", "title", "info", "warning", "error",
+         "success", "text"}
+# data containers: their content is run data / model output, not interface text
+DATA_ELEMENTS = {"code", "json", "html", "empty"}
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Path:
+    """A workspace with a prepared dataset and two real short training runs (shared with
+    tests/test_dashboard_browser.py; built once per session)."""
+    return build_workspace(tmp_path_factory)
+
+
+@pytest.fixture
+def app(workspace, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(workspace))
+    at = AppTest.from_file(str(APP), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def goto(at, page: str | None = None, lang: str | None = None):
+    if lang is not None:
+        at.selectbox(key="w.lang").set_value(lang)
+    if page is not None:
+        at.radio(key="w.page").set_value(page)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+# ---- what a page shows ----------------------------------------------------------------
+
+def _chart_texts(spec: str) -> list[str]:
+    """Axis titles and tooltip field names of a vega-lite chart (visible on the page)."""
+    out: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            enc = x.get("encoding")
+            if isinstance(enc, dict):
+                for ch in ("x", "y", "color"):
+                    title = (enc.get(ch) or {}).get("title")
+                    if isinstance(title, str) and title:
+                        out.append(title)
+                for tip in enc.get("tooltip") or []:
+                    if isinstance(tip, dict) and tip.get("title", tip.get("field")):
+                        out.append(str(tip.get("title", tip.get("field"))))
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(json.loads(spec))
+    return out
+
+
+def visible_texts(at) -> list[tuple[str, str]]:
+    """(where, text) for every piece of interface text the app rendered: prose, labels,
+    help, translated options, table headers, tab / expander labels, chart titles. Data
+    (code blocks, table cells, metric values, model output, decoded samples) is left out."""
+    out: list[tuple[str, str]] = []
+    for node in at._tree:
+        typ = getattr(node, "type", "")
+        proto = getattr(node, "proto", None)
+        if proto is None or typ in DATA_ELEMENTS:
+            continue
+        if typ in PROSE:
+            if typ == "markdown" and getattr(proto, "allow_html", False):
+                continue  # the decoded sample: data rendered as HTML
+            out.append((typ, proto.body))
+        elif typ == "metric":
+            out.append((typ, proto.label))
+        elif typ in ("tab", "expander"):
+            out.append((typ, proto.label))
+        elif typ == "dataframe":
+            df = node.value
+            out += [("dataframe header", str(c)) for c in df.columns]
+            if df.index.name:
+                out.append(("dataframe index", str(df.index.name)))
+        elif typ == "vega_lite_chart":
+            out += [("chart", s) for s in _chart_texts(proto.spec)]
+        elif hasattr(proto, "label") and isinstance(getattr(proto, "label", None), str):
+            out.append((f"{typ} label", proto.label))
+            for attr in ("help", "placeholder"):
+                v = getattr(proto, attr, "")
+                if isinstance(v, str) and v:
+                    out.append((f"{typ} {attr}", v))
+            if node.key in TRANSLATED_OPTIONS:
+                out += [(f"{typ} option", str(o)) for o in getattr(proto, "options", [])]
+    return [(w, s) for w, s in out if s.strip()]
+
+
+def _templates(lang: str) -> list[re.Pattern[str]]:
+    cat = dict(i18n.catalogue("en")) if lang not in i18n.FULL_LANGS else {}
+    cat.update(i18n.catalogue(lang))
+    return [i18n.template_regex(v) for v in cat.values()]
+
+
+def _clean(text: str) -> str:
+    return text.replace("**", "").strip()
+
+
+def untranslated(at, lang: str, data_values: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """Rendered interface texts that are neither a catalogue text of `lang` (placeholders
+    filled) nor one of the given data values (e.g. run names used as table headers)."""
+    pats = _templates(lang)
+    data = set(data_values)
+    bad = []
+    for where, text in visible_texts(at):
+        s = _clean(text)
+        if s in data or any(p.fullmatch(s) for p in pats):
+            continue
+        bad.append((where, s))
+    return bad
+
+
+def prose(at) -> list[str]:
+    return [_clean(s) for w, s in visible_texts(at)]
+
+
+# ---- catalogues ---------------------------------------------------------------------------
+
+def test_catalogues_consistent() -> None:
+    assert i18n.check_catalogues() == []
+    en, zh, ru = (i18n.catalogue(x) for x in ("en", "zh-CN", "ru"))
+    assert set(en) == set(zh) and len(en) > 100
+    assert ru["welcome"] != en["welcome"] and re.search("[а-яА-Я]", ru["welcome"])
+    # a template that is only placeholders would match any string and hide hard-coded text
+    for lang, cat in (("en", en), ("zh-CN", zh)):
+        for k, v in cat.items():
+            literal = re.sub(r"\{[^}]*\}", "", v)
+            assert any(ch.isalpha() for ch in literal), f"{lang}:{k} has no literal text"
+    # Chinese really is Chinese: most values contain CJK characters
+    cjk = sum(bool(re.search("[\u4e00-\u9fff]", v)) for v in zh.values())
+    assert cjk > 0.8 * len(zh)
+
+
+def test_catalogue_check_catches_differences(monkeypatch) -> None:
+    real = i18n.catalogue
+
+    def broken(lang: str) -> dict[str, str]:
+        cat = dict(real(lang))
+        if lang == "zh-CN":
+            cat.pop("page.runs")
+            cat["only.in.zh"] = "多余"
+            cat["runs.count"] = "共 {n} 次运行"  # lost {path}
+        return cat
+
+    monkeypatch.setattr(i18n, "catalogue", broken)
+    problems = "\n".join(i18n.check_catalogues())
+    assert "'page.runs' missing from zh-CN.json" in problems
+    assert "'only.in.zh' missing from en.json" in problems
+    assert "'runs.count': placeholders differ" in problems
+
+
+def test_text_check_flags_hard_coded_strings() -> None:
+    """The checker used below really fails on a string that is not in the catalogue."""
+    from streamlit.testing.v1 import AppTest
+
+    def script() -> None:
+        import streamlit as st
+
+        st.header("Runs")
+        st.caption("Hard-coded text")
+        st.selectbox("Language", ["a"], key="w.lang")
+
+    at = AppTest.from_function(script).run()
+    bad = untranslated(at, "en")
+    assert ("caption", "Hard-coded text") in bad
+    assert not any(s in ("Runs", "Language") for _, s in bad)
+    assert ("header", "Runs") in untranslated(at, "zh-CN")
+
+
+# ---- pages in both languages --------------------------------------------------------------
+
+def _run_names(workspace: Path) -> list[str]:
+    return [r.name for r in R.list_runs(workspace / "runs", workspace)]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("page", PAGES)
+def test_page_renders_only_catalogue_text(app, workspace, page, lang) -> None:
+    at = goto(app, page=page, lang=lang)
+    if page == "chat":
+        at.number_input(key="w.chat.max_tokens").set_value(4)
+        at.button(key="chat.go").click().run()
+        assert not at.exception
+    texts = prose(at)
+    t = lambda key, **kw: i18n.t(lang, key, **kw)  # noqa: E731
+    assert t(f"page.{page}") in texts
+    assert t("app.title") in texts
+    bad = untranslated(at, lang, data_values=_run_names(workspace))
+    assert not bad, f"{page}/{lang}: texts not in the {lang} catalogue: {bad}"
+    other = "zh-CN" if lang == "en" else "en"
+    assert i18n.t(other, f"page.{page}") not in texts
+
+
+def test_runs_page_lists_real_runs(app, workspace) -> None:
+    at = goto(app, page="runs", lang="en")
+    table = at.dataframe[0].value
+    assert sorted(table["Run"]) == ["run-a", "run-b"]
+    assert set(table["Status"]) == {"finished"}
+    assert all(s == "3/3" for s in table["Steps"])
+    metrics = R.read_metrics(workspace / "runs" / "run-a" / "metrics.jsonl")
+    best = min(r["loss"] for r in metrics if "loss" in r)
+    row = table[table["Run"] == "run-a"].iloc[0]
+    assert row["Best loss"] == pytest.approx(best)
+    # detail of the selected run: curves, resolved config with sources, checkpoints
+    at.selectbox(key="w.runs.selected").set_value("run-a").run()
+    charts = [n for n in at._tree if getattr(n, "type", "") == "vega_lite_chart"]
+    assert len(charts) >= 3  # loss, lr, tokens/s (+ memory)
+    cfg = next(d.value for d in at.dataframe if "Source" in d.value.columns)
+    lr_row = cfg[cfg["Key"] == "LR"].iloc[0]
+    assert float(lr_row["Value"]) == pytest.approx(1e-3) and lr_row["Source"] == "cli"
+    ck = next(d.value for d in at.dataframe if "Complete" in d.value.columns)
+    assert 2 in list(ck["Step"]) and set(ck["Complete"]) == {"yes"}
+    assert any("Finished after 3 steps." == s for s in prose(at))
+
+
+def test_runs_page_shows_live_running_run(app, workspace, tmp_path, monkeypatch) -> None:
+    """A copy of a real run whose status.json says running, with a live pid: shown as
+    running with the live-refresh note; the same copy with a dead pid is resumable."""
+    from streamlit.testing.v1 import AppTest
+
+    ws = tmp_path / "ws"
+    shutil.copytree(workspace / "runs" / "run-a", ws / "runs" / "run-live")
+    st_path = ws / "runs" / "run-live" / "status.json"
+    status = json.loads(st_path.read_text())
+    status.update(state="running", pid=os.getpid(), updated=time.time(), step=2)
+    st_path.write_text(json.dumps(status))
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(ws))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    assert list(at.dataframe[0].value["Status"]) == ["running"]
+    assert i18n.t("en", "runs.live", seconds=2.0) in prose(at)
+    status["pid"] = 2**22 + 12345  # no such process
+    st_path.write_text(json.dumps(status))
+    at.run()
+    assert list(at.dataframe[0].value["Status"]) == ["resumable"]
+
+
+def test_compare_page_overlays_runs_and_diffs_configs(app) -> None:
+    at = goto(app, page="compare", lang="en")
+    assert sorted(at.multiselect(key="w.compare.selected").value) == ["run-a", "run-b"]
+    chart = next(n for n in at._tree if getattr(n, "type", "") == "vega_lite_chart")
+    assert chart is not None
+    diff = next(d.value for d in at.dataframe if "run-a" in d.value.columns)
+    assert "LR" in diff.index and "RUN_NAME" in diff.index
+    assert "LORA_R" not in diff.index  # same in both: hidden when only differences are shown
+    at.checkbox(key="w.compare.only_diff").uncheck().run()
+    full = next(d.value for d in at.dataframe if "run-a" in d.value.columns)
+    assert "LORA_R" in full.index and len(full) > len(diff)
+
+
+def test_data_page_shows_prepared_dataset(app, workspace) -> None:
+    from rwkvforge.data.loader import open_split
+
+    at = goto(app, page="data", lang="en")
+    split = open_split(workspace / "data" / "processed" / "sft.meta.json", "train")
+    metrics = {m.proto.label: m.proto.body for m in at.metric}
+    assert metrics["Documents"] == f"{split.num_examples:,}"
+    assert metrics["Tokens"] == f"{int(split.ids.sizes.sum()):,}"
+    bars = [n for n in at._tree if getattr(n, "type", "") == "vega_lite_chart"]
+    assert bars, "no length histogram"
+    from rwkvforge.tokenizer import get_tokenizer
+
+    def sample() -> str:
+        return next(m.proto.body for m in at.markdown if m.proto.allow_html)
+
+    # document 0, decoded, with one green span per trained token
+    ids = [int(x) for x in split.ids[0]]
+    mask = [int(x) for x in split.mask[0]]
+    assert sample().count("#c8f7c5") == sum(mask) and 0 < sum(mask) < len(mask)
+    eot = i18n.t("en", "data.eot")
+    shown = htmllib.unescape(re.sub(r"<[^>]+>", "", sample()))
+    assert ids[-1] == 0 and shown == get_tokenizer().decode(ids[:-1]) + eot
+    assert shown.startswith("User: ") and "Assistant:" in shown
+    # another document, then the validation split
+    at.number_input(key="w.data.doc").set_value(2).run()
+    ids2 = [int(x) for x in split.ids[2]]
+    shown2 = htmllib.unescape(re.sub(r"<[^>]+>", "", sample()))
+    assert shown2 == get_tokenizer().decode(ids2[:-1]) + eot != shown
+    at.radio(key="w.data.split").set_value("val").run()
+    val = open_split(workspace / "data" / "processed" / "sft.meta.json", "val")
+    metrics = {m.proto.label: m.proto.body for m in at.metric}
+    assert metrics["Documents"] == f"{val.num_examples:,}"
+
+
+def test_chat_page_base_and_tuned_side_by_side(app, workspace) -> None:
+    at = goto(app, page="chat", lang="en")
+    assert "base + adapter runs/run-a/adapter" in at.selectbox(key="w.chat.tuned").options
+    at.selectbox(key="w.chat.tuned").set_value("adapter:runs/run-a/adapter")
+    at.number_input(key="w.chat.temperature").set_value(0.0)
+    at.number_input(key="w.chat.max_tokens").set_value(8)
+    at.button(key="chat.go").click().run()
+    assert not at.exception
+    assert not at.error, [e.value for e in at.error]
+    answers = [c.value for c in at.code]
+    assert len(answers) == 2
+    heads = prose(at)
+    assert any(h.startswith("Base: models/base/") for h in heads)
+    assert any(h.startswith("Tuned: base + adapter runs/run-a/adapter") for h in heads)
+    # greedy decoding of the same prompt with the same weights gives the same text
+    from rwkvforge.dashboard import chat as C
+
+    eng = C.load_engine(workspace / "models" / "base" / "rwkv7-tiny-test.pth")
+    req = C.ChatRequest(system="", prompt=i18n.t("en", "chat.default_prompt"),
+                        max_tokens=8, temperature=0.0)
+    assert C.answer(eng, req).text == answers[0]
+
+
+def test_system_page_shows_healthcheck(app) -> None:
+    from rwkvforge import doctor
+
+    at = goto(app, page="system", lang="en")
+    checks = next(d.value for d in at.dataframe if "Check" in d.value.columns)
+    ids = {f["id"] for f in doctor.collect()["findings"]}
+    assert set(checks["Check"]) == ids
+    gpu = next(d.value for d in at.dataframe
+               if "Key" in d.value.columns and any(str(k).startswith("available")
+                                                    for k in d.value["Key"]))
+    assert len(gpu) > 0
+
+
+# ---- state across the language switch ------------------------------------------------------
+
+def test_language_switch_keeps_page_state(app) -> None:
+    at = goto(app, page="runs", lang="en")
+    at.selectbox(key="w.runs.selected").set_value("run-b").run()
+    goto(at, lang="zh-CN")
+    assert at.radio(key="w.page").value == "runs"
+    assert at.selectbox(key="w.runs.selected").value == "run-b"
+    assert i18n.t("zh-CN", "runs.detail", run="run-b") in prose(at)
+
+    goto(at, page="compare")
+    at.radio(key="w.compare.metric").set_value("lr")
+    at.checkbox(key="w.compare.only_diff").uncheck().run()
+    goto(at, lang="en")
+    assert at.radio(key="w.page").value == "compare"
+    assert at.radio(key="w.compare.metric").value == "lr"
+    assert at.checkbox(key="w.compare.only_diff").value is False
+
+    goto(at, page="chat")
+    at.text_area(key="w.chat.prompt").input("Привет, как дела?")
+    at.number_input(key="w.chat.max_tokens").set_value(5)
+    at.button(key="chat.go").click().run()
+    before = [c.value for c in at.code]
+    assert before
+    goto(at, lang="zh-CN")
+    assert at.text_area(key="w.chat.prompt").value == "Привет, как дела?"
+    assert at.number_input(key="w.chat.max_tokens").value == 5
+    assert [c.value for c in at.code] == before
+    assert any(s.startswith("基础模型：") for s in prose(at))
+    # back to a page left earlier: its state is still there
+    goto(at, page="runs")
+    assert at.selectbox(key="w.runs.selected").value == "run-b"
+
+
+def test_russian_shows_russian_welcome(app) -> None:
+    at = goto(app, page="runs", lang="ru")
+    assert i18n.catalogue("ru")["welcome"] in prose(at)
+    assert untranslated(at, "ru", data_values=["run-a", "run-b"]) == []
+
+
+# ---- safety ------------------------------------------------------------------------------
+
+def test_paths_outside_workspace_are_refused(app, workspace, tmp_path) -> None:
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(workspace / "runs", outside)
+    at = goto(app, page="runs", lang="en")
+    at.text_input(key="w.runs_dir").input(str(outside)).run()
+    errors = [e.value for e in at.error]
+    assert errors == [i18n.t("en", "error.outside", path=str(outside.resolve()),
+                             root=str(workspace.resolve()))]
+    assert not at.dataframe  # nothing from the outside folder is listed
+    # a symlink inside the workspace that points outside is refused too
+    link = workspace / "runs-link"
+    link.symlink_to(outside)
+    try:
+        at.text_input(key="w.runs_dir").input("runs-link").run()
+        assert len(at.error) == 1 and not at.dataframe
+        at.text_input(key="w.runs_dir").input("runs").run()
+        assert not at.error and len(at.dataframe[0].value) == 2
+    finally:
+        link.unlink()
+
+
+def test_dashboard_never_writes_run_folders(app, workspace) -> None:
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in (workspace / "runs").rglob("*")}
+
+    before = snapshot()
+    for page in PAGES:
+        goto(app, page=page, lang="en")
+    assert snapshot() == before
+
+
+# ---- reader units --------------------------------------------------------------------------
+
+def test_classify_statuses(tmp_path) -> None:
+    now = time.time()
+    done = R.Checkpoint(step=4, path=tmp_path, complete=True, size_mb=0, mtime=now)
+    partial = R.Checkpoint(step=6, path=tmp_path, complete=False, size_mb=0, mtime=now)
+    alive = {"state": "running", "pid": os.getpid(), "updated": now}
+    assert R.classify(alive, [], now) == "running"
+    assert R.classify({**alive, "updated": now - R.STALE_AFTER_S - 1}, [], now) == "failed"
+    assert R.classify({**alive, "pid": 2**22 + 12345}, [done], now) == "resumable"
+    assert R.classify({**alive, "pid": 2**22 + 12345}, [partial], now) == "failed"
+    assert R.classify({"state": "finished"}, [done], now) == "finished"
+    assert R.classify({"state": "failed", "error": "OOM"}, [done, partial], now) == "resumable"
+    assert R.classify(None, [], now) == "unknown"
+
+
+def test_reader_tolerates_torn_files_and_lists_checkpoints(tmp_path) -> None:
+    run = tmp_path / "runs" / "r"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "checkpoints" / "step-2" / "COMPLETE").write_text("")
+    (run / "checkpoints" / "step-10").mkdir()
+    (run / "checkpoints" / "step-12.tmp").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.5}\n{"step": 2, "loss": 2.5}\n'
+                                       '{"step": 3, "lo')
+    (run / "status.json").write_text('{"state": "runn')  # being replaced right now
+    info = R.read_run(run)
+    assert [c.step for c in info.checkpoints] == [2, 10]
+    assert [c.complete for c in info.checkpoints] == [True, False]
+    assert info.best_loss == 2.5 and info.step == 2 and info.status == "resumable"
+    with pytest.raises(R.PathRefused):
+        R.list_runs("/etc", tmp_path)
+    with pytest.raises(R.PathRefused):
+        R.check_inside("runs/../../x", tmp_path / "runs")
+
+
+# ---- launcher ------------------------------------------------------------------------------
+
+def test_launch_command_binds_localhost(capsys) -> None:
+    from rwkvforge.dashboard import launch
+
+    assert launch.main(["--port", "8765", "--print-command"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("dashboard/app.py")
+    i = cmd.index("--server.address")
+    assert cmd[i + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.port") + 1] == "8765"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert launch.main(["--port", "70000"]) == 2
+    assert "not a TCP port" in capsys.readouterr().err
+
+
+def test_datasets_reader_plain_binidx_and_histogram(workspace, tmp_path) -> None:
+    """A bare binidx (e.g. from RWKV-LM's make_data.py) next to a prepared SFT dataset: both
+    are found, the SFT mask streams are not listed as datasets, text is all trained."""
+    from rwkvforge.dashboard import datasets as D
+    from rwkvforge.data.binidx import write_binidx
+    from rwkvforge.tokenizer import get_tokenizer
+
+    root = tmp_path / "ws"
+    shutil.copytree(workspace / "data" / "processed", root / "data" / "processed")
+    tok = get_tokenizer()
+    docs = [tok.encode("Hello world") + [0], tok.encode("Перем А = 1;") + [0]]
+    write_binidx(root / "data" / "raw" / "plain", docs)
+    found = [p.relative_to(root).as_posix() for p in D.find_datasets(root)]
+    assert found == ["data/processed/sft.meta.json", "data/raw/plain.bin"]
+    ds = D.open_dataset(root / "data" / "raw" / "plain.bin")
+    assert ds.kind == "text" and ds.lengths == [len(d) for d in docs]
+    ids, mask = ds.document(1)
+    assert ids == docs[1] and mask is None
+    html = D.render_tokens_html(tok, ids, mask, "<EOT>")
+    assert html.count(D.TRAINED_STYLE) == len(ids) and D.MASKED_STYLE not in html
+    assert htmllib.unescape(re.sub(r"<[^>]+>", "", html)) == "Перем А = 1;<EOT>"
+    assert D.histogram([5, 5, 9]) == [("5", 2), ("6", 0), ("7", 0), ("8", 0), ("9", 1)]
+    assert sum(c for _, c in D.histogram(list(range(1000)))) == 1000
+    with pytest.raises(D.DatasetError):
+        D.open_dataset(root / "data" / "raw" / "missing.bin")
