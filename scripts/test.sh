@@ -29,7 +29,9 @@ apt_install() {
   fi
 }
 apt_install shellcheck shellcheck
-apt_install chromium chromium fonts-wqy-microhei
+apt_install chromium chromium
+# A CJK font so the Chinese dashboard screenshots show characters, not boxes.
+[[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]] || apt_install fc-cjk-font-missing fonts-wqy-microhei
 
 PY="$(venv_python)"
 mkdir -p "$ROOT_DIR/.test-artifacts"
