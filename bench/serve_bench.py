@@ -1,0 +1,273 @@
+"""Serving speed: `rwkvforge serve` vs `rwkvserve` (PyPI) on CPU, same model, same prompts.
+
+    python -m venv /tmp/vbench2 && /tmp/vbench2/bin/pip install -c /tmp/c.txt torch==2.13.0 rwkvserve==0.1.0
+    python bench/serve_bench.py                          # the demo model, 8 clients
+    python bench/serve_bench.py --model models/base/rwkv7-0.1b-shape.pth --requests 2
+
+Each server runs alone on 127.0.0.1 (started here as a subprocess, stopped afterwards) and
+gets the same load: 8 concurrent clients, each sending the same list of prompts to
+/v1/completions with the same sampling settings. Printed per server: aggregate completion
+tokens/s (sum of `usage.completion_tokens` over the wall time of the run, non-streaming
+requests) and median time-to-first-token (streaming requests, time until the first
+non-empty text chunk), then the ratios. Targets (issue 7): tokens/s >= 1.5x, median TTFT
+no worse.
+
+rwkvserve reads a model *directory* (config.json + model.pth) and loads weights with
+strict=False, silently keeping random values for any key it does not know, defaults the
+FFN width to 3.5 x n_embd (RWKV-7 uses 4x) and needs the vocabulary file next to the
+weights. So the bench writes a config.json with every shape read from our checkpoint
+(symlinking the same .pth and the World vocabulary) and then checks, in rwkvserve's venv,
+that every one of its parameters was loaded from the file; a mismatch is printed and the
+run stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+PROMPTS = [
+    "The history of the city begins with a small fishing village on the river, where",
+    "Write a short story about a robot who learns to paint. Once upon a time,",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Процедура ОбработкаПроведения(Отказ, Режим)\n\t// движения по регистрам",
+    "Q: What are the three primary colors?\nA:",
+    "In a distant galaxy, the crew of the starship noticed a strange signal coming from",
+    "The recipe calls for two cups of flour, one egg, and",
+    "List five ways to improve sleep quality:\n1.",
+]
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------------------ load
+def run_load(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+    """Throughput phase (non-streaming, usage counts) then TTFT phase (streaming)."""
+    import httpx
+
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 1.0, "top_p": 0.85,
+            "top_k": 0}
+
+    def throughput_client(i: int) -> tuple[int, int]:
+        toks = n = 0
+        with httpx.Client(base_url=base, timeout=600) as cl:
+            for j in range(requests):
+                p = PROMPTS[(i + j) % len(PROMPTS)]
+                r = cl.post("/v1/completions", json={**body, "prompt": p, "seed": i * 100 + j})
+                r.raise_for_status()
+                toks += int(r.json()["usage"]["completion_tokens"])
+                n += 1
+        return toks, n
+
+    def ttft_client(i: int) -> float:
+        with httpx.Client(base_url=base, timeout=600) as cl:
+            t0 = time.perf_counter()
+            with cl.stream("POST", "/v1/completions",
+                           json={**body, "prompt": PROMPTS[i % len(PROMPTS)], "stream": True,
+                                 "max_tokens": 16}) as r:
+                r.raise_for_status()
+                first = None
+                for line in r.iter_lines():
+                    if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                        ch = json.loads(line[6:])
+                        if ch.get("choices") and ch["choices"][0].get("text"):
+                            first = time.perf_counter() - t0
+            return first if first is not None else float("nan")
+
+    # warm-up: one request per client shape
+    throughput_client(0) if requests else None
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        res = list(ex.map(throughput_client, range(clients)))
+    wall = time.perf_counter() - t0
+    toks = sum(t for t, _ in res)
+    n = sum(k for _, k in res)
+    with ThreadPoolExecutor(clients) as ex:
+        ttfts = [x for x in ex.map(ttft_client, range(clients)) if x == x]
+    return {"tok_s": toks / wall, "tokens": toks, "requests": n, "wall_s": wall,
+            "tokens_per_request": toks / max(n, 1),
+            "ttft_median_s": statistics.median(ttfts) if ttfts else float("nan")}
+
+
+# ------------------------------------------------------------------------------ servers
+def start_ours(model: str, port: int, batch: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "rwkvforge.serve", "--model", model, "--serve-port", str(port),
+           "--serve-max-batch", str(batch), "--log-level", "warning", "--model-id", "bench"]
+    return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
+                                      "RWKVFORGE_ROOT": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def convert_for_rwkvserve(model: str, out_dir: Path) -> Path:
+    """A directory rwkvserve can read: config.json with our shapes + model.pth (symlink)."""
+    from rwkvforge.checkpoint import infer_config, load_state_dict
+
+    c = infer_config(load_state_dict(model))
+    if c.d_aaa != c.d_decay:
+        raise SystemExit(f"rwkvserve cannot load this model: it uses one rank for w1/w2 and "
+                         f"a1/a2 (dim_att_lora) but the checkpoint has d_decay={c.d_decay}, "
+                         f"d_aaa={c.d_aaa}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_type": "rwkv7", "n_layer": c.n_layer, "n_embd": c.n_embd,
+           "vocab_size": c.vocab_size, "head_size_a": c.head_size, "dim_ffn": c.dim_ffn,
+           "dim_att_lora": c.d_decay, "dim_gate_lora": c.d_gate, "dim_mv_lora": c.d_mv,
+           "ctx_len": 4096}
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    from rwkvforge.tokenizer import vocab_path
+
+    # rwkvserve also wants the World vocabulary file inside the model directory
+    for name, target in (("model.pth", Path(model).resolve()),
+                         ("rwkv_vocab_v20230424.txt", Path(vocab_path()).resolve())):
+        link = out_dir / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+    return out_dir
+
+
+CHECK = r"""
+import sys, torch
+from rwkvserve.models.configuration import RWKVConfig
+from rwkvserve.models.rwkv7.model import RWKV7Model
+d = sys.argv[1]
+cfg = RWKVConfig.from_pretrained(d)
+m = RWKV7Model(cfg)
+sd = torch.load(d + "/model.pth", map_location="cpu", weights_only=True)
+res = m.load_state_dict(sd, strict=False)
+print("MISSING", [k for k in res.missing_keys])
+print("UNEXPECTED", [k for k in res.unexpected_keys if not k.startswith("blocks.0.att.v")])
+"""
+
+
+def check_rwkvserve_load(py: str, model_dir: Path) -> list[str]:
+    p = subprocess.run([py, "-c", CHECK, str(model_dir)], capture_output=True, text=True)
+    if p.returncode != 0:
+        return [f"loader check failed: {p.stderr.strip().splitlines()[-1:]}"]
+    problems = []
+    for line in p.stdout.splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind in ("MISSING", "UNEXPECTED") and rest.strip() != "[]":
+            problems.append(f"{kind.lower()} keys: {rest.strip()[:400]}")
+    return problems
+
+
+def start_rwkvserve(exe: str, model_dir: Path, port: int, batch: int) -> subprocess.Popen:
+    cmd = [exe, "--model-path", str(model_dir), "--model-name", "bench", "--device", "cpu",
+           "--dtype", "fp32", "--max-batch-size", str(batch), "--host", "127.0.0.1",
+           "--port", str(port)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(ROOT / "models" / "base" / "rwkv7-tiny-demo.pth"))
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=3, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--venv", default="/tmp/vbench2", help="venv holding rwkvserve")
+    args = ap.parse_args(argv)
+    if not Path(args.model).is_file():
+        print(f"error: {args.model} not found (rwkvforge demo-model [--bench])", file=sys.stderr)
+        return 2
+    exe = Path(args.venv) / "bin" / "rwkvserve"
+    if not exe.exists():
+        print(f"error: {exe} missing; install rwkvserve in a separate venv:\n  python -m venv "
+              f"{args.venv} && {args.venv}/bin/pip install -c /tmp/c.txt torch==2.13.0 "
+              "rwkvserve==0.1.0", file=sys.stderr)
+        return 2
+    print(f"model {args.model}; {args.clients} clients x {args.requests} requests, "
+          f"max_tokens {args.max_tokens}; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs", flush=True)
+    results: dict[str, dict] = {}
+
+    port = free_port()
+    proc = start_ours(args.model, port, args.clients)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        results["rwkvforge serve"] = run_load(f"http://127.0.0.1:{port}", "bench",
+                                              args.clients, args.requests, args.max_tokens)
+    finally:
+        stop(proc)
+    print(f"rwkvforge serve: {results['rwkvforge serve']}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="rwkvserve-model-") as td:
+        model_dir = convert_for_rwkvserve(args.model, Path(td))
+        problems = check_rwkvserve_load(str(Path(args.venv) / "bin" / "python"), model_dir)
+        if problems:
+            print("rwkvserve does not load this checkpoint completely (it would silently use "
+                  "random weights):\n  " + "\n  ".join(problems))
+            return 1
+        print("rwkvserve: converted (config.json + model.pth); every parameter loaded from "
+              "the file", flush=True)
+        port = free_port()
+        proc = start_rwkvserve(str(exe), model_dir, port, args.clients)
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/health", proc)
+            results["rwkvserve"] = run_load(f"http://127.0.0.1:{port}", "bench", args.clients,
+                                            args.requests, args.max_tokens)
+        except Exception as e:
+            err = proc.stderr.read()[-2000:] if proc.poll() is not None and proc.stderr else ""
+            print(f"rwkvserve run failed: {e}\n{err}")
+            return 1
+        finally:
+            stop(proc)
+    print(f"rwkvserve: {results['rwkvserve']}", flush=True)
+
+    a, b = results["rwkvforge serve"], results["rwkvserve"]
+    print()
+    print(f"{'server':<18} {'tok/s (aggregate)':>18} {'tokens/request':>15} {'median TTFT':>12}")
+    for name, r in results.items():
+        print(f"{name:<18} {r['tok_s']:>18.1f} {r['tokens_per_request']:>15.1f} "
+              f"{r['ttft_median_s'] * 1000:>10.0f}ms")
+    ratio = a["tok_s"] / b["tok_s"] if b["tok_s"] else float("inf")
+    print(f"\nthroughput ratio rwkvforge / rwkvserve: {ratio:.2f}x (target >= 1.5x: "
+          f"{'ok' if ratio >= 1.5 else 'BELOW'})")
+    print(f"median TTFT: {a['ttft_median_s'] * 1000:.0f} ms vs {b['ttft_median_s'] * 1000:.0f} ms "
+          f"({'ok' if a['ttft_median_s'] <= b['ttft_median_s'] else 'WORSE'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Chat with a model from the command line (the entry script name Albatross users know).
+
+    python scripts/infer_albatross.py --prompt "What is RWKV?"
+    python scripts/infer_albatross.py --model models/merged/my.pth          # interactive chat
+    python scripts/infer_albatross.py --infer-backend albatross --prompt Hi  # needs CUDA + checkout
+
+Same options as `rwkvforge infer` (see --help); this file only finds the package and calls
+rwkvforge.infer.main.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+try:
+    import rwkvforge  # noqa: F401  (installed, e.g. by scripts/bootstrap.sh)
+except ImportError:  # a plain checkout: use its src/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from rwkvforge.infer import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,384 @@
+"""Talk to a model: a one-shot prompt or an interactive chat, streamed to stdout.
+
+    rwkvforge infer --prompt "What is RWKV?"                  # demo model, World chat format
+    rwkvforge infer --model models/merged/my.pth              # interactive chat REPL
+    rwkvforge infer --model my.pth --raw --prompt "def f(x):" # plain completion, no chat format
+    rwkvforge infer --infer-backend rwkv --prompt "Hi"         # the `rwkv` pip package
+    python scripts/infer_albatross.py --infer-backend albatross --prompt "Hi"  # CUDA + checkout
+
+Back-ends (INFER_BACKEND): `builtin` (this package's model + generate.Engine, default),
+`rwkv` (the pip package, RWKV_V7_ON=1, strategy "cpu fp32" / "cuda fp16"), `albatross`
+(third_party/Albatross/reference, needs CUDA). Every back-end samples with the same
+generate.py rules (temperature, top_p, top_k, penalties, stop strings).
+
+`--model` takes a .pth file or a model config name under configs/model/; with neither,
+BASE_MODEL from the config is used, and when that is empty the embedded demo model
+(generated on first use).
+REPL commands: /reset (forget the conversation), /quit (or Ctrl-D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rwkvforge import config as cfgmod
+from rwkvforge.generate import (
+    CHAT_STOP,
+    LeadingSpaceStrip,
+    PrefixCache,
+    SamplingParams,
+    TextStream,
+    apply_penalties,
+    encode_chat_prompt,
+    sample_batch,
+    token_occurrence_weights,
+)
+from rwkvforge.paths import demo_model_path, workspace_root
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class InferError(RuntimeError):
+    """A problem the user can fix (missing file, unavailable back-end); printed, exit 2."""
+
+
+# --------------------------------------------------------------------------------------
+# model resolution
+# --------------------------------------------------------------------------------------
+
+def resolve_model_path(base_model: str, root: Path | None = None,
+                       make_demo: bool = True) -> tuple[Path, bool]:
+    """-> (path, is_demo). Empty BASE_MODEL = the demo model (generated if missing)."""
+    root = root or workspace_root()
+    if not base_model:
+        p = demo_model_path(root)
+        if not p.exists() and make_demo:
+            from rwkvforge import demo
+
+            print(f"[rwkvforge] no BASE_MODEL set: generating the demo model {p}",
+                  file=sys.stderr)
+            demo.write_demo_model(p, *demo.TINY_SHAPE)
+        return p, True
+    p = Path(base_model).expanduser()
+    if not p.is_absolute() and not p.exists():
+        p = root / p
+    if not p.is_file():
+        raise InferError(f"model file not found: {base_model} (looked at {p}). Set BASE_MODEL "
+                         "in configs/workspace.env or pass --model PATH.pth; leave it empty "
+                         "to use the demo model.")
+    return p, False
+
+
+def split_model_arg(args: argparse.Namespace) -> None:
+    """`--model X.pth` names a checkpoint file, `--model NAME` a configs/model/NAME.env."""
+    m = getattr(args, "model", None)
+    if m and (m.endswith((".pth", ".pt")) or (Path(m).is_file() and not m.endswith(".env"))):
+        args.set_base_model = m
+        args.model = None
+
+
+# --------------------------------------------------------------------------------------
+# back-ends: each gives forward(ids, state) -> (logits (V,), state)
+# --------------------------------------------------------------------------------------
+
+class BuiltinRunner:
+    """This package's RWKV7 through generate.Engine (prefix cache, batching)."""
+
+    name = "builtin"
+
+    def __init__(self, model_path: Path, tokenizer: Any, dtype: torch.dtype, device: str,
+                 adapter: str = ""):
+        from rwkvforge.checkpoint import load_model, load_state_dict, model_from_state_dict
+        from rwkvforge.generate import Engine
+
+        if adapter:  # merged in fp32 in memory, as `rwkvforge merge` would write it
+            from rwkvforge.merge import load_adapter, merge_state_dict
+
+            sd = merge_state_dict(load_state_dict(model_path), load_adapter(adapter),
+                                  torch.float32, "fp32")
+            model = model_from_state_dict(sd, dtype=dtype, device=device, source=str(model_path))
+        else:
+            model = load_model(model_path, dtype=dtype, device=device)
+        self.model = model
+        self.engine = Engine(model, tokenizer, max_batch=1, device=device)
+
+    def generate(self, ids: list[int], params: SamplingParams, on_text: Callable[[str], None],
+                 cache_at: Sequence[int] = ()) -> tuple[str, str, int]:
+        h = self.engine.generate(ids, params, on_text=on_text, cache_at=cache_at)
+        return h.result(), h.finish_reason or "stop", h.completion_tokens
+
+
+class LoopRunner:
+    """A single-stream loop over an external model's forward(ids, state) -> (logits, state),
+    with the same sampler and a prefix-state cache."""
+
+    def __init__(self, name: str, forward: Callable[[list[int], Any], tuple[torch.Tensor, Any]],
+                 tokenizer: Any, chunk: int = 256):
+        self.name = name
+        self.forward = forward
+        self.tok = tokenizer
+        self.chunk = chunk
+        self.cache = PrefixCache()
+        self._weights: torch.Tensor | None = None
+
+    def generate(self, ids: list[int], params: SamplingParams, on_text: Callable[[str], None],
+                 cache_at: Sequence[int] = ()) -> tuple[str, str, int]:
+        ids = list(ids) or [0]
+        n, state, logits = self.cache.lookup(ids)
+        points = sorted({c for c in cache_at if n < c <= len(ids)} | {len(ids)})
+        pos = n
+        for end in points:
+            while pos < end:
+                piece = ids[pos: min(end, pos + self.chunk)]
+                logits, state = self.forward(piece, state)
+                pos += len(piece)
+            self.cache.put(ids[:end], state, logits)
+        V = logits.shape[-1]
+        occ, seen = torch.zeros(1, V), torch.zeros(1, V, dtype=torch.bool)
+        ban = None
+        if params.token_ban:
+            ban = torch.zeros(1, V, dtype=torch.bool)
+            ban[0, list(params.token_ban)] = True
+        gen = torch.Generator().manual_seed(params.seed if params.seed is not None
+                                            else int(time.time_ns() % (2**62)))
+        ts = TextStream(params.stop)
+        n_out, reason = 0, "length"
+        while n_out < params.max_tokens:
+            lg = logits.float().reshape(1, -1)
+            if ban is not None or params.uses_penalties:
+                lg = apply_penalties(lg, occ, seen, torch.tensor([params.alpha_presence]),
+                                     torch.tensor([params.alpha_frequency]), ban)
+            tok = int(sample_batch(lg, torch.tensor([params.temperature]),
+                                   torch.tensor([params.top_p]), torch.tensor([params.top_k]),
+                                   torch.rand(1, generator=gen))[0])
+            if tok in params.token_stop:
+                reason = "stop"
+                break
+            n_out += 1
+            if params.uses_penalties:
+                if self._weights is None:
+                    self._weights = token_occurrence_weights(self.tok, V)
+                occ.mul_(params.alpha_decay)
+                occ[0, tok] += self._weights[tok]
+                seen[0, tok] = True
+            text, stopped = ts.feed(self.tok.decode_bytes([tok]))
+            if text:
+                on_text(text)
+            if stopped:
+                reason = "stop"
+                break
+            logits, state = self.forward([tok], state)
+        tail = ts.finish()
+        if tail:
+            on_text(tail)
+        return ts.text, reason, n_out
+
+
+def rwkv_pip_runner(model_path: Path, tokenizer: Any, device: str, dtype: str) -> LoopRunner:
+    # The package reads RWKV_V7_ON when rwkv.model is imported; set it here, at the edge.
+    # It prints banners to stdout: send them to stderr so stdout carries only the answer.
+    os.environ["RWKV_V7_ON"] = "1"
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            from rwkv import model as rwkv_model
+        except ImportError as e:
+            raise InferError(f"INFER_BACKEND=rwkv needs the `rwkv` pip package ({e}): "
+                             "pip install rwkv") from None
+    if not hasattr(rwkv_model, "RWKV_x070"):
+        raise InferError("the rwkv package was imported before RWKV_V7_ON=1 was set; run "
+                         "the rwkv back-end in a fresh process")
+    dev = "cuda" if device == "cuda" else "cpu"
+    strategy = f"{dev} {dtype if dev == 'cuda' or dtype != 'fp16' else 'fp32'}"
+    stem = str(model_path)[:-4] if str(model_path).endswith(".pth") else str(model_path)
+    if not str(model_path).endswith(".pth"):
+        raise InferError(f"the rwkv package only loads files ending in .pth: {model_path}")
+    with contextlib.redirect_stdout(sys.stderr):
+        model = rwkv_model.RWKV(model=stem, strategy=strategy)
+
+    def forward(ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
+        out, state = model.forward(list(ids), state)
+        return out.float().cpu(), state
+
+    return LoopRunner("rwkv", forward, tokenizer)
+
+
+def albatross_runner(model_path: Path, tokenizer: Any, root: Path) -> LoopRunner:
+    ref = root / "third_party" / "Albatross" / "reference"
+    if not (ref / "rwkv7.py").is_file():
+        raise InferError(f"INFER_BACKEND=albatross needs a checkout at {ref.parent} "
+                         "(run ./scripts/bootstrap.sh --with-albatross, or git clone "
+                         "https://github.com/BlinkDL/Albatross third_party/Albatross); "
+                         "or use INFER_BACKEND=builtin")
+    if not torch.cuda.is_available():
+        raise InferError("INFER_BACKEND=albatross needs a CUDA GPU (its kernels are CUDA "
+                         "only) and none is visible to torch; use INFER_BACKEND=builtin")
+    if not str(model_path).endswith(".pth"):
+        raise InferError(f"Albatross only loads files ending in .pth: {model_path}")
+    from rwkvforge.checkpoint import infer_config, load_state_dict
+
+    c = infer_config(load_state_dict(model_path))
+    sys.path.insert(0, str(ref))
+    import rwkv7 as alb  # type: ignore[import-not-found]  # compiles its CUDA op on import
+
+    args = SimpleNamespace(MODEL_NAME=str(model_path)[:-4], n_layer=c.n_layer,
+                           n_embd=c.n_embd, head_size=c.head_size, vocab_size=c.vocab_size)
+    model = alb.RWKV_x070(args)
+
+    def forward(ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
+        state = model.get_state(state, B=0)
+        out, state = (model.forward_seq(list(ids), state) if len(ids) > 1
+                      else model.forward_one(int(ids[0]), state))
+        return out.float().cpu(), state
+
+    return LoopRunner("albatross", forward, tokenizer)
+
+
+def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, dtype: str,
+                adapter: str = "", root: Path | None = None):
+    if adapter and backend != "builtin":
+        raise InferError("--adapter works with INFER_BACKEND=builtin; merge it first "
+                         "(rwkvforge merge) to use another back-end")
+    if backend == "builtin":
+        return BuiltinRunner(model_path, tokenizer, DTYPES[dtype], device, adapter)
+    if backend == "rwkv":
+        return rwkv_pip_runner(model_path, tokenizer, device, dtype)
+    if backend == "albatross":
+        return albatross_runner(model_path, tokenizer, root or workspace_root())
+    raise InferError(f"unknown INFER_BACKEND {backend!r}: use builtin, rwkv or albatross")
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rwkvforge infer", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    cfgmod.add_settings_flags(ap, only=["base_model", "infer_backend", "device", "seed"])
+    ap.add_argument("--prompt", help="one-shot prompt; without it: interactive chat")
+    ap.add_argument("--system", default="", help="system message for chat")
+    ap.add_argument("--raw", action="store_true",
+                    help="send --prompt as plain text (completion), not as a chat turn")
+    ap.add_argument("--adapter", default="", help="LoRA adapter folder (PEFT layout) "
+                    "merged into the base model in memory")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="weight dtype: auto = fp16 on CUDA, fp32 on CPU")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=0.3,
+                    help="nucleus cut (RWKV chat default 0.3; 1 = off)")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--presence-penalty", type=float, default=0.5)
+    ap.add_argument("--frequency-penalty", type=float, default=0.5)
+    ap.add_argument("--penalty-decay", type=float, default=0.996)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    split_model_arg(args)
+    try:
+        res = cfgmod.resolve_from_args(args)
+    except cfgmod.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    s = res.settings
+    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=cpu or auto",
+              file=sys.stderr)
+        return 2
+    dtype = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
+    from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
+
+    try:
+        path, is_demo = resolve_model_path(s.base_model)
+        if is_demo:
+            print(f"[rwkvforge] using the demo model {path} (random weights: output is "
+                  "gibberish; set BASE_MODEL for a real model)", file=sys.stderr)
+        tok = get_tokenizer()
+        runner = make_runner(s.infer_backend, path, tok, device=device, dtype=dtype,
+                             adapter=args.adapter)
+    except (InferError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def params(chat: bool) -> SamplingParams:
+        p = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           alpha_presence=args.presence_penalty,
+                           alpha_frequency=args.frequency_penalty,
+                           alpha_decay=args.penalty_decay, max_tokens=args.max_tokens,
+                           stop=tuple(args.stop) + (CHAT_STOP if chat else ()), seed=s.seed)
+        return p.validate(tok.vocab_size)
+
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        if args.prompt is not None:
+            if args.raw:
+                runner.generate(tok.encode(args.prompt), params(False), out)
+            else:
+                msgs = ([{"role": "system", "content": args.system}] if args.system else [])
+                msgs.append({"role": "user", "content": args.prompt})
+                ids, ends = encode_chat_prompt(msgs, tok)
+                runner.generate(ids, params(True), lambda t, f=LeadingSpaceStrip(): out(f(t)),
+                                cache_at=ends)
+            out("\n")
+            return 0
+        return repl(runner, tok, args.system, params)
+    except (ValueError, ChatFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def repl(runner: Any, tok: Any, system: str, params: Callable[[bool], SamplingParams],
+         read: Callable[[str], str] = input) -> int:
+    """Interactive World-format chat. Earlier turns are prefilled once (prefix cache)."""
+    print(f"[rwkvforge] chat with {runner.name} back-end; /reset clears, /quit exits",
+          file=sys.stderr)
+    msgs: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = read("User: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/quit", "/exit"):
+            return 0
+        if cmd == "/reset":
+            msgs = msgs[:1] if system else []
+            print("[conversation cleared]")
+            continue
+        msgs.append({"role": "user", "content": line})
+        ids, ends = encode_chat_prompt(msgs, tok)
+        sys.stdout.write("Assistant: ")
+        strip = LeadingSpaceStrip()
+
+        def out(t: str) -> None:
+            sys.stdout.write(strip(t))
+            sys.stdout.flush()
+
+        text, _, _ = runner.generate(ids, params(True), out, cache_at=ends)
+        sys.stdout.write("\n\n")
+        reply = text.strip() or "..."
+        msgs.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,500 @@
+"""OpenAI-compatible HTTP server over generate.Engine (continuous batching).
+
+    rwkvforge serve                                     # demo model on 127.0.0.1:8000
+    rwkvforge serve --model models/merged/my.pth --serve-port 8080
+    SERVE_API_KEY=secret ./scripts/serve.sh --serve-host 0.0.0.0
+    curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"model":"rwkv","messages":[{"role":"user","content":"Hi"}],"max_tokens":20}'
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(`"stream": true` = server-sent events ending with `data: [DONE]`). Sampling fields:
+temperature, top_p, top_k, max_tokens (capped by SERVE_MAX_TOKENS), stop, presence_penalty,
+frequency_penalty, penalty_decay, seed. Chat messages are rendered in the RWKV World format
+("User: ...\\n\\nAssistant:") and a reply ends at its blank line.
+
+One engine thread decodes every running request together: new requests join at the next
+step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
+a repeated system prompt / earlier turns come from the prefix-state cache. A client that
+disconnects cancels its request. Binds SERVE_HOST (127.0.0.1 by default); SERVE_API_KEY
+turns on `Authorization: Bearer` checks (401); more than SERVE_MAX_QUEUE waiting requests
+get 429; bad fields get 400 / 422 naming the field. The `model` field of a request is not
+checked (any name is served by the one loaded model, as in RWKV-Runner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import sys
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from rwkvforge.generate import (
+    CHAT_STOP,
+    Engine,
+    Event,
+    Handle,
+    LeadingSpaceStrip,
+    QueueFull,
+    SamplingParams,
+    encode_chat_prompt,
+)
+
+MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
+
+
+# --------------------------------------------------------------------------------------
+# request schemas (OpenAI fields + RWKV extras top_k / penalty_decay)
+# --------------------------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored
+
+    model: str = Field("", max_length=256)
+    max_tokens: int | None = Field(None, ge=1, description="capped by SERVE_MAX_TOKENS")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, le=1 << 20, description="RWKV extra: 0 = off")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    penalty_decay: float = Field(0.996, ge=0.0, le=1.0, allow_inf_nan=False,
+                                 description="RWKV extra: occurrence decay per token")
+    stop: Union[str, list[str], None] = Field(None, description="up to 4 strings")
+    seed: int | None = Field(None, ge=0, le=(1 << 63) - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    user: str | None = Field(None, max_length=256)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = Field(
+        ..., description="text or token ids (one prompt)")
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatContentPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ChatContentPart]]
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type_: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = \
+            status, message, param, type_, code
+
+
+def _error_body(message: str, type_: str, param: str | None, code: str | None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# --------------------------------------------------------------------------------------
+# the app
+# --------------------------------------------------------------------------------------
+
+class _GuardMiddleware:
+    """Pure ASGI (streams and disconnects pass straight through): refuses bodies over
+    MAX_BODY_BYTES (413) and, with an API key, /v1/* requests without it (401)."""
+
+    def __init__(self, app: Any, api_key: str = ""):
+        self.app = app
+        self.api_key = api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers", [])}
+        try:
+            size = int(headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        if size > MAX_BODY_BYTES:
+            resp = JSONResponse(_error_body(f"request body of {size} bytes is over the "
+                                            f"{MAX_BODY_BYTES} byte limit",
+                                            "invalid_request_error", None, None), 413)
+            return await resp(scope, receive, send)
+        if self.api_key and scope.get("path", "").startswith("/v1/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    token.strip().encode("utf-8", "replace"), self.api_key):
+                resp = JSONResponse(
+                    _error_body("missing or wrong API key: send 'Authorization: Bearer "
+                                "<SERVE_API_KEY>'", "authentication_error", None,
+                                "invalid_api_key"), 401, headers={"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+@dataclass
+class ServeOptions:
+    model_id: str = "rwkv7"
+    api_key: str = ""
+    max_tokens: int = 2048  # cap on a request's max_tokens
+    max_prompt_tokens: int = 8192
+    default_max_tokens: int = 256
+
+
+def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
+               own_engine: bool = True) -> FastAPI:
+    """The FastAPI app. The engine thread starts / stops with the app's lifespan when
+    `own_engine` (tests may drive an engine they started themselves)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if own_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if own_engine:
+                engine.stop()
+
+    app = FastAPI(title="rwkvforge OpenAI-compatible server", lifespan=lifespan,
+                  version="1")
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(_error_body(e.message, e.type, e.param, e.code), e.status,
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(_error_body(
+                f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')} "
+                f"at character {first.get('loc', ('', '?'))[-1]})", "invalid_request_error",
+                None, "invalid_json"), 400)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}"
+                        f": {er.get('msg', 'invalid')}" for er in errs[:5])
+        return JSONResponse(_error_body(msg, "invalid_request_error", param, "invalid_value"),
+                            422)
+
+    app.add_middleware(_GuardMiddleware, api_key=opts.api_key)
+
+    @app.get("/health")
+    async def health() -> dict:
+        ok = engine.error is None
+        return {"status": "ok" if ok else "degraded", "model": opts.model_id,
+                "running": engine.n_active, "waiting": engine.n_waiting,
+                "last_error": None if ok else repr(engine.error)}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": opts.model_id, "object": "model",
+                                            "created": created, "owned_by": "rwkvforge"}]}
+
+    # ---- shared request handling --------------------------------------------------------
+    def sampling(req: _Sampling, chat: bool, max_tokens: int | None) -> SamplingParams:
+        mt = max_tokens if max_tokens is not None else min(opts.default_max_tokens,
+                                                           opts.max_tokens)
+        if mt > opts.max_tokens:
+            raise APIError(400, f"max_tokens={mt} is over this server's limit "
+                           f"{opts.max_tokens} (SERVE_MAX_TOKENS)", "max_tokens")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > 4:
+            raise APIError(400, f"stop has {len(stops)} strings; at most 4 are allowed", "stop")
+        for s in stops:
+            if not s or len(s) > 256:
+                raise APIError(400, "each stop string must be 1 to 256 characters", "stop")
+        return SamplingParams(
+            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            alpha_presence=req.presence_penalty, alpha_frequency=req.frequency_penalty,
+            alpha_decay=req.penalty_decay, max_tokens=mt, seed=req.seed,
+            stop=tuple(stops) + (CHAT_STOP if chat else ()))
+
+    def check_prompt_len(ids: list[int], param: str) -> None:
+        if len(ids) > opts.max_prompt_tokens:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; this server accepts at "
+                           f"most {opts.max_prompt_tokens} (--max-prompt-tokens)", param)
+
+    def submit(ids: list[int], params: SamplingParams, cache_at: list[int],
+               loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Handle:
+        def on_event(ev: Event) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        try:
+            return engine.submit(ids, params, cache_at=cache_at, on_event=on_event)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}; retry later", None,
+                           "rate_limit_error", "queue_full") from None
+        except ValueError as e:
+            msg = str(e)
+            param = msg.split()[2].split("=")[0] if msg.startswith("sampling parameter") \
+                else "prompt"
+            raise APIError(400, msg, param) from None
+
+    async def collect(request: Request, h: Handle, q: asyncio.Queue,
+                      strip: LeadingSpaceStrip | None) -> tuple[str, str]:
+        """Wait for the whole answer; cancel it if the client goes away."""
+        parts: list[str] = []
+        last_check = time.monotonic()
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(q.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    ev = None
+                if time.monotonic() - last_check > 0.5:  # tokens may flow faster than that
+                    last_check = time.monotonic()
+                    if await request.is_disconnected():
+                        h.cancel()
+                        raise APIError(499, "client disconnected")
+                if ev is None:
+                    continue
+                parts.append(strip(ev.text) if strip else ev.text)
+                if ev.finish_reason is not None:
+                    if ev.finish_reason == "error":
+                        raise APIError(500, f"generation failed: {ev.error}", None,
+                                       "server_error")
+                    return "".join(parts), ev.finish_reason
+        finally:
+            if not h.done.is_set():
+                h.cancel()
+
+    def usage(h: Handle) -> dict:
+        return {"prompt_tokens": h.prompt_tokens, "completion_tokens": h.completion_tokens,
+                "total_tokens": h.prompt_tokens + h.completion_tokens}
+
+    def sse(obj: Any) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def stream_response(h: Handle, q: asyncio.Queue, make_chunk: Any, include_usage: bool,
+                        strip: LeadingSpaceStrip | None, first: dict | None) -> StreamingResponse:
+        async def gen() -> AsyncIterator[str]:
+            try:
+                if first is not None:
+                    yield sse(first)
+                while True:
+                    ev: Event = await q.get()
+                    text = strip(ev.text) if strip else ev.text
+                    reason = ev.finish_reason
+                    if reason == "error":
+                        yield sse(_error_body(f"generation failed: {ev.error}", "server_error",
+                                              None, None))
+                        break
+                    if text or reason is not None:
+                        yield sse(make_chunk(text, reason if reason != "cancelled" else "stop"))
+                    if reason is not None:
+                        if include_usage:
+                            yield sse({**make_chunk("", None, usage_only=True),
+                                       "usage": usage(h)})
+                        break
+                yield "data: [DONE]\n\n"
+            finally:  # client went away (or we finished): stop generating
+                if not h.done.is_set():
+                    h.cancel()
+
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+
+    # ---- /v1/completions --------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        for name, bad in (("echo", body.echo), ("logprobs", body.logprobs is not None),
+                          ("suffix", bool(body.suffix)), ("best_of", (body.best_of or 1) > 1)):
+            if bad:
+                raise APIError(400, f"{name} is not supported by this server", name)
+        p = body.prompt
+        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+            if len(p) != 1:
+                raise APIError(400, f"prompt holds {len(p)} prompts; send one per request",
+                               "prompt")
+            p = p[0]
+        try:
+            ids = tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+        except ValueError as e:  # e.g. a lone surrogate from a "\ud800" escape
+            raise APIError(400, str(e), "prompt") from None
+        check_prompt_len(ids, "prompt")
+        params = sampling(body, chat=False, max_tokens=body.max_tokens)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        h = submit(ids, params, [], loop, q)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str, reason: str | None, usage_only: bool = False) -> dict:
+            return {"id": rid, "object": "text_completion", "created": now,
+                    "model": opts.model_id,
+                    "choices": [] if usage_only else
+                    [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+        if body.stream:
+            inc = bool(body.stream_options and body.stream_options.include_usage)
+            return stream_response(h, q, chunk, inc, None, None)
+        text, reason = await collect(request, h, q, None)
+        return {**chunk(text, reason), "usage": usage(h)}
+
+    # ---- /v1/chat/completions ---------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        if body.logprobs:
+            raise APIError(400, "logprobs is not supported by this server", "logprobs")
+        if body.tools:
+            raise APIError(400, "tools are not supported by this server", "tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format type 'text' is supported",
+                           "response_format")
+        msgs: list[dict[str, str]] = []
+        for m in body.messages:
+            text = m.content if isinstance(m.content, str) else \
+                "\n".join(part.text for part in m.content)
+            role = "system" if m.role == "developer" else m.role
+            if msgs and msgs[-1]["role"] == role and role != "system":
+                msgs[-1]["content"] += "\n" + text  # consecutive turns of one speaker
+            else:
+                msgs.append({"role": role, "content": text})
+        from rwkvforge.tokenizer import ChatFormatError
+
+        try:
+            ids, ends = encode_chat_prompt(msgs, tokenizer)
+        except (ChatFormatError, ValueError) as e:
+            raise APIError(400, str(e), "messages") from None
+        check_prompt_len(ids, "messages")
+        mt = body.max_completion_tokens if body.max_completion_tokens is not None \
+            else body.max_tokens
+        params = sampling(body, chat=True, max_tokens=mt)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        h = submit(ids, params, ends, loop, q)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        strip = LeadingSpaceStrip()
+
+        def chunk(text: str, reason: str | None, usage_only: bool = False,
+                  role: bool = False) -> dict:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
+                ({"content": text} if text else {})
+            return {"id": rid, "object": "chat.completion.chunk", "created": now,
+                    "model": opts.model_id,
+                    "choices": [] if usage_only else
+                    [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+        if body.stream:
+            inc = bool(body.stream_options and body.stream_options.include_usage)
+            return stream_response(h, q, chunk, inc, strip, chunk("", None, role=True))
+        text, reason = await collect(request, h, q, strip)
+        return {"id": rid, "object": "chat.completion", "created": now,
+                "model": opts.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": reason}],
+                "usage": usage(h)}
+
+    return app
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from rwkvforge import config as cfgmod
+
+    ap = argparse.ArgumentParser(prog="rwkvforge serve", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    cfgmod.add_settings_flags(ap, only=["base_model", "device", "serve_host", "serve_port",
+                                        "serve_api_key", "serve_max_batch", "serve_max_queue",
+                                        "serve_max_tokens"])
+    ap.add_argument("--adapter", default="", help="LoRA adapter folder merged in memory")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                    help="weights: auto = fp16 on CUDA, fp32 on CPU")
+    ap.add_argument("--model-id", default="", help="name shown by /v1/models "
+                    "(default: the model file's name)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=8192)
+    ap.add_argument("--prefill-chunk", type=int, default=256,
+                    help="prompt tokens fed per engine step: smaller = running streams "
+                    "stall less, long prompts take longer")
+    ap.add_argument("--log-level", default="info",
+                    choices=("critical", "error", "warning", "info", "debug"))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rwkvforge import config as cfgmod
+    from rwkvforge.infer import BuiltinRunner, InferError, resolve_model_path, split_model_arg
+    from rwkvforge.tokenizer import get_tokenizer
+
+    args = build_parser().parse_args(argv)
+    split_model_arg(args)
+    try:
+        s = cfgmod.resolve_from_args(args).settings
+    except cfgmod.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=cpu or auto",
+              file=sys.stderr)
+        return 2
+    dtype = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
+    try:
+        path, is_demo = resolve_model_path(s.base_model)
+        tok = get_tokenizer()
+        runner = BuiltinRunner(path, tok, {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                           "fp16": torch.float16}[dtype], device, args.adapter)
+    except (InferError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if is_demo:
+        print(f"[rwkvforge] serving the demo model {path} (random weights)", file=sys.stderr)
+    if s.serve_host not in ("127.0.0.1", "localhost", "::1") and not s.serve_api_key:
+        print(f"[rwkvforge] warning: listening on {s.serve_host} without SERVE_API_KEY: "
+              "anyone on your network can use this model", file=sys.stderr)
+    engine = Engine(runner.model, tok, max_batch=s.serve_max_batch,
+                    max_queue=s.serve_max_queue, prefill_chunk=args.prefill_chunk,
+                    device=device)
+    opts = ServeOptions(model_id=args.model_id or Path(path).stem, api_key=s.serve_api_key,
+                        max_tokens=s.serve_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                        default_max_tokens=min(256, s.serve_max_tokens))
+    app = create_app(engine, tok, opts)
+    import uvicorn
+
+    print(f"[rwkvforge] OpenAI-compatible API at http://{s.serve_host}:{s.serve_port}/v1 "
+          f"(model id {opts.model_id!r})", file=sys.stderr)
+    uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=args.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1407 @@
+"""LoRA / QLoRA training of an RWKV-7 model: one process or DeepSpeed ZeRO 2/3, resumable.
+
+    rwkvforge train                                   # demo model + shipped sample, if unset
+    rwkvforge train --profile qlora-nf4 --max-steps 200 --run-name bsl-nf4
+    rwkvforge train --resume runs/bsl-nf4 --max-steps 400   # continue from its last checkpoint
+    ./scripts/train_lora_bf16.sh | train_qlora_nf4.sh | train_qlora_int8.sh
+    python -m rwkvforge.train --help
+
+Settings come from the config layers (workspace < model < profile < env < flags; see
+`rwkvforge config show`). A run writes runs/<run>/: config.json (resolved settings, their
+sources, git SHA, versions, hardware), status.json, metrics.jsonl, train.log,
+checkpoints/step-N/ (adapter + trainer_state.pt; COMPLETE written last, folder renamed into
+place), adapter/ (PEFT layout) and loss.png.
+
+One optimiser step consumes MICRO_BSZ x GRAD_ACCUM x NUM_GPUS sequences. All ranks read the
+same global batch and each takes its rows; every token's loss is divided by the masked-token
+count of the whole global batch, so the gradient is the same whatever the split into
+micro-batches or processes (1 process x 2 micro-batches == 2 processes x 1).
+
+The vocabulary projection + cross-entropy run in HEAD_CHUNK-token pieces, only on tokens
+whose loss mask is non-zero, with the gradient computed in the same pass: the (T, 65536)
+logits tensor never exists.
+
+TRAINER=rwkv-peft runs third_party/RWKV-PEFT/train.py with arguments mapped from the same
+config instead (`--print-cmd` shows the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rwkvforge import config as cfgmod
+from rwkvforge import paths
+
+log = logging.getLogger("rwkvforge.train")
+
+# settings that may change when resuming (everything else must match the run's config.json)
+RESUME_MUTABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_every",
+                  "wandb_project", "device")
+DEMO_MODEL_ENV = "rwkv7-tiny"  # configs/model/ file used when BASE_MODEL is empty
+
+
+class TrainError(RuntimeError):
+    """A problem a person can fix; the message says what and how."""
+
+
+# =========================================================================== schedule
+def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int,
+          schedule: str) -> float:
+    """Learning rate of optimiser step `step` (0-based) of `total`.
+
+    warmup: linear from lr/warmup to lr over the first `warmup` steps; then
+    cosine: lr -> lr_final along a half cosine; wsd: flat at lr, then linear to lr_final over
+    the last 20% of steps; constant: flat at lr."""
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    rest = max(total - warmup, 1)
+    t = min(max(step - warmup, 0) / max(rest - 1, 1), 1.0)  # 0 at first post-warmup step, 1 at last
+    if schedule == "cosine":
+        return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "wsd":
+        decay_from = 0.8
+        if t <= decay_from:
+            return lr
+        return lr + (lr_final - lr) * (t - decay_from) / (1.0 - decay_from)
+    raise TrainError(f"LR_SCHEDULE={schedule!r}: expected cosine, wsd or constant.")
+
+
+# =========================================================================== loss
+class _ChunkedHeadCE(torch.autograd.Function):
+    """sum_i w_i * CE(h_i @ W^T, t_i) with the gradient computed chunk by chunk in forward.
+
+    h (N,C), W (V,C), t (N,) long, w (N,) fp32. Only (chunk, V) logits exist at a time;
+    backward just scales the stored d/dh (and d/dW when W is trainable)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, w, chunk: int, dtype: torch.dtype):
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        N, C = h.shape
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros(N, C, dtype=torch.float32, device=h.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
+        with torch.autocast(h.device.type, enabled=False):
+            Wc = weight.detach().to(dtype)
+            for s in range(0, N, chunk):
+                hc = h[s:s + chunk].detach().to(dtype)  # (n,C)
+                tc = targets[s:s + chunk]
+                wc = w[s:s + chunk]
+                logits = (hc @ Wc.t()).float()  # (n,V)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                tl = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
+                total += ((lse - tl) * wc).sum()
+                if need_h or need_w:
+                    g = torch.exp(logits.sub_(lse.unsqueeze(1)))  # softmax, in place
+                    g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+                    g.mul_(wc.unsqueeze(1))
+                    g = g.to(dtype)
+                    if need_h:
+                        grad_h[s:s + chunk] = (g @ Wc).float()
+                    if need_w:
+                        grad_w += (g.t() @ hc).float()
+                del logits
+        ctx.h_dtype = h.dtype
+        ctx.w_dtype = weight.dtype
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.has = (need_h, need_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        need_h, need_w = ctx.has
+        gh = saved.pop(0).mul(grad_out).to(ctx.h_dtype) if need_h else None
+        gw = saved.pop(0).mul(grad_out).to(ctx.w_dtype) if need_w else None
+        return gh, gw, None, None, None, None
+
+
+def chunked_head_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                      weights: torch.Tensor, chunk: int = 1024,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """sum over tokens of weights * cross-entropy(head(hidden), targets), as a 0-d fp32 tensor.
+
+    hidden (B,T,C), targets (B,T) long, weights (B,T) float (loss mask / normaliser). Tokens
+    with weight 0 are skipped entirely. Equals `(F.cross_entropy(head(hidden).flatten(0,1),
+    targets.flatten(), reduction="none") * weights.flatten()).sum()`."""
+    C = hidden.shape[-1]
+    h = hidden.reshape(-1, C)
+    t = targets.reshape(-1)
+    w = weights.reshape(-1).float()
+    keep = w.nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return (h.sum() * 0.0).float()
+    if keep.numel() != w.numel():
+        h, t, w = h.index_select(0, keep), t.index_select(0, keep), w.index_select(0, keep)
+    return _ChunkedHeadCE.apply(h, head.weight, t, w, int(chunk), dtype)
+
+
+class LossModule(nn.Module):
+    """Wraps the (peft) model so one call = hidden states + chunked head loss; this is the
+    module DeepSpeed wraps."""
+
+    def __init__(self, model: nn.Module, head_chunk: int, compute_dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.head_chunk = head_chunk
+        self.compute_dtype = compute_dtype
+
+    def inner(self) -> nn.Module:
+        from rwkvforge.peft import unwrap
+
+        return unwrap(self.model)
+
+    def forward(self, input_ids, targets, weights):
+        m = self.inner()
+        hidden, _ = m.forward_hidden(input_ids)
+        return chunked_head_loss(hidden, m.head, targets, weights, self.head_chunk,
+                                 self.compute_dtype)
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
+                  precision: str = "fp32", device: torch.device | str = "cpu") -> float:
+    """Mean cross-entropy over all masked tokens of `batches` (nats/token); nan if none."""
+    from rwkvforge.peft import unwrap
+
+    device = torch.device(device)
+    m = unwrap(model)
+    was = m.training
+    m.eval()
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:
+        for mod in m.modules():
+            # bitsandbytes repacks a 4-bit CPU weight for its inference kernel the first time
+            # it runs in eval mode, and that kernel has no backward: training after an eval
+            # would silently drop the gradient through the frozen base. Keep those layers in
+            # train mode (they have no dropout: the outputs are the same).
+            if isinstance(mod, bnb.nn.Linear4bit):
+                mod.training = True
+    dtype = _compute_dtype(precision)
+    total, count = 0.0, 0.0
+    try:
+        for b in batches:
+            x = b["input_ids"].to(device)
+            mask = b["loss_mask"].to(device).float()
+            with autocast_ctx(device, precision):
+                hidden, _ = m.forward_hidden(x)
+            total += float(chunked_head_loss(hidden, m.head, b["targets"].to(device), mask,
+                                             head_chunk, dtype))
+            count += float(mask.sum())
+    finally:
+        m.train(was)
+    return total / count if count else float("nan")
+
+
+def _compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+# =========================================================================== memory
+class MemoryMonitor:
+    """Peak memory of this process: CUDA allocator peak on GPU, else resident set size
+    sampled every `interval` s by a background thread (psutil)."""
+
+    def __init__(self, device: torch.device, interval: float = 0.02):
+        self.device, self.interval = device, interval
+        self.peak_mb = 0.0
+        self.window_peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    def start(self) -> "MemoryMonitor":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_mb = self.window_peak_mb = self._rss_mb()
+            self._thread = threading.Thread(target=self._run, daemon=True, name="mem-monitor")
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            v = self._rss_mb()
+            self.window_peak_mb = max(self.window_peak_mb, v)
+            self.peak_mb = max(self.peak_mb, v)
+
+    def take_window(self) -> float:
+        """Peak since the last call (MB)."""
+        if self.device.type == "cuda":
+            v = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_mb = max(self.peak_mb, v)
+            return v
+        v = max(self.window_peak_mb, self._rss_mb())
+        self.peak_mb = max(self.peak_mb, v)
+        self.window_peak_mb = self._rss_mb()
+        return v
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim), so that resident memory
+    measured afterwards reflects live tensors rather than setup leftovers."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+# =========================================================================== run folder
+def _now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    from rwkvforge.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+                              + "\n").encode("utf-8"))
+
+
+def git_sha(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        sha = out.stdout.strip() if out.returncode == 0 else "unknown"
+        if sha != "unknown":
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                    "--untracked-files=no"], capture_output=True, text=True,
+                                   timeout=10)
+            if dirty.returncode == 0 and dirty.stdout.strip():
+                sha += "-dirty"
+        return sha
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("rwkvforge", "torch", "peft", "bitsandbytes", "deepspeed", "numpy",
+                "safetensors", "wandb"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def hardware_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
+                            "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    try:
+        import psutil
+
+        info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpus"] = [{"name": torch.cuda.get_device_name(i),
+                         "memory_gb": round(torch.cuda.get_device_properties(i).total_memory
+                                            / 2**30, 1)}
+                        for i in range(torch.cuda.device_count())]
+    return info
+
+
+class RunFolder:
+    """Writes runs/<run>/ (only rank 0 does)."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.metrics_path = self.path / "metrics.jsonl"
+        self._handler: logging.Handler | None = None
+
+    def open_log(self) -> None:
+        if not self.enabled:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                         "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False  # console output goes through say() / the progress bar
+        self._handler = h
+
+    def close_log(self) -> None:
+        if self._handler is not None:
+            log.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.enabled:
+            _atomic_json(self.path / name, obj)
+
+    def status(self, state: str, step: int, max_steps: int, error: str | None = None,
+               **extra: Any) -> None:
+        self.write_json("status.json", {"state": state, "pid": os.getpid(), "step": step,
+                                        "max_steps": max_steps, "updated": time.time(),
+                                        "error": error, **extra})
+
+    def append_metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        rows = []
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash
+        return rows
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop metric lines after `last_step` (written before a crash, redone on resume)."""
+        if not self.enabled or not self.metrics_path.is_file():
+            return
+        from rwkvforge.checkpoint import atomic_write_bytes
+
+        keep = [r for r in self.read_metrics() if int(r.get("step", 0)) <= last_step]
+        atomic_write_bytes(self.metrics_path, "".join(
+            json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode("utf-8"))
+
+    def plot_loss(self) -> Path | None:
+        if not self.enabled:
+            return None
+        rows = self.read_metrics()
+        pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        if not pts:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot(*zip(*pts), label="train loss", lw=1.2)
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+        if val:
+            ax.plot(*zip(*val), "o-", label="val loss", ms=4)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(self.path.name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        out = self.path / "loss.png"
+        tmp = self.path / ".loss.png.tmp"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out
+
+
+# =========================================================================== inputs
+@dataclass
+class Inputs:
+    """Resolved model and data locations (demo defaults filled in)."""
+
+    model_path: Path
+    data_prefix: Path
+    data_file: Path | None
+    demo_model: bool
+    demo_data: bool
+
+
+def _resolve_path(value: str, source: str, root: Path) -> Path:
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    return (Path.cwd() if source == "cli" else root) / p
+
+
+def _stale_reason(meta: dict, data_file: Path, s: cfgmod.Settings) -> str | None:
+    """Why prepared data no longer matches DATA_FILE / the settings (None: it matches)."""
+    import hashlib
+
+    src = meta.get("source") or {}
+    opts = meta.get("options") or {}
+    if meta.get("type") != s.data_type:
+        return f"type {meta.get('type')} != DATA_TYPE {s.data_type}"
+    if "val_fraction" in opts and float(opts["val_fraction"]) != float(s.val_fraction):
+        return f"VAL_FRACTION {opts['val_fraction']} -> {s.val_fraction}"
+    if "seed" in opts and int(opts["seed"]) != int(s.seed):
+        return f"SEED {opts['seed']} -> {s.seed}"
+    if not data_file.is_file():
+        return None  # nothing to compare with; use what was prepared
+    size = data_file.stat().st_size
+    if "bytes" in src and int(src["bytes"]) != size:
+        return f"{data_file.name} changed size"
+    if "sha256" in src and size <= 256 * 2**20:
+        h = hashlib.sha256(data_file.read_bytes()).hexdigest()
+        if h != src["sha256"]:
+            return f"{data_file.name} changed"
+    return None
+
+
+def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
+                   say: Callable[[str], None] = print, check_data: bool = True) -> Inputs:
+    """Model .pth and prepared data prefix; generates the demo model and prepares the data
+    when needed (only when `prepare`). `check_data=False`: only name the prefix."""
+    s, src = res.settings, res.sources
+    demo_model = not s.base_model
+    if demo_model:
+        model_path = paths.demo_model_path(root)
+        if not model_path.is_file():
+            if not prepare:
+                raise TrainError(f"{model_path}: demo model missing; run `rwkvforge demo-model`.")
+            from rwkvforge.demo import TINY_SHAPE, write_demo_model
+
+            say(f"generating the demo model {model_path} (random weights, L{TINY_SHAPE[0]} "
+                f"C{TINY_SHAPE[1]})")
+            write_demo_model(model_path, *TINY_SHAPE)
+    else:
+        model_path = _resolve_path(s.base_model, src.get("BASE_MODEL", "cli"), root)
+        if not model_path.is_file():
+            raise TrainError(f"BASE_MODEL={s.base_model} (from {src.get('BASE_MODEL')}): "
+                             f"{model_path} not found. Put the .pth there or fix the path; "
+                             "leave BASE_MODEL empty for the demo model.")
+    from rwkvforge.data.prepare import SAMPLES
+
+    demo_data = not s.data_file and not s.data_prefix
+    data_file: Path | None = None
+    if s.data_prefix:
+        prefix = _resolve_path(s.data_prefix, src.get("DATA_PREFIX", "cli"), root)
+        if s.data_file:
+            data_file = _resolve_path(s.data_file, src.get("DATA_FILE", "cli"), root)
+    else:
+        data_file = (_resolve_path(s.data_file, src.get("DATA_FILE", "cli"), root)
+                     if s.data_file else paths.sample_data_dir(root) / SAMPLES[s.data_type])
+        prefix = root / "data" / "processed" / data_file.stem
+    from rwkvforge.data.loader import load_meta
+
+    _, meta = load_meta(prefix)
+    have = meta is not None or Path(f"{prefix}.bin").is_file()
+    if meta is not None and data_file is not None and prepare:
+        why = _stale_reason(meta, data_file, s)
+        if why:
+            say(f"prepared data {prefix} is out of date ({why}): preparing it again")
+            have = False
+    if not have and check_data:
+        if data_file is None or not prepare:
+            raise TrainError(f"no prepared data at {prefix} (.meta.json / .bin): run "
+                             f"`rwkvforge prepare` first (DATA_FILE={s.data_file or '-'}).")
+        if not data_file.is_file():
+            raise TrainError(f"DATA_FILE {data_file} not found. Fix DATA_FILE, or leave it "
+                             "empty for the shipped sample.")
+        from rwkvforge.data.prepare import Options, run as prepare_run
+
+        say(f"preparing {data_file} -> {prefix} ({s.data_type})")
+        prepare_run(Options(input=data_file, prefix=prefix, kind=s.data_type,
+                            ctx_len=s.ctx_len, seed=s.seed, val_fraction=s.val_fraction,
+                            workers=1, micro_bsz=s.micro_bsz, grad_accum=s.grad_accum,
+                            num_gpus=s.num_gpus, progress=False), log=lambda *a: None)
+    return Inputs(model_path, prefix, data_file, demo_model, demo_data)
+
+
+# =========================================================================== model
+def pick_device(setting: str, local_rank: int = 0) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainError("DEVICE=cuda but torch sees no CUDA GPU (torch "
+                             f"{torch.__version__}); run `rwkvforge doctor`, or set DEVICE=auto.")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def build_model(s: cfgmod.Settings, model_path: Path, device: torch.device):
+    """Base model + adapters per the settings: (peft model, AdapterSpec, RWKV7Config)."""
+    from rwkvforge.checkpoint import load_model
+    from rwkvforge.peft import AdapterSpec, apply_adapter, unwrap
+
+    spec = AdapterSpec.from_settings(s)
+    if s.precision == "fp16" and device.type == "cpu":
+        raise TrainError("PRECISION=fp16 needs a CUDA GPU; on a CPU use bf16 or fp32.")
+    compute = _compute_dtype(s.precision)
+    load_dev = "cpu" if spec.quant != "none" else device  # bnb quantises on the move
+    base = load_model(model_path, dtype=torch.float32, device=load_dev)
+    cfg = base.config
+    pm = apply_adapter(base, spec, compute_dtype=compute)
+    inner = unwrap(pm)
+    # frozen float weights in the compute dtype (bf16 halves their memory); trainables fp32
+    for p in inner.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != compute:
+            p.data = p.data.to(compute)
+    inner.to(device)
+    inner.gradient_checkpointing = bool(s.grad_cp)
+    inner.wkv_impl = s.wkv_impl
+    inner.train()
+    return pm, spec, cfg
+
+
+def make_optimizer(model: nn.Module, s: cfgmod.Settings):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if ("lora_" in n and p.ndim == 2) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": s.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if s.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=s.lr, betas=(0.9, 0.99), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99), eps=1e-8)
+
+
+# =========================================================================== RNG
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]),
+                         float(n[4])))
+    if st.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# =========================================================================== trainer
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float | None
+    val_loss_start: float | None
+    val_loss_end: float | None
+    peak_mem_mb: float
+    micro_bsz: int
+    grad_accum: int
+
+
+class Trainer:
+    """One training run. `on_micro_batch(step, index, micro_bsz)` is called before every
+    micro-batch forward (tests use it to inject faults through the real code path)."""
+
+    def __init__(self, res: cfgmod.Resolved, run_dir: Path, *, resume: bool = False,
+                 root: Path | None = None, progress: bool | None = None,
+                 on_micro_batch: Callable[[int, int, int], None] | None = None,
+                 say: Callable[[str], None] | None = None):
+        self.res = res
+        self.s = res.settings
+        self.root = root or paths.workspace_root()
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.on_micro_batch = on_micro_batch
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.is_main = self.rank == 0
+        self.folder = RunFolder(self.run_dir, enabled=self.is_main)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
+        self._say = say or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.micro_bsz = self.s.micro_bsz
+        self.grad_accum = self.s.grad_accum
+        self.engine = None
+        self.wandb = None
+        self._bar = None
+
+    # ------------------------------------------------------------------ messages
+    def say(self, msg: str, level: int = logging.INFO) -> None:
+        if not self.is_main:
+            return
+        log.log(level, msg)
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            self._say(msg)
+
+    # ------------------------------------------------------------------ setup
+    def _init_distributed(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:  # one process under DeepSpeed: a private rendezvous on loopback
+            with socket.socket() as sk:
+                sk.bind(("127.0.0.1", 0))
+                port = sk.getsockname()[1]
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                    world_size=1)
+
+    def _ds_config(self) -> dict:
+        s = self.s
+        zero: dict[str, Any] = {"stage": s.deepspeed_stage}
+        if s.deepspeed_offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if s.deepspeed_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        return {"train_micro_batch_size_per_gpu": self.micro_bsz,
+                "gradient_accumulation_steps": self.grad_accum,
+                "train_batch_size": self.micro_bsz * self.grad_accum * self.world,
+                "gradient_clipping": s.grad_clip, "zero_optimization": zero,
+                "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1,
+                "wall_clock_breakdown": False}
+
+    def setup(self) -> None:
+        s = self.s
+        self.device = pick_device(s.device, self.local_rank)
+        if s.deepspeed_stage == 0 and self.world > 1:
+            raise TrainError(f"{self.world} processes but DEEPSPEED_STAGE=0: multi-GPU "
+                             "training runs through DeepSpeed; set DEEPSPEED_STAGE=2.")
+        if s.deepspeed_stage == 3 and s.quant != "none":
+            raise TrainError("DEEPSPEED_STAGE=3 cannot shard 4-/8-bit base weights: use "
+                             "DEEPSPEED_STAGE=2 with QUANT, or QUANT=none with stage 3.")
+        if s.deepspeed_stage > 0:
+            self._init_distributed()
+        self.folder.open_log()
+        say = self.say if self.is_main else (lambda m: None)
+        demo_model, demo_data = not s.base_model, not (s.data_file or s.data_prefix)
+        if demo_model or demo_data:
+            from rwkvforge.data.prepare import SAMPLES
+
+            what = []
+            if demo_model:
+                what.append("the random-weight demo model "
+                            + paths.demo_model_path(self.root).name)
+            if demo_data:
+                what.append(f"the shipped sample data ({SAMPLES[s.data_type]})")
+            self.say("DEMO RUN: training " + " on ".join(what) + ". Set BASE_MODEL and "
+                     "DATA_FILE in configs/workspace.env (or --base-model / --data-file) for "
+                     "a real run.")
+        if self.is_main:  # generates the demo model / prepares the data when needed
+            self.inputs = resolve_inputs(self.res, self.root, prepare=True, say=say)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the other ranks wait for rank 0's files
+        if not self.is_main:
+            self.inputs = resolve_inputs(self.res, self.root, prepare=False, say=say)
+        seed_everything(s.seed)
+        t0 = time.time()
+        self.model, self.spec, self.model_cfg = build_model(s, self.inputs.model_path,
+                                                            self.device)
+        from rwkvforge.peft import count_parameters, unwrap
+
+        self.inner = unwrap(self.model)
+        self.n_trainable, self.n_total = count_parameters(self.model)
+        self.weights_mb = sum(t.numel() * t.element_size() for t in
+                              [*self.inner.parameters(), *self.inner.buffers()]) / 2**20
+        self.say(f"model {self.inputs.model_path} L{self.model_cfg.n_layer} "
+                 f"C{self.model_cfg.n_embd} ({self.n_total / 1e6:.1f}M params, "
+                 f"{self.n_trainable / 1e6:.3f}M trainable; {s.profile}: QUANT={s.quant} "
+                 f"PRECISION={s.precision} r={s.lora_r} init={s.peft_init}"
+                 f"{' dora' if s.use_dora else ''}) on {self.device} in "
+                 f"{time.time() - t0:.1f}s")
+        seed_everything(s.seed + 1000 * self.rank)  # dropout streams differ per rank
+        self.compute_dtype = _compute_dtype(s.precision)
+        self.loss_module = LossModule(self.model, s.head_chunk, self.compute_dtype)
+        self.optimizer = make_optimizer(self.model, s)
+
+        from rwkvforge.data.loader import build_train_loader, build_val_batches
+
+        self.rows_per_step = self.micro_bsz * self.grad_accum * self.world
+        try:
+            self.loader = build_train_loader(self.inputs.data_prefix, s.ctx_len,
+                                             self.rows_per_step, s.seed)
+            self.val_batches = build_val_batches(self.inputs.data_prefix, s.ctx_len,
+                                                 max(s.micro_bsz, 1), max_batches=64)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        self.total_steps = s.max_steps or s.epochs * self.loader.steps_per_epoch
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: lr_at(i, lr=s.lr, lr_final=s.lr_final,
+                                            warmup=s.warmup_steps, total=total,
+                                            schedule=s.lr_schedule) / s.lr if s.lr else 0.0)
+        self.step = 0
+        if s.deepspeed_stage > 0:
+            import deepspeed
+
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=self.loss_module, optimizer=self.optimizer, model_parameters=params,
+                config=self._ds_config(), dist_init_required=False)
+        if self.resume:
+            self._load_resume()
+
+    # ------------------------------------------------------------------ config.json
+    def write_config(self) -> None:
+        s = self.s
+        base = self.res.to_json()
+        data_meta = None
+        from rwkvforge.data.loader import load_meta
+
+        _, data_meta = load_meta(self.inputs.data_prefix)
+        base.update({
+            "git_sha": git_sha(self.root),
+            "versions": package_versions(),
+            "hardware": hardware_info(),
+            "model": {"path": str(self.inputs.model_path), "demo": self.inputs.demo_model,
+                      **self.model_cfg.to_dict(), "params": self.n_total,
+                      "trainable_params": self.n_trainable,
+                      "weights_mb": round(self.weights_mb, 1)},
+            "data": {"prefix": str(self.inputs.data_prefix),
+                     "file": str(self.inputs.data_file) if self.inputs.data_file else None,
+                     "demo": self.inputs.demo_data,
+                     "train_examples": getattr(self.loader, "samples_per_epoch", None),
+                     "val_batches": len(self.val_batches),
+                     "meta": {k: data_meta.get(k) for k in ("type", "source", "splits",
+                                                            "num_tokens", "sha256")
+                              if data_meta and k in data_meta} if data_meta else None},
+            "training": {"total_steps": self.total_steps, "world_size": self.world,
+                         "rows_per_step": self.rows_per_step,
+                         "tokens_per_step_max": self.rows_per_step * s.ctx_len,
+                         "device": str(self.device)},
+            "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
+            "started_at": _now_iso(),
+        })
+        self.folder.write_json("config.json", base)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainer_state(self) -> dict:
+        from rwkvforge.peft import trainable_state
+
+        st = {"step": self.step, "total_steps": self.total_steps,
+              "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+              "rng": rng_state(), "micro_bsz": self.micro_bsz, "grad_accum": self.grad_accum,
+              "format": "rwkvforge-trainer/1"}
+        if self.engine is None:
+            st["optimizer"] = self.optimizer.state_dict()
+            st["trainable"] = trainable_state(self.model)
+        return st
+
+    def save_checkpoint(self) -> Path:
+        from rwkvforge.checkpoint import save_adapter, save_trainer_state, write_checkpoint
+
+        final = self.run_dir / "checkpoints" / f"step-{self.step}"
+        if self.engine is not None:
+            return self._save_checkpoint_ds(final)
+        state = self._trainer_state()
+        adapter_cfg, tensors = self._export()
+
+        def fill(tmp: Path) -> None:
+            save_adapter(tmp, adapter_cfg, tensors, self._adapter_meta())
+            save_trainer_state(tmp / "trainer_state.pt", state)
+
+        path = write_checkpoint(self.run_dir, self.step, fill)
+        self.say(f"checkpoint {path.relative_to(self.run_dir)}")
+        return path
+
+    def _save_checkpoint_ds(self, final: Path) -> Path:
+        import torch.distributed as dist
+
+        from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, save_adapter,
+                                          save_trainer_state)
+
+        tmp = final.with_name(final.name + ".tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        state = self._trainer_state()
+        state["rank_rng"] = rng_state()
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state",
+                                    client_state={"rank": self.rank})
+        save_trainer_state(tmp / f"trainer_state.rank{self.rank}.pt",
+                           {"rng": state["rank_rng"]})
+        cfg_t = None
+        if self.s.deepspeed_stage == 3:
+            import deepspeed
+
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params):
+                cfg_t = self._export()
+        else:
+            cfg_t = self._export()
+        dist.barrier()
+        if self.is_main:
+            state.pop("rank_rng")
+            save_adapter(tmp, cfg_t[0], cfg_t[1], self._adapter_meta())
+            save_trainer_state(tmp / "trainer_state.pt", state)
+            atomic_write_bytes(tmp / COMPLETE_MARKER, f"step {self.step}\n".encode())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self.say(f"checkpoint {final.relative_to(self.run_dir)} (DeepSpeed)")
+        dist.barrier()
+        return final
+
+    def _load_resume(self) -> None:
+        from rwkvforge.checkpoint import latest_checkpoint, load_trainer_state
+        from rwkvforge.peft import load_trainable_state
+
+        ck = latest_checkpoint(self.run_dir)
+        if ck is None:
+            raise TrainError(f"--resume {self.run_dir}: no complete checkpoint in "
+                             f"{self.run_dir / 'checkpoints'} (a folder counts once it holds "
+                             "COMPLETE). Start a new run instead.")
+        st = load_trainer_state(ck / "trainer_state.pt")
+        if st.get("format") != "rwkvforge-trainer/1":
+            raise TrainError(f"{ck}/trainer_state.pt: unknown format {st.get('format')!r}.")
+        if st["total_steps"] != self.total_steps and self.s.max_steps == 0:
+            self.say(f"note: steps per run changed {st['total_steps']} -> {self.total_steps}")
+        self.micro_bsz, self.grad_accum = int(st["micro_bsz"]), int(st["grad_accum"])
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(ck / "deepspeed"), tag="state",
+                                        load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+            self._ds_set_split()
+            rk = load_trainer_state(ck / f"trainer_state.rank{self.rank}.pt")
+            rng = rk["rng"]
+        else:
+            load_trainable_state(self.model, st["trainable"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            rng = st["rng"]
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.loader.load_state_dict(st["loader"])
+        set_rng_state(rng)
+        self.step = int(st["step"])
+        self.resumed_from = ck
+        self.say(f"resumed from {ck} at step {self.step} (micro_bsz {self.micro_bsz}, "
+                 f"grad_accum {self.grad_accum})")
+
+    def _export(self) -> tuple[dict, dict]:
+        from rwkvforge.peft import export_adapter
+
+        cfg, tensors = export_adapter(self.model, self.spec)
+        cfg["base_model_name_or_path"] = str(self.inputs.model_path)
+        return cfg, tensors
+
+    def _adapter_meta(self) -> dict:
+        return {"base_model": str(self.inputs.model_path), "model": self.model_cfg.to_dict(),
+                "quant": self.spec.quant, "peft_init": self.spec.init,
+                "use_dora": self.spec.use_dora, "train_parts": list(self.spec.train_parts),
+                "targets": list(self.spec.targets), "step": self.step,
+                "run": self.run_dir.name, "profile": self.s.profile}
+
+    # ------------------------------------------------------------------ one step
+    def _ds_set_split(self) -> None:
+        if self.engine is not None:
+            self.engine.set_train_micro_batch_size(self.micro_bsz)
+            self.engine.set_train_batch_size(self.micro_bsz * self.grad_accum * self.world)
+
+    def _backoff(self, err: BaseException) -> None:
+        if self.micro_bsz <= 1:
+            raise TrainError(
+                f"out of GPU memory at step {self.step + 1} with MICRO_BSZ=1 "
+                f"(CTX_LEN={self.s.ctx_len}): lower CTX_LEN, set GRAD_CP=1, use QUANT=nf4 "
+                f"or a smaller HEAD_CHUNK, or run `rwkvforge plan` to pick a config. "
+                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+        old = (self.micro_bsz, self.grad_accum)
+        self.micro_bsz //= 2
+        self.grad_accum *= 2
+        self._ds_set_split()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.say(f"out of memory at step {self.step + 1}: MICRO_BSZ {old[0]} -> "
+                 f"{self.micro_bsz}, GRAD_ACCUM {old[1]} -> {self.grad_accum} (same "
+                 "effective batch); retrying the step", logging.WARNING)
+        self._events.append("oom_backoff")
+
+    def _micro_steps(self, batch: dict) -> float:
+        """Forward/backward of this rank's rows in micro-batches; returns this rank's share
+        of the global mean loss (sum over ranks = the step's loss)."""
+        dev = self.device
+        R = self.rows_per_step
+        per_rank = R // self.world
+        lo = self.rank * per_rank
+        x_all = batch["input_ids"]
+        n_tokens = float(batch["loss_mask"].sum())
+        scale = self.world / max(n_tokens, 1.0)  # DeepSpeed averages ranks: undo it
+        total = 0.0
+        for i in range(self.grad_accum):
+            a = lo + i * self.micro_bsz
+            b = a + self.micro_bsz
+            if self.on_micro_batch is not None:
+                self.on_micro_batch(self.step + 1, i, self.micro_bsz)
+            x = x_all[a:b].to(dev, non_blocking=True)
+            y = batch["targets"][a:b].to(dev, non_blocking=True)
+            w = batch["loss_mask"][a:b].to(dev, non_blocking=True).float() * scale
+            with autocast_ctx(dev, self.s.precision):
+                if self.engine is not None:
+                    loss = self.engine(x, y, w)
+                else:
+                    loss = self.loss_module(x, y, w)
+            if self.engine is not None:
+                self.engine.backward(loss, scale_wrt_gas=False)
+                if i < self.grad_accum - 1:
+                    self.engine.step()  # DeepSpeed counts micro-steps; steps at the boundary
+            else:
+                loss.backward()
+            total += float(loss.detach()) / self.world
+        return total
+
+    def train_step(self, batch: dict) -> tuple[float, float | None]:
+        """One optimiser step on the global batch; returns (loss, grad norm)."""
+        while True:
+            try:
+                loss = self._micro_steps(batch)
+                break
+            except torch.cuda.OutOfMemoryError as e:  # noqa: PERF203
+                self._backoff(e)
+        gnorm = None
+        if self.engine is not None:
+            self.engine.step()
+            g = self.engine.get_global_grad_norm()
+            gnorm = float(g) if g is not None else None
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.s.grad_clip > 0:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([loss], dtype=torch.float64)
+            dist.all_reduce(t)
+            loss = float(t[0])
+        return loss, gnorm
+
+    # ------------------------------------------------------------------ loop
+    def _eval(self) -> float | None:
+        """Validation loss on rank 0 (None elsewhere). Under ZeRO-3 every rank joins the
+        forward passes (they gather the sharded weights together)."""
+        if not self.val_batches:
+            return None
+        if not self.is_main and self.s.deepspeed_stage != 3:
+            return None
+        return evaluate_loss(self.model, self.val_batches, self.s.head_chunk, self.s.precision,
+                             self.device)
+
+    def _init_wandb(self) -> None:
+        if not (self.s.wandb_project and self.is_main):
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise TrainError("WANDB_PROJECT is set but wandb is not installed: pip install "
+                             "wandb, or leave WANDB_PROJECT empty.") from None
+        self.wandb = wandb.init(project=self.s.wandb_project, name=self.run_dir.name,
+                                id=self.run_dir.name.replace("/", "-"), resume="allow",
+                                dir=str(self.run_dir),
+                                config=dataclasses.asdict(self.s))
+
+    def run(self) -> TrainResult:
+        s = self.s
+        self._events: list[str] = []
+        self.setup()
+        if self.is_main:
+            if self.resume:
+                self.folder.truncate_metrics(self.step)
+            else:
+                self.write_config()
+            self.folder.status("running", self.step, self.total_steps)
+        self._init_wandb()
+        release_freed_memory()  # setup transients (fp32 load, quantisation) back to the OS
+        mon = MemoryMonitor(self.device).start()
+        val_start = self.val_start = self._eval() if not self.resume else None
+        if val_start is not None:
+            self.say(f"val loss before training: {val_start:.4f} "
+                     f"({len(self.val_batches)} batches)")
+        if self.resume:
+            self._events.append("resumed")
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                             dynamic_ncols=True, file=sys.stderr, desc="train")
+        self.say(f"training {self.total_steps} steps: {self.rows_per_step} sequences x "
+                 f"<= {s.ctx_len} tokens per step, lr {s.lr:g} ({s.lr_schedule}), "
+                 f"run folder {self.run_dir}")
+        loss = None
+        val_end = None
+        t_log, tok_log = time.time(), 0
+        tps = 0.0
+        self.val_end = None
+        try:
+            while self.step < self.total_steps:
+                batch = next(self.loader)
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, gnorm = self.train_step(batch)
+                self.step += 1
+                tok_log += int(batch["input_ids"].numel())
+                if not math.isfinite(loss):
+                    raise TrainError(f"loss is {loss} at step {self.step}: training diverged. "
+                                     "Lower LR, keep GRAD_CLIP=1, or use PRECISION=bf16/fp32.")
+                last = self.step == self.total_steps
+                val = None
+                if s.eval_every and self.step % s.eval_every == 0 and not last:
+                    val = self._eval()
+                if last:
+                    val = val_end = self.val_end = self._eval()
+                if self.step % s.log_every == 0 or last or val is not None or self._events:
+                    now = time.time()
+                    tps = tok_log / max(now - t_log, 1e-9)
+                    t_log, tok_log = now, 0
+                    row = {"step": self.step, "loss": round(loss, 6), "lr": lr,
+                           "tokens_per_s": round(tps, 1), "mem_mb": round(mon.take_window(), 1),
+                           "time": round(now, 3),
+                           "epoch": round(float(getattr(self.loader, "epoch_progress", 0.0)), 4)}
+                    if gnorm is not None:
+                        row["grad_norm"] = round(gnorm, 6)
+                    if val is not None:
+                        row["val_loss"] = round(val, 6)
+                    if self._events:
+                        row["event"] = ",".join(self._events)
+                        row["micro_bsz"], row["grad_accum"] = self.micro_bsz, self.grad_accum
+                        self._events = []
+                    if self.is_main:
+                        self.folder.append_metrics(row)
+                        self.folder.status("running", self.step, self.total_steps)
+                        if self.wandb is not None:
+                            self.wandb.log({k: v for k, v in row.items()
+                                            if isinstance(v, (int, float))}, step=self.step)
+                    if self._bar is None:
+                        self.say(f"step {self.step}/{self.total_steps} loss {loss:.4f} "
+                                 f"lr {lr:.2e} {tps:,.0f} tok/s"
+                                 + (f" val {val:.4f}" if val is not None else ""))
+                    else:
+                        log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", self.step,
+                                 self.total_steps, loss, lr, tps,
+                                 f" val {val:.4f}" if val is not None else "")
+                if self._bar is not None:
+                    self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}",
+                                          refresh=False)
+                    self._bar.update(1)
+                if (s.save_every and self.step % s.save_every == 0) or last:
+                    self.save_checkpoint()
+            self._finish(loss, mon)
+        except BaseException as e:
+            mon.stop()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            if self.is_main:
+                msg = f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) \
+                    else "interrupted (Ctrl-C)"
+                self.folder.status("failed", self.step, self.total_steps, error=msg)
+                log.error("run failed at step %d: %s", self.step, msg)
+                self.folder.plot_loss()
+            if self.wandb is not None:
+                self.wandb.finish(exit_code=1)
+            self.folder.close_log()
+            raise
+        return TrainResult(self.run_dir, self.step, loss, val_start, val_end, mon.peak_mb,
+                           self.micro_bsz, self.grad_accum)
+
+    def _finish(self, loss, mon: MemoryMonitor) -> None:
+        from rwkvforge.checkpoint import atomic_dir, save_adapter
+
+        mon.stop()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self.engine is not None and self.s.deepspeed_stage == 3:
+            import deepspeed
+
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params):
+                cfg_t = self._export()
+        else:
+            cfg_t = self._export()
+        if self.is_main:
+            with atomic_dir(self.run_dir / "adapter") as d:
+                save_adapter(d, cfg_t[0], cfg_t[1], self._adapter_meta())
+            png = self.folder.plot_loss()
+            self.folder.status("finished", self.step, self.total_steps, error=None,
+                               peak_mem_mb=round(mon.peak_mb, 1),
+                               weights_mb=round(self.weights_mb, 1), final_loss=loss,
+                               val_loss_start=self.val_start, val_loss_end=self.val_end)
+            self.say(f"done: adapter {self.run_dir / 'adapter'}"
+                     + (f", loss curve {png}" if png else "")
+                     + f", peak memory {mon.peak_mb:,.0f} MB")
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.folder.close_log()
+
+
+# =========================================================================== RWKV-PEFT
+def rwkv_peft_dir(root: Path) -> Path:
+    return root / "third_party" / "RWKV-PEFT"
+
+
+def rwkv_peft_command(s: cfgmod.Settings, model_path: Path, data_prefix: Path,
+                      model_cfg, proj_dir: Path, checkout: Path,
+                      python: str = sys.executable, data_type: str = "binidx",
+                      epoch_steps: int | None = None) -> list[str]:
+    """argv for third_party/RWKV-PEFT/train.py mapped from the settings (no shell).
+
+    Mapping: LORA_R / LORA_ALPHA / LORA_DROPOUT -> --lora_config (or PEFT_INIT=pissa ->
+    --peft pissa --pissa_config), QUANT -> --quant, PRECISION -> --precision,
+    DEEPSPEED_STAGE -> --strategy deepspeed_stage_N (stage 1 when 0: RWKV-PEFT's default),
+    NUM_GPUS -> --devices, MAX_STEPS -> one "epoch" of --epoch_steps steps, TRAIN_PARTS ->
+    --train_parts, LR_SCHEDULE -> --lr_schedule cos|wsd (constant: lr_final = lr). The
+    prepared binidx prefix is passed as --data_file; SFT data uses RWKV-PEFT's own prompt
+    masking (--loss_mask qa): our mask stream is not read by it. Shapes come from the
+    checkpoint (--n_layer / --n_embd / --dim_ffn / --head_size_a / --vocab_size)."""
+    if s.data_type == "dpo":
+        raise TrainError("TRAINER=rwkv-peft does not train DPO data; use TRAINER=builtin.")
+    if s.use_dora:
+        raise TrainError("USE_DORA=1 has no RWKV-PEFT equivalent (it offers LoRA, PiSSA, "
+                         "DiSHA); use TRAINER=builtin or USE_DORA=0.")
+    # MAX_STEPS > 0: one "epoch" of exactly that many steps; else EPOCHS passes over the data
+    steps_per_epoch = s.max_steps if s.max_steps else max(int(epoch_steps or 1000), 1)
+    strategy = (f"deepspeed_stage_{s.deepspeed_stage}" if s.deepspeed_stage
+                else "deepspeed_stage_1")
+    precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[s.precision]
+    argv = [python, str(checkout / "train.py"),
+            "--load_model", str(model_path), "--proj_dir", str(proj_dir),
+            "--data_file", str(data_prefix), "--data_type", data_type,
+            "--vocab_size", str(model_cfg.vocab_size),
+            "--n_layer", str(model_cfg.n_layer), "--n_embd", str(model_cfg.n_embd),
+            "--dim_ffn", str(model_cfg.dim_ffn), "--head_size_a", str(model_cfg.head_size),
+            "--ctx_len", str(s.ctx_len), "--micro_bsz", str(s.micro_bsz),
+            "--accumulate_grad_batches", str(s.grad_accum),
+            "--epoch_steps", str(steps_per_epoch),
+            "--epoch_count", str(1 if s.max_steps else s.epochs), "--epoch_begin", "0",
+            "--epoch_save", "1",
+            "--lr_init", repr(float(s.lr)), "--lr_final", repr(float(s.lr_final)),
+            "--warmup_steps", str(s.warmup_steps),
+            "--lr_schedule", {"cosine": "cos", "wsd": "wsd", "constant": "cos"}[s.lr_schedule],
+            "--beta1", "0.9", "--beta2", "0.99", "--adam_eps", "1e-8",
+            "--weight_decay", repr(float(s.weight_decay)),
+            "--accelerator", "gpu", "--devices", str(s.num_gpus), "--precision", precision,
+            "--strategy", strategy, "--grad_cp", "1" if s.grad_cp else "0",
+            "--random_seed", str(s.seed), "--my_testing", "x070",
+            "--dataload", "pad",
+            "--loss_mask", "pad" if s.data_type == "text" else "qa",
+            "--quant", s.quant,
+            "--op", "fla" if s.wkv_impl == "fla" else "cuda",
+            ]
+    if s.lr_schedule == "constant":
+        argv[argv.index("--lr_final") + 1] = repr(float(s.lr))
+    if s.peft_init == "pissa":
+        argv += ["--peft", "pissa", "--pissa_config", json.dumps(
+            {"pissa_load": "", "pissa_init": "", "pissa_r": s.lora_r, "svd_niter": 4})]
+    else:
+        argv += ["--peft", "lora", "--lora_config", json.dumps(
+            {"lora_load": "", "lora_r": s.lora_r, "lora_alpha": s.lora_alpha,
+             "lora_dropout": s.lora_dropout})]
+    from rwkvforge.peft import parse_train_parts
+
+    parts = parse_train_parts(s.train_parts)
+    argv += ["--train_parts", *parts] if parts else ["--train_parts"]
+    if s.wandb_project:
+        argv += ["--wandb", s.wandb_project]
+    return argv
+
+
+def run_rwkv_peft(res: cfgmod.Resolved, root: Path, run_dir: Path, print_only: bool) -> int:
+    s = res.settings
+    checkout = rwkv_peft_dir(root)
+    if not (checkout / "train.py").is_file():
+        raise TrainError(f"TRAINER=rwkv-peft but {checkout}/train.py is missing: run "
+                         "`./scripts/bootstrap.sh --with-upstream` (clones RWKV-PEFT into "
+                         "third_party/), or set TRAINER=builtin.")
+    inputs = resolve_inputs(res, root, prepare=not print_only, check_data=not print_only)
+    from rwkvforge.checkpoint import infer_config, load_state_dict
+
+    mcfg = infer_config(load_state_dict(inputs.model_path))
+    from rwkvforge.data.loader import load_meta
+
+    _, meta = load_meta(inputs.data_prefix)
+    docs = ((meta or {}).get("splits") or {}).get("train", {}).get("documents")
+    per_step = s.micro_bsz * s.grad_accum * s.num_gpus
+    argv = rwkv_peft_command(s, inputs.model_path, inputs.data_prefix, mcfg,
+                             run_dir / "rwkv-peft", checkout,
+                             epoch_steps=max(docs // per_step, 1) if docs else None)
+    import shlex
+
+    print("RWKV-PEFT command: " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr)
+    if print_only:
+        return 0
+    (run_dir / "rwkv-peft").mkdir(parents=True, exist_ok=True)
+    return subprocess.run(argv, cwd=str(checkout), check=False).returncode
+
+
+# =========================================================================== CLI
+def default_run_name(s: cfgmod.Settings) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{s.model_name}-{s.profile}-{stamp}"
+
+
+def resolve_for_resume(run_dir: Path, args: argparse.Namespace) -> cfgmod.Resolved:
+    """The run's own settings (config.json), with only RESUME_MUTABLE flags applied."""
+    cfg_p = run_dir / "config.json"
+    if not cfg_p.is_file():
+        raise TrainError(f"--resume {run_dir}: no config.json there; is it a run folder "
+                         "(runs/<run>)?")
+    saved = json.loads(cfg_p.read_text(encoding="utf-8"))
+    values = saved["settings"]
+    known = {f.name for f in dataclasses.fields(cfgmod.Settings)}
+    values = {k: v for k, v in values.items() if k in known}
+    sources = dict(saved.get("sources", {}))
+    given = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
+    for name, v in given.items():
+        key = name.upper()
+        new = cfgmod.coerce(key, str(v), f"command-line flag --{name.replace('_', '-')}")
+        if new == values.get(name):
+            continue
+        if name not in RESUME_MUTABLE:
+            raise TrainError(f"--{name.replace('_', '-')} cannot change when resuming "
+                             f"({values.get(name)!r} in {cfg_p}); only "
+                             + ", ".join("--" + m.replace("_", "-") for m in RESUME_MUTABLE)
+                             + " may. Start a new run to change it.")
+        values[name] = new
+        sources[key] = "cli (resume)"
+    if getattr(args, "model", None) or getattr(args, "profile", None):
+        raise TrainError("--model / --profile cannot be given with --resume: the run keeps the "
+                         f"settings in {cfg_p}.")
+    return cfgmod.Resolved(settings=cfgmod.Settings(**values), sources=sources,
+                           files=list(saved.get("files", [])))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rwkvforge train", description=__doc__.split("\n\n")[0],
+                                 epilog="Every setting also reads from configs/*.env and the "
+                                 "environment (KEY=value); see `rwkvforge config show`.")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<run> from its last "
+                    "complete checkpoint (explicit: nothing is resumed otherwise)")
+    ap.add_argument("--print-cmd", action="store_true", help="TRAINER=rwkv-peft: print the "
+                    "RWKV-PEFT command and exit")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines "
+                    "instead)")
+    cfgmod.add_settings_flags(ap)
+    return ap
+
+
+def _launch_distributed(s: cfgmod.Settings, argv: list[str], run_name: str) -> int:
+    """Re-run this command under torch.distributed.run with NUM_GPUS processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(s.num_gpus), "-m", "rwkvforge.train", *argv]
+    if "--run-name" not in argv and not any(a.startswith("--run-name=") for a in argv):
+        cmd += ["--run-name", run_name]
+    print(f"launching {s.num_gpus} DeepSpeed processes: {' '.join(cmd)}", file=sys.stderr)
+    return subprocess.run(cmd, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    root = paths.workspace_root()
+    try:
+        if args.resume:
+            run_dir = Path(args.resume).expanduser()
+            if not run_dir.is_absolute():
+                run_dir = (Path.cwd() / run_dir)
+            if not run_dir.is_dir():
+                raise TrainError(f"--resume {args.resume}: no such run folder.")
+            res = resolve_for_resume(run_dir, args)
+        else:
+            res = cfgmod.resolve_from_args(args)
+            if (not res.settings.base_model and not args.model
+                    and not os.environ.get("RWKVFORGE_MODEL")
+                    and (root / "configs" / "model" / f"{DEMO_MODEL_ENV}.env").is_file()):
+                # the demo model: use its recommended settings (CTX_LEN, MICRO_BSZ, LR, ...)
+                args.model = DEMO_MODEL_ENV
+                res = cfgmod.resolve_from_args(args)
+            s = res.settings
+            runs = _resolve_path(s.runs_dir, res.sources.get("RUNS_DIR", "default"), root)
+            name = s.run_name or default_run_name(s)
+            run_dir = runs / name
+        s = res.settings
+        if s.trainer == "rwkv-peft":
+            return run_rwkv_peft(res, root, run_dir, args.print_cmd)
+        in_dist = "WORLD_SIZE" in os.environ
+        if s.deepspeed_stage > 0 and s.num_gpus > 1 and not in_dist:
+            if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+                raise TrainError(f"{run_dir} already exists: pick another --run-name or "
+                                 f"--resume {run_dir}.")
+            return _launch_distributed(s, argv, run_dir.name)
+        if not args.resume and int(os.environ.get("RANK", "0")) == 0 \
+                and run_dir.exists() and any(run_dir.iterdir()):
+            raise TrainError(f"{run_dir} already exists: pick another --run-name, or continue "
+                             f"it with --resume {run_dir}.")
+        trainer = Trainer(res, run_dir, resume=bool(args.resume), root=root,
+                          progress=False if args.no_progress else None)
+        trainer.run()
+        return 0
+    except (TrainError, cfgmod.ConfigError) as e:
+        print(f"train error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - errors from the model/adapter/data layers
+        from rwkvforge.checkpoint import CheckpointError
+        from rwkvforge.peft import AdapterError
+
+        if isinstance(e, (CheckpointError, AdapterError)):
+            print(f"train error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""Tests for rwkvforge.infer and scripts/infer_albatross.py: one-shot chat / raw prompts
+streamed to stdout (compared with the engine run directly), the `rwkv` pip back-end giving
+the same greedy text as the built-in one, the interactive REPL reusing earlier turns from
+the prefix cache, and clear errors for a missing model or an unavailable back-end.
+
+    /tmp/v1/bin/python -m pytest tests/test_infer.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rwkvforge import infer
+from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from rwkvforge.tokenizer import get_tokenizer
+
+    return get_tokenizer()
+
+
+def _greedy(model_path, ids, n, stop=()) -> str:
+    from rwkvforge.checkpoint import load_model
+    from rwkvforge.tokenizer import get_tokenizer
+
+    eng = Engine(load_model(model_path), get_tokenizer())
+    return eng.generate(ids, SamplingParams(temperature=0, max_tokens=n, stop=stop)).result()
+
+
+def test_one_shot_chat_streams_the_engine_answer(tiny_model_path, tok, capsys):
+    rc = infer.main(["--model", str(tiny_model_path), "--prompt", "Hello there",
+                     "--max-tokens", "8", "--temperature", "0", "--system", "Be kind."])
+    assert rc == 0
+    out = capsys.readouterr().out
+    ids, _ = encode_chat_prompt([{"role": "system", "content": "Be kind."},
+                                 {"role": "user", "content": "Hello there"}], tok)
+    assert out == _greedy(tiny_model_path, ids, 8, CHAT_STOP).lstrip() + "\n"
+
+
+def test_raw_prompt(tiny_model_path, tok, capsys):
+    rc = infer.main(["--model", str(tiny_model_path), "--raw", "--prompt", "def f(x):",
+                     "--max-tokens", "6", "--temperature", "0"])
+    assert rc == 0
+    assert capsys.readouterr().out == _greedy(tiny_model_path, tok.encode("def f(x):"), 6) + "\n"
+
+
+@pytest.mark.slow
+def test_rwkv_pip_backend_matches_builtin(tiny_model_path):
+    """Same greedy text from the `rwkv` package (fresh process: it reads RWKV_V7_ON on
+    import) as from the built-in model run through scripts/infer_albatross.py."""
+    args = ["--model", str(tiny_model_path), "--raw", "--prompt", "The weather today",
+            "--max-tokens", "8", "--temperature", "0", "--presence-penalty", "0",
+            "--frequency-penalty", "0"]
+    env = {**os.environ, "RWKVFORGE_ROOT": str(ROOT)}
+    outs = {}
+    for backend, entry in (("builtin", [str(ROOT / "scripts" / "infer_albatross.py")]),
+                           ("rwkv", ["-m", "rwkvforge.infer"])):
+        p = subprocess.run([sys.executable, *entry, *args, "--infer-backend", backend],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr
+        outs[backend] = p.stdout
+    assert outs["rwkv"] == outs["builtin"] and len(outs["rwkv"].strip()) > 0
+
+
+def test_repl_reuses_earlier_turns(tiny_model_path, tok, capsys):
+    runner = infer.BuiltinRunner(tiny_model_path, tok, infer.DTYPES["fp32"], "cpu")
+    lines = iter(["hi", "tell me more", "/reset", "again", "/quit"])
+    params = lambda chat: SamplingParams(temperature=0, max_tokens=5,  # noqa: E731
+                                         stop=CHAT_STOP if chat else ())
+    rc = infer.repl(runner, tok, "", params, read=lambda _: next(lines))
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 3
+    # turn 2 starts with turn 1's prompt: its state came from the prefix cache
+    assert runner.engine.cache.hits >= 1
+
+
+def test_missing_model_and_backend_errors(tmp_path, tiny_model_path, tok, capsys):
+    rc = infer.main(["--model", str(tmp_path / "nope.pth"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model file not found" in err and "nope.pth" in err
+    with pytest.raises(infer.InferError, match="third_party/Albatross"):
+        infer.make_runner("albatross", tiny_model_path, tok, device="cpu", dtype="fp32",
+                          root=tmp_path)
+    (tmp_path / "third_party" / "Albatross" / "reference").mkdir(parents=True)
+    (tmp_path / "third_party" / "Albatross" / "reference" / "rwkv7.py").write_text("")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(infer.InferError, match="CUDA"):
+            infer.make_runner("albatross", tiny_model_path, tok, device="cpu", dtype="fp32",
+                              root=tmp_path)
+    with pytest.raises(infer.InferError, match="builtin"):
+        infer.make_runner("rwkv", tiny_model_path, tok, device="cpu", dtype="fp32",
+                          adapter=str(tmp_path))
+
+
+def test_default_model_is_the_demo(tmp_path):
+    path, is_demo = infer.resolve_model_path("", root=tmp_path)
+    assert is_demo and path.is_file() and path.parent == tmp_path / "models" / "base"
+
+
+def test_entry_script_help():
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "infer_albatross.py"), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--prompt" in p.stdout and "albatross" in p.stdout

@@ -1,0 +1,365 @@
+"""Tests for rwkvforge.serve: the official `openai` client against a live uvicorn server on
+127.0.0.1 (a free port, served from a thread) with a tiny random model — completions and
+chat, streaming and not, compared token for token with the engine run directly; API key
+(401), bounded queue (429), validation (400 / 422 naming the field), client disconnect,
+a schemathesis fuzz run (no 500s) and a bounded load test (slow).
+
+    /tmp/v1/bin/python -m pytest tests/test_serve.py -q            # + -m slow for the load test
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
+from rwkvforge.serve import ServeOptions, create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving create_app(...) on 127.0.0.1:<free port> in a daemon thread."""
+
+    def __init__(self, model, tok, *, max_batch=8, max_queue=64, **opts):
+        import uvicorn
+
+        self.engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue,
+                             prefill_chunk=32)
+        self.opts = ServeOptions(model_id="tiny-test", **opts)
+        app = create_app(self.engine, tok, self.opts)
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                             lifespan="on")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        t0 = time.time()
+        while not self.server.started:
+            if time.time() - t0 > 30 or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def client(self, key: str = "none", **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0,
+                             timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_path):
+    from rwkvforge.checkpoint import load_model
+    from rwkvforge.tokenizer import get_tokenizer
+
+    return load_model(tiny_model_path), get_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def srv(parts):
+    model, tok = parts
+    with LiveServer(model, tok, max_tokens=2048, max_prompt_tokens=200) as s:
+        yield s
+
+
+def _direct(parts, ids, **kw) -> tuple[str, int]:
+    """The same request run on a fresh engine in-process: what the server must return."""
+    model, tok = parts
+    h = Engine(model, tok).generate(ids, SamplingParams(**kw))
+    return h.result(), h.completion_tokens
+
+
+# ----------------------------------------------------------------------------- basics
+def test_health_and_models(srv):
+    r = httpx.get(srv.base + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    ids = [m.id for m in srv.client().models.list()]
+    assert ids == ["tiny-test"]
+
+
+def test_completion_matches_engine_stream_and_not(srv, parts):
+    _, tok = parts
+    c = srv.client()
+    want, n = _direct(parts, tok.encode("Hello world"), temperature=0, max_tokens=6, top_p=1.0)
+    r = c.completions.create(model="tiny-test", prompt="Hello world", max_tokens=6,
+                             temperature=0)
+    assert r.choices[0].text == want
+    assert r.choices[0].finish_reason == ("length" if n == 6 else "stop")
+    assert r.usage.prompt_tokens == len(tok.encode("Hello world"))
+    assert r.usage.completion_tokens == n and r.usage.total_tokens == n + r.usage.prompt_tokens
+    chunks = list(c.completions.create(model="x", prompt="Hello world", max_tokens=6,
+                                       temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # token-id prompts are accepted too
+    r2 = c.completions.create(model="x", prompt=tok.encode("Hello world"), max_tokens=6,
+                              temperature=0)
+    assert r2.choices[0].text == want
+
+
+def test_chat_matches_engine_stream_and_not(srv, parts):
+    _, tok = parts
+    c = srv.client()
+    msgs = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Say something."}]
+    ids, _ = encode_chat_prompt(msgs, tok)
+    want, n = _direct(parts, ids, temperature=0, max_tokens=8, top_p=1.0, stop=CHAT_STOP)
+    r = c.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=8,
+                                  temperature=0)
+    m = r.choices[0].message
+    assert m.role == "assistant" and m.content == want.lstrip()
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == n
+    assert r.choices[0].finish_reason in ("stop", "length")
+    chunks = list(c.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == m.content
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices]
+    assert finals[-1] == r.choices[0].finish_reason and finals.count(None) == len(finals) - 1
+    assert chunks[-1].usage.completion_tokens == n
+
+
+def test_seed_stop_and_sampling_fields(srv, parts):
+    c = srv.client()
+    kw = dict(model="x", prompt="Once upon a time", max_tokens=12, temperature=1.0, top_p=0.9,
+              presence_penalty=0.5, frequency_penalty=0.5)
+    a = c.completions.create(seed=7, **kw).choices[0].text
+    b = c.completions.create(seed=7, **kw).choices[0].text
+    assert a == b
+    greedy = c.completions.create(model="x", prompt="Count", max_tokens=12,
+                                  temperature=0).choices[0].text
+    assert len(greedy) >= 4
+    stop = greedy[2:4]
+    r = c.completions.create(model="x", prompt="Count", max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == greedy[: greedy.find(stop)]
+
+
+# ----------------------------------------------------------------------------- safety
+def test_api_key_required_when_set(parts):
+    model, tok = parts
+    with LiveServer(model, tok, api_key="s3cret") as s:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        r = httpx.post(s.base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(s.base + "/health").status_code == 200
+        out = s.client("s3cret").completions.create(model="x", prompt="hi", max_tokens=2)
+        assert out.usage.completion_tokens <= 2
+
+
+def test_queue_full_answers_429(parts):
+    model, tok = parts
+    with LiveServer(model, tok, max_batch=1, max_queue=1) as s:
+        def one(i: int) -> int:
+            body = {"model": "x", "prompt": f"request {i}", "max_tokens": 400,
+                    "temperature": 0, "stream": True}
+            with httpx.stream("POST", s.base + "/v1/completions", json=body, timeout=60) as r:
+                if r.status_code == 200:
+                    for line in r.iter_lines():
+                        if line.startswith("data: ") and '"finish_reason": null' in line:
+                            break  # got going: enough to hold a slot, then disconnect
+                else:
+                    r.read()
+                    assert r.json()["error"]["code"] == "queue_full"
+                return r.status_code
+
+        with ThreadPoolExecutor(6) as ex:
+            codes = list(ex.map(one, range(6)))
+        assert 200 in codes and 429 in codes, codes
+        assert set(codes) <= {200, 429}
+        with pytest.raises(openai.RateLimitError):
+            # hold the only slot and the only queue place, then ask once more
+            blockers = [s.engine.submit([1, 2, 3], SamplingParams(max_tokens=2000))]
+            t0 = time.time()
+            while s.engine.n_waiting and time.time() - t0 < 10:  # wait until it runs
+                time.sleep(0.02)
+            blockers.append(s.engine.submit([1, 2, 3], SamplingParams(max_tokens=2000)))
+            try:
+                s.client().completions.create(model="x", prompt="hi", max_tokens=1)
+            finally:
+                for h in blockers:
+                    h.cancel()
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/completions", {"prompt": "hi", "temperature": 5}, 422, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": -0.1}, 422, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 999999}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 3}, 422, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1}, 422, "seed"),
+    ("/v1/completions", {"prompt": "hi", "n": 2}, 422, "n"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": [70000]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"max_tokens": 3}, 422, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 422, "temperature"),
+    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, 422,
+     "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "  "}]}, 400,
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400,
+     "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": 10**6}, 400, "max_tokens"),
+])
+def test_validation_names_the_field(srv, path, body, status, param):
+    r = httpx.post(srv.base + path, json={"model": "x", **body})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and param.split(".")[0] in err["message"] + err["param"]
+
+
+def test_malformed_json_is_400(srv):
+    r = httpx.post(srv.base + "/v1/completions", content=b'{"prompt": "hi",',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_cancels_generation(srv):
+    body = {"model": "x", "prompt": "go on forever", "max_tokens": 2048, "temperature": 1.0}
+    with httpx.stream("POST", srv.base + "/v1/completions", json={**body, "stream": True},
+                      timeout=30) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 4:
+                break
+    t0 = time.time()
+    while httpx.get(srv.base + "/health").json()["running"] and time.time() - t0 < 10:
+        time.sleep(0.1)
+    health = httpx.get(srv.base + "/health").json()
+    assert health["running"] == 0 and health["waiting"] == 0
+    # non-streaming: a client that times out also frees its slot
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.base + "/v1/completions", json=body, timeout=1.0)
+    t0 = time.time()
+    while httpx.get(srv.base + "/health").json()["running"] and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert httpx.get(srv.base + "/health").json()["running"] == 0
+
+
+# ----------------------------------------------------------------------------- fuzz
+def test_fuzz_openapi_no_server_errors(srv):
+    """schemathesis generates requests from the server's own OpenAPI document (valid and
+    invalid); none may produce a 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(srv.base + "/openapi.json")
+    ops = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in ops} >= {"/v1/completions", "/v1/chat/completions"}
+    seen: list[int] = []
+    for op in ops:
+        if op.method.upper() != "POST":
+            continue
+
+        @settings(max_examples=20, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy())
+        def run(case) -> None:
+            if isinstance(case.body, dict):  # keep generations short: this is about input
+                case.body["max_tokens"] = 2
+                case.body.pop("max_completion_tokens", None)
+                case.body["stream"] = False
+            resp = case.call(base_url=srv.base, timeout=30)
+            seen.append(resp.status_code)
+            assert resp.status_code < 500, (case.body, resp.text)
+
+        run()
+    assert any(c == 200 for c in seen) and any(c in (400, 422) for c in seen)
+
+
+def test_fuzz_raw_bodies_no_server_errors(srv):
+    """Hypothesis: arbitrary JSON values in every field of a chat request."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+                     st.text(max_size=20))
+    json_val = st.recursive(leaf, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                      st.dictionaries(st.text(max_size=8), c,
+                                                                      max_size=3)), max_leaves=8)
+    fields = st.fixed_dictionaries({}, optional={
+        "messages": st.one_of(json_val, st.lists(st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "assistant", "system", "x"]),
+             "content": json_val}), max_size=3)),
+        "temperature": json_val, "top_p": json_val, "stop": json_val, "seed": json_val,
+        "presence_penalty": json_val, "stream": st.just(False), "prompt": json_val})
+
+    with httpx.Client(base_url=srv.base, timeout=30) as cl:
+        @settings(max_examples=60, deadline=None, database=None)
+        @given(body=fields, path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+        def run(body, path) -> None:
+            body["max_tokens"] = 2
+            r = cl.post(path, content=json.dumps(body, allow_nan=True),
+                        headers={"content-type": "application/json"})
+            assert r.status_code < 500, (body, r.text)
+
+        run()
+
+
+# ----------------------------------------------------------------------------- load
+@pytest.mark.slow
+def test_load_32_streaming_clients_complete_and_memory_flat(parts):
+    import psutil
+
+    model, tok = parts
+    proc = psutil.Process()
+    with LiveServer(model, tok, max_batch=16, max_queue=64) as s:
+        def client_loop(i: int, until: float) -> tuple[int, int]:
+            done = bad = 0
+            with httpx.Client(base_url=s.base, timeout=120) as cl:
+                while time.time() < until:
+                    body = {"model": "x", "prompt": f"client {i} says", "max_tokens": 8,
+                            "temperature": 1.0, "seed": i, "stream": True}
+                    with cl.stream("POST", "/v1/completions", json=body) as r:
+                        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+                    finish = [json.loads(ln[6:])["choices"][0]["finish_reason"]
+                              for ln in lines[:-1]]
+                    ok = (r.status_code == 200 and lines and lines[-1] == "data: [DONE]"
+                          and finish and finish[-1] in ("stop", "length"))
+                    done += ok
+                    bad += not ok
+            return done, bad
+
+        def burst(seconds: float) -> list[tuple[int, int]]:
+            until = time.time() + seconds
+            with ThreadPoolExecutor(32) as ex:
+                return list(ex.map(lambda i: client_loop(i, until), range(32)))
+
+        burst(3)  # warm-up: allocator pools, caches
+        gc.collect()
+        rss0 = proc.memory_info().rss
+        res = burst(12)
+        gc.collect()
+        time.sleep(0.5)
+        rss1 = proc.memory_info().rss
+        assert sum(b for _, b in res) == 0
+        assert all(d >= 1 for d, _ in res)  # every client got complete streams
+        health = httpx.get(s.base + "/health").json()
+        assert health["running"] == 0 and health["waiting"] == 0
+        assert rss1 - rss0 < 64 * 2**20, f"RSS grew {(rss1 - rss0) / 2**20:.1f} MiB"
+        assert s.engine.stats["decode_tokens"] > 0
