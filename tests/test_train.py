@@ -287,8 +287,9 @@ def test_resume_after_kill_9_gives_the_same_losses(tiny_model_path, sft_prefix, 
 
 @pytest.mark.slow
 def test_deepspeed_two_processes_match_one(tiny_model_path, sft_prefix, tmp_path):
-    """ZeRO-2 over gloo with 2 processes x MICRO_BSZ 1 == 1 process x MICRO_BSZ 2 (same
-    global batch): every step's loss within 1e-4 relative."""
+    """ZeRO-2 and ZeRO-3 (+ CPU-offloaded Adam) over gloo with 2 processes x MICRO_BSZ 1 ==
+    1 process x MICRO_BSZ 2 (same global batch): every step's loss within 1e-4 relative,
+    final adapters within 1e-5."""
     env = sub_env()
     base = ("--max-steps=3", "--save-every=0", "--grad-clip=1.0")
     one = subprocess.run(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "one", *base,
@@ -301,11 +302,23 @@ def test_deepspeed_two_processes_match_one(tiny_model_path, sft_prefix, tmp_path
     assert two.returncode == 0, two.stderr[-4000:]
     cfg = json.loads((tmp_path / "two" / "config.json").read_text())
     assert cfg["training"]["world_size"] == 2
+    three = subprocess.run(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "three", *base,
+                                      "--micro-bsz=1", "--deepspeed-stage=3",
+                                      "--deepspeed-offload=1", "--num-gpus=2"),
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert three.returncode == 0, three.stderr[-4000:]
+    from rwkvforge.checkpoint import load_adapter
+
     a = [r["loss"] for r in metrics(tmp_path / "one")]
-    b = [r["loss"] for r in metrics(tmp_path / "two")]
-    assert len(a) == len(b) == 3
-    assert b == pytest.approx(a, rel=1e-4)
-    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+    want = load_adapter(tmp_path / "one" / "adapter")[1]
+    for run in ("two", "three"):
+        b = [r["loss"] for r in metrics(tmp_path / run)]
+        assert len(a) == len(b) == 3
+        assert b == pytest.approx(a, rel=1e-4), run
+        got = load_adapter(tmp_path / run / "adapter")[1]
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

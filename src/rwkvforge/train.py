@@ -3,6 +3,9 @@
     rwkvforge train                                   # demo model + shipped sample, if unset
     rwkvforge train --profile qlora-nf4 --max-steps 200 --run-name bsl-nf4
     rwkvforge train --resume runs/bsl-nf4 --max-steps 400   # continue from its last checkpoint
+    rwkvforge train --deepspeed-stage 2 --num-gpus 2        # relaunches itself under
+                                                            # torch.distributed.run (gloo on CPU)
+    TRAINER=rwkv-peft rwkvforge train --print-cmd           # the mapped RWKV-PEFT command
     ./scripts/train_lora_bf16.sh | train_qlora_nf4.sh | train_qlora_int8.sh
     python -m rwkvforge.train --help
 
@@ -20,6 +23,13 @@ micro-batches or processes (1 process x 2 micro-batches == 2 processes x 1).
 The vocabulary projection + cross-entropy run in HEAD_CHUNK-token pieces, only on tokens
 whose loss mask is non-zero, with the gradient computed in the same pass: the (T, 65536)
 logits tensor never exists.
+
+DeepSpeed (DEEPSPEED_STAGE 2 / 3, DEEPSPEED_OFFLOAD=1 for CPU-offloaded Adam states): the
+command re-runs itself with NUM_GPUS processes; checkpoints then hold DeepSpeed's sharded
+state under step-N/deepspeed/ (read back by DeepSpeed's own loader) next to the adapter.
+
+A CUDA out-of-memory error inside a step halves MICRO_BSZ and doubles GRAD_ACCUM (same
+effective batch), logs it (metrics "event": "oom_backoff") and retries the same step.
 
 TRAINER=rwkv-peft runs third_party/RWKV-PEFT/train.py with arguments mapped from the same
 config instead (`--print-cmd` shows the command).
@@ -116,7 +126,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 tl = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
                 total += ((lse - tl) * wc).sum()
                 if need_h or need_w:
-                    g = torch.exp(logits.sub_(lse.unsqueeze(1)))  # softmax, in place
+                    g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place (n,V)
                     g[torch.arange(len(tc), device=g.device), tc] -= 1.0
                     g.mul_(wc.unsqueeze(1))
                     g = g.to(dtype)
@@ -192,8 +202,11 @@ def autocast_ctx(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
-                  precision: str = "fp32", device: torch.device | str = "cpu") -> float:
-    """Mean cross-entropy over all masked tokens of `batches` (nats/token); nan if none."""
+                  precision: str = "fp32", device: torch.device | str = "cpu",
+                  loss_fn: Callable | None = None) -> float:
+    """Mean cross-entropy over all masked tokens of `batches` (nats/token); nan if none.
+    `loss_fn(input_ids, targets, weights) -> summed loss` replaces the direct call (the
+    DeepSpeed engine, which gathers ZeRO-3 shards)."""
     from rwkvforge.peft import unwrap
 
     device = torch.device(device)
@@ -215,10 +228,14 @@ def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
         for b in batches:
             x = b["input_ids"].to(device)
             mask = b["loss_mask"].to(device).float()
+            y = b["targets"].to(device)
             with autocast_ctx(device, precision):
-                hidden, _ = m.forward_hidden(x)
-            total += float(chunked_head_loss(hidden, m.head, b["targets"].to(device), mask,
-                                             head_chunk, dtype))
+                if loss_fn is not None:
+                    total += float(loss_fn(x, y, mask))
+                else:
+                    hidden, _ = m.forward_hidden(x)
+                    total += float(chunked_head_loss(hidden, m.head, y, mask, head_chunk,
+                                                     dtype))
             count += float(mask.sum())
     finally:
         m.train(was)
@@ -602,6 +619,14 @@ def make_optimizer(model: nn.Module, s: cfgmod.Settings):
     groups = [{"params": decay, "weight_decay": s.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
+    if s.deepspeed_stage > 0 and s.deepspeed_offload:
+        if s.optimizer != "adamw":
+            raise TrainError("DEEPSPEED_OFFLOAD=1 runs DeepSpeed's CPU Adam: set "
+                             "OPTIMIZER=adamw (8-bit states are for GPU memory).")
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # optimiser states in CPU RAM
+
+        return DeepSpeedCPUAdam(groups, lr=s.lr, betas=(0.9, 0.99), eps=1e-8,
+                                adamw_mode=True)
     if s.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -792,6 +817,14 @@ class Trainer:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=self.loss_module, optimizer=self.optimizer, model_parameters=params,
                 config=self._ds_config(), dist_init_required=False)
+            if s.deepspeed_stage == 3:
+                # weights read as tensors, not through their module's forward: ZeRO-3 must
+                # gather them with the module that uses them
+                reg = deepspeed.zero.register_external_parameter
+                reg(self.loss_module, self.inner.head.weight)
+                for blk in self.inner.blocks:
+                    reg(blk.att, blk.att.ln_x.weight)
+                    reg(blk.att, blk.att.ln_x.bias)
         if self.resume:
             self._load_resume()
 
@@ -1039,8 +1072,12 @@ class Trainer:
             return None
         if not self.is_main and self.s.deepspeed_stage != 3:
             return None
-        return evaluate_loss(self.model, self.val_batches, self.s.head_chunk, self.s.precision,
-                             self.device)
+        fn = None
+        if self.engine is not None and self.s.deepspeed_stage == 3:
+            fn = self.engine  # its forward gathers the sharded weights
+        with torch.no_grad():
+            return evaluate_loss(self.model, self.val_batches, self.s.head_chunk,
+                                 self.s.precision, self.device, loss_fn=fn)
 
     def _init_wandb(self) -> None:
         if not (self.s.wandb_project and self.is_main):
@@ -1377,7 +1414,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.trainer == "rwkv-peft":
             return run_rwkv_peft(res, root, run_dir, args.print_cmd)
         in_dist = "WORLD_SIZE" in os.environ
-        if s.deepspeed_stage > 0 and s.num_gpus > 1 and not in_dist:
+        if s.deepspeed_stage > 0 and not in_dist:  # DeepSpeed runs under its launcher
             if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
                 raise TrainError(f"{run_dir} already exists: pick another --run-name or "
                                  f"--resume {run_dir}.")
