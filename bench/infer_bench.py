@@ -3,6 +3,11 @@
     rwkvforge demo-model --bench            # writes models/base/rwkv7-0.1b-shape.pth once
     python bench/infer_bench.py             # a few minutes on an idle 2-core machine
     python bench/infer_bench.py --dtypes fp32 --strategies "cpu fp32" --rounds 1
+    python bench/infer_bench.py --tokens 16 --rounds 2     # quicker
+
+Our modes (--dtypes) are WEIGHTS[+FAST]: fp32 is the exact path; fp32+int8 / fp32+bf16 set
+the model's `infer_dtype` fast path (see RWKV7.infer_dtype). Each row reports our fastest
+mode and names it.
 
 Prints one table: single-stream decode, 16-stream batched decode (aggregate) and a
 512-token prefill, each as tokens/s for us and for the package's best CPU strategy (the
@@ -54,24 +59,36 @@ def measure_bandwidth(mib: int = 1024, reps: int = 5) -> float:
 
 # ------------------------------------------------------------------------------ systems
 class Ours:
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, mode: str, model=None):
+        """mode = WEIGHTS[+FAST]: weight dtype (fp32|bf16|fp16) and optionally the model's
+        `infer_dtype` fast path (int8: weight-only int8 GEMV for 1 stream, bf16 GEMMs for
+        many rows; bf16: bf16 GEMMs for many rows). `model` reuses an already loaded model
+        with the same weight dtype (the fast paths only add cached low-precision copies)."""
         import torch
 
         from rwkvforge.checkpoint import load_model
 
+        dtype, _, fast = mode.partition("+")
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.name = f"rwkvforge {dtype}"
-        self.model = load_model(path, dtype=dt)
+        self.name = f"rwkvforge {mode}"
+        self.model = model if model is not None else load_model(path, dtype=dt)
+        self.infer_dtype = {"": None, "int8": torch.int8, "bf16": torch.bfloat16}[fast]
         emb = self.model.emb.weight
         wbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         # every weight is read once per step, except the embedding table (one row)
         self.bytes_per_token = wbytes - emb.numel() * emb.element_size() \
             + emb.shape[1] * emb.element_size()
+        if self.infer_dtype is torch.int8:  # single stream reads int8 copies of the Linears
+            lins = [mod.weight for mod in self.model.modules()
+                    if type(mod) is torch.nn.Linear]
+            self.bytes_per_token -= sum(w.numel() * w.element_size() for w in lins)
+            self.bytes_per_token += sum(w.numel() + 2 * w.shape[0] for w in lins)
 
     def decode(self, B: int, n: int) -> float:
         import torch
 
         m = self.model
+        m.infer_dtype = self.infer_dtype
         with torch.inference_mode():
             state = m.init_state(B)
             idx = torch.arange(1, B + 1)
@@ -86,6 +103,7 @@ class Ours:
     def prefill(self, ids: list[int]) -> float:
         import torch
 
+        self.model.infer_dtype = self.infer_dtype
         with torch.inference_mode():
             x = torch.tensor([ids])
             t = time.perf_counter()
@@ -97,6 +115,7 @@ class Ours:
         from rwkvforge.generate import Engine, SamplingParams
         from rwkvforge.tokenizer import get_tokenizer
 
+        self.model.infer_dtype = self.infer_dtype
         eng = Engine(self.model, get_tokenizer(), cache_prompts=False)
         p = SamplingParams(temperature=1.0, top_p=0.85, max_tokens=n, token_stop=(), seed=0)
         eng.generate([1, 2, 3], SamplingParams(max_tokens=2, token_stop=()))
@@ -147,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3,
                     help="interleaved rounds; the best of each is kept (robust to a busy box)")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="our weight dtypes to measure")
+    ap.add_argument("--dtypes", default="fp32,fp32+int8,fp32+bf16",
+                    help="our modes to measure, WEIGHTS[+FAST]: weight dtype fp32|bf16|fp16, "
+                         "optional infer_dtype fast path int8|bf16 (the best per row is ours)")
     ap.add_argument("--strategies", default="cpu fp32,cpu bf16",
                     help="rwkv package strategies to measure (the best is the peer)")
     args = ap.parse_args(argv)
@@ -161,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     bw = measure_bandwidth()
     print(f"memory bandwidth (1 GiB tensor copy, read+write): {bw / 1e9:.1f} GB/s", flush=True)
-    ours = [Ours(args.model, d) for d in args.dtypes.split(",")]
+    ours: list[Ours] = []
+    for d in args.dtypes.split(","):  # modes with the same weight dtype share one model
+        same = [o for o in ours if o.name.split()[-1].partition("+")[0] == d.partition("+")[0]]
+        ours.append(Ours(args.model, d, same[0].model if same else None))
     peers = [RwkvPip(args.model, s) for s in args.strategies.split(",")]
     ids = torch.randint(0, 65536, (args.prefill,), generator=torch.Generator().manual_seed(1)).tolist()
     res: dict[str, dict[str, float]] = {x.name: {} for x in ours + peers}

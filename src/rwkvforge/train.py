@@ -699,6 +699,8 @@ class Trainer:
         self._bar = None
 
     # ------------------------------------------------------------------ messages
+    force = False  # --force: skip the memory pre-flight refusal
+
     def say(self, msg: str, level: int = logging.INFO) -> None:
         if not self.is_main:
             return
@@ -772,6 +774,7 @@ class Trainer:
             dist.barrier()  # the other ranks wait for rank 0's files
         if not self.is_main:
             self.inputs = resolve_inputs(self.res, self.root, prepare=False, say=say)
+        self._preflight()
         seed_everything(s.seed)
         t0 = time.time()
         self.model, self.spec, self.model_cfg = build_model(s, self.inputs.model_path,
@@ -829,6 +832,25 @@ class Trainer:
             self._load_resume()
 
     # ------------------------------------------------------------------ config.json
+    def _preflight(self) -> None:
+        """Refuse a configuration the memory planner predicts will not fit (see
+        `rwkvforge plan`), before any weights are loaded; --force overrides."""
+        from rwkvforge.checkpoint import infer_config
+        from rwkvforge.memory import MemoryPlanError, budget_bytes, preflight
+
+        sd = torch.load(self.inputs.model_path, map_location="cpu", mmap=True,
+                        weights_only=True)
+        cfg = infer_config(sd)
+        del sd
+        kind = "cuda" if self.device.type == "cuda" else "cpu"
+        budget = budget_bytes(self.s, kind)
+        try:
+            bd = preflight(self.s, cfg, budget, force=self.force, device=kind)
+        except MemoryPlanError as e:
+            raise TrainError(f"{e}\n(override with --force)") from None
+        if budget and not bd.fits(budget):
+            self.say(f"warning: --force: {bd.warning(budget)}")
+
     def write_config(self) -> None:
         s = self.s
         base = self.res.to_json()
@@ -1372,6 +1394,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "RWKV-PEFT command and exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines "
                     "instead)")
+    ap.add_argument("--force", action="store_true", help="start even when the memory "
+                    "planner predicts the run will not fit (see `rwkvforge plan`)")
     cfgmod.add_settings_flags(ap)
     return ap
 
@@ -1425,6 +1449,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"it with --resume {run_dir}.")
         trainer = Trainer(res, run_dir, resume=bool(args.resume), root=root,
                           progress=False if args.no_progress else None)
+        trainer.force = args.force
         trainer.run()
         return 0
     except (TrainError, cfgmod.ConfigError) as e:

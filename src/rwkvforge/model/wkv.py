@@ -71,53 +71,56 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=torch.float32), S
     pad = (-T) % L
-    # (B,T,H,N) -> (B,H,T,N) fp32; padded steps have w=1 and zero inputs, so they leave S alone
-    xs = [x.float().transpose(1, 2) for x in (r, log_w, k, v, a, b)]
-    if pad:
-        xs = [F.pad(x, (0, 0, 0, pad)) for x in xs]
     nc = (T + pad) // L
-    r_, lw, k_, v_, a_, b_ = (x.reshape(B, H, nc, L, N) for x in xs)  # (B,H,nc,L,N)
+    BH = B * H
+    # (B,T,H,N) -> chunk-major (nc, B*H, L, N) fp32, so every per-chunk slice in the loop
+    # below is contiguous; padded steps have w=1 and zero inputs, so they leave S alone
+    xs = [x.float() for x in (r, log_w, k, v, a, b)]
+    if pad:
+        xs = [F.pad(x, (0, 0, 0, 0, 0, pad)) for x in xs]
+    r_, lw, k_, v_, a_, b_ = (
+        x.view(B, nc, L, H, N).permute(1, 0, 3, 2, 4).reshape(nc, BH, L, N) for x in xs
+    )
 
-    g = torch.cumsum(lw, dim=3)  # inclusive log decay from chunk start, (B,H,nc,L,N), <= 0
-    g_prev = g - lw  # exclusive (up to t-1)
-    g_last = g[:, :, :, -1:, :]  # (B,H,nc,1,N)
+    g = torch.cumsum(lw, dim=2)  # inclusive log decay from chunk start, (nc,BH,L,N), <= 0
+    g_last = g[:, :, -1:, :]  # (nc,BH,1,N)
     r_t = r_ * torch.exp(g)
-    a_t = a_ * torch.exp(g_prev)
+    a_t = a_ * torch.exp(g - lw)  # exclusive decay (up to t-1)
     inv = torch.exp(-g)
     b_h = b_ * inv
     k_h = k_ * inv
-    b_end = b_ * torch.exp(g_last - g)  # decay from s to chunk end, <= 1
-    k_end = k_ * torch.exp(g_last - g)
-    decay_end = torch.exp(g_last).squeeze(3)  # (B,H,nc,N)
+    e_end = torch.exp(g_last - g)  # decay from s to chunk end, <= 1
+    b_end = b_ * e_end
+    k_end = k_ * e_end
+    decay_end = torch.exp(g_last).transpose(2, 3).contiguous()  # (nc,BH,N,1)
 
     strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
     incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(0)
-    m_ab = (a_t @ b_h.transpose(-1, -2)).masked_fill(~strict, 0.0)  # (B,H,nc,L,L)
-    m_ak = (a_t @ k_h.transpose(-1, -2)).masked_fill(~strict, 0.0)
-    m_rb = (r_t @ b_h.transpose(-1, -2)).masked_fill(~incl, 0.0)
-    m_rk = (r_t @ k_h.transpose(-1, -2)).masked_fill(~incl, 0.0)
+    b_hT = b_h.transpose(-1, -2).contiguous()  # each transposed once, used twice
+    k_hT = k_h.transpose(-1, -2).contiguous()
+    m_ab = (a_t @ b_hT).masked_fill_(~strict, 0.0)  # (nc,BH,L,L)
+    m_ak = (a_t @ k_hT).masked_fill_(~strict, 0.0)
+    m_rb = (r_t @ b_hT).masked_fill_(~incl, 0.0)
+    m_rk = (r_t @ k_hT).masked_fill_(~incl, 0.0)
 
     eye = torch.eye(L, dtype=torch.float32, device=r.device)
     lhs = eye - m_ab
     # U = W_a S_0^T + U_v   with  W_a = (I - M_ab)^-1 A~,  U_v = (I - M_ab)^-1 M_ak V
-    rhs = torch.cat([a_t, m_ak @ v_], dim=-1)  # (B,H,nc,L,2N)
+    rhs = torch.cat([a_t, m_ak @ v_], dim=-1)  # (nc,BH,L,2N)
     sol = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
-    w_a, u_v = sol[..., :N], sol[..., N:]
-    y_v = m_rk @ v_  # state-independent part of y, (B,H,nc,L,N)
+    w_a, u_v = sol[..., :N].contiguous(), sol[..., N:].contiguous()
+    y_v = m_rk @ v_  # state-independent part of y, (nc,BH,L,N)
+    bk_endT = torch.cat([b_end, k_end], dim=2).transpose(2, 3)  # (nc,BH,N,2L), read transposed
 
+    # the loop carries St = S^T (B*H, Nk, Nv): every product below is a plain bmm
+    St = S.transpose(-1, -2).reshape(BH, N, N)
     ys = []
     for c in range(nc):
-        St = S.transpose(-1, -2)  # (B,H,Nk,Nv)
-        u = w_a[:, :, c] @ St + u_v[:, :, c]  # (B,H,L,Nv)
-        y = r_t[:, :, c] @ St + m_rb[:, :, c] @ u + y_v[:, :, c]  # (B,H,L,Nv)
-        ys.append(y)
-        S = (
-            S * decay_end[:, :, c, None, :]
-            + u.transpose(-1, -2) @ b_end[:, :, c]
-            + v_[:, :, c].transpose(-1, -2) @ k_end[:, :, c]
-        )
-    y = torch.cat(ys, dim=2)[:, :, :T]  # (B,H,T,N)
-    return y.transpose(1, 2), S
+        u = torch.bmm(w_a[c], St).add_(u_v[c])  # (BH,L,Nv)
+        ys.append(torch.bmm(r_t[c], St).add_(y_v[c]).add_(torch.bmm(m_rb[c], u)))
+        St = torch.bmm(bk_endT[c], torch.cat([u, v_[c]], dim=1)).add_(St * decay_end[c])
+    y = torch.stack(ys).view(nc, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)[:, :T]
+    return y, St.view(B, H, N, N).transpose(-1, -2).contiguous()
 
 
 def _load_fla():

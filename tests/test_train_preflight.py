@@ -1,0 +1,46 @@
+"""The training pre-flight uses the memory planner: a run predicted not to fit is refused
+before any weights load, with the planner's suggestion; --force starts it anyway."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ws(tmp_path: Path, tiny_model_path: Path) -> Path:
+    root = tmp_path / "ws"
+    (root / "data").mkdir(parents=True)
+    shutil.copytree(ROOT / "configs", root / "configs")
+    shutil.copytree(ROOT / "data" / "samples", root / "data" / "samples")
+    (root / "pyproject.toml").write_text("")
+    return root
+
+
+def _train(root: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RWKVFORGE_ROOT=str(root))
+    return subprocess.run([sys.executable, "-m", "rwkvforge", "train", "--profile", "lora-bf16",
+                           "--precision", "fp32", "--base-model", str(model), "--ctx-len", "64",
+                           "--micro-bsz", "1", "--max-steps", "1", "--warmup-steps", "0",
+                           "--no-progress", *extra], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_run_that_cannot_fit_is_refused_then_forced(tmp_path: Path, tiny_model_path: Path) -> None:
+    root = _ws(tmp_path, tiny_model_path)
+    out = _train(root, tiny_model_path, "--vram", "8MiB", "--run-name", "refused")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "exceeds the RAM budget" in out.stderr and "--force" in out.stderr
+    assert not (root / "runs" / "refused" / "adapter").exists()
+    out = _train(root, tiny_model_path, "--vram", "8MiB", "--run-name", "forced", "--force")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (root / "runs" / "forced" / "adapter" / "adapter_config.json").exists()
+    log = (root / "runs" / "forced" / "train.log").read_text()
+    assert "--force" in log
