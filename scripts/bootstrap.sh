@@ -54,7 +54,7 @@ if [[ ! -x "$VENV_DIR/bin/python" ]]; then
   "$PY_BOOT" -m venv "$VENV_DIR"
 fi
 PY="$VENV_DIR/bin/python"
-PIP=("$PY" -m pip --disable-pip-version-check --no-warn-script-location)
+PIP=("$PY" -m pip --disable-pip-version-check)
 
 # Skip the slow part when nothing changed since the last successful bootstrap.
 STAMP="$VENV_DIR/.rwkvforge-bootstrap"
