@@ -272,3 +272,22 @@ def test_calibration_cpu_demo_model(profile):
     print(f"{profile}: predicted {r['predicted'] / MiB:.0f} MiB, measured "
           f"{r['measured'] / MiB:.0f} MiB, ratio {r['ratio']:.3f}")
     assert abs(r["ratio"] - 1) <= CAL_TOL, r
+
+
+def test_plan_with_a_model_config_name_uses_its_settings():
+    """`rwkvforge plan --model rwkv7-1.5b` applies configs/model/rwkv7-1.5b.env (CTX_LEN,
+    LORA_R, GRAD_CP), not only the size."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rwkvforge", "plan", "--model", "rwkv7-1.5b",
+                          "--profile", "qlora-nf4", "--vram", "12GiB", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode in (0, 1), out.stderr
+    env = (Path(__file__).resolve().parents[1] / "configs" / "model" / "rwkv7-1.5b.env").read_text()
+    assert "CTX_LEN=1024" in env
+    data = json.loads(out.stdout)
+    assert data["fit_table_settings"]["ctx_len"] == 1024
+    # LoRA r=64 from the model config: 28.31M params at r=32 -> twice that at r=64
+    adapter = data["plan"]["breakdown"]["items"]["adapter"]
+    assert adapter == 2 * 4 * 28_311_552, adapter

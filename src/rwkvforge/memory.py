@@ -590,6 +590,10 @@ def preflight(settings: Any, cfg, vram_bytes: int | None, force: bool = False,
 # ----------------------------------------------------------------------------- CLI
 def _model_config(model: str | None, settings) -> tuple[Any, str, str | None]:
     """(cfg, description, model-config name for config.resolve)."""
+    from rwkvforge import paths
+
+    if model and (paths.workspace_root() / "configs" / "model" / f"{model}.env").is_file():
+        return None, "", model  # a model config: its settings apply, its file gives the shape
     if model and normalize_size(model):
         return size_config(model), f"rwkv7 {normalize_size(model)} (BlinkDL shape formulas)", None
     if model and (model.endswith(".pth") or os.sep in model) and not model.endswith(".env"):
