@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -216,16 +217,16 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def save_pth(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write a state dict as a `.pth` atomically (temp file in the same folder, then rename)."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Create `path` atomically: `write(fileobj)` fills a temp file in the same folder, which
+    is fsynced and renamed over `path`; on any error the temp file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: _fresh(v) for k, v in sd.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(clean, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -234,25 +235,17 @@ def save_pth(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def save_pth(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write a state dict as a `.pth` atomically (temp file in the same folder, then rename)."""
+    clean = {k: _fresh(v) for k, v in sd.items()}
+    return _atomic_write(path, lambda f: torch.save(clean, f))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_write(path, lambda f: f.write(data))
 
 
 @contextlib.contextmanager
