@@ -260,6 +260,18 @@ def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, 
 # CLI
 # --------------------------------------------------------------------------------------
 
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """DEVICE (auto/cpu/cuda) and --dtype (auto/fp32/bf16/fp16) -> concrete names:
+    auto = CUDA with fp16 when present, else CPU with fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InferError("DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=cpu or auto")
+    if dtype == "auto":
+        dtype = "fp16" if device == "cuda" else "fp32"
+    return device, dtype
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rwkvforge infer", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -294,12 +306,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     s = res.settings
-    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=cpu or auto",
-              file=sys.stderr)
+    try:
+        device, dtype = resolve_device_dtype(s.device, args.dtype)
+    except InferError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
     from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
 
     try:

@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rwkvforge import config as cfgmod
-    from rwkvforge.infer import BuiltinRunner, InferError, resolve_model_path, split_model_arg
+    from rwkvforge.infer import (BuiltinRunner, InferError, resolve_device_dtype,
+                                  resolve_model_path, split_model_arg)
     from rwkvforge.tokenizer import get_tokenizer
 
     args = build_parser().parse_args(argv)
@@ -462,12 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     except cfgmod.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("error: DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=cpu or auto",
-              file=sys.stderr)
+    try:
+        device, dtype = resolve_device_dtype(s.device, args.dtype)
+    except InferError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    dtype = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
     try:
         path, is_demo = resolve_model_path(s.base_model)
         tok = get_tokenizer()
