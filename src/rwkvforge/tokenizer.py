@@ -190,9 +190,21 @@ class Tokenizer:
         bytes contains that byte, so greedy longest match can never run across it and each
         text tokenizes exactly as it would alone; the separator's single-byte token is then
         replaced by EOT. Texts that contain DOC_SEP themselves go one by one."""
+        arr, sizes, _ = self._encode_documents(texts, check=False)
+        return arr, sizes
+
+    def encode_documents_checked(self, texts: Sequence[str]
+                                 ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """`encode_documents` plus whether ALL the texts survive encode -> decode (and no id
+        but each EOT decodes to nothing), checked in one vectorised pass over the joined
+        bytes; when False, check the documents one by one to find which."""
+        return self._encode_documents(texts, check=True)
+
+    def _encode_documents(self, texts: Sequence[str], check: bool
+                          ) -> tuple[np.ndarray, np.ndarray, bool]:
         n = len(texts)
         if n == 0:
-            return np.zeros(0, np.uint16), np.zeros(0, np.int64)
+            return np.zeros(0, np.uint16), np.zeros(0, np.int64), True
         sep_id = _doc_sep_id() if self._fast is not None else None
         if sep_id is not None:
             joined = DOC_SEP.join(texts) + DOC_SEP
@@ -203,17 +215,25 @@ class Tokenizer:
                     ids = None  # a lone surrogate: the per-text path names it
                 if ids is not None:
                     arr = np.fromiter(ids, np.uint16, len(ids))
+                    del ids
                     ends = np.flatnonzero(arr == sep_id)
                     if len(ends) == n:
+                        # checked with the separators still in place: each is one byte of
+                        # `joined`, so no id may decode to nothing. (str.encode reuses the
+                        # UTF-8 copy the Rust encoder made: a memcpy, not a re-encode.)
+                        ok = (not check or ids_match_bytes(arr, joined.encode("utf-8"),
+                                                           empty_tokens=0))
                         arr[ends] = EOT
-                        return arr, np.diff(ends, prepend=-1)
+                        return arr, np.diff(ends, prepend=-1), ok
         parts = [self.encode(t) for t in texts]
         flat: list[int] = []
         for p in parts:
             flat += p
             flat.append(EOT)
-        return (np.fromiter(flat, np.uint16, len(flat)),
-                np.fromiter((len(p) + 1 for p in parts), np.int64, n))
+        arr = np.fromiter(flat, np.uint16, len(flat))
+        ok = not check or ids_match_bytes(arr, "".join(texts).encode("utf-8"),
+                                          empty_tokens=n)
+        return arr, np.fromiter((len(p) + 1 for p in parts), np.int64, n), ok
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Tokenize raw bytes exactly like the reference, invalid UTF-8 included."""
@@ -327,7 +347,11 @@ def ids_match_bytes(ids: np.ndarray | Sequence[int], data: bytes,
         return False
     if a.size == 0:
         return True
-    pos = np.cumsum(n)
+    if len(data) < 2**31 - 64:  # int32 offsets: half the memory traffic of the gathers
+        n = n.astype(np.int32)
+        pos = np.cumsum(n, dtype=np.int32)
+    else:
+        pos = np.cumsum(n)
     pos -= n  # offset of each token in data
     buf = data + bytes(8 * len(cols) + 8)  # windows near the end read zeros, in bounds
     win = np.ndarray((len(buf) - 7,), "<u8", buffer=buf, strides=(1,))

@@ -324,9 +324,8 @@ def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> Blo
         texts.append(text)
         linenos.append(lineno)
         raws.append(raw)
-    arr, sizes = tok.encode_documents(texts)
-    # every document's bytes back to back, and no empty token but the EOT ending each one
-    if not ids_match_bytes(arr, "".join(texts).encode("utf-8"), empty_tokens=len(sizes)):
+    arr, sizes, ok = tok.encode_documents_checked(texts)
+    if not ok:  # find which documents do not come back
         keep = np.ones(len(sizes), bool)
         ends = np.cumsum(sizes)
         for k, (lo, hi) in enumerate(zip(ends - sizes, ends)):
@@ -598,7 +597,9 @@ def run(opts: Options, log=print) -> dict[str, Any]:
             # walk (and copy-on-write) the parent's heap, e.g. a loaded reference tokenizer
             gc.freeze()
             try:
-                pool = ctx.Pool(opts.workers, initializer=_worker_init,
+                # this process is one of the workers: one fork fewer, and it would
+                # otherwise sit idle waiting for results
+                pool = ctx.Pool(opts.workers - 1, initializer=_worker_init,
                                 initargs=(opts.kind, max_line))
             finally:
                 gc.unfreeze()
@@ -606,13 +607,14 @@ def run(opts: Options, log=print) -> dict[str, Any]:
             # at most 2 blocks per worker in flight: memory stays bounded on huge files
             pending: deque = deque()
             max_inflight = 2 * opts.workers if pool is not None else 0
-            for first, data, oversize in blocks:
+            for k, (first, data, oversize) in enumerate(blocks):
                 errors.extend(oversize)
                 if not data:
                     continue
                 task = (first, data)
-                pending.append(pool.apply_async(_worker_block, (task,)) if pool is not None
-                               else task)
+                # every workers-th block is done here, when it is collected (in order)
+                pending.append(pool.apply_async(_worker_block, (task,))
+                               if pool is not None and k % opts.workers else task)
                 while len(pending) > max_inflight:
                     _collect(pending.popleft(), opts, errors, raw_lines, doc_first_item,
                              stage_ids, stage_mask)
