@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             keep(x.name, "decode_1", x.decode(1, args.tokens))
             keep(x.name, "prefill", x.prefill(ids))
             if isinstance(x, Ours):
-                keep(x.name, "decode_b", x.decode(args.batch, max(4, args.tokens // 4)))
+                keep(x.name, "decode_b", x.decode(args.batch, max(8, args.tokens // 2)))
         print(f"round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.1f})",
               flush=True)
     for x in ours:

@@ -113,3 +113,33 @@ def test_entry_script_help():
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "infer_albatross.py"), "--help"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "--prompt" in p.stdout and "albatross" in p.stdout
+
+
+def test_infer_fast_sets_the_model_fast_path_and_stays_close(tiny_model_path, tok):
+    """INFER_FAST reaches the model (int8 / bf16 kernels on CPU), its greedy answer
+    follows the exact one's first tokens on this model, and a bad value or a CUDA device is
+    handled, not silently misread."""
+    import torch
+
+    exact = infer.BuiltinRunner(tiny_model_path, tok, infer.DTYPES["fp32"], "cpu")
+    assert exact.model.infer_dtype is None
+    ids = tok.encode("Процедура ПриОткрытии()")
+    with torch.no_grad():
+        ref, _ = exact.model(torch.tensor([ids]))
+    for fast, dt in (("int8", torch.int8), ("bf16", torch.bfloat16)):
+        r = infer.make_runner("builtin", tiny_model_path, tok, device="cpu", dtype="fp32",
+                              fast=fast)
+        assert r.model.infer_dtype is dt
+        with torch.no_grad():
+            got, _ = r.model(torch.tensor([ids]))
+            state = r.model.init_state(1)
+            for t in ids:  # the decode path (1 row: fbgemm / weight-only int8 GEMV)
+                step, state = r.model.step(torch.tensor([t]), state)
+        assert not torch.equal(got, ref)
+        for a in (got[0, -1], step[0]):
+            assert (a - ref[0, -1]).abs().max() < 0.05 * ref[0, -1].abs().max()
+    m = exact.model
+    with pytest.raises(infer.InferError, match="INFER_FAST"):
+        infer.set_fast_path(m, "int4", "cpu")
+    infer.set_fast_path(m, "int8", "cuda")  # a CPU path: not used on CUDA
+    assert m.infer_dtype is None

@@ -96,7 +96,7 @@ class BuiltinRunner:
     name = "builtin"
 
     def __init__(self, model_path: Path, tokenizer: Any, dtype: torch.dtype, device: str,
-                 adapter: str = ""):
+                 adapter: str = "", fast: str = "none"):
         from rwkvforge.checkpoint import load_model, load_state_dict, model_from_state_dict
         from rwkvforge.generate import Engine
 
@@ -108,6 +108,7 @@ class BuiltinRunner:
             model = model_from_state_dict(sd, dtype=dtype, device=device, source=str(model_path))
         else:
             model = load_model(model_path, dtype=dtype, device=device)
+        set_fast_path(model, fast, device)
         self.model = model
         self.engine = Engine(model, tokenizer, max_batch=1, device=device)
 
@@ -242,13 +243,28 @@ def albatross_runner(model_path: Path, tokenizer: Any, root: Path) -> LoopRunner
     return LoopRunner("albatross", forward, tokenizer)
 
 
+FAST_PATHS = {"none": None, "int8": torch.int8, "bf16": torch.bfloat16}
+
+
+def set_fast_path(model: Any, fast: str, device: str) -> None:
+    """INFER_FAST -> the model's `infer_dtype` (see RWKV7.infer_dtype): CPU kernels only;
+    on CUDA the weights' own dtype (fp16 / bf16) is already the fast path."""
+    if fast not in FAST_PATHS:
+        raise InferError(f"unknown INFER_FAST {fast!r}: use none, int8 or bf16")
+    if fast != "none" and device != "cpu":
+        print(f"[rwkvforge] INFER_FAST={fast} is a CPU path; on {device} it is not used",
+              file=sys.stderr)
+        fast = "none"
+    model.infer_dtype = FAST_PATHS[fast]
+
+
 def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, dtype: str,
-                adapter: str = "", root: Path | None = None):
+                adapter: str = "", root: Path | None = None, fast: str = "none"):
     if adapter and backend != "builtin":
         raise InferError("--adapter works with INFER_BACKEND=builtin; merge it first "
                          "(rwkvforge merge) to use another back-end")
     if backend == "builtin":
-        return BuiltinRunner(model_path, tokenizer, DTYPES[dtype], device, adapter)
+        return BuiltinRunner(model_path, tokenizer, DTYPES[dtype], device, adapter, fast)
     if backend == "rwkv":
         return rwkv_pip_runner(model_path, tokenizer, device, dtype)
     if backend == "albatross":
@@ -276,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rwkvforge infer", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    cfgmod.add_settings_flags(ap, only=["base_model", "infer_backend", "device", "seed"])
+    cfgmod.add_settings_flags(ap, only=["base_model", "infer_backend", "infer_fast", "device",
+                                        "seed"])
     ap.add_argument("--prompt", help="one-shot prompt; without it: interactive chat")
     ap.add_argument("--system", default="", help="system message for chat")
     ap.add_argument("--raw", action="store_true",
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                   "gibberish; set BASE_MODEL for a real model)", file=sys.stderr)
         tok = get_tokenizer()
         runner = make_runner(s.infer_backend, path, tok, device=device, dtype=dtype,
-                             adapter=args.adapter)
+                             adapter=args.adapter, fast=s.infer_fast)
     except (InferError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -433,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rwkvforge serve", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    cfgmod.add_settings_flags(ap, only=["base_model", "device", "serve_host", "serve_port",
+    cfgmod.add_settings_flags(ap, only=["base_model", "device", "infer_fast", "serve_host",
+                                        "serve_port",
                                         "serve_api_key", "serve_max_batch", "serve_max_queue",
                                         "serve_max_tokens"])
     ap.add_argument("--adapter", default="", help="LoRA adapter folder merged in memory")
@@ -472,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
         path, is_demo = resolve_model_path(s.base_model)
         tok = get_tokenizer()
         runner = BuiltinRunner(path, tok, {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                           "fp16": torch.float16}[dtype], device, args.adapter)
+                                           "fp16": torch.float16}[dtype], device, args.adapter,
+                               s.infer_fast)
     except (InferError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
