@@ -113,12 +113,15 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     bk_endT = torch.cat([b_end, k_end], dim=2).transpose(2, 3)  # (nc,BH,N,2L), read transposed
 
     # the loop carries St = S^T (B*H, Nk, Nv): every product below is a plain bmm
+    # Per-chunk views via unbind, not x[c]: the backward of unbind is ONE stack, while
+    # each x[c] would backpropagate a zero-filled full-size gradient (O(nc^2) traffic).
     St = S.transpose(-1, -2).reshape(BH, N, N)
     ys = []
-    for c in range(nc):
-        u = torch.bmm(w_a[c], St).add_(u_v[c])  # (BH,L,Nv)
-        ys.append(torch.bmm(r_t[c], St).add_(y_v[c]).add_(torch.bmm(m_rb[c], u)))
-        St = torch.bmm(bk_endT[c], torch.cat([u, v_[c]], dim=1)).add_(St * decay_end[c])
+    for w_ac, u_vc, r_tc, y_vc, m_rbc, bk_c, v_c, d_c in zip(
+            *(x.unbind(0) for x in (w_a, u_v, r_t, y_v, m_rb, bk_endT, v_, decay_end))):
+        u = torch.bmm(w_ac, St).add_(u_vc)  # (BH,L,Nv)
+        ys.append(torch.bmm(r_tc, St).add_(y_vc).add_(torch.bmm(m_rbc, u)))
+        St = torch.bmm(bk_c, torch.cat([u, v_c], dim=1)).add_(St * d_c)
     y = torch.stack(ys).view(nc, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)[:, :T]
     return y, St.view(B, H, N, N).transpose(-1, -2).contiguous()
 
