@@ -1,8 +1,9 @@
 """Benchmark: `rwkvforge prepare` vs the reference path of RWKV-LM's make_data.py.
 
-Reference = make_data.py's algorithm (strip lines, skip blank ones, json.loads(line)["text"],
-the `rwkv` package's pure-Python TRIE_TOKENIZER, decode check, append end-of-doc 0, one
-uint16 item per document, MMIDIDX v1 index), written here from its documented behaviour.
+Reference = make_data.py's algorithm (strip lines, skip blank ones, a temp JSONL re-read with
+fileinput, json.loads(line)["text"], the `rwkv` package's pure-Python TRIE_TOKENIZER, decode
+check, append end-of-doc 0, one uint16 item per document, MMIDIDX v1 index), written here
+from its documented behaviour, without its unseeded shuffle (so the bytes can be compared).
 Ours = rwkvforge.data.prepare (Rust tokenizer, one encode call per ~1 MiB block, vectorised
 round-trip check, all cores). Both outputs must be the same bytes; the script prints each
 side's throughput, the wall-clock ratio (target: >= 20x) and the CPU-time ratio, which does
@@ -16,6 +17,7 @@ not depend on how busy a shared machine is (wall ratio ~= CPU ratio x cores real
 from __future__ import annotations
 
 import argparse
+import fileinput
 import gc
 import json
 import os
@@ -68,14 +70,23 @@ def synthetic_corpus(path: Path, megabytes: float, seed: int = 0) -> None:
 
 
 def reference_make_data(src: Path, prefix: Path) -> int:
-    """make_data.py's algorithm with the rwkv package's pure-Python tokenizer; returns tokens."""
+    """make_data.py's algorithm with the rwkv package's pure-Python tokenizer; returns tokens.
+
+    As make_data.py: all stripped non-blank lines read into memory, written to a temp JSONL,
+    re-read with fileinput, one json.loads + encode + decode check + uint16 item per line.
+    Its unseeded random.shuffle of the lines is left out, so both outputs can be compared
+    byte for byte (a shuffle costs the same either way)."""
     trie = get_tokenizer("reference").reference  # rwkv/rwkv_tokenizer.py TRIE_TOKENIZER
+    with open(src, encoding="utf-8") as f:
+        non_empty_lines = [line.strip() for line in f if line.strip()]
+    temp = Path(f"{prefix}.make_data_temp.jsonl")
+    with open(temp, "w", encoding="utf-8") as f:
+        for entry in non_empty_lines:
+            f.write(entry + "\n")
     sizes = []
-    with open(src, encoding="utf-8") as f, open(f"{prefix}.bin", "wb") as out:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
+    with fileinput.input(str(temp), encoding="utf-8") as lines, \
+            open(f"{prefix}.bin", "wb") as out:
+        for line in lines:
             text = json.loads(line)["text"]
             ids = trie.encode(text)
             if trie.decode(ids) != text:
@@ -83,6 +94,7 @@ def reference_make_data(src: Path, prefix: Path) -> int:
             ids.append(0)
             out.write(np.array(ids, dtype=np.uint16).tobytes())
             sizes.append(len(ids))
+    temp.unlink()
     pointers, p = [], 0
     for s in sizes:
         pointers.append(p)

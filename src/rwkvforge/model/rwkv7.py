@@ -440,7 +440,11 @@ def _wkv_step_fused(S, w, kk, b, k, v, r):
     as S (w*r) + [-S kk, v] ([b, k]^T r), so S is read once for both mat-vecs, S' written
     once and updated in place. w (BH,1,N); kk, b, k, v, r (BH,N,1). Same maths as the
     exact path, only the fp32 rounding order differs."""
-    m = torch.bmm(S, torch.cat([kk, w.transpose(1, 2) * r], dim=2))  # (BH,N,2)
+    # (S X)^T = X^T S^T: the 2-row-by-N product is ~2.5x faster in the CPU bmm than S @ X
+    # with its 2-column right-hand side
+    mT = torch.bmm(torch.cat([kk.transpose(1, 2), w * r.transpose(1, 2)], dim=1),
+                   S.transpose(1, 2))  # (BH,2,N)
+    m = mT.transpose(1, 2)  # (BH,N,2)
     U = torch.cat([m[:, :, :1].neg(), v], dim=2)  # (BH,N,2)
     Vt = torch.cat([b, k], dim=2).transpose(1, 2)  # (BH,2,N)
     S2 = torch.mul(S, w).baddbmm_(U, Vt)
