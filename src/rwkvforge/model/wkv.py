@@ -115,15 +115,12 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     # the loop carries St = S^T (B*H, Nk, Nv): every product below is a plain bmm
     # Per-chunk views via unbind, not x[c]: the backward of unbind is ONE stack, while
     # each x[c] would backpropagate a zero-filled full-size gradient (O(nc^2) traffic).
-    # W_a and r~ share the S_0 product: one (2L, N) @ St bmm per chunk instead of two.
     St = S.transpose(-1, -2).reshape(BH, N, N)
-    war = torch.cat([w_a, r_t], dim=2)  # (nc,BH,2L,N)
     ys = []
-    for war_c, u_vc, y_vc, m_rbc, bk_c, v_c, d_c in zip(
-            *(x.unbind(0) for x in (war, u_v, y_v, m_rb, bk_endT, v_, decay_end))):
-        us = torch.bmm(war_c, St)  # (BH,2L,Nv): [W_a S_0^T ; r~ S_0^T]
-        u = us[:, :L].add(u_vc)  # (BH,L,Nv)
-        ys.append(torch.baddbmm(us[:, L:].add(y_vc), m_rbc, u))
+    for w_ac, u_vc, r_tc, y_vc, m_rbc, bk_c, v_c, d_c in zip(
+            *(x.unbind(0) for x in (w_a, u_v, r_t, y_v, m_rb, bk_endT, v_, decay_end))):
+        u = torch.baddbmm(u_vc, w_ac, St)  # (BH,L,Nv)
+        ys.append(torch.baddbmm(torch.baddbmm(y_vc, r_tc, St), m_rbc, u))
         St = torch.baddbmm(St * d_c, bk_c, torch.cat([u, v_c], dim=1))
     y = torch.stack(ys).view(nc, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)[:, :T]
     return y, St.view(B, H, N, N).transpose(-1, -2).contiguous()
