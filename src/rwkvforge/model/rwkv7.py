@@ -129,9 +129,8 @@ class TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B,T,C)
         xx = prev - x
-        # the six token-shift interpolations x + xx * x_* in one pass: (6,B,T,C)
-        maa = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])
-        xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, maa.view(6, 1, 1, C).to(x.dtype)).unbind(0)
+        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
 
         r = lin(xr, self.receptance)
         w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
