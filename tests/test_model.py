@@ -259,3 +259,19 @@ def test_fast_decode_tracks_exact_over_many_steps(tiny_model, mode, batch):
     err = ((fast - exact).abs().amax(dim=(1, 2)) / exact.abs().amax(dim=(1, 2)))
     assert err.max() < 0.05, err
     assert err[-4:].max() < 4 * err[:4].max() + 0.01, err  # no drift over the steps
+
+
+def test_fused_inference_form_matches_the_training_form(tiny_model):
+    """No-grad calls take TimeMix's fused form (stacked mixes, addmm, lerp); it must compute
+    what the autograd form computes, up to fp32 rounding, for logits and every state."""
+    from rwkvforge.model.rwkv7 import TimeMix
+
+    idx = torch.tensor([TOKS[:12]] * 2)
+    assert TimeMix.fused_inference
+    with torch.no_grad():
+        fused, s_fused = tiny_model(idx)
+    plain, s_plain = tiny_model(idx)  # grad enabled: the training form
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(s_fused, s_plain):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y.detach(), rtol=1e-5, atol=1e-5)

@@ -95,6 +95,8 @@ def _vec(C: int) -> nn.Parameter:
 class TimeMix(nn.Module):
     """RWKV-7 attention replacement ("time mixing") of one layer."""
 
+    fused_inference = True  # no-grad calls take the fused form (a switch for tests/benches)
+
     def __init__(self, cfg: RWKV7Config, layer_id: int):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
@@ -129,18 +131,37 @@ class TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B,T,C)
         xx = prev - x
-        xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
-        xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
-
-        r = lin(xr, self.receptance)
-        w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
-        k = lin(xk, self.key)
-        v = lin(xv, self.value)
-        if self.layer_id == 0:
-            v_first = v
+        if self.fused_inference and not torch.is_grad_enabled():
+            # inference (prefill): the same maths in fewer passes over (B,T,C) tensors. Not
+            # used with autograd: one stacked (6,B,T,C) mix would keep all six alive for
+            # backward where the separate ones keep only those the matmuls need.
+            maa = torch.stack([self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g])
+            xr, xw, xk, xv, xa, xg = torch.addcmul(x, xx, maa.view(6, 1, 1, C).to(x.dtype)).unbind(0)
+            r = lin(xr, self.receptance)
+            w = torch.addmm(self.w0.view(1, C), torch.tanh(xw.reshape(-1, C) @ self.w1),
+                            self.w2).view(B, T, C)
+            k = lin(xk, self.key)
+            v = lin(xv, self.value)
+            if self.layer_id == 0:
+                v_first = v
+            else:
+                v = torch.lerp(v, v_first.to(v.dtype), torch.sigmoid(torch.addmm(
+                    self.v0.view(1, C), xv.reshape(-1, C) @ self.v1, self.v2)).view(B, T, C).to(v.dtype))
+            a = torch.sigmoid(torch.addmm(self.a0.view(1, C), xa.reshape(-1, C) @ self.a1,
+                                          self.a2)).view(B, T, C)
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
-        a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
+            xr, xw, xk = x + xx * self.x_r, x + xx * self.x_w, x + xx * self.x_k
+            xv, xa, xg = x + xx * self.x_v, x + xx * self.x_a, x + xx * self.x_g
+
+            r = lin(xr, self.receptance)
+            w = self.w0 + torch.tanh(xw @ self.w1) @ self.w2
+            k = lin(xk, self.key)
+            v = lin(xv, self.value)
+            if self.layer_id == 0:
+                v_first = v
+            else:
+                v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)  # in-context learning rate
         g = torch.sigmoid(xg @ self.g1) @ self.g2
 
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)  # (B,T,H,N)
@@ -171,7 +192,8 @@ class ChannelMix(nn.Module):
     def forward(self, x, shift, lin=_call):
         prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
         k = torch.addcmul(x, prev - x, self.x_k)
-        k = torch.relu(lin(k, self.key, True)).square()
+        k = lin(k, self.key, True)
+        k = torch.relu(k).square() if torch.is_grad_enabled() else k.relu_().square_()
         return lin(k, self.value, True), x[:, -1].float()
 
 
