@@ -18,6 +18,10 @@ measured by copying a large tensor. Both systems live in this one process with t
 torch thread count and are measured in interleaved rounds (best of each kept), so a load
 spike from other work on the machine hits both alike.
 
+Both run with glibc told to keep freed blocks for reuse (rwkvforge.runtime.keep_freed_memory,
+what `rwkvforge infer` / `serve` set): without it every prefill page-faults its activations in
+again, which costs either system time that is the kernel's, not the model's.
+
 Targets (issue 4): decode >= 1.5x, 16-stream aggregate >= 10x the package's single-stream
 rate, prefill >= 3x. A busy machine (see the load average printed) lowers every number.
 """
@@ -178,8 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from rwkvforge.runtime import keep_freed_memory
+
+    # as `rwkvforge infer` / `serve` do; process-wide, so the rwkv package measured in this
+    # same process gets the same allocator setting (no page-fault refill for either side)
+    kept = keep_freed_memory()
     print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; freed memory kept "
+          f"for reuse (runtime.keep_freed_memory): {kept}", flush=True)
     bw = measure_bandwidth()
     print(f"memory bandwidth (1 GiB tensor copy, read+write): {bw / 1e9:.1f} GB/s", flush=True)
     ours: list[Ours] = []

@@ -350,6 +350,9 @@ def _default_val(run_cfg: dict) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     from rwkvforge import paths
+    from rwkvforge.runtime import keep_freed_memory
+
+    keep_freed_memory()  # inference: reuse freed activation memory (see runtime.py)
 
     ap = argparse.ArgumentParser(prog="rwkvforge eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -43,6 +43,7 @@ from rwkvforge.generate import (
     token_occurrence_weights,
 )
 from rwkvforge.paths import demo_model_path, workspace_root
+from rwkvforge.runtime import keep_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # inference: reuse freed activation memory (see runtime.py)
     split_model_arg(args)
     try:
         res = cfgmod.resolve_from_args(args)

@@ -455,10 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     from rwkvforge import config as cfgmod
     from rwkvforge.infer import (BuiltinRunner, InferError, resolve_device_dtype,
                                   resolve_model_path, split_model_arg)
+    from rwkvforge.runtime import keep_freed_memory
     from rwkvforge.tokenizer import get_tokenizer
 
     args = build_parser().parse_args(argv)
     split_model_arg(args)
+    keep_freed_memory()  # inference: reuse freed activation memory (see runtime.py)
     try:
         s = cfgmod.resolve_from_args(args).settings
     except cfgmod.ConfigError as e:
