@@ -106,22 +106,22 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     eye = torch.eye(L, dtype=torch.float32, device=r.device)
     lhs = eye - m_ab
     # U = W_a S_0^T + U_v   with  W_a = (I - M_ab)^-1 A~,  U_v = (I - M_ab)^-1 M_ak V
-    rhs = torch.cat([a_t, m_ak @ v_], dim=-1)  # (nc,BH,L,2N)
-    sol = torch.linalg.solve_triangular(lhs, rhs, upper=False, unitriangular=True)
-    w_a, u_v = sol[..., :N].contiguous(), sol[..., N:].contiguous()
+    # (two solves, not one on a concatenated right-hand side: no cat, no split copies)
+    w_a = torch.linalg.solve_triangular(lhs, a_t, upper=False, unitriangular=True)
+    u_v = torch.linalg.solve_triangular(lhs, m_ak @ v_, upper=False, unitriangular=True)
     y_v = m_rk @ v_  # state-independent part of y, (nc,BH,L,N)
-    bk_endT = torch.cat([b_end, k_end], dim=2).transpose(2, 3)  # (nc,BH,N,2L), read transposed
+    b_endT, k_endT = b_end.transpose(2, 3), k_end.transpose(2, 3)  # (nc,BH,N,L) views
 
     # the loop carries St = S^T (B*H, Nk, Nv): every product below is a plain bmm
     # Per-chunk views via unbind, not x[c]: the backward of unbind is ONE stack, while
     # each x[c] would backpropagate a zero-filled full-size gradient (O(nc^2) traffic).
     St = S.transpose(-1, -2).reshape(BH, N, N)
     ys = []
-    for w_ac, u_vc, r_tc, y_vc, m_rbc, bk_c, v_c, d_c in zip(
-            *(x.unbind(0) for x in (w_a, u_v, r_t, y_v, m_rb, bk_endT, v_, decay_end))):
+    for w_ac, u_vc, r_tc, y_vc, m_rbc, be_c, ke_c, v_c, d_c in zip(
+            *(x.unbind(0) for x in (w_a, u_v, r_t, y_v, m_rb, b_endT, k_endT, v_, decay_end))):
         u = torch.baddbmm(u_vc, w_ac, St)  # (BH,L,Nv)
         ys.append(torch.baddbmm(torch.baddbmm(y_vc, r_tc, St), m_rbc, u))
-        St = torch.baddbmm(St * d_c, bk_c, torch.cat([u, v_c], dim=1))
+        St = torch.baddbmm(torch.baddbmm(St * d_c, be_c, u), ke_c, v_c)
     y = torch.stack(ys).view(nc, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)[:, :T]
     return y, St.view(B, H, N, N).transpose(-1, -2).contiguous()
 
