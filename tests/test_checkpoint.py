@@ -163,6 +163,30 @@ def test_atomic_write_bytes(tmp_path):
     assert p.read_bytes() == b"abc" and os.listdir(p.parent) == ["f.bin"]
 
 
+def test_atomic_output_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    """A writer that dies half-way (here after writing some bytes) leaves the previous file
+    as it was and no temp file behind; a writer by path (safetensors) gets the same."""
+    import stat
+
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with ckpt.atomic_output(target) as tmp:
+            tmp.write_bytes(b"half of the new")
+            raise RuntimeError("disk full")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["model.safetensors"]
+
+    from rwkvforge.merge import save_safetensors
+
+    sd = {"emb.weight": torch.arange(6.0).view(2, 3)}
+    save_safetensors(sd, target, {"format": "pt"})
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(target)["emb.weight"], sd["emb.weight"])
+    assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert stat.S_IMODE(target.stat().st_mode) != 0o600  # not mkstemp's private mode
+
+
 def test_demo_model_command_writes_loadable_files(tmp_path, capsys):
     from rwkvforge import demo
 

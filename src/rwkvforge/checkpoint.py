@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -217,24 +217,36 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Create `path` atomically: `write(fileobj)` fills a temp file in the same folder, which
-    is fsynced and renamed over `path`; on any error the temp file is removed."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Create `path` atomically: the body writes the yielded temp path (same folder, normal
+    file permissions); on success it is fsynced and renamed over `path`, on any error it is
+    removed, so `path` is either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, _umask_mode())  # mkstemp creates 0600; give the file normal permissions
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        # mkstemp makes 0600 (and a writer may have recreated the file): normal permissions
+        os.chmod(tmp, _umask_mode())
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
+    """Create `path` atomically (see atomic_output) from `write(fileobj)`."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+    return Path(path)
 
 
 def save_pth(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:

@@ -477,17 +477,10 @@ def save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str
     """The merged model as safetensors (same BlinkDL keys and dtype as the .pth), atomically."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from rwkvforge.checkpoint import atomic_output
+
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=metadata)
     return path
 
 
