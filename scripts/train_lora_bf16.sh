@@ -12,9 +12,4 @@ set -euo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
-for arg in "$@"; do
-  if [[ "$arg" == "--resume" || "$arg" == --resume=* ]]; then
-    run_stage train "$@"  # a resumed run keeps its own profile (runs/<run>/config.json)
-  fi
-done
-run_stage train --profile lora-bf16 "$@"
+run_train lora-bf16 "$@"

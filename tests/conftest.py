@@ -24,3 +24,15 @@ def tiny_model(tiny_model_path):
     from rwkvforge.checkpoint import load_model
 
     return load_model(tiny_model_path)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The CI machine has 2 cores shared by several processes: one torch thread each
+    (used by the training-heavy test files through `pytestmark`)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,13 +14,7 @@ from rwkvforge.checkpoint import load_adapter, model_from_state_dict, save_adapt
 IDX = torch.randint(0, 65536, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI machine has 2 cores shared by several processes: one torch thread each."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturb(pm, seed=0, std=0.05):

@@ -29,12 +29,7 @@ FAST = {"ctx_len": 48, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8, "lora_alpha
         "warmup_steps": 2, "head_chunk": 256, "log_every": 1, "eval_every": 0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

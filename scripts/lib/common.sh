@@ -89,3 +89,16 @@ run_stage() {
   py="$(ensure_env)"
   exec "$py" -m rwkvforge.cli "$@"
 }
+
+# run_train PROFILE [args...]: `rwkvforge train --profile PROFILE args...`; with --resume the
+# profile is left out, a resumed run keeps its own (runs/<run>/config.json).
+run_train() {
+  local profile="$1" arg
+  shift
+  for arg in "$@"; do
+    if [[ "$arg" == "--resume" || "$arg" == --resume=* ]]; then
+      run_stage train "$@"
+    fi
+  done
+  run_stage train --profile "$profile" "$@"
+}

@@ -30,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +57,9 @@ class Check:
         return re.search(self.expect, answer) is not None
 
 
-def load_checks(path: str | Path) -> list[Check]:
-    """Read and validate a checks JSONL; every problem names file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{path}: checks file not found (expected JSONL lines of "
-                        f'{{"prompt", "expect", "kind": "substring"|"regex"}}).')
-    checks = []
+def _jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSONL file; a line that is not
+    valid JSON or not an object is an EvalError naming its file:line."""
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -73,6 +70,17 @@ def load_checks(path: str | Path) -> list[Check]:
             raise EvalError(f"{where}: invalid JSON ({e.msg} at column {e.colno}).") from e
         if not isinstance(rec, dict):
             raise EvalError(f"{where}: expected a JSON object, got {type(rec).__name__}.")
+        yield where, rec
+
+
+def load_checks(path: str | Path) -> list[Check]:
+    """Read and validate a checks JSONL; every problem names file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"{path}: checks file not found (expected JSONL lines of "
+                        f'{{"prompt", "expect", "kind": "substring"|"regex"}}).')
+    checks = []
+    for where, rec in _jsonl_objects(path):
         for key in ("prompt", "expect"):
             if not isinstance(rec.get(key), str):
                 raise EvalError(f"{where}: field '{key}' must be a string "
@@ -108,16 +116,7 @@ def _jsonl_rows(path: Path, ctx_len: int, tok) -> list[tuple[list[int], list[int
     from rwkvforge.tokenizer import encode_chat
 
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalError(f"{where}: invalid JSON ({e.msg} at column {e.colno}).") from e
-        if not isinstance(rec, dict):
-            raise EvalError(f"{where}: expected a JSON object.")
+    for where, rec in _jsonl_objects(path):
         try:
             if "text" in rec and isinstance(rec["text"], str):
                 ids = tok.encode(rec["text"]) + [0]

@@ -75,24 +75,22 @@ def parse_targets(text: str | Iterable[str]) -> tuple[str, ...]:
     if not out:
         raise AdapterError("LORA_TARGETS is empty: name at least one of "
                            + ", ".join(LORA_TARGETS) + ".")
-    for t in out:
-        if t not in LORA_TARGETS:
-            close = difflib.get_close_matches(t, LORA_TARGETS, n=1)
-            hint = f" Did you mean {close[0]}?" if close else ""
-            raise AdapterError(f"LORA_TARGETS: unknown target {t!r}.{hint} Choose from "
-                               + ", ".join(LORA_TARGETS) + ".")
-    return tuple(dict.fromkeys(out))
+    return _known(out, LORA_TARGETS, "LORA_TARGETS", "target")
 
 
 def parse_train_parts(text: str | Iterable[str]) -> tuple[str, ...]:
-    out = _split_list(text)
-    for t in out:
-        if t not in TRAIN_PARTS:
-            close = difflib.get_close_matches(t, TRAIN_PARTS, n=1)
+    return _known(_split_list(text), TRAIN_PARTS, "TRAIN_PARTS", "part")
+
+
+def _known(items: tuple[str, ...], allowed, key: str, what: str) -> tuple[str, ...]:
+    """`items` without repeats; an unknown one is an AdapterError with the closest name."""
+    for t in items:
+        if t not in allowed:
+            close = difflib.get_close_matches(t, allowed, n=1)
             hint = f" Did you mean {close[0]}?" if close else ""
-            raise AdapterError(f"TRAIN_PARTS: unknown part {t!r}.{hint} Choose from "
-                               + ", ".join(TRAIN_PARTS) + ".")
-    return tuple(dict.fromkeys(out))
+            raise AdapterError(f"{key}: unknown {what} {t!r}.{hint} Choose from "
+                               + ", ".join(allowed) + ".")
+    return tuple(dict.fromkeys(items))
 
 
 @dataclass(frozen=True)

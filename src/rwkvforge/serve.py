@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Union
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -453,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rwkvforge import config as cfgmod
-    from rwkvforge.infer import (BuiltinRunner, InferError, resolve_device_dtype,
+    from rwkvforge.infer import (DTYPES, BuiltinRunner, InferError, resolve_device_dtype,
                                   resolve_model_path, split_model_arg)
     from rwkvforge.runtime import keep_freed_memory
     from rwkvforge.tokenizer import get_tokenizer
@@ -474,9 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, is_demo = resolve_model_path(s.base_model)
         tok = get_tokenizer()
-        runner = BuiltinRunner(path, tok, {"fp32": torch.float32, "bf16": torch.bfloat16,
-                                           "fp16": torch.float16}[dtype], device, args.adapter,
-                               s.infer_fast)
+        runner = BuiltinRunner(path, tok, DTYPES[dtype], device, args.adapter, s.infer_fast)
     except (InferError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
