@@ -281,3 +281,51 @@ def test_blocks_split_lines_exactly(tmp_path):
         want = [tok.encode(json.loads(r)["text"]) + [0] for i, r in enumerate(rows)
                 if i not in (5, 12)]
         assert np.concatenate(got).tolist() == [i for w in want for i in w]
+
+
+def test_whole_block_decode_only_takes_one_object_per_line():
+    """The one-call JSON path of a text block is taken only when every line is exactly one
+    object with a non-blank string text; everything else goes line by line."""
+    ok = b'{"text": "a"}\n{"text": "b", "n": {"x": [1, {"y": 2}]}}\r\n{"text": "c"}'
+    assert P._block_texts_at_once(ok, 1 << 20) == ["a", "b", "c"]
+    assert P._block_texts_at_once(ok + b"\n", 1 << 20) == ["a", "b", "c"]
+    for bad in (
+        b'{"text": "a"}\n\n{"text": "b"}\n',  # blank line
+        b'{"text": "a"}\n   \n{"text": "b"}\n',  # whitespace-only line
+        b' {"text": "a"}\n',  # leading space (json.loads would accept: line by line)
+        b'{"text": "a"} {"text": "b"}\n',  # two objects on a line
+        b'{"text": "a"}{"text": "b"}\n{"text": "c"}\n',
+        b'{"text":\n"a"}\n',  # one object over two lines
+        b'{"n": {"m": 1}\n{"text": "x"}}\n',
+        b'{"text": "a"} {"text": "b"}\n   \n',  # 2 objects + 1 blank line = 2 "lines"
+        b'{"text": "   "}\n',  # blank text
+        b'{"text": ""}\n',
+        b'{"text": 5}\n',
+        b'{"txt": "a"}\n',
+        b'\xef\xbb\xbf{"text": "bom"}\n',
+        b'{"text": "bad \\ud800 surrogate"}\n',
+        b'{"text": "a", "x": NaN}\n',
+        b'{"text": "a"}\n{"text": "\xff"}\n',  # not UTF-8
+    ):
+        assert P._block_texts_at_once(bad, 1 << 20) is None, bad
+    assert P._block_texts_at_once(ok, 10) is None  # a line could be over the limit
+
+
+def test_text_block_paths_agree_and_name_lines(monkeypatch):
+    """A block taken in one call and the same block line by line give the same ids; a block
+    with a bad line reports it at its own line number."""
+    tok = get_tokenizer()
+    rows = [json.dumps({"text": t + f" #{i}"}, ensure_ascii=False)
+            for i, t in enumerate(CORPUS * 5)]
+    data = ("\r\n".join(rows) + "\r\n").encode()
+    fast = P.process_text_block(7, data, 1 << 20, tok)
+    monkeypatch.setattr(P, "_block_texts_at_once", lambda *a: None)
+    slow = P.process_text_block(7, data, 1 << 20, tok)
+    assert fast.ids == slow.ids and fast.sizes.tolist() == slow.sizes.tolist()
+    assert not fast.errors and len(fast.sizes) == 40
+    monkeypatch.undo()
+    rows[3] = '{"text": "a"} {"text": "b"}'
+    rows[4] = "   "
+    r = P.process_text_block(7, "\n".join(rows).encode(), 1 << 20, tok)
+    assert [(e.lineno, e.error.split(":")[0]) for e in r.errors] == [(10, "invalid JSON")]
+    assert len(r.sizes) == 38

@@ -1,10 +1,16 @@
-"""Tokenizer: the fast backend matches the rwkv package's reference ids; chat format + masks."""
+"""Tokenizer: the native and fast backends match the rwkv package's reference ids; chat
+format + masks; the native encoder's build, cache and fallback."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
 import sys
 import types
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,10 +35,13 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fast() -> T.Tokenizer:
-    tok = T.Tokenizer("fast")
-    assert tok.backend == "fast"
+@pytest.fixture(scope="module", params=["native", "fast"])
+def fast(request) -> T.Tokenizer:
+    """Each accelerated backend in turn: our C trie and the pyrwkv-tokenizer wheel."""
+    if request.param == "native" and shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the native encoder cannot be built here")
+    tok = T.Tokenizer(request.param)
+    assert tok.backend == request.param
     return tok
 
 
@@ -197,3 +206,73 @@ def test_ids_match_bytes_equals_decode_comparison(fast):
     assert T.ids_match_bytes(empty, b"a", empty_tokens=2)
     assert not T.ids_match_bytes(empty, b"a", empty_tokens=0)
     assert not T.ids_match_bytes([-1], b"") and not T.ids_match_bytes([70000], b"")
+
+
+def test_native_matches_reference_on_random_bytes(fast, ref):
+    """Any byte string (invalid UTF-8, lone continuation bytes, NUL, the separator byte)
+    gets the reference's byte-level ids."""
+    rng = random.Random(99)
+    table = [t for t in T.token_table() if t]
+    for _ in range(300):
+        parts = [rng.choice(table) if rng.random() < 0.7 else bytes([rng.randrange(256)])
+                 for _ in range(rng.randint(0, 30))]
+        raw = b"".join(parts)
+        assert fast.encode_bytes(raw) == ref.reference.encodeBytes(raw), raw
+
+
+def test_native_check_is_independent_of_the_trie(fast):
+    if fast.backend != "native":
+        pytest.skip("native only")
+    data = "Процедура Тест() КонецПроцедуры".encode()
+    ids = np.asarray(fast.encode_bytes(data), np.uint16)
+    assert fast._native.matches(ids, data) == (True, 0)
+    wrong = ids.copy()
+    wrong[1] = fast.encode("x")[0]
+    assert fast._native.matches(wrong, data)[0] is False
+    assert fast._native.matches(ids, data + b"!")[0] is False  # bytes left over
+    assert fast._native.matches(ids[:-1], data)[0] is False
+    with_eot = np.insert(ids, 2, [0, 65533])
+    assert fast._native.matches(with_eot, data) == (True, 2)
+
+
+def _in_fresh_process(code: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "XDG_CACHE_HOME": str(cache), **env}
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True,
+                          text=True, timeout=300)
+
+
+PROBE = ("from rwkvforge import tokenizer as T\n"
+         "t = T.get_tokenizer()\n"
+         "print(t.backend, t.encode('Процедура Тест()'))\n"
+         "print(T.native_status())\n"
+         "try:\n    T.Tokenizer('native')\nexcept ImportError as e:\n    print('ERR', e)\n")
+
+
+def test_native_build_is_cached_and_falls_back(tmp_path, ref):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    want = str(ref.reference.encode("Процедура Тест()"))
+    # a fresh cache: built once, atomically (no temp file left), then reused
+    r = _in_fresh_process(PROBE, tmp_path / "c1", CC="cc")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[0] == f"native {want}" and out[1] == "native C encoder loaded", out
+    built = sorted(p.name for p in (tmp_path / "c1" / "rwkvforge").iterdir())
+    assert len(built) == 1 and built[0].startswith("trie_tokenizer-") and built[0].endswith(".so")
+    mtime = (tmp_path / "c1" / "rwkvforge" / built[0]).stat().st_mtime_ns
+    # cache hit: no compiler is run (none could be found on this PATH)
+    r = _in_fresh_process(PROBE, tmp_path / "c1", CC="cc", PATH=str(tmp_path / "nowhere"))
+    assert r.stdout.splitlines()[0] == f"native {want}", r.stdout + r.stderr
+    assert (tmp_path / "c1" / "rwkvforge" / built[0]).stat().st_mtime_ns == mtime
+    # a compiler that fails: the wheel takes over, same ids, and the reason is said
+    r = _in_fresh_process(PROBE, tmp_path / "c2", CC="false")
+    out = r.stdout.splitlines()
+    assert r.returncode == 0 and out[0] == f"fast {want}", r.stdout + r.stderr
+    assert "native C encoder unavailable" in out[1] and "apt install gcc" in out[1]
+    assert out[2].startswith("ERR native C encoder unavailable")
+    assert not list((tmp_path / "c2" / "rwkvforge").glob("*"))  # no half-built library
+    # switched off: never built
+    r = _in_fresh_process(PROBE, tmp_path / "c3", RWKVFORGE_NATIVE="0")
+    assert r.stdout.splitlines()[:2] == [f"fast {want}", "native C encoder off "
+                                         "(RWKVFORGE_NATIVE=0)"], r.stdout + r.stderr
+    assert not (tmp_path / "c3").exists()

@@ -1,17 +1,22 @@
 """The RWKV World tokenizer (vocabulary rwkv_vocab_v20230424) and the World chat format.
 
-Two encoders give the same ids:
+Three encoders give the same ids (greedy longest match over UTF-8 bytes):
 
-* ``fast``: the Rust ``pyrwkv-tokenizer`` wheel (~11x less CPU than the reference on 1C/Russian
-  text, measured by bench/prepare_bench.py);
-* ``reference``: the ``rwkv`` pip package's pure-Python ``TRIE_TOKENIZER`` (greedy longest
-  match over UTF-8 bytes). It is loaded from its file path with importlib under a private
-  module name, so it never clashes with other top-level ``rwkv_tokenizer`` modules.
+* ``native``: our own C trie (``trie_tokenizer.c``), compiled on first use with the system C
+  compiler (``$CC``, else ``cc``) into the user cache (``$XDG_CACHE_HOME/rwkvforge``, else
+  ``~/.cache/rwkvforge``) and loaded with ctypes: no Python headers, no build step at install.
+  It writes ids straight into numpy buffers (no Python object per token), which is most of
+  what makes ``rwkvforge prepare`` fast. ``RWKVFORGE_NATIVE=0`` turns it off;
+* ``fast``: the Rust ``pyrwkv-tokenizer`` wheel from PyPI (used when no C compiler works);
+* ``reference``: the ``rwkv`` pip package's pure-Python ``TRIE_TOKENIZER``. It is loaded from
+  its file path with importlib under a private module name, so it never clashes with other
+  top-level ``rwkv_tokenizer`` modules.
 
-``get_tokenizer("auto")`` uses ``fast`` when the wheel imports, else ``reference``; tests
-hold the two together on a mixed corpus (Chinese, Russian 1C identifiers, code, emoji, CRLF,
-NUL, ...). Decoding never goes through the Rust wheel (it panics on partial UTF-8 tokens): it
-joins the tokens' bytes from our own table of the vocabulary file.
+``get_tokenizer("auto")`` takes the first of native, fast, reference that loads; tests hold
+all three together on a mixed corpus (Chinese, Russian 1C identifiers, code, emoji, CRLF,
+NUL, ...) and on random vocabulary soup. Decoding never goes through the Rust wheel (it
+panics on partial UTF-8 tokens): it joins the tokens' bytes from our own table of the
+vocabulary file.
 
 Text and bytes:
 
@@ -19,9 +24,9 @@ Text and bytes:
   ``"\\ud800"``) is not valid Unicode and has no UTF-8 form: it raises ``TokenizerInputError``
   (a ``ValueError``) naming the character position. Such input is an error to fix at the source.
 * Invalid UTF-8 only exists as bytes. ``encode_bytes(bytes)`` tokenizes any byte string
-  exactly like the reference (every single byte is a token, so nothing is lost): valid UTF-8
-  goes through the fast encoder, anything else through the reference trie. Data preparation
-  treats a JSONL line that is not valid UTF-8 as an input error (file:line), never guesses.
+  exactly like the reference (every single byte is a token, so nothing is lost). Data
+  preparation treats a JSONL line that is not valid UTF-8 as an input error (file:line), never
+  guesses.
 * ``decode(ids)`` returns ``str`` with ``errors="replace"`` (a cut multi-byte character
   becomes U+FFFD); ``decode_bytes(ids)`` returns the exact bytes. Token 0 (end of text) and
   the unused ids 65530..65535 of the model's 65536-row head decode to nothing.
@@ -43,10 +48,18 @@ segment and " <reply>\\n\\n" another, which is exactly what the model sees at in
 from __future__ import annotations
 
 import ast
+import ctypes
 import functools
+import hashlib
 import importlib.util
+import os
+import platform
 import re
+import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -55,6 +68,7 @@ import numpy as np
 VOCAB_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536  # rows of the model's embedding / head; ids 65530..65535 are unused
 EOT = 0  # end of document / end of text
+BACKENDS = ("auto", "native", "fast", "reference")
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 _BLANK_LINES = re.compile(r"\n{2,}")
 
@@ -125,6 +139,107 @@ def _load_reference_module() -> Any:
 
 
 # ---------------------------------------------------------------------------------------
+# the native (C) encoder
+# ---------------------------------------------------------------------------------------
+
+_NATIVE_SOURCE = Path(__file__).with_name("trie_tokenizer.c")
+_native_problem: str | None = None  # why the native encoder is not in use (for doctor)
+
+
+def native_status() -> str:
+    """One line: the native encoder in use, or why not."""
+    return "native C encoder loaded" if _native_lib() is not None else str(_native_problem)
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rwkvforge"
+
+
+def _compile_native(cc: list[str], out: Path) -> None:
+    """Compile the C source into the shared library `out`, atomically (temp name + rename),
+    so concurrent processes never load a half-written file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(_NATIVE_SOURCE)],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise OSError(f"`{' '.join(cc)}` exited with {proc.returncode}: "
+                          f"{proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_lib() -> Any:
+    """The compiled C encoder (ctypes), built once per source version and compiler and
+    cached; None (with the reason in `_native_problem`) when off or no compiler works."""
+    global _native_problem
+    if os.environ.get("RWKVFORGE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        _native_problem = "native C encoder off (RWKVFORGE_NATIVE=0)"
+        return None
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "cc"]
+    key = hashlib.sha256(_NATIVE_SOURCE.read_bytes() + " ".join(cc).encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    lib_path = _cache_dir() / f"trie_tokenizer-{key}.so"
+    try:
+        if not lib_path.is_file():
+            _compile_native(cc, lib_path)
+        lib = ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.SubprocessError) as e:
+        _native_problem = (f"native C encoder unavailable ({e}); using pyrwkv-tokenizer. "
+                           "Install a C compiler (apt install gcc) for faster data preparation")
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.rf_build.argtypes, lib.rf_build.restype = [p, p, p, p, ctypes.c_int32], p
+    lib.rf_encode.argtypes, lib.rf_encode.restype = [p, ctypes.c_char_p, i64, p], i64
+    lib.rf_check.argtypes = [p, i64, p, p, p, ctypes.c_char_p, i64, ctypes.POINTER(i64)]
+    lib.rf_check.restype = ctypes.c_int32
+    return lib
+
+
+class _NativeEncoder:
+    """Greedy longest match over bytes in C; the trie lives for the process (forked workers
+    share it)."""
+
+    def __init__(self, lib: Any) -> None:
+        blob, lens, offs = _byte_tables()
+        self._lib = lib
+        self._blob = blob
+        self._lens = np.ascontiguousarray(lens, np.int32)
+        self._offs = np.ascontiguousarray(offs, np.int64)
+        table = token_table()
+        # inserted in byte order: depth-first node numbers keep each token's path together
+        order = np.array(sorted(range(VOCAB_SIZE), key=table.__getitem__), np.int32)
+        self._trie = lib.rf_build(blob.ctypes.data, self._offs.ctypes.data,
+                                  self._lens.ctypes.data, order.ctypes.data, VOCAB_SIZE)
+        if not self._trie:
+            raise MemoryError("native tokenizer: could not build the vocabulary trie")
+
+    def encode(self, data: bytes) -> np.ndarray:
+        """uint16 ids of any byte string (a view of a buffer with room for len(data) ids)."""
+        out = np.empty(max(len(data), 1), np.uint16)
+        k = self._lib.rf_encode(self._trie, data, len(data), out.ctypes.data)
+        if k < 0:  # cannot happen with the World vocabulary (all 256 single bytes are tokens)
+            raise ValueError(f"no vocabulary token starts with byte {data[-k - 1]:#04x}")
+        return out[:k]
+
+    def matches(self, ids: np.ndarray, data: bytes) -> tuple[bool, int]:
+        """(the ids' bytes from the vocabulary table == data, how many ids decode to nothing);
+        independent of the trie."""
+        ids = np.ascontiguousarray(ids, np.uint16)
+        empty = ctypes.c_int64(0)
+        ok = self._lib.rf_check(ids.ctypes.data, len(ids), self._blob.ctypes.data,
+                                self._offs.ctypes.data, self._lens.ctypes.data, data,
+                                len(data), ctypes.byref(empty))
+        return bool(ok), empty.value
+
+
+# ---------------------------------------------------------------------------------------
 # the tokenizer
 # ---------------------------------------------------------------------------------------
 
@@ -137,19 +252,27 @@ def _surrogate_error(text: str, exc: UnicodeEncodeError) -> TokenizerInputError:
 
 
 class Tokenizer:
-    """RWKV World tokenizer. `backend` is "fast" or "reference"; both give identical ids."""
+    """RWKV World tokenizer. `backend` is "auto", "native", "fast" or "reference"; all give
+    identical ids ("auto": the first of native, fast, reference that loads)."""
 
     vocab_size = VOCAB_SIZE
     eot = EOT
 
     def __init__(self, backend: str = "auto") -> None:
-        if backend not in ("auto", "fast", "reference"):
-            raise ValueError(f"unknown tokenizer backend {backend!r}: use auto, fast or "
-                             "reference")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown tokenizer backend {backend!r}: use "
+                             f"{', '.join(BACKENDS)}")
         self._table = token_table()
+        self._native: _NativeEncoder | None = None
         self._fast = None
         self._ref = None
-        if backend in ("auto", "fast"):
+        if backend in ("auto", "native"):
+            lib = _native_lib()
+            if lib is not None:
+                self._native = _NativeEncoder(lib)
+            elif backend == "native":
+                raise ImportError(str(_native_problem))
+        if backend == "fast" or (backend == "auto" and self._native is None):
             try:
                 import pyrwkv_tokenizer
 
@@ -158,7 +281,8 @@ class Tokenizer:
                 if backend == "fast":
                     raise ImportError("backend 'fast' needs pyrwkv-tokenizer: pip install "
                                       "pyrwkv-tokenizer (or use backend='reference')") from None
-        self.backend = "fast" if self._fast is not None else "reference"
+        self.backend = ("native" if self._native is not None else
+                        "fast" if self._fast is not None else "reference")
 
     @property
     def reference(self) -> Any:
@@ -172,6 +296,8 @@ class Tokenizer:
             raise TypeError(f"encode() takes str, got {type(text).__name__}; use "
                             "encode_bytes() for bytes")
         try:
+            if self._native is not None:
+                return self._native.encode(text.encode("utf-8")).tolist()
             if self._fast is not None:
                 return list(self._fast.encode(text))
             return self.reference.encode(text)
@@ -185,8 +311,8 @@ class Tokenizer:
 
     def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Each text's ids followed by EOT, back to back as uint16, and each one's size
-        (its ids + 1). Same ids as `encode` per text, with much less Python work: the fast
-        backend encodes all texts in ONE call, joined by DOC_SEP. No vocabulary token of 2+
+        (its ids + 1). Same ids as `encode` per text, with much less Python work: the native
+        and fast backends encode all texts in ONE call, joined by DOC_SEP. No vocabulary token of 2+
         bytes contains that byte, so greedy longest match can never run across it and each
         text tokenizes exactly as it would alone; the separator's single-byte token is then
         replaced by EOT. Texts that contain DOC_SEP themselves go one by one."""
@@ -205,38 +331,50 @@ class Tokenizer:
         n = len(texts)
         if n == 0:
             return np.zeros(0, np.uint16), np.zeros(0, np.int64), True
-        sep_id = _doc_sep_id() if self._fast is not None else None
+        sep_id = _doc_sep_id() if self.backend != "reference" else None
         if sep_id is not None:
             joined = DOC_SEP.join(texts) + DOC_SEP
-            if joined.count(DOC_SEP) == n:  # no text holds the separator itself
-                try:
+            try:
+                if self._native is not None:
+                    data = joined.encode("utf-8")
+                    arr = self._native.encode(data).copy()  # own buffer, not len(data)
+                else:
                     ids = self._fast.encode(joined)
-                except UnicodeEncodeError:
-                    ids = None  # a lone surrogate: the per-text path names it
-                if ids is not None:
                     arr = np.fromiter(ids, np.uint16, len(ids))
                     del ids
-                    ends = np.flatnonzero(arr == sep_id)
-                    if len(ends) == n:
-                        # checked with the separators still in place: each is one byte of
-                        # `joined`, so no id may decode to nothing. (str.encode reuses the
-                        # UTF-8 copy the Rust encoder made: a memcpy, not a re-encode.)
-                        ok = (not check or ids_match_bytes(arr, joined.encode("utf-8"),
-                                                           empty_tokens=0))
-                        arr[ends] = EOT
-                        return arr, np.diff(ends, prepend=-1), ok
+                    # (this encode reuses the UTF-8 copy the Rust encoder made: a memcpy)
+                    data = joined.encode("utf-8")
+            except UnicodeEncodeError:
+                arr = None  # a lone surrogate: the per-text path names it
+            if arr is not None:
+                # the separator's token is the only one holding its byte, so there are n of
+                # them exactly when no text holds the separator itself
+                ends = np.flatnonzero(arr == sep_id)
+                if len(ends) == n:
+                    # checked with the separators in place: each is one byte of `data`,
+                    # so no id may decode to nothing
+                    ok = not check or self._matches(arr, data, 0)
+                    arr[ends] = EOT
+                    return arr, np.diff(ends, prepend=-1), ok
         parts = [self.encode(t) for t in texts]
         flat: list[int] = []
         for p in parts:
             flat += p
             flat.append(EOT)
         arr = np.fromiter(flat, np.uint16, len(flat))
-        ok = not check or ids_match_bytes(arr, "".join(texts).encode("utf-8"),
-                                          empty_tokens=n)
+        ok = not check or self._matches(arr, "".join(texts).encode("utf-8"), n)
         return arr, np.fromiter((len(p) + 1 for p in parts), np.int64, n), ok
+
+    def _matches(self, arr: np.ndarray, data: bytes, empty: int) -> bool:
+        """The ids' bytes are `data` and exactly `empty` of them decode to nothing."""
+        if self._native is not None:
+            return self._native.matches(arr, data) == (True, empty)
+        return ids_match_bytes(arr, data, empty_tokens=empty)
 
     def encode_bytes(self, data: bytes) -> list[int]:
         """Tokenize raw bytes exactly like the reference, invalid UTF-8 included."""
+        if self._native is not None:
+            return self._native.encode(bytes(data)).tolist()
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -378,7 +516,7 @@ def _reference_trie() -> Any:
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(backend: str = "auto") -> Tokenizer:
-    """The shared tokenizer for `backend` ("auto" | "fast" | "reference")."""
+    """The shared tokenizer for `backend` ("auto" | "native" | "fast" | "reference")."""
     return Tokenizer(backend)
 
 
@@ -481,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkvforge.tokenizer",
                                  description="Show the RWKV World token ids of a text.")
     ap.add_argument("text")
-    ap.add_argument("--backend", default="auto", choices=("auto", "fast", "reference"))
+    ap.add_argument("--backend", default="auto", choices=BACKENDS)
     args = ap.parse_args(argv)
     tok = get_tokenizer(args.backend)
     ids = tok.encode(args.text)

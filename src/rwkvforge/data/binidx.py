@@ -124,7 +124,7 @@ class BinIdxWriter:
             raise ValueError("add_items: flat data must match the writer's dtype and sizes")
         self._f.write(np.ascontiguousarray(a).tobytes())
         base = len(self.sizes)
-        self.sizes.extend(int(x) for x in sizes)
+        self.sizes.extend(np.asarray(sizes).tolist())
         self.doc_idx.extend(range(base + items_per_doc, len(self.sizes) + 1, items_per_doc))
         self.num_elements += a.size
 

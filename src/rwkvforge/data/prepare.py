@@ -206,8 +206,13 @@ try:  # optional: ~2x faster than json.loads; any line it rejects is re-parsed b
 
     _fast_json = _msgspec.json.Decoder().decode
     _FastJSONError: type[Exception] = _msgspec.DecodeError
+
+    class _TextLine(_msgspec.Struct):
+        text: str
+
+    _fast_text_lines = _msgspec.json.Decoder(_TextLine).decode_lines
 except ImportError:  # pragma: no cover - msgspec missing
-    _fast_json = None
+    _fast_json = _fast_text_lines = None
     _FastJSONError = ValueError
 
 
@@ -285,6 +290,41 @@ ROUND_TRIP_ERROR = ("encode -> decode does not give the text back (tokenizer pro
                     "report this line")
 
 
+def _block_texts_at_once(data: bytes, max_line_bytes: int) -> list[str] | None:
+    """The `text` of every line of a block in ONE msgspec call, or None: then the per-line
+    path decides (and names any problem).
+
+    Taken only when each line is exactly one JSON object holding a non-blank string `text`:
+    every line starts with "{" and ends with "}" (before its LF or CRLF), and the decoder
+    finds as many objects as there are lines. JSON never allows "}" + whitespace + "{" inside
+    a value, and strings cannot hold raw line breaks (msgspec refuses them), so every line
+    break ends a top-level object: each line holds at least one, and equal counts mean
+    exactly one. Such a line is accepted by json.loads alone exactly when msgspec accepts it
+    (lone surrogates, NaN, BOMs, blank lines, over-long lines all leave this path)."""
+    if _fast_text_lines is None or not data or len(data) > max_line_bytes:
+        return None
+    buf = np.frombuffer(data, np.uint8)
+    nl = np.flatnonzero(buf == 10)  # the line breaks
+    n_lines = len(nl) + (data[-1] != 10)
+    after, before = nl + 1, nl - 1
+    before[buf[before] == 13] -= 1  # CRLF
+    if (data[0] != 123 or (data[-1] != 10 and data[-1] != 125)  # "{" ... "}"
+            or not (buf[before] == 125).all()  # "}" before every line break
+            or not (buf[after[after < len(buf)]] == 123).all()):  # "{" after every one
+        return None
+    try:
+        recs = _fast_text_lines(data)
+    except (_FastJSONError, ValueError, RecursionError):
+        return None
+    if len(recs) != n_lines:
+        return None
+    texts = [r.text for r in recs]
+    for t in texts:
+        if not t or t.isspace():
+            return None
+    return texts
+
+
 def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> BlockResult:
     """Text lines of one block -> their ids + EOT, back to back. All documents are encoded
     in one call and checked in one vectorised round trip (per document only when that
@@ -294,7 +334,11 @@ def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> Blo
     texts: list[str] = []
     linenos: list[int] = []
     raws: list[bytes] = []
-    for lineno, raw in _block_lines(first, data, max_line_bytes, errors):
+    whole = _block_texts_at_once(data, max_line_bytes)
+    if whole is not None:  # one line per document, no blank lines
+        texts, linenos = whole, list(range(first, first + len(whole)))
+    for lineno, raw in (() if whole is not None else
+                        _block_lines(first, data, max_line_bytes, errors)):
         if _fast_json is not None:  # fast path: a well-formed {"text": "..."} line
             try:
                 rec = _fast_json(raw)  # bytes: msgspec checks UTF-8 and never makes surrogates
@@ -326,6 +370,8 @@ def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> Blo
         raws.append(raw)
     arr, sizes, ok = tok.encode_documents_checked(texts)
     if not ok:  # find which documents do not come back
+        if whole is not None:
+            raws = data.split(b"\n")
         keep = np.ones(len(sizes), bool)
         ends = np.cumsum(sizes)
         for k, (lo, hi) in enumerate(zip(ends - sizes, ends)):
@@ -415,7 +461,7 @@ def iter_blocks(path: Path, max_line_bytes: int, hasher, progress, block_bytes: 
             block, carry = data[:cut], data[cut:]
             if block:
                 yield lineno, block, []
-                lineno += block.count(b"\n")
+                lineno += int(np.count_nonzero(np.frombuffer(block, np.uint8) == 10))
             if len(carry) > max_line_bytes:
                 skipping, carry = len(carry), b""
     if skipping:
