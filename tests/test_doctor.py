@@ -79,3 +79,14 @@ def test_healthcheck_script_uses_the_venv(tmp_path: Path) -> None:
                          capture_output=True, text=True, env=env)
     assert out.returncode == 2
     assert "bootstrap" in out.stderr
+
+
+def test_tokenizer_encoder_is_reported() -> None:
+    rep = doctor.collect()
+    assert rep["tokenizer"]["backend"] in ("native", "fast", "reference")
+    rep["tokenizer"] = {"backend": "fast", "native": "native C encoder unavailable (...)"}
+    found = {f["id"]: f for f in doctor.findings_for(rep)}
+    assert found["tokenizer"]["level"] == "warn" and "apt install gcc" in found["tokenizer"]["fix"]
+    rep["tokenizer"] = {"backend": None, "native": None, "error": "ImportError: no rwkv"}
+    found = {f["id"]: f for f in doctor.findings_for(rep)}
+    assert found["tokenizer"]["level"] == "block" and "no rwkv" in found["tokenizer"]["message"]

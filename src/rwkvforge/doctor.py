@@ -5,7 +5,8 @@
 
 Reports OS / WSL2 (and WSL's pinned-memory limit), GPU + driver + compute capability,
 whether the installed torch has kernels for that capability, the bitsandbytes backend,
-deepspeed, flash-linear-attention, free disk, Python and key package versions.
+deepspeed, flash-linear-attention, the tokenizer encoder in use, free disk, Python and key
+package versions.
 Exit code: 0 = ready, 1 = warnings only, 2 = blockers.
 
 The JSON schema (SCHEMA_VERSION) is stable: top-level keys are listed in REPORT_KEYS and each
@@ -30,7 +31,8 @@ from rwkvforge.paths import workspace_root
 
 SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "status", "exit_code", "os", "python", "gpu", "torch",
-               "bitsandbytes", "deepspeed", "fla", "disk", "memory", "packages", "findings")
+               "bitsandbytes", "deepspeed", "fla", "tokenizer", "disk", "memory", "packages",
+               "findings")
 KEY_PACKAGES = ("torch", "rwkv", "pyrwkv-tokenizer", "peft", "bitsandbytes", "deepspeed",
                 "safetensors", "numpy", "fastapi", "uvicorn", "streamlit",
                 "flash-linear-attention", "triton", "transformers", "wandb")
@@ -162,6 +164,17 @@ def optional_info(dist: str) -> dict[str, Any]:
     return {"installed": ver is not None, "version": ver}
 
 
+def tokenizer_info() -> dict[str, Any]:
+    """Which encoder `get_tokenizer()` uses, and why not the native one (if not)."""
+    try:
+        from rwkvforge import tokenizer
+
+        return {"backend": tokenizer.get_tokenizer().backend,
+                "native": tokenizer.native_status()}
+    except Exception as e:  # noqa: BLE001 - a broken install is a finding, not a crash
+        return {"backend": None, "native": None, "error": f"{type(e).__name__}: {e}"}
+
+
 def disk_info(path: Path) -> dict[str, Any]:
     usage = shutil.disk_usage(path)
     gib = 1024 ** 3
@@ -234,6 +247,17 @@ def findings_for(rep: dict[str, Any]) -> list[dict[str, str]]:
         add("fla", "warn", "flash-linear-attention not installed: training uses the chunked "
             "torch WKV kernel (slower on GPU).", "pip install flash-linear-attention "
             "(inside .venv, with the torch constraints file: -c .venv/torch-constraints.txt).")
+    tk = rep["tokenizer"]
+    if tk["backend"] is None:
+        add("tokenizer", "block", f"the World tokenizer cannot be loaded ({tk.get('error')}).",
+            "Run ./scripts/bootstrap.sh (it installs the rwkv and pyrwkv-tokenizer packages).")
+    elif tk["backend"] != "native":
+        add("tokenizer", "warn", f"tokenizer: {tk['backend']} encoder; {tk['native']}.",
+            "Install a C compiler (sudo apt install gcc) for ~2x faster data preparation; "
+            "the ids are the same either way.")
+    else:
+        add("tokenizer", "ok", "tokenizer: native C encoder (built and cached in "
+            "~/.cache/rwkvforge).")
     d = rep["disk"]
     if d["free_gib"] < MIN_FREE_DISK_GIB:
         add("disk", "warn", f"Only {d['free_gib']} GiB free at {d['path']}.",
@@ -263,6 +287,7 @@ def collect(root: Path | None = None) -> dict[str, Any]:
         "bitsandbytes": bnb_info(),
         "deepspeed": optional_info("deepspeed"),
         "fla": optional_info("flash-linear-attention"),
+        "tokenizer": tokenizer_info(),
         "disk": disk_info(root if root.exists() else Path.cwd()),
         "memory": memory_info(),
         "packages": {p: _version(p) for p in KEY_PACKAGES},
