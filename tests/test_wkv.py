@@ -77,6 +77,19 @@ def test_chunked_gradients_match_reference():
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+@pytest.mark.parametrize("impl", ["ref", "chunked"])
+def test_fp32_inside_bf16_autocast(impl):
+    """Training runs the model under bf16 autocast; the recurrence must still be fp32 (as
+    the docstring says): autocast would otherwise run its matmuls in bf16."""
+    xs = _inputs(T=70, requires_grad=True)
+    y0, s0 = wkv(*xs, impl=impl)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, s1 = wkv(*xs, impl=impl)
+    assert y1.dtype == s1.dtype == torch.float32
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    torch.testing.assert_close(s1, s0, rtol=0, atol=0)
+
+
 def test_dispatch_and_errors():
     assert resolve_impl("auto", "cpu") == "chunked"
     assert resolve_impl("ref", "cpu") == "ref"

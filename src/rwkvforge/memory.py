@@ -74,7 +74,8 @@ ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 # parameters excluded), adapters on all six block Linears: fewer targets save less, so these
 # are upper bounds for a subset. tests/test_memory.py re-counts them.
 ACT_BLOCK = {"fp32": 109.1, "bf16": 20.6, "fp16": 20.6}  # norms, mixes, projections, FFN, LoRA inputs
-ACT_WKV_CHUNKED = {"fp32": 88.2, "bf16": 106.2, "fp16": 106.2}  # model/wkv.py wkv_chunked (fp32 inside)
+ACT_WKV_CHUNKED = {"fp32": 88.2, "bf16": 135.2, "fp16": 135.2}  # model/wkv.py wkv_chunked (fp32 inside,
+# autocast off: with bf16 inputs it also keeps their fp32 copies)
 # fla's chunk_rwkv7 keeps its six inputs (2 bytes) + fp32 cumulative decay and recomputes the
 # rest in backward: 6*2 + 4 = 16 bytes per channel. An estimate from its source, not yet
 # measured: run bench/memory_bench.py on a CUDA machine with fla installed.
