@@ -85,7 +85,8 @@ def test_weight_and_adapter_bytes_match_real_model(tmp_path, quant):
 
 
 # ----------------------------------------------------------------------------- activations
-def _saved_bytes_per_token_layer(precision: str, lora_r: int, tmp_path) -> float:
+def _saved_bytes_per_token_layer(precision: str, lora_r: int, tmp_path,
+                                 wkv_impl: str = "chunked") -> float:
     """Bytes autograd saves per token per layer in forward_hidden, on the training path."""
     from rwkvforge import config as cfgmod
     from rwkvforge.checkpoint import save_pth
@@ -96,7 +97,7 @@ def _saved_bytes_per_token_layer(precision: str, lora_r: int, tmp_path) -> float
     L, C = 2, 256
     p = tmp_path / f"act-{precision}.pth"
     save_pth(make_random_model_sd(L, C, vocab_size=1024), p)
-    s = cfgmod.Settings(device="cpu", precision=precision, lora_r=lora_r, wkv_impl="chunked")
+    s = cfgmod.Settings(device="cpu", precision=precision, lora_r=lora_r, wkv_impl=wkv_impl)
     pm, _, _ = build_model(s, p, torch.device("cpu"))
     m = unwrap(pm)
     params = {q.untyped_storage().data_ptr() for q in pm.parameters()}
@@ -119,12 +120,18 @@ def _saved_bytes_per_token_layer(precision: str, lora_r: int, tmp_path) -> float
     return (count(128) - count(64)) / (64 * L)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "native"])
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_activation_constants_match_saved_tensors(precision, tmp_path):
+def test_activation_constants_match_saved_tensors(precision, impl, tmp_path):
     """The per-token-per-layer constants are what the model really saves for backward."""
+    from rwkvforge.model.wkv import native_available
+
+    if impl == "native" and not native_available():
+        pytest.skip("the C WKV kernel cannot be built here (no C compiler)")
     r, C = 16, 256
-    counted = _saved_bytes_per_token_layer(precision, r, tmp_path)
-    model = ((memory.ACT_BLOCK[precision] + memory.ACT_WKV_CHUNKED[precision]) * C
+    counted = _saved_bytes_per_token_layer(precision, r, tmp_path, impl)
+    wkv_c = (memory.ACT_WKV_CHUNKED if impl == "chunked" else memory.ACT_WKV_NATIVE)[precision]
+    model = ((memory.ACT_BLOCK[precision] + wkv_c) * C
              + memory.ACT_LORA_RANK[precision] * r * 6)
     assert abs(counted / model - 1) < 0.02, (counted, model)
 

@@ -102,9 +102,10 @@ class Settings:
                          group="model")
     ctx_len: int = _f(512, "Training context in tokens: longer = more memory, better "
                       "long-range learning.", lo=16, hi=1 << 20, group="model")
-    wkv_impl: str = _f("auto", "WKV kernel: auto (fla on CUDA, chunked otherwise), ref "
-                       "(sequential, slow, exact), chunked (matmul form) or fla.",
-                       choices=("auto", "ref", "chunked", "fla"), group="model")
+    wkv_impl: str = _f("auto", "WKV kernel: auto (fla on CUDA, native on CPU when a C "
+                       "compiler is present, chunked otherwise), ref (sequential, slow, "
+                       "exact), chunked (matmul form), native (C, CPU) or fla.",
+                       choices=("auto", "ref", "chunked", "native", "fla"), group="model")
 
     # ---- profile: adapter + precision ------------------------------------------------
     profile: str = _f("lora-bf16", "Profile name (set by profile/*.env).", group="profile")

@@ -76,6 +76,9 @@ ADAM8_MIN_NUMEL = 4096  # bitsandbytes keeps 32-bit state for smaller tensors
 ACT_BLOCK = {"fp32": 109.1, "bf16": 20.6, "fp16": 20.6}  # norms, mixes, projections, FFN, LoRA inputs
 ACT_WKV_CHUNKED = {"fp32": 88.2, "bf16": 135.2, "fp16": 135.2}  # model/wkv.py wkv_chunked (fp32 inside,
 # autocast off: with bf16 inputs it also keeps their fp32 copies)
+# model/wkv.py wkv_native (CPU): its inputs as given, exp(log_w) in fp32 and one fp32 state per
+# NATIVE_CKPT=16 steps (16 B per channel); it recomputes the rest in backward
+ACT_WKV_NATIVE = {"fp32": 24.0, "bf16": 59.0, "fp16": 59.0}
 # fla's chunk_rwkv7 keeps its six inputs (2 bytes) + fp32 cumulative decay and recomputes the
 # rest in backward: 6*2 + 4 = 16 bytes per channel. An estimate from its source, not yet
 # measured: run bench/memory_bench.py on a CUDA machine with fla installed.
@@ -327,9 +330,13 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
 
     # ---- activations
     impl = w.wkv_impl
-    if impl == "auto":  # what model/wkv.py picks: fla on CUDA when installed
-        impl = "fla" if device == "cuda" and _fla_installed() else "chunked"
-    wkv_c = ACT_WKV_FLA if impl == "fla" else ACT_WKV_CHUNKED[w.precision]
+    if impl == "auto":  # what model/wkv.py picks: fla on CUDA, the C kernel on CPU
+        if device == "cuda":
+            impl = "fla" if _fla_installed() else "chunked"
+        else:
+            impl = "native" if _native_wkv_available() else "chunked"
+    wkv_c = (ACT_WKV_FLA if impl == "fla" else ACT_WKV_NATIVE[w.precision]
+             if impl == "native" else ACT_WKV_CHUNKED[w.precision])
     per_tok_layer = ((ACT_BLOCK[w.precision] + wkv_c) * C
                      + ACT_LORA_RANK[w.precision] * r * len(targets))
     if w.use_dora:
@@ -377,6 +384,12 @@ def _fla_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("fla") is not None
+
+
+def _native_wkv_available() -> bool:
+    from rwkvforge import native
+
+    return native.load("wkv_cpu") is not None
 
 
 # ----------------------------------------------------------------------------- planning

@@ -2,9 +2,9 @@
 
 Three encoders give the same ids (greedy longest match over UTF-8 bytes):
 
-* ``native``: our own C trie (``trie_tokenizer.c``), compiled on first use with the system C
-  compiler (``$CC``, else ``cc``) into the user cache (``$XDG_CACHE_HOME/rwkvforge``, else
-  ``~/.cache/rwkvforge``) and loaded with ctypes: no Python headers, no build step at install.
+* ``native``: our own C trie (``csrc/trie_tokenizer.c``), compiled on first use with the
+  system C compiler and cached (see rwkvforge/native.py), loaded with ctypes: no Python
+  headers, no build step at install.
   It writes ids straight into numpy buffers (no Python object per token), which is most of
   what makes ``rwkvforge prepare`` fast. ``RWKVFORGE_NATIVE=0`` turns it off;
 * ``fast``: the Rust ``pyrwkv-tokenizer`` wheel from PyPI (used when no C compiler works);
@@ -50,20 +50,15 @@ from __future__ import annotations
 import ast
 import ctypes
 import functools
-import hashlib
 import importlib.util
-import os
-import platform
 import re
-import shlex
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from rwkvforge import native
 
 VOCAB_NAME = "rwkv_vocab_v20230424"
 VOCAB_SIZE = 65536  # rows of the model's embedding / head; ids 65530..65535 are unused
@@ -142,57 +137,20 @@ def _load_reference_module() -> Any:
 # the native (C) encoder
 # ---------------------------------------------------------------------------------------
 
-_NATIVE_SOURCE = Path(__file__).with_name("trie_tokenizer.c")
-_native_problem: str | None = None  # why the native encoder is not in use (for doctor)
-
-
 def native_status() -> str:
     """One line: the native encoder in use, or why not."""
-    return "native C encoder loaded" if _native_lib() is not None else str(_native_problem)
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "rwkvforge"
-
-
-def _compile_native(cc: list[str], out: Path) -> None:
-    """Compile the C source into the shared library `out`, atomically (temp name + rename),
-    so concurrent processes never load a half-written file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([*cc, "-O2", "-shared", "-fPIC", "-o", tmp, str(_NATIVE_SOURCE)],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise OSError(f"`{' '.join(cc)}` exited with {proc.returncode}: "
-                          f"{proc.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if _native_lib() is not None:
+        return "native C encoder loaded"
+    advice = (". Install a C compiler (apt install gcc) for faster data preparation"
+              if native.enabled() else "")
+    return f"native C encoder {native.problem('trie_tokenizer')}; using pyrwkv-tokenizer{advice}"
 
 
 @functools.lru_cache(maxsize=None)
 def _native_lib() -> Any:
-    """The compiled C encoder (ctypes), built once per source version and compiler and
-    cached; None (with the reason in `_native_problem`) when off or no compiler works."""
-    global _native_problem
-    if os.environ.get("RWKVFORGE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        _native_problem = "native C encoder off (RWKVFORGE_NATIVE=0)"
-        return None
-    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "cc"]
-    key = hashlib.sha256(_NATIVE_SOURCE.read_bytes() + " ".join(cc).encode()
-                         + platform.machine().encode()).hexdigest()[:16]
-    lib_path = _cache_dir() / f"trie_tokenizer-{key}.so"
-    try:
-        if not lib_path.is_file():
-            _compile_native(cc, lib_path)
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.SubprocessError) as e:
-        _native_problem = (f"native C encoder unavailable ({e}); using pyrwkv-tokenizer. "
-                           "Install a C compiler (apt install gcc) for faster data preparation")
+    """The C encoder (rwkvforge/csrc/trie_tokenizer.c via native.load), typed; or None."""
+    lib = native.load("trie_tokenizer")
+    if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.rf_build.argtypes, lib.rf_build.restype = [p, p, p, p, ctypes.c_int32], p
@@ -271,7 +229,7 @@ class Tokenizer:
             if lib is not None:
                 self._native = _NativeEncoder(lib)
             elif backend == "native":
-                raise ImportError(str(_native_problem))
+                raise ImportError(native_status())
         if backend == "fast" or (backend == "auto" and self._native is None):
             try:
                 import pyrwkv_tokenizer

@@ -1,0 +1,101 @@
+"""The package's small C kernels (``csrc/*.c``): built on first use, cached, optional.
+
+Each source is plain C (no Python or torch headers) loaded with ctypes, so nothing is built at
+install time and nothing breaks when no compiler exists: ``load(name)`` returns None and
+``problem(name)`` says why, and every caller has a pure-Python / torch fallback that gives
+the same results. They are:
+
+* ``trie_tokenizer``: the World tokenizer's greedy longest match (used by tokenizer.py);
+* ``wkv_cpu``: the RWKV-7 recurrence forward and backward on CPU (used by model/wkv.py).
+
+The compiler is ``$CC`` (else ``cc``); the library goes to ``$XDG_CACHE_HOME/rwkvforge`` (else
+``~/.cache/rwkvforge``) under a name hashing the source, the flags and the compiler, written
+to a temp name and renamed (concurrent processes never load a half-written file). x86-64
+builds carry AVX-512 / AVX2 / baseline clones picked at load time, so a cached library is
+safe on any CPU. ``RWKVFORGE_NATIVE=0`` turns all of them off.
+
+    python -m rwkvforge.native          # build both and print their status
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("trie_tokenizer", "wkv_cpu")
+FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-Wno-psabi")
+_problems: dict[str, str] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("RWKVFORGE_NATIVE", "1").strip().lower() not in (
+        "0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "rwkvforge"
+
+
+def _compile(cc: list[str], src: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([*cc, *FLAGS, "-o", tmp, str(src)], capture_output=True,
+                              text=True, timeout=300)
+        if proc.returncode != 0:
+            raise OSError(f"`{' '.join(cc)}` exited with {proc.returncode}: "
+                          f"{proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library `name` (built once per source version, flags and compiler), or
+    None with the reason in `problem(name)`."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown native source {name!r}: one of {', '.join(SOURCES)}")
+    if not enabled():
+        _problems[name] = "off (RWKVFORGE_NATIVE=0)"
+        return None
+    src = CSRC / f"{name}.c"
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "cc"]
+    key = hashlib.sha256(src.read_bytes() + " ".join([*cc, *FLAGS]).encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    lib_path = cache_dir() / f"{name}-{key}.so"
+    try:
+        if not lib_path.is_file():
+            _compile(cc, src, lib_path)
+        return ctypes.CDLL(str(lib_path))
+    except (OSError, subprocess.SubprocessError) as e:
+        _problems[name] = f"unavailable ({e})"
+        return None
+
+
+def problem(name: str) -> str | None:
+    """Why `load(name)` gave None (None when it loaded or was not tried)."""
+    return _problems.get(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for name in SOURCES:
+        lib = load(name)
+        print(f"{name}: {'loaded' if lib is not None else problem(name)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
