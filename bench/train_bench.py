@@ -131,7 +131,10 @@ def worker_ours(model: str, data: str, warmup: int, threads: int, n: int) -> dic
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
-    return _summary(times, losses, d, warmup, cfg.to_dict())
+    from rwkvforge.model.wkv import resolve_impl
+
+    return {**_summary(times, losses, d, warmup, cfg.to_dict()),
+            "wkv": resolve_impl(s.wkv_impl, dev)}
 
 
 def worker_rwkvtune(model: str, data: str, warmup: int, threads: int, n: int) -> dict:
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.threads, args.timeout, peer_steps)
     flops = model_flops_per_token(ours["model"])
     mfu = ours["tokens_per_s"] * flops["total"] / peak["bf16"]
-    rows = [("rwkvforge (peft LoRA, chunked WKV, chunked head+CE)", ours)]
+    rows = [(f"rwkvforge (peft LoRA, {ours['wkv']} WKV, chunked head+CE)", ours)]
     if "error" not in peer:
         rows.append((f"rwkvtune {peer.get('version', '')} (its LoRA, CPU WKV, full logits)",
                      peer))

@@ -156,24 +156,22 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
                     DY[q] = LD(dy + o + 16 * q);
                     V[q] = LD(v + o + 16 * q);
                 }
-                /* y_t = S_t r_t:  dS += dy r^T,  dr = S_t^T dy */
+                /* y_t = S_t r_t: dS += dy r^T, dr = S_t^T dy; then, for
+                 * S_t = S_{t-1} diag(w) + sa b^T + v k^T with sa = S_{t-1} a: sa, dS b, dS k
+                 * (one pass over the rows of dS) */
                 for (int j = 0; j < N; j++) {
                     v16 p = {0};
                     for (int q = 0; q < NV; q++) {
-                        float *g = GT + j * N + 16 * q;
-                        STO(g, LD(g) + rt[j] * DY[q]);
+                        float *gp = GT + j * N + 16 * q;
+                        const v16 g = LD(gp) + rt[j] * DY[q];
+                        STO(gp, g);
                         p += LD(Sc + j * N + 16 * q) * DY[q];
-                    }
-                    dr[o + j] += hsum(p);
-                }
-                /* S_t = S_{t-1} diag(w) + sa b^T + v k^T with sa = S_{t-1} a */
-                for (int j = 0; j < N; j++)
-                    for (int q = 0; q < NV; q++) {
-                        const v16 g = LD(GT + j * N + 16 * q);
                         sa[q] += at[j] * LD(Sp + j * N + 16 * q);
                         dsa[q] += bt[j] * g;
                         dvv[q] += kt[j] * g;
                     }
+                    dr[o + j] += hsum(p);
+                }
                 for (int q = 0; q < NV; q++) STO(dv + o + 16 * q, LD(dv + o + 16 * q) + dvv[q]);
                 for (int j = 0; j < N; j++) {
                     v16 pk = {0}, pb = {0}, pw = {0}, pa = {0};
