@@ -100,6 +100,28 @@ def test_chunked_head_loss_matches_full_cross_entropy(train_head):
         torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_chunked_head_loss_bf16_matmuls():
+    """bf16 matmuls (the bf16 profiles): the loss is exact for the bf16 logits; the gradient
+    carries only the bf16 rounding of the softmax. Reused CPU scratch buffers: a second
+    call with fewer tokens gives its own answer."""
+    g = torch.Generator().manual_seed(1)
+    C, V = 32, 3000
+    head = torch.nn.Linear(C, V, bias=False)
+    head.weight.requires_grad_(False)
+    for n in (37, 20):
+        h = torch.randn(1, n, C, generator=g, requires_grad=True)
+        y = torch.randint(0, V, (1, n), generator=g)
+        w = torch.full((1, n), 1.0 / n)
+        loss = T.chunked_head_loss(h, head, y, w, chunk=16, dtype=torch.bfloat16)
+        logits = (h.bfloat16() @ head.weight.bfloat16().t()).float()
+        ref = (F.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="none")
+               * w.reshape(-1)).sum()
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+        gh, = torch.autograd.grad(loss, h)
+        gh_ref, = torch.autograd.grad(ref, h)
+        assert (gh - gh_ref).abs().max() < 1e-2 * gh_ref.abs().max()
+
+
 def test_chunked_head_loss_never_builds_full_logits(monkeypatch):
     """Every matmul against the head weight sees at most `chunk` tokens."""
     seen = []
@@ -111,7 +133,16 @@ def test_chunked_head_loss_never_builds_full_logits(monkeypatch):
             seen.append(out.shape[0])
         return out
 
+    real_mm = torch.mm
+
+    def spy_mm(a, b, **kw):
+        out = real_mm(a, b, **kw)
+        if out.dim() == 2 and out.shape[-1] == 1000:
+            seen.append(out.shape[0])
+        return out
+
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    monkeypatch.setattr(torch, "mm", spy_mm)
     h = torch.randn(2, 300, 8, requires_grad=True)
     head = torch.nn.Linear(8, 1000, bias=False)
     loss = T.chunked_head_loss(h, head, torch.randint(0, 1000, (2, 300)), torch.ones(2, 300),
