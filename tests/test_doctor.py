@@ -90,3 +90,9 @@ def test_tokenizer_encoder_is_reported() -> None:
     rep["tokenizer"] = {"backend": None, "native": None, "error": "ImportError: no rwkv"}
     found = {f["id"]: f for f in doctor.findings_for(rep)}
     assert found["tokenizer"]["level"] == "block" and "no rwkv" in found["tokenizer"]["message"]
+
+    rep["tokenizer"] = {"backend": "native", "native": "native C encoder loaded",
+                        "wkv_cpu": "chunked torch kernel (C kernel unavailable (...))"}
+    found = {f["id"]: f for f in doctor.findings_for(rep)}
+    assert found["tokenizer"]["level"] == "ok"
+    assert found["wkv-cpu"]["level"] == "warn" and "gcc" in found["wkv-cpu"]["fix"]
