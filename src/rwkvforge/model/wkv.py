@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -154,9 +155,16 @@ def native_available() -> bool:
     return _native_lib() is not None
 
 
-@functools.lru_cache(maxsize=None)
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
 def _pool(n: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="rwkvforge-wkv")
+    """n worker threads for this process (a forked child gets its own: the parent's threads
+    do not exist there)."""
+    key = (os.getpid(), n)
+    if key not in _POOLS:
+        _POOLS[key] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="rwkvforge-wkv")
+    return _POOLS[key]
 
 
 def _over_heads(fn, BH: int, *args) -> list:
