@@ -5,8 +5,8 @@
 
 Reports OS / WSL2 (and WSL's pinned-memory limit), GPU + driver + compute capability,
 whether the installed torch has kernels for that capability, the bitsandbytes backend,
-deepspeed, flash-linear-attention, the tokenizer encoder in use, free disk, Python and key
-package versions.
+deepspeed, flash-linear-attention, the tokenizer encoder and CPU WKV kernel in use (the
+native C ones or their fallbacks), free disk, Python and key package versions.
 Exit code: 0 = ready, 1 = warnings only, 2 = blockers.
 
 The JSON schema (SCHEMA_VERSION) is stable: top-level keys are listed in REPORT_KEYS and each
@@ -165,11 +165,10 @@ def optional_info(dist: str) -> dict[str, Any]:
 
 
 def tokenizer_info() -> dict[str, Any]:
-    """Which encoder `get_tokenizer()` uses, and why not the native one (if not)."""
+    """Which encoder `get_tokenizer()` uses and which WKV kernel runs on CPU, and why not
+    the native (C) ones, if not."""
     try:
-        from rwkvforge import tokenizer
-
-        from rwkvforge import native
+        from rwkvforge import native, tokenizer
 
         return {"backend": tokenizer.get_tokenizer().backend,
                 "native": tokenizer.native_status(),
@@ -256,7 +255,9 @@ def findings_for(rep: dict[str, Any]) -> list[dict[str, str]]:
         add("tokenizer", "block", f"the World tokenizer cannot be loaded ({tk.get('error')}).",
             "Run ./scripts/bootstrap.sh (it installs the rwkv and pyrwkv-tokenizer packages).")
     elif tk["backend"] != "native":
-        add("tokenizer", "ok" if "RWKVFORGE_NATIVE=0" in str(tk["native"]) else "warn", f"tokenizer: {tk['backend']} encoder; {tk['native']}.",
+        switched_off = "RWKVFORGE_NATIVE=0" in str(tk["native"])
+        add("tokenizer", "ok" if switched_off else "warn",
+            f"tokenizer: {tk['backend']} encoder; {tk['native']}.",
             "Install a C compiler (sudo apt install gcc) for ~2x faster data preparation; "
             "the ids are the same either way.")
     else:

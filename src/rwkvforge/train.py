@@ -112,7 +112,7 @@ def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.
     CUDA's caching allocator already reuses memory, so there it is a plain empty()."""
     if device.type != "cpu":
         return torch.empty(rows, cols, dtype=dtype, device=device)
-    key = (name, cols, dtype)
+    key = (threading.get_ident(), name, cols, dtype)  # never shared between threads
     buf = _SCRATCH.get(key)
     if buf is None or buf.shape[0] < rows:
         buf = _SCRATCH[key] = torch.empty(rows, cols, dtype=dtype)
