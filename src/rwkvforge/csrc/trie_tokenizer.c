@@ -1,9 +1,9 @@
 /* rwkvforge: the RWKV World tokenizer's greedy longest match in plain C.
  *
- * Built on first use by rwkvforge/tokenizer.py with the system C compiler (no Python
- * headers: loaded with ctypes) and used when that works; pyrwkv-tokenizer and the rwkv
- * package's pure-Python TRIE_TOKENIZER remain the fallbacks, and the reference is the
- * test oracle. Same rule as the reference: at each position take the longest vocabulary
+ * Built on first use by rwkvforge/native.py with the system C compiler (no Python
+ * headers), loaded with ctypes by rwkvforge/tokenizer.py and used when that works;
+ * pyrwkv-tokenizer and the rwkv package's pure-Python TRIE_TOKENIZER remain the fallbacks,
+ * and the reference is the test oracle. Same rule as the reference: at each position take the longest vocabulary
  * entry that is a prefix of the remaining bytes. Ids are written straight into a uint16
  * buffer: no Python object per token.
  *
