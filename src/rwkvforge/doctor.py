@@ -31,8 +31,8 @@ from rwkvforge.paths import workspace_root
 
 SCHEMA_VERSION = 1
 REPORT_KEYS = ("schema_version", "status", "exit_code", "os", "python", "gpu", "torch",
-               "bitsandbytes", "deepspeed", "fla", "tokenizer", "disk", "memory", "packages",
-               "findings")
+               "bitsandbytes", "deepspeed", "fla", "tokenizer", "wkv_cpu", "disk", "memory",
+               "packages", "findings")
 KEY_PACKAGES = ("torch", "rwkv", "pyrwkv-tokenizer", "peft", "bitsandbytes", "deepspeed",
                 "safetensors", "numpy", "fastapi", "uvicorn", "streamlit",
                 "flash-linear-attention", "triton", "transformers", "wandb")
@@ -165,17 +165,23 @@ def optional_info(dist: str) -> dict[str, Any]:
 
 
 def tokenizer_info() -> dict[str, Any]:
-    """Which encoder `get_tokenizer()` uses and which WKV kernel runs on CPU, and why not
-    the native (C) ones, if not."""
+    """Which encoder `get_tokenizer()` uses, and why not the native (C) one, if not."""
     try:
-        from rwkvforge import native, tokenizer
+        from rwkvforge import tokenizer
 
         return {"backend": tokenizer.get_tokenizer().backend,
-                "native": tokenizer.native_status(),
-                "wkv_cpu": ("native C kernel" if native.load("wkv_cpu") is not None
-                            else f"chunked torch kernel (C kernel {native.problem('wkv_cpu')})")}
+                "native": tokenizer.native_status()}
     except Exception as e:  # noqa: BLE001 - a broken install is a finding, not a crash
         return {"backend": None, "native": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def wkv_cpu_info() -> dict[str, Any]:
+    """Which WKV kernel `wkv_impl=auto` runs on CPU, and why not the native (C) one, if not."""
+    from rwkvforge import native
+
+    if native.available("wkv_cpu"):
+        return {"kernel": "native", "problem": None}
+    return {"kernel": "chunked", "problem": native.problem("wkv_cpu")}
 
 
 def disk_info(path: Path) -> dict[str, Any]:
@@ -263,10 +269,12 @@ def findings_for(rep: dict[str, Any]) -> list[dict[str, str]]:
     else:
         add("tokenizer", "ok", "tokenizer: native C encoder (built and cached in "
             "~/.cache/rwkvforge).")
-    wk = tk.get("wkv_cpu")
-    if wk is not None:
-        add("wkv-cpu", "ok" if wk.startswith("native") or "RWKVFORGE_NATIVE=0" in wk else "warn",
-            f"WKV on CPU (training, prefill): {wk}.",
+    wk = rep["wkv_cpu"]
+    if wk["kernel"] == "native":
+        add("wkv-cpu", "ok", "WKV on CPU (training, prefill): native C kernel.")
+    else:
+        add("wkv-cpu", "ok" if "RWKVFORGE_NATIVE=0" in str(wk["problem"]) else "warn",
+            f"WKV on CPU (training, prefill): chunked torch kernel (C kernel {wk['problem']}).",
             "Install a C compiler (sudo apt install gcc): CPU training steps are ~1.5x faster "
             "with the C kernel; results are the same.")
     d = rep["disk"]
@@ -299,6 +307,7 @@ def collect(root: Path | None = None) -> dict[str, Any]:
         "deepspeed": optional_info("deepspeed"),
         "fla": optional_info("flash-linear-attention"),
         "tokenizer": tokenizer_info(),
+        "wkv_cpu": wkv_cpu_info(),
         "disk": disk_info(root if root.exists() else Path.cwd()),
         "memory": memory_info(),
         "packages": {p: _version(p) for p in KEY_PACKAGES},

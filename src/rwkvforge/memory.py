@@ -334,7 +334,9 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
         if device == "cuda":
             impl = "fla" if _fla_installed() else "chunked"
         else:
-            impl = "native" if _native_wkv_available() else "chunked"
+            from rwkvforge import native
+
+            impl = "native" if native.available("wkv_cpu") else "chunked"
     wkv_c = (ACT_WKV_FLA if impl == "fla" else ACT_WKV_NATIVE[w.precision]
              if impl == "native" else ACT_WKV_CHUNKED[w.precision])
     per_tok_layer = ((ACT_BLOCK[w.precision] + wkv_c) * C
@@ -384,12 +386,6 @@ def _fla_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("fla") is not None
-
-
-def _native_wkv_available() -> bool:
-    from rwkvforge import native
-
-    return native.load("wkv_cpu") is not None
 
 
 # ----------------------------------------------------------------------------- planning

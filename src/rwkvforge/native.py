@@ -85,6 +85,11 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
 
 
+def available(name: str) -> bool:
+    """Whether `load(name)` gives a library (builds it on first call)."""
+    return load(name) is not None
+
+
 def problem(name: str) -> str | None:
     """Why `load(name)` gave None (None when it loaded or was not tried)."""
     return _problems.get(name)

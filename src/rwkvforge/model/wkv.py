@@ -191,7 +191,7 @@ class _NativeWKV(torch.autograd.Function):
         given = [x.detach() for x in (r, k, v, a, b)]  # kept for backward as they came
         r, k, v, a, b = (x.float().contiguous() for x in given)
         w = torch.exp(log_w.detach().float()).contiguous()
-        S = (torch.zeros(B, H, N, N) if s0 is None
+        S = (_zeros_state(r) if s0 is None
              else s0.detach().float().clone().contiguous())
         y = torch.empty(B, T, H, N)
         train = any(ctx.needs_input_grad)  # else (prefill): no checkpoints
@@ -212,7 +212,7 @@ class _NativeWKV(torch.autograd.Function):
         r, k, v, a, b = (x.float().contiguous() for x in given)
         B, T, H, N = r.shape
         dy = torch.zeros_like(r) if dy is None else dy.float().contiguous()
-        G = (torch.zeros(B, H, N, N) if dS is None else dS.float().clone().contiguous())
+        G = _zeros_state(r) if dS is None else dS.float().clone().contiguous()
         grads = [torch.zeros_like(r) for _ in range(6)]
         rc = _over_heads(lib.rf_wkv_backward, B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
             r, w, k, v, a, b, ckpt, dy, G, *grads)))
