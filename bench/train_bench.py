@@ -107,8 +107,10 @@ def worker_ours(model: str, data: str, warmup: int, threads: int, n: int) -> dic
     import torch
 
     from rwkvforge import config as cfgmod
-    from rwkvforge.train import LossModule, autocast_ctx, build_model
+    from rwkvforge.runtime import keep_freed_memory
+    from rwkvforge.train import LossModule, autocast_ctx, build_model, make_optimizer
 
+    keep_freed_memory()  # what `rwkvforge train` does on a CPU (see rwkvforge/runtime.py)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     d = torch.load(data, weights_only=True)
@@ -116,8 +118,7 @@ def worker_ours(model: str, data: str, warmup: int, threads: int, n: int) -> dic
                         head_chunk=1024)
     pm, _, cfg = build_model(s, Path(model), torch.device("cpu"))
     lm = LossModule(pm, s.head_chunk, torch.bfloat16)
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.99))
+    opt = make_optimizer(pm, s)  # train.py's AdamW (fused, weight decay on the adapters)
     dev = torch.device("cpu")
     times, losses = [], []
     for i in range(min(n, len(d["input_ids"]))):

@@ -151,6 +151,67 @@ def test_chunked_head_loss_never_builds_full_logits(monkeypatch):
     assert seen and max(seen) <= 64 and sum(seen) == 600
 
 
+def test_bf16_training_skips_peft_input_casts(tiny_model_path):
+    """Under bf16 autocast the LoRA layers take their bf16 input as it is (LossModule turns
+    peft's cast to the adapters' fp32 off): the same loss and gradients bit for bit, with two
+    fewer full-size copies per adapter in the forward alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rwkvforge.peft import target_module_names, unwrap
+
+    class CountCopies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy and args[0].dim() == 3:
+                CountCopies.n += 1  # (B, T, C) activations, not the small weights
+            return func(*args, **(kwargs or {}))
+
+    s = cfgmod.Settings(lora_r=8, lora_alpha=16.0, precision="bf16", head_chunk=64)
+    pm, _, _ = T.build_model(s, tiny_model_path, torch.device("cpu"))
+    torch.manual_seed(0)
+    for p in pm.parameters():
+        if p.requires_grad:  # lora_B starts at zero: give every adapter a gradient path
+            p.data.normal_(0, 0.02)
+    x, y = torch.randint(0, 65536, (2, 33)), torch.randint(0, 65536, (2, 33))
+    w = torch.full(x.shape, 1 / 66)
+    lora_layers = [m for m in pm.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    runs = {}
+    for cast in (True, False):
+        lm = T.LossModule(pm, 64, torch.bfloat16)
+        assert all(not m.cast_input_dtype_enabled for m in lora_layers)
+        for m in lora_layers:
+            m.cast_input_dtype_enabled = cast  # True: what peft does on its own
+        CountCopies.n = 0
+        with T.autocast_ctx(torch.device("cpu"), "bf16"), CountCopies():
+            loss = lm(x, y, w)
+        copies = CountCopies.n
+        loss.backward()
+        runs[cast] = (loss.item(), copies,
+                      [p.grad.clone() for p in pm.parameters() if p.requires_grad])
+        pm.zero_grad(set_to_none=True)
+    (l0, c0, g0), (l1, c1, g1) = runs[True], runs[False]
+    assert l1 == l0 and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    n_adapters = len(target_module_names(unwrap(pm), s.lora_targets.split(",")))
+    assert n_adapters == 6 * 2 and c1 <= c0 - 2 * n_adapters, (c0, c1)
+
+
+def test_optimizer_is_fused_adamw_without_deepspeed(tiny_model_path):
+    """Single-process AdamW runs fused (one kernel over all adapter tensors); DeepSpeed keeps
+    its own wrapping of the default."""
+    s = cfgmod.Settings(lora_r=4, lora_alpha=8.0, precision="fp32")
+    pm, _, _ = T.build_model(s, tiny_model_path, torch.device("cpu"))
+    opt = T.make_optimizer(pm, s)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    p = next(p for p in pm.parameters() if p.requires_grad)
+    before = p.detach().clone()
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+    s2 = cfgmod.Settings(lora_r=4, lora_alpha=8.0, precision="fp32", deepspeed_stage=2)
+    assert not T.make_optimizer(pm, s2).defaults["fused"]
+
+
 # ------------------------------------------------------------------------------ runs
 @pytest.mark.parametrize("profile,margin", [("lora-bf16", 2.0), ("qlora-nf4", 2.0),
                                             ("qlora-int8", 2.0)])

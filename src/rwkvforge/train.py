@@ -213,6 +213,17 @@ class LossModule(nn.Module):
         self.model = model
         self.head_chunk = head_chunk
         self.compute_dtype = compute_dtype
+        if compute_dtype != torch.float32:
+            # bf16 / fp16 training runs under autocast, which casts the adapters' fp32 weights
+            # and their bf16 input itself. peft's plain-Linear LoRA would first cast the bf16
+            # input up to fp32 for autocast to cast it back down: two full-size copies per
+            # adapter and two more in backward, for the same bf16 matmul. (peft's bitsandbytes
+            # layers already skip that cast under autocast.)
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            for mod in model.modules():
+                if isinstance(mod, BaseTunerLayer):
+                    mod.cast_input_dtype_enabled = False
 
     def inner(self) -> nn.Module:
         from rwkvforge.peft import unwrap
@@ -665,7 +676,14 @@ def make_optimizer(model: nn.Module, s: cfgmod.Settings):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=s.lr, betas=(0.9, 0.99), eps=1e-8)
-    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99), eps=1e-8)
+    # fused: one kernel over all tensors (CPU and CUDA) instead of a loop of small ops per
+    # tensor; the update is the same (21 -> 7 ms per step for the 0.1B shape's adapters on
+    # the CPU here). DeepSpeed keeps the default: it wraps the optimiser itself.
+    fused = s.deepspeed_stage == 0 and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16)
+        for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.99), eps=1e-8,
+                             fused=fused or None)
 
 
 # =========================================================================== RNG
@@ -1481,6 +1499,10 @@ def main(argv: list[str] | None = None) -> int:
                 and run_dir.exists() and any(run_dir.iterdir()):
             raise TrainError(f"{run_dir} already exists: pick another --run-name, or continue "
                              f"it with --resume {run_dir}.")
+        if pick_device(s.device).type == "cpu":
+            from rwkvforge.runtime import keep_freed_memory
+
+            keep_freed_memory()  # CPU: reuse freed activation memory (see runtime.py)
         trainer = Trainer(res, run_dir, resume=bool(args.resume), root=root,
                           progress=False if args.no_progress else None)
         trainer.force = args.force

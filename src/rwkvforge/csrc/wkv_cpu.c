@@ -12,7 +12,7 @@
  * horizontal sums. N is 64 (every RWKV-7 head); other sizes return -2 and the caller uses
  * the torch kernel. The forward keeps the state before every K-th step; the backward
  * recomputes the K states of a segment from that checkpoint (a (K + 1) N^2 buffer,
- * L2-sized) and walks it in reverse:
+ * L2-sized) and walks it in reverse, one pass over the state per step (rf_wkv_backward):
  *
  *     dS += dy_t r_t^T          dr_t = S_t^T dy_t
  *     dv_t = dS k_t    dk_t = dS^T v_t    dsa = dS b_t    db_t = dS^T (S_{t-1} a_t)
@@ -58,10 +58,13 @@ ALWAYS_INLINE float hsum(v16 x) {
 #endif
 }
 
-/* one step on a key-major state ST: S <- S diag(w) + (S a) b^T + v k^T; y = S r (or NULL) */
-ALWAYS_INLINE void step(float *restrict ST, const float *restrict r, const float *restrict w,
-                        const float *restrict k, const float *restrict v,
-                        const float *restrict a, const float *restrict b, float *restrict y) {
+/* one step on a key-major state: S' = S diag(w) + (S a) b^T + v k^T read from ST and written
+ * to DT (the same buffer, or the next one when backward recomputes a segment); y = S' r (or
+ * NULL); sa_out (or NULL) receives S a, which backward needs again */
+ALWAYS_INLINE void step(const float *ST, float *DT, const float *restrict r,
+                        const float *restrict w, const float *restrict k,
+                        const float *restrict v, const float *restrict a,
+                        const float *restrict b, float *restrict y, float *restrict sa_out) {
     v16 sa[NV] = {0}, sb[NV] = {0}; /* two partial sums: half the dependency chain */
     for (int j = 0; j < N; j += 2)
         for (int q = 0; q < NV; q++) {
@@ -72,19 +75,56 @@ ALWAYS_INLINE void step(float *restrict ST, const float *restrict r, const float
     for (int q = 0; q < NV; q++) {
         sa[q] += sb[q];
         V[q] = LD(v + 16 * q);
+        if (sa_out) STO(sa_out + 16 * q, sa[q]);
     }
     for (int j = 0; j < N; j += 2)
         for (int q = 0; q < NV; q++) {
-            float *p0 = ST + j * N + 16 * q, *p1 = p0 + N;
+            const float *p0 = ST + j * N + 16 * q, *p1 = p0 + N;
             const v16 x0 = LD(p0) * w[j] + b[j] * sa[q] + k[j] * V[q];
             const v16 x1 = LD(p1) * w[j + 1] + b[j + 1] * sa[q] + k[j + 1] * V[q];
-            STO(p0, x0);
-            STO(p1, x1);
+            STO(DT + j * N + 16 * q, x0);
+            STO(DT + (j + 1) * N + 16 * q, x1);
             y0[q] += r[j] * x0;
             y1[q] += r[j + 1] * x1;
         }
     if (y)
         for (int q = 0; q < NV; q++) STO(y + 16 * q, y0[q] + y1[q]);
+}
+
+/* the 16 sums of 16 vectors at once: out[m] = sum of the lanes of x[m] (a transposing add
+ * tree: 15 two-vector shuffles + adds per level pair instead of 16 separate reductions) */
+ALWAYS_INLINE void hsum16(const v16 *restrict x, float *restrict out) {
+#if defined(__GNUC__) && !defined(__clang__)
+    typedef int v16i __attribute__((vector_size(64)));
+    v16 l1[8], l2[4], l3[2];
+    /* level 1: lanes 0-7 <- x[2m] halves added, lanes 8-15 <- x[2m+1] halves added */
+    const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16i hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    for (int m = 0; m < 8; m++)
+        l1[m] = __builtin_shuffle(x[2 * m], x[2 * m + 1], lo8) +
+                __builtin_shuffle(x[2 * m], x[2 * m + 1], hi8);
+    /* level 2: 4-lane groups */
+    const v16i lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const v16i hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    for (int m = 0; m < 4; m++)
+        l2[m] = __builtin_shuffle(l1[2 * m], l1[2 * m + 1], lo4) +
+                __builtin_shuffle(l1[2 * m], l1[2 * m + 1], hi4);
+    /* level 3: 2-lane groups */
+    const v16i lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16i hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    for (int m = 0; m < 2; m++)
+        l3[m] = __builtin_shuffle(l2[2 * m], l2[2 * m + 1], lo2) +
+                __builtin_shuffle(l2[2 * m], l2[2 * m + 1], hi2);
+    /* level 4: single lanes */
+    const v16i lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const v16i hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    const v16 s = __builtin_shuffle(l3[0], l3[1], lo1) + __builtin_shuffle(l3[0], l3[1], hi1);
+    /* lane order after the four levels: bit-reversed pairs (x0, x8, x4, x12, ...) -> undo */
+    static const int order[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+    for (int m = 0; m < 16; m++) out[order[m]] = s[m];
+#else
+    for (int m = 0; m < 16; m++) out[m] = hsum(x[m]);
+#endif
 }
 
 ALWAYS_INLINE void transpose(float *restrict dst, const float *restrict src) {
@@ -109,7 +149,7 @@ CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, const 
         for (int64_t t = 0; t < T; t++) {
             if (ckpt && t % K == 0) memcpy(ckpt + (bh * nck + t / K) * NN, ST, NN * sizeof(float));
             const int64_t o = base + t * st;
-            step(ST, r + o, w + o, k + o, v + o, a + o, b + o, y + o);
+            step(ST, ST, r + o, w + o, k + o, v + o, a + o, b + o, y + o, NULL);
         }
         transpose(S + bh * NN, ST);
     }
@@ -118,8 +158,15 @@ CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, const 
 }
 
 /* dS (BH, N, N), value-major: gradient of the final state in, of the initial state out.
- * dr .. db are (B, T, H, N) and must be zero on entry (they are accumulated). Returns 0, -1
- * (out of memory) or -2 (head size not 64). */
+ * dr .. db are (B, T, H, N); every element of the pairs bh0 .. bh1 - 1 is written once (no
+ * need to zero them). Returns 0, -1 (out of memory) or -2 (head size not 64).
+ *
+ * One pass over the state rows per step. With G_t the gradient of S_t, step t reads
+ * G_{t+1}, S_t, S_{t-1} and forms G_t = G_{t+1} diag(w_{t+1}) + dsa_{t+1} a_{t+1}^T + dy_t r_t^T
+ * on the fly (the update left over from step t + 1, so G is read and written once per
+ * step), together with da_{t+1} = S_t^T dsa_{t+1} and the step's own dr, dk, db, dw, dsa,
+ * dv. S a of each step is kept from the recompute. Row dot products are reduced 16 at a time
+ * (hsum16). */
 CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
                                const float *restrict r, const float *restrict w,
                                const float *restrict k, const float *restrict v,
@@ -130,66 +177,92 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
                                float *restrict db, int64_t bh0, int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
-    float *buf = malloc((size_t)((K + 1) * NN + NN) * sizeof(float));
+    float *buf = malloc((size_t)((K + 1) * NN + NN + K * N) * sizeof(float));
     if (!buf) return -1;
     float *restrict GT = buf + (K + 1) * NN; /* key-major gradient of the state */
+    float *restrict sab = GT + NN;            /* S_{t-1} a_t of the segment's steps */
+    static const float ones[N] = {[0 ... N - 1] = 1.f}, zeros[N] = {0};
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
         transpose(GT, dS + bh * NN);
+        /* what step t + 1 left over: G_t = G_{t+1} diag(wn) + dsan an^T + ...; none yet
+         * for the last step (its G is the incoming dS as it is) */
+        const float *wn = ones, *an = zeros;
+        v16 DSAN[NV] = {0};
+        int64_t on = -1; /* offset of step t + 1, whose da is completed by step t */
         for (int64_t c = nck - 1; c >= 0; c--) {
             const int64_t t0 = c * K, t1 = t0 + K < T ? t0 + K : T;
             memcpy(buf, ckpt + (bh * nck + c) * NN, NN * sizeof(float));
             for (int64_t t = t0; t < t1; t++) { /* recompute the segment's states */
                 float *Sn = buf + (t - t0 + 1) * NN;
                 const int64_t o = base + t * st;
-                memcpy(Sn, Sn - NN, NN * sizeof(float));
-                step(Sn, r + o, w + o, k + o, v + o, a + o, b + o, NULL);
+                step(Sn - NN, Sn, r + o, w + o, k + o, v + o, a + o, b + o, NULL,
+                     sab + (t - t0) * N);
             }
             for (int64_t t = t1 - 1; t >= t0; t--) {
                 const float *restrict Sp = buf + (t - t0) * NN; /* S_{t-1}, key-major */
                 const float *restrict Sc = Sp + NN;             /* S_t */
                 const int64_t o = base + t * st;
-                const float *restrict rt = r + o, *restrict wt = w + o, *restrict kt = k + o;
-                const float *restrict at = a + o, *restrict bt = b + o;
-                v16 DY[NV], V[NV], sa[NV] = {0}, dsa[NV] = {0}, dvv[NV] = {0};
+                const float *restrict rt = r + o, *restrict kt = k + o, *restrict bt = b + o;
+                v16 DY[NV], V[NV], SA[NV], dsa0[NV] = {0}, dsa1[NV] = {0}, dv0[NV] = {0},
+                                           dv1[NV] = {0};
                 for (int q = 0; q < NV; q++) {
                     DY[q] = LD(dy + o + 16 * q);
                     V[q] = LD(v + o + 16 * q);
+                    SA[q] = LD(sab + (t - t0) * N + 16 * q);
                 }
-                /* y_t = S_t r_t: dS += dy r^T, dr = S_t^T dy; then, for
-                 * S_t = S_{t-1} diag(w) + sa b^T + v k^T with sa = S_{t-1} a: sa, dS b, dS k
-                 * (one pass over the rows of dS) */
-                for (int j = 0; j < N; j++) {
-                    v16 p = {0};
-                    for (int q = 0; q < NV; q++) {
-                        float *gp = GT + j * N + 16 * q;
-                        const v16 g = LD(gp) + rt[j] * DY[q];
-                        STO(gp, g);
-                        p += LD(Sc + j * N + 16 * q) * DY[q];
-                        sa[q] += at[j] * LD(Sp + j * N + 16 * q);
-                        dsa[q] += bt[j] * g;
-                        dvv[q] += kt[j] * g;
+                for (int jb = 0; jb < N; jb += 16) {
+                    v16 pda[16], pr[16], pk[16], pb[16], pw[16];
+                    for (int jj = 0; jj < 16; jj++) {
+                        const int j = jb + jj;
+                        v16 xda = {0}, xr = {0}, xk = {0}, xb = {0}, xw = {0};
+                        for (int q = 0; q < NV; q++) {
+                            float *gp = GT + j * N + 16 * q;
+                            const v16 sc = LD(Sc + j * N + 16 * q), sp = LD(Sp + j * N + 16 * q);
+                            const v16 g = LD(gp) * wn[j] + an[j] * DSAN[q] + rt[j] * DY[q];
+                            STO(gp, g);
+                            xda += sc * DSAN[q];
+                            xr += sc * DY[q];
+                            xk += g * V[q];
+                            xb += g * SA[q];
+                            xw += g * sp;
+                            if (jj & 1) {
+                                dsa1[q] += bt[j] * g;
+                                dv1[q] += kt[j] * g;
+                            } else {
+                                dsa0[q] += bt[j] * g;
+                                dv0[q] += kt[j] * g;
+                            }
+                        }
+                        pda[jj] = xda, pr[jj] = xr, pk[jj] = xk, pb[jj] = xb, pw[jj] = xw;
                     }
-                    dr[o + j] += hsum(p);
+                    if (on >= 0) hsum16(pda, da + on + jb);
+                    hsum16(pr, dr + o + jb);
+                    hsum16(pk, dk + o + jb);
+                    hsum16(pb, db + o + jb);
+                    hsum16(pw, dw + o + jb);
                 }
-                for (int q = 0; q < NV; q++) STO(dv + o + 16 * q, LD(dv + o + 16 * q) + dvv[q]);
-                for (int j = 0; j < N; j++) {
-                    v16 pk = {0}, pb = {0}, pw = {0}, pa = {0};
-                    for (int q = 0; q < NV; q++) {
-                        float *gp = GT + j * N + 16 * q;
-                        const v16 g = LD(gp), s = LD(Sp + j * N + 16 * q);
-                        pk += g * V[q];
-                        pb += g * sa[q];
-                        pw += g * s;
-                        pa += s * dsa[q];
-                        STO(gp, g * wt[j] + at[j] * dsa[q]);
-                    }
-                    dk[o + j] += hsum(pk);
-                    db[o + j] += hsum(pb);
-                    dw[o + j] += hsum(pw);
-                    da[o + j] += hsum(pa);
+                for (int q = 0; q < NV; q++) {
+                    DSAN[q] = dsa0[q] + dsa1[q];
+                    STO(dv + o + 16 * q, dv0[q] + dv1[q]);
                 }
+                wn = w + o, an = a + o, on = o;
             }
+        }
+        /* step 0's leftovers: da_0 = S_{-1}^T dsa_0 and the gradient of the initial state */
+        for (int jb = 0; jb < N; jb += 16) {
+            v16 pda[16];
+            for (int jj = 0; jj < 16; jj++) {
+                const int j = jb + jj;
+                v16 xda = {0};
+                for (int q = 0; q < NV; q++) {
+                    float *gp = GT + j * N + 16 * q;
+                    xda += LD(buf + j * N + 16 * q) * DSAN[q];
+                    STO(gp, LD(gp) * wn[j] + an[j] * DSAN[q]);
+                }
+                pda[jj] = xda;
+            }
+            hsum16(pda, da + on + jb);
         }
         transpose(dS + bh * NN, GT);
     }

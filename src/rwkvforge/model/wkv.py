@@ -213,7 +213,7 @@ class _NativeWKV(torch.autograd.Function):
         B, T, H, N = r.shape
         dy = torch.zeros_like(r) if dy is None else dy.float().contiguous()
         G = _zeros_state(r) if dS is None else dS.float().clone().contiguous()
-        grads = [torch.zeros_like(r) for _ in range(6)]
+        grads = [torch.empty_like(r) for _ in range(6)]  # the kernel writes every element
         rc = _over_heads(lib.rf_wkv_backward, B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
             r, w, k, v, a, b, ckpt, dy, G, *grads)))
         if any(rc):
