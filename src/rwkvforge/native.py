@@ -33,6 +33,9 @@ from pathlib import Path
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("trie_tokenizer", "wkv_cpu")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-Wno-psabi")
+# flags a source is first built with; where that build fails (a compiler without OpenMP) it
+# is built without them, and the library says so itself (wkv_cpu: rf_wkv_openmp())
+OPTIONAL_FLAGS = {"wkv_cpu": ("-fopenmp",)}
 _problems: dict[str, str] = {}
 
 
@@ -46,12 +49,12 @@ def cache_dir() -> Path:
     return Path(base) / "rwkvforge"
 
 
-def _compile(cc: list[str], src: Path, out: Path) -> None:
+def _compile(cc: list[str], flags: tuple[str, ...], src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([*cc, *FLAGS, "-o", tmp, str(src)], capture_output=True,
+        proc = subprocess.run([*cc, *flags, "-o", tmp, str(src)], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode != 0:
             raise OSError(f"`{' '.join(cc)}` exited with {proc.returncode}: "
@@ -73,16 +76,19 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
     src = CSRC / f"{name}.c"
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "cc"]
-    key = hashlib.sha256(src.read_bytes() + " ".join([*cc, *FLAGS]).encode()
-                         + platform.machine().encode()).hexdigest()[:16]
-    lib_path = cache_dir() / f"{name}-{key}.so"
-    try:
-        if not lib_path.is_file():
-            _compile(cc, src, lib_path)
-        return ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.SubprocessError) as e:
-        _problems[name] = f"unavailable ({e})"
-        return None
+    error: Exception | None = None
+    for flags in dict.fromkeys((FLAGS + OPTIONAL_FLAGS.get(name, ()), FLAGS)):
+        key = hashlib.sha256(src.read_bytes() + " ".join([*cc, *flags]).encode()
+                             + platform.machine().encode()).hexdigest()[:16]
+        lib_path = cache_dir() / f"{name}-{key}.so"
+        try:
+            if not lib_path.is_file():
+                _compile(cc, flags, src, lib_path)
+            return ctypes.CDLL(str(lib_path))
+        except (OSError, subprocess.SubprocessError) as e:
+            error = error or e  # the first failure says the most
+    _problems[name] = f"unavailable ({error})"
+    return None
 
 
 def available(name: str) -> bool:

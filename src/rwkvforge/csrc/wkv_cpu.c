@@ -21,7 +21,11 @@
  *
  * Tensors are (B, T, H, N) fp32 contiguous: step t of head h of batch row b starts at
  * ((b T + t) H + h) N. A call handles the (b, h) pairs bh0 .. bh1 - 1, so the caller can
- * split the heads across threads.
+ * split the heads across threads. Built with -fopenmp (native.py tries it first), the
+ * rf_wkv_*_par entry points split them over an OpenMP team themselves: loaded into a process
+ * where torch already holds libgomp.so.1, that is torch's own runtime and thread team, so the
+ * kernel runs on the threads torch's ops just used (they spin-wait for the next parallel
+ * region; threads of our own would compete with them for the cores).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -268,4 +272,48 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
     }
     free(buf);
     return 0;
+}
+
+/* 1 when built with OpenMP: the _par entry points below run in parallel (else serially) */
+int32_t rf_wkv_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* the (b, h) pairs 0 .. BH - 1 split into `nthreads` contiguous ranges, one per thread */
+int32_t rf_wkv_forward_par(int64_t T, int64_t H, int64_t n, int64_t K, const float *r,
+                           const float *w, const float *k, const float *v, const float *a,
+                           const float *b, float *S, float *y, float *ckpt, int64_t BH,
+                           int64_t nthreads) {
+    int32_t rc = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
+#endif
+    for (int64_t i = 0; i < nthreads; i++) {
+        const int32_t e = rf_wkv_forward(T, H, n, K, r, w, k, v, a, b, S, y, ckpt,
+                                         BH * i / nthreads, BH * (i + 1) / nthreads);
+        rc = e < rc ? e : rc;
+    }
+    return rc;
+}
+
+int32_t rf_wkv_backward_par(int64_t T, int64_t H, int64_t n, int64_t K, const float *r,
+                            const float *w, const float *k, const float *v, const float *a,
+                            const float *b, const float *ckpt, const float *dy, float *dS,
+                            float *dr, float *dw, float *dk, float *dv, float *da, float *db,
+                            int64_t BH, int64_t nthreads) {
+    int32_t rc = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
+#endif
+    for (int64_t i = 0; i < nthreads; i++) {
+        const int32_t e = rf_wkv_backward(T, H, n, K, r, w, k, v, a, b, ckpt, dy, dS, dr, dw,
+                                          dk, dv, da, db, BH * i / nthreads,
+                                          BH * (i + 1) / nthreads);
+        rc = e < rc ? e : rc;
+    }
+    return rc;
 }

@@ -149,6 +149,12 @@ def _native_lib():
         lib.rf_wkv_forward.restype = ctypes.c_int32
         lib.rf_wkv_backward.argtypes = [i64] * 4 + [p] * 15 + [i64, i64]
         lib.rf_wkv_backward.restype = ctypes.c_int32
+        # the same with (..., BH, threads) in place of (..., bh0, bh1)
+        lib.rf_wkv_forward_par.argtypes = lib.rf_wkv_forward.argtypes
+        lib.rf_wkv_backward_par.argtypes = lib.rf_wkv_backward.argtypes
+        lib.rf_wkv_forward_par.restype = lib.rf_wkv_backward_par.restype = ctypes.c_int32
+        lib.rf_wkv_openmp.restype = ctypes.c_int32
+        lib.openmp = bool(lib.rf_wkv_openmp())
     return lib
 
 
@@ -168,15 +174,18 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return _POOLS[key]
 
 
-def _over_heads(fn, BH: int, *args) -> list:
-    """fn(*args, bh0, bh1) over the B*H (batch, head) pairs, split across torch's thread
-    count (ctypes drops the GIL during the call)."""
+def _over_heads(name: str, BH: int, *args) -> int:
+    """Kernel `name` (rf_wkv_forward / rf_wkv_backward) over the B*H (batch, head) pairs,
+    split across torch's thread count; the lowest return code. An OpenMP build splits them
+    itself on torch's own OpenMP threads (see csrc/wkv_cpu.c); otherwise a thread pool of
+    ours runs the ranges (ctypes drops the GIL during the call)."""
+    lib = _native_lib()
     n = max(1, min(torch.get_num_threads(), BH))
-    cuts = [BH * i // n for i in range(n + 1)]
-    if n == 1:
-        return [fn(*args, 0, BH)]
-    jobs = [_pool(n).submit(fn, *args, cuts[i], cuts[i + 1]) for i in range(n)]
-    return [j.result() for j in jobs]
+    if lib.openmp or n == 1:
+        return getattr(lib, name + "_par")(*args, BH, n)
+    fn = getattr(lib, name)
+    jobs = [_pool(n).submit(fn, *args, BH * i // n, BH * (i + 1) // n) for i in range(n)]
+    return min(j.result() for j in jobs)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -186,7 +195,6 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class _NativeWKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, log_w, k, v, a, b, s0):
-        lib = _native_lib()
         B, T, H, N = r.shape
         given = [x.detach() for x in (r, k, v, a, b)]  # kept for backward as they came
         r, k, v, a, b = (x.float().contiguous() for x in given)
@@ -196,9 +204,9 @@ class _NativeWKV(torch.autograd.Function):
         y = torch.empty(B, T, H, N)
         train = any(ctx.needs_input_grad)  # else (prefill): no checkpoints
         ckpt = torch.empty(B * H, -(-T // NATIVE_CKPT), N, N) if train else None
-        rc = _over_heads(lib.rf_wkv_forward, B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
+        rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
             r, w, k, v, a, b, S, y, ckpt)))
-        if any(rc):
+        if rc:
             raise MemoryError("wkv native forward: out of memory for its state buffer")
         if train:  # the inputs as given (bf16 under autocast: half the bytes of fp32 copies)
             ctx.save_for_backward(*given, w, ckpt)
@@ -207,16 +215,15 @@ class _NativeWKV(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dS):
-        lib = _native_lib()
         *given, w, ckpt = ctx.saved_tensors
         r, k, v, a, b = (x.float().contiguous() for x in given)
         B, T, H, N = r.shape
         dy = torch.zeros_like(r) if dy is None else dy.float().contiguous()
         G = _zeros_state(r) if dS is None else dS.float().clone().contiguous()
         grads = [torch.empty_like(r) for _ in range(6)]  # the kernel writes every element
-        rc = _over_heads(lib.rf_wkv_backward, B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
+        rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
             r, w, k, v, a, b, ckpt, dy, G, *grads)))
-        if any(rc):
+        if rc:
             raise MemoryError("wkv native backward: out of memory for its state buffer")
         dr, dw, dk, dv, da, db = grads
         return dr, dw.mul_(w), dk, dv, da, db, (G if ctx.has_s0 else None)
