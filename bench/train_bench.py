@@ -8,12 +8,14 @@ same data, same context and batch, on the CPU; plus model-FLOPs utilisation (MFU
     python bench/train_bench.py --steps 2 --ctx-len 256 --no-peer
 
 Both sides train rank-32 LoRA adapters on the six block Linears (att.receptance / key / value
-/ output, ffn.key / value) of the same weights, with bf16 autocast, AdamW, a batch of
+/ output, ffn.key / value) of the same weights, with bf16 autocast, AdamW (ours: train.py's
+make_optimizer, with the heap setting `rwkvforge train` applies on a CPU), a batch of
 --batch packed SFT windows of --ctx-len tokens from the shipped sample (every token
 trained), one optimiser step per batch. Each side runs alone in its own process, one after
 the other, with the same torch thread count; the first --warmup steps are not timed. The
 first step's loss is printed for both as a check that they train the same model on the same
-tokens.
+tokens. Our side runs twice by default (--compile both): eager, and with COMPILE=1
+(train.compile_blocks; its first, untimed step includes the compile, printed).
 
 MFU = achieved model FLOP/s / measured peak. Model FLOPs per token for LoRA with frozen base
 weights = 2 N (forward) + 2 N (gradient w.r.t. activations; frozen weights need no weight
@@ -103,12 +105,15 @@ def make_batches(path: Path, ctx_len: int, batch: int, n: int) -> None:
 
 
 # ------------------------------------------------------------------------------ workers
-def worker_ours(model: str, data: str, warmup: int, threads: int, n: int) -> dict:
+def worker_ours(model: str, data: str, warmup: int, threads: int, n: int,
+                compile_: bool = False) -> dict:
     import torch
 
     from rwkvforge import config as cfgmod
     from rwkvforge.runtime import keep_freed_memory
-    from rwkvforge.train import LossModule, autocast_ctx, build_model, make_optimizer
+    from rwkvforge.peft import unwrap
+    from rwkvforge.train import (LossModule, autocast_ctx, build_model, compile_blocks,
+                                 make_optimizer)
 
     keep_freed_memory()  # what `rwkvforge train` does on a CPU (see rwkvforge/runtime.py)
     torch.set_num_threads(threads)
@@ -117,6 +122,8 @@ def worker_ours(model: str, data: str, warmup: int, threads: int, n: int) -> dic
     s = cfgmod.Settings(lora_r=LORA_R, lora_alpha=LORA_ALPHA, precision="bf16", lr=LR,
                         head_chunk=1024)
     pm, _, cfg = build_model(s, Path(model), torch.device("cpu"))
+    if compile_:
+        compile_blocks(unwrap(pm))  # COMPILE=1 (the first, untimed step compiles)
     lm = LossModule(pm, s.head_chunk, torch.bfloat16)
     opt = make_optimizer(pm, s)  # train.py's AdamW (fused, weight decay on the adapters)
     dev = torch.device("cpu")
@@ -135,7 +142,7 @@ def worker_ours(model: str, data: str, warmup: int, threads: int, n: int) -> dic
     from rwkvforge.model.wkv import resolve_impl
 
     return {**_summary(times, losses, d, warmup, cfg.to_dict()),
-            "wkv": resolve_impl(s.wkv_impl, dev)}
+            "wkv": resolve_impl(s.wkv_impl, dev), "first_step_s": times[0]}
 
 
 def worker_rwkvtune(model: str, data: str, warmup: int, threads: int, n: int) -> dict:
@@ -239,14 +246,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--timeout", type=float, default=3000.0, help="seconds per side")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_bench.json")
-    ap.add_argument("--worker", choices=("ours", "rwkvtune"), help=argparse.SUPPRESS)
+    ap.add_argument("--compile", choices=("both", "0", "1"), default="both",
+                    help="our side eager (0), with COMPILE=1 (1), or both runs (default)")
+    ap.add_argument("--worker", choices=("ours", "ours-compile", "rwkvtune"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.worker:
-        fn = worker_ours if args.worker == "ours" else worker_rwkvtune
-        print(json.dumps(fn(str(args.model), str(args.data), args.warmup, args.threads,
-                            args.warmup + args.steps)))
+        wargs = (str(args.model), str(args.data), args.warmup, args.threads,
+                 args.warmup + args.steps)
+        if args.worker == "rwkvtune":
+            print(json.dumps(worker_rwkvtune(*wargs)))
+        else:
+            print(json.dumps(worker_ours(*wargs, compile_=args.worker == "ours-compile")))
         return 0
 
     if not args.model.is_file():
@@ -263,11 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     peak = measure_peak(args.threads)
     print(f"matmul peak: bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s, fp32 "
           f"{peak['fp32'] / 1e9:.1f} GFLOP/s")
-    ours = run_worker(sys.executable, "ours", args.model, data, args.warmup, args.threads,
-                      args.timeout, args.steps)
-    if "error" in ours:
-        print(f"ours failed: {ours['error']}")
-        return 1
+    modes = {"both": ("ours", "ours-compile"), "0": ("ours",), "1": ("ours-compile",)}
+    ours_runs = {}
+    for which in modes[args.compile]:
+        r = run_worker(sys.executable, which, args.model, data, args.warmup, args.threads,
+                       args.timeout, args.steps)
+        if "error" in r:
+            print(f"{which} failed: {r['error']}")
+            return 1
+        ours_runs[which] = r
     # the peak again right after our run: on a shared VM it swings 2-3x within minutes, so
     # the higher of the two is the denominator (a conservative MFU)
     after = measure_peak(args.threads)
@@ -281,33 +298,41 @@ def main(argv: list[str] | None = None) -> int:
         else:
             peer = run_worker(args.peer_python, "rwkvtune", args.model, data, args.warmup,
                               args.threads, args.timeout, peer_steps)
-    flops = model_flops_per_token(ours["model"])
-    mfu = ours["tokens_per_s"] * flops["total"] / peak["bf16"]
-    rows = [(f"rwkvforge (peft LoRA, {ours['wkv']} WKV, chunked head+CE)", ours)]
+    any_ours = next(iter(ours_runs.values()))
+    flops = model_flops_per_token(any_ours["model"])
+    rows = []
+    for which, r in ours_runs.items():
+        how = (f"COMPILE=1, 1st step {r['first_step_s']:.0f} s" if which == "ours-compile"
+               else "eager")
+        rows.append((f"rwkvforge ({how}; {r['wkv']} WKV)", r))
     if "error" not in peer:
         rows.append((f"rwkvtune {peer.get('version', '')} (its LoRA, CPU WKV, full logits)",
                      peer))
     print(f"\nLoRA r={LORA_R} training, bf16 autocast, ctx {args.ctx_len}, batch {args.batch}, "
           f"{args.steps} (rwkvtune {peer_steps}) timed steps, "
-          f"model L{ours['model']['n_layer']} "
-          f"C{ours['model']['n_embd']}")
+          f"model L{any_ours['model']['n_layer']} "
+          f"C{any_ours['model']['n_embd']}")
     print(f"{'system':<58} {'tokens/s':>10} {'s/step':>8} {'1st loss':>9}")
     for name, r in rows:
         print(f"{name:<58} {r['tokens_per_s']:>10.1f} "
               f"{sum(r['step_s']) / len(r['step_s']):>8.2f} {r['first_loss']:>9.4f}")
-    ratio = None
     if "error" in peer:
         print(f"rwkvtune: not measured: {peer['error']}")
-    else:
-        ratio = ours["tokens_per_s"] / peer["tokens_per_s"]
-        print(f"ratio rwkvforge / rwkvtune: {ratio:.2f}x (target >= 5x)")
-    print(f"MFU: {mfu * 100:.1f}% of the bf16 matmul peak ({flops['total'] / 1e9:.3f} GFLOP "
-          f"per token x {ours['tokens_per_s']:.1f} tokens/s = "
-          f"{ours['tokens_per_s'] * flops['total'] / 1e9:.1f} GFLOP/s; target >= 40%)")
+    results = {}
+    for which, r in ours_runs.items():
+        label = "COMPILE=1" if which == "ours-compile" else "eager"
+        ratio = None if "error" in peer else r["tokens_per_s"] / peer["tokens_per_s"]
+        mfu = r["tokens_per_s"] * flops["total"] / peak["bf16"]
+        results[which] = {"ratio": ratio, "mfu": mfu}
+        if ratio is not None:
+            print(f"{label}: ratio rwkvforge / rwkvtune: {ratio:.2f}x (target >= 5x)")
+        print(f"{label}: MFU {mfu * 100:.1f}% of the bf16 matmul peak ({flops['total'] / 1e9:.3f}"
+              f" GFLOP per token x {r['tokens_per_s']:.1f} tokens/s = "
+              f"{r['tokens_per_s'] * flops['total'] / 1e9:.1f} GFLOP/s; target >= 40%)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"ctx_len": args.ctx_len, "batch": args.batch, "threads": args.threads,
               "load_average": os.getloadavg()[0], "peak_flops": peak, "flops_per_token": flops,
-              "ours": ours, "rwkvtune": peer, "ratio": ratio, "mfu": mfu}
+              "ours": ours_runs, "rwkvtune": peer, "results": results}
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, args.out)

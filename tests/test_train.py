@@ -196,6 +196,31 @@ def test_bf16_training_skips_peft_input_casts(tiny_model_path):
     assert n_adapters == 6 * 2 and c1 <= c0 - 2 * n_adapters, (c0, c1)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tiny_model_path, sft_prefix, tmp_path):
+    """COMPILE=1: the same run (fp32, CPU) gives the same losses as eager up to the rounding
+    of fused loops, the validation pass still runs eagerly, and the adapter trains."""
+    losses = {}
+    for compile_ in (False, True):
+        run = tmp_path / f"c{int(compile_)}"
+        res = T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=4,
+                                 save_every=0, precision="fp32", compile=compile_), run,
+                        root=ROOT, progress=False).run()
+        losses[compile_] = [r["loss"] for r in metrics(run)]
+        assert res.val_loss_end < res.val_loss_start
+        if compile_:
+            assert "compiled during the first step" in (run / "train.log").read_text()
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-4)
+
+
+def test_compile_refuses_deepspeed(tiny_model_path, sft_prefix, tmp_path):
+    with pytest.raises(T.TrainError, match="COMPILE=1 is for single-process"):
+        T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, compile=True,
+                           deepspeed_stage=2), tmp_path / "ds", root=ROOT,
+                  progress=False).run()
+
+
 def test_optimizer_is_fused_adamw_without_deepspeed(tiny_model_path):
     """Single-process AdamW runs fused (one kernel over all adapter tensors); DeepSpeed keeps
     its own wrapping of the default."""

@@ -655,6 +655,22 @@ def build_model(s: cfgmod.Settings, model_path: Path, device: torch.device):
     return pm, spec, cfg
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each block's forward for the training calls (gradients on); no-grad
+    calls (evaluation) keep the eager forward, so they neither wait for a second compile nor
+    take the training graph. Inductor fuses the token-shift mixes, the gates, the norms and
+    the casts around the matmuls into a few loops, forward and backward; the WKV kernel
+    stays a call of its own (wkv() is opaque to the compiler)."""
+    for block in model.blocks:
+        eager = block.forward
+        compiled = torch.compile(eager)
+
+        def forward(*args, _eager=eager, _compiled=compiled, **kw):
+            return (_compiled if torch.is_grad_enabled() else _eager)(*args, **kw)
+
+        block.forward = forward
+
+
 def make_optimizer(model: nn.Module, s: cfgmod.Settings):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -798,6 +814,9 @@ class Trainer:
         if s.deepspeed_stage == 0 and self.world > 1:
             raise TrainError(f"{self.world} processes but DEEPSPEED_STAGE=0: multi-GPU "
                              "training runs through DeepSpeed; set DEEPSPEED_STAGE=2.")
+        if s.compile and s.deepspeed_stage > 0:
+            raise TrainError("COMPILE=1 is for single-process training; with DeepSpeed set "
+                             "COMPILE=0.")
         if s.deepspeed_stage == 3 and s.quant != "none":
             raise TrainError("DEEPSPEED_STAGE=3 cannot shard 4-/8-bit base weights: use "
                              "DEEPSPEED_STAGE=2 with QUANT, or QUANT=none with stage 3.")
@@ -843,6 +862,10 @@ class Trainer:
                  f"PRECISION={s.precision} r={s.lora_r} init={s.peft_init}"
                  f"{' dora' if s.use_dora else ''}) on {self.device} in "
                  f"{time.time() - t0:.1f}s")
+        if s.compile:
+            compile_blocks(self.inner)
+            self.say("COMPILE=1: the blocks are compiled during the first step (about a "
+                     "minute on a CPU)")
         seed_everything(s.seed + 1000 * self.rank)  # dropout streams differ per rank
         self.compute_dtype = _compute_dtype(s.precision)
         self.loss_module = LossModule(self.model, s.head_chunk, self.compute_dtype)

@@ -290,6 +290,7 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     return impl
 
 
+@torch.compiler.disable  # one opaque call for torch.compile (ctypes / triton kernels inside)
 def wkv(r, log_w, k, v, a, b, state=None, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK):
     """Dispatch to one of the kernels above (see module docstring for shapes)."""
     name = resolve_impl(impl, r.device)
