@@ -95,6 +95,28 @@ needs_native = pytest.mark.skipif(not native_available(), reason="no C compiler 
 
 
 @needs_native
+def test_native_reads_bf16_inputs_as_their_fp32_values():
+    """bf16 r, k, v, a, b (what bf16 autocast hands the kernel) go in without fp32 copies: the
+    kernel widens them itself, so output, state and gradients are bit for bit those of the
+    same values given as fp32 (gradients then rounded to the inputs' bf16 by autograd)."""
+    r, lw, k, v, a, b, s0 = _inputs(B=2, T=37, H=3, N=64, seed=11)
+    bf = [x.to(torch.bfloat16).requires_grad_() for x in (r, k, v, a, b)]
+    fp = [x.detach().float().requires_grad_() for x in bf]
+    lw = lw.requires_grad_()
+    gy = torch.randn(2, 37, 3, 64, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for xs in (bf, fp):
+        lw.grad = None
+        y, s = wkv_native(xs[0], lw, *xs[1:], s0)
+        ((y * gy).sum() + s.square().sum()).backward()
+        outs.append((y.detach(), s.detach(), [x.grad for x in xs], lw.grad.clone()))
+    (y0, s0_, g0, lw0), (y1, s1, g1, lw1) = outs
+    assert torch.equal(y0, y1) and torch.equal(s0_, s1) and torch.equal(lw0, lw1)
+    for a_, b_ in zip(g0, g1):
+        assert a_.dtype == torch.bfloat16 and torch.equal(a_, b_.to(torch.bfloat16))
+
+
+@needs_native
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 40])
 @pytest.mark.parametrize("with_state", [True, False])
 def test_native_matches_reference_forward_and_backward(T, with_state):

@@ -661,6 +661,13 @@ def compile_blocks(model: nn.Module) -> None:
     take the training graph. Inductor fuses the token-shift mixes, the gates, the norms and
     the casts around the matmuls into a few loops, forward and backward; the WKV kernel
     stays a call of its own (wkv() is opaque to the compiler)."""
+    import torch._dynamo
+
+    # every block shares Block.forward's code object, and dynamo caches per code object with
+    # a guard on the block: without room for one entry per block (and layer 0's own), the
+    # blocks past the default limit of 8 silently run eager
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(model.blocks) + 8)
     for block in model.blocks:
         eager = block.forward
         compiled = torch.compile(eager)

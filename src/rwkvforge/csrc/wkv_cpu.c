@@ -88,8 +88,10 @@ ALWAYS_INLINE void step(const float *ST, float *DT, const float *restrict r,
             const v16 x1 = LD(p1) * w[j + 1] + b[j + 1] * sa[q] + k[j + 1] * V[q];
             STO(DT + j * N + 16 * q, x0);
             STO(DT + (j + 1) * N + 16 * q, x1);
-            y0[q] += r[j] * x0;
-            y1[q] += r[j + 1] * x1;
+            if (y) { /* r may be NULL without y (a constant at each inlined call) */
+                y0[q] += r[j] * x0;
+                y1[q] += r[j + 1] * x1;
+            }
         }
     if (y)
         for (int q = 0; q < NV; q++) STO(y + 16 * q, y0[q] + y1[q]);
@@ -131,29 +133,46 @@ ALWAYS_INLINE void hsum16(const v16 *restrict x, float *restrict out) {
 #endif
 }
 
+/* the N inputs of one (t, head) at element offset o: fp32 in place, or bf16 widened into tmp
+ * (bf16 is the upper half of an fp32) */
+ALWAYS_INLINE const float *in_vec(const void *p, int64_t o, int64_t bf16,
+                                  float *restrict tmp) {
+    if (!bf16) return (const float *)p + o;
+    const uint16_t *src = (const uint16_t *)p + o;
+    for (int i = 0; i < N; i++) {
+        const uint32_t u = (uint32_t)src[i] << 16;
+        memcpy(tmp + i, &u, sizeof u);
+    }
+    return tmp;
+}
+
 ALWAYS_INLINE void transpose(float *restrict dst, const float *restrict src) {
     for (int i = 0; i < N; i++)
         for (int j = 0; j < N; j++) dst[j * N + i] = src[i * N + j];
 }
 
-/* S (BH, N, N), value-major (row i = value i) as the API: initial state in, final out.
+/* r, k, v, a, b: fp32, or bf16 when `bf16` is 1 (w is always fp32).
+ * S (BH, N, N), value-major (row i = value i) as the API: initial state in, final out.
  * y (B, T, H, N). ckpt (BH, ceil(T/K), N, N) or NULL: the key-major state before steps 0, K,
  * 2K, ... (what backward needs). Returns 0, -1 (out of memory) or -2 (head size not 64). */
-CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, const float *r,
-                              const float *w, const float *k, const float *v, const float *a,
-                              const float *b, float *S, float *y, float *ckpt, int64_t bh0,
-                              int64_t bh1) {
+CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
+                              const void *r, const float *w, const void *k, const void *v,
+                              const void *a, const void *b, float *S, float *y, float *ckpt,
+                              int64_t bh0, int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
     float *ST = malloc(NN * sizeof(float));
     if (!ST) return -1;
+    float tmp[5][N] __attribute__((aligned(64)));
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
         transpose(ST, S + bh * NN);
         for (int64_t t = 0; t < T; t++) {
             if (ckpt && t % K == 0) memcpy(ckpt + (bh * nck + t / K) * NN, ST, NN * sizeof(float));
             const int64_t o = base + t * st;
-            step(ST, ST, r + o, w + o, k + o, v + o, a + o, b + o, y + o, NULL);
+            step(ST, ST, in_vec(r, o, bf16, tmp[0]), w + o, in_vec(k, o, bf16, tmp[1]),
+                 in_vec(v, o, bf16, tmp[2]), in_vec(a, o, bf16, tmp[3]),
+                 in_vec(b, o, bf16, tmp[4]), y + o, NULL);
         }
         transpose(S + bh * NN, ST);
     }
@@ -161,7 +180,8 @@ CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, const 
     return 0;
 }
 
-/* dS (BH, N, N), value-major: gradient of the final state in, of the initial state out.
+/* Inputs as for rf_wkv_forward (fp32, or bf16 r, k, v, a, b); gradients fp32.
+ * dS (BH, N, N), value-major: gradient of the final state in, of the initial state out.
  * dr .. db are (B, T, H, N); every element of the pairs bh0 .. bh1 - 1 is written once (no
  * need to zero them). Returns 0, -1 (out of memory) or -2 (head size not 64).
  *
@@ -171,10 +191,9 @@ CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, const 
  * step), together with da_{t+1} = S_t^T dsa_{t+1} and the step's own dr, dk, db, dw, dsa,
  * dv. S a of each step is kept from the recompute. Row dot products are reduced 16 at a time
  * (hsum16). */
-CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
-                               const float *restrict r, const float *restrict w,
-                               const float *restrict k, const float *restrict v,
-                               const float *restrict a, const float *restrict b,
+CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
+                               const void *r, const float *restrict w, const void *k,
+                               const void *v, const void *a, const void *b,
                                const float *restrict ckpt, const float *restrict dy,
                                float *restrict dS, float *restrict dr, float *restrict dw,
                                float *restrict dk, float *restrict dv, float *restrict da,
@@ -185,13 +204,15 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
     if (!buf) return -1;
     float *restrict GT = buf + (K + 1) * NN; /* key-major gradient of the state */
     float *restrict sab = GT + NN;            /* S_{t-1} a_t of the segment's steps */
-    static const float ones[N] = {[0 ... N - 1] = 1.f}, zeros[N] = {0};
+    static const float ones[N] = {[0 ... N - 1] = 1.f};
+    float tmp[5][N] __attribute__((aligned(64))), an_buf[N] __attribute__((aligned(64)));
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
         transpose(GT, dS + bh * NN);
         /* what step t + 1 left over: G_t = G_{t+1} diag(wn) + dsan an^T + ...; none yet
          * for the last step (its G is the incoming dS as it is) */
-        const float *wn = ones, *an = zeros;
+        const float *wn = ones, *an = an_buf;
+        memset(an_buf, 0, sizeof an_buf);
         v16 DSAN[NV] = {0};
         int64_t on = -1; /* offset of step t + 1, whose da is completed by step t */
         for (int64_t c = nck - 1; c >= 0; c--) {
@@ -200,19 +221,23 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
             for (int64_t t = t0; t < t1; t++) { /* recompute the segment's states */
                 float *Sn = buf + (t - t0 + 1) * NN;
                 const int64_t o = base + t * st;
-                step(Sn - NN, Sn, r + o, w + o, k + o, v + o, a + o, b + o, NULL,
-                     sab + (t - t0) * N);
+                step(Sn - NN, Sn, NULL, w + o, in_vec(k, o, bf16, tmp[1]),
+                     in_vec(v, o, bf16, tmp[2]), in_vec(a, o, bf16, tmp[3]),
+                     in_vec(b, o, bf16, tmp[4]), NULL, sab + (t - t0) * N);
             }
             for (int64_t t = t1 - 1; t >= t0; t--) {
                 const float *restrict Sp = buf + (t - t0) * NN; /* S_{t-1}, key-major */
                 const float *restrict Sc = Sp + NN;             /* S_t */
                 const int64_t o = base + t * st;
-                const float *restrict rt = r + o, *restrict kt = k + o, *restrict bt = b + o;
+                const float *restrict rt = in_vec(r, o, bf16, tmp[0]);
+                const float *restrict kt = in_vec(k, o, bf16, tmp[1]);
+                const float *restrict vt = in_vec(v, o, bf16, tmp[2]);
+                const float *restrict bt = in_vec(b, o, bf16, tmp[4]);
                 v16 DY[NV], V[NV], SA[NV], dsa0[NV] = {0}, dsa1[NV] = {0}, dv0[NV] = {0},
                                            dv1[NV] = {0};
                 for (int q = 0; q < NV; q++) {
                     DY[q] = LD(dy + o + 16 * q);
-                    V[q] = LD(v + o + 16 * q);
+                    V[q] = LD(vt + 16 * q);
                     SA[q] = LD(sab + (t - t0) * N + 16 * q);
                 }
                 for (int jb = 0; jb < N; jb += 16) {
@@ -250,7 +275,9 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K,
                     DSAN[q] = dsa0[q] + dsa1[q];
                     STO(dv + o + 16 * q, dv0[q] + dv1[q]);
                 }
-                wn = w + o, an = a + o, on = o;
+                /* a_t for step t - 1 (tmp is overwritten by then) */
+                memcpy(an_buf, in_vec(a, o, bf16, tmp[3]), sizeof an_buf);
+                wn = w + o, on = o;
             }
         }
         /* step 0's leftovers: da_0 = S_{-1}^T dsa_0 and the gradient of the initial state */
@@ -284,34 +311,34 @@ int32_t rf_wkv_openmp(void) {
 }
 
 /* the (b, h) pairs 0 .. BH - 1 split into `nthreads` contiguous ranges, one per thread */
-int32_t rf_wkv_forward_par(int64_t T, int64_t H, int64_t n, int64_t K, const float *r,
-                           const float *w, const float *k, const float *v, const float *a,
-                           const float *b, float *S, float *y, float *ckpt, int64_t BH,
-                           int64_t nthreads) {
+int32_t rf_wkv_forward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
+                           const void *r, const float *w, const void *k, const void *v,
+                           const void *a, const void *b, float *S, float *y, float *ckpt,
+                           int64_t BH, int64_t nthreads) {
     int32_t rc = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
-        const int32_t e = rf_wkv_forward(T, H, n, K, r, w, k, v, a, b, S, y, ckpt,
+        const int32_t e = rf_wkv_forward(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt,
                                          BH * i / nthreads, BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }
     return rc;
 }
 
-int32_t rf_wkv_backward_par(int64_t T, int64_t H, int64_t n, int64_t K, const float *r,
-                            const float *w, const float *k, const float *v, const float *a,
-                            const float *b, const float *ckpt, const float *dy, float *dS,
-                            float *dr, float *dw, float *dk, float *dv, float *da, float *db,
-                            int64_t BH, int64_t nthreads) {
+int32_t rf_wkv_backward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
+                            const void *r, const float *w, const void *k, const void *v,
+                            const void *a, const void *b, const float *ckpt, const float *dy,
+                            float *dS, float *dr, float *dw, float *dk, float *dv, float *da,
+                            float *db, int64_t BH, int64_t nthreads) {
     int32_t rc = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
-        const int32_t e = rf_wkv_backward(T, H, n, K, r, w, k, v, a, b, ckpt, dy, dS, dr, dw,
-                                          dk, dv, da, db, BH * i / nthreads,
+        const int32_t e = rf_wkv_backward(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS,
+                                          dr, dw, dk, dv, da, db, BH * i / nthreads,
                                           BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }

@@ -145,9 +145,9 @@ def _native_lib():
     lib = native.load("wkv_cpu")
     if lib is not None:
         i64, p = ctypes.c_int64, ctypes.c_void_p
-        lib.rf_wkv_forward.argtypes = [i64] * 4 + [p] * 9 + [i64, i64]
+        lib.rf_wkv_forward.argtypes = [i64] * 5 + [p] * 9 + [i64, i64]
         lib.rf_wkv_forward.restype = ctypes.c_int32
-        lib.rf_wkv_backward.argtypes = [i64] * 4 + [p] * 15 + [i64, i64]
+        lib.rf_wkv_backward.argtypes = [i64] * 5 + [p] * 15 + [i64, i64]
         lib.rf_wkv_backward.restype = ctypes.c_int32
         # the same with (..., BH, threads) in place of (..., bh0, bh1)
         lib.rf_wkv_forward_par.argtypes = lib.rf_wkv_forward.argtypes
@@ -188,6 +188,13 @@ def _over_heads(name: str, BH: int, *args) -> int:
     return min(j.result() for j in jobs)
 
 
+def _kernel_inputs(xs: list) -> tuple:
+    """r, k, v, a, b as the C kernel reads them: all bf16 as they are (it widens them per
+    step: no fp32 copies under bf16 autocast), else fp32; contiguous. Plus the bf16 flag."""
+    bf16 = all(x.dtype == torch.bfloat16 for x in xs)
+    return (*(x.contiguous() if bf16 else x.float().contiguous() for x in xs), int(bf16))
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -197,14 +204,14 @@ class _NativeWKV(torch.autograd.Function):
     def forward(ctx, r, log_w, k, v, a, b, s0):
         B, T, H, N = r.shape
         given = [x.detach() for x in (r, k, v, a, b)]  # kept for backward as they came
-        r, k, v, a, b = (x.float().contiguous() for x in given)
+        r, k, v, a, b, bf16 = _kernel_inputs(given)
         w = torch.exp(log_w.detach().float()).contiguous()
         S = (_zeros_state(r) if s0 is None
              else s0.detach().float().clone().contiguous())
         y = torch.empty(B, T, H, N)
         train = any(ctx.needs_input_grad)  # else (prefill): no checkpoints
         ckpt = torch.empty(B * H, -(-T // NATIVE_CKPT), N, N) if train else None
-        rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
+        rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
             r, w, k, v, a, b, S, y, ckpt)))
         if rc:
             raise MemoryError("wkv native forward: out of memory for its state buffer")
@@ -216,12 +223,12 @@ class _NativeWKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dS):
         *given, w, ckpt = ctx.saved_tensors
-        r, k, v, a, b = (x.float().contiguous() for x in given)
+        r, k, v, a, b, bf16 = _kernel_inputs(given)
         B, T, H, N = r.shape
-        dy = torch.zeros_like(r) if dy is None else dy.float().contiguous()
-        G = _zeros_state(r) if dS is None else dS.float().clone().contiguous()
-        grads = [torch.empty_like(r) for _ in range(6)]  # the kernel writes every element
-        rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, *map(_ptr, (
+        dy = w.new_zeros(r.shape) if dy is None else dy.float().contiguous()
+        G = _zeros_state(w) if dS is None else dS.float().clone().contiguous()
+        grads = [torch.empty_like(w) for _ in range(6)]  # fp32; the kernel writes them all
+        rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
             r, w, k, v, a, b, ckpt, dy, G, *grads)))
         if rc:
             raise MemoryError("wkv native backward: out of memory for its state buffer")
