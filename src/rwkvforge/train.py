@@ -147,18 +147,17 @@ class _ChunkedHeadCE(torch.autograd.Function):
                 else:  # the matmul in `dtype`, the softmax in fp32
                     low = torch.mm(hc, Wc.t(), out=_scratch("x16", n, V, dtype, dev))
                     logits = _scratch("x32", n, V, torch.float32, dev).copy_(low)
-                tl = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
-                m = logits.amax(dim=-1)
-                e = logits.sub_(m.unsqueeze(1)).exp_()  # in place: exp(x - max)
-                z = e.sum(dim=-1)
-                total += ((m + z.log() - tl) * wc).sum()  # logsumexp - target logit
+                # log-probabilities in one fused pass per row (max, sum of exp, subtract):
+                # fewer passes over the (n, V) matrix than amax / sub / exp / sum / div
+                logp = torch.ops.aten._log_softmax.out(
+                    logits, 1, False, out=_scratch("lp", n, V, torch.float32, dev))
+                total -= (logp.gather(1, tc.unsqueeze(1)).squeeze(1) * wc).sum()
                 if need_h or need_w:
-                    # d/dlogits = diag(wc) (P - onehot): P = e / z, written once in the
+                    # d/dlogits = diag(wc) (P - onehot): P = exp(log P), written once in the
                     # matmul dtype; the one-hot and the row weights act on the (n, C)
                     # products, not on the (n, V) matrix
-                    p = e.div_(z.unsqueeze(1))
-                    if dtype != torch.float32:
-                        p = _scratch("x16", n, V, dtype, dev).copy_(p)
+                    p = torch.exp(logp, out=_scratch("x16" if dtype != torch.float32 else
+                                                     "x32", n, V, dtype, dev))
                     if need_h:
                         grad_h[s:s + chunk] = ((p @ Wc).float()
                                                - Wc[tc].float()).mul_(wc.unsqueeze(1))
@@ -168,7 +167,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
                         gw.index_add_(0, tc, hw.float(), alpha=-1.0)
                         grad_w += gw
                     del p
-                del logits, e
+                del logits, logp
         ctx.h_dtype = h.dtype
         ctx.w_dtype = weight.dtype
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
