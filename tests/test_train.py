@@ -100,12 +100,17 @@ def test_chunked_head_loss_matches_full_cross_entropy(train_head):
         torch.testing.assert_close(gw, gw_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_head_loss_bf16_matmuls():
+@pytest.mark.parametrize("V", [3000, 3008])
+def test_chunked_head_loss_bf16_matmuls(V, monkeypatch):
     """bf16 matmuls (the bf16 profiles): the loss is exact for the bf16 logits; the gradient
     carries only the bf16 rounding of the softmax. Reused CPU scratch buffers: a second
-    call with fewer tokens gives its own answer."""
+    call with fewer tokens gives its own answer. V = 3008 (a multiple of 32) takes the C
+    softmax where it builds, 3000 torch's log_softmax."""
+    used = []
+    real = T._softmax_bf16_
+    monkeypatch.setattr(T, "_softmax_bf16_", lambda x: used.append(real(x)) or used[-1])
     g = torch.Generator().manual_seed(1)
-    C, V = 32, 3000
+    C = 32
     head = torch.nn.Linear(C, V, bias=False)
     head.weight.requires_grad_(False)
     for n in (37, 20):
@@ -120,6 +125,32 @@ def test_chunked_head_loss_bf16_matmuls():
         gh, = torch.autograd.grad(loss, h)
         gh_ref, = torch.autograd.grad(ref, h)
         assert (gh - gh_ref).abs().max() < 1e-2 * gh_ref.abs().max()
+    kernel = V % 32 == 0 and T._softmax_lib() is not None
+    assert used and all((x is not None) == kernel for x in used)
+
+
+@pytest.mark.skipif(T._softmax_lib() is None, reason="no C compiler")
+def test_native_bf16_softmax_matches_torch():
+    """csrc/softmax_cpu.c against torch in fp32 on the same bf16 logits, extreme rows
+    included (one dominant logit: the rest underflow to 0; all equal: uniform)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 4096, generator=g) * 4).bfloat16()
+    x[0] = -30.0
+    x[0, 7] = 90.0
+    x[1] = 2.5
+    x[2, ::3] = -1e4
+    ref_lse = torch.logsumexp(x.float(), -1)
+    ref_p = torch.softmax(x.float(), -1)
+    p = x.clone()
+    lse = T._softmax_bf16_(p)
+    assert p.dtype == torch.bfloat16
+    torch.testing.assert_close(lse, ref_lse, rtol=2e-6, atol=2e-6)
+    # P rounded to bf16 once: within one bf16 step (2^-8 relative) of the exact value
+    assert ((p.float() - ref_p).abs() <= ref_p * 2.0 ** -8 + 1e-30).all()
+    assert p[0, 7] == 1.0 and (p[0, :7] == 0).all() and torch.equal(p[1], torch.full_like(
+        p[1], 1 / 4096))
+    torch.testing.assert_close(p.float().sum(-1), torch.ones(37), rtol=0, atol=2e-2)
+    assert T._softmax_bf16_(torch.zeros(3, 40, dtype=torch.bfloat16)) is None  # 40 % 32
 
 
 def test_chunked_head_loss_never_builds_full_logits(monkeypatch):

@@ -6,7 +6,8 @@ install time and nothing breaks when no compiler exists: ``load(name)`` returns 
 the same results. They are:
 
 * ``trie_tokenizer``: the World tokenizer's greedy longest match (used by tokenizer.py);
-* ``wkv_cpu``: the RWKV-7 recurrence forward and backward on CPU (used by model/wkv.py).
+* ``wkv_cpu``: the RWKV-7 recurrence forward and backward on CPU (used by model/wkv.py);
+* ``softmax_cpu``: the training head's row softmax of bf16 logits (used by train.py).
 
 The compiler is ``$CC`` (else ``cc``); the library goes to ``$XDG_CACHE_HOME/rwkvforge`` (else
 ``~/.cache/rwkvforge``) under a name hashing the source, the flags and the compiler, written
@@ -14,7 +15,7 @@ to a temp name and renamed (concurrent processes never load a half-written file)
 builds carry AVX-512 / AVX2 / baseline clones picked at load time, so a cached library is
 safe on any CPU. ``RWKVFORGE_NATIVE=0`` turns all of them off.
 
-    python -m rwkvforge.native          # build both and print their status
+    python -m rwkvforge.native          # build them all and print their status
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("trie_tokenizer", "wkv_cpu")
+SOURCES = ("trie_tokenizer", "wkv_cpu", "softmax_cpu")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-Wno-psabi")
 # flags a source is first built with; where that build fails (a compiler without OpenMP) it
 # is built without them, and the library says so itself (wkv_cpu: rf_wkv_openmp())
-OPTIONAL_FLAGS = {"wkv_cpu": ("-fopenmp",)}
+OPTIONAL_FLAGS = {"wkv_cpu": ("-fopenmp",), "softmax_cpu": ("-fopenmp",)}
 _problems: dict[str, str] = {}
 
 

@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import datetime as _dt
+import functools
 import json
 import logging
 import math
@@ -119,6 +121,36 @@ def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.
     return buf[:rows]
 
 
+def _softmax_bf16_(x: torch.Tensor) -> torch.Tensor | None:
+    """In place: the rows of bf16 logits x (n, V) on CPU become their softmax (bf16), and the
+    fp32 logsumexp of each row is returned. None (x untouched) where the C kernel
+    (csrc/softmax_cpu.c) is unavailable or does not apply; the caller then takes torch's
+    log_softmax."""
+    if x.device.type != "cpu" or not x.is_contiguous() or x.shape[1] % 32:
+        return None
+    lib = _softmax_lib()
+    if lib is None:
+        return None
+    n = x.shape[0]
+    mx, sm = torch.empty(n), torch.empty(n)
+    if lib.rf_softmax_bf16(n, x.shape[1], x.data_ptr(), mx.data_ptr(), sm.data_ptr(),
+                           torch.get_num_threads()):
+        raise MemoryError("head softmax: out of memory for its row buffer")
+    return mx.add_(sm.log_())
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_lib():
+    from rwkvforge import native
+
+    lib = native.load("softmax_cpu")
+    if lib is not None:
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        lib.rf_softmax_bf16.argtypes = [i64, i64, p, p, p, i64]
+        lib.rf_softmax_bf16.restype = ctypes.c_int32
+    return lib
+
+
 class _ChunkedHeadCE(torch.autograd.Function):
     """sum_i w_i * CE(h_i @ W^T, t_i) with the gradient computed chunk by chunk in forward.
 
@@ -146,18 +178,28 @@ class _ChunkedHeadCE(torch.autograd.Function):
                     logits = torch.mm(hc, Wc.t(), out=_scratch("x32", n, V, dtype, dev))
                 else:  # the matmul in `dtype`, the softmax in fp32
                     low = torch.mm(hc, Wc.t(), out=_scratch("x16", n, V, dtype, dev))
-                    logits = _scratch("x32", n, V, torch.float32, dev).copy_(low)
-                # log-probabilities in one fused pass per row (max, sum of exp, subtract):
-                # fewer passes over the (n, V) matrix than amax / sub / exp / sum / div
-                logp = torch.ops.aten._log_softmax.out(
-                    logits, 1, False, out=_scratch("lp", n, V, torch.float32, dev))
-                total -= (logp.gather(1, tc.unsqueeze(1)).squeeze(1) * wc).sum()
-                if need_h or need_w:
-                    # d/dlogits = diag(wc) (P - onehot): P = exp(log P), written once in the
-                    # matmul dtype; the one-hot and the row weights act on the (n, C)
-                    # products, not on the (n, V) matrix
+                # d/dlogits = diag(wc) (P - onehot), P written once in the matmul dtype; the
+                # one-hot and the row weights act on the (n, C) products, not on (n, V)
+                if dtype == torch.bfloat16:  # the target logits before P overwrites them
+                    tl = low.gather(1, tc.unsqueeze(1)).squeeze(1).float()
+                lse = _softmax_bf16_(low) if dtype == torch.bfloat16 else None
+                if lse is not None:  # C kernel: P over the bf16 logits, two passes per row
+                    p = low
+                    total += ((lse - tl) * wc).sum()
+                else:
+                    if dtype != torch.float32:
+                        logits = _scratch("x32", n, V, torch.float32, dev).copy_(low)
+                    # log-probabilities in one fused pass per row (max, sum of exp,
+                    # subtract): fewer passes over (n, V) than amax / sub / exp / sum / div
+                    logp = torch.ops.aten._log_softmax.out(
+                        logits, 1, False, out=_scratch("lp", n, V, torch.float32, dev))
+                    total -= (logp.gather(1, tc.unsqueeze(1)).squeeze(1) * wc).sum()
+                    del logits
+                    # P = exp(log P)
                     p = torch.exp(logp, out=_scratch("x16" if dtype != torch.float32 else
                                                      "x32", n, V, dtype, dev))
+                    del logp
+                if need_h or need_w:
                     if need_h:
                         grad_h[s:s + chunk] = ((p @ Wc).float()
                                                - Wc[tc].float()).mul_(wc.unsqueeze(1))
@@ -166,8 +208,7 @@ class _ChunkedHeadCE(torch.autograd.Function):
                         gw = (p.t() @ hw).float()
                         gw.index_add_(0, tc, hw.float(), alpha=-1.0)
                         grad_w += gw
-                    del p
-                del logits, logp
+                del p
         ctx.h_dtype = h.dtype
         ctx.w_dtype = weight.dtype
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
