@@ -124,8 +124,8 @@ def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.
 def _softmax_bf16_(x: torch.Tensor) -> torch.Tensor | None:
     """In place: the rows of bf16 logits x (n, V) on CPU become their softmax (bf16), and the
     fp32 logsumexp of each row is returned. None (x untouched) where the C kernel
-    (csrc/softmax_cpu.c) is unavailable or does not apply; the caller then takes torch's
-    log_softmax."""
+    (csrc/softmax_cpu.c) is unavailable or does not apply; the caller then does the softmax
+    with torch ops on an fp32 copy."""
     if x.device.type != "cpu" or not x.is_contiguous() or x.shape[1] % 32:
         return None
     lib = _softmax_lib()
