@@ -1,19 +1,21 @@
 /* rwkvforge: row softmax of bf16 logits, in place, for the training head's cross-entropy.
  *
  * Built on first use by rwkvforge/native.py and called by train.py (_ChunkedHeadCE) on CPU
- * with bf16 autocast; torch's log_softmax is the fallback and the test oracle. For each row
- * of x (n, V) bf16 it computes, in fp32,
+ * with bf16 autocast; torch ops on an fp32 copy are the fallback and the test oracle. For
+ * each row of x (n, V) bf16 it computes, in fp32,
  *
  *     lse = max + log(sum_j exp(x_j - max))        p_j = exp(x_j - max) / sum
  *
  * writes p back over x in bf16 (round to nearest even: what the gradient matmul reads) and
- * max and sum to mx[row], sm[row] (the caller forms lse; no libm needed here). That is two passes over a row that stays in L2 (the exps are kept in a
- * per-thread fp32 row buffer) where the torch path makes five passes over the whole (n, V)
- * matrix (bf16 -> fp32 copy, log_softmax's passes, exp, fp32 -> bf16 copy).
+ * max and sum to mx[row], sm[row] (the caller forms lse; no libm needed here). That is two
+ * passes over a row that stays in L2 (the exps are kept in a per-thread fp32 row buffer)
+ * where the torch path makes six passes over the whole (n, V) matrix (bf16 -> fp32 copy,
+ * max, exp, sum, divide, fp32 -> bf16 copy).
  *
- * exp is a vector polynomial (x = k ln2 + f, |f| <= ln2 / 2, degree 6; relative error below
- * 2e-7, inputs are <= 0 here). Built with -fopenmp the rows are split over an OpenMP team
- * (torch's own when torch is loaded, see wkv_cpu.c).
+ * exp is a vector polynomial (x = k ln2 + f, |f| <= ln2 / 2, degree 6, Cody-Waite split of
+ * ln2; inputs are <= 0 here, and below -87 give 0). tests/test_train.py holds lse to 2e-6
+ * and P to one bf16 step of torch's fp32 softmax. Built with -fopenmp the rows are split over
+ * an OpenMP team (torch's own when torch is loaded, see wkv_cpu.c).
  */
 #include <stdint.h>
 #include <stdlib.h>
