@@ -21,8 +21,9 @@ a few bytes short of the next aligned request of the same size until its neighbo
 merged, so one buffer size repeated alone (tests/test_runtime.py: 64 MiB, 16 rounds) leaves
 the resident set a few blocks higher than the live data; a training step's many sizes fill
 those gaps.
-`train` applies it on CPU only (CUDA activations live in torch's caching allocator) and after
-its own `malloc_trim`, so the setup's transients (fp32 load, quantisation) still go back.
+`train` applies it on CPU only (CUDA activations live in torch's caching allocator); its
+explicit `malloc_trim` after the setup still hands the setup's transients (fp32 load,
+quantisation) back to the OS, whatever the thresholds.
 
 An explicit glibc malloc setting in the environment (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_, or malloc tunables in GLIBC_TUNABLES) wins: nothing is changed then.
