@@ -178,27 +178,26 @@ class _ChunkedHeadCE(torch.autograd.Function):
                     logits = torch.mm(hc, Wc.t(), out=_scratch("x32", n, V, dtype, dev))
                 else:  # the matmul in `dtype`, the softmax in fp32
                     low = torch.mm(hc, Wc.t(), out=_scratch("x16", n, V, dtype, dev))
+                # the target logits, before P overwrites them
+                tl = (logits if dtype == torch.float32 else low).gather(
+                    1, tc.unsqueeze(1)).squeeze(1).float()
                 # d/dlogits = diag(wc) (P - onehot), P written once in the matmul dtype; the
                 # one-hot and the row weights act on the (n, C) products, not on (n, V)
-                lse = None
-                if dtype == torch.bfloat16:  # the target logits before P overwrites them
-                    tl = low.gather(1, tc.unsqueeze(1)).squeeze(1).float()
-                    lse = _softmax_bf16_(low)
+                lse = _softmax_bf16_(low) if dtype == torch.bfloat16 else None
                 if lse is not None:  # C kernel: P over the bf16 logits, two passes per row
                     p = low
-                    total += ((lse - tl) * wc).sum()
                 else:  # torch: in place on one fp32 (n, V) buffer
                     if dtype != torch.float32:
                         logits = _scratch("x32", n, V, torch.float32, dev).copy_(low)
-                    tl = logits.gather(1, tc.unsqueeze(1)).squeeze(1)
                     m = logits.amax(dim=-1)
                     e = logits.sub_(m.unsqueeze(1)).exp_()  # exp(x - max)
                     z = e.sum(dim=-1)
-                    total += ((m + z.log() - tl) * wc).sum()  # logsumexp - target logit
+                    lse = m + z.log()
                     p = e.div_(z.unsqueeze(1))
                     if dtype != torch.float32:
                         p = _scratch("x16", n, V, dtype, dev).copy_(p)
                     del logits, e
+                total += ((lse - tl) * wc).sum()  # logsumexp - target logit
                 if need_h or need_w:
                     if need_h:
                         grad_h[s:s + chunk] = ((p @ Wc).float()
