@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -160,6 +161,60 @@ def test_native_is_picked_on_cpu_and_matches_chunked_in_the_model_shapes():
     xs = _inputs(B=1, T=9, H=2, N=16, seed=6)
     torch.testing.assert_close(wkv(*xs, impl="native")[0], wkv_ref(*xs)[0], rtol=1e-4,
                                atol=1e-4)
+
+
+_NO_OPENMP_PROBE = """
+import sys, torch
+from rwkvforge.model import wkv as W
+torch.set_num_threads(2)
+lib = W._native_lib()
+xs = torch.load(sys.argv[1], weights_only=True)
+xs = [x.requires_grad_() for x in xs]
+y, s = W.wkv_native(*xs)
+(y.square().sum() + s.sum()).backward()
+torch.save([y.detach(), s.detach()] + [x.grad for x in xs], sys.argv[2])
+print("openmp", lib.openmp)
+"""
+
+
+@needs_native
+def test_native_builds_without_openmp_once_and_gives_the_same_results(tmp_path):
+    """A compiler that rejects -fopenmp: the kernel is built without it (heads split by our
+    thread pool instead of OpenMP) and gives the OpenMP build's results bit for bit; the
+    rejection is cached, so a second process does not run the failing build again."""
+    log = tmp_path / "cc.log"
+    cc = tmp_path / "cc-no-openmp"
+    cc.write_text('#!/bin/sh\necho "$*" >> "%s"\n'
+                  'case " $* " in *" -fopenmp "*) echo "no OpenMP here" >&2; exit 1;; esac\n'
+                  'exec cc "$@"\n' % log)
+    cc.chmod(0o755)
+    torch.save(_inputs(B=2, T=37, H=3, N=64, seed=4), tmp_path / "in.pt")
+    env = {**os.environ, "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for run in ("first", "second"):
+        r = subprocess.run([sys.executable, "-c", _NO_OPENMP_PROBE, str(tmp_path / "in.pt"),
+                            str(tmp_path / f"{run}.pt")], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["openmp", "False"], r.stdout
+    calls = [line for line in log.read_text().splitlines() if "wkv_cpu" in line]
+    assert len(calls) == 2 and "-fopenmp" in calls[0].split(), calls  # tried once, then plain
+    assert "-fopenmp" not in calls[1].split()
+    assert list((tmp_path / "cache" / "rwkvforge").glob("wkv_cpu-*.failed"))
+    # this process's build (OpenMP where the compiler has it) on the same inputs
+    xs = [x.requires_grad_() for x in torch.load(tmp_path / "in.pt", weights_only=True)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y, s = wkv_native(*xs)
+        (y.square().sum() + s.sum()).backward()
+    finally:
+        torch.set_num_threads(threads)
+    want = [y.detach(), s.detach()] + [x.grad for x in xs]
+    for run in ("first", "second"):
+        got = torch.load(tmp_path / f"{run}.pt", weights_only=True)
+        for name, a, b in zip(("y", "state", "r", "log_w", "k", "v", "a", "b", "s0"), got,
+                              want):
+            assert torch.equal(a, b), (run, name)
 
 
 def test_dispatch_and_errors():

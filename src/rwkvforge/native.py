@@ -13,7 +13,9 @@ The compiler is ``$CC`` (else ``cc``); the library goes to ``$XDG_CACHE_HOME/rwk
 ``~/.cache/rwkvforge``) under a name hashing the source, the flags and the compiler, written
 to a temp name and renamed (concurrent processes never load a half-written file). x86-64
 builds carry AVX-512 / AVX2 / baseline clones picked at load time, so a cached library is
-safe on any CPU. ``RWKVFORGE_NATIVE=0`` turns all of them off.
+safe on any CPU. A source with optional flags (``-fopenmp``) that the compiler rejects is
+built without them, and the rejection is cached too (``<name>-<key>.failed``), so later
+processes do not run the failing build again. ``RWKVFORGE_NATIVE=0`` turns all of them off.
 
     python -m rwkvforge.native          # build them all and print their status
 """
@@ -50,6 +52,10 @@ def cache_dir() -> Path:
     return Path(base) / "rwkvforge"
 
 
+class BuildError(OSError):
+    """The compiler ran and rejected the source or its flags."""
+
+
 def _compile(cc: list[str], flags: tuple[str, ...], src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
@@ -58,12 +64,24 @@ def _compile(cc: list[str], flags: tuple[str, ...], src: Path, out: Path) -> Non
         proc = subprocess.run([*cc, *flags, "-o", tmp, str(src)], capture_output=True,
                               text=True, timeout=300)
         if proc.returncode != 0:
-            raise OSError(f"`{' '.join(cc)}` exited with {proc.returncode}: "
+            raise BuildError(f"`{' '.join(cc)}` exited with {proc.returncode}: "
                           f"{proc.stderr.strip()[-500:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _write_marker(path: Path, text: str) -> None:
+    """`text` to `path` atomically (temp + rename); a cache that cannot be written is only
+    slower (the build is tried again next time)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,12 +100,19 @@ def load(name: str) -> ctypes.CDLL | None:
         key = hashlib.sha256(src.read_bytes() + " ".join([*cc, *flags]).encode()
                              + platform.machine().encode()).hexdigest()[:16]
         lib_path = cache_dir() / f"{name}-{key}.so"
+        # optional flags this compiler rejected once (no OpenMP) are not tried again by every
+        # new process: the rejection is kept beside the libraries (delete it to retry)
+        failed = lib_path.with_suffix(".failed") if flags != FLAGS else None
+        if failed is not None and failed.is_file() and not lib_path.is_file():
+            continue
         try:
             if not lib_path.is_file():
                 _compile(cc, flags, src, lib_path)
             return ctypes.CDLL(str(lib_path))
         except (OSError, subprocess.SubprocessError) as e:
             error = error or e  # the first failure says the most
+            if failed is not None and isinstance(e, BuildError):
+                _write_marker(failed, str(e))
     _problems[name] = f"unavailable ({error})"
     return None
 
