@@ -6,7 +6,7 @@
  *
  *     S_t = S_{t-1} diag(w_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T        y_t = S_t r_t
  *
- * Inside, a head's state is kept key-major (ST[j][i] = S[i][j]) and a step is made of
+ * The forward keeps a head's state key-major (ST[j][i] = S[i][j]) and makes a step of
  * "column" updates over the value index i with 16-wide vectors (GCC vector extensions;
  * x86-64 builds carry AVX-512 / AVX2 / baseline clones): S a, the update and S r need no
  * horizontal sums. N is 64 (every RWKV-7 head); other sizes return -2 and the caller uses
@@ -18,6 +18,11 @@
  *     dv_t = dS k_t    dk_t = dS^T v_t    dsa = dS b_t    db_t = dS^T (S_{t-1} a_t)
  *     dw_t[j] = sum_i dS[i,j] S_{t-1}[i,j]    da_t = S_{t-1}^T dsa
  *     dS <- dS diag(w_t) + dsa a_t^T      (the gradient of S_{t-1})
+ *
+ * The backward works value-major (row i = value i): each row of S and dS evolves on its own
+ * given the step's vectors, so the five per-key gradients are vector sums over the rows and
+ * only dv and dsa are row dot products (reduced 16 rows at a time). That has ~25% fewer
+ * instructions than the key-major form with five dot products per key.
  *
  * Tensors are (B, T, H, N) fp32 contiguous: step t of head h of batch row b starts at
  * ((b T + t) H + h) N. A call handles the (b, h) pairs bh0 .. bh1 - 1, so the caller can
@@ -64,11 +69,11 @@ ALWAYS_INLINE float hsum(v16 x) {
 
 /* one step on a key-major state: S' = S diag(w) + (S a) b^T + v k^T read from ST and written
  * to DT (the same buffer, or the next one when backward recomputes a segment); y = S' r (or
- * NULL); sa_out (or NULL) receives S a, which backward needs again */
+ * NULL) */
 ALWAYS_INLINE void step(const float *ST, float *DT, const float *restrict r,
                         const float *restrict w, const float *restrict k,
                         const float *restrict v, const float *restrict a,
-                        const float *restrict b, float *restrict y, float *restrict sa_out) {
+                        const float *restrict b, float *restrict y) {
     v16 sa[NV] = {0}, sb[NV] = {0}; /* two partial sums: half the dependency chain */
     for (int j = 0; j < N; j += 2)
         for (int q = 0; q < NV; q++) {
@@ -79,7 +84,6 @@ ALWAYS_INLINE void step(const float *ST, float *DT, const float *restrict r,
     for (int q = 0; q < NV; q++) {
         sa[q] += sb[q];
         V[q] = LD(v + 16 * q);
-        if (sa_out) STO(sa_out + 16 * q, sa[q]);
     }
     for (int j = 0; j < N; j += 2)
         for (int q = 0; q < NV; q++) {
@@ -138,10 +142,12 @@ ALWAYS_INLINE void hsum16(const v16 *restrict x, float *restrict out) {
 ALWAYS_INLINE const float *in_vec(const void *p, int64_t o, int64_t bf16,
                                   float *restrict tmp) {
     if (!bf16) return (const float *)p + o;
+    typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
+    typedef uint32_t v16w __attribute__((vector_size(64)));
     const uint16_t *src = (const uint16_t *)p + o;
-    for (int i = 0; i < N; i++) {
-        const uint32_t u = (uint32_t)src[i] << 16;
-        memcpy(tmp + i, &u, sizeof u);
+    for (int q = 0; q < NV; q++) { /* whole-vector stores: later vector loads forward */
+        const v16w u = __builtin_convertvector(*(const v16h *)(src + 16 * q), v16w) << 16;
+        STO(tmp + 16 * q, (v16)u);
     }
     return tmp;
 }
@@ -172,7 +178,7 @@ CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_
             const int64_t o = base + t * st;
             step(ST, ST, in_vec(r, o, bf16, tmp[0]), w + o, in_vec(k, o, bf16, tmp[1]),
                  in_vec(v, o, bf16, tmp[2]), in_vec(a, o, bf16, tmp[3]),
-                 in_vec(b, o, bf16, tmp[4]), y + o, NULL);
+                 in_vec(b, o, bf16, tmp[4]), y + o);
         }
         transpose(S + bh * NN, ST);
     }
@@ -185,12 +191,14 @@ CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_
  * dr .. db are (B, T, H, N); every element of the pairs bh0 .. bh1 - 1 is written once (no
  * need to zero them). Returns 0, -1 (out of memory) or -2 (head size not 64).
  *
- * One pass over the state rows per step. With G_t the gradient of S_t, step t reads
- * G_{t+1}, S_t, S_{t-1} and forms G_t = G_{t+1} diag(w_{t+1}) + dsa_{t+1} a_{t+1}^T + dy_t r_t^T
- * on the fly (the update left over from step t + 1, so G is read and written once per
- * step), together with da_{t+1} = S_t^T dsa_{t+1} and the step's own dr, dk, db, dw, dsa,
- * dv. S a of each step is kept from the recompute. Row dot products are reduced 16 at a time
- * (hsum16). */
+ * Value-major inside (row i = value i, 4 vectors over the key index j), so the five
+ * per-key gradients (dr, dk, db, dw, da) are vector accumulators with no horizontal sums;
+ * only dsa and dv (per value) are row dot products, reduced 16 rows at a time (hsum16).
+ * One pass over the state rows per step: with G_t the gradient of S_t, step t reads
+ * G_{t+1}, S_t, S_{t-1} and forms G_t = G_{t+1} diag(w_{t+1}) + dsa_{t+1} a_{t+1}^T +
+ * dy_t r_t^T on the fly (the update left over from step t + 1), together with
+ * da_{t+1} = S_t^T dsa_{t+1} and the step's own dr, dk, db, dw, dsa, dv. The segment's
+ * states are recomputed value-major from the (key-major) checkpoint, keeping each S a. */
 CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
                                const void *r, const float *restrict w, const void *k,
                                const void *v, const void *a, const void *b,
@@ -200,102 +208,110 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64
                                float *restrict db, int64_t bh0, int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
-    float *buf = malloc((size_t)((K + 1) * NN + NN + K * N) * sizeof(float));
+    float *buf = aligned_alloc(64, (size_t)((K + 1) * NN + K * N) * sizeof(float));
     if (!buf) return -1;
-    float *restrict GT = buf + (K + 1) * NN; /* key-major gradient of the state */
-    float *restrict sab = GT + NN;            /* S_{t-1} a_t of the segment's steps */
-    static const float ones[N] = {[0 ... N - 1] = 1.f};
-    float tmp[5][N] __attribute__((aligned(64))), an_buf[N] __attribute__((aligned(64)));
+    float *restrict sab = buf + (K + 1) * NN; /* S_{t-1} a_t of the segment's steps */
+    float tmp[5][N] __attribute__((aligned(64))), an[N] __attribute__((aligned(64)));
+    float wn[N] __attribute__((aligned(64))), dsan[N] __attribute__((aligned(64)));
+    v16 rowa[16], rowb[16];
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
-        transpose(GT, dS + bh * NN);
-        /* what step t + 1 left over: G_t = G_{t+1} diag(wn) + dsan an^T + ...; none yet
-         * for the last step (its G is the incoming dS as it is) */
-        const float *wn = ones, *an = an_buf;
-        memset(an_buf, 0, sizeof an_buf);
-        v16 DSAN[NV] = {0};
+        float *restrict G = dS + bh * NN; /* value-major, updated in place */
+        /* what step t + 1 left over: none yet for the last step */
+        for (int j = 0; j < N; j++) wn[j] = 1.f, an[j] = 0.f, dsan[j] = 0.f;
         int64_t on = -1; /* offset of step t + 1, whose da is completed by step t */
         for (int64_t c = nck - 1; c >= 0; c--) {
             const int64_t t0 = c * K, t1 = t0 + K < T ? t0 + K : T;
-            memcpy(buf, ckpt + (bh * nck + c) * NN, NN * sizeof(float));
+            transpose(buf, ckpt + (bh * nck + c) * NN);
             for (int64_t t = t0; t < t1; t++) { /* recompute the segment's states */
-                float *Sn = buf + (t - t0 + 1) * NN;
+                const float *restrict Sp = buf + (t - t0) * NN;
+                float *restrict Sn = buf + (t - t0 + 1) * NN;
                 const int64_t o = base + t * st;
-                step(Sn - NN, Sn, NULL, w + o, in_vec(k, o, bf16, tmp[1]),
-                     in_vec(v, o, bf16, tmp[2]), in_vec(a, o, bf16, tmp[3]),
-                     in_vec(b, o, bf16, tmp[4]), NULL, sab + (t - t0) * N);
+                const float *restrict kt = in_vec(k, o, bf16, tmp[1]);
+                const float *restrict vt = in_vec(v, o, bf16, tmp[2]);
+                const float *restrict at = in_vec(a, o, bf16, tmp[3]);
+                const float *restrict bt = in_vec(b, o, bf16, tmp[4]);
+                const float *restrict wt = w + o;
+                float *restrict sa = sab + (t - t0) * N;
+                for (int ib = 0; ib < N; ib += 16) {
+                    for (int ii = 0; ii < 16; ii++) {
+                        const float *row = Sp + (ib + ii) * N;
+                        v16 x = LD(row) * LD(at);
+                        for (int q = 1; q < NV; q++) x += LD(row + 16 * q) * LD(at + 16 * q);
+                        rowa[ii] = x;
+                    }
+                    hsum16(rowa, sa + ib);
+                    for (int ii = 0; ii < 16; ii++) {
+                        const int i = ib + ii;
+                        for (int q = 0; q < NV; q++)
+                            STO(Sn + i * N + 16 * q, LD(Sp + i * N + 16 * q) * LD(wt + 16 * q) +
+                                                         sa[i] * LD(bt + 16 * q) +
+                                                         vt[i] * LD(kt + 16 * q));
+                    }
+                }
             }
             for (int64_t t = t1 - 1; t >= t0; t--) {
-                const float *restrict Sp = buf + (t - t0) * NN; /* S_{t-1}, key-major */
+                const float *restrict Sp = buf + (t - t0) * NN; /* S_{t-1} */
                 const float *restrict Sc = Sp + NN;             /* S_t */
                 const int64_t o = base + t * st;
                 const float *restrict rt = in_vec(r, o, bf16, tmp[0]);
                 const float *restrict kt = in_vec(k, o, bf16, tmp[1]);
                 const float *restrict vt = in_vec(v, o, bf16, tmp[2]);
                 const float *restrict bt = in_vec(b, o, bf16, tmp[4]);
-                v16 DY[NV], V[NV], SA[NV], dsa0[NV] = {0}, dsa1[NV] = {0}, dv0[NV] = {0},
-                                           dv1[NV] = {0};
-                for (int q = 0; q < NV; q++) {
-                    DY[q] = LD(dy + o + 16 * q);
-                    V[q] = LD(vt + 16 * q);
-                    SA[q] = LD(sab + (t - t0) * N + 16 * q);
-                }
-                for (int jb = 0; jb < N; jb += 16) {
-                    v16 pda[16], pr[16], pk[16], pb[16], pw[16];
-                    for (int jj = 0; jj < 16; jj++) {
-                        const int j = jb + jj;
-                        v16 xda = {0}, xr = {0}, xk = {0}, xb = {0}, xw = {0};
+                const float *restrict sa = sab + (t - t0) * N;
+                const float *restrict dyt = dy + o;
+                v16 DA[NV] = {0}, DR[NV] = {0}, DK[NV] = {0}, DB[NV] = {0}, DW[NV] = {0};
+                float dsa[N] __attribute__((aligned(64)));
+                for (int ib = 0; ib < N; ib += 16) {
+                    for (int ii = 0; ii < 16; ii++) {
+                        const int i = ib + ii;
+                        const float ds = dsan[i], y_ = dyt[i], vi = vt[i], si = sa[i];
+                        v16 pa = {0}, pb = {0};
                         for (int q = 0; q < NV; q++) {
-                            float *gp = GT + j * N + 16 * q;
-                            const v16 sc = LD(Sc + j * N + 16 * q), sp = LD(Sp + j * N + 16 * q);
-                            const v16 g = LD(gp) * wn[j] + an[j] * DSAN[q] + rt[j] * DY[q];
+                            float *gp = G + i * N + 16 * q;
+                            const v16 sc = LD(Sc + i * N + 16 * q);
+                            const v16 g = LD(gp) * LD(wn + 16 * q) + ds * LD(an + 16 * q) +
+                                          y_ * LD(rt + 16 * q);
                             STO(gp, g);
-                            xda += sc * DSAN[q];
-                            xr += sc * DY[q];
-                            xk += g * V[q];
-                            xb += g * SA[q];
-                            xw += g * sp;
-                            if (jj & 1) {
-                                dsa1[q] += bt[j] * g;
-                                dv1[q] += kt[j] * g;
-                            } else {
-                                dsa0[q] += bt[j] * g;
-                                dv0[q] += kt[j] * g;
-                            }
+                            DA[q] += sc * ds;
+                            DR[q] += sc * y_;
+                            DK[q] += g * vi;
+                            DB[q] += g * si;
+                            DW[q] += g * LD(Sp + i * N + 16 * q);
+                            pa += g * LD(bt + 16 * q);
+                            pb += g * LD(kt + 16 * q);
                         }
-                        pda[jj] = xda, pr[jj] = xr, pk[jj] = xk, pb[jj] = xb, pw[jj] = xw;
+                        rowa[ii] = pa, rowb[ii] = pb;
                     }
-                    if (on >= 0) hsum16(pda, da + on + jb);
-                    hsum16(pr, dr + o + jb);
-                    hsum16(pk, dk + o + jb);
-                    hsum16(pb, db + o + jb);
-                    hsum16(pw, dw + o + jb);
+                    hsum16(rowa, dsa + ib);
+                    hsum16(rowb, dv + o + ib);
                 }
                 for (int q = 0; q < NV; q++) {
-                    DSAN[q] = dsa0[q] + dsa1[q];
-                    STO(dv + o + 16 * q, dv0[q] + dv1[q]);
+                    if (on >= 0) STO(da + on + 16 * q, DA[q]);
+                    STO(dr + o + 16 * q, DR[q]);
+                    STO(dk + o + 16 * q, DK[q]);
+                    STO(db + o + 16 * q, DB[q]);
+                    STO(dw + o + 16 * q, DW[q]);
                 }
-                /* a_t for step t - 1 (tmp is overwritten by then) */
-                memcpy(an_buf, in_vec(a, o, bf16, tmp[3]), sizeof an_buf);
-                wn = w + o, on = o;
+                /* leftovers for step t - 1 (tmp is overwritten by then) */
+                const float *at = in_vec(a, o, bf16, tmp[3]);
+                for (int q = 0; q < NV; q++) {
+                    STO(an + 16 * q, LD(at + 16 * q));
+                    STO(wn + 16 * q, LD(w + o + 16 * q));
+                    STO(dsan + 16 * q, LD(dsa + 16 * q));
+                }
+                on = o;
             }
         }
         /* step 0's leftovers: da_0 = S_{-1}^T dsa_0 and the gradient of the initial state */
-        for (int jb = 0; jb < N; jb += 16) {
-            v16 pda[16];
-            for (int jj = 0; jj < 16; jj++) {
-                const int j = jb + jj;
-                v16 xda = {0};
-                for (int q = 0; q < NV; q++) {
-                    float *gp = GT + j * N + 16 * q;
-                    xda += LD(buf + j * N + 16 * q) * DSAN[q];
-                    STO(gp, LD(gp) * wn[j] + an[j] * DSAN[q]);
-                }
-                pda[jj] = xda;
+        v16 DA[NV] = {0};
+        for (int i = 0; i < N; i++)
+            for (int q = 0; q < NV; q++) {
+                float *gp = G + i * N + 16 * q;
+                DA[q] += LD(buf + i * N + 16 * q) * dsan[i];
+                STO(gp, LD(gp) * LD(wn + 16 * q) + dsan[i] * LD(an + 16 * q));
             }
-            hsum16(pda, da + on + jb);
-        }
-        transpose(dS + bh * NN, GT);
+        for (int q = 0; q < NV; q++) STO(da + on + 16 * q, DA[q]);
     }
     free(buf);
     return 0;
