@@ -163,6 +163,47 @@ def test_native_is_picked_on_cpu_and_matches_chunked_in_the_model_shapes():
                                atol=1e-4)
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_custom_op_registration_holds(dtype):
+    """The C kernel is a torch custom op (forward, backward, fake shapes, autograd): torch's
+    own checker runs it eagerly, on fake tensors and through AOT autograd, and compares."""
+    from rwkvforge.model.wkv import _wkv7_native
+
+    r, lw, k, v, a, b, s0 = _inputs(B=1, T=20, H=2, N=64, seed=8)
+    xs = [x.to(dtype).requires_grad_() for x in (r, k, v, a, b)]
+    w = torch.exp(lw).requires_grad_()
+    for state in (s0.requires_grad_(), None):
+        torch.library.opcheck(_wkv7_native, (xs[0], w, *xs[1:], state, True))
+
+
+@needs_native
+def test_a_compiled_block_is_one_graph_with_the_kernel_inside():
+    """torch.compile traces through the native kernel (a custom op), so each block's forward
+    is one graph: no graph break where the recurrence runs."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rwkvforge.model.rwkv7 import RWKV7, RWKV7Config
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = RWKV7(RWKV7Config.suggested(2, 128, vocab_size=256))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 8, 128, requires_grad=True)
+    state = m.init_state(1, torch.device("cpu"))[1]
+    counter = CompileCounter()
+    block = torch.compile(m.blocks[1], backend=counter)
+    out = block(x, x, *state, "native", 16, m._lin)
+    want = m.blocks[1](x, x, *state, "native", 16, m._lin)
+    assert counter.frame_count == 1, counter.frame_count
+    for a_, b_ in zip(out, want):
+        torch.testing.assert_close(a_, b_)
+    out[0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    torch._dynamo.reset()
+
+
 _NO_OPENMP_PROBE = """
 import sys, torch
 from rwkvforge.model import wkv as W

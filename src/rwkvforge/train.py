@@ -698,8 +698,9 @@ def compile_blocks(model: nn.Module) -> None:
     """torch.compile each block's forward for the training calls (gradients on); no-grad
     calls (evaluation) keep the eager forward, so they neither wait for a second compile nor
     take the training graph. Inductor fuses the token-shift mixes, the gates, the norms and
-    the casts around the matmuls into a few loops, forward and backward; the WKV kernel
-    stays a call of its own (wkv() is opaque to the compiler)."""
+    the casts around the matmuls and the WKV kernel into a few loops, forward and backward:
+    on CPU the kernel is a custom op inside the block's graph (model/wkv.py), so each block
+    is one graph, not four pieces split at the recurrence."""
     import torch._dynamo
 
     # every block shares Block.forward's code object, and dynamo caches per code object with

@@ -199,57 +199,103 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class _NativeWKV(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, log_w, k, v, a, b, s0):
-        B, T, H, N = r.shape
-        given = [x.detach() for x in (r, k, v, a, b)]  # kept for backward as they came
-        r, k, v, a, b, bf16 = _kernel_inputs(given)
-        w = torch.exp(log_w.detach().float()).contiguous()
-        S = (_zeros_state(r) if s0 is None
-             else s0.detach().float().clone().contiguous())
-        y = torch.empty(B, T, H, N)
-        train = any(ctx.needs_input_grad)  # else (prefill): no checkpoints
-        ckpt = torch.empty(B * H, -(-T // NATIVE_CKPT), N, N) if train else None
-        rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-            r, w, k, v, a, b, S, y, ckpt)))
-        if rc:
-            raise MemoryError("wkv native forward: out of memory for its state buffer")
-        if train:  # the inputs as given (bf16 under autocast: half the bytes of fp32 copies)
-            ctx.save_for_backward(*given, w, ckpt)
-        ctx.has_s0 = s0 is not None
-        return y, S
+# The C kernel as two torch custom ops (forward; backward) with the forward's autograd
+# registered: torch.compile traces through them (they are opaque calls inside the block's
+# graph, no graph break), so the code around them (exp(log_w), the fp32 -> bf16 casts of the
+# gradients, the group norm after) fuses with the rest of the block. Eager calls take the same
+# ops.
+@torch.library.custom_op("rwkvforge::wkv7_native", mutates_args=())
+def _wkv7_native(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor | None,
+                 keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y (B,T,H,N) fp32, final state (B,H,N,N) fp32, and the state checkpoints backward
+    needs (B*H, ceil(T/NATIVE_CKPT), N, N) when `keep`, else an empty tensor. w = exp(log_w)
+    fp32; r, k, v, a, b all bf16 (read as they are) or else taken as fp32."""
+    B, T, H, N = r.shape
+    r, k, v, a, b, bf16 = _kernel_inputs([r, k, v, a, b])
+    w = w.float().contiguous()
+    S = _zeros_state(r) if s0 is None else s0.float().clone().contiguous()
+    y = torch.empty(B, T, H, N)
+    ckpt = torch.empty(B * H, -(-T // NATIVE_CKPT), N, N) if keep else torch.empty(0)
+    rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
+        r, w, k, v, a, b, S, y, ckpt if keep else None)))
+    if rc:
+        raise MemoryError("wkv native forward: out of memory for its state buffer")
+    return y, S, ckpt
 
-    @staticmethod
-    def backward(ctx, dy, dS):
-        *given, w, ckpt = ctx.saved_tensors
-        r, k, v, a, b, bf16 = _kernel_inputs(given)
-        B, T, H, N = r.shape
-        dy = w.new_zeros(r.shape) if dy is None else dy.float().contiguous()
-        G = _zeros_state(w) if dS is None else dS.float().clone().contiguous()
-        grads = [torch.empty_like(w) for _ in range(6)]  # fp32; the kernel writes them all
-        rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-            r, w, k, v, a, b, ckpt, dy, G, *grads)))
-        if rc:
-            raise MemoryError("wkv native backward: out of memory for its state buffer")
-        dr, dw, dk, dv, da, db = grads
-        return dr, dw.mul_(w), dk, dv, da, db, (G if ctx.has_s0 else None)
+
+@_wkv7_native.register_fake
+def _(r, w, k, v, a, b, s0, keep):
+    B, T, H, N = r.shape
+    f32 = torch.float32
+    return (r.new_empty(B, T, H, N, dtype=f32), r.new_empty(B, H, N, N, dtype=f32),
+            r.new_empty((B * H, -(-T // NATIVE_CKPT), N, N) if keep else (0,), dtype=f32))
+
+
+@torch.library.custom_op("rwkvforge::wkv7_native_backward", mutates_args=())
+def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          a: torch.Tensor, b: torch.Tensor, ckpt: torch.Tensor,
+                          dy: torch.Tensor | None, dS: torch.Tensor | None,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (fp32) of r, w, k, v, a, b and the initial state, given those of y and of
+    the final state (None: zero)."""
+    B, T, H, N = r.shape
+    r, k, v, a, b, bf16 = _kernel_inputs([r, k, v, a, b])
+    w = w.float().contiguous()
+    dy = torch.zeros(B, T, H, N) if dy is None else dy.float().contiguous()
+    G = torch.zeros(B, H, N, N) if dS is None else dS.float().clone().contiguous()
+    grads = [torch.empty(B, T, H, N) for _ in range(6)]  # the kernel writes them all
+    rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
+        r, w, k, v, a, b, ckpt, dy, G, *grads)))
+    if rc:
+        raise MemoryError("wkv native backward: out of memory for its state buffer")
+    dr, dw, dk, dv, da, db = grads
+    return dr, dw, dk, dv, da, db, G
+
+
+@_wkv7_native_backward.register_fake
+def _(r, w, k, v, a, b, ckpt, dy, dS):
+    B, T, H, N = r.shape
+    f32 = torch.float32
+    return (*(r.new_empty(B, T, H, N, dtype=f32) for _ in range(6)),
+            r.new_empty(B, H, N, N, dtype=f32))
+
+
+def _wkv7_setup_context(ctx, inputs, output):
+    r, w, k, v, a, b, s0, keep = inputs
+    ctx.save_for_backward(r, w, k, v, a, b, output[2])  # the inputs as given, checkpoints
+    ctx.has_s0 = s0 is not None
+
+
+def _wkv7_backward(ctx, dy, dS, _dckpt):
+    r, w, k, v, a, b, ckpt = ctx.saved_tensors
+    dr, dw, dk, dv, da, db, g0 = _wkv7_native_backward(r, w, k, v, a, b, ckpt, dy, dS)
+    # fp32 gradients; autograd casts them to the inputs' dtypes (bf16 under autocast)
+    return dr, dw, dk, dv, da, db, (g0 if ctx.has_s0 else None), None
+
+
+_wkv7_native.register_autograd(_wkv7_backward, setup_context=_wkv7_setup_context)
 
 
 def wkv_native(r, log_w, k, v, a, b, state=None):
     """The recurrence in C on CPU, with its own backward (see the module doc)."""
-    if not native_available():
-        raise RuntimeError(f"wkv_impl='native' is unavailable: C kernel "
-                           f"{native.problem('wkv_cpu')}; use wkv_impl='chunked'")
-    if r.device.type != "cpu":
-        raise RuntimeError("wkv_impl='native' runs on CPU tensors only; on CUDA use 'fla' "
-                           "or 'chunked'")
+    if not torch.compiler.is_compiling():  # (checked before tracing; see wkv())
+        if not native_available():
+            raise RuntimeError(f"wkv_impl='native' is unavailable: C kernel "
+                               f"{native.problem('wkv_cpu')}; use wkv_impl='chunked'")
+        if r.device.type != "cpu":
+            raise RuntimeError("wkv_impl='native' runs on CPU tensors only; on CUDA use "
+                               "'fla' or 'chunked'")
     if r.shape[-1] != NATIVE_HEAD_SIZE:  # the C kernel is written for RWKV-7's heads
         return wkv_chunked(r, log_w, k, v, a, b, state)
     if r.shape[1] == 0:
         return r.new_zeros(r.shape, dtype=torch.float32), (
             _zeros_state(r) if state is None else state.float())
-    return _NativeWKV.apply(r, log_w, k, v, a, b, state)
+    keep = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (r, log_w, k, v, a, b, state))
+    y, S, _ = _wkv7_native(r, torch.exp(log_w.float()), k, v, a, b, state, keep)
+    return y, S
 
 
 def _load_fla():
@@ -297,10 +343,25 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     return impl
 
 
-@torch.compiler.disable  # one opaque call for torch.compile (ctypes / triton kernels inside)
+@torch.compiler.assume_constant_result
+def _resolve_const(impl: str, device_type: str) -> str:
+    """resolve_impl, evaluated once when torch.compile traces (it may build or import)."""
+    return resolve_impl(impl, device_type)
+
+
 def wkv(r, log_w, k, v, a, b, state=None, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK):
-    """Dispatch to one of the kernels above (see module docstring for shapes)."""
-    name = resolve_impl(impl, r.device)
+    """Dispatch to one of the kernels above (see module docstring for shapes). Under
+    torch.compile the native kernel is traced as a custom op inside the caller's graph; the
+    other forms stay one opaque call each (ctypes-free torch loops, triton kernels)."""
+    name = _resolve_const(impl, r.device.type)
+    if name == "native" and r.device.type == "cpu":
+        with torch.autocast("cpu", enabled=False):  # (the kernel is fp32 inside anyway)
+            return wkv_native(r, log_w, k, v, a, b, state)
+    return _wkv_opaque(r, log_w, k, v, a, b, state, name, chunk_size)
+
+
+@torch.compiler.disable  # one opaque call for torch.compile
+def _wkv_opaque(r, log_w, k, v, a, b, state, name: str, chunk_size: int):
     if name == "fla":
         return wkv_fla(r, log_w, k, v, a, b, state)
     # fp32 as documented, even inside a bf16 autocast region: autocast would run every
