@@ -243,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                     "rwkv7-0.1b-shape.pth")
     ap.add_argument("--ctx-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per side")
-    ap.add_argument("--peer-steps", type=int, default=None,
-                    help="timed steps for rwkvtune (default: --steps; its steps are slow)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps of ours (the per-step "
+                    "MFU is the median over them: more steps, less VM noise)")
+    ap.add_argument("--peer-steps", type=int, default=3,
+                    help="timed steps for rwkvtune (its steps take 20-45 s each here)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps per side "
                     "(oneDNN builds its kernels on the first calls)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} torch threads per side")
     work = Path(tempfile.mkdtemp(prefix="train_bench_"))
     data = work / "batches.pt"
-    peer_steps = args.peer_steps or args.steps
+    peer_steps = args.peer_steps
     make_batches(data, args.ctx_len, args.batch, args.warmup + max(args.steps, peer_steps))
     peak = measure_peak(args.threads)
     print(f"matmul peak: bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s, fp32 "

@@ -150,9 +150,9 @@ class Settings:
     grad_cp: bool = _f(False, "Recompute activations: ~30% slower, far less memory.",
                        group="train")
     compile: bool = _f(False, "torch.compile each block for training: fuses the "
-                       "element-wise work around the matmuls (15-27% faster steps in A/B "
-                       "runs on a CPU); the first step waits for the compile (about a "
-                       "minute).", group="train")
+                       "element-wise work around the matmuls and the WKV kernel (20-28% "
+                       "less time per step in in-process A/B runs on a CPU); the first step "
+                       "waits for the compile (about a minute).", group="train")
     optimizer: str = _f("adamw", "adamw (fp32 states) or adamw8bit (bitsandbytes, ~4x less "
                         "optimiser memory).", choices=("adamw", "adamw8bit"), group="train")
     head_chunk: int = _f(1024, "Tokens per chunk of head + cross-entropy: smaller = less "
