@@ -65,7 +65,7 @@ def _compile(cc: list[str], flags: tuple[str, ...], src: Path, out: Path) -> Non
                               text=True, timeout=300)
         if proc.returncode != 0:
             raise BuildError(f"`{' '.join(cc)}` exited with {proc.returncode}: "
-                          f"{proc.stderr.strip()[-500:]}")
+                             f"{proc.stderr.strip()[-500:]}")
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

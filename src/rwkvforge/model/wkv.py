@@ -353,7 +353,7 @@ def _resolve_const(impl: str, device_type: str) -> str:
 def wkv(r, log_w, k, v, a, b, state=None, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK):
     """Dispatch to one of the kernels above (see module docstring for shapes). Under
     torch.compile the native kernel is traced as a custom op inside the caller's graph; the
-    other forms stay one opaque call each (ctypes-free torch loops, triton kernels)."""
+    other forms stay one opaque call each (the torch loops of ref / chunked, fla's triton)."""
     name = _resolve_const(impl, r.device.type)
     if name == "native" and r.device.type == "cpu":
         with torch.autocast("cpu", enabled=False):  # (the kernel is fp32 inside anyway)
