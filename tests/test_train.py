@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -462,6 +463,50 @@ def test_deepspeed_two_processes_match_one(tiny_model_path, sft_prefix, tmp_path
         assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+class _Planted:
+    """Unpickled by torch.load(weights_only=False), it creates the file it names."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_reads_its_checkpoint_weights_only(tiny_model_path, sft_prefix,
+                                                             tmp_path):
+    """A ZeRO-2 run (2 processes) resumed from its step-2 checkpoint repeats step 3's loss;
+    its DeepSpeed files are read with torch.load(weights_only=True), so an object planted in
+    one is refused with a clear error and never built."""
+    env = sub_env()
+    extra = ("--max-steps=3", "--save-every=2", "--micro-bsz=1", "--deepspeed-stage=2",
+             "--num-gpus=2")
+    r = subprocess.run(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "ds", *extra),
+                       env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "ds"
+    want = [m["loss"] for m in metrics(run)]
+    resume = [sys.executable, "-m", "rwkvforge.train", "--no-progress", "--resume", str(run)]
+    shutil.rmtree(run / "checkpoints" / "step-3")  # as if killed after step 2
+    r = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "step-2" in r.stderr
+    assert [m["loss"] for m in metrics(run)] == want
+    # the same again, with an object planted in one of step 2's DeepSpeed files
+    shutil.rmtree(run / "checkpoints" / "step-3")
+    marker = tmp_path / "code-ran"
+    target = (run / "checkpoints" / "step-2" / "deepspeed" / "state"
+              / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    sd = T._ds_weights_only_load(str(target))
+    sd["planted"] = _Planted(str(marker))
+    torch.save(sd, target)
+    r = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0
+    assert "weights_only=True" in r.stderr and "refuses" in r.stderr, r.stderr[-3000:]
+    assert not marker.exists()
 
 
 @pytest.mark.slow

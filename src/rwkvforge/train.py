@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import platform
 import random
 import shutil
@@ -694,6 +695,18 @@ def build_model(s: cfgmod.Settings, model_path: Path, device: torch.device):
     return pm, spec, cfg
 
 
+def _ds_weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine `load`, through torch.load(weights_only=True): tensors,
+    plain containers and the three DeepSpeed classes its ZeRO optimizer states hold (no
+    other object is built, so a tampered file cannot run code)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each block's forward for the training calls (gradients on); no-grad
     calls (evaluation) keep the eager forward, so they neither wait for a second compile nor
@@ -1090,9 +1103,18 @@ class Trainer:
             self.say(f"note: steps per run changed {st['total_steps']} -> {self.total_steps}")
         self.micro_bsz, self.grad_accum = int(st["micro_bsz"]), int(st["grad_accum"])
         if self.engine is not None:
-            self.engine.load_checkpoint(str(ck / "deepspeed"), tag="state",
-                                        load_optimizer_states=True,
-                                        load_lr_scheduler_states=False)
+            # DeepSpeed reads its files with torch.load(weights_only=False): ours go through
+            # the weights_only unpickler instead (_ds_weights_only_load)
+            self.engine.checkpoint_engine.load = _ds_weights_only_load
+            try:
+                self.engine.load_checkpoint(str(ck / "deepspeed"), tag="state",
+                                            load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+            except pickle.UnpicklingError as e:
+                raise TrainError(f"--resume: {ck / 'deepspeed'} holds an object that "
+                                 f"torch.load(weights_only=True) refuses to build, so it "
+                                 f"was not read ({str(e).splitlines()[0]}). Resume only "
+                                 f"from checkpoints this tool wrote.") from e
             self._ds_set_split()
             rk = load_trainer_state(ck / f"trainer_state.rank{self.rank}.pt")
             rng = rk["rng"]
