@@ -1113,7 +1113,7 @@ class Trainer:
             except pickle.UnpicklingError as e:
                 raise TrainError(f"--resume: {ck / 'deepspeed'} holds an object that "
                                  f"torch.load(weights_only=True) refuses to build, so it "
-                                 f"was not read ({str(e).splitlines()[0]}). Resume only "
+                                 f"was not read ({(str(e).splitlines() or [''])[0]}). Resume only "
                                  f"from checkpoints this tool wrote.") from e
             self._ds_set_split()
             rk = load_trainer_state(ck / f"trainer_state.rank{self.rank}.pt")
