@@ -1111,10 +1111,11 @@ class Trainer:
                                             load_optimizer_states=True,
                                             load_lr_scheduler_states=False)
             except pickle.UnpicklingError as e:
+                why = (str(e).splitlines() or ["?"])[0]
                 raise TrainError(f"--resume: {ck / 'deepspeed'} holds an object that "
                                  f"torch.load(weights_only=True) refuses to build, so it "
-                                 f"was not read ({(str(e).splitlines() or [''])[0]}). Resume only "
-                                 f"from checkpoints this tool wrote.") from e
+                                 f"was not read ({why}). Resume only from checkpoints this "
+                                 f"tool wrote.") from e
             self._ds_set_split()
             rk = load_trainer_state(ck / f"trainer_state.rank{self.rank}.pt")
             rng = rk["rng"]
