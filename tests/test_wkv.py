@@ -204,6 +204,35 @@ def test_a_compiled_block_is_one_graph_with_the_kernel_inside():
     torch._dynamo.reset()
 
 
+@needs_native
+def test_native_cache_key_covers_the_shared_header(tmp_path, monkeypatch):
+    """A library is rebuilt when csrc/simd.h changes, not only when its own source does."""
+    import shutil
+
+    from rwkvforge import native
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(native.CSRC, csrc)
+    monkeypatch.setattr(native, "CSRC", csrc)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    built = tmp_path / "cache" / "rwkvforge"
+    native.load.cache_clear()
+    try:
+        assert native.load("softmax_cpu") is not None
+        first = {p.name for p in built.glob("softmax_cpu-*.so")}
+        native.load.cache_clear()
+        assert native.load("softmax_cpu") is not None  # unchanged: the cached library
+        assert {p.name for p in built.glob("softmax_cpu-*.so")} == first
+        with open(csrc / "simd.h", "a") as f:
+            f.write("/* changed */\n")
+        native.load.cache_clear()
+        assert native.load("softmax_cpu") is not None
+        now = {p.name for p in built.glob("softmax_cpu-*.so")}
+        assert len(first) == 1 and len(now) == 2 and first < now
+    finally:
+        native.load.cache_clear()  # later calls load the package's own sources again
+
+
 _NO_OPENMP_PROBE = """
 import sys, torch
 from rwkvforge.model import wkv as W

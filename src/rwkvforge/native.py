@@ -10,9 +10,9 @@ the same results. They are:
 * ``softmax_cpu``: the training head's row softmax of bf16 logits (used by train.py).
 
 The compiler is ``$CC`` (else ``cc``); the library goes to ``$XDG_CACHE_HOME/rwkvforge`` (else
-``~/.cache/rwkvforge``) under a name hashing the source, the flags and the compiler, written
-to a temp name and renamed (concurrent processes never load a half-written file). x86-64
-builds carry AVX-512 / AVX2 / baseline clones picked at load time, so a cached library is
+``~/.cache/rwkvforge``) under a name hashing the source with the shared headers
+(``csrc/*.h``), the flags and the compiler, written to a temp name and renamed (concurrent
+processes never load a half-written file). x86-64 builds carry AVX-512 / AVX2 / baseline clones picked at load time, so a cached library is
 safe on any CPU. A source with optional flags (``-fopenmp``) that the compiler rejects is
 built without them, and the rejection is cached too (``<name>-<key>.failed``), so later
 processes do not run the failing build again. ``RWKVFORGE_NATIVE=0`` turns all of them off.
@@ -95,9 +95,11 @@ def load(name: str) -> ctypes.CDLL | None:
         return None
     src = CSRC / f"{name}.c"
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or "cc"]
+    # the source and the headers it may include (csrc/simd.h): a change to either rebuilds
+    code = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))
     error: Exception | None = None
     for flags in dict.fromkeys((FLAGS + OPTIONAL_FLAGS.get(name, ()), FLAGS)):
-        key = hashlib.sha256(src.read_bytes() + " ".join([*cc, *flags]).encode()
+        key = hashlib.sha256(code + " ".join([*cc, *flags]).encode()
                              + platform.machine().encode()).hexdigest()[:16]
         lib_path = cache_dir() / f"{name}-{key}.so"
         # optional flags this compiler rejected once (no OpenMP) are not tried again by every

@@ -17,30 +17,7 @@
  * and P to one bf16 step of torch's fp32 softmax. Built with -fopenmp the rows are split over
  * an OpenMP team (torch's own when torch is loaded, see wkv_cpu.c).
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef v16h v16hu __attribute__((aligned(2)));
-typedef v16 v16fu __attribute__((aligned(4)));
-
-ALWAYS_INLINE v16 widen(const uint16_t *p) { /* 16 bf16 -> fp32 */
-    const v16u u = __builtin_convertvector(*(const v16hu *)p, v16u) << 16;
-    v16 f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+#include "simd.h"
 
 ALWAYS_INLINE void narrow(uint16_t *p, v16 f) { /* 16 fp32 -> bf16, round to nearest even */
     v16u u;

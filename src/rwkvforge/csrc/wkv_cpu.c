@@ -32,29 +32,17 @@
  * kernel runs on the threads torch's ops just used (they spin-wait for the next parallel
  * region; threads of our own would compete with them for the cores).
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "simd.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
 #define N 64
 #define NN (N * N)
 #define NV (N / 16) /* vectors per row */
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4))); /* unaligned access */
-#define LD(p) (*(const v16u *)(p))
-#define STO(p, x) (*(v16u *)(p) = (x))
+#define LD(p) (*(const v16fu *)(p))
+#define STO(p, x) (*(v16fu *)(p) = (x))
 
 ALWAYS_INLINE float hsum(v16 x) {
 #if defined(__GNUC__) && !defined(__clang__)
-    typedef int v16i __attribute__((vector_size(64)));
     x += __builtin_shuffle(x, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
     x += __builtin_shuffle(x, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
     x += __builtin_shuffle(x, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
@@ -105,7 +93,6 @@ ALWAYS_INLINE void step(const float *ST, float *DT, const float *restrict r,
  * tree: 15 two-vector shuffles + adds per level pair instead of 16 separate reductions) */
 ALWAYS_INLINE void hsum16(const v16 *restrict x, float *restrict out) {
 #if defined(__GNUC__) && !defined(__clang__)
-    typedef int v16i __attribute__((vector_size(64)));
     v16 l1[8], l2[4], l3[2];
     /* level 1: lanes 0-7 <- x[2m] halves added, lanes 8-15 <- x[2m+1] halves added */
     const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
@@ -142,13 +129,9 @@ ALWAYS_INLINE void hsum16(const v16 *restrict x, float *restrict out) {
 ALWAYS_INLINE const float *in_vec(const void *p, int64_t o, int64_t bf16,
                                   float *restrict tmp) {
     if (!bf16) return (const float *)p + o;
-    typedef uint16_t v16h __attribute__((vector_size(32), aligned(2)));
-    typedef uint32_t v16w __attribute__((vector_size(64)));
     const uint16_t *src = (const uint16_t *)p + o;
-    for (int q = 0; q < NV; q++) { /* whole-vector stores: later vector loads forward */
-        const v16w u = __builtin_convertvector(*(const v16h *)(src + 16 * q), v16w) << 16;
-        STO(tmp + 16 * q, (v16)u);
-    }
+    for (int q = 0; q < NV; q++) /* whole-vector stores: later vector loads forward */
+        STO(tmp + 16 * q, widen(src + 16 * q));
     return tmp;
 }
 
