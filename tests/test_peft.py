@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rwkvforge import peft as P
+from rwkvforge import merge as M
 from rwkvforge.checkpoint import load_adapter, model_from_state_dict, save_adapter
 
 IDX = torch.randint(0, 65536, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -98,7 +99,7 @@ def test_export_merges_into_original_base(tiny_model, init, dora):
     if init == "pissa":
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
         assert tensors["base_model.model.blocks.0.att.key.lora_A.weight"].shape[0] == 8
-    merged = P.merge_state_dict(base_sd, cfg, tensors)
+    merged = M.merge_state_dict(base_sd, M.adapter_from_peft(cfg, tensors), torch.float32)
     torch.testing.assert_close(_logits(model_from_state_dict(merged)), trained,
                                atol=2e-4, rtol=1e-4)
 
@@ -188,8 +189,8 @@ def test_merge_refuses_non_finite_and_wrong_base(tiny_model):
     bad = dict(tensors)
     k = next(k for k in bad if k.endswith("lora_B.weight"))
     bad[k] = torch.full_like(bad[k], float("nan"))
-    with pytest.raises(P.AdapterError, match="NaN"):
-        P.merge_state_dict(base_sd, cfg, bad)
+    with pytest.raises(M.NonFiniteError, match="NaN"):
+        M.merge_state_dict(base_sd, M.adapter_from_peft(cfg, bad), torch.float32)
     small = {k: v for k, v in base_sd.items() if not k.startswith("blocks.1.")}
-    with pytest.raises(P.AdapterError, match="base has no"):
-        P.merge_state_dict(small, cfg, tensors)
+    with pytest.raises(M.MergeError, match="the base has only 1 layers"):
+        M.merge_state_dict(small, M.adapter_from_peft(cfg, tensors), torch.float32)

@@ -239,7 +239,17 @@ def _load_peft_folder(folder: Path, alpha, rank) -> Adapter:
     wpath = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
     if wpath is None:
         raise MergeError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)} next to {ADAPTER_CONFIG}.")
-    src = str(folder)
+    return adapter_from_peft(cfg, _read_tensors(wpath), alpha, rank, str(folder),
+                             str(cfg_path), str(wpath))
+
+
+def adapter_from_peft(cfg: dict, tensors: dict[str, torch.Tensor], alpha=None, rank=None,
+                      source: str = "adapter", cfg_name: str = ADAPTER_CONFIG,
+                      weights_name: str = "adapter weights") -> Adapter:
+    """An Adapter from a PEFT LoraConfig dict and its tensors (the contents of a PEFT folder,
+    e.g. straight from `peft.export_adapter`). `cfg_name` / `weights_name` name them in
+    errors."""
+    cfg_path, wpath, src = cfg_name, weights_name, source
     ptype = str(cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise MergeError(f"{cfg_path}: peft_type={ptype}; only LORA adapters (LoRA, rsLoRA, "
@@ -265,7 +275,7 @@ def _load_peft_folder(folder: Path, alpha, rank) -> Adapter:
     if rank is not None and int(rank) != r_cfg and not cfg.get("rank_pattern"):
         raise MergeError(f"--rank {rank} disagrees with {cfg_path} (r={r_cfg}). Drop --rank.")
     rslora = bool(cfg.get("use_rslora", False))
-    parts, other = _collect(_read_tensors(wpath), f"{wpath}")
+    parts, other = _collect(tensors, f"{wpath}")
     if not parts:
         raise MergeError(f"{wpath}: no lora_A / lora_B tensors found.")
     factors = {}

@@ -28,14 +28,13 @@ would bake the quantisation error into the residual).
 Export layout (PEFT): `adapter_config.json` (a LoraConfig) + `adapter_model.safetensors`
 with keys `base_model.model.blocks.N.<target>.lora_A.weight` / `.lora_B.weight`
 (/ `.lora_magnitude_vector` for DoRA) and, for TRAIN_PARTS, whole replacement tensors under
-`base_model.model.<BlinkDL key>`. `merge_state_dict` is the reference merge of that layout
-into a BlinkDL state dict.
+`base_model.model.<BlinkDL key>`. `rwkvforge.merge` reads that layout (`adapter_from_peft`
+for the in-memory pair `export_adapter` returns) and merges it into a BlinkDL state dict.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable
@@ -335,60 +334,6 @@ def _pissa_to_lora(cur: dict[str, torch.Tensor], init: dict[str, torch.Tensor]
     return out
 
 
-# ----------------------------------------------------------------------------- merging
-def merge_state_dict(base_sd: dict[str, torch.Tensor], adapter_config: dict,
-                     tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference merge: W' = W + (alpha / r) B A for every adapted Linear (DoRA: rescaled to
-    the trained column norms), whole TRAIN_PARTS tensors replace the base ones. Returns a
-    new BlinkDL state dict in the base dtypes; refuses non-finite results."""
-    r = int(adapter_config["r"])
-    alpha = float(adapter_config["lora_alpha"])
-    if adapter_config.get("use_rslora"):
-        scale = alpha / math.sqrt(r)
-    else:
-        scale = alpha / r
-    out = dict(base_sd)
-    done = set()
-    for k, v in tensors.items():
-        if not k.startswith(PEFT_PREFIX):
-            raise AdapterError(f"adapter tensor {k!r} lacks the {PEFT_PREFIX!r} prefix: not a "
-                               "PEFT-layout adapter.")
-        name = k[len(PEFT_PREFIX):]
-        if ".lora_A." in name or ".lora_B." in name or name.endswith("lora_magnitude_vector"):
-            mod = name.split(".lora_")[0]
-            if mod in done:
-                continue
-            done.add(mod)
-            key = mod + ".weight"
-            if key not in base_sd:
-                raise AdapterError(f"adapter targets {mod} but the base has no {key}.")
-            A = tensors[f"{PEFT_PREFIX}{mod}.lora_A.weight"].float()
-            B = tensors[f"{PEFT_PREFIX}{mod}.lora_B.weight"].float()
-            W = base_sd[key].float()
-            if (B.shape[0], A.shape[1]) != tuple(W.shape):
-                raise AdapterError(f"{mod}: adapter B@A is {(B.shape[0], A.shape[1])}, base "
-                                   f"weight is {tuple(W.shape)}: wrong base model?")
-            W2 = W + scale * (B @ A)
-            mag = tensors.get(f"{PEFT_PREFIX}{mod}.lora_magnitude_vector")
-            if mag is not None:
-                # DoRA: W' = m * (W + s B A) / ||W + s B A||_row (norm over input dim)
-                W2 = W2 * (mag.float() / W2.norm(p=2, dim=1)).unsqueeze(1)
-            out[key] = W2.to(base_sd[key].dtype)
-        else:
-            if name not in base_sd:
-                raise AdapterError(f"adapter tensor {name} has no counterpart in the base "
-                                   "model: wrong base model?")
-            if tuple(v.shape) != tuple(base_sd[name].shape):
-                raise AdapterError(f"{name}: adapter shape {tuple(v.shape)} != base "
-                                   f"{tuple(base_sd[name].shape)}.")
-            out[name] = v.to(base_sd[name].dtype)
-    for k in done:
-        if not torch.isfinite(out[k + ".weight"]).all():
-            raise AdapterError(f"merged {k}.weight has NaN/Inf: the adapter is broken "
-                               "(diverged training?); refusing to write it.")
-    return out
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; bitsandbytes 4-bit weights counted unpacked."""
     trainable = total = 0
@@ -407,5 +352,5 @@ __all__ = [
     "parse_targets", "parse_train_parts", "target_regex", "target_module_names",
     "train_part_of", "quantized_linear", "quantize_linears", "lora_config", "apply_adapter",
     "unwrap", "trainable_state", "load_trainable_state", "lora_tensors", "export_adapter",
-    "merge_state_dict", "count_parameters",
+    "count_parameters",
 ]

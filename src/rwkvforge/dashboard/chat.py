@@ -1,8 +1,8 @@
 """The Chat page's engine: load a base / merged .pth (optionally + a run's adapter) into the
 built-in generator (rwkvforge.generate.Engine) and answer one prompt.
 
-Adapters are merged into the base weights in memory by rwkvforge.peft.merge_state_dict (the
-same reference merge `rwkvforge merge` verifies against); the dashboard never writes a file.
+Adapters are merged into the base weights in memory, in fp32, by rwkvforge.merge (the merge
+`rwkvforge merge` writes and verifies); the dashboard never writes a file.
 
     python -c "from rwkvforge.dashboard.chat import *; \
 e = load_engine(Path('models/base/rwkv7-tiny-demo.pth')); print(answer(e, ChatRequest('', 'Hi')))"
@@ -40,23 +40,20 @@ class ChatAnswer:
 
 
 def _with_adapter(model_path: Path, adapter_dir: Path) -> Any:
-    """Base model + a PEFT-layout adapter folder, merged in memory (rwkvforge.peft's
-    reference merge); nothing is written."""
-    import json
-
-    from safetensors.torch import load_file
+    """Base model + a PEFT-layout adapter folder, merged in memory in fp32 (as `rwkvforge
+    merge --dtype fp32` would write it); nothing is written."""
+    import torch
 
     from rwkvforge.checkpoint import load_state_dict, model_from_state_dict
-    from rwkvforge.peft import merge_state_dict
+    from rwkvforge.merge import load_adapter, merge_state_dict
 
-    cfg_path = adapter_dir / "adapter_config.json"
-    weights = adapter_dir / "adapter_model.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} not found: {adapter_dir} is not a complete adapter "
-                                    "(adapter_config.json + adapter_model.safetensors)")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    merged = merge_state_dict(load_state_dict(model_path), config, load_file(str(weights)))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (adapter_dir / name).is_file():
+            raise FileNotFoundError(f"{adapter_dir / name} not found: {adapter_dir} is not a "
+                                    "complete adapter (adapter_config.json + "
+                                    "adapter_model.safetensors)")
+    merged = merge_state_dict(load_state_dict(model_path), load_adapter(adapter_dir),
+                              torch.float32, "fp32")
     return model_from_state_dict(merged, source=f"{model_path} + {adapter_dir}")
 
 
