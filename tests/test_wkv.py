@@ -254,9 +254,10 @@ def test_native_builds_without_openmp_once_and_gives_the_same_results(tmp_path):
     rejection is cached, so a second process does not run the failing build again."""
     log = tmp_path / "cc.log"
     cc = tmp_path / "cc-no-openmp"
+    real_cc = os.environ.get("CC") or "cc"  # the compiler this process's build used
     cc.write_text('#!/bin/sh\necho "$*" >> "%s"\n'
                   'case " $* " in *" -fopenmp "*) echo "no OpenMP here" >&2; exit 1;; esac\n'
-                  'exec cc "$@"\n' % log)
+                  'exec %s "$@"\n' % (log, real_cc))
     cc.chmod(0o755)
     torch.save(_inputs(B=2, T=37, H=3, N=64, seed=4), tmp_path / "in.pt")
     env = {**os.environ, "CC": str(cc), "XDG_CACHE_HOME": str(tmp_path / "cache")}
