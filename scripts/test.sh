@@ -30,6 +30,7 @@ apt_install() {
 }
 apt_install shellcheck shellcheck
 apt_install chromium chromium
+apt_install clang clang  # the C kernels are also built and checked with clang
 # A CJK font so the Chinese dashboard screenshots show characters, not boxes.
 [[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]] || apt_install fc-cjk-font-missing fonts-wqy-microhei
 

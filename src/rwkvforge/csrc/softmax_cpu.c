@@ -69,9 +69,12 @@ ALWAYS_INLINE float hsum(v16 x) {
     return s;
 }
 
-/* rows r0 .. r1 - 1 of x (n, V) bf16, V a multiple of 16. Returns 0 or -1 (out of memory). */
-CLONES static int32_t rows(int64_t V, uint16_t *x, float *mx, float *sm, int64_t r0,
-                           int64_t r1) {
+/* rows r0 .. r1 - 1 of x (n, V) bf16, V a multiple of 16. Returns 0 or -1 (out of memory).
+ * Inlined into the clones below: clang rejects passing 64-byte vectors by value in a
+ * function that has AVX2 but not AVX-512 (the avx2 clone), even to always-inline helpers,
+ * and this body, having no target of its own, is not checked that way. */
+ALWAYS_INLINE int32_t rows_body(int64_t V, uint16_t *x, float *mx, float *sm, int64_t r0,
+                                int64_t r1) {
     float *e = malloc((size_t)V * sizeof(float));
     if (!e) return -1;
     for (int64_t r = r0; r < r1; r++) {
@@ -97,6 +100,11 @@ CLONES static int32_t rows(int64_t V, uint16_t *x, float *mx, float *sm, int64_t
     }
     free(e);
     return 0;
+}
+
+CLONES static int32_t rows(int64_t V, uint16_t *x, float *mx, float *sm, int64_t r0,
+                           int64_t r1) {
+    return rows_body(V, x, mx, sm, r0, r1);
 }
 
 /* All n rows, split over `nthreads` (OpenMP when built with it, else one after the other).

@@ -41,20 +41,6 @@
 #define LD(p) (*(const v16fu *)(p))
 #define STO(p, x) (*(v16fu *)(p) = (x))
 
-ALWAYS_INLINE float hsum(v16 x) {
-#if defined(__GNUC__) && !defined(__clang__)
-    x += __builtin_shuffle(x, (v16i){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    x += __builtin_shuffle(x, (v16i){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    x += __builtin_shuffle(x, (v16i){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    x += __builtin_shuffle(x, (v16i){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    return x[0];
-#else
-    float s = 0.f;
-    for (int q = 0; q < 16; q++) s += x[q];
-    return s;
-#endif
-}
-
 /* one step on a key-major state: S' = S diag(w) + (S a) b^T + v k^T read from ST and written
  * to DT (the same buffer, or the next one when backward recomputes a segment); y = S' r (or
  * NULL) */
@@ -92,36 +78,29 @@ ALWAYS_INLINE void step(const float *ST, float *DT, const float *restrict r,
 /* the 16 sums of 16 vectors at once: out[m] = sum of the lanes of x[m] (a transposing add
  * tree: 15 two-vector shuffles + adds per level pair instead of 16 separate reductions) */
 ALWAYS_INLINE void hsum16(const v16 *restrict x, float *restrict out) {
-#if defined(__GNUC__) && !defined(__clang__)
     v16 l1[8], l2[4], l3[2];
     /* level 1: lanes 0-7 <- x[2m] halves added, lanes 8-15 <- x[2m+1] halves added */
-    const v16i lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    const v16i hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
     for (int m = 0; m < 8; m++)
-        l1[m] = __builtin_shuffle(x[2 * m], x[2 * m + 1], lo8) +
-                __builtin_shuffle(x[2 * m], x[2 * m + 1], hi8);
+        l1[m] = SHUFFLE2(x[2 * m], x[2 * m + 1], LO8) + SHUFFLE2(x[2 * m], x[2 * m + 1], HI8);
     /* level 2: 4-lane groups */
-    const v16i lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-    const v16i hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
     for (int m = 0; m < 4; m++)
-        l2[m] = __builtin_shuffle(l1[2 * m], l1[2 * m + 1], lo4) +
-                __builtin_shuffle(l1[2 * m], l1[2 * m + 1], hi4);
+        l2[m] = SHUFFLE2(l1[2 * m], l1[2 * m + 1], LO4) + SHUFFLE2(l1[2 * m], l1[2 * m + 1], HI4);
     /* level 3: 2-lane groups */
-    const v16i lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-    const v16i hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
     for (int m = 0; m < 2; m++)
-        l3[m] = __builtin_shuffle(l2[2 * m], l2[2 * m + 1], lo2) +
-                __builtin_shuffle(l2[2 * m], l2[2 * m + 1], hi2);
+        l3[m] = SHUFFLE2(l2[2 * m], l2[2 * m + 1], LO2) + SHUFFLE2(l2[2 * m], l2[2 * m + 1], HI2);
     /* level 4: single lanes */
-    const v16i lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-    const v16i hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-    const v16 s = __builtin_shuffle(l3[0], l3[1], lo1) + __builtin_shuffle(l3[0], l3[1], hi1);
+#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+    const v16 s = SHUFFLE2(l3[0], l3[1], LO1) + SHUFFLE2(l3[0], l3[1], HI1);
     /* lane order after the four levels: bit-reversed pairs (x0, x8, x4, x12, ...) -> undo */
     static const int order[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
     for (int m = 0; m < 16; m++) out[order[m]] = s[m];
-#else
-    for (int m = 0; m < 16; m++) out[m] = hsum(x[m]);
-#endif
 }
 
 /* the N inputs of one (t, head) at element offset o: fp32 in place, or bf16 widened into tmp
@@ -144,10 +123,10 @@ ALWAYS_INLINE void transpose(float *restrict dst, const float *restrict src) {
  * S (BH, N, N), value-major (row i = value i) as the API: initial state in, final out.
  * y (B, T, H, N). ckpt (BH, ceil(T/K), N, N) or NULL: the key-major state before steps 0, K,
  * 2K, ... (what backward needs). Returns 0, -1 (out of memory) or -2 (head size not 64). */
-CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
-                              const void *r, const float *w, const void *k, const void *v,
-                              const void *a, const void *b, float *S, float *y, float *ckpt,
-                              int64_t bh0, int64_t bh1) {
+CLONES static int32_t forward_heads(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
+                                    const void *r, const float *w, const void *k,
+                                    const void *v, const void *a, const void *b, float *S,
+                                    float *y, float *ckpt, int64_t bh0, int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
     float *ST = malloc(NN * sizeof(float));
@@ -182,13 +161,14 @@ CLONES int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_
  * dy_t r_t^T on the fly (the update left over from step t + 1), together with
  * da_{t+1} = S_t^T dsa_{t+1} and the step's own dr, dk, db, dw, dsa, dv. The segment's
  * states are recomputed value-major from the (key-major) checkpoint, keeping each S a. */
-CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
-                               const void *r, const float *restrict w, const void *k,
-                               const void *v, const void *a, const void *b,
-                               const float *restrict ckpt, const float *restrict dy,
-                               float *restrict dS, float *restrict dr, float *restrict dw,
-                               float *restrict dk, float *restrict dv, float *restrict da,
-                               float *restrict db, int64_t bh0, int64_t bh1) {
+CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
+                                     const void *r, const float *restrict w, const void *k,
+                                     const void *v, const void *a, const void *b,
+                                     const float *restrict ckpt, const float *restrict dy,
+                                     float *restrict dS, float *restrict dr,
+                                     float *restrict dw, float *restrict dk,
+                                     float *restrict dv, float *restrict da,
+                                     float *restrict db, int64_t bh0, int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
     float *buf = aligned_alloc(64, (size_t)((K + 1) * NN + K * N) * sizeof(float));
@@ -301,6 +281,24 @@ CLONES int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64
     return 0;
 }
 
+/* The exported entry points. The clones are static functions behind them: clang 14 names a
+ * target_clones function's dispatcher "<name>.ifunc" and exports no plain <name>. */
+int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16, const void *r,
+                       const float *w, const void *k, const void *v, const void *a,
+                       const void *b, float *S, float *y, float *ckpt, int64_t bh0,
+                       int64_t bh1) {
+    return forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt, bh0, bh1);
+}
+
+int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
+                        const void *r, const float *w, const void *k, const void *v,
+                        const void *a, const void *b, const float *ckpt, const float *dy,
+                        float *dS, float *dr, float *dw, float *dk, float *dv, float *da,
+                        float *db, int64_t bh0, int64_t bh1) {
+    return backward_heads(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS, dr, dw, dk, dv, da,
+                          db, bh0, bh1);
+}
+
 /* 1 when built with OpenMP: the _par entry points below run in parallel (else serially) */
 int32_t rf_wkv_openmp(void) {
 #ifdef _OPENMP
@@ -320,8 +318,8 @@ int32_t rf_wkv_forward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t b
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
-        const int32_t e = rf_wkv_forward(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt,
-                                         BH * i / nthreads, BH * (i + 1) / nthreads);
+        const int32_t e = forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt,
+                                        BH * i / nthreads, BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }
     return rc;
@@ -337,9 +335,9 @@ int32_t rf_wkv_backward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t 
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
-        const int32_t e = rf_wkv_backward(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS,
-                                          dr, dw, dk, dv, da, db, BH * i / nthreads,
-                                          BH * (i + 1) / nthreads);
+        const int32_t e = backward_heads(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS,
+                                         dr, dw, dk, dv, da, db, BH * i / nthreads,
+                                         BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }
     return rc;
