@@ -17,7 +17,8 @@ AVX-512 / AVX2 / baseline clones picked at load time, so a cached library is saf
 (both compilers are tested; an older clang builds the baseline only, and the WKV kernel then
 runs no faster than the torch fallback). A source with optional flags (``-fopenmp``) that
 the compiler rejects is built without them, and the rejection is cached too
-(``<name>-<key>.failed``), so later processes do not run the failing build again. ``RWKVFORGE_NATIVE=0`` turns all of them off.
+(``<name>-<key>.failed``), so later processes do not run the failing build again.
+``RWKVFORGE_NATIVE=0`` turns all of them off.
 
     python -m rwkvforge.native          # build them all and print their status
 """
