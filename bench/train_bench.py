@@ -23,9 +23,9 @@ gradient) over the N weights used per token (block matmuls, small projections an
 65536-way head), plus the WKV recurrence and the adapters.
 
 The peak is what bf16 matmuls reach on this machine with the same thread count. On this
-shared 2-core VM that is not one number: a 1 s loop of 2048 x 2048 matmuls sustains 690-750
-GFLOP/s most of the time, and in bursts of a fraction of a second single matmuls run at up
-to ~2100 GFLOP/s (a burst window sustained ~1200). So our worker runs a window of 2048^2
+shared 2-core VM that is not one number: a 1 s loop of 2048 x 2048 matmuls sustained anywhere
+from ~650 to ~2200 GFLOP/s on 2026-11-22, in stretches from under a second to minutes at
+either level, and single matmuls reached ~2500. So our worker runs a window of 2048^2
 matmuls as long as a step right before the first timed step and right after each one, and
 each timed step gets three figures, each printed as the median over the steps:
   1. against the rate sustained over the higher of its two windows (the target's figure:
@@ -35,6 +35,9 @@ each timed step gets three figures, each printed as the median over the steps:
      1024-3072 probes before and after our runs). Printed beside it: the same scale applied
      to the windows themselves, i.e. what a pure matmul loop would score, which shows how
      far a burst sets that bar above anything sustained.
+A step's non-matmul work (the WKV recurrence, the fused element-wise kernels, ~0.25-0.35 s
+of a 0.5-1 s step here) does not speed up when the matmuls do, so every MFU figure is lower
+while the machine is in a fast phase: compare runs by the windows' rates they print.
 
 Targets (issue 5): >= 5x rwkvtune's tokens/s, MFU >= 40%. A busy machine (see the load
 average printed) lowers every number.
