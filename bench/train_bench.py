@@ -350,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     in_run = max(p for r in ours_runs.values() for p in r["step_peaks"])
     print(f"fastest single bf16 matmul in the windows around our timed steps: "
           f"{in_run / 1e9:.1f} GFLOP/s")
+    for which, r in ours_runs.items():
+        sus = sorted(r["step_sustained"])
+        print(f"  {which}: the windows sustained {sus[len(sus) // 2] / 1e9:.0f} GFLOP/s "
+              f"(median; {sus[0] / 1e9:.0f}-{sus[-1] / 1e9:.0f})")
     peak = {k: max(peak[k], after[k]) for k in peak}
     peak["bf16"] = max(peak["bf16"], in_run)
     peer = {"error": "not run (--no-peer)"}
