@@ -101,6 +101,14 @@ ALWAYS_INLINE void hsum16(const v16 *restrict x, float *restrict out) {
     /* lane order after the four levels: bit-reversed pairs (x0, x8, x4, x12, ...) -> undo */
     static const int order[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
     for (int m = 0; m < 16; m++) out[order[m]] = s[m];
+#undef LO8
+#undef HI8
+#undef LO4
+#undef HI4
+#undef LO2
+#undef HI2
+#undef LO1
+#undef HI1
 }
 
 /* the N inputs of one (t, head) at element offset o: fp32 in place, or bf16 widened into tmp

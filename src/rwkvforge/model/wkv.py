@@ -18,7 +18,8 @@ chunked form below stable in fp32.
   recomputed in reverse), registered as torch custom ops so torch.compile traces through it.
   On 2 CPU cores at T=512, 12 heads, bf16 inputs: forward + backward 13-15 ms per layer vs
   43-48 ms for `wkv_chunked` (medians and minima of two runs of bench/wkv_bench.py; the VM's
-  speed varies), and 2.3x (bf16) / 3.7x (fp32) fewer bytes kept for backward (memory.py). `auto` picks it on CPU when it builds, else `wkv_chunked`.
+  speed varies), and 2.3x (bf16) / 3.7x (fp32) fewer bytes kept for backward (memory.py).
+  `auto` picks it on CPU when it builds, else `wkv_chunked`.
 - `wkv_fla`: flash-linear-attention's Triton kernels on CUDA, imported only when asked for on
   a CUDA tensor (the CPU path never imports triton).
 
