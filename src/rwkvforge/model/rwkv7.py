@@ -88,6 +88,22 @@ def _call(x, module, keep=False):
     return module(x)
 
 
+def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The previous token's x for every position: (B,T,C), with `shift` (B,C) before the first.
+
+    Eager: a `cat`. Traced by torch.compile: `roll` + `where`, the same values. Inductor turns
+    the cat's boundary (and its backward, a slice of the next row) into masked vector loads,
+    which ATen's CPU vector code emulates element by element: in the fused time-mix and
+    channel-mix backward kernels (layer-norm backward + shift backward) that made those two
+    kernels ~4x slower than the same kernels with plain loads, ~25 ms of a 0.1B step at ctx 512
+    (bench/train_bench.py, COMPILE=1). Eager, roll + where costs ~3x the cat, so it is not used
+    there."""
+    if torch.compiler.is_compiling():
+        first = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) == 0
+        return torch.where(first, shift.to(x.dtype).unsqueeze(1), torch.roll(x, 1, dims=1))
+    return torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+
+
 def _vec(C: int) -> nn.Parameter:
     return nn.Parameter(torch.zeros(1, 1, C))
 
@@ -129,8 +145,7 @@ class TimeMix(nn.Module):
         `lin(x, module)` applies one of the big Linears (lets inference swap in bf16 copies)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)  # (B,T,C)
-        xx = prev - x
+        xx = token_shift(x, shift) - x  # (B,T,C)
         if self.fused_inference and not torch.is_grad_enabled():
             # inference (prefill): the same maths in fewer passes over (B,T,C) tensors. Not
             # used with autograd: one stacked (6,B,T,C) mix would keep all six alive for
@@ -190,8 +205,7 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
     def forward(self, x, shift, lin=_call):
-        prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
-        k = torch.addcmul(x, prev - x, self.x_k)
+        k = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)
         k = lin(k, self.key, True)
         k = torch.relu(k).square() if torch.is_grad_enabled() else k.relu_().square_()
         return lin(k, self.value, True), x[:, -1].float()
