@@ -91,13 +91,13 @@ def _call(x, module, keep=False):
 def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """The previous token's x for every position: (B,T,C), with `shift` (B,C) before the first.
 
-    Eager: a `cat`. Traced by torch.compile: `roll` + `where`, the same values. Inductor turns
-    the cat's boundary (and its backward, a slice of the next row) into masked vector loads,
-    which ATen's CPU vector code emulates element by element: in the fused time-mix and
-    channel-mix backward kernels (layer-norm backward + shift backward) that made those two
-    kernels ~4x slower than the same kernels with plain loads, ~25 ms of a 0.1B step at ctx 512
-    (bench/train_bench.py, COMPILE=1). Eager, roll + where costs ~3x the cat, so it is not used
-    there."""
+    Eager: a `cat`. Traced by torch.compile: `roll` + `where`, the same values. Inductor's CPU
+    code turns the cat's boundary (and, in backward, the read of the next row) into masked
+    vector loads behind a per-vector branch; in the fused time-mix and channel-mix backward
+    kernels (layer-norm backward + shift backward) those loads made the two kernels ~4x slower
+    than with plain loads: 36 ms vs 9 ms of a compiled 0.1B step at ctx 512, ~20 ms less for
+    all of inductor's kernels together (torch profiler). Eager, roll + where costs ~3x the
+    cat, so it is not used there."""
     if torch.compiler.is_compiling():
         first = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) == 0
         return torch.where(first, shift.to(x.dtype).unsqueeze(1), torch.roll(x, 1, dims=1))
