@@ -35,7 +35,7 @@ each timed step gets three figures, each printed as the median over the steps:
      1024-3072 probes before and after our runs). Printed beside it: the same scale applied
      to the windows themselves, i.e. what a pure matmul loop would score, which shows how
      far a burst sets that bar above anything sustained.
-A step's non-matmul work (the WKV recurrence, the fused element-wise kernels, ~0.25-0.35 s
+A step's non-matmul work (the WKV recurrence, the fused element-wise kernels, ~0.2-0.35 s
 of a 0.5-1 s step here) does not speed up when the matmuls do, so every MFU figure is lower
 while the machine is in a fast phase: compare runs by the windows' rates they print.
 
