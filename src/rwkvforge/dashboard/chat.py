@@ -41,19 +41,15 @@ class ChatAnswer:
 
 def _with_adapter(model_path: Path, adapter_dir: Path) -> Any:
     """Base model + a PEFT-layout adapter folder, merged in memory in fp32 (as `rwkvforge
-    merge --dtype fp32` would write it); nothing is written."""
+    merge --dtype fp32` would write it); nothing is written. An incomplete folder raises
+    merge.load_adapter's MergeError (which file is missing, what to pass instead)."""
     import torch
 
     from rwkvforge.checkpoint import load_state_dict, model_from_state_dict
     from rwkvforge.merge import load_adapter, merge_state_dict
 
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (adapter_dir / name).is_file():
-            raise FileNotFoundError(f"{adapter_dir / name} not found: {adapter_dir} is not a "
-                                    "complete adapter (adapter_config.json + "
-                                    "adapter_model.safetensors)")
-    merged = merge_state_dict(load_state_dict(model_path), load_adapter(adapter_dir),
-                              torch.float32, "fp32")
+    adapter = load_adapter(adapter_dir)  # first: a bad folder fails before the base loads
+    merged = merge_state_dict(load_state_dict(model_path), adapter, torch.float32, "fp32")
     return model_from_state_dict(merged, source=f"{model_path} + {adapter_dir}")
 
 
