@@ -252,15 +252,16 @@ def _summary(times, losses, d, warmup, cfg) -> dict:
             / sum(timed), "first_loss": losses[0], "losses": losses, "model": cfg}
 
 
+def median(xs) -> float:
+    """The middle value (the upper one of an even count)."""
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
 def mfu_figures(r: dict, flops_per_token: float, run_best: float) -> dict:
     """The MFU figures of one of our runs (see the module doc), each a median over its timed
     steps. Window j is the one right before step j, window j + 1 the one right after it."""
     sus, fast, f = r["step_sustained"], r["step_peaks"], r["tokens_per_step"] * flops_per_token
-
-    def median(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2]
-
     per_step = [f / t / max(sus[j], sus[j + 1]) for j, t in enumerate(r["step_s"])]
     return {"mfu": median(per_step), "mfu_per_step": per_step,
             "mfu_vs_fastest_matmul": median(f / t / max(fast[j], fast[j + 1])
@@ -351,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastest single bf16 matmul in the windows around our timed steps: "
           f"{in_run / 1e9:.1f} GFLOP/s")
     for which, r in ours_runs.items():
-        sus = sorted(r["step_sustained"])
-        print(f"  {which}: the windows sustained {sus[len(sus) // 2] / 1e9:.0f} GFLOP/s "
-              f"(median; {sus[0] / 1e9:.0f}-{sus[-1] / 1e9:.0f})")
+        sus = r["step_sustained"]
+        print(f"  {which}: the windows sustained {median(sus) / 1e9:.0f} GFLOP/s "
+              f"(median; {min(sus) / 1e9:.0f}-{max(sus) / 1e9:.0f})")
     peak = {k: max(peak[k], after[k]) for k in peak}
     peak["bf16"] = max(peak["bf16"], in_run)
     peer = {"error": "not run (--no-peer)"}
