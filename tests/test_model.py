@@ -300,3 +300,28 @@ def test_token_shift_compiled_form_matches_the_cat(T):
         for a, b in zip(got, want):
             assert a.dtype == b.dtype and torch.equal(a, b)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_token_shift_bench_runs_and_restores_the_model_code(capsys):
+    """bench/token_shift_bench.py (the source of token_shift's figure) times both compiled
+    forms and leaves rwkv7.token_shift as it found it."""
+    import importlib.util
+    from pathlib import Path
+
+    from rwkvforge.model import rwkv7
+
+    before = rwkv7.token_shift
+    path = Path(__file__).resolve().parents[1] / "bench" / "token_shift_bench.py"
+    spec = importlib.util.spec_from_file_location("token_shift_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch._dynamo.reset()
+    try:
+        assert bench.main(["--reps", "2", "--ctx-len", "16", "--n-embd", "128"]) == 0
+    finally:
+        torch._dynamo.reset()
+    out = capsys.readouterr().out
+    assert "roll + where  min" in out and "cat           min" in out
+    assert "x as fast as cat (medians)" in out
+    assert rwkv7.token_shift is before

@@ -1,0 +1,92 @@
+"""One compiled RWKV-7 block, forward + backward, on the CPU: the token shift as
+`roll` + `where` (model/rwkv7.py's `token_shift` under torch.compile) against the `torch.cat`
+form it replaced, each compiled by inductor and called interleaved in one process on the same
+inputs. The figure in `token_shift`'s doc comes from here (and a torch profile of whole steps).
+
+    python bench/token_shift_bench.py                 # 0.1B shape (C=768), T=512, bf16
+    python bench/token_shift_bench.py --reps 40 --ctx-len 1024
+
+Like training (train.py): frozen bf16 weights under bf16 autocast, the gradient flowing back
+to the block's input; the WKV kernel is the C one when it builds (as `auto` picks on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+
+def cat_shift(x, shift):
+    """The form `token_shift` uses eagerly, and used under torch.compile before."""
+    import torch
+
+    return torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ctx-len", type=int, default=512)
+    ap.add_argument("--n-embd", type=int, default=768)
+    ap.add_argument("--reps", type=int, default=20, help="timed calls of each (after compiling)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from rwkvforge.model import rwkv7
+    from rwkvforge.model.rwkv7 import RWKV7, RWKV7Config
+    from rwkvforge.model.wkv import resolve_impl
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    m = RWKV7(RWKV7Config.suggested(2, args.n_embd, vocab_size=256))
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    m = m.to(torch.bfloat16).requires_grad_(False)
+    impl = resolve_impl("auto", torch.device("cpu"))
+    block = torch.compile(m.blocks[1])  # layer 1: with the v_first mix, like layers 1..L-1
+    x = torch.randn(1, args.ctx_len, args.n_embd, dtype=torch.bfloat16, requires_grad=True)
+    v_first = torch.randn(1, args.ctx_len, args.n_embd, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    state = m.init_state(1, torch.device("cpu"))[1]
+    forms = {"roll + where": rwkv7.token_shift, "cat": cat_shift}
+
+    def call(form) -> float:
+        rwkv7.token_shift = form  # the compiled block keeps one graph per form (a guard)
+        x.grad = None
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x, v_first, *state, impl, 16, m._lin)[0]
+        out.backward(dy)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name in forms}
+    try:
+        for form in forms.values():  # compile both first
+            call(form)
+            call(form)
+        for _ in range(args.reps):
+            for name, form in forms.items():
+                times[name].append(call(form))
+    finally:
+        rwkv7.token_shift = forms["roll + where"]
+    print(f"one compiled block, forward + backward: C={args.n_embd}, T={args.ctx_len}, bf16, "
+          f"WKV {impl}, {args.threads} threads, {args.reps} interleaved calls each")
+    for name, ts in times.items():
+        print(f"  {name:13s} min {min(ts) * 1e3:7.2f} ms   median "
+              f"{statistics.median(ts) * 1e3:7.2f} ms")
+    ratio = statistics.median(times["cat"]) / statistics.median(times["roll + where"])
+    print(f"  roll + where is {ratio:.2f}x as fast as cat (medians)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
