@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20, help="timed calls of each (after compiling)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args(argv)
+    if args.ctx_len < 2 or args.reps < 1 or args.threads < 1:
+        ap.error("--ctx-len must be >= 2 (a shift needs a previous token), --reps and "
+                 "--threads >= 1")
+    if args.n_embd < 64 or args.n_embd % 64:
+        ap.error(f"--n-embd {args.n_embd}: must be a positive multiple of 64 (heads of 64)")
 
     import torch
 
