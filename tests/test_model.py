@@ -304,7 +304,7 @@ def test_token_shift_compiled_form_matches_the_cat(T):
 
 @pytest.mark.slow
 def test_token_shift_bench_runs_and_restores_the_model_code(capsys):
-    """bench/token_shift_bench.py (the source of token_shift's figure) times both compiled
+    """bench/token_shift_bench.py (the source of token_shift's figures) times both compiled
     forms and leaves rwkv7.token_shift as it found it."""
     import importlib.util
     from pathlib import Path
@@ -318,10 +318,13 @@ def test_token_shift_bench_runs_and_restores_the_model_code(capsys):
     spec.loader.exec_module(bench)
     torch._dynamo.reset()
     try:
-        assert bench.main(["--reps", "2", "--ctx-len", "16", "--n-embd", "128"]) == 0
+        assert bench.main(["--reps", "2", "--ctx-len", "16", "--n-embd", "128",
+                           "--profile"]) == 0
     finally:
         torch._dynamo.reset()
+        torch._inductor.config.cpp.enable_kernel_profile = False
     out = capsys.readouterr().out
     assert "roll + where  min" in out and "cat           min" in out
     assert "x as fast as cat (medians)" in out
+    assert out.count(" kernels; slowest ") == 2  # --profile: both forms' fused kernels
     assert rwkv7.token_shift is before

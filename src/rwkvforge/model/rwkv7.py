@@ -93,11 +93,12 @@ def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
     Eager: a `cat`. Traced by torch.compile: `roll` + `where`, the same values. Inductor's CPU
     code turns the cat's boundary (and, in backward, the read of the next row) into masked
-    vector loads behind a per-vector branch; in the fused time-mix and channel-mix backward
-    kernels (layer-norm backward + shift backward) those loads made the two kernels ~4x slower
-    than with plain loads: 36 ms vs 9 ms of a compiled 0.1B step at ctx 512, ~20 ms less for
-    all of inductor's kernels together (torch profiler). Eager, roll + where costs ~3x the
-    cat, so it is not used there."""
+    vector loads behind a per-vector branch, which slowed the fused kernels that combine the
+    shift's backward with the layer-norm backward. bench/token_shift_bench.py --profile (one
+    compiled 0.1B-width LoRA block, ctx 512, three runs): inductor's kernels took 5.9-7.6 ms
+    per forward + backward against 8.5-11.8 ms with the cat; the whole block 0.91-1.08x the
+    cat's time, within this VM's noise. Eager, roll + where costs ~3x the cat, so it is not
+    used there."""
     if torch.compiler.is_compiling():
         first = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) == 0
         return torch.where(first, shift.to(x.dtype).unsqueeze(1), torch.roll(x, 1, dims=1))
