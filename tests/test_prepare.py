@@ -117,6 +117,9 @@ def test_split_repeat_shuffle_are_seeded(tmp_path):
 
 BAD_LINES = [
     ('{"text": "ok"', "invalid JSON"),
+    ('{"text": "tab\there"}', "Invalid control character at column 14: tabs and newlines"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("\ufeff{\"text\": \"joined\"}", "byte-order mark at the start of this line"),
     ('["a"]', "expected a JSON object, got list"),
     ('{"txt": "a"}', "missing field 'text' (found keys: txt)"),
     ('{"text": 5}', "field 'text' is int"),
@@ -159,6 +162,119 @@ def test_not_utf8_and_oversize_lines(tmp_path):
     assert f"{src}:2: not valid UTF-8 (byte 0xcf" in msg and "iconv" in msg
     assert f"{src}:3: line is 3013 bytes, over the" in msg and "--max-line-mb" in msg
     assert ":1:" not in msg and ":4:" not in msg
+
+
+@pytest.mark.parametrize("data, hint", [
+    ('{"text": "a"}\n'.encode("utf-16"), "looks like UTF-16"),
+    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff", "gzip-compressed"),
+    ("Процедура Тест()\n".encode("utf-8"), "must be JSON Lines"),
+])
+def test_wrong_file_kinds_get_their_own_hint(tmp_path, data, hint):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(data)
+    with pytest.raises(P.PrepareError, match=hint) as ei:
+        P.run(opts(tmp_path, src), log=quiet)
+    assert f"{src}:1: " in str(ei.value) and "cp1251" not in str(ei.value)
+
+
+def test_all_lines_rejected_says_why(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "plain text, not a chat"}] * 3)
+    with pytest.raises(P.PrepareError) as ei:
+        P.run(opts(tmp_path, src, "sft", skip_invalid=True), log=quiet)
+    msg = str(ei.value)
+    assert "no valid documents (3 rejected)" in msg
+    assert f"{src}:3: no SFT fields" in msg and "found keys: text" in msg
+
+
+def test_bad_inputs_and_options_are_named(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    for bad in (float("nan"), 0.0, -1.0):
+        with pytest.raises(P.PrepareError, match="--max-line-mb must be a positive"):
+            P.run(opts(tmp_path, src, max_line_mb=bad), log=quiet)
+    with pytest.raises(P.PrepareError, match="is a folder: give one JSONL file"):
+        P.run(opts(tmp_path, tmp_path), log=quiet)
+
+
+def test_cli_file_system_errors_and_prefix_forms(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    base = ["--input", str(src), "--type", "text", "--workers", "1", "--no-progress",
+            "--ctx-len", "16", "--val-fraction", "0"]
+    # the prefix's parent is a file: one line naming it, no traceback
+    assert P.main(base + ["--output-prefix", str(src / "sub" / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"prepare error: cannot read or write {src}") and "Traceback" not in err
+    # a data file's name stands for its prefix; a folder gets the input's name in it
+    assert P.main(base + ["--output-prefix", str(tmp_path / "a" / "x.bin")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.bin", "x.idx",
+                                                                  "x.meta.json"]
+    assert P.main(base + ["--output-prefix", str(tmp_path / "b") + "/"]) == 0
+    assert sha(tmp_path / "b" / "c.bin") == MAKE_DATA_BIN_SHA256
+
+
+def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / f"d.staging-{dead}.bin.tmp-{dead}", out / f"d.bin.tmp-{dead}",
+             out / f"d.meta.json.tmp-{dead}"]
+    live = [out / "d.bin.tmp-1", out / f"other.bin.tmp-{dead}"]  # pid 1 is alive
+    for p in stale + live:
+        p.write_bytes(b"x")
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    P.run(opts(tmp_path, src, ctx_len=16), log=quiet)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in live)
+
+
+def test_sigterm_leaves_no_temp_files(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "big.jsonl"
+    row = json.dumps({"text": "Процедура Тест() Экспорт " + "слово " * 200}, ensure_ascii=False)
+    src.write_text((row + "\n") * 40000, encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "rwkvforge.cli", "prepare", "--input",
+                             str(src), "--type", "text", "--output-prefix", str(out / "d"),
+                             "--workers", "1", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(out.glob("*.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "prepare finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert list(out.iterdir()) == []
+
+
+def test_top_level_system_with_messages(tmp_path):
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    src = write_jsonl(tmp_path / "s.jsonl", [{"system": "Ты эксперт 1С.", "messages": msgs}])
+    P.run(opts(tmp_path, src, "sft"), log=quiet)
+    tok = get_tokenizer()
+    assert tok.decode(BinIdxReader(tmp_path / "out/d")[0]).startswith(
+        "System: Ты эксперт 1С.\n\nUser: Q")
+    both = write_jsonl(tmp_path / "b.jsonl", [{"system": "S", "messages": [
+        {"role": "system", "content": "T"}, *msgs]}])
+    with pytest.raises(P.PrepareError, match="both a top-level 'system' field and a system"):
+        P.run(opts(tmp_path, both, "sft"), log=quiet)
+
+
+def test_masked_data_without_meta_refuses_to_load(tmp_path):
+    from rwkvforge.data.loader import open_split
+
+    src = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Q", "response": "A"}])
+    P.run(opts(tmp_path, src, "sft"), log=quiet)
+    assert open_split(tmp_path / "out/d").kind == "sft"
+    (tmp_path / "out/d.meta.json").unlink()  # what an interrupted publish could leave
+    with pytest.raises(ValueError, match="without its .meta.json: an interrupted"):
+        open_split(tmp_path / "out/d")
 
 
 def test_sft_formats_and_masks(tmp_path):
@@ -212,6 +328,13 @@ def test_dpo_pairs(tmp_path):
     tok = get_tokenizer()
     trained = [tok.decode(ids[i][mask[i] > 0]) for i in range(4)]
     assert trained == [" Для Каждого Стр Из Т Цикл КонецЦикла;", " Пока Истина Цикл", " Да", " Нет"]
+    # the "longer than CTX_LEN" note counts pairs (either answer), of the train split only
+    sizes = ids.sizes.reshape(2, 2)
+    ctx = int(sizes[0].max()) - 2  # pair 0 is longer only through its chosen answer
+    assert sizes[0].min() <= ctx + 1 < sizes[0].max()
+    meta = P.run(opts(tmp_path, src, "dpo", skip_invalid=True, ctx_len=ctx), log=quiet)
+    assert meta["longer_than_ctx"] == int((sizes > ctx + 1).any(axis=1).sum())
+    assert meta["longer_than_ctx"] <= 2
 
 
 def test_interrupted_run_leaves_no_dataset_or_temp(tmp_path, monkeypatch):

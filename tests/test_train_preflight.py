@@ -44,3 +44,25 @@ def test_run_that_cannot_fit_is_refused_then_forced(tmp_path: Path, tiny_model_p
     assert (root / "runs" / "forced" / "adapter" / "adapter_config.json").exists()
     log = (root / "runs" / "forced" / "train.log").read_text()
     assert "--force" in log
+
+
+@pytest.mark.slow
+def test_bad_data_prepared_by_train_fails_cleanly_and_the_name_stays_free(
+        tmp_path: Path, tiny_model_path: Path) -> None:
+    root = _ws(tmp_path, tiny_model_path)
+    data = root / "data" / "mine.jsonl"
+    good = "".join(f'{{"text": "line {i} of the corpus, long enough to train on"}}\n'
+                   for i in range(40))
+    data.write_text(good + '{"text": "broken\n', encoding="utf-8")
+    out = _train(root, tiny_model_path, "--data-file", str(data), "--data-type", "text",
+                 "--run-name", "mine")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"train error: preparing the data: 1 invalid line(s) in {data}" in out.stderr
+    assert f"{data}:41: invalid JSON" in out.stderr and "--skip-invalid" in out.stderr
+    assert [p.name for p in (root / "runs" / "mine").iterdir()] == ["train.log"]
+    data.write_text(good, encoding="utf-8")  # fixed: the same run name starts the run
+    out = _train(root, tiny_model_path, "--data-file", str(data), "--data-type", "text",
+                 "--run-name", "mine")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (root / "runs" / "mine" / "adapter" / "adapter_config.json").exists()

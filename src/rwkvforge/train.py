@@ -1584,12 +1584,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_rwkv_peft(res, root, run_dir, args.print_cmd)
         in_dist = "WORLD_SIZE" in os.environ
         if s.deepspeed_stage > 0 and not in_dist:  # DeepSpeed runs under its launcher
-            if not args.resume and run_dir.exists() and any(run_dir.iterdir()):
+            if not args.resume and _run_started(run_dir):
                 raise TrainError(f"{run_dir} already exists: pick another --run-name or "
                                  f"--resume {run_dir}.")
             return _launch_distributed(s, argv, run_dir.name)
         if not args.resume and int(os.environ.get("RANK", "0")) == 0 \
-                and run_dir.exists() and any(run_dir.iterdir()):
+                and _run_started(run_dir):
             raise TrainError(f"{run_dir} already exists: pick another --run-name, or continue "
                              f"it with --resume {run_dir}.")
         if pick_device(s.device).type == "cpu":
@@ -1606,12 +1606,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # noqa: BLE001 - errors from the model/adapter/data layers
         from rwkvforge.checkpoint import CheckpointError
+        from rwkvforge.data.prepare import PrepareError
         from rwkvforge.peft import AdapterError
 
+        if isinstance(e, PrepareError):  # training prepared the data itself (resolve_inputs)
+            print(f"train error: preparing the data: {e}\n(`rwkvforge prepare --input FILE "
+                  "--type TYPE --skip-invalid` prepares it without the bad lines; then train "
+                  "again)", file=sys.stderr)
+            return 2
         if isinstance(e, (CheckpointError, AdapterError)):
             print(f"train error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def _run_started(run_dir: Path) -> bool:
+    """True when `run_dir` holds a run: anything but the train.log of a start that failed
+    before the run began (bad data, a missing model), which a new start may append to."""
+    return run_dir.is_dir() and any(p.name != "train.log" for p in run_dir.iterdir())
 
 
 if __name__ == "__main__":

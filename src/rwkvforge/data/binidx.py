@@ -153,10 +153,14 @@ class BinIdxWriter:
 
     def abort(self) -> None:
         """Delete the temp files (after an error)."""
-        if not self._f.closed:
-            self._f.close()
-        self.bin_tmp.unlink(missing_ok=True)
-        self.idx_tmp.unlink(missing_ok=True)
+        try:
+            if not self._f.closed:
+                self._f.close()  # flushes: may fail again (a full disk)
+        except OSError:
+            pass
+        finally:
+            self.bin_tmp.unlink(missing_ok=True)
+            self.idx_tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "BinIdxWriter":
         return self

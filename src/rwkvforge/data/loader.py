@@ -157,7 +157,11 @@ class Split:
 def open_split(prefix_or_meta: str | Path, split: str = "train") -> Split | None:
     """The named split ("train" | "val") of prepared data; None when it has no such split."""
     prefix, meta = load_meta(prefix_or_meta)
-    if meta is None:  # bare binidx: text, all of it is "train"
+    if meta is None:  # bare binidx (e.g. RWKV-LM's make_data.py): text, all of it "train"
+        if Path(f"{prefix}.mask.idx").is_file() or Path(f"{prefix}.mask.bin").is_file():
+            raise ValueError(f"{prefix}: SFT / DPO data (it has a .mask) without its "
+                             f"{META_SUFFIX}: an interrupted `rwkvforge prepare`? Prepare "
+                             "it again")
         return Split(prefix, "text") if split == "train" else None
     info = (meta.get("splits") or {}).get(split)
     if not info or not info.get("documents"):

@@ -51,10 +51,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import glob
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
+import re
+import signal
 import sys
 import time
 from collections import deque
@@ -115,7 +119,9 @@ def record_to_messages(rec: dict) -> list[dict[str, str]]:
         msgs = rec["messages"]
         if not isinstance(msgs, list):
             raise ValueError(f"field 'messages' is {_typename(msgs)}, expected a list")
-        return msgs
+        if head and msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
+            raise ValueError("both a top-level 'system' field and a system message: keep one")
+        return head + msgs
     if "prompt" in rec or "response" in rec:
         return head + [{"role": "user", "content": _need_str(rec, "prompt")},
                        {"role": "assistant", "content": _need_str(rec, "response")}]
@@ -226,9 +232,12 @@ def parse_line(raw: bytes, lineno: int) -> Any:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
-                         f"{e.start} of the line): save the file as UTF-8, e.g. "
-                         "`iconv -f cp1251 -t utf-8 in.jsonl > out.jsonl`") from None
-    if lineno == 1 and line.startswith("\ufeff"):
+                         f"{e.start} of the line): {_encoding_hint(raw, lineno)}") from None
+    if line.startswith("\ufeff"):
+        if lineno != 1:
+            raise ValueError("a UTF-8 byte-order mark at the start of this line (files "
+                             "joined with `cat`?): remove it, e.g. "
+                             "`sed -i '2,$ s/^\\xEF\\xBB\\xBF//' in.jsonl`")
         line = line[1:]  # a UTF-8 byte-order mark
     if _fast_json is not None:
         try:
@@ -238,7 +247,28 @@ def parse_line(raw: bytes, lineno: int) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+        hint = ""
+        if e.msg.startswith("Invalid control character"):
+            hint = (": tabs and newlines inside a JSON string must be escaped as \\t and "
+                    "\\n (json.dumps does it)")
+        elif lineno == 1 and e.pos == 0 and not line.lstrip().startswith(("{", "[", '"')):
+            hint = (": the input must be JSON Lines, one object per line such as "
+                    '{"text": "..."} (see "Your own data" in docs/quickstart.md)')
+        msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "... starting at" + column
+        raise ValueError(f"invalid JSON: {msg} at column {e.colno}{hint}") from None
+    except RecursionError:
+        raise ValueError("invalid JSON: nested too deeply for the parser") from None
+
+
+def _encoding_hint(raw: bytes, lineno: int) -> str:
+    """What to do about a line that is not UTF-8, for the usual causes."""
+    if lineno == 1 and raw[:2] == b"\x1f\x8b":
+        return "the file is gzip-compressed: decompress it first (`gunzip in.jsonl.gz`)"
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and raw.count(0) * 3 > len(raw)):
+        return ("the file looks like UTF-16 (Notepad's \"Unicode\", PowerShell's `>`): "
+                "save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 in.jsonl > out.jsonl`")
+    return ("save the file as UTF-8, e.g. `iconv -f cp1251 -t utf-8 in.jsonl > out.jsonl` "
+            "(cp1251 is the usual Windows Cyrillic encoding)")
 
 
 def process_line(raw: bytes, lineno: int, kind: str, tok) -> LineResult:
@@ -420,6 +450,16 @@ def _worker_init(kind: str, max_line_bytes: int) -> None:
     _doc_sep_id()
 
 
+def _pool_worker_init(kind: str, max_line_bytes: int) -> None:
+    """A forked tokenizer process: Ctrl-C is the parent's to handle (it terminates the pool),
+    and SIGTERM ends the process at once (not main()'s cleanup handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    _worker_init(kind, max_line_bytes)
+
+
 def _worker_block(task: tuple[int, bytes]) -> BlockResult:
     return process_block(task[0], task[1], _WORKER_MAX_LINE, _WORKER_KIND, get_tokenizer())
 
@@ -512,8 +552,45 @@ class Options:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _first_errors(src: Path, errors: list[LineResult]) -> str:
+    """The first rejected lines, one per row, for an error message ("" when none)."""
+    shown = "".join(f"\n  {src}:{e.lineno}: {e.error}" for e in errors[:MAX_ERRORS_SHOWN])
+    more = (f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more"
+            if len(errors) > MAX_ERRORS_SHOWN else "")
+    return (":" + shown + more) if errors else ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+_TEMP_NAME = re.compile(r"(?:\.staging-(\d+).*|.*\.tmp-(\d+))")
+
+
+def _remove_stale_temps(prefix: Path) -> None:
+    """Delete the staging / temp files that a killed prepare of `prefix` left behind (their
+    process is gone); a live concurrent run's files are left alone."""
+    try:
+        entries = list(prefix.parent.glob(f"{glob.escape(prefix.name)}.*"))
+    except OSError:
+        return
+    for p in entries:
+        m = _TEMP_NAME.fullmatch(p.name[len(prefix.name):])
+        if m and not _pid_alive(int(m.group(1) or m.group(2))):
+            p.unlink(missing_ok=True)
 
 
 def _remove_dataset(prefix: Path) -> None:
@@ -610,6 +687,9 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     (nothing written) on invalid input without skip_invalid."""
     t0 = time.time()
     src = opts.input
+    if src.is_dir():
+        raise PrepareError(f"{src} is a folder: give one JSONL file (one {{\"text\": ...}} "
+                           "object per line for --type text; join a folder's files into one)")
     if not src.is_file():
         raise PrepareError(f"{src}: input file not found")
     if opts.kind not in SAMPLES:
@@ -618,8 +698,12 @@ def run(opts: Options, log=print) -> dict[str, Any]:
         raise PrepareError(f"--repeat must be >= 1, got {opts.repeat}")
     if not 0 <= opts.val_fraction < 1:
         raise PrepareError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
+    if not (math.isfinite(opts.max_line_mb) and opts.max_line_mb * (1 << 20) >= 1):
+        raise PrepareError(f"--max-line-mb must be a positive number of MiB, got "
+                           f"{opts.max_line_mb}")
     prefix = opts.prefix
     prefix.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(prefix)
     has_mask = opts.kind in ("sft", "dpo")
     stage_prefix = prefix.with_name(f"{prefix.name}.staging-{os.getpid()}")
     stage_ids = BinIdxWriter(stage_prefix, np.uint16)
@@ -645,7 +729,7 @@ def run(opts: Options, log=print) -> dict[str, Any]:
             try:
                 # this process is one of the workers: one fork fewer, and it would
                 # otherwise sit idle waiting for results
-                pool = ctx.Pool(opts.workers - 1, initializer=_worker_init,
+                pool = ctx.Pool(opts.workers - 1, initializer=_pool_worker_init,
                                 initargs=(opts.kind, max_line))
             finally:
                 gc.unfreeze()
@@ -674,18 +758,15 @@ def run(opts: Options, log=print) -> dict[str, Any]:
             bar.close()
         errors.sort(key=lambda r: r.lineno)
         if errors and not opts.skip_invalid:
-            shown = "\n".join(f"  {src}:{e.lineno}: {e.error}"
-                              for e in errors[:MAX_ERRORS_SHOWN])
-            more = (f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more"
-                    if len(errors) > MAX_ERRORS_SHOWN else "")
             raise PrepareError(
-                f"{len(errors)} invalid line(s) in {src}; nothing was written:\n{shown}{more}\n"
+                f"{len(errors)} invalid line(s) in {src}; nothing was written"
+                f"{_first_errors(src, errors)}\n"
                 f"Fix them, or pass --skip-invalid to skip them (they are listed in "
                 f"{prefix}.rejects.jsonl).")
         n_docs = len(doc_first_item)
         if n_docs == 0:
             raise PrepareError(f"{src}: no valid documents ({len(errors)} rejected); "
-                               "nothing was written")
+                               f"nothing was written{_first_errors(src, errors)}")
         for w in (stage_ids, stage_mask):
             if w is not None:
                 w.commit()
@@ -701,22 +782,7 @@ def run(opts: Options, log=print) -> dict[str, Any]:
         if len(val):
             w_val, info_val = _write_split(s_ids, s_mask, items, val, val_prefix, opts.kind)
             writers += w_val
-        # publish: meta goes first (incomplete from here), then each .bin before its .idx
-        meta_file = Path(f"{prefix}.meta.json")
-        meta_file.unlink(missing_ok=True)
-        for stale in (Path(f"{prefix}.mask"), val_prefix, Path(f"{val_prefix}.mask")):
-            _remove_dataset(stale)
-        for w in writers[::-1]:  # masks and val first, the train ids last
-            w.commit()
-        writers = []
         rejects_file = Path(f"{prefix}.rejects.jsonl")
-        if errors:
-            _atomic_write_text(rejects_file, "".join(
-                json.dumps({"file": str(src), "line": e.lineno, "reason": e.error,
-                            "content": raw_lines.get(e.lineno, "")}, ensure_ascii=False)
-                + "\n" for e in errors))
-        else:
-            rejects_file.unlink(missing_ok=True)
         meta: dict[str, Any] = {
             "format": META_FORMAT, "type": opts.kind, "tokenizer": VOCAB_NAME,
             "source": {"path": str(src), "sha256": hasher.hexdigest(), "bytes": size},
@@ -729,9 +795,26 @@ def run(opts: Options, log=print) -> dict[str, Any]:
             "seconds": round(time.time() - t0, 3),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        if has_mask:
-            s_ids_sizes = s_ids.sizes
-            meta["longer_than_ctx"] = int((s_ids_sizes > opts.ctx_len + 1).sum())
+        if has_mask:  # train examples (DPO: pairs with either answer) the loader will cut
+            long = s_ids.sizes[items[train, None] + np.arange(2 if opts.kind == "dpo" else 1)]
+            meta["longer_than_ctx"] = int((long > opts.ctx_len + 1).any(axis=1).sum())
+        # publish: the meta goes first (incomplete from here) and comes back last; the
+        # .bin / .idx renames in between are the only window in which an interruption leaves
+        # data without its meta, and a masked split without one refuses to load (loader.py)
+        meta_file = Path(f"{prefix}.meta.json")
+        meta_file.unlink(missing_ok=True)
+        for stale in (Path(f"{prefix}.mask"), val_prefix, Path(f"{val_prefix}.mask")):
+            _remove_dataset(stale)
+        if errors:
+            _atomic_write_text(rejects_file, "".join(
+                json.dumps({"file": str(src), "line": e.lineno, "reason": e.error,
+                            "content": raw_lines.get(e.lineno, "")}, ensure_ascii=False)
+                + "\n" for e in errors))
+        else:
+            rejects_file.unlink(missing_ok=True)
+        for w in writers[::-1]:  # masks and val first, the train ids last
+            w.commit()
+        writers = []
         _atomic_write_text(meta_file, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         _summary(meta, prefix, log)
         return meta
@@ -779,12 +862,18 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
             log(f"  CTX_LEN={meta['ctx_len']}: magic_prime {meta['magic_prime']} = windows "
                 f"per epoch; {meta['steps_per_epoch']} steps per epoch ({batch})")
             log(f"  RWKV-LM: {meta['rwkv_lm_args']}")
+            if meta["steps_per_epoch"] == 0:
+                log(f"  warning: {meta['magic_prime']} windows make no full step of {batch}: "
+                    "lower MICRO_BSZ / GRAD_ACCUM / CTX_LEN, or prepare with --repeat N")
         else:
             log(f"  warning: {tr['tokens']} tokens is under 3 x CTX_LEN={meta['ctx_len']}: no "
                 "magic prime; train with a smaller CTX_LEN or prepare with --repeat N")
     else:
         log(f"  CTX_LEN={meta['ctx_len']}: {meta['steps_per_epoch']} steps per epoch "
             f"({batch}, unpacked)")
+        if meta["steps_per_epoch"] == 0:
+            log(f"  warning: {tr['documents']} {unit} make no full step of {batch}: lower "
+                "MICRO_BSZ / GRAD_ACCUM, add data, or prepare with --repeat N")
         if meta.get("longer_than_ctx"):
             log(f"  note: {meta['longer_than_ctx']} {unit} are longer than CTX_LEN + 1 tokens "
                 "and will be cut by the loader")
@@ -846,6 +935,12 @@ def options_from_args(args: argparse.Namespace) -> Options:
         inp = sample_data_dir() / SAMPLES[kind]
     if s.data_prefix:
         prefix = _resolve_path(s.data_prefix, src["DATA_PREFIX"])
+        if s.data_prefix.endswith(("/", os.sep)) or prefix.is_dir():
+            prefix = prefix / inp.stem  # a folder: the input's name in it
+        for suffix in (".meta.json", ".bin", ".idx"):  # a data file's name: its prefix
+            if prefix.name.endswith(suffix) and len(prefix.name) > len(suffix):
+                prefix = prefix.with_name(prefix.name[: -len(suffix)])
+                break
     else:
         prefix = workspace_root() / "data" / "processed" / inp.stem
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
@@ -858,11 +953,19 @@ def options_from_args(args: argparse.Namespace) -> Options:
                    progress=not args.no_progress)
 
 
+def _exit_on_signal(signum, _frame) -> None:
+    """SIGTERM / SIGHUP -> SystemExit, so that run()'s cleanup deletes the temp files."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _exit_on_signal)
     try:
         opts = options_from_args(args)
-        if not opts.input.is_file():
+        if not opts.input.is_file() and not opts.input.is_dir():
             hint = (" (the shipped sample is missing: reinstall the workspace or set "
                     "DATA_FILE)" if opts.input.parent == sample_data_dir() else "")
             raise PrepareError(f"{opts.input}: input file not found{hint}")
@@ -873,6 +976,14 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as e:
         print(f"prepare error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system: unwritable folder, full disk, ...
+        where = f" {e.filename}" if e.filename else ""
+        print(f"prepare error: cannot read or write{where}: {e.strerror or e}; nothing was "
+              "written (check the path, its permissions and the free space)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("prepare: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 0
 
 
