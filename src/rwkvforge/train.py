@@ -637,7 +637,10 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
     from rwkvforge.data.loader import load_meta
 
     _, meta = load_meta(prefix)
-    have = meta is not None or Path(f"{prefix}.bin").is_file()
+    # a bare .bin is text binidx (RWKV-LM's make_data.py); one with a .mask but no meta is
+    # an interrupted prepare (loader.open_split refuses it): prepare again
+    have = meta is not None or (Path(f"{prefix}.bin").is_file()
+                                and not Path(f"{prefix}.mask.idx").is_file())
     if meta is not None and data_file is not None and prepare:
         why = _stale_reason(meta, data_file, s)
         if why:
