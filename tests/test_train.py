@@ -377,6 +377,63 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tiny_model_path
     assert "no complete checkpoint" in capsys.readouterr().err
 
 
+def test_resume_that_extends_a_run_is_kept_for_the_next_resume(tiny_model_path, sft_prefix,
+                                                                tmp_path, capsys):
+    """--resume --max-steps N extends a finished run: config.json records it (so a later
+    plain --resume, e.g. after a crash, keeps N), the first resumed step already uses the new
+    schedule's LR, and resuming a finished run changes nothing."""
+    kw = dict(save_every=1, precision="fp32", warmup_steps=0)
+    T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=2, **kw),
+              tmp_path / "ext", root=ROOT, progress=False).run()
+    run = tmp_path / "ext"
+    assert T.main(["--resume", str(run), "--max-steps", "4", "--no-progress"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["settings"]["max_steps"] == 4 and cfg["sources"]["MAX_STEPS"] == "cli (resume)"
+    assert cfg["resumes"][0]["step"] == 2 and cfg["resumes"][0]["changed"] == {
+        "max_steps": [2, 4]}
+    T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=4, **kw),
+              tmp_path / "straight", root=ROOT, progress=False).run()
+    lrs, want = [r["lr"] for r in metrics(run)], [r["lr"] for r in metrics(tmp_path / "straight")]
+    assert len(lrs) == 4 and lrs[2:] == want[2:] and lrs[1] != want[2]  # not the old end LR
+    before = (run / "status.json").read_text()
+    capsys.readouterr()
+    assert T.main(["--resume", str(run), "--no-progress"]) == 0  # keeps max_steps 4
+    assert "already finished 4 steps: nothing to do" in capsys.readouterr().err
+    st = json.loads((run / "status.json").read_text())
+    assert (run / "status.json").read_text() == before and st["step"] == 4
+    assert st["final_loss"] is not None and st["val_loss_start"] is not None
+
+
+def test_training_the_embedding_in_bf16_on_cpu(tiny_model_path, sft_prefix, tmp_path):
+    """TRAIN_PARTS=emb: a trainable fp32 embedding feeds the frozen bf16 weights."""
+    out = T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=1, save_every=0,
+                             precision="bf16", train_parts="emb"), tmp_path / "emb",
+                    root=ROOT, progress=False).run()
+    assert out.step == 1 and math.isfinite(out.loss)
+
+
+def test_setup_errors_are_train_errors(tiny_model_path, sft_prefix, tmp_path, capsys):
+    base = ["--base-model", str(tiny_model_path), "--data-prefix", str(sft_prefix),
+            "--runs-dir", str(tmp_path), "--max-steps", "1", "--no-progress"]
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(tiny_model_path.read_bytes()[:5000])
+    cases = [
+        (["--base-model", str(bad)], f"{bad}: cannot be read as a PyTorch checkpoint"),
+        (["--vram", "12XB"], "VRAM='12XB': unknown unit"),
+        (["--data-type", "dpo"], "DPO) training is not built yet"),
+        (["--run-name", "../escape"], "a run name is one folder name inside RUNS_DIR"),
+        (["--lora-targets", "att.recptance"], "LORA_TARGETS: unknown ['att.recptance']"),
+    ]
+    for i, (extra, want) in enumerate(cases):
+        rc = T.main([*base, "--run-name", f"e{i}", *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and want in err and "Traceback" not in err, (extra, err)
+        assert "--force" not in err
+    assert not (tmp_path.parent / "escape").exists()
+    # the failed starts left at most a log: the names are free for a corrected run
+    assert all(p.name == "train.log" for d in tmp_path.glob("e*") for p in d.iterdir())
+
+
 def _train_cmd(model, prefix, runs, name, *extra):
     return [sys.executable, "-m", "rwkvforge.train", "--base-model", str(model),
             "--data-prefix", str(prefix), "--runs-dir", str(runs), "--run-name", name,

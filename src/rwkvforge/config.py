@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -264,6 +265,8 @@ def coerce(key: str, raw: str, where: str) -> Any:
             val = int(raw)
         elif typ == "float":
             val = float(raw)
+            if not math.isfinite(val):
+                raise ValueError("must be a finite number")
         else:
             val = raw
     except ValueError as e:
@@ -285,6 +288,9 @@ def load_env_file(path: Path) -> dict[str, tuple[Any, str]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save it as UTF-8.") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e}).") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark (Windows Notepad's "UTF-8 BOM")
     out = {}
     for key, (raw, lineno) in parse_env_text(text, str(path)).items():
         where = f"{path}:{lineno}"
@@ -295,8 +301,13 @@ def load_env_file(path: Path) -> dict[str, tuple[Any, str]]:
 def _named_env(root: Path, kind: str, name: str) -> Path:
     folder = root / "configs" / kind
     if name.endswith(".env") or "/" in name:
-        p = Path(name)
-        return p if p.is_absolute() else (Path.cwd() / p)
+        p = Path(name).expanduser()
+        p = p if p.is_absolute() else (Path.cwd() / p)
+        if not p.is_file():
+            raise ConfigError(f"{kind} file {p} not found (a name such as "
+                              f"{next(iter(sorted(x.stem for x in folder.glob('*.env'))), '?')} "
+                              f"means {folder}/<name>.env).")
+        return p
     p = folder / f"{name}.env"
     if not p.exists():
         known = sorted(x.stem for x in folder.glob("*.env"))
@@ -377,6 +388,23 @@ def resolve_from_args(args: argparse.Namespace, root: Path | None = None) -> Res
     cli = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
     return resolve(model=getattr(args, "model", None), profile=getattr(args, "profile", None),
                    cli=cli, root=root)
+
+
+DEMO_MODEL_ENV = "rwkv7-tiny"  # configs/model/ file `train` adds when BASE_MODEL is empty
+
+
+def resolve_for_training(args: argparse.Namespace, root: Path | None = None) -> Resolved:
+    """What `rwkvforge train` runs with: resolve_from_args, plus the demo model's settings
+    layer (configs/model/rwkv7-tiny.env: its CTX_LEN, MICRO_BSZ, LR, ...) when no base model
+    is set anywhere. Sets args.model to that layer's name when it applies."""
+    root = root or workspace_root()
+    res = resolve_from_args(args, root)
+    if (not res.settings.base_model and not getattr(args, "model", None)
+            and not os.environ.get("RWKVFORGE_MODEL")
+            and (root / "configs" / "model" / f"{DEMO_MODEL_ENV}.env").is_file()):
+        args.model = DEMO_MODEL_ENV
+        res = resolve_from_args(args, root)
+    return res
 
 
 def format_table(res: Resolved) -> str:
@@ -469,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 n += 1
             print(f"{n} config files valid")
             return 0
-        res = resolve_from_args(args)
+        res = resolve_for_training(args)  # what `rwkvforge train` would run with
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -72,7 +72,9 @@ log = logging.getLogger("rwkvforge.train")
 # settings that may change when resuming (everything else must match the run's config.json)
 RESUME_MUTABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_every",
                   "wandb_project", "device")
-DEMO_MODEL_ENV = "rwkv7-tiny"  # configs/model/ file used when BASE_MODEL is empty
+DPO_NOT_YET = ("DATA_TYPE=dpo: preference (DPO) training is not built yet. `rwkvforge prepare "
+               "--type dpo` checks and writes the pairs for it, but `rwkvforge train` trains "
+               "text and SFT data only (both trainers): set DATA_TYPE=sft or text.")
 
 
 class TrainError(RuntimeError):
@@ -601,9 +603,11 @@ def _stale_reason(meta: dict, data_file: Path, s: cfgmod.Settings) -> str | None
 
 
 def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
-                   say: Callable[[str], None] = print, check_data: bool = True) -> Inputs:
+                   say: Callable[[str], None] = print, check_data: bool = True,
+                   resuming: bool = False) -> Inputs:
     """Model .pth and prepared data prefix; generates the demo model and prepares the data
-    when needed (only when `prepare`). `check_data=False`: only name the prefix."""
+    when needed (only when `prepare`). `check_data=False`: only name the prefix.
+    `resuming`: prepared data that no longer matches DATA_FILE is an error, not redone."""
     s, src = res.settings, res.sources
     demo_model = not s.base_model
     if demo_model:
@@ -643,6 +647,10 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
                                 and not Path(f"{prefix}.mask.idx").is_file())
     if meta is not None and data_file is not None and prepare:
         why = _stale_reason(meta, data_file, s)
+        if why and resuming:
+            raise TrainError(f"prepared data {prefix} no longer matches {data_file} ({why}): a "
+                             "resumed run continues on the data it started with. Restore the "
+                             "file, or start a new run.")
         if why:
             say(f"prepared data {prefix} is out of date ({why}): preparing it again")
             have = False
@@ -883,6 +891,8 @@ class Trainer:
         if s.deepspeed_stage == 3 and s.quant != "none":
             raise TrainError("DEEPSPEED_STAGE=3 cannot shard 4-/8-bit base weights: use "
                              "DEEPSPEED_STAGE=2 with QUANT, or QUANT=none with stage 3.")
+        if s.data_type == "dpo":
+            raise TrainError(DPO_NOT_YET)
         if s.deepspeed_stage > 0:
             self._init_distributed()
         self.folder.open_log()
@@ -901,7 +911,8 @@ class Trainer:
                      "DATA_FILE in configs/workspace.env (or --base-model / --data-file) for "
                      "a real run.")
         if self.is_main:  # generates the demo model / prepares the data when needed
-            self.inputs = resolve_inputs(self.res, self.root, prepare=True, say=say)
+            self.inputs = resolve_inputs(self.res, self.root, prepare=True, say=say,
+                                         resuming=self.resume)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -943,8 +954,16 @@ class Trainer:
             self.val_batches = build_val_batches(self.inputs.data_prefix, s.ctx_len,
                                                  max(s.micro_bsz, 1), max_batches=64)
         except ValueError as e:
-            raise TrainError(str(e)) from None
+            msg = str(e)
+            if "fewer than one batch" in msg and self.rows_per_step != s.micro_bsz:
+                msg += (f" (one batch here is one optimiser step: MICRO_BSZ {self.micro_bsz} x "
+                        f"GRAD_ACCUM {self.grad_accum} x {self.world} GPUs = "
+                        f"{self.rows_per_step} rows; lower GRAD_ACCUM too)")
+            raise TrainError(msg) from None
         self.total_steps = s.max_steps or s.epochs * self.loader.steps_per_epoch
+        if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
+            self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "
+                     "steps: the learning rate never reaches LR; lower WARMUP_STEPS")
         total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: lr_at(i, lr=s.lr, lr_final=s.lr_final,
@@ -973,21 +992,45 @@ class Trainer:
     def _preflight(self) -> None:
         """Refuse a configuration the memory planner predicts will not fit (see
         `rwkvforge plan`), before any weights are loaded; --force overrides."""
-        from rwkvforge.checkpoint import infer_config
+        from rwkvforge.checkpoint import infer_config, load_state_dict
         from rwkvforge.memory import MemoryPlanError, budget_bytes, preflight
 
-        sd = torch.load(self.inputs.model_path, map_location="cpu", mmap=True,
-                        weights_only=True)
+        sd = load_state_dict(self.inputs.model_path)  # memory-mapped; CheckpointError if bad
         cfg = infer_config(sd)
         del sd
         kind = "cuda" if self.device.type == "cuda" else "cpu"
-        budget = budget_bytes(self.s, kind)
-        try:
+        try:  # a refusal says itself that --force starts it anyway
+            budget = budget_bytes(self.s, kind)
             bd = preflight(self.s, cfg, budget, force=self.force, device=kind)
         except MemoryPlanError as e:
-            raise TrainError(f"{e}\n(override with --force)") from None
+            raise TrainError(str(e)) from None
         if budget and not bd.fits(budget):
             self.say(f"warning: --force: {bd.warning(budget)}")
+
+    def _read_status(self) -> dict:
+        try:
+            return json.loads((self.run_dir / "status.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def record_resume(self) -> None:
+        """config.json keeps what a resume changed (RESUME_MUTABLE settings, such as a longer
+        MAX_STEPS), so that the next --resume continues with it."""
+        path = self.run_dir / "config.json"
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        new = dataclasses.asdict(self.s)
+        changed = {k: [cfg["settings"].get(k), new[k]] for k in RESUME_MUTABLE
+                   if cfg["settings"].get(k) != new[k]}
+        for k in changed:
+            cfg["settings"][k] = new[k]
+            cfg.setdefault("sources", {})[k.upper()] = self.res.sources.get(k.upper(),
+                                                                           "cli (resume)")
+        cfg.setdefault("training", {})["total_steps"] = self.total_steps
+        cfg.setdefault("resumes", []).append({
+            "step": self.step, "from": str(self.resumed_from), "changed": changed,
+            "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
+            "at": _now_iso()})
+        self.folder.write_json("config.json", cfg)
 
     def write_config(self) -> None:
         s = self.s
@@ -1098,7 +1141,8 @@ class Trainer:
         if ck is None:
             raise TrainError(f"--resume {self.run_dir}: no complete checkpoint in "
                              f"{self.run_dir / 'checkpoints'} (a folder counts once it holds "
-                             "COMPLETE). Start a new run instead.")
+                             "COMPLETE). Start a new run instead: another --run-name, or delete "
+                             f"{self.run_dir} first.")
         st = load_trainer_state(ck / "trainer_state.pt")
         if st.get("format") != "rwkvforge-trainer/1":
             raise TrainError(f"{ck}/trainer_state.pt: unknown format {st.get('format')!r}.")
@@ -1127,7 +1171,17 @@ class Trainer:
             self.optimizer.load_state_dict(st["optimizer"])
             rng = st["rng"]
         self.scheduler.load_state_dict(st["scheduler"])
-        self.loader.load_state_dict(st["loader"])
+        if self.engine is None:  # the LR of the (possibly extended, MAX_STEPS) schedule now
+            sch = self.scheduler
+            for g, base, fn in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
+                g["lr"] = base * fn(sch.last_epoch)
+            sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        try:
+            self.loader.load_state_dict(st["loader"])
+        except ValueError as e:
+            raise TrainError(f"--resume {self.run_dir}: {e}. The run's data changed since "
+                             "it started; resume with the same data, or start a new run.") \
+                from None
         set_rng_state(rng)
         self.step = int(st["step"])
         self.resumed_from = ck
@@ -1266,35 +1320,45 @@ class Trainer:
         s = self.s
         self._events: list[str] = []
         self.setup()
+        prev = self._read_status() if self.resume else {}
+        if self.resume and self.step >= self.total_steps:  # every rank returns here
+            self.say(f"{self.run_dir} already finished {self.total_steps} steps: nothing to "
+                     f"do (pass --max-steps N with N > {self.step} to train further)")
+            self.folder.close_log()
+            return TrainResult(self.run_dir, self.step, prev.get("final_loss"),
+                               prev.get("val_loss_start"), prev.get("val_loss_end"), 0.0,
+                               self.micro_bsz, self.grad_accum)
         if self.is_main:
             if self.resume:
                 self.folder.truncate_metrics(self.step)
+                self.record_resume()
             else:
                 self.write_config()
             self.folder.status("running", self.step, self.total_steps)
         self._init_wandb()
         release_freed_memory()  # setup transients (fp32 load, quantisation) back to the OS
         mon = MemoryMonitor(self.device).start()
-        val_start = self.val_start = self._eval() if not self.resume else None
-        if val_start is not None:
-            self.say(f"val loss before training: {val_start:.4f} "
-                     f"({len(self.val_batches)} batches)")
-        if self.resume:
-            self._events.append("resumed")
-        if self.progress:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
-                             dynamic_ncols=True, file=sys.stderr, desc="train")
-        self.say(f"training {self.total_steps} steps: {self.rows_per_step} sequences x "
-                 f"<= {s.ctx_len} tokens per step, lr {s.lr:g} ({s.lr_schedule}), "
-                 f"run folder {self.run_dir}")
         loss = None
         val_end = None
-        t_log, tok_log = time.time(), 0
-        tps = 0.0
         self.val_end = None
-        try:
+        try:  # from here a failure is recorded in status.json
+            val_start = self.val_start = (self._eval() if not self.resume
+                                          else prev.get("val_loss_start"))
+            if val_start is not None and not self.resume:
+                self.say(f"val loss before training: {val_start:.4f} "
+                         f"({len(self.val_batches)} batches)")
+            if self.resume:
+                self._events.append("resumed")
+            if self.progress:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                                 dynamic_ncols=True, file=sys.stderr, desc="train")
+            self.say(f"training {self.total_steps} steps: {self.rows_per_step} sequences x "
+                     f"<= {s.ctx_len} tokens per step, lr {s.lr:g} ({s.lr_schedule}), "
+                     f"run folder {self.run_dir}")
+            t_log, tok_log = time.time(), 0
+            tps = 0.0
             while self.step < self.total_steps:
                 batch = next(self.loader)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -1416,7 +1480,7 @@ def rwkv_peft_command(s: cfgmod.Settings, model_path: Path, data_prefix: Path,
     masking (--loss_mask qa): our mask stream is not read by it. Shapes come from the
     checkpoint (--n_layer / --n_embd / --dim_ffn / --head_size_a / --vocab_size)."""
     if s.data_type == "dpo":
-        raise TrainError("TRAINER=rwkv-peft does not train DPO data; use TRAINER=builtin.")
+        raise TrainError(DPO_NOT_YET)
     if s.use_dora:
         raise TrainError("USE_DORA=1 has no RWKV-PEFT equivalent (it offers LoRA, PiSSA, "
                          "DiSHA); use TRAINER=builtin or USE_DORA=0.")
@@ -1571,16 +1635,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise TrainError(f"--resume {args.resume}: no such run folder.")
             res = resolve_for_resume(run_dir, args)
         else:
-            res = cfgmod.resolve_from_args(args)
-            if (not res.settings.base_model and not args.model
-                    and not os.environ.get("RWKVFORGE_MODEL")
-                    and (root / "configs" / "model" / f"{DEMO_MODEL_ENV}.env").is_file()):
-                # the demo model: use its recommended settings (CTX_LEN, MICRO_BSZ, LR, ...)
-                args.model = DEMO_MODEL_ENV
-                res = cfgmod.resolve_from_args(args)
+            # with no base model: the demo model's recommended settings layer too
+            res = cfgmod.resolve_for_training(args, root)
             s = res.settings
             runs = _resolve_path(s.runs_dir, res.sources.get("RUNS_DIR", "default"), root)
             name = s.run_name or default_run_name(s)
+            if name in (".", "..") or "/" in name or "\\" in name:
+                raise TrainError(f"RUN_NAME={name!r}: a run name is one folder name inside "
+                                 f"RUNS_DIR ({runs}); set RUNS_DIR to keep runs elsewhere.")
+            if runs.exists() and not runs.is_dir():
+                raise TrainError(f"RUNS_DIR {runs} is a file, not a folder: point RUNS_DIR "
+                                 "at a folder (it is created when missing).")
             run_dir = runs / name
         s = res.settings
         if s.trainer == "rwkv-peft":

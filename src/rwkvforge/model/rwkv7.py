@@ -288,7 +288,10 @@ class RWKV7(nn.Module):
         if state is None:
             state = self.init_state(B, idx.device)
         x = self.emb(idx)  # (B,T,C)
-        x = self.blocks[0].ln0(x)
+        ln0 = self.blocks[0].ln0
+        if x.dtype == torch.float32 and ln0.weight.dtype != torch.float32:
+            x = x.to(ln0.weight.dtype)  # a trained fp32 emb into frozen bf16 weights
+        x = ln0(x)
         v_first = x  # placeholder; layer 0 replaces it with its own v
         use_cp = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         new_state = []
