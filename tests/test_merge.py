@@ -97,7 +97,7 @@ def test_scale_rules():
 def test_lora_merge_matches_base_plus_adapter(base_sd, base_path, lora_dir, tmp_path, dtype_name):
     out = tmp_path / f"m-{dtype_name}.pth"
     res = M.merge(base_path, lora_dir, out, dtype_name, runtime_check=False, log=lambda m: None)
-    rep = json.loads((tmp_path / "verify.json").read_text())
+    rep = json.loads(out.with_suffix(".verify.json").read_text())
     c = rep["checks"]["logits"]
     assert rep["passed"] and c["passed"] and rep["output"] == out.name
     assert c["max_abs_diff"] <= c["tolerance"]
@@ -265,16 +265,71 @@ def test_fp16_overflow_refused(base_sd, base_path, tmp_path):
 
 def test_failed_verification_leaves_no_output(base_path, lora_dir, tmp_path, monkeypatch):
     """A merge that is subtly wrong (scale x1.5, e.g. a misread alpha) must be caught by the
-    logit check, even in bf16, and leave no model file behind (only verify-failed.json)."""
+    logit check, even in bf16, and leave no model file behind (only bad.verify-failed.json)."""
     real = M.merge_fast
     monkeypatch.setattr(M, "merge_fast", lambda W, f: real(W, M.LoraFactor(f.A, f.B, f.scale * 1.5)))
     out = tmp_path / "bad.pth"
     with pytest.raises(M.VerificationError, match="differs from base"):
         M.merge(base_path, lora_dir, out, "bf16", runtime_check=False, log=lambda m: None)
     _assert_nothing_written(tmp_path, "bad.pth")
-    assert not (tmp_path / "verify.json").exists()
-    rep = json.loads((tmp_path / "verify-failed.json").read_text())
+    assert not (tmp_path / "bad.verify.json").exists()
+    rep = json.loads((tmp_path / "bad.verify-failed.json").read_text())
     assert rep["passed"] is False and rep["checks"]["logits"]["max_abs_diff"] > rep["checks"]["logits"]["tolerance"]
+
+
+def test_outputs_that_would_destroy_inputs_or_other_files_are_refused(base_path, lora_dir,
+                                                                        tmp_path):
+    import shutil
+
+    base = tmp_path / "base.pth"
+    shutil.copy(base_path, base)
+    before = base.read_bytes()
+    with pytest.raises(M.MergeError, match="is an input of this merge"):
+        M.merge(base, lora_dir, base, "bf16", runtime_check=False, log=lambda m: None)
+    assert base.read_bytes() == before
+    work = tmp_path / "mywork"
+    (work / "notes").mkdir(parents=True)
+    (work / "thesis.md").write_text("important")
+    out = tmp_path / "m.pth"
+    with pytest.raises(M.MergeError, match=r"holds other files \(notes, thesis.md\)"):
+        M.merge(base, lora_dir, out, "fp32", export_adapter=work, runtime_check=False,
+                log=lambda m: None)
+    assert (work / "thesis.md").read_text() == "important" and not out.exists()
+    # an adapter folder (e.g. an earlier export) may be replaced; the record is per model
+    exp = tmp_path / "exported"
+    for _ in range(2):
+        M.merge(base, lora_dir, out, "fp32", export_adapter=exp, runtime_check=False,
+                log=lambda m: None)
+    assert sorted(p.name for p in exp.iterdir()) == ["adapter_config.json",
+                                                     "adapter_model.safetensors"]
+    M.merge(base, lora_dir, tmp_path / "m16.pth", "bf16", runtime_check=False,
+            log=lambda m: None)
+    assert json.loads((tmp_path / "m.verify.json").read_text())["output"] == "m.pth"
+    assert json.loads((tmp_path / "m16.verify.json").read_text())["output"] == "m16.pth"
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 7, "truncated"])
+def test_unreadable_adapter_weights_are_a_merge_error(base_path, lora_dir, tmp_path, data):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(lora_dir, bad)
+    w = bad / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:len(w.read_bytes()) // 2] if data == "truncated" else data)
+    with pytest.raises(M.MergeError, match="cannot be read as adapter weights"):
+        M.merge(base_path, bad, tmp_path / "o.pth", "bf16", runtime_check=False,
+                log=lambda m: None)
+
+
+def test_a_checkpoint_merges_to_its_own_default_name(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "adapter").mkdir()
+    (run / "config.json").write_text("{}")
+    got = M.default_output(run / "checkpoints" / "step-4", "bf16", M._run_dir_of(
+        run / "checkpoints" / "step-4"))
+    assert got == run / "merged" / "r1-step-4-bf16.pth"
+    assert M.default_output(run / "adapter", "bf16", run) == run / "merged" / "r1-bf16.pth"
 
 
 def test_mismatched_adapter_refused_before_work(lora_dir, tmp_path):
@@ -369,7 +424,7 @@ def test_cli_merge_runs_in_rwkv_pip_and_exports(base_path, lora_dir, tmp_path, c
     rc = M.main(["--base", str(base_path), "--adapter", str(lora_dir), "--out", str(out),
                  "--dtype", "bf16", "--safetensors"])
     assert rc == 0, capsys.readouterr().err
-    rep = json.loads((out.parent / "verify.json").read_text())
+    rep = json.loads(out.with_suffix(".verify.json").read_text())
     pip = rep["checks"]["rwkv_pip"]
     assert pip["passed"] and pip["env"] == "RWKV_V7_ON=1" and pip["max_abs_diff_vs_ours"] <= pip["tolerance"]
     import os

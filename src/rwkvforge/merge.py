@@ -18,7 +18,7 @@ The merge, for every adapted Linear W (out, in), in fp32, rounded once to the ou
 A QLoRA-trained adapter is merged into the full-precision base read from the `.pth`, never into
 re-quantised weights (merging into dequantised NF4 weights bakes the quantisation error in).
 
-Verification (every merge; a failed check leaves no output file, only verify-failed.json):
+Verification (every merge; a failed check leaves no output file, only <out>.verify-failed.json):
 1. logits: on a fixed probe batch the merged model (its weights rounded to the output dtype,
    run in fp32) is compared with the unmerged base + adapter, run by the `peft` library in
    fp32. Tolerance, per output dtype:
@@ -31,7 +31,8 @@ Verification (every merge; a failed check leaves no output file, only verify-fai
 2. runtime: the merged file is loaded and run by the `rwkv` pip package (RWKV_V7_ON=1, strategy
    "cpu fp32") in a subprocess (so its env vars stay out of this process); its logits must
    match ours for the same file within RUNTIME_TOL * max(1, max|logit|).
-The result (numbers, tolerances, sha256 of the output) is written to verify.json next to it.
+The result (numbers, tolerances, sha256 of the output) is written to <out>.verify.json next
+to it (one per merged model).
 """
 
 from __future__ import annotations
@@ -169,11 +170,18 @@ def lora_scale(alpha: float, r: int, use_rslora: bool = False) -> float:
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path), device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure here means "not readable weights"
+        why = (str(e).splitlines() or [""])[0]
+        raise MergeError(f"{path}: cannot be read as adapter weights ({path.stat().st_size} "
+                         f"bytes; {type(e).__name__}: {why}). The file may be truncated (an "
+                         "interrupted copy) or not an adapter at all; copy or train it "
+                         "again.") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
@@ -729,14 +737,50 @@ def _run_config(run_dir: Path | None) -> dict:
 
 
 def default_output(adapter_path: Path, dtype_name: str, run_dir: Path | None) -> Path:
-    if run_dir is not None:
-        return run_dir / "merged" / f"{run_dir.name}-{dtype_name}.pth"
+    if run_dir is not None:  # runs/<run>/adapter, or a checkpoint: <run>-step-N-<dtype>
+        ck = adapter_path.resolve()
+        tag = f"-{ck.name}" if ck.parent.name == "checkpoints" else ""
+        return run_dir / "merged" / f"{run_dir.name}{tag}-{dtype_name}.pth"
     from rwkvforge import paths
 
     stem = adapter_path.stem if adapter_path.is_file() else adapter_path.name
     if stem == "adapter":
         stem = adapter_path.parent.name
     return paths.workspace_root() / "models" / "merged" / f"{stem}-{dtype_name}.pth"
+
+
+ADAPTER_FOLDER_FILES = {ADAPTER_CONFIG, *ADAPTER_WEIGHTS, "README.md"}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+    except OSError:
+        return False
+
+
+def _check_outputs(out: Path, base: Path, adapter_path: Path,
+                   export_adapter: str | os.PathLike | None) -> None:
+    """Refuse outputs that would destroy an input or a folder that is not an adapter's."""
+    inputs = [base, adapter_path] + ([adapter_path / n for n in ADAPTER_WEIGHTS]
+                                     if adapter_path.is_dir() else [])
+    if any(_same_file(out, p) for p in inputs):
+        raise MergeError(f"--out {out} is an input of this merge (the base or the adapter): "
+                         "pick another output file.")
+    if export_adapter is None:
+        return
+    exp = Path(export_adapter)
+    if _same_file(exp, adapter_path) or _same_file(exp, base):
+        raise MergeError(f"--export-adapter {exp} is an input of this merge: pick a new folder.")
+    if exp.exists() and not exp.is_dir():
+        raise MergeError(f"--export-adapter {exp} is a file: give a folder (new, or an "
+                         "adapter folder to replace).")
+    if exp.is_dir():
+        other = sorted(p.name for p in exp.iterdir() if p.name not in ADAPTER_FOLDER_FILES)
+        if other:
+            raise MergeError(f"--export-adapter {exp} holds other files ({', '.join(other[:5])}"
+                             f"{', ...' if len(other) > 5 else ''}); the export replaces the "
+                             "whole folder: pick a new or empty folder.")
 
 
 def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike | None = None,
@@ -764,8 +808,9 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
     out = Path(out) if out else default_output(adapter_path, dtype_name, run_dir)
     if out.suffix != ".pth":
         raise MergeError(f"--out {out}: must end in .pth (RWKV runtimes load .pth files).")
-    report_path = out.parent / "verify.json"
-    failed_path = out.parent / "verify-failed.json"
+    _check_outputs(out, base, adapter_path, export_adapter)
+    report_path = out.with_suffix(".verify.json")  # one per merged model
+    failed_path = out.with_suffix(".verify-failed.json")
     settings = _run_config(run_dir).get("settings", {})
     info = adapter.summary()
     log(f"[merge] base {base} ({base_sd['emb.weight'].dtype}), adapter {adapter.source} "
@@ -873,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         return _rwkv_pip_probe_main(argv[1:])
     ap = argparse.ArgumentParser(
         prog="rwkvforge merge", description=__doc__.split("\n\n")[0],
-        epilog="Writes <out>.pth (+ .safetensors) and verify.json next to it, only if verified. "
+        epilog="Writes <out>.pth (+ .safetensors) and <out>.verify.json next to it, only if verified. "
                "PiSSA adapters: merge the converted export rwkvforge train writes (a plain LoRA).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, default=None,
@@ -891,7 +936,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--safetensors", action="store_true",
                     help="also write the merged model as <out>.safetensors")
     ap.add_argument("--export-adapter", type=Path, default=None, metavar="DIR",
-                    help="also write the adapter in PEFT layout to DIR (e.g. for RWKV-PEFT files)")
+                    help="also write the adapter in PEFT layout to DIR, a new folder or an adapter folder to replace (e.g. for RWKV-PEFT files)")
     args = ap.parse_args(argv)
 
     base = args.base
