@@ -234,6 +234,69 @@ def test_validation_names_the_field(srv, path, body, status, param):
     assert err["param"] == param and param.split(".")[0] in err["message"] + err["param"]
 
 
+@pytest.mark.parametrize("messages, where", [
+    ([{"role": "system", "content": "be nice"}], "messages: no user message"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+     "messages[1]: the conversation ends with an assistant message"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+      {"role": "assistant", "content": "c"}, {"role": "assistant", "content": "d"}],
+     "messages[3]: the conversation ends with an assistant message"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}],
+     "messages[1]: a system message after the conversation started"),
+    ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+     "messages[1]: an assistant message before any user message"),
+])
+def test_chat_order_errors_name_the_clients_message(srv, messages, where):
+    r = httpx.post(srv.base + "/v1/chat/completions",
+                   json={"model": "x", "messages": messages, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(where), r.text
+
+
+def test_null_fields_take_their_defaults(srv):
+    """OpenAI clients send unset optional fields as null."""
+    nulls = {k: None for k in ("temperature", "top_p", "top_k", "n", "presence_penalty",
+                               "frequency_penalty", "penalty_decay", "stream", "seed", "stop",
+                               "user", "stream_options", "max_tokens")}
+    r = httpx.post(srv.base + "/v1/chat/completions", json={
+        "model": "x", "messages": [{"role": "system", "content": "s"},
+                                   {"role": "system", "content": "t"},
+                                   {"role": "user", "content": "hi"}], **nulls,
+        "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
+    r = httpx.post(srv.base + "/v1/completions", json={"model": "x", "prompt": "hi", **nulls,
+                                                        "echo": None, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+
+
+def test_chunked_body_over_the_limit_is_413(srv):
+    from rwkvforge.serve import MAX_BODY_BYTES
+
+    def chunks():
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(MAX_BODY_BYTES // (1 << 20) + 1):
+            yield b"a" * (1 << 20)
+        yield b'", "max_tokens": 1}'
+
+    r = httpx.post(srv.base + "/v1/completions", content=chunks(),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "byte limit" in r.json()["error"]["message"]
+
+    def small():  # a chunked body under the limit is served as before
+        yield b'{"model": "x", "prompt": "hi", '
+        yield b'"max_tokens": 1}'
+
+    r = httpx.post(srv.base + "/v1/completions", content=small(),
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_engine_refuses_a_zero_prefill_chunk(parts):
+    model, tok = parts
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        Engine(model, tok, prefill_chunk=0)
+
+
 def test_malformed_json_is_400(srv):
     r = httpx.post(srv.base + "/v1/completions", content=b'{"prompt": "hi",',
                    headers={"content-type": "application/json"})

@@ -561,6 +561,10 @@ class Engine:
                  prefill_chunk: int = 256, max_queue: int = 64,
                  cache: PrefixCache | None = None, device: str | torch.device = "cpu",
                  cache_prompts: bool = True):
+        for name, v in (("max_batch", max_batch), ("prefill_chunk", prefill_chunk),
+                        ("max_queue", max_queue)):
+            if v < 1:  # 0 would leave every request waiting forever
+                raise ValueError(f"Engine: {name} must be >= 1, got {v}")
         self.model = model
         self.tok = tokenizer
         self.max_batch = max_batch

@@ -38,7 +38,7 @@ from typing import Any, AsyncIterator, Literal, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from rwkvforge.generate import (
     CHAT_STOP,
@@ -80,6 +80,16 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     user: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI clients send unset optional fields as null: null takes the default."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {k: v for k, v in data.items()
+                    if v is not None or k not in fields or fields[k].default is None}
+        return data
 
 
 class CompletionRequest(_Sampling):
@@ -157,7 +167,34 @@ class _GuardMiddleware:
                                 "<SERVE_API_KEY>'", "authentication_error", None,
                                 "invalid_api_key"), 401, headers={"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send)
+        if "content-length" not in headers and "transfer-encoding" in headers:
+            # a chunked body has no size up front: read it here, up to the limit
+            body = bytearray()
+            while True:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return  # the client went away
+                body += msg.get("body", b"")
+                if len(body) > MAX_BODY_BYTES:
+                    resp = JSONResponse(_error_body(
+                        f"request body is over the {MAX_BODY_BYTES} byte limit",
+                        "invalid_request_error", None, None), 413)
+                    return await resp(scope, receive, send)
+                if not msg.get("more_body", False):
+                    break
+            receive = _replay(bytes(body), receive)
         return await self.app(scope, receive, send)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """An ASGI receive that gives `body` once, then whatever the connection sends next
+    (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> dict:
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 @dataclass
@@ -376,14 +413,29 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
             raise APIError(400, "only response_format type 'text' is supported",
                            "response_format")
         msgs: list[dict[str, str]] = []
-        for m in body.messages:
+        seen_user = False
+        for i, m in enumerate(body.messages):  # order checked here: i is the client's index
             text = m.content if isinstance(m.content, str) else \
                 "\n".join(part.text for part in m.content)
             role = "system" if m.role == "developer" else m.role
-            if msgs and msgs[-1]["role"] == role and role != "system":
+            if role == "system" and msgs and msgs[-1]["role"] != "system":
+                raise APIError(400, f"messages[{i}]: a system message after the conversation "
+                               "started; put system messages first", "messages")
+            if role == "assistant" and not seen_user:
+                raise APIError(400, f"messages[{i}]: an assistant message before any user "
+                               "message", "messages")
+            seen_user |= role == "user"
+            if msgs and msgs[-1]["role"] == role:
                 msgs[-1]["content"] += "\n" + text  # consecutive turns of one speaker
             else:
                 msgs.append({"role": role, "content": text})
+        if not seen_user:
+            raise APIError(400, "messages: no user message (only system messages)", "messages")
+        if msgs[-1]["role"] == "assistant":
+            raise APIError(400, f"messages[{len(body.messages) - 1}]: the conversation ends "
+                           "with an assistant message; end it with the user's turn (this "
+                           "server writes the next assistant reply, it does not continue one)",
+                           "messages")
         from rwkvforge.tokenizer import ChatFormatError
 
         try:
@@ -457,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     from rwkvforge.runtime import keep_freed_memory
     from rwkvforge.tokenizer import get_tokenizer
 
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    for flag in ("max_prompt_tokens", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     split_model_arg(args)
     keep_freed_memory()  # inference: reuse freed activation memory (see runtime.py)
     try:
