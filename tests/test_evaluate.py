@@ -182,3 +182,20 @@ def test_bad_inputs(tiny_model_path, tmp_path, capsys):
     assert rc == 1 and "validation JSONL not found" in capsys.readouterr().err
     rc = E.main(["--run", str(run), "--val", str(tmp_path / "missing.jsonl"), "--base", str(tmp_path / "b.pth")])
     assert rc == 1 and "base model not found" in capsys.readouterr().err
+
+
+def test_bad_tuned_file_and_numbers_are_clear_errors(tiny_model_path, sft_jsonl, tmp_path,
+                                                     capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": {"path": str(tiny_model_path)}}))
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(tiny_model_path.read_bytes()[:4000])
+    rc = E.main(["--run", str(run), "--tuned", str(cut), "--val", str(sft_jsonl),
+                 "--no-checks", "--max-val-batches", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"--tuned: {cut}: cannot be read" in err and "Traceback" not in err
+    for flag, bad in (("--micro-bsz", "0"), ("--max-val-batches", "0"), ("--ctx-len", "1")):
+        with pytest.raises(SystemExit) as ei:
+            E.main(["--run", str(run), flag, bad])
+        assert ei.value.code == 2 and f"{flag} must be >=" in capsys.readouterr().err

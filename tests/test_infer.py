@@ -84,6 +84,30 @@ def test_repl_reuses_earlier_turns(tiny_model_path, tok, capsys):
     assert runner.engine.cache.hits >= 1
 
 
+def test_repl_survives_bad_lines_and_a_stopped_reply(tiny_model_path, tok, capsys):
+    """A line that is not UTF-8 (surrogate-escaped by the terminal) is ignored, and Ctrl-C
+    during a reply stops that reply only: the chat goes on without the dropped turn."""
+    runner = infer.BuiltinRunner(tiny_model_path, tok, infer.DTYPES["fp32"], "cpu")
+    real, calls = runner.generate, []
+
+    def generate(ids, *a, **kw):
+        calls.append(ids)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(ids, *a, **kw)
+
+    runner.generate = generate
+    lines = iter(["hi \udcff there", "first", "second", "/quit"])
+    params = lambda chat: SamplingParams(temperature=0, max_tokens=3,  # noqa: E731
+                                         stop=CHAT_STOP if chat else ())
+    assert infer.repl(runner, tok, "", params, read=lambda _: next(lines)) == 0
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and "[reply stopped; that turn is dropped]" in err
+    assert len(calls) == 2  # the bad line never reached the model
+    second, _ = encode_chat_prompt([{"role": "user", "content": "second"}], tok)
+    assert calls[1] == second  # "first" was dropped with its stopped reply
+
+
 def test_missing_model_and_backend_errors(tmp_path, tiny_model_path, tok, capsys):
     rc = infer.main(["--model", str(tmp_path / "nope.pth"), "--prompt", "x"])
     err = capsys.readouterr().err

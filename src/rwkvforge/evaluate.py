@@ -236,11 +236,14 @@ def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: i
 # ----------------------------------------------------------------------------- models
 def load_tuned(base_sd: dict[str, torch.Tensor], adapter: str | Path | None, tuned: str | Path | None):
     """(tuned RWKV7 in fp32, description)."""
-    from rwkvforge.checkpoint import load_model, model_from_state_dict
+    from rwkvforge.checkpoint import CheckpointError, load_model, model_from_state_dict
     from rwkvforge.merge import MergeError, load_adapter, merge_state_dict
 
     if tuned is not None:
-        return load_model(tuned), f"merged model {tuned}"
+        try:
+            return load_model(tuned), f"merged model {tuned}"
+        except CheckpointError as e:
+            raise EvalError(f"--tuned: {e}") from e
     try:
         ad = load_adapter(adapter)
         sd = merge_state_dict(base_sd, ad, torch.float32, "fp32")
@@ -373,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-val-batches", type=int, default=None, help="evaluate only the first N batches")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval)")
     args = ap.parse_args(argv)
+    for flag in ("ctx_len", "micro_bsz", "max_tokens", "max_val_batches"):
+        v = getattr(args, flag)
+        if v is not None and v < (2 if flag == "ctx_len" else 1):
+            ap.error(f"--{flag.replace('_', '-')} must be >= {2 if flag == 'ctx_len' else 1}, "
+                     f"got {v}")
 
     run = args.run
     cfg = {}

@@ -395,8 +395,15 @@ def repl(runner: Any, tok: Any, system: str, params: Callable[[bool], SamplingPa
             msgs = msgs[:1] if system else []
             print("[conversation cleared]")
             continue
-        msgs.append({"role": "user", "content": line})
-        ids, ends = encode_chat_prompt(msgs, tok)
+        if any("\ud800" <= ch <= "\udfff" for ch in line):
+            print("[that line is not valid UTF-8 (is the terminal set to UTF-8?); ignored]",
+                  file=sys.stderr)
+            continue
+        try:
+            ids, ends = encode_chat_prompt(msgs + [{"role": "user", "content": line}], tok)
+        except (ValueError, ChatFormatError) as e:
+            print(f"[{e}; line ignored]", file=sys.stderr)
+            continue
         sys.stdout.write("Assistant: ")
         strip = LeadingSpaceStrip()
 
@@ -404,10 +411,14 @@ def repl(runner: Any, tok: Any, system: str, params: Callable[[bool], SamplingPa
             sys.stdout.write(strip(t))
             sys.stdout.flush()
 
-        text, _, _ = runner.generate(ids, params(True), out, cache_at=ends)
+        try:
+            text, _, _ = runner.generate(ids, params(True), out, cache_at=ends)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the chat
+            print("\n[reply stopped; that turn is dropped]", file=sys.stderr)
+            continue
         sys.stdout.write("\n\n")
         reply = text.strip() or "..."
-        msgs.append({"role": "assistant", "content": reply})
+        msgs += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]
 
 
 if __name__ == "__main__":
