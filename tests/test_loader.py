@@ -229,3 +229,26 @@ def test_sft_resume_across_epochs(tmp_path, pack):
         assert all(torch.equal(e[k], got[k]) for k in e)
     with pytest.raises(ValueError, match="seed was 2, now 3"):
         L.build_train_loader(prefix, 16, 3, seed=3, pack=pack).load_state_dict(state)
+
+
+def test_sft_examples_with_nothing_to_train_within_ctx_are_left_out(tmp_path):
+    """An example whose assistant tokens all lie past ctx_len would give a zero loss and
+    still move the weights: the loader leaves it out and says how many (so does prepare)."""
+    long_q = "вопрос " * 80
+    rows = [{"prompt": "q1", "response": "a1"}, {"prompt": long_q, "response": "a2"},
+            {"prompt": "q3", "response": "a3"}]
+    src = tmp_path / "s.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                   encoding="utf-8")
+    meta = run(Options(input=src, prefix=tmp_path / "d", kind="sft", ctx_len=32, workers=1,
+                       progress=False), log=lambda *a: None)
+    assert meta["untrained_within_ctx"] == 1
+    ld = L.build_train_loader(tmp_path / "d", 32, 1, seed=0)
+    assert (ld.n, ld.skipped) == (2, 1) and sorted(ld.examples.tolist()) == [0, 2]
+    for _ in range(6):  # three epochs: every row trains something
+        assert next(ld)["loss_mask"].sum() > 0
+    full = L.build_train_loader(tmp_path / "d", 4096, 1, seed=0)  # all fit: order unchanged
+    assert full.skipped == 0 and full._order(0).tolist() == np.random.default_rng(
+        [0, 0]).permutation(3).tolist()
+    with pytest.raises(ValueError, match="none of the 3 examples has a trained"):
+        L.build_train_loader(tmp_path / "d", 1, 1, seed=0)

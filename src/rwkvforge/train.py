@@ -960,6 +960,11 @@ class Trainer:
                         f"GRAD_ACCUM {self.grad_accum} x {self.world} GPUs = "
                         f"{self.rows_per_step} rows; lower GRAD_ACCUM too)")
             raise TrainError(msg) from None
+        skipped = getattr(self.loader, "skipped", 0)
+        if skipped:
+            self.say(f"note: {skipped} of {skipped + self.loader.n} SFT examples have no "
+                     f"trained (assistant) token within CTX_LEN={s.ctx_len}: left out (raise "
+                     "CTX_LEN to train on them)")
         self.total_steps = s.max_steps or s.epochs * self.loader.steps_per_epoch
         if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
             self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "

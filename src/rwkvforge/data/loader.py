@@ -316,13 +316,28 @@ class SFTLoader(_Stream):
         if pad_to not in ("longest", "ctx_len"):
             raise ValueError(f"pad_to must be 'longest' or 'ctx_len', got {pad_to!r}")
         self.split, self.ctx_len, self.pack, self.pad_to = split, ctx_len, pack, pad_to
-        self.n = split.num_examples
+        # SFT examples whose trained (assistant) tokens all lie past CTX_LEN would train on
+        # nothing (a zero loss, yet an optimiser step): they are left out, and counted
+        self.examples = np.arange(split.num_examples)
+        if self.kind == "sft" and split.mask is not None:
+            cap = ctx_len + 1
+            self.examples = np.asarray([i for i in range(split.num_examples)
+                                        if split.mask[i][1:cap].any()], np.int64)
+            if not len(self.examples):
+                raise ValueError(
+                    f"{split.prefix}: none of the {split.num_examples} examples has a trained "
+                    f"(assistant) token within ctx_len={ctx_len}: raise CTX_LEN, or shorten "
+                    "the prompts")
+        self.skipped = split.num_examples - len(self.examples)
+        self.n = len(self.examples)
         need = micro_bsz * world_size
         if self.n < need and not pack:
             raise ValueError(
                 f"{split.prefix}: {self.n} examples is fewer than one batch (micro_bsz="
                 f"{micro_bsz} x {world_size} GPUs = {need}). Lower MICRO_BSZ, add examples, or "
-                "prepare with --repeat N.")
+                "prepare with --repeat N."
+                + (f" ({self.skipped} more have no trained token within ctx_len={ctx_len}.)"
+                   if self.skipped else ""))
         self._plan_cache: tuple[int, list[list[int]]] | None = None
         self._order_cache: tuple[int, list[int]] | None = None
         if pack and len(self._plan(0)) < need:
@@ -332,7 +347,8 @@ class SFTLoader(_Stream):
                 "or CTX_LEN, or prepare with --repeat N.")
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        """The epoch's examples (split item indices) in a seeded random order."""
+        return self.examples[np.random.default_rng([self.seed, epoch]).permutation(self.n)]
 
     def _plan(self, epoch: int) -> list[list[int]]:
         """Packed rows of an epoch: lists of example indices (whole examples, in order)."""

@@ -798,6 +798,10 @@ def run(opts: Options, log=print) -> dict[str, Any]:
         if has_mask:  # train examples (DPO: pairs with either answer) the loader will cut
             long = s_ids.sizes[items[train, None] + np.arange(2 if opts.kind == "dpo" else 1)]
             meta["longer_than_ctx"] = int((long > opts.ctx_len + 1).any(axis=1).sum())
+        if opts.kind == "sft":  # examples the loader leaves out: nothing to train within ctx
+            cap = opts.ctx_len + 1
+            meta["untrained_within_ctx"] = sum(
+                1 for i in items[train].tolist() if not s_mask[i][1:cap].any())
         # publish: the meta goes first (incomplete from here) and comes back last; the
         # .bin / .idx renames in between are the only window in which an interruption leaves
         # data without its meta, and a masked split without one refuses to load (loader.py)
@@ -877,6 +881,9 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
         if meta.get("longer_than_ctx"):
             log(f"  note: {meta['longer_than_ctx']} {unit} are longer than CTX_LEN + 1 tokens "
                 "and will be cut by the loader")
+        if meta.get("untrained_within_ctx"):
+            log(f"  note: {meta['untrained_within_ctx']} {unit} have no trained (assistant) "
+                f"token within CTX_LEN={meta['ctx_len']}; training leaves them out")
     log(f"  wrote {prefix}.meta.json in {meta['seconds']:.1f} s")
 
 
