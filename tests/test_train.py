@@ -639,6 +639,11 @@ def test_rwkv_peft_command_maps_the_config(tmp_path):
     argv = T.rwkv_peft_command(pissa, Path("/m"), Path("/d"), cfg, Path("/o"), Path("/tp"))
     assert argv[argv.index("--peft") + 1] == "pissa"
     assert json.loads(argv[argv.index("--pissa_config") + 1])["pissa_r"] == 8
+    assert T.rwkv_peft_unmapped(s) == []
+    other = cfgmod.resolve(cli={"optimizer": "adamw8bit", "lora_targets": "att.key",
+                                "grad_clip": 0.5}, env={}, root=ROOT).settings
+    assert T.rwkv_peft_unmapped(other) == ["LORA_TARGETS=att.key", "OPTIMIZER=adamw8bit",
+                                           "GRAD_CLIP=0.5"]
     dora = cfgmod.resolve(cli={"use_dora": True}, env={}, root=ROOT).settings
     with pytest.raises(T.TrainError, match="USE_DORA=1 has no RWKV-PEFT"):
         T.rwkv_peft_command(dora, Path("/m"), Path("/d"), cfg, Path("/o"), Path("/tp"))

@@ -1536,8 +1536,19 @@ def rwkv_peft_command(s: cfgmod.Settings, model_path: Path, data_prefix: Path,
     return argv
 
 
+def rwkv_peft_unmapped(s: cfgmod.Settings) -> list[str]:
+    """Settings changed from their defaults that rwkv_peft_command cannot pass on."""
+    fields = {f.name: f.default for f in dataclasses.fields(cfgmod.Settings)}
+    return [f"{k.upper()}={getattr(s, k)}" for k in
+            ("lora_targets", "optimizer", "grad_clip", "head_chunk", "compile")
+            if getattr(s, k) != fields[k]]
+
+
 def run_rwkv_peft(res: cfgmod.Resolved, root: Path, run_dir: Path, print_only: bool) -> int:
     s = res.settings
+    if s.device == "cpu":
+        raise TrainError("TRAINER=rwkv-peft trains on CUDA GPUs only (its kernels and "
+                         "--accelerator gpu); with DEVICE=cpu use TRAINER=builtin.")
     checkout = rwkv_peft_dir(root)
     if not (checkout / "train.py").is_file():
         raise TrainError(f"TRAINER=rwkv-peft but {checkout}/train.py is missing: run "
@@ -1558,6 +1569,10 @@ def run_rwkv_peft(res: cfgmod.Resolved, root: Path, run_dir: Path, print_only: b
     import shlex
 
     print("RWKV-PEFT command: " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr)
+    unmapped = rwkv_peft_unmapped(s)
+    if unmapped:
+        print("note: RWKV-PEFT has no option for " + ", ".join(unmapped) + ": not applied "
+              "(TRAINER=builtin applies them)", file=sys.stderr)
     if print_only:
         return 0
     (run_dir / "rwkv-peft").mkdir(parents=True, exist_ok=True)
