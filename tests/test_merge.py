@@ -308,6 +308,23 @@ def test_outputs_that_would_destroy_inputs_or_other_files_are_refused(base_path,
     assert json.loads((tmp_path / "m16.verify.json").read_text())["output"] == "m16.pth"
 
 
+def test_merging_into_another_base_than_the_run_used_warns(base_path, lora_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(lora_dir, run / "adapter")
+    other = tmp_path / "other.pth"
+    shutil.copy(base_path, other)
+    logs: list[str] = []
+    for trained_on in (base_path, other):
+        (run / "config.json").write_text(json.dumps({"model": {"path": str(trained_on)}}))
+        logs.clear()
+        M.merge(base_path, run / "adapter", tmp_path / "o.pth", "bf16", runtime_check=False,
+                log=logs.append)
+        warned = [m for m in logs if "warning: the run trained this adapter on" in m]
+        assert len(warned) == (trained_on == other), logs
+
+
 @pytest.mark.parametrize("data", [b"", b"\x00" * 7, "truncated"])
 def test_unreadable_adapter_weights_are_a_merge_error(base_path, lora_dir, tmp_path, data):
     import shutil

@@ -811,7 +811,12 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
     _check_outputs(out, base, adapter_path, export_adapter)
     report_path = out.with_suffix(".verify.json")  # one per merged model
     failed_path = out.with_suffix(".verify-failed.json")
-    settings = _run_config(run_dir).get("settings", {})
+    run_cfg = _run_config(run_dir)
+    settings = run_cfg.get("settings", {})
+    trained_on = (run_cfg.get("model") or {}).get("path")
+    if trained_on and Path(trained_on).is_file() and not _same_file(Path(trained_on), base):
+        log(f"[merge] warning: the run trained this adapter on {trained_on}, not {base}; "
+            "the shapes match, but merging into another base gives another model")
     info = adapter.summary()
     log(f"[merge] base {base} ({base_sd['emb.weight'].dtype}), adapter {adapter.source} "
         f"({adapter.kind}: {info['modules']} modules, r={info['ranks']}, scale={info['scales']}"
