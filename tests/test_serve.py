@@ -164,6 +164,9 @@ def test_api_key_required_when_set(parts):
         r = httpx.post(s.base + "/v1/completions", json={"prompt": "hi", "max_tokens": 1})
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(s.base + "/health").status_code == 200
+        assert httpx.get(s.base + "/openapi.json").status_code == 401  # the API's map too
+        assert httpx.get(s.base + "/openapi.json",
+                         headers={"Authorization": "Bearer s3cret"}).status_code == 200
         out = s.client("s3cret").completions.create(model="x", prompt="hi", max_tokens=2)
         assert out.usage.completion_tokens <= 2
 
@@ -295,6 +298,18 @@ def test_engine_refuses_a_zero_prefill_chunk(parts):
     model, tok = parts
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         Engine(model, tok, prefill_chunk=0)
+
+
+def test_unknown_paths_and_bodies_get_openai_error_objects(srv):
+    r = httpx.get(srv.base + "/v1/nothing")
+    assert r.status_code == 404 and "no such endpoint: GET /v1/nothing" in r.json()[
+        "error"]["message"]
+    r = httpx.get(srv.base + "/v1/completions")
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(srv.base + "/v1/completions", content=b"prompt=hi",
+                   headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"][
+        "message"]
 
 
 def test_malformed_json_is_400(srv):

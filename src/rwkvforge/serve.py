@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
@@ -136,6 +137,9 @@ def _error_body(message: str, type_: str, param: str | None, code: str | None) -
 # the app
 # --------------------------------------------------------------------------------------
 
+_API_DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
 class _GuardMiddleware:
     """Pure ASGI (streams and disconnects pass straight through): refuses bodies over
     MAX_BODY_BYTES (413) and, with an API key, /v1/* requests without it (401)."""
@@ -158,7 +162,8 @@ class _GuardMiddleware:
                                             f"{MAX_BODY_BYTES} byte limit",
                                             "invalid_request_error", None, None), 413)
             return await resp(scope, receive, send)
-        if self.api_key and scope.get("path", "").startswith("/v1/"):
+        path = scope.get("path", "")
+        if self.api_key and (path.startswith("/v1/") or path in _API_DOCS):
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                     token.strip().encode("utf-8", "replace"), self.api_key):
@@ -242,10 +247,26 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
                 None, "invalid_json"), 400)
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
+        ctype = request.headers.get("content-type", "")
+        if not loc and "json" not in ctype:
+            return JSONResponse(_error_body(
+                f"the request body must be a JSON object sent with 'Content-Type: "
+                f"application/json' (got {ctype or 'no Content-Type'})",
+                "invalid_request_error", None, "invalid_content_type"), 400)
         msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}"
                         f": {er.get('msg', 'invalid')}" for er in errs[:5])
         return JSONResponse(_error_body(msg, "invalid_request_error", param, "invalid_value"),
                             422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # 404 / 405 and friends in the OpenAI error shape, not FastAPI's {"detail": ...}
+        msg = {404: f"no such endpoint: {request.method} {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(
+                   e.status_code, str(e.detail))
+        return JSONResponse(_error_body(msg, "invalid_request_error", None,
+                                        "not_found" if e.status_code == 404 else None),
+                            e.status_code, headers=getattr(e, "headers", None))
 
     app.add_middleware(_GuardMiddleware, api_key=opts.api_key)
 
