@@ -103,6 +103,8 @@ def test_shell_syntax_is_an_error_with_file_and_line(tmp_path: Path, line: str, 
     ("QUANT=nf5", "not one of"),
     ("USE_DORA=maybe", "not a valid bool"),
     ("LR=fast", "not a valid float"),
+    ("LR=nan", "must be a finite number"),
+    ("LORA_ALPHA=inf", "must be a finite number"),
 ])
 def test_bad_values(tmp_path: Path, line: str, needle: str) -> None:
     p = tmp_path / "bad.env"
@@ -142,6 +144,32 @@ def test_unknown_profile_lists_available(tmp_path: Path) -> None:
     root = _workspace(tmp_path)
     with pytest.raises(ConfigError, match="Available: p"):
         resolve(profile="qlora", root=root)
+
+
+def test_own_profile_files(tmp_path: Path) -> None:
+    """A profile .env of one's own: a BOM (Windows Notepad) is fine, its file name labels the
+    runs when it sets no PROFILE, and a path that does not exist is named."""
+    root = _workspace(tmp_path)
+    mine = tmp_path / "my-nf4.env"
+    mine.write_bytes(b"\xef\xbb\xbfQUANT=nf4\nLORA_R=8\n")
+    res = resolve(profile=str(mine), env={}, root=root)
+    assert (res.settings.quant, res.settings.lora_r, res.settings.profile) == ("nf4", 8, "my-nf4")
+    with pytest.raises(ConfigError, match=f"profile file {tmp_path / 'nope.env'} not found"):
+        resolve(profile=str(tmp_path / "nope.env"), env={}, root=root)
+
+
+def test_config_show_resolves_like_train_for_the_demo_model() -> None:
+    """With no BASE_MODEL, train adds configs/model/rwkv7-tiny.env; config show says so."""
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k.upper() not in config.FIELD_BY_KEY and not k.startswith("RWKVFORGE_")}
+    out = subprocess.run([sys.executable, "-m", "rwkvforge", "config", "show", "--json",
+                          "--profile", "lora-bf16"], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, "RWKVFORGE_ROOT": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    tiny = load_env_file(ROOT / "configs" / "model" / "rwkv7-tiny.env")
+    assert data["settings"]["lr"] == tiny["LR"][0]
+    assert data["sources"]["LR"].startswith(str(ROOT / "configs" / "model" / "rwkv7-tiny.env"))
 
 
 def test_shipped_envs_are_valid_bash(tmp_path: Path) -> None:

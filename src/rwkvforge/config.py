@@ -351,7 +351,10 @@ def resolve(model: str | None = None, profile: str | None = None,
         files.append(str(p))
     if profile:
         p = _named_env(root, "profile", profile)
-        apply(load_env_file(p))
+        layer = load_env_file(p)
+        if "PROFILE" not in layer:  # a profile file of one's own: its name labels the runs
+            layer = {"PROFILE": (p.name.removesuffix(".env"), f"{p} (its name)"), **layer}
+        apply(layer)
         files.append(str(p))
     for key in FIELD_BY_KEY:
         if key in env:
