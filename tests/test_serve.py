@@ -441,3 +441,14 @@ def test_load_32_streaming_clients_complete_and_memory_flat(parts):
         assert health["running"] == 0 and health["waiting"] == 0
         assert rss1 - rss0 < 64 * 2**20, f"RSS grew {(rss1 - rss0) / 2**20:.1f} MiB"
         assert s.engine.stats["decode_tokens"] > 0
+
+
+def test_a_busy_port_is_found_before_the_model_loads():
+    from rwkvforge.serve import port_unavailable
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        assert "in use" in port_unavailable("127.0.0.1", port)
+    assert port_unavailable("127.0.0.1", _free_port()) is None

@@ -499,6 +499,22 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
 # CLI
 # --------------------------------------------------------------------------------------
 
+def port_unavailable(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on right now (None: it can), found by binding it
+    briefly the way uvicorn will (SO_REUSEADDR)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port,
+                                                          type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rwkvforge import config as cfgmod
 
@@ -547,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
     except InferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    why = port_unavailable(s.serve_host, s.serve_port)  # before minutes of model loading
+    if why:
+        print(f"error: cannot listen on {s.serve_host}:{s.serve_port} ({why}): is another "
+              "server running there? Pick another --serve-port.", file=sys.stderr)
+        return 2
     try:
         path, is_demo = resolve_model_path(s.base_model)
         tok = get_tokenizer()
@@ -569,7 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     print(f"[rwkvforge] OpenAI-compatible API at http://{s.serve_host}:{s.serve_port}/v1 "
-          f"(model id {opts.model_id!r})", file=sys.stderr)
+          f"(model id {opts.model_id!r}"
+          + (f", adapter {args.adapter} merged in memory" if args.adapter else "") + ")",
+          file=sys.stderr)
     uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=args.log_level)
     return 0
 
