@@ -191,8 +191,6 @@ def test_bad_inputs_and_options_are_named(tmp_path):
     for bad in (float("nan"), 0.0, -1.0):
         with pytest.raises(P.PrepareError, match="--max-line-mb must be a positive"):
             P.run(opts(tmp_path, src, max_line_mb=bad), log=quiet)
-    with pytest.raises(P.PrepareError, match="is a folder: give one JSONL file"):
-        P.run(opts(tmp_path, tmp_path), log=quiet)
 
 
 def test_cli_file_system_errors_and_prefix_forms(tmp_path, capsys):
@@ -251,6 +249,44 @@ def test_sigterm_leaves_no_temp_files(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+def test_a_folder_is_one_text_document_per_file(tmp_path):
+    """A folder of code (a 1C configuration dump: .bsl files with a BOM and CRLF, nested
+    Cyrillic folders) gives the same bytes as a JSONL of the files' texts in path order;
+    hidden files, other extensions and empty files are left out; a file that is not UTF-8
+    is named."""
+    src = tmp_path / "dump"
+    (src / "Catalogs" / "Товары" / "Ext").mkdir(parents=True)
+    (src / ".git").mkdir()
+    (src / "Catalogs" / "Товары" / "Ext" / "ObjectModule.bsl").write_bytes(
+        "\ufeffПроцедура ПриЗаписи(Отказ)\r\n\tОтказ = Ложь;\r\nКонецПроцедуры\r\n"
+        .encode("utf-8"))
+    (src / "Module.bsl").write_text("Функция Тест()\n\tВозврат 1;\nКонецФункции\n",
+                                    encoding="utf-8")
+    (src / "Empty.bsl").write_text("")
+    (src / "Form.xml").write_text("<xml/>")
+    (src / ".git" / "x.bsl").write_text("hidden")
+    texts = ["Процедура ПриЗаписи(Отказ)\r\n\tОтказ = Ложь;\r\nКонецПроцедуры\r\n",
+             "Функция Тест()\n\tВозврат 1;\nКонецФункции\n"]
+    ref = write_jsonl(tmp_path / "ref.jsonl", [{"text": t} for t in texts])
+    want = P.run(P.Options(input=ref, prefix=tmp_path / "ref" / "d", kind="text",
+                           progress=False, workers=1, ctx_len=16), log=quiet)
+    meta = P.run(opts(tmp_path, src, ctx_len=16, glob="**/*.bsl"), log=quiet)
+    assert sha(tmp_path / "out/d.bin") == sha(tmp_path / "ref/d.bin")
+    assert sha(tmp_path / "out/d.idx") == sha(tmp_path / "ref/d.idx")
+    assert meta["documents"] == want["documents"] == 2
+    assert (meta["source"]["files"], meta["source"]["empty_files"]) == (3, 1)
+    assert meta["source"]["path"] == str(src) and not list((tmp_path / "out").glob("*tmp*"))
+    (src / "Bad.bsl").write_bytes("Процедура".encode("cp1251"))
+    with pytest.raises(P.PrepareError) as ei:
+        P.run(opts(tmp_path, src, ctx_len=16, glob="**/*.bsl"), log=quiet)
+    assert f"1 invalid file(s) in {src}" in str(ei.value)
+    assert f"{src / 'Bad.bsl'}: not valid UTF-8" in str(ei.value)
+    with pytest.raises(P.PrepareError, match="no files match --glob"):
+        P.run(opts(tmp_path, src, glob="**/*.py"), log=quiet)
+    with pytest.raises(P.PrepareError, match="a folder is read as text documents"):
+        P.run(opts(tmp_path, src, "sft"), log=quiet)
 
 
 def test_top_level_system_with_messages(tmp_path):

@@ -55,7 +55,10 @@ class Settings:
     # ---- workspace -------------------------------------------------------------------
     base_model: str = _f("", "Base model .pth (BlinkDL layout). Empty: the embedded demo "
                          "model under models/base/ is generated and used.")
-    data_file: str = _f("", "Training JSONL. Empty: the shipped sample data/samples/.")
+    data_file: str = _f("", "Training JSONL, or a folder of text files (DATA_TYPE=text: one "
+                        "file = one document). Empty: the shipped sample data/samples/.")
+    data_glob: str = _f("**/*", "Which files of a DATA_FILE folder to read, e.g. **/*.bsl "
+                        "(hidden files and folders are skipped).")
     data_type: str = _f("sft", "How DATA_FILE is read: text (binidx, plain LM), sft "
                         "(chat, prompt masked out of the loss) or dpo.",
                         choices=("text", "sft", "dpo"))

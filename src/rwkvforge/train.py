@@ -658,7 +658,7 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
         if data_file is None or not prepare:
             raise TrainError(f"no prepared data at {prefix} (.meta.json / .bin): run "
                              f"`rwkvforge prepare` first (DATA_FILE={s.data_file or '-'}).")
-        if not data_file.is_file():
+        if not data_file.exists():
             raise TrainError(f"DATA_FILE {data_file} not found. Fix DATA_FILE, or leave it "
                              "empty for the shipped sample.")
         from rwkvforge.data.prepare import Options, run as prepare_run
@@ -667,7 +667,8 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
         prepare_run(Options(input=data_file, prefix=prefix, kind=s.data_type,
                             ctx_len=s.ctx_len, seed=s.seed, val_fraction=s.val_fraction,
                             workers=1, micro_bsz=s.micro_bsz, grad_accum=s.grad_accum,
-                            num_gpus=s.num_gpus, progress=False), log=lambda *a: None)
+                            num_gpus=s.num_gpus, progress=False, glob=s.data_glob),
+                    log=lambda *a: None)
     return Inputs(model_path, prefix, data_file, demo_model, demo_data)
 
 

@@ -64,7 +64,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -548,6 +548,42 @@ class Options:
     grad_accum: int = 1
     num_gpus: int = 1
     progress: bool = True
+    glob: str = "**/*"  # the files of a folder input
+
+
+def _folder_to_jsonl(folder: Path, pattern: str, out: Path
+                     ) -> tuple[list[str], list[LineResult], int]:
+    """Each file under `folder` matching `pattern` (sorted by path; hidden files and folders
+    skipped) becomes line k of the JSONL `out`: {"text": its UTF-8 text, BOM removed}. An
+    empty file, or one that is not UTF-8, gets a blank line instead (lines keep their
+    numbers). Returns (the files' relative names by line, errors for files that are not
+    UTF-8, the number of empty files)."""
+    try:
+        files = sorted(p for p in folder.glob(pattern) if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(folder).parts))
+    except (ValueError, NotImplementedError) as e:  # a bad pattern, e.g. "/abs" or "**x"
+        raise PrepareError(f"--glob {pattern!r}: {e}") from None
+    if not files:
+        raise PrepareError(f"{folder}: no files match --glob {pattern!r} (DATA_GLOB)")
+    names, errors, empty = [], [], 0
+    with open(out, "w", encoding="utf-8", newline="\n") as f:
+        for k, p in enumerate(files, start=1):
+            names.append(p.relative_to(folder).as_posix())
+            raw = p.read_bytes()
+            try:
+                text = raw.decode("utf-8").removeprefix("\ufeff")
+            except UnicodeDecodeError as e:
+                hint = _encoding_hint(raw, 2).replace("in.jsonl > out.jsonl",
+                                                      f"'{p.name}' > '{p.name}.utf8'")
+                errors.append(LineResult(k, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} "
+                                         f"at byte {e.start}): {hint}"))
+                text = ""
+            if not text.strip():
+                empty += not errors or errors[-1].lineno != k
+                f.write("\n")
+            else:
+                f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return names, errors, empty
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -559,9 +595,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _first_errors(src: Path, errors: list[LineResult]) -> str:
+def _first_errors(where: Callable[[int], str], errors: list[LineResult]) -> str:
     """The first rejected lines, one per row, for an error message ("" when none)."""
-    shown = "".join(f"\n  {src}:{e.lineno}: {e.error}" for e in errors[:MAX_ERRORS_SHOWN])
+    shown = "".join(f"\n  {where(e.lineno)}: {e.error}" for e in errors[:MAX_ERRORS_SHOWN])
     more = (f"\n  ... and {len(errors) - MAX_ERRORS_SHOWN} more"
             if len(errors) > MAX_ERRORS_SHOWN else "")
     return (":" + shown + more) if errors else ""
@@ -687,10 +723,10 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     (nothing written) on invalid input without skip_invalid."""
     t0 = time.time()
     src = opts.input
-    if src.is_dir():
-        raise PrepareError(f"{src} is a folder: give one JSONL file (one {{\"text\": ...}} "
-                           "object per line for --type text; join a folder's files into one)")
-    if not src.is_file():
+    if src.is_dir() and opts.kind != "text":
+        raise PrepareError(f"{src} is a folder: a folder is read as text documents (one per "
+                           f"file, --type text); {opts.kind} data is one JSONL file")
+    if not src.is_dir() and not src.is_file():
         raise PrepareError(f"{src}: input file not found")
     if opts.kind not in SAMPLES:
         raise PrepareError(f"unknown --type {opts.kind!r}: use text, sft or dpo")
@@ -704,11 +740,32 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     prefix = opts.prefix
     prefix.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(prefix)
+    if src.is_dir():  # one document per file, through a JSONL of them
+        jsonl = prefix.with_name(f"{prefix.name}.folder.jsonl.tmp-{os.getpid()}")
+        try:
+            names, pre_errors, empty = _folder_to_jsonl(src, opts.glob, jsonl)
+            return _run(opts, jsonl, log, t0, folder=(src, names, pre_errors, empty))
+        finally:
+            jsonl.unlink(missing_ok=True)
+    return _run(opts, src, log, t0)
+
+
+def _run(opts: Options, src: Path, log, t0: float, folder: tuple | None = None
+         ) -> dict[str, Any]:
+    """run() on the JSONL `src`; `folder`: (the folder, file names by line, errors found
+    reading the files, empty files) when src was made from a folder's files."""
+    prefix = opts.prefix
+    names = folder[1] if folder else None
+    shown_src = folder[0] if folder else src
+
+    def where(lineno: int) -> str:  # how an error names its place
+        return str(shown_src / names[lineno - 1]) if names else f"{src}:{lineno}"
+
     has_mask = opts.kind in ("sft", "dpo")
     stage_prefix = prefix.with_name(f"{prefix.name}.staging-{os.getpid()}")
     stage_ids = BinIdxWriter(stage_prefix, np.uint16)
     stage_mask = BinIdxWriter(Path(f"{stage_prefix}.mask"), np.uint8) if has_mask else None
-    errors: list[LineResult] = []
+    errors: list[LineResult] = list(folder[2]) if folder else []
     raw_lines: dict[int, str] = {}
     doc_first_item: list[int] = []
     hasher = hashlib.sha256()
@@ -759,14 +816,14 @@ def run(opts: Options, log=print) -> dict[str, Any]:
         errors.sort(key=lambda r: r.lineno)
         if errors and not opts.skip_invalid:
             raise PrepareError(
-                f"{len(errors)} invalid line(s) in {src}; nothing was written"
-                f"{_first_errors(src, errors)}\n"
+                f"{len(errors)} invalid {'file' if names else 'line'}(s) in {shown_src}; "
+                f"nothing was written{_first_errors(where, errors)}\n"
                 f"Fix them, or pass --skip-invalid to skip them (they are listed in "
                 f"{prefix}.rejects.jsonl).")
         n_docs = len(doc_first_item)
         if n_docs == 0:
-            raise PrepareError(f"{src}: no valid documents ({len(errors)} rejected); "
-                               f"nothing was written{_first_errors(src, errors)}")
+            raise PrepareError(f"{shown_src}: no valid documents ({len(errors)} rejected); "
+                               f"nothing was written{_first_errors(where, errors)}")
         for w in (stage_ids, stage_mask):
             if w is not None:
                 w.commit()
@@ -785,7 +842,9 @@ def run(opts: Options, log=print) -> dict[str, Any]:
         rejects_file = Path(f"{prefix}.rejects.jsonl")
         meta: dict[str, Any] = {
             "format": META_FORMAT, "type": opts.kind, "tokenizer": VOCAB_NAME,
-            "source": {"path": str(src), "sha256": hasher.hexdigest(), "bytes": size},
+            "source": {"path": str(shown_src), "sha256": hasher.hexdigest(), "bytes": size,
+                       **({"files": len(names), "glob": opts.glob, "empty_files": folder[3]}
+                          if folder else {})},
             "options": {"repeat": opts.repeat, "shuffle": opts.shuffle, "seed": opts.seed,
                         "val_fraction": opts.val_fraction, "skip_invalid": opts.skip_invalid},
             "documents": n_docs, "rejected": len(errors),
@@ -811,7 +870,8 @@ def run(opts: Options, log=print) -> dict[str, Any]:
             _remove_dataset(stale)
         if errors:
             _atomic_write_text(rejects_file, "".join(
-                json.dumps({"file": str(src), "line": e.lineno, "reason": e.error,
+                json.dumps({"file": where(e.lineno) if names else str(src),
+                            "line": None if names else e.lineno, "reason": e.error,
                             "content": raw_lines.get(e.lineno, "")}, ensure_ascii=False)
                 + "\n" for e in errors))
         else:
@@ -854,6 +914,9 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     unit = {"text": "documents", "sft": "examples", "dpo": "pairs"}[meta["type"]]
     log(f"prepared {prefix} ({meta['type']}) from {meta['source']['path']}")
+    if meta["source"].get("files"):
+        log(f"  {meta['source']['files']} files matched {meta['source']['glob']!r} (one "
+            f"document each; {meta['source']['empty_files']} empty skipped)")
     log(f"  {meta['documents']} {unit} accepted, {meta['rejected']} rejected"
         + (f" (see {prefix.parent / meta['rejects_file']})" if meta["rejects_file"] else ""))
     log(f"  train: {tr['documents']} {unit}, {tr['tokens']} tokens -> {prefix}.bin/.idx")
@@ -891,7 +954,7 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
 # command line
 # ---------------------------------------------------------------------------------------
 
-SETTING_FLAGS = ("data_file", "data_type", "data_prefix", "ctx_len", "val_fraction", "seed",
+SETTING_FLAGS = ("data_file", "data_glob", "data_type", "data_prefix", "ctx_len", "val_fraction", "seed",
                  "micro_bsz", "grad_accum", "num_gpus")
 
 
@@ -902,8 +965,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Defaults come from the config (DATA_FILE, DATA_TYPE, DATA_PREFIX, CTX_LEN, "
                "VAL_FRACTION, SEED); an empty DATA_FILE uses the shipped sample for the type.")
-    ap.add_argument("--input", dest="set_data_file", metavar="X.jsonl",
-                    help="input JSONL [DATA_FILE]")
+    ap.add_argument("--input", dest="set_data_file", metavar="X.jsonl|DIR",
+                    help="input JSONL, or a folder of text files read one document per file "
+                    "(--type text; which files: --data-glob) [DATA_FILE]")
     ap.add_argument("--type", dest="set_data_type", choices=("text", "sft", "dpo"),
                     help="text, sft or dpo [DATA_TYPE]")
     ap.add_argument("--output-prefix", dest="set_data_prefix", metavar="PREFIX",
@@ -957,7 +1021,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
                    val_fraction=s.val_fraction, skip_invalid=args.skip_invalid,
                    workers=max(workers, 1), max_line_mb=args.max_line_mb,
                    micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, num_gpus=s.num_gpus,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, glob=s.data_glob)
 
 
 def _exit_on_signal(signum, _frame) -> None:
