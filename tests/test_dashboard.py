@@ -456,7 +456,7 @@ def test_reader_tolerates_torn_files_and_lists_checkpoints(tmp_path) -> None:
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 3.5}\n{"step": 2, "loss": 2.5}\n'
                                        '{"step": 3, "lo')
     (run / "status.json").write_text('{"state": "runn')  # being replaced right now
-    info = R.read_run(run)
+    info = R.read_run(run, root=tmp_path)
     assert [c.step for c in info.checkpoints] == [2, 10]
     assert [c.complete for c in info.checkpoints] == [True, False]
     assert info.best_loss == 2.5 and info.step == 2 and info.status == "resumable"
@@ -507,3 +507,68 @@ def test_datasets_reader_plain_binidx_and_histogram(workspace, tmp_path) -> None
     assert sum(c for _, c in D.histogram(list(range(1000)))) == 1000
     with pytest.raises(D.DatasetError):
         D.open_dataset(root / "data" / "raw" / "missing.bin")
+
+
+def test_bad_run_folders_never_hide_the_others(tmp_path) -> None:
+    """Run folders written by hand or by other tools: wrong JSON shapes, a start that failed
+    before training (only train.log), and symlinks that lead outside the workspace."""
+    runs = tmp_path / "ws" / "runs"
+    good = runs / "good"
+    good.mkdir(parents=True)
+    (good / "config.json").write_text('{"settings": {"max_steps": 4}}')
+    (good / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 0.01}\n')
+    for name, fname, text in (("a", "config.json", '{"settings": {"max_steps": "abc"}}'),
+                              ("b", "config.json", '{"settings": [1, 2], "model": "x.pth"}'),
+                              ("c", "status.json", '{"state": "failed", "step": "abc"}'),
+                              ("d", "config.json", '{"files": 5, "sources": []}')):
+        (runs / name).mkdir()
+        (runs / name / fname).write_text(text)
+    (runs / "early").mkdir()
+    (runs / "early" / "train.log").write_text("DEMO RUN\n")
+    outside = tmp_path / "outside"
+    (outside / "step-1").mkdir(parents=True)
+    (outside / "step-1" / "COMPLETE").write_text("")
+    (outside / "config.json").write_text('{"settings": {"max_steps": 9}}')
+    (outside / "metrics.jsonl").write_text('{"step": 1, "loss": 42.0}\n')
+    (runs / "evil").symlink_to(outside)
+    (runs / "good" / "checkpoints").symlink_to(outside)
+    (runs / "c" / "metrics.jsonl").symlink_to(outside / "metrics.jsonl")
+    got = {r.name: r for r in R.list_runs(runs, tmp_path / "ws")}
+    assert sorted(got) == ["a", "b", "c", "d", "early", "good"]  # no "evil"
+    assert got["good"].max_steps == 4 and got["good"].best_loss == 2.0  # not the stepless 0.01
+    assert got["good"].checkpoints == [] and got["c"].best_loss is None  # nothing outside
+    assert got["a"].max_steps == 0 and got["c"].step == 0 and got["b"].profile == ""
+    assert got["early"].status == "failed" and "before training began" in got["early"].error
+    assert R.config_rows(runs / "b") == []
+
+
+def test_token_view_html_survives_blank_lines() -> None:
+    """A blank line in the decoded text must not end Markdown's HTML block."""
+    from rwkvforge.dashboard import datasets as D
+    from rwkvforge.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    ids = tok.encode("User: q\n\nAssistant: a\r\n")
+    html = D.render_tokens_html(tok, ids, [0] * len(ids), "<EOT>")
+    assert "\n" not in html and "\r" not in html
+    assert htmllib.unescape(re.sub(r"<[^>]+>", "", html)) == "User: q\n\nAssistant: a\r\n"
+
+
+def test_dataset_metas_of_other_shapes_or_pointing_outside(workspace, tmp_path) -> None:
+    from rwkvforge.dashboard import datasets as D
+
+    root = tmp_path / "ws"
+    shutil.copytree(workspace / "data" / "processed", root / "data" / "processed")
+    proc = root / "data" / "processed"
+    (proc / "list.meta.json").write_text("[1, 2]")
+    (proc / "str.meta.json").write_text('{"format": "rwkvforge-data/1", "splits": "oops"}')
+    meta = json.loads((proc / "sft.meta.json").read_text())
+    meta["splits"]["train"]["prefix"] = "../../../outside/sft"
+    (proc / "trav.meta.json").write_text(json.dumps(meta))
+    found = {p.name for p in D.find_datasets(root)}
+    assert {"list.meta.json", "str.meta.json", "trav.meta.json", "sft.meta.json"} <= found
+    for name, why in (("list", "not a meta file"), ("str", "not a meta file"),
+                      ("trav", "points outside the workspace")):
+        with pytest.raises(D.DatasetError, match=why):
+            D.open_dataset(proc / f"{name}.meta.json", root=root)
+    assert D.open_dataset(proc / "sft.meta.json", root=root).kind == "sft"

@@ -1325,7 +1325,13 @@ class Trainer:
     def run(self) -> TrainResult:
         s = self.s
         self._events: list[str] = []
-        self.setup()
+        try:
+            self.setup()
+        except BaseException as e:  # the run folder's log says why it never started
+            if getattr(self.folder, "_handler", None) is not None:
+                log.error("the run did not start: %s", e)
+                self.folder.close_log()
+            raise
         prev = self._read_status() if self.resume else {}
         if self.resume and self.step >= self.total_steps:  # every rank returns here
             self.say(f"{self.run_dir} already finished {self.total_steps} steps: nothing to "

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +31,7 @@ PAGES = ("runs", "compare", "data", "chat", "system")
 METRICS = ("loss", "val_loss", "lr", "tokens_per_s", "mem_mb", "grad_norm")
 SYSTEM_SECTIONS = ("gpu", "torch", "memory", "python", "bitsandbytes", "os", "disk", "packages")
 REFRESH_S = 2.0  # live-curve refresh period while a run is running
+IDLE_REFRESH_S = 10.0  # the Runs page's look for a newly started run while none is running
 MAX_POINTS = 2000  # per curve
 ss = st.session_state
 
@@ -223,13 +226,19 @@ def run_curves(run_dir: Path) -> None:
         curve(df, ["mem_mb"])
 
 
+def md_literal(text: str) -> str:
+    """`text` shown as itself in Markdown (a run name with *, _, $ ... is not formatting)."""
+    return re.sub(r"([\\`*_\[\]#$<>~|])", r"\\\1", text)
+
+
 def run_detail(run: R.RunInfo) -> None:
-    st.subheader(tr("runs.detail", run=run.name))
+    st.subheader(tr("runs.detail", run=md_literal(run.name)))
     if run.status == "running":
         st.success(tr("runs.is_running", step=run.step, max_steps=run.max_steps))
     elif run.status == "resumable":
         last = max(c.step for c in run.checkpoints if c.complete)
-        st.warning(tr("runs.is_resumable", step=last, run=run.name))
+        st.warning(tr("runs.is_resumable", step=last,
+                      command=f"rwkvforge train --resume {shlex.quote(rel(run.path))}"))
     elif run.status == "failed":
         st.error(tr("runs.is_failed"))
     elif run.status == "finished":
@@ -256,7 +265,7 @@ def run_detail(run: R.RunInfo) -> None:
         checkpoints_tab(run)
     with tabs[3]:
         log = run.path / "train.log"
-        if log.is_file():
+        if log.is_file() and R.is_within(log, workspace_root()):
             lines = log.read_text(encoding="utf-8", errors="replace").splitlines()[-200:]
             st.caption(tr("runs.log_tail", n=len(lines), path=rel(log)))
             st.code("\n".join(lines) or " ", language=None)
@@ -265,11 +274,16 @@ def run_detail(run: R.RunInfo) -> None:
 
 
 def config_tab(run_dir: Path) -> None:
-    rows = R.config_rows(run_dir)
-    if not rows:
+    path = run_dir / "config.json"
+    if not R.is_within(path, workspace_root()):
         st.info(tr("runs.no_config"))
         return
-    cfg = R.read_json(run_dir / "config.json") or {}
+    rows = R.config_rows(run_dir)
+    if not rows:
+        st.info(tr("runs.bad_config") if path.is_file() else tr("runs.no_config"))
+        return
+    cfg = R.read_json(path) or {}
+    files = cfg.get("files")
     st.caption(tr("runs.config_caption"))
     st.dataframe(pd.DataFrame(rows, columns=[tr("col.key"), tr("col.value"),
                                              tr("col.source")]),
@@ -281,7 +295,8 @@ def config_tab(run_dir: Path) -> None:
         (tr("fact.data"), json.dumps(cfg.get("data", {}), ensure_ascii=False)),
         (tr("fact.hardware"), json.dumps(cfg.get("hardware", {}), ensure_ascii=False)),
         (tr("fact.versions"), json.dumps(cfg.get("versions", {}), ensure_ascii=False)),
-        (tr("fact.files"), ", ".join(str(f) for f in cfg.get("files", []))),
+        (tr("fact.files"), ", ".join(str(f) for f in files) if isinstance(files, list)
+         else str(files or "")),
     ]
     st.dataframe(pd.DataFrame(facts, columns=[tr("col.key"), tr("col.value")]),
                  hide_index=True, width="stretch")
@@ -313,12 +328,13 @@ def page_runs(runs_dir: Path | None) -> None:
     live = any(r.status == "running" for r in R.list_runs(runs_dir))
 
     # While a run is going, the table, its status and curves re-read the run folders every
-    # REFRESH_S seconds (only this part reruns, the rest of the page stays).
-    @st.fragment(run_every=REFRESH_S if live else None)
+    # REFRESH_S seconds (only this part reruns, the rest of the page stays); while none is,
+    # every IDLE_REFRESH_S seconds, so that a run started after the page opened shows up.
+    @st.fragment(run_every=REFRESH_S if live else IDLE_REFRESH_S)
     def body() -> None:
         runs = R.list_runs(runs_dir)
-        if live and not any(r.status == "running" for r in runs):
-            st.rerun(scope="app")  # the last run ended: stop refreshing
+        if live != any(r.status == "running" for r in runs):
+            st.rerun(scope="app")  # a run started or the last one ended: switch the pace
         if not runs:
             st.info(tr("runs.none", path=rel(runs_dir)))
             return
@@ -418,7 +434,8 @@ def page_data() -> None:
     m[1].metric(tr("data.tokens"), f"{int(sum(lengths)):,}")
     m[2].metric(tr("data.mean_len"), fmt_num(float(sum(lengths)) / max(len(lengths), 1)))
     m[3].metric(tr("data.max_len"), f"{max(lengths) if lengths else 0:,}")
-    st.caption(tr("data.kind", kind=tr(f"data.kind.{ds.kind}")))
+    st.caption(tr("data.kind", kind=tr(f"data.kind.{ds.kind}")
+                  if ds.kind in ("text", "sft", "dpo") else ds.kind))
 
     st.subheader(tr("data.histogram"))
     hist = pd.DataFrame(D.histogram(lengths), columns=["bin", "count"])
@@ -478,6 +495,10 @@ def page_chat(runs_dir: Path | None) -> None:
     tuned = persisted(st.selectbox, "chat.tuned", "none", options=tuned_opts,
                       label=tr("chat.tuned"), format_func=tuned_label)
     system = persisted(st.text_input, "chat.system", "", label=tr("chat.system"))
+    defaults = {t(code, "chat.default_prompt") for code in LANGS}
+    for k in ("chat.prompt", "w.chat.prompt"):  # an untouched default follows the language
+        if ss.get(k) in defaults:
+            ss[k] = tr("chat.default_prompt")
     prompt = persisted(st.text_area, "chat.prompt", tr("chat.default_prompt"),
                        label=tr("chat.prompt"), height=100)
     c = st.columns(4)

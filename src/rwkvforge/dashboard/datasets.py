@@ -57,12 +57,12 @@ def find_datasets(root: Path) -> list[Path]:
     for m in metas:
         try:
             prefix, meta = load_meta(m)
-        except ValueError:
+        except (ValueError, OSError):
             continue
         for info in ((meta or {}).get("splits") or {}).values():
             for key in ("prefix", "mask_prefix"):
-                if info.get(key):
-                    claimed.add((prefix.parent / info[key]).resolve())
+                if info and info.get(key):
+                    claimed.add((prefix.parent / str(info[key])).resolve())
     bare = [p for p in sorted(data.rglob("*.bin"))
             if p.with_suffix(".idx").is_file() and p.with_suffix("").resolve() not in claimed]
     return metas + bare
@@ -72,7 +72,7 @@ def splits_of(path: Path) -> list[str]:
     """The splits a dataset offers ("train", and "val" when it has one)."""
     try:
         _, meta = load_meta(path)
-    except ValueError:
+    except (ValueError, OSError):
         return ["train"]
     if meta is None:
         return ["train"]
@@ -80,13 +80,24 @@ def splits_of(path: Path) -> list[str]:
             .get("documents")] or ["train"]
 
 
-def open_dataset(path: Path, split: str = "train") -> Dataset:
+def open_dataset(path: Path, split: str = "train", root: Path | None = None) -> Dataset:
+    """One split of a dataset; the files its meta names must lie inside `root` (default:
+    the workspace)."""
+    from rwkvforge.paths import is_within, workspace_root
     from rwkvforge.tokenizer import get_tokenizer
 
+    root = root or workspace_root()
     try:
+        prefix, meta = load_meta(path)
+        for info in ((meta or {}).get("splits") or {}).values():
+            for key in ("prefix", "mask_prefix"):
+                if info and info.get(key) and not is_within(prefix.parent / str(info[key]),
+                                                            root):
+                    raise DatasetError(f"{path}: its {key} {info[key]!r} points outside the "
+                                       "workspace; refused")
         sp = open_split(path, split)
-    except (ValueError, OSError, KeyError) as e:
-        raise DatasetError(f"{path}: {e}") from None
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise DatasetError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
     if sp is None:
         raise DatasetError(f"{path}: no {split!r} split")
     lengths = [int(x) for x in sp.ids.sizes]
@@ -113,6 +124,13 @@ def histogram(lengths: list[int], bins: int = 20) -> list[tuple[str, int]]:
     return [(label(int(edges[i]), int(edges[i + 1]) - 1), int(c)) for i, c in enumerate(counts)]
 
 
+def _html_text(text: str) -> str:
+    """Escaped, with line breaks as character references: a blank line inside the HTML
+    would end Markdown's HTML block and show the rest as raw tags (pre-wrap still breaks
+    the lines)."""
+    return html.escape(text).replace("\r", "&#13;").replace("\n", "&#10;")
+
+
 def render_tokens_html(tokenizer: Any, ids: list[int], mask: list[int] | None,
                        eot_text: str, boundaries: bool = False) -> str:
     """The decoded document as HTML: trained tokens green, masked tokens grey. Text is
@@ -126,9 +144,9 @@ def render_tokens_html(tokenizer: Any, ids: list[int], mask: list[int] | None,
         if not text:
             continue
         style = (TRAINED_STYLE if trained else MASKED_STYLE) + ";" + border
-        spans.append(f'<span style="{style}" title="{tok}">{html.escape(text)}</span>')
+        spans.append(f'<span style="{style}" title="{tok}">{_html_text(text)}</span>')
     tail = dec.decode(b"", final=True)
     if tail:
-        spans.append(html.escape(tail))
+        spans.append(_html_text(tail))
     return ('<div style="white-space:pre-wrap;font-family:monospace;line-height:1.6">'
             + "".join(spans) + "</div>")

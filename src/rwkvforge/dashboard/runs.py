@@ -130,18 +130,20 @@ def pid_alive(pid: Any) -> bool:
     return True
 
 
-def list_checkpoints(run_dir: Path) -> list[Checkpoint]:
+def list_checkpoints(run_dir: Path, root: Path | None = None) -> list[Checkpoint]:
     """Checkpoints under `checkpoints/`, oldest step first. `step-N.tmp` folders (being
-    written) are not listed; a `step-N` without COMPLETE is listed as incomplete."""
+    written) are not listed; a `step-N` without COMPLETE is listed as incomplete. Anything
+    that resolves outside the workspace (a symlink) is not looked at."""
+    root = Path(root or workspace_root()).resolve()
     out = []
     ck = run_dir / "checkpoints"
-    if not ck.is_dir():
+    if not ck.is_dir() or not is_within(ck, root):
         return out
     for d in ck.iterdir():
         m = _STEP_RE.match(d.name)
-        if not m or not d.is_dir():
+        if not m or not d.is_dir() or not is_within(d, root):
             continue
-        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and is_within(f, root))
         out.append(Checkpoint(step=int(m.group(1)), path=d, complete=(d / "COMPLETE").is_file(),
                               size_mb=size / 2**20, mtime=d.stat().st_mtime))
     return sorted(out, key=lambda c: c.step)
@@ -181,59 +183,111 @@ def _finite(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def read_run(run_dir: Path, now: float | None = None) -> RunInfo:
-    """Summarise one run folder."""
-    status = read_json(run_dir / "status.json")
-    cfg = read_json(run_dir / "config.json") or {}
-    settings = cfg.get("settings") or {}
-    model = cfg.get("model") or {}
-    cks = list_checkpoints(run_dir)
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    losses = [v for v in (_finite(r.get("loss")) for r in metrics) if v is not None]
-    steps = [int(r["step"]) for r in metrics if isinstance(r.get("step"), int)]
+def _int(x: Any) -> int | None:
+    """An int from a JSON value written by another program (None when it is not one)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, str) and x.strip().isdigit():
+        return int(x)
+    return None
+
+
+def _dict(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) -> RunInfo:
+    """Summarise one run folder. Files that resolve outside the workspace (symlinks) are
+    not read, and fields of the wrong type count as missing."""
+    root = Path(root or workspace_root()).resolve()
+
+    def inside(name: str) -> Path | None:
+        p = run_dir / name
+        return p if is_within(p, root) else None
+
+    def read(name: str) -> dict[str, Any] | None:
+        p = inside(name)
+        return read_json(p) if p is not None else None
+
+    status = read("status.json")
+    st = status or {}
+    cfg = read("config.json") or {}
+    settings = _dict(cfg.get("settings"))
+    model = _dict(cfg.get("model"))
+    cks = list_checkpoints(run_dir, root)
+    mp = inside("metrics.jsonl")
+    metrics = read_metrics(mp) if mp is not None else []
+    rows = [r for r in metrics if _int(r.get("step")) is not None]  # the curve's points
+    losses = [v for v in (_finite(r.get("loss")) for r in rows) if v is not None]
+    steps = [_int(r["step"]) for r in rows]
+    error = st.get("error")
+    log = inside("train.log")
+    if status is None and not cfg and log is not None and log.is_file():
+        # a start that failed before training began left only its log
+        status = st = {"state": "failed"}
+        error = "stopped before training began (see train.log)"
+    adapter = inside("adapter/adapter_config.json")
+    merged_dir = inside("merged")
     info = RunInfo(
         name=run_dir.name,
         path=run_dir,
         status=classify(status, cks, now),
-        state=(status or {}).get("state"),
+        state=st.get("state") if isinstance(st.get("state"), str) else None,
         profile=str(settings.get("profile", "")),
         model=str(settings.get("model_name") or Path(str(model.get("path", ""))).name),
-        step=int((status or {}).get("step") or (max(steps) if steps else 0)),
-        max_steps=int((status or {}).get("max_steps") or settings.get("max_steps") or 0),
+        step=_int(st.get("step")) or (max(steps) if steps else 0),
+        max_steps=_int(st.get("max_steps")) or _int(settings.get("max_steps")) or 0,
         best_loss=min(losses) if losses else None,
         last_loss=losses[-1] if losses else None,
         started_at=str(cfg.get("started_at", "")),
-        updated=_finite((status or {}).get("updated")),
-        error=(status or {}).get("error"),
-        pid=(status or {}).get("pid"),
+        updated=_finite(st.get("updated")),
+        error=str(error) if error is not None else None,
+        pid=_int(st.get("pid")),
         checkpoints=cks,
-        has_adapter=(run_dir / "adapter" / "adapter_config.json").is_file(),
-        merged=sorted((run_dir / "merged").glob("*.pth")) if (run_dir / "merged").is_dir()
-        else [],
+        has_adapter=adapter is not None and adapter.is_file(),
+        merged=sorted(p for p in merged_dir.glob("*.pth") if is_within(p, root))
+        if merged_dir is not None and merged_dir.is_dir() else [],
     )
     return info
 
 
 def is_run_dir(d: Path) -> bool:
     return d.is_dir() and any((d / f).exists() for f in
-                              ("config.json", "status.json", "metrics.jsonl"))
+                              ("config.json", "status.json", "metrics.jsonl", "train.log"))
 
 
 def list_runs(runs_dir: Path | str, root: Path | None = None,
               now: float | None = None) -> list[RunInfo]:
-    """Every run folder under `runs_dir` (inside the workspace), newest first."""
+    """Every run folder under `runs_dir` (inside the workspace), newest first. A folder
+    that resolves outside the workspace is skipped; one that cannot be read is listed as
+    unknown with the reason, and never hides the others."""
+    root = Path(root or workspace_root()).resolve()
     d = check_inside(runs_dir, root)
-    if not d.is_dir():
+    try:
+        if not d.is_dir():
+            return []
+        entries = sorted(d.iterdir())
+    except OSError:  # e.g. a name too long for the file system
         return []
-    runs = [read_run(p, now) for p in d.iterdir() if is_run_dir(p)]
+    runs = []
+    for p in entries:
+        try:
+            if not is_within(p, root) or not is_run_dir(p):
+                continue
+            runs.append(read_run(p, now, root))
+        except Exception as e:  # noqa: BLE001 - one bad folder must not hide the others
+            runs.append(RunInfo(name=p.name, path=p, status="unknown", state=None,
+                                error=f"cannot read this run folder: {type(e).__name__}: {e}"))
     return sorted(runs, key=lambda r: (r.started_at, r.name), reverse=True)
 
 
 def config_rows(run_dir: Path) -> list[tuple[str, str, str]]:
     """(KEY, value, source) for every setting in config.json, in the file's order."""
     cfg = read_json(run_dir / "config.json") or {}
-    settings = cfg.get("settings") or {}
-    sources = cfg.get("sources") or {}
+    settings = _dict(cfg.get("settings"))
+    sources = _dict(cfg.get("sources"))
     rows = []
     for k, v in settings.items():
         key = str(k).upper()
@@ -258,8 +312,9 @@ def find_models(root: Path | None = None) -> list[Path]:
 def find_adapters(runs_dir: Path | str, root: Path | None = None) -> list[Path]:
     """Adapter folders of runs (final `adapter/` and complete checkpoints)."""
     out = []
+    root = Path(root or workspace_root()).resolve()
     for run in list_runs(runs_dir, root):
-        if run.has_adapter:
+        if run.has_adapter and is_within(run.path / "adapter", root):
             out.append(run.path / "adapter")
         for c in run.checkpoints:
             if c.complete and (c.path / "adapter_config.json").is_file():

@@ -124,6 +124,10 @@ def load_meta(prefix_or_meta: str | Path) -> tuple[Path, dict[str, Any] | None]:
         meta = json.loads(mp.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{mp}: not valid JSON ({e}); prepare the data again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits", {}), dict) or not all(
+            isinstance(v, dict) or v is None for v in meta.get("splits", {}).values()):
+        raise ValueError(f"{mp}: not a meta file of prepared data (its JSON has another "
+                         "shape); prepare the data again")
     if meta.get("format") != "rwkvforge-data/1":
         raise ValueError(f"{mp}: unknown format {meta.get('format')!r}, expected "
                          "rwkvforge-data/1")
