@@ -572,3 +572,22 @@ def test_dataset_metas_of_other_shapes_or_pointing_outside(workspace, tmp_path) 
         with pytest.raises(D.DatasetError, match=why):
             D.open_dataset(proc / f"{name}.meta.json", root=root)
     assert D.open_dataset(proc / "sft.meta.json", root=root).kind == "sft"
+
+
+def test_metrics_are_read_incrementally_and_follow_a_rewrite(tmp_path) -> None:
+    """A live page re-reads metrics every few seconds: appended lines are added, a torn line
+    waits for its newline, and a file replaced by a resume (truncated) is read afresh."""
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')
+    assert [r["step"] for r in R.read_metrics(m)] == [1]
+    with open(m, "a") as f:
+        f.write('ss": 2.5}\n{"step": 3, "loss": 2.0}')
+    assert [r["step"] for r in R.read_metrics(m)] == [1, 2, 3]  # the last one has no newline
+    with open(m, "a") as f:
+        f.write("\n")
+    assert [r["step"] for r in R.read_metrics(m)] == [1, 2, 3]
+    tmp = tmp_path / "new"
+    tmp.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 9.0}\n'
+                   '{"step": 3, "loss": 8.0}\n{"step": 4, "loss": 7.0}\n')
+    os.replace(tmp, m)  # what resume's truncate_metrics does (then training appends)
+    assert [r["loss"] for r in R.read_metrics(m)] == [3.0, 9.0, 8.0, 7.0]

@@ -95,14 +95,29 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+# path -> (inode, bytes parsed up to the last complete line, rows): a live page re-reads
+# every run's metrics every few seconds, and a long run's file only grows by appends
+_METRICS_CACHE: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
+_METRICS_CACHE_MAX = 256
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl; a torn last line (being appended right now) is skipped."""
-    rows: list[dict[str, Any]] = []
+    """Rows of metrics.jsonl; a torn last line (being appended right now) is skipped. Only
+    the bytes appended since the last call are parsed; a replaced (resume truncates it) or
+    shrunk file is read again from the start."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            ino, done, rows = _METRICS_CACHE.get(str(path), (st.st_ino, 0, []))
+            if ino != st.st_ino or st.st_size < done:
+                done, rows = 0, []
+            f.seek(done)
+            new = f.read()
     except OSError:
-        return rows
-    for line in text.splitlines():
+        return []
+    end = new.rfind(b"\n") + 1  # a torn last line waits for its newline
+    rows = list(rows)
+    for line in new[:end].decode("utf-8", errors="replace").splitlines():
         line = line.strip()
         if not line:
             continue
@@ -112,7 +127,18 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             continue
         if isinstance(obj, dict):
             rows.append(obj)
-    return rows
+    if len(_METRICS_CACHE) >= _METRICS_CACHE_MAX:
+        _METRICS_CACHE.clear()
+    _METRICS_CACHE[str(path)] = (st.st_ino, done + end, rows)
+    out = list(rows)
+    try:  # a last line without its newline counts once it is whole JSON (not cached)
+        tail = json.loads(new[end:].decode("utf-8", errors="replace")) if new[end:].strip() \
+            else None
+    except ValueError:
+        tail = None
+    if isinstance(tail, dict):
+        out.append(tail)
+    return out
 
 
 def pid_alive(pid: Any) -> bool:
