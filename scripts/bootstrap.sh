@@ -23,7 +23,7 @@ ALBATROSS_REF="b5b43538eaeffcb66249807074a3bf872c12da56"
 CUDA_INDEX_BASE="https://download.pytorch.org/whl"
 
 usage() {
-  sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 while [[ $# -gt 0 ]]; do

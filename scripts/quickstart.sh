@@ -9,25 +9,49 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$ROOT_DIR"
 
+profile_names() {
+  local f names=()
+  for f in configs/profile/*.env; do
+    f="${f##*/}"
+    names+=("${f%.env}")
+  done
+  printf '%s' "${names[*]}"
+}
+
 PROFILE="qlora-nf4"
+RUN_NAME=""
+RUNS_DIR=""
 args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) [[ $# -ge 2 ]] || die "--profile needs a value"; PROFILE="$2"; shift ;;
-    -h | --help) sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --profile=*) PROFILE="${1#*=}" ;;
+    # the run's folder is needed by the later steps: taken here, passed on to `train`
+    --run-name) [[ $# -ge 2 ]] || die "--run-name needs a value"; RUN_NAME="$2"; shift ;;
+    --run-name=*) RUN_NAME="${1#*=}" ;;
+    --runs-dir) [[ $# -ge 2 ]] || die "--runs-dir needs a value"; RUNS_DIR="$2"; shift ;;
+    --runs-dir=*) RUNS_DIR="${1#*=}" ;;
+    -h | --help) sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$1") ;;
   esac
   shift
 done
-require_file "configs/profile/$PROFILE.env" "profiles: $(ls configs/profile)"
+if [[ "$PROFILE" == *.env || "$PROFILE" == */* ]]; then
+  require_file "$PROFILE" "give a profile name (one of: $(profile_names)) or an existing .env file"
+  PROFILE_NAME="$(basename "$PROFILE" .env)"
+else
+  require_file "configs/profile/$PROFILE.env" "profiles: $(profile_names)"
+  PROFILE_NAME="$PROFILE"
+fi
 
 PY="$(ensure_env)"
-RUN_NAME="quickstart-$PROFILE-$(date +%Y%m%d-%H%M%S)"
-RUNS_DIR="$(env_get RUNS_DIR runs)"
+RUN_NAME="${RUN_NAME:-quickstart-$PROFILE_NAME-$(date +%Y%m%d-%H%M%S)}"
+RUNS_DIR="${RUNS_DIR:-$(env_get RUNS_DIR runs)}"
 RUN_DIR="$RUNS_DIR/$RUN_NAME"
 
 info "1/5 prepare + train ($PROFILE) -> $RUN_DIR"
-"$PY" -m rwkvforge.cli train --profile "$PROFILE" --run-name "$RUN_NAME" ${args[@]+"${args[@]}"}
+"$PY" -m rwkvforge.cli train --profile "$PROFILE" --run-name "$RUN_NAME" --runs-dir "$RUNS_DIR" \
+  ${args[@]+"${args[@]}"}
 require_file "$RUN_DIR/adapter/adapter_config.json" "training did not write an adapter; see $RUN_DIR/train.log"
 
 info "2/5 merge the adapter into the full-precision base (self-verified)"
@@ -43,4 +67,4 @@ info "4/5 ask the merged model"
   --prompt "Напиши процедуру, которая выводит сообщение «Привет» на клиенте."
 
 info "5/5 done. Run folder: $RUN_DIR (report: $RUN_DIR/eval/report.md)"
-info "next: ./scripts/dashboard.sh   |   ./scripts/serve.sh --base-model $MERGED"
+info "next: ./scripts/dashboard.sh   |   ./scripts/serve.sh --base-model $(printf %q "$MERGED")"

@@ -31,15 +31,32 @@ require_cmd() {
 # data, so a value like $(rm -rf ~) is never run. Prints "KEY<TAB>value" lines.
 # Full validation (unknown keys, types, shell syntax) is done by `rwkvforge config`.
 read_env_file() {
-  local file="$1" line key val
+  # The same reading as rwkvforge.config.parse_env_text: a UTF-8 byte-order mark and
+  # indentation are allowed, a ` # comment` outside quotes ends the value.
+  local file="$1" line key val q ch i n=0
   [[ -f "$file" ]] || return 0
   while IFS= read -r line || [[ -n "$line" ]]; do
+    n=$((n + 1))
     line="${line%$'\r'}"
-    [[ "$line" =~ ^[[:space:]]*(#|$) ]] && continue
-    [[ "$line" =~ ^([A-Z][A-Z0-9_]*)=(.*)$ ]] || die "$file: bad line: $line"
+    [[ $n -eq 1 ]] && line="${line#$'\xef\xbb\xbf'}"
+    line="${line#"${line%%[![:space:]]*}"}"
+    [[ -z "$line" || "$line" == \#* ]] && continue
+    [[ "$line" =~ ^([A-Z][A-Z0-9_]*)=(.*)$ ]] || die "$file:$n: bad line: $line"
     key="${BASH_REMATCH[1]}"
     val="${BASH_REMATCH[2]}"
-    val="$(printf '%s' "$val" | sed -E 's/[[:space:]]+#.*$//; s/[[:space:]]+$//')"
+    q=""
+    for ((i = 0; i < ${#val}; i++)); do
+      ch="${val:i:1}"
+      if [[ -n "$q" ]]; then
+        [[ "$ch" == "$q" ]] && q=""
+      elif [[ "$ch" == '"' || "$ch" == "'" ]]; then
+        q="$ch"
+      elif [[ "$ch" == "#" ]] && { ((i == 0)) || [[ "${val:i-1:1}" == [[:space:]] ]]; }; then
+        val="${val:0:i}"
+        break
+      fi
+    done
+    val="${val%"${val##*[![:space:]]}"}"
     if [[ "$val" =~ ^\"(.*)\"$ || "$val" =~ ^\'(.*)\'$ ]]; then
       val="${BASH_REMATCH[1]}"
     fi
@@ -57,11 +74,13 @@ env_get() {
   fi
   file="$ROOT_DIR/configs/workspace.env"
   [[ -f "$file" ]] || file="$ROOT_DIR/configs/workspace.env.example"
+  local lines
+  lines="$(read_env_file "$file")" || exit 1 # a bad line: read_env_file said which
   while IFS=$'\t' read -r k v; do
     if [[ "$k" == "$key" ]]; then
       found="$v"
     fi
-  done < <(read_env_file "$file")
+  done <<<"$lines"
   printf '%s' "${found:-$def}"
 }
 
