@@ -460,3 +460,19 @@ def test_cli_merge_runs_in_rwkv_pip_and_exports(base_path, lora_dir, tmp_path, c
 def test_cli_error_is_for_people(lora_dir, tmp_path, capsys):
     rc = M.main(["--adapter", str(lora_dir)])
     assert rc == 2 and "--base is required" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the CLI's merge runs the rwkv pip package check in a subprocess
+def test_cli_adapter_that_is_missing_or_a_run_folder(base_path, lora_dir, tmp_path, capsys):
+    import shutil
+
+    rc = M.main(["--adapter", str(tmp_path / "runs" / "nope" / "adapter")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(lora_dir, run / "adapter")
+    (run / "config.json").write_text(json.dumps({"model": {"path": str(base_path)}}))
+    rc = M.main(["--adapter", str(run), "--dtype", "fp32", "--out", str(tmp_path / "m.pth")])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"using the run's final adapter {run / 'adapter'}" in err
+    assert "--base is required" not in err

@@ -217,7 +217,7 @@ def albatross_runner(model_path: Path, tokenizer: Any, root: Path) -> LoopRunner
     ref = root / "third_party" / "Albatross" / "reference"
     if not (ref / "rwkv7.py").is_file():
         raise InferError(f"INFER_BACKEND=albatross needs a checkout at {ref.parent} "
-                         "(run ./scripts/bootstrap.sh --with-albatross, or git clone "
+                         "(run ./scripts/bootstrap.sh --with-upstream, or git clone "
                          "https://github.com/BlinkDL/Albatross third_party/Albatross); "
                          "or use INFER_BACKEND=builtin")
     if not torch.cuda.is_available():

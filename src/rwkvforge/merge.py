@@ -944,6 +944,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="also write the adapter in PEFT layout to DIR, a new folder or an adapter folder to replace (e.g. for RWKV-PEFT files)")
     args = ap.parse_args(argv)
 
+    if not args.adapter.exists():
+        print(f"error: --adapter {args.adapter}: not found (give runs/<run>/adapter, a "
+              "checkpoint folder, a PEFT adapter folder or an RWKV-PEFT .pth).",
+              file=sys.stderr)
+        return 2
+    if ((args.adapter / "config.json").is_file() and not (args.adapter / ADAPTER_CONFIG).exists()
+            and (args.adapter / "adapter" / ADAPTER_CONFIG).is_file()):
+        args.adapter = args.adapter / "adapter"  # a run folder: its final adapter
+        print(f"[merge] using the run's final adapter {args.adapter}", file=sys.stderr)
     base = args.base
     if base is None:
         cfg = _run_config(_run_dir_of(args.adapter))
