@@ -11,13 +11,22 @@ rwkvforge.infer.main.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("torch") is None:  # e.g. the system python: use the workspace's
+    venv = Path(os.environ.get("VENV_DIR") or ROOT / ".venv") / "bin" / "python"
+    if venv.is_file() and Path(sys.prefix).resolve() != venv.parent.parent.resolve():
+        os.execv(str(venv), [str(venv), __file__, *sys.argv[1:]])
+    sys.exit(f"error: no torch in {sys.executable} and no workspace environment at {venv}: "
+             "run ./scripts/bootstrap.sh first")
 try:
     import rwkvforge  # noqa: F401  (installed, e.g. by scripts/bootstrap.sh)
 except ImportError:  # a plain checkout: use its src/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, str(ROOT / "src"))
 
 from rwkvforge.infer import main
 

@@ -167,3 +167,21 @@ def test_infer_fast_sets_the_model_fast_path_and_stays_close(tiny_model_path, to
         infer.set_fast_path(m, "int4", "cpu")
     infer.set_fast_path(m, "int8", "cuda")  # a CPU path: not used on CUDA
     assert m.infer_dtype is None
+
+
+def test_entry_script_moves_to_the_workspace_environment():
+    """`python scripts/infer_albatross.py` run by a python without torch (the system one, as
+    the docs write it) re-runs itself in the workspace environment (VENV_DIR)."""
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    if not base.is_file() or subprocess.run([str(base), "-c", "import torch"],
+                                            capture_output=True).returncode == 0:
+        pytest.skip("no python without torch to start from")
+    env = {**os.environ, "VENV_DIR": sys.prefix}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([str(base), str(ROOT / "scripts" / "infer_albatross.py"), "--help"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "usage: rwkvforge infer" in out.stdout, out.stderr
+    out = subprocess.run([str(base), str(ROOT / "scripts" / "infer_albatross.py"), "--help"],
+                         capture_output=True, text=True, timeout=300,
+                         env={**env, "VENV_DIR": "/nonexistent"})
+    assert out.returncode == 1 and "run ./scripts/bootstrap.sh first" in out.stderr
