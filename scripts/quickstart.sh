@@ -19,18 +19,18 @@ profile_names() {
 }
 
 PROFILE="qlora-nf4"
-RUN_NAME=""
-RUNS_DIR=""
+name_arg=""
+runs_arg="" # not RUNS_DIR: env_get RUNS_DIR reads a set variable of that name first
 args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) [[ $# -ge 2 ]] || die "--profile needs a value"; PROFILE="$2"; shift ;;
     --profile=*) PROFILE="${1#*=}" ;;
     # the run's folder is needed by the later steps: taken here, passed on to `train`
-    --run-name) [[ $# -ge 2 ]] || die "--run-name needs a value"; RUN_NAME="$2"; shift ;;
-    --run-name=*) RUN_NAME="${1#*=}" ;;
-    --runs-dir) [[ $# -ge 2 ]] || die "--runs-dir needs a value"; RUNS_DIR="$2"; shift ;;
-    --runs-dir=*) RUNS_DIR="${1#*=}" ;;
+    --run-name) [[ $# -ge 2 ]] || die "--run-name needs a value"; name_arg="$2"; shift ;;
+    --run-name=*) name_arg="${1#*=}" ;;
+    --runs-dir) [[ $# -ge 2 ]] || die "--runs-dir needs a value"; runs_arg="$2"; shift ;;
+    --runs-dir=*) runs_arg="${1#*=}" ;;
     -h | --help) sed -n '2,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) args+=("$1") ;;
   esac
@@ -45,8 +45,8 @@ else
 fi
 
 PY="$(ensure_env)"
-RUN_NAME="${RUN_NAME:-quickstart-$PROFILE_NAME-$(date +%Y%m%d-%H%M%S)}"
-RUNS_DIR="${RUNS_DIR:-$(env_get RUNS_DIR runs)}"
+RUN_NAME="${name_arg:-quickstart-$PROFILE_NAME-$(date +%Y%m%d-%H%M%S)}"
+RUNS_DIR="${runs_arg:-$(env_get RUNS_DIR runs)}"
 RUN_DIR="$RUNS_DIR/$RUN_NAME"
 
 info "1/5 prepare + train ($PROFILE) -> $RUN_DIR"
