@@ -39,6 +39,8 @@ def test_no_gpu_is_a_warning_not_a_blocker() -> None:
     levels = {f["id"]: f["level"] for f in rep["findings"]}
     assert levels["gpu"] == "warn"
     assert rep["exit_code"] >= 1
+    fix = next(f["fix"] for f in rep["findings"] if f["id"] == "gpu")
+    assert ("WSL2" in fix) == bool(rep["os"]["wsl"])  # the advice fits the machine
 
 
 @pytest.mark.parametrize("cap,archs,ok", [

@@ -237,7 +237,11 @@ def findings_for(rep: dict[str, Any]) -> list[dict[str, str]]:
     else:
         add("gpu", "warn", "No NVIDIA GPU found: everything runs on the CPU (fine for the demo "
             "model; slow for real models).",
-            "On WSL2 install the NVIDIA Windows driver and check `nvidia-smi` works inside WSL.")
+            "On WSL2 install the NVIDIA Windows driver and check `nvidia-smi` works inside WSL."
+            if rep["os"]["wsl"] else
+            "To train on a GPU: install the NVIDIA driver until `nvidia-smi` lists the card, "
+            "then re-run ./scripts/bootstrap.sh (it picks the CUDA torch). Nothing to do for "
+            "CPU-only use.")
     b = rep["bitsandbytes"]
     if not b["installed"]:
         add("bitsandbytes", "warn", "bitsandbytes is not installed: QLoRA profiles unavailable.",
