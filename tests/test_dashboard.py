@@ -482,6 +482,43 @@ def test_launch_command_binds_localhost(capsys) -> None:
     assert "not a TCP port" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts a real streamlit server
+def test_sigterm_to_the_launcher_stops_the_server(workspace) -> None:
+    """`dashboard.sh` killed with SIGTERM (a service manager, `kill`) must not leave the
+    streamlit server running with the port held."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "RWKVFORGE_ROOT": str(workspace)}
+    proc = subprocess.Popen([sys.executable, "-m", "rwkvforge.cli", "dashboard",
+                             "--dashboard-port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        with socket.socket() as c:
+            return c.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        deadline = time.time() + 120
+        while not listening() and time.time() < deadline:
+            time.sleep(0.2)
+        assert listening(), "the dashboard did not start"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.time() + 30
+        while listening() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not listening(), "the streamlit server outlived its launcher"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_datasets_reader_plain_binidx_and_histogram(workspace, tmp_path) -> None:
     """A bare binidx (e.g. from RWKV-LM's make_data.py) next to a prepared SFT dataset: both
     are found, the SFT mask streams are not listed as datasets, text is all trained."""

@@ -97,7 +97,8 @@ class Settings:
     serve_max_queue: int = _f(64, "Waiting requests before the server answers 429.",
                               lo=1, hi=100000)
     serve_max_tokens: int = _f(2048, "Cap on max_tokens per request.", lo=1)
-    dashboard_port: int = _f(8501, "Dashboard port (binds 127.0.0.1).", lo=1, hi=65535)
+    dashboard_port: int = _f(8501, "Dashboard port (binds 127.0.0.1 unless `rwkvforge "
+                             "dashboard --address` says otherwise).", lo=1, hi=65535)
     vram: str = _f("", "Memory budget for the planner, e.g. 12GiB. Empty: the detected "
                    "GPU's memory (or system RAM on CPU).")
 

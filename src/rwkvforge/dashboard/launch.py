@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rwkvforge dashboard",
                                  description="Bilingual (English / 中文) web dashboard: runs, "
                                  "compare, data, chat, system. Read-only.")
-    ap.add_argument("--port", type=int, default=None,
+    ap.add_argument("--port", "--dashboard-port", dest="port", type=int, default=None,
                     help="port (default: DASHBOARD_PORT from configs/workspace.env, 8501)")
     ap.add_argument("--address", default="127.0.0.1",
                     help="bind address (default 127.0.0.1; anything else exposes your runs "
@@ -68,9 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     root = workspace_root()
     env = dict(os.environ, RWKVFORGE_ROOT=str(root))
     print(f"dashboard: workspace {root}; open http://{args.address}:{port}", file=sys.stderr)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def stop(_signum, _frame) -> None:  # SIGTERM / SIGHUP: take the server down with us
+        proc.terminate()
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, stop)
     try:
-        return subprocess.run(cmd, env=env, check=False).returncode
-    except KeyboardInterrupt:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server too (same process group)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         return 130
 
 
