@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rwkvforge: unknown command '{cmd}'.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(STAGES[cmd][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
+        return 141
 
 
 if __name__ == "__main__":
