@@ -115,6 +115,11 @@ run_train() {
   local profile="$1" arg
   shift
   for arg in "$@"; do
+    if [[ "$arg" == "--profile" || "$arg" == --profile=* ]]; then
+      die "this script trains the $profile profile; for another use its own train_*.sh or \`rwkvforge train --profile NAME\`"
+    fi
+  done
+  for arg in "$@"; do
     if [[ "$arg" == "--resume" || "$arg" == --resume=* ]]; then
       run_stage train "$@"
     fi

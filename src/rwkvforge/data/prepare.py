@@ -574,7 +574,7 @@ def _folder_to_jsonl(folder: Path, pattern: str, out: Path
                 text = raw.decode("utf-8").removeprefix("\ufeff")
             except UnicodeDecodeError as e:
                 hint = _encoding_hint(raw, 2).replace("in.jsonl > out.jsonl",
-                                                      f"'{p.name}' > '{p.name}.utf8'")
+                                                      f"'{p}' > '{p}.utf8'")
                 errors.append(LineResult(k, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} "
                                          f"at byte {e.start}): {hint}"))
                 text = ""
@@ -997,7 +997,7 @@ def _resolve_path(value: str, source: str) -> Path:
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
-    res = cfg.resolve_from_args(args)
+    res = cfg.resolve_for_training(args)  # the CTX_LEN / MICRO_BSZ train will use
     s, src = res.settings, res.sources
     kind = s.data_type
     if s.data_file:
