@@ -283,7 +283,7 @@ def test_a_folder_is_one_text_document_per_file(tmp_path):
         P.run(opts(tmp_path, src, ctx_len=16, glob="**/*.bsl"), log=quiet)
     assert f"1 invalid file(s) in {src}" in str(ei.value)
     assert f"{src / 'Bad.bsl'}: not valid UTF-8" in str(ei.value)
-    with pytest.raises(P.PrepareError, match="no files match --glob"):
+    with pytest.raises(P.PrepareError, match="no files match --data-glob"):
         P.run(opts(tmp_path, src, glob="**/*.py"), log=quiet)
     with pytest.raises(P.PrepareError, match="a folder is read as text documents"):
         P.run(opts(tmp_path, src, "sft"), log=quiet)

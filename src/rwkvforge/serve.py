@@ -37,9 +37,9 @@ from typing import Any, AsyncIterator, Literal, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvforge.generate import (
     CHAT_STOP,
@@ -142,7 +142,8 @@ _API_DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 class _GuardMiddleware:
     """Pure ASGI (streams and disconnects pass straight through): refuses bodies over
-    MAX_BODY_BYTES (413) and, with an API key, /v1/* requests without it (401)."""
+    MAX_BODY_BYTES (413; a chunked body, which has no Content-Length, is read here up to the
+    limit) and, with an API key, /v1/* and the OpenAPI pages without it (401)."""
 
     def __init__(self, app: Any, api_key: str = ""):
         self.app = app

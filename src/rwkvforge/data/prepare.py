@@ -562,9 +562,9 @@ def _folder_to_jsonl(folder: Path, pattern: str, out: Path
         files = sorted(p for p in folder.glob(pattern) if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(folder).parts))
     except (ValueError, NotImplementedError) as e:  # a bad pattern, e.g. "/abs" or "**x"
-        raise PrepareError(f"--glob {pattern!r}: {e}") from None
+        raise PrepareError(f"--data-glob {pattern!r}: {e}") from None
     if not files:
-        raise PrepareError(f"{folder}: no files match --glob {pattern!r} (DATA_GLOB)")
+        raise PrepareError(f"{folder}: no files match --data-glob {pattern!r} (DATA_GLOB)")
     names, errors, empty = [], [], 0
     with open(out, "w", encoding="utf-8", newline="\n") as f:
         for k, p in enumerate(files, start=1):
