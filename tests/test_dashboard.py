@@ -561,7 +561,15 @@ def test_bad_run_folders_never_hide_the_others(tmp_path) -> None:
         (runs / name).mkdir()
         (runs / name / fname).write_text(text)
     (runs / "early").mkdir()
-    (runs / "early" / "train.log").write_text("DEMO RUN\n")
+    (runs / "early" / "train.log").write_text(
+        "2026-11-22 10:00:00 INFO DEMO RUN\n2026-11-22 10:00:01 ERROR the run did not start: "
+        "BASE_MODEL x.pth: model file not found.\n")
+    (runs / "setting-up").mkdir()
+    (runs / "setting-up" / "train.log").write_text("2026-11-22 10:00:00 INFO DEMO RUN\n")
+    (runs / "gone").mkdir()
+    (runs / "gone" / "train.log").write_text("2026-11-22 10:00:00 INFO DEMO RUN\n")
+    old = time.time() - R.STALE_AFTER_S - 5
+    os.utime(runs / "gone" / "train.log", (old, old))
     outside = tmp_path / "outside"
     (outside / "step-1").mkdir(parents=True)
     (outside / "step-1" / "COMPLETE").write_text("")
@@ -571,11 +579,14 @@ def test_bad_run_folders_never_hide_the_others(tmp_path) -> None:
     (runs / "good" / "checkpoints").symlink_to(outside)
     (runs / "c" / "metrics.jsonl").symlink_to(outside / "metrics.jsonl")
     got = {r.name: r for r in R.list_runs(runs, tmp_path / "ws")}
-    assert sorted(got) == ["a", "b", "c", "d", "early", "good"]  # no "evil"
+    assert sorted(got) == ["a", "b", "c", "d", "early", "gone", "good", "setting-up"]  # no evil
     assert got["good"].max_steps == 4 and got["good"].best_loss == 2.0  # not the stepless 0.01
     assert got["good"].checkpoints == [] and got["c"].best_loss is None  # nothing outside
     assert got["a"].max_steps == 0 and got["c"].step == 0 and got["b"].profile == ""
-    assert got["early"].status == "failed" and "before training began" in got["early"].error
+    assert got["early"].status == "failed"
+    assert got["early"].error == "BASE_MODEL x.pth: model file not found."
+    assert got["setting-up"].status == "unknown" and "starting" in got["setting-up"].error
+    assert got["gone"].status == "failed" and "before training began" in got["gone"].error
     assert R.config_rows(runs / "b") == []
 
 

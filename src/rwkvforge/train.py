@@ -1329,6 +1329,7 @@ class Trainer:
             self.setup()
         except BaseException as e:  # the run folder's log says why it never started
             if getattr(self.folder, "_handler", None) is not None:
+                # the dashboard shows the reason (dashboard/runs.py: SETUP_FAILED)
                 log.error("the run did not start: %s", e)
                 self.folder.close_log()
             raise

@@ -251,9 +251,15 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
     error = st.get("error")
     log = inside("train.log")
     if status is None and not cfg and log is not None and log.is_file():
-        # a start that failed before training began left only its log
-        status = st = {"state": "failed"}
-        error = "stopped before training began (see train.log)"
+        # only a log: a run still setting up (loading, preparing), or a start that failed
+        # before training began (train logs why: "the run did not start: ...")
+        why = _setup_failure(log)
+        fresh = (time.time() if now is None else now) - log.stat().st_mtime < STALE_AFTER_S
+        if why is not None or not fresh:
+            status = st = {"state": "failed"}
+            error = why or "stopped before training began (see train.log)"
+        else:
+            error = "starting: loading the model / preparing the data (see train.log)"
     adapter = inside("adapter/adapter_config.json")
     merged_dir = inside("merged")
     info = RunInfo(
@@ -277,6 +283,29 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
         if merged_dir is not None and merged_dir.is_dir() else [],
     )
     return info
+
+
+SETUP_FAILED = "the run did not start: "  # what train.py logs when setup fails
+
+
+def _setup_failure(log: Path) -> str | None:
+    """The reason a run's setup failed, from the end of its train.log (None: not logged)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 8192, 0))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    i = tail.rfind(SETUP_FAILED)
+    if i < 0:
+        return None
+    why = tail[i + len(SETUP_FAILED):]
+    if _LOG_RECORD.search(why):  # a later start wrote after it: that one counts
+        return None
+    return why.strip() or None
+
+
+_LOG_RECORD = re.compile(r"\n\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")  # train.log's record start
 
 
 def is_run_dir(d: Path) -> bool:
