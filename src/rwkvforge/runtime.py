@@ -42,6 +42,21 @@ _M_MMAP_THRESHOLD = -3
 _applied: bool | None = None
 
 
+def pid_alive(pid: object) -> bool:
+    """True when a process with this pid exists (signal 0 sends nothing)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
 def _env_sets_malloc() -> bool:
     """The user (or a measurement) chose glibc's malloc behaviour through the environment."""
     return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rwkvforge.paths import is_within, workspace_root
+from rwkvforge.runtime import pid_alive
 
 # A "running" status.json whose `updated` is older than this is treated as dead: the trainer
 # refreshes it every logged step, and steps on a CPU demo take seconds, not minutes.
@@ -139,21 +140,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if isinstance(tail, dict):
         out.append(tail)
     return out
-
-
-def pid_alive(pid: Any) -> bool:
-    """True when a process with this pid exists (signal 0 sends nothing)."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
 
 
 def list_checkpoints(run_dir: Path, root: Path | None = None) -> list[Checkpoint]:

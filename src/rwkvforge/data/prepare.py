@@ -64,13 +64,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from rwkvforge import config as cfg
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.paths import sample_data_dir, workspace_root
+from rwkvforge.runtime import pid_alive
 from rwkvforge.tokenizer import (EOT, VOCAB_NAME, ChatFormatError, TokenizerInputError,
                                  _doc_sep_id, _surrogate_error, _word_tables, chat_segments,
                                  check_messages, get_tokenizer, ids_match_bytes)
@@ -260,14 +261,15 @@ def parse_line(raw: bytes, lineno: int) -> Any:
         raise ValueError("invalid JSON: nested too deeply for the parser") from None
 
 
-def _encoding_hint(raw: bytes, lineno: int) -> str:
-    """What to do about a line that is not UTF-8, for the usual causes."""
+def _encoding_hint(raw: bytes, lineno: int, files: str = "in.jsonl > out.jsonl") -> str:
+    """What to do about a line (or a whole file: lineno 1) that is not UTF-8, for the usual
+    causes; `files` is the iconv command's input and output."""
     if lineno == 1 and raw[:2] == b"\x1f\x8b":
         return "the file is gzip-compressed: decompress it first (`gunzip in.jsonl.gz`)"
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and raw.count(0) * 3 > len(raw)):
         return ("the file looks like UTF-16 (Notepad's \"Unicode\", PowerShell's `>`): "
-                "save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 in.jsonl > out.jsonl`")
-    return ("save the file as UTF-8, e.g. `iconv -f cp1251 -t utf-8 in.jsonl > out.jsonl` "
+                f"save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 {files}`")
+    return (f"save the file as UTF-8, e.g. `iconv -f cp1251 -t utf-8 {files}` "
             "(cp1251 is the usual Windows Cyrillic encoding)")
 
 
@@ -551,13 +553,20 @@ class Options:
     glob: str = "**/*"  # the files of a folder input
 
 
-def _folder_to_jsonl(folder: Path, pattern: str, out: Path
-                     ) -> tuple[list[str], list[LineResult], int]:
+class FolderInput(NamedTuple):
+    """A folder read into a JSONL by _folder_to_jsonl."""
+
+    path: Path
+    names: list[str]  # the files' paths relative to `path`, by JSONL line
+    errors: list[LineResult]  # files that are not UTF-8 (their lines are blank)
+    empty: int  # empty files (blank lines too)
+
+
+def _folder_to_jsonl(folder: Path, pattern: str, out: Path) -> FolderInput:
     """Each file under `folder` matching `pattern` (sorted by path; hidden files and folders
     skipped) becomes line k of the JSONL `out`: {"text": its UTF-8 text, BOM removed}. An
     empty file, or one that is not UTF-8, gets a blank line instead (lines keep their
-    numbers). Returns (the files' relative names by line, errors for files that are not
-    UTF-8, the number of empty files)."""
+    numbers)."""
     try:
         files = sorted(p for p in folder.glob(pattern) if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(folder).parts))
@@ -573,8 +582,7 @@ def _folder_to_jsonl(folder: Path, pattern: str, out: Path
             try:
                 text = raw.decode("utf-8").removeprefix("\ufeff")
             except UnicodeDecodeError as e:
-                hint = _encoding_hint(raw, 2).replace("in.jsonl > out.jsonl",
-                                                      f"'{p}' > '{p}.utf8'")
+                hint = _encoding_hint(raw, 2, f"'{p}' > '{p}.utf8'")
                 errors.append(LineResult(k, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} "
                                          f"at byte {e.start}): {hint}"))
                 text = ""
@@ -583,7 +591,7 @@ def _folder_to_jsonl(folder: Path, pattern: str, out: Path
                 f.write("\n")
             else:
                 f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    return names, errors, empty
+    return FolderInput(folder, names, errors, empty)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -603,16 +611,6 @@ def _first_errors(where: Callable[[int], str], errors: list[LineResult]) -> str:
     return (":" + shown + more) if errors else ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
-
-
 _TEMP_NAME = re.compile(r"(?:\.staging-(\d+).*|.*\.tmp-(\d+))")
 
 
@@ -625,7 +623,7 @@ def _remove_stale_temps(prefix: Path) -> None:
         return
     for p in entries:
         m = _TEMP_NAME.fullmatch(p.name[len(prefix.name):])
-        if m and not _pid_alive(int(m.group(1) or m.group(2))):
+        if m and not pid_alive(int(m.group(1) or m.group(2))):
             p.unlink(missing_ok=True)
 
 
@@ -743,20 +741,18 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     if src.is_dir():  # one document per file, through a JSONL of them
         jsonl = prefix.with_name(f"{prefix.name}.folder.jsonl.tmp-{os.getpid()}")
         try:
-            names, pre_errors, empty = _folder_to_jsonl(src, opts.glob, jsonl)
-            return _run(opts, jsonl, log, t0, folder=(src, names, pre_errors, empty))
+            return _run(opts, jsonl, log, t0, folder=_folder_to_jsonl(src, opts.glob, jsonl))
         finally:
             jsonl.unlink(missing_ok=True)
     return _run(opts, src, log, t0)
 
 
-def _run(opts: Options, src: Path, log, t0: float, folder: tuple | None = None
+def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = None
          ) -> dict[str, Any]:
-    """run() on the JSONL `src`; `folder`: (the folder, file names by line, errors found
-    reading the files, empty files) when src was made from a folder's files."""
+    """run() on the JSONL `src`, which `folder` made from a folder's files when given."""
     prefix = opts.prefix
-    names = folder[1] if folder else None
-    shown_src = folder[0] if folder else src
+    names = folder.names if folder else None
+    shown_src = folder.path if folder else src
 
     def where(lineno: int) -> str:  # how an error names its place
         return str(shown_src / names[lineno - 1]) if names else f"{src}:{lineno}"
@@ -765,7 +761,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: tuple | None = None
     stage_prefix = prefix.with_name(f"{prefix.name}.staging-{os.getpid()}")
     stage_ids = BinIdxWriter(stage_prefix, np.uint16)
     stage_mask = BinIdxWriter(Path(f"{stage_prefix}.mask"), np.uint8) if has_mask else None
-    errors: list[LineResult] = list(folder[2]) if folder else []
+    errors: list[LineResult] = list(folder.errors) if folder else []
     raw_lines: dict[int, str] = {}
     doc_first_item: list[int] = []
     hasher = hashlib.sha256()
@@ -843,7 +839,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: tuple | None = None
         meta: dict[str, Any] = {
             "format": META_FORMAT, "type": opts.kind, "tokenizer": VOCAB_NAME,
             "source": {"path": str(shown_src), "sha256": hasher.hexdigest(), "bytes": size,
-                       **({"files": len(names), "glob": opts.glob, "empty_files": folder[3]}
+                       **({"files": len(names), "glob": opts.glob, "empty_files": folder.empty}
                           if folder else {})},
             "options": {"repeat": opts.repeat, "shuffle": opts.shuffle, "seed": opts.seed,
                         "val_fraction": opts.val_fraction, "skip_invalid": opts.skip_invalid},
