@@ -420,7 +420,6 @@ def test_setup_errors_are_train_errors(tiny_model_path, sft_prefix, tmp_path, ca
     cases = [
         (["--base-model", str(bad)], f"{bad}: cannot be read as a PyTorch checkpoint"),
         (["--vram", "12XB"], "VRAM='12XB': unknown unit"),
-        (["--data-type", "dpo"], "DPO) training is not built yet"),
         (["--run-name", "../escape"], "a run name is one folder name inside RUNS_DIR"),
         (["--lora-targets", "att.recptance"], "LORA_TARGETS: unknown ['att.recptance']"),
     ]

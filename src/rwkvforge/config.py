@@ -172,6 +172,11 @@ class Settings:
     deepspeed_offload: bool = _f(False, "ZeRO CPU offload of optimiser states: less VRAM, "
                                  "slower steps.", group="train")
     num_gpus: int = _f(1, "Processes for DeepSpeed (one per GPU).", lo=1, group="train")
+    dpo_beta: float = _f(0.1, "DATA_TYPE=dpo: the DPO temperature beta (larger = stay closer "
+                         "to the starting model).", lo=1e-6, hi=100.0, group="train")
+    dpo_ftx: float = _f(0.0, "DATA_TYPE=dpo: weight of an added cross-entropy loss on the "
+                        "chosen answers (0 = pure DPO; e.g. 1.0 keeps the chosen answers "
+                        "likely).", lo=0.0, hi=100.0, group="train")
 
 
 FIELD_BY_KEY = {f.name.upper(): f for f in fields(Settings)}

@@ -63,6 +63,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from rwkvforge import config as cfgmod
 from rwkvforge import paths
@@ -72,9 +73,8 @@ log = logging.getLogger("rwkvforge.train")
 # settings that may change when resuming (everything else must match the run's config.json)
 RESUME_MUTABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_every",
                   "wandb_project", "device")
-DPO_NOT_YET = ("DATA_TYPE=dpo: preference (DPO) training is not built yet. `rwkvforge prepare "
-               "--type dpo` checks and writes the pairs for it, but `rwkvforge train` trains "
-               "text and SFT data only (both trainers): set DATA_TYPE=sft or text.")
+DPO_NOT_MAPPED = ("DATA_TYPE=dpo with TRAINER=rwkv-peft: our DPO pairs are not mapped to "
+                  "RWKV-PEFT's trainer; use TRAINER=builtin for DPO.")
 
 
 class TrainError(RuntimeError):
@@ -246,15 +246,43 @@ def chunked_head_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tens
     return _ChunkedHeadCE.apply(h, head.weight, t, w, int(chunk), dtype)
 
 
+def sequence_logps(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                   mask: torch.Tensor, chunk: int = 1024,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,) fp32: each row's sum over its masked tokens of log p(target), with autograd.
+    One chunked head pass per row, so the full (T, 65536) logits never exist."""
+    return -torch.stack([chunked_head_loss(hidden[b:b + 1], head, targets[b:b + 1],
+                                           mask[b:b + 1], chunk, dtype)
+                         for b in range(hidden.shape[0])])
+
+
+def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023) per pair. policy / reference: (B, 2) sequence log-probs of
+    (chosen, rejected). Returns (-log sigmoid(m), m) with the reward margin
+    m = beta * ((pi_c - ref_c) - (pi_r - ref_r))."""
+    margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
+    return -F.logsigmoid(margin), margin
+
+
 class LossModule(nn.Module):
     """Wraps the (peft) model so one call = hidden states + chunked head loss; this is the
-    module DeepSpeed wraps."""
+    module DeepSpeed wraps.
 
-    def __init__(self, model: nn.Module, head_chunk: int, compute_dtype: torch.dtype):
+    DPO: `forward(x, y, w, ref, pair_scale, ftx_scale)` takes the B chosen rows then the B
+    rejected rows of B pairs (w = their loss masks) and `ref` (B, 2), the pairs' reference
+    log-probs, and returns pair_scale * sum of the pairs' DPO losses + ftx_scale * the chosen
+    rows' summed cross-entropy. `last_stats` then holds (sum of DPO losses, pairs with a
+    positive margin, sum of margins, pairs), detached."""
+
+    def __init__(self, model: nn.Module, head_chunk: int, compute_dtype: torch.dtype,
+                 dpo_beta: float = 0.1):
         super().__init__()
         self.model = model
         self.head_chunk = head_chunk
         self.compute_dtype = compute_dtype
+        self.dpo_beta = dpo_beta
+        self.last_stats: torch.Tensor | None = None
         if compute_dtype != torch.float32:
             # bf16 / fp16 training runs under autocast, which casts the adapters' fp32 weights
             # and their bf16 input itself. peft's plain-Linear LoRA would first cast the bf16
@@ -272,11 +300,25 @@ class LossModule(nn.Module):
 
         return unwrap(self.model)
 
-    def forward(self, input_ids, targets, weights):
+    def forward(self, input_ids, targets, weights, ref=None, pair_scale: float = 1.0,
+                ftx_scale: float = 0.0):
         m = self.inner()
         hidden, _ = m.forward_hidden(input_ids)
-        return chunked_head_loss(hidden, m.head, targets, weights, self.head_chunk,
-                                 self.compute_dtype)
+        if ref is None:
+            return chunked_head_loss(hidden, m.head, targets, weights, self.head_chunk,
+                                     self.compute_dtype)
+        B = ref.shape[0]
+        logp = sequence_logps(hidden, m.head, targets, weights, self.head_chunk,
+                              self.compute_dtype)
+        losses, margin = dpo_losses(torch.stack([logp[:B], logp[B:]], 1), ref.float(),
+                                    self.dpo_beta)
+        loss = losses.sum() * pair_scale
+        if ftx_scale:
+            loss = loss - logp[:B].sum() * ftx_scale
+        self.last_stats = torch.stack([losses.detach().sum(), (margin > 0).sum().float(),
+                                       margin.detach().sum(),
+                                       torch.tensor(float(B), device=margin.device)]).cpu()
+        return loss
 
 
 def autocast_ctx(device: torch.device, precision: str):
@@ -287,16 +329,11 @@ def autocast_ctx(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
-                  precision: str = "fp32", device: torch.device | str = "cpu",
-                  loss_fn: Callable | None = None) -> float:
-    """Mean cross-entropy over all masked tokens of `batches` (nats/token); nan if none.
-    `loss_fn(input_ids, targets, weights) -> summed loss` replaces the direct call (the
-    DeepSpeed engine, which gathers ZeRO-3 shards)."""
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """The model (peft or not) in eval mode for the block, then back to its mode."""
     from rwkvforge.peft import unwrap
 
-    device = torch.device(device)
     m = unwrap(model)
     was = m.training
     m.eval()
@@ -309,9 +346,23 @@ def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
             # train mode (they have no dropout: the outputs are the same).
             if isinstance(mod, bnb.nn.Linear4bit):
                 mod.training = True
+    try:
+        yield m
+    finally:
+        m.train(was)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
+                  precision: str = "fp32", device: torch.device | str = "cpu",
+                  loss_fn: Callable | None = None) -> float:
+    """Mean cross-entropy over all masked tokens of `batches` (nats/token); nan if none.
+    `loss_fn(input_ids, targets, weights) -> summed loss` replaces the direct call (the
+    DeepSpeed engine, which gathers ZeRO-3 shards)."""
+    device = torch.device(device)
     dtype = _compute_dtype(precision)
     total, count = 0.0, 0.0
-    try:
+    with eval_mode(model) as m:
         for b in batches:
             x = b["input_ids"].to(device)
             mask = b["loss_mask"].to(device).float()
@@ -324,9 +375,53 @@ def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
                     total += float(chunked_head_loss(hidden, m.head, y, mask, head_chunk,
                                                      dtype))
             count += float(mask.sum())
-    finally:
-        m.train(was)
     return total / count if count else float("nan")
+
+
+def _pair_rows(batch: dict, a: int = 0, b: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chosen rows a:b then the rejected rows a:b of a DPO batch: (x, y, mask)."""
+    return tuple(torch.cat([batch[f"chosen_{k}"][a:b], batch[f"rejected_{k}"][a:b]])
+                 for k in ("input_ids", "targets", "loss_mask"))  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, batches, n_pairs: int, head_chunk: int = 1024,
+                    precision: str = "fp32", device: torch.device | str = "cpu"
+                    ) -> torch.Tensor:
+    """(n_pairs, 2) float64 sequence log-probs of (chosen, rejected) under `model` as it is
+    now, for the pairs the DPO `batches` hold (by their pair_index; the others stay nan)."""
+    device = torch.device(device)
+    dtype = _compute_dtype(precision)
+    out = torch.full((n_pairs, 2), float("nan"), dtype=torch.float64)
+    with eval_mode(model) as m:
+        for batch in batches:
+            x, y, w = (t.to(device) for t in _pair_rows(batch))
+            with autocast_ctx(device, precision):
+                hidden, _ = m.forward_hidden(x)
+                logp = sequence_logps(hidden, m.head, y, w, head_chunk, dtype)
+            B = batch["pair_index"].numel()
+            out[batch["pair_index"]] = torch.stack([logp[:B], logp[B:]], 1).double().cpu()
+    return out
+
+
+@torch.no_grad()
+def evaluate_dpo(loss_module: LossModule, batches: list[dict], reference: torch.Tensor,
+                 precision: str = "fp32", device: torch.device | str = "cpu"
+                 ) -> tuple[float, float]:
+    """(mean DPO loss, share of pairs whose chosen answer gets the higher reward) over the
+    DPO `batches`; the reference log-probs are indexed by each batch's pair_index."""
+    device = torch.device(device)
+    stats = torch.zeros(4, dtype=torch.float64)
+    with eval_mode(loss_module.model):
+        for batch in batches:
+            x, y, w = (t.to(device) for t in _pair_rows(batch))
+            ref = reference[batch["pair_index"]].to(device)
+            with autocast_ctx(device, precision):
+                loss_module(x, y, w, ref)
+            stats += loss_module.last_stats.double()
+    n = float(stats[3])
+    return (float(stats[0]) / n, float(stats[1]) / n) if n else (float("nan"), float("nan"))
 
 
 def _compute_dtype(precision: str) -> torch.dtype:
@@ -834,6 +929,7 @@ class Trainer:
         self._say = say or (lambda m: print(m, file=sys.stderr, flush=True))
         self.micro_bsz = self.s.micro_bsz
         self.grad_accum = self.s.grad_accum
+        self.dpo = self.s.data_type == "dpo"
         self.engine = None
         self.wandb = None
         self._bar = None
@@ -892,8 +988,10 @@ class Trainer:
         if s.deepspeed_stage == 3 and s.quant != "none":
             raise TrainError("DEEPSPEED_STAGE=3 cannot shard 4-/8-bit base weights: use "
                              "DEEPSPEED_STAGE=2 with QUANT, or QUANT=none with stage 3.")
-        if s.data_type == "dpo":
-            raise TrainError(DPO_NOT_YET)
+        if s.data_type == "dpo" and s.deepspeed_stage == 3:
+            raise TrainError("DATA_TYPE=dpo runs in one process or under DEEPSPEED_STAGE=2 "
+                             "(each process computes the reference log-probs with the whole "
+                             "model); set DEEPSPEED_STAGE=2.")
         if s.deepspeed_stage > 0:
             self._init_distributed()
         self.folder.open_log()
@@ -943,7 +1041,8 @@ class Trainer:
                      "minute on a CPU)")
         seed_everything(s.seed + 1000 * self.rank)  # dropout streams differ per rank
         self.compute_dtype = _compute_dtype(s.precision)
-        self.loss_module = LossModule(self.model, s.head_chunk, self.compute_dtype)
+        self.loss_module = LossModule(self.model, s.head_chunk, self.compute_dtype,
+                                      dpo_beta=s.dpo_beta)
         self.optimizer = make_optimizer(self.model, s)
 
         from rwkvforge.data.loader import build_train_loader, build_val_batches
@@ -963,9 +1062,10 @@ class Trainer:
             raise TrainError(msg) from None
         skipped = getattr(self.loader, "skipped", 0)
         if skipped:
-            self.say(f"note: {skipped} of {skipped + self.loader.n} SFT examples have no "
-                     f"trained (assistant) token within CTX_LEN={s.ctx_len}: left out (raise "
-                     "CTX_LEN to train on them)")
+            what = ("DPO pairs have an answer with no trained token" if self.dpo else
+                    "SFT examples have no trained (assistant) token")
+            self.say(f"note: {skipped} of {skipped + self.loader.n} {what} within "
+                     f"CTX_LEN={s.ctx_len}: left out (raise CTX_LEN to train on them)")
         self.total_steps = s.max_steps or s.epochs * self.loader.steps_per_epoch
         if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
             self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "
@@ -976,6 +1076,8 @@ class Trainer:
                                             warmup=s.warmup_steps, total=total,
                                             schedule=s.lr_schedule) / s.lr if s.lr else 0.0)
         self.step = 0
+        if self.dpo:
+            self._reference()
         if s.deepspeed_stage > 0:
             import deepspeed
 
@@ -1005,13 +1107,57 @@ class Trainer:
         cfg = infer_config(sd)
         del sd
         kind = "cuda" if self.device.type == "cuda" else "cpu"
+        # a DPO micro-batch of MICRO_BSZ pairs runs 2 x MICRO_BSZ sequences
+        s = dataclasses.replace(self.s, micro_bsz=2 * self.s.micro_bsz) if self.dpo else self.s
         try:  # a refusal says itself that --force starts it anyway
-            budget = budget_bytes(self.s, kind)
-            bd = preflight(self.s, cfg, budget, force=self.force, device=kind)
+            budget = budget_bytes(s, kind)
+            bd = preflight(s, cfg, budget, force=self.force, device=kind)
         except MemoryPlanError as e:
             raise TrainError(str(e)) from None
         if budget and not bd.fits(budget):
             self.say(f"warning: --force: {bd.warning(budget)}")
+
+    REFERENCE = "reference_logps.pt"
+
+    def _reference(self) -> None:
+        """DPO: the reference log-probs of every train / val pair, computed once with the model
+        as it starts (base + freshly initialised adapters, i.e. the base model's outputs, also
+        under PiSSA, DoRA and TRAIN_PARTS) and kept in the run folder for a resume."""
+        path = self.run_dir / self.REFERENCE
+        n_train = self.loader.split.num_examples
+        n_val = max((int(b["pair_index"].max()) + 1 for b in self.val_batches), default=0)
+        if self.resume:
+            try:
+                ref = torch.load(path, map_location="cpu", weights_only=True)
+                ok = ref["train"].shape == (n_train, 2) and ref["val"].shape[0] >= n_val
+            except (OSError, KeyError, RuntimeError, pickle.UnpicklingError, AttributeError):
+                ok = False
+            if not ok:
+                raise TrainError(f"--resume {self.run_dir}: {path.name} is missing or does "
+                                 "not match the data: the reference log-probs of a DPO run "
+                                 "come from the model as it started. Start a new run.")
+            self.ref_train, self.ref_val = ref["train"], ref["val"]
+            return
+        from rwkvforge.data.loader import pair_batches
+
+        t0 = time.time()
+        rng = rng_state()
+        args = (self.s.head_chunk, self.s.precision, self.device)
+        self.ref_train = reference_logps(
+            self.model, pair_batches(self.loader.split, self.loader.examples, self.s.ctx_len,
+                                     max(self.micro_bsz, 1)), n_train, *args)
+        self.ref_val = reference_logps(self.model, self.val_batches, n_val, *args)
+        set_rng_state(rng)
+        if self.is_main:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"train": self.ref_train, "val": self.ref_val, "beta": self.s.dpo_beta},
+                       tmp)
+            os.replace(tmp, path)
+        self.say(f"DPO: reference log-probs of {self.loader.n} train + "
+                 f"{sum(b['pair_index'].numel() for b in self.val_batches)} val pairs in "
+                 f"{time.time() - t0:.1f}s (beta {self.s.dpo_beta:g}"
+                 + (f", chosen-answer cross-entropy x {self.s.dpo_ftx:g}" if self.s.dpo_ftx
+                    else "") + ")")
 
     def _read_status(self) -> dict:
         try:
@@ -1233,9 +1379,44 @@ class Trainer:
                  "effective batch); retrying the step", logging.WARNING)
         self._events.append("oom_backoff")
 
+    def _micro_steps_dpo(self, batch: dict) -> float:
+        """_micro_steps for DPO batches: rows are pairs; each pair's loss is divided by the
+        global batch's pair count (and the chosen answers' cross-entropy, DPO_FTX, by their
+        token count), so any split into micro-batches or processes gives the same gradient.
+        Leaves (DPO loss sum, right-ordered pairs, margin sum, pairs) of this rank in
+        self._dpo_stats."""
+        dev = self.device
+        per_rank = self.rows_per_step // self.world
+        lo = self.rank * per_rank
+        pair_scale = self.world / batch["pair_index"].numel()
+        ftx = self.s.dpo_ftx * self.world / max(float(batch["chosen_loss_mask"].sum()), 1.0)
+        total = 0.0
+        self._dpo_stats = torch.zeros(4, dtype=torch.float64)
+        for i in range(self.grad_accum):
+            a = lo + i * self.micro_bsz
+            b = a + self.micro_bsz
+            if self.on_micro_batch is not None:
+                self.on_micro_batch(self.step + 1, i, self.micro_bsz)
+            x, y, w = (t.to(dev, non_blocking=True) for t in _pair_rows(batch, a, b))
+            ref = self.ref_train[batch["pair_index"][a:b]].to(dev)
+            with autocast_ctx(dev, self.s.precision):
+                fn = self.engine if self.engine is not None else self.loss_module
+                loss = fn(x, y, w, ref, pair_scale, ftx)
+            if self.engine is not None:
+                self.engine.backward(loss, scale_wrt_gas=False)
+                if i < self.grad_accum - 1:
+                    self.engine.step()
+            else:
+                loss.backward()
+            total += float(loss.detach()) / self.world
+            self._dpo_stats += self.loss_module.last_stats.double()
+        return total
+
     def _micro_steps(self, batch: dict) -> float:
         """Forward/backward of this rank's rows in micro-batches; returns this rank's share
         of the global mean loss (sum over ranks = the step's loss)."""
+        if self.dpo:
+            return self._micro_steps_dpo(batch)
         dev = self.device
         R = self.rows_per_step
         per_rank = R // self.world
@@ -1290,8 +1471,12 @@ class Trainer:
             import torch.distributed as dist
 
             t = torch.tensor([loss], dtype=torch.float64)
+            if self.dpo:
+                t = torch.cat([t, self._dpo_stats])
             dist.all_reduce(t)
             loss = float(t[0])
+            if self.dpo:
+                self._dpo_stats = t[1:]
         return loss, gnorm
 
     # ------------------------------------------------------------------ loop
@@ -1302,6 +1487,10 @@ class Trainer:
             return None
         if not self.is_main and self.s.deepspeed_stage != 3:
             return None
+        if self.dpo:
+            loss, self.val_acc = evaluate_dpo(self.loss_module, self.val_batches, self.ref_val,
+                                              self.s.precision, self.device)
+            return loss
         fn = None
         if self.engine is not None and self.s.deepspeed_stage == 3:
             fn = self.engine  # its forward gathers the sharded weights
@@ -1358,8 +1547,10 @@ class Trainer:
             val_start = self.val_start = (self._eval() if not self.resume
                                           else prev.get("val_loss_start"))
             if val_start is not None and not self.resume:
-                self.say(f"val loss before training: {val_start:.4f} "
-                         f"({len(self.val_batches)} batches)")
+                self.say(f"val {'DPO ' if self.dpo else ''}loss before training: "
+                         f"{val_start:.4f} ({len(self.val_batches)} batches"
+                         + (", ln 2 = 0.6931 while the model is its own reference)"
+                            if self.dpo else ")"))
             if self.resume:
                 self._events.append("resumed")
             if self.progress:
@@ -1377,7 +1568,8 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss, gnorm = self.train_step(batch)
                 self.step += 1
-                tok_log += int(batch["input_ids"].numel())
+                tok_log += sum(int(v.numel()) for k, v in batch.items()
+                               if k.endswith("input_ids"))
                 if not math.isfinite(loss):
                     raise TrainError(f"loss is {loss} at step {self.step}: training diverged. "
                                      "Lower LR, keep GRAD_CLIP=1, or use PRECISION=bf16/fp32.")
@@ -1397,8 +1589,14 @@ class Trainer:
                            "epoch": round(float(getattr(self.loader, "epoch_progress", 0.0)), 4)}
                     if gnorm is not None:
                         row["grad_norm"] = round(gnorm, 6)
+                    if self.dpo:  # this step's pairs: share ranked right, mean margin
+                        st = self._dpo_stats
+                        row["reward_acc"] = round(float(st[1] / st[3]), 4)
+                        row["reward_margin"] = round(float(st[2] / st[3]), 6)
                     if val is not None:
                         row["val_loss"] = round(val, 6)
+                        if self.dpo:
+                            row["val_reward_acc"] = round(self.val_acc, 4)
                     if self._events:
                         row["event"] = ",".join(self._events)
                         row["micro_bsz"], row["grad_accum"] = self.micro_bsz, self.grad_accum
@@ -1412,6 +1610,8 @@ class Trainer:
                     if self._bar is None:
                         self.say(f"step {self.step}/{self.total_steps} loss {loss:.4f} "
                                  f"lr {lr:.2e} {tps:,.0f} tok/s"
+                                 + (f" reward acc {row['reward_acc']:.2f} margin "
+                                    f"{row['reward_margin']:.3f}" if self.dpo else "")
                                  + (f" val {val:.4f}" if val is not None else ""))
                     else:
                         log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", self.step,
@@ -1493,7 +1693,7 @@ def rwkv_peft_command(s: cfgmod.Settings, model_path: Path, data_prefix: Path,
     masking (--loss_mask qa): our mask stream is not read by it. Shapes come from the
     checkpoint (--n_layer / --n_embd / --dim_ffn / --head_size_a / --vocab_size)."""
     if s.data_type == "dpo":
-        raise TrainError(DPO_NOT_YET)
+        raise TrainError(DPO_NOT_MAPPED)
     if s.use_dora:
         raise TrainError("USE_DORA=1 has no RWKV-PEFT equivalent (it offers LoRA, PiSSA, "
                          "DiSHA); use TRAINER=builtin or USE_DORA=0.")

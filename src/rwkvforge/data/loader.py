@@ -30,7 +30,10 @@ loss_mask[t] = mask[t + 1] (the mask belongs to the predicted token). Batches ar
 consecutive examples (an RNN carries state across the 0 separators, as in pretraining).
 
 DPO. One prepared pair = two items, chosen then rejected, each ids + mask over the response.
-A batch has chosen_* and rejected_* versions of the three keys, all padded to one T.
+A batch has chosen_* and rejected_* versions of the three keys, all padded to one T, and
+`pair_index` (B,): each row's pair number in its split (the key of the reference log-probs a
+DPO run computes once). Pairs where either answer has no trained token within ctx_len are
+left out, like such SFT examples.
 
 Data parallel: rank r of w ranks takes global samples r, r + w, r + 2w, ...; with the same
 seed the ranks never overlap. State (epoch, position) is plain ints: resuming yields exactly
@@ -322,16 +325,20 @@ class SFTLoader(_Stream):
         self.split, self.ctx_len, self.pack, self.pad_to = split, ctx_len, pack, pad_to
         # SFT examples whose trained (assistant) tokens all lie past CTX_LEN would train on
         # nothing (a zero loss, yet an optimiser step): they are left out, and counted
+        # (DPO: pairs where either answer has none)
         self.examples = np.arange(split.num_examples)
-        if self.kind == "sft" and split.mask is not None:
+        if split.mask is not None:
             cap = ctx_len + 1
-            self.examples = np.asarray([i for i in range(split.num_examples)
-                                        if split.mask[i][1:cap].any()], np.int64)
+            per = 2 if self.kind == "dpo" else 1
+            self.examples = np.asarray(
+                [i for i in range(split.num_examples)
+                 if all(split.mask[per * i + j][1:cap].any() for j in range(per))], np.int64)
             if not len(self.examples):
+                what = "pairs has a trained token in both answers" if per == 2 else \
+                    "examples has a trained (assistant) token"
                 raise ValueError(
-                    f"{split.prefix}: none of the {split.num_examples} examples has a trained "
-                    f"(assistant) token within ctx_len={ctx_len}: raise CTX_LEN, or shorten "
-                    "the prompts")
+                    f"{split.prefix}: none of the {split.num_examples} {what} within "
+                    f"ctx_len={ctx_len}: raise CTX_LEN, or shorten the prompts")
         self.skipped = split.num_examples - len(self.examples)
         self.n = len(self.examples)
         need = micro_bsz * world_size
@@ -424,7 +431,22 @@ def _pair_batch(split: Split, pairs: list[int], ctx_len: int, pad_to: str
     rejected = [split.item(2 * k + 1, cap) for k in pairs]
     T = ctx_len if pad_to == "ctx_len" else max(max(len(r[0]) for r in chosen + rejected) - 1,
                                                 1)
-    return {**_rows_to_batch(chosen, T, "chosen_"), **_rows_to_batch(rejected, T, "rejected_")}
+    import torch
+
+    return {**_rows_to_batch(chosen, T, "chosen_"), **_rows_to_batch(rejected, T, "rejected_"),
+            "pair_index": torch.tensor(pairs, dtype=torch.int64)}
+
+
+def pair_batches(split: Split, pairs: Any, ctx_len: int, micro_bsz: int
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of the given DPO pairs, micro_bsz pairs each (the last may be smaller), pairs
+    of similar length together (less padding); each batch's `pair_index` says which."""
+    cap = ctx_len + 1
+    sizes = split.ids.sizes
+    order = sorted((int(k) for k in pairs),
+                   key=lambda k: min(max(int(sizes[2 * k]), int(sizes[2 * k + 1])), cap))
+    for b in range(0, len(order), micro_bsz):
+        yield _pair_batch(split, order[b:b + micro_bsz], ctx_len, "longest")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""DPO training (DATA_TYPE=dpo): the loss, the reference log-probs, batching invariance, a
+learning run on the shipped preference sample, resume, and the refusals.
+
+Runs use the tiny fixture model (L2 C128, real 65536 vocabulary) and data/samples/bsl_dpo.jsonl
+prepared into a temporary folder; one torch thread per process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkvforge import config as cfgmod
+from rwkvforge import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "samples" / "bsl_dpo.jsonl"
+LN2 = math.log(2.0)
+FAST = {"data_type": "dpo", "ctx_len": 160, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8,
+        "lora_alpha": 16, "warmup_steps": 0, "head_chunk": 256, "log_every": 1,
+        "eval_every": 0, "save_every": 0, "precision": "fp32", "lr_schedule": "constant"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def dpo_prefix(tmp_path_factory):
+    """The shipped DPO sample, prepared (15% of the pairs held out)."""
+    from rwkvforge.data.prepare import Options, run
+
+    out = tmp_path_factory.mktemp("data") / "bsl_dpo"
+    run(Options(input=SAMPLE, prefix=out, kind="dpo", ctx_len=160, seed=42, val_fraction=0.15,
+                workers=1, progress=False), log=lambda *a: None)
+    return out
+
+
+def resolved(model_path, prefix, runs, **over):
+    cli = {"base_model": str(model_path), "data_prefix": str(prefix), "runs_dir": str(runs),
+           **FAST, **over}
+    return cfgmod.resolve(cli=cli, env={}, root=ROOT)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------ units
+def test_dpo_loss_is_the_published_formula():
+    pol = torch.tensor([[-10.0, -12.0], [-5.0, -4.0], [-7.0, -7.0]])
+    ref = torch.tensor([[-11.0, -11.0], [-5.0, -5.0], [-6.0, -8.0]])
+    losses, margin = T.dpo_losses(pol, ref, beta=0.5)
+    # beta * ((pi_c - ref_c) - (pi_r - ref_r)) = 0.5 * ((1) - (-1)), 0.5 * (0 - 1), 0.5 * (-1 - 1)
+    assert margin.tolist() == pytest.approx([1.0, -0.5, -1.0])
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-m)) for m in (1.0, -0.5, -1.0)])
+    same, m0 = T.dpo_losses(pol, pol, beta=3.0)  # the model as its own reference: ln 2
+    assert same.tolist() == pytest.approx([LN2] * 3) and m0.abs().max() == 0
+
+
+def test_sequence_logps_sum_the_masked_token_log_probs(tiny_model):
+    torch.manual_seed(0)
+    x = torch.randint(0, 65536, (3, 20))
+    y = torch.randint(0, 65536, (3, 20))
+    mask = (torch.rand(3, 20) > 0.4).float()
+    mask[2] = 0  # a row with nothing trained has log-prob 0
+    hidden, _ = tiny_model.forward_hidden(x)
+    hidden = hidden.detach().requires_grad_(True)
+    got = T.sequence_logps(hidden, tiny_model.head, y, mask, chunk=7)
+    lp = F.log_softmax(tiny_model.head(hidden).float(), -1).gather(-1, y[..., None])[..., 0]
+    want = (lp * mask).sum(1)
+    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-4)
+    assert got[2].item() == 0.0
+    # the gradient flows per row: d(row 0 - 2 * row 1)/dh equals the dense one
+    (g,) = torch.autograd.grad(got[0] - 2 * got[1], hidden)
+    (g_want,) = torch.autograd.grad(want[0] - 2 * want[1], hidden)
+    torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-6)
+
+
+def test_pairs_with_an_answer_past_ctx_len_are_left_out(dpo_prefix):
+    from rwkvforge.data.loader import build_train_loader, open_split
+
+    split = open_split(dpo_prefix, "train")
+    full = build_train_loader(dpo_prefix, ctx_len=4096, micro_bsz=2, seed=1)
+    assert full.skipped == 0 and full.n == split.num_examples
+    short = build_train_loader(dpo_prefix, ctx_len=40, micro_bsz=2, seed=1)
+    assert 0 < short.skipped < split.num_examples
+    for k in short.examples.tolist():  # both answers of every kept pair train something
+        assert split.mask[2 * k][1:41].any() and split.mask[2 * k + 1][1:41].any()
+    batch = next(short)
+    assert set(batch["pair_index"].tolist()) <= set(short.examples.tolist())
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape
+    with pytest.raises(ValueError, match="none of the .* pairs has a trained token in both"):
+        build_train_loader(dpo_prefix, ctx_len=16, micro_bsz=2, seed=1)
+
+
+# ------------------------------------------------------------------------------ runs
+def test_dpo_run_learns_the_preference(tiny_model_path, dpo_prefix, tmp_path):
+    """Before training the model is its own reference: the held-out DPO loss is ln 2 exactly.
+    A short run moves it below ln 2 - 0.05 on held-out pairs, and the run folder holds the
+    reference log-probs, reward metrics and an adapter."""
+    run = tmp_path / "dpo"
+    out = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=12, lr=3e-3,
+                             micro_bsz=4), run, root=ROOT, progress=False).run()
+    assert out.val_loss_start == pytest.approx(LN2, abs=1e-6)
+    assert out.val_loss_end < LN2 - 0.05, out.val_loss_end
+    rows = metrics(run)
+    assert rows[0]["loss"] == pytest.approx(LN2, abs=1e-5)  # step 1: policy == reference
+    assert rows[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert all({"reward_acc", "reward_margin"} <= set(r) for r in rows)
+    assert sum(r["reward_acc"] for r in rows[-4:]) / 4 > 0.5
+    assert rows[-1]["val_reward_acc"] >= 0.5 and rows[-1]["val_loss"] == pytest.approx(
+        out.val_loss_end, abs=1e-6)
+    ref = torch.load(run / T.Trainer.REFERENCE, weights_only=True)
+    assert ref["train"].dtype == torch.float64 and (ref["train"][~ref["train"].isnan()] < 0).all()
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert "DPO: reference log-probs of" in (run / "train.log").read_text()
+
+
+def test_dpo_gradient_is_independent_of_the_micro_batch_split(tiny_model_path, dpo_prefix,
+                                                             tmp_path):
+    """MICRO_BSZ 2 x GRAD_ACCUM 1 == MICRO_BSZ 1 x GRAD_ACCUM 2, with the chosen-answer
+    cross-entropy on (DPO_FTX): pairs and chosen tokens are normalised over the whole step."""
+    kw = dict(max_steps=3, lr=3e-3, dpo_ftx=0.5, lora_dropout=0.0)
+    a = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, micro_bsz=2, grad_accum=1,
+                           **kw), tmp_path / "a", root=ROOT, progress=False)
+    a.run()
+    b = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, micro_bsz=1, grad_accum=2,
+                           **kw), tmp_path / "b", root=ROOT, progress=False)
+    b.run()
+    la, lb = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=2e-5, abs=2e-5)
+    assert [r["reward_margin"] for r in la] == pytest.approx(
+        [r["reward_margin"] for r in lb], rel=1e-4, abs=1e-5)
+    assert la[-1]["reward_margin"] != 0.0
+
+
+def test_dpo_ftx_adds_the_chosen_answers_cross_entropy(tiny_model_path, dpo_prefix, tmp_path):
+    """At the first step (policy == reference) the loss is ln 2 + DPO_FTX x the mean
+    cross-entropy of the chosen answers' trained tokens, measured separately."""
+    losses = {}
+    for ftx in (0.0, 2.0):
+        tr = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=1,
+                                dpo_ftx=ftx), tmp_path / f"f{ftx}", root=ROOT, progress=False)
+        tr.setup()
+        batch = next(tr.loader)
+        losses[ftx] = tr._micro_steps(batch)
+    chosen = {k[len("chosen_"):]: v for k, v in batch.items() if k.startswith("chosen_")}
+    ce = T.evaluate_loss(tr.model, [chosen], head_chunk=256)
+    assert losses[0.0] == pytest.approx(LN2, abs=1e-5)
+    assert losses[2.0] == pytest.approx(LN2 + 2.0 * ce, rel=1e-5)
+
+
+def test_dpo_resume_reuses_the_reference_and_continues_exactly(tiny_model_path, dpo_prefix,
+                                                               tmp_path):
+    """An interrupted DPO run resumes from its checkpoint with the reference log-probs it
+    computed at the start (not the trained model's): the losses equal an uninterrupted run's.
+    Without that file a resume is refused."""
+    kw = dict(max_steps=4, save_every=2, lr=3e-3, lora_dropout=0.1)
+    T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, **kw), tmp_path / "full",
+              root=ROOT, progress=False).run()
+
+    def stop(step, index, micro_bsz):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    run = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, **kw), run, root=ROOT,
+                  progress=False, on_micro_batch=stop).run()
+    T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, **kw), run, root=ROOT,
+              progress=False, resume=True).run()
+    got, want = metrics(run), metrics(tmp_path / "full")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["loss"] for r in got] == [r["loss"] for r in want]
+    assert [r["reward_margin"] for r in got] == [r["reward_margin"] for r in want]
+
+    (run / T.Trainer.REFERENCE).unlink()
+    with pytest.raises(T.TrainError, match="reference_logps.pt is missing"):
+        T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, **{**kw, "max_steps": 6}),
+                  run, root=ROOT, progress=False, resume=True).run()
+
+
+def test_dpo_refusals(tiny_model_path, dpo_prefix, tmp_path):
+    with pytest.raises(T.TrainError, match="set DEEPSPEED_STAGE=2"):
+        T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=1,
+                           deepspeed_stage=3), tmp_path / "z3", root=ROOT,
+                  progress=False).setup()
+    from rwkvforge.model.rwkv7 import RWKV7Config
+
+    s = resolved(tiny_model_path, dpo_prefix, tmp_path, trainer="rwkv-peft").settings
+    with pytest.raises(T.TrainError, match="use TRAINER=builtin for DPO"):
+        T.rwkv_peft_command(s, tiny_model_path, dpo_prefix, RWKV7Config.suggested(2, 128),
+                            tmp_path / "x", tmp_path / "RWKV-PEFT")
