@@ -21,6 +21,7 @@ from rwkvforge import train as T
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "samples" / "bsl_dpo.jsonl"
 LN2 = math.log(2.0)
+FAST_BETA = 0.1  # DPO_BETA's default
 FAST = {"data_type": "dpo", "ctx_len": 160, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8,
         "lora_alpha": 16, "warmup_steps": 0, "head_chunk": 256, "log_every": 1,
         "eval_every": 0, "save_every": 0, "precision": "fp32", "lr_schedule": "constant"}
@@ -195,3 +196,41 @@ def test_dpo_refusals(tiny_model_path, dpo_prefix, tmp_path):
     with pytest.raises(T.TrainError, match="use TRAINER=builtin for DPO"):
         T.rwkv_peft_command(s, tiny_model_path, dpo_prefix, RWKV7Config.suggested(2, 128),
                             tmp_path / "x", tmp_path / "RWKV-PEFT")
+
+
+@pytest.mark.slow
+def test_dpo_under_deepspeed_two_processes_matches_one(tiny_model_path, dpo_prefix, tmp_path):
+    """ZeRO-2 over gloo, 2 processes x 1 pair == 1 process x 2 pairs: the same losses and
+    reward margins every step (each process computes the same reference log-probs)."""
+    import subprocess
+    import sys
+
+    from test_train import sub_env
+
+    def cmd(name, *extra):
+        return [sys.executable, "-m", "rwkvforge.train", "--base-model", str(tiny_model_path),
+                "--data-prefix", str(dpo_prefix), "--runs-dir", str(tmp_path), "--run-name",
+                name, "--no-progress", "--max-steps=3", "--lr=3e-3", "--dpo-ftx=0.5",
+                *[f"--{k.replace('_', '-')}={v}" for k, v in FAST.items()
+                  if k not in ("micro_bsz",)], *extra]
+
+    env = sub_env()
+    for name, extra in (("one", ("--micro-bsz=2",)),
+                        ("two", ("--micro-bsz=1", "--deepspeed-stage=2", "--num-gpus=2"))):
+        p = subprocess.run(cmd(name, *extra), env=env, capture_output=True, text=True,
+                           timeout=900)
+        assert p.returncode == 0, p.stderr[-4000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(a) == len(b) == 3
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    assert [r["reward_acc"] for r in b] == [r["reward_acc"] for r in a]
+    # A margin is beta x ((pi_c - ref_c) - (pi_r - ref_r)): four fp32 sequence log-probs of
+    # ~1e3 nats each (100+ tokens of ~11 nats), where one fp32 ulp is ~6e-5. The two runs batch
+    # the pairs differently (the reference pass too) and sum gradients in another order, so
+    # margins agree to a few ulps of the largest log-prob times beta, not relatively.
+    ref = torch.load(tmp_path / "one" / T.Trainer.REFERENCE, weights_only=True)["train"]
+    ulp = float(ref[~ref.isnan()].abs().max()) * 2.0 ** -23
+    assert [r["reward_margin"] for r in b] == pytest.approx([r["reward_margin"] for r in a],
+                                                            abs=8 * ulp * FAST_BETA)
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["training"][
+        "world_size"] == 2
