@@ -639,3 +639,30 @@ def test_metrics_are_read_incrementally_and_follow_a_rewrite(tmp_path) -> None:
                    '{"step": 3, "loss": 8.0}\n{"step": 4, "loss": 7.0}\n')
     os.replace(tmp, m)  # what resume's truncate_metrics does (then training appends)
     assert [r["loss"] for r in R.read_metrics(m)] == [3.0, 9.0, 8.0, 7.0]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_dpo_run_shows_its_reward_curves(tmp_path, tiny_model_path, monkeypatch, lang) -> None:
+    """A real 2-step DPO run (shipped preference sample): its detail page adds the reward
+    accuracy and margin charts, titled in the page's language; an SFT run has none."""
+    from streamlit.testing.v1 import AppTest
+
+    from rwkvforge import config as cfgmod
+    from rwkvforge import train as T
+
+    ws = tmp_path / "ws"
+    cli = {"base_model": str(tiny_model_path), "data_type": "dpo", "runs_dir": str(ws / "runs"),
+           "data_file": str(ROOT / "data" / "samples" / "bsl_dpo.jsonl"),
+           "data_prefix": str(tmp_path / "dpo"), "ctx_len": 160, "max_steps": 2,
+           "lora_r": 4, "save_every": 0, "precision": "fp32", "micro_bsz": 2}
+    T.Trainer(cfgmod.resolve(cli=cli, env={}, root=ROOT), ws / "runs" / "dpo-run", root=ROOT,
+              progress=False).run()
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(ws))
+    at = goto(AppTest.from_file(str(APP), default_timeout=60).run(), page="runs", lang=lang)
+    at.selectbox(key="w.runs.selected").set_value("dpo-run").run()
+    texts = prose(at)
+    for key in ("metric.reward_acc", "metric.reward_margin"):
+        assert i18n.t(lang, key) in texts, key
+    charts = [n for n in at._tree if getattr(n, "type", "") == "vega_lite_chart"]
+    assert len(charts) == 6  # loss, tokens/s, lr, memory + the two DPO charts
+    assert not untranslated(at, lang, data_values=["dpo-run"])

@@ -28,7 +28,8 @@ from rwkvforge.dashboard.i18n import LANGS, t
 from rwkvforge.paths import workspace_root
 
 PAGES = ("runs", "compare", "data", "chat", "system")
-METRICS = ("loss", "val_loss", "lr", "tokens_per_s", "mem_mb", "grad_norm")
+METRICS = ("loss", "val_loss", "lr", "tokens_per_s", "mem_mb", "grad_norm", "reward_acc",
+           "val_reward_acc", "reward_margin")  # the last three: DPO runs
 SYSTEM_SECTIONS = ("gpu", "torch", "memory", "python", "bitsandbytes", "os", "disk", "packages")
 REFRESH_S = 2.0  # live-curve refresh period while a run is running
 IDLE_REFRESH_S = 10.0  # the Runs page's look for a newly started run while none is running
@@ -224,6 +225,12 @@ def run_curves(run_dir: Path) -> None:
     with c2:
         curve(df, ["lr"])
         curve(df, ["mem_mb"])
+    if "reward_acc" in df.columns:  # a DPO run
+        c1, c2 = st.columns(2)
+        with c1:
+            curve(df, ["reward_acc", "val_reward_acc"])
+        with c2:
+            curve(df, ["reward_margin"])
 
 
 def md_literal(text: str) -> str:
