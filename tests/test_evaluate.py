@@ -199,3 +199,43 @@ def test_bad_tuned_file_and_numbers_are_clear_errors(tiny_model_path, sft_jsonl,
         with pytest.raises(SystemExit) as ei:
             E.main(["--run", str(run), flag, bad])
         assert ei.value.code == 2 and f"{flag} must be >=" in capsys.readouterr().err
+
+
+def test_eval_of_a_dpo_run_measures_the_preference(tiny_model_path, tmp_path, capsys):
+    """A real short DPO run (trainer, shipped preference sample, fp32), evaluated on its own
+    data through the CLI: the loss covers the chosen answers, and the tuned model's DPO loss
+    against the base equals the trainer's final held-out DPO loss (the trainer runs base +
+    adapter through peft, eval the merged weights); the base's log-probs equal the trainer's
+    reference log-probs."""
+    from rwkvforge import config as cfgmod
+    from rwkvforge import paths
+    from rwkvforge import train as T
+
+    cli = {"base_model": str(tiny_model_path), "data_type": "dpo", "runs_dir": str(tmp_path),
+           "data_file": str(paths.sample_data_dir() / "bsl_dpo.jsonl"),
+           "data_prefix": str(tmp_path / "dpo"), "val_fraction": 0.15, "ctx_len": 160,
+           "max_steps": 6, "lr": 3e-3, "lora_r": 8, "save_every": 0, "precision": "fp32",
+           "micro_bsz": 4, "warmup_steps": 0, "dpo_beta": 0.2}
+    run = tmp_path / "dpo-run"
+    out = T.Trainer(cfgmod.resolve(cli=cli, env={}, root=paths.workspace_root()), run,
+                    progress=False).run()
+    capsys.readouterr()
+    assert E.main(["--run", str(run), "--no-checks", "--micro-bsz", "3"]) == 0
+    assert "chosen answer likelier" in capsys.readouterr().err
+    res = json.loads((run / "eval" / "eval.json").read_text())
+    pf = res["preference"]
+    assert pf["beta"] == 0.2 and pf["pairs"] == 6  # 15% of the 42 sample pairs
+    assert pf["tuned"]["dpo_loss"] == pytest.approx(out.val_loss_end, abs=1e-4)
+    assert pf["tuned"]["dpo_loss"] < math.log(2) and pf["tuned"]["reward_margin"] > 0
+    assert res["val"]["loss_over"] == "the chosen answers"
+    assert "DPO against the base as reference (beta 0.2)" in (run / "eval" / "report.md").read_text()
+    # the base side: the same numbers as the trainer's reference pass over the val pairs
+    batches, _ = E.val_batches(tmp_path / "dpo", 160, 4)
+    from rwkvforge.checkpoint import load_model
+
+    base = E.pair_logps(load_model(tiny_model_path), batches)
+    ref = torch.load(run / T.Trainer.REFERENCE, weights_only=True)["val"]
+    order = torch.cat([b["pair_index"] for b in batches])
+    torch.testing.assert_close(base, ref[order], rtol=1e-5, atol=1e-3)
+    likelier = float((base[:, 0] > base[:, 1]).double().mean())
+    assert pf["base"]["chosen_likelier"] == pytest.approx(likelier)

@@ -9,7 +9,11 @@ Three things, each for the base and the tuned model:
 1. loss / perplexity on a validation set: a prepared prefix (its val split; a bare binidx made
    elsewhere is read whole, as text) or a JSONL (SFT records: the loss covers the assistant
    replies only, as in training; {"text": ...} records: every token). Loss is token-weighted,
-   sum(CE * mask) / sum(mask) over the whole set, and perplexity = exp(loss).
+   sum(CE * mask) / sum(mask) over the whole set, and perplexity = exp(loss). DPO data (a
+   prefix prepared with --type dpo): the loss covers the chosen answers, and the preference
+   is measured too: the share of pairs whose chosen answer is the likelier one, per model, and
+   the tuned model's DPO loss, reward accuracy and margin with the base as the reference
+   (beta = the run's DPO_BETA).
 2. prompt checks from a JSONL of {"prompt", "expect", "kind": "substring" | "regex"}: the
    prompt is asked as a chat turn, answered greedily (temperature 0), and passes when the
    answer contains `expect` (substring) or `re.search(expect, answer)` finds a match (regex).
@@ -186,9 +190,6 @@ def val_batches(source: str | Path, ctx_len: int, micro_bsz: int, tok=None,
                 raise EvalError(f"{prefix}: the prepared data has no validation split "
                                 f"(VAL_FRACTION=0?); prepare it with VAL_FRACTION > 0 or pass "
                                 f"--val with a JSONL.")
-            if "input_ids" not in batches[0]:
-                raise EvalError(f"{prefix}: {meta.get('type')} data (chosen / rejected pairs) has "
-                                f"no single loss; evaluate with an SFT / text prefix or a JSONL.")
             desc = f"{prefix} (val split, {meta.get('type', '?')})"
     if max_batches is not None:
         batches = batches[:max_batches]
@@ -197,23 +198,62 @@ def val_batches(source: str | Path, ctx_len: int, micro_bsz: int, tok=None,
 
 # ----------------------------------------------------------------------------- loss
 @torch.no_grad()
+def row_losses(model, batch: dict[str, torch.Tensor], head_chunk: int = 256
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: (sum of CE * mask, sum of mask), float64 (B,) each. The head
+    runs on `head_chunk` positions at a time (never the full T x V logits)."""
+    h, _ = model.forward_hidden(b_in := batch["input_ids"])  # (B, T, C)
+    total = torch.zeros(b_in.shape[0], dtype=torch.float64)
+    count = torch.zeros(b_in.shape[0], dtype=torch.float64)
+    for s in range(0, h.shape[1], head_chunk):
+        logits = model.head(h[:, s: s + head_chunk]).float()  # (B, t, V)
+        ce = F.cross_entropy(logits.transpose(1, 2), batch["targets"][:, s: s + head_chunk],
+                             reduction="none")  # (B, t)
+        m = batch["loss_mask"][:, s: s + head_chunk].float()
+        total += (ce * m).sum(1).double()
+        count += m.sum(1).double()
+    return total, count
+
+
 def masked_loss(model, batches: list[dict[str, torch.Tensor]], head_chunk: int = 256) -> dict:
-    """Token-weighted masked cross-entropy over all batches: sum(CE * mask) / sum(mask).
-    The head runs on `head_chunk` positions at a time (never the full T x V logits)."""
+    """Token-weighted masked cross-entropy over all batches: sum(CE * mask) / sum(mask)."""
     total, count = 0.0, 0.0
     for b in batches:
-        h, _ = model.forward_hidden(b["input_ids"])  # (B, T, C)
-        for s in range(0, h.shape[1], head_chunk):
-            logits = model.head(h[:, s: s + head_chunk]).float()  # (B, t, V)
-            ce = F.cross_entropy(logits.flatten(0, 1), b["targets"][:, s: s + head_chunk].flatten(),
-                                 reduction="none")
-            m = b["loss_mask"][:, s: s + head_chunk].flatten().float()
-            total += float((ce * m).sum())
-            count += float(m.sum())
+        t, c = row_losses(model, b, head_chunk)
+        total += float(t.sum())
+        count += float(c.sum())
     if count == 0:
         raise EvalError("the validation set has no target tokens (every loss_mask is 0).")
     loss = total / count
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": int(count)}
+
+
+def _side(batch: dict[str, torch.Tensor], side: str) -> dict[str, torch.Tensor]:
+    """The chosen_* or rejected_* rows of a DPO batch as a plain batch."""
+    return {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + "_")}
+
+
+def pair_logps(model, batches: list[dict[str, torch.Tensor]], head_chunk: int = 256
+               ) -> torch.Tensor:
+    """(pairs, 2) float64 sequence log-probs of (chosen, rejected) answers of DPO batches."""
+    out = [torch.stack([-row_losses(model, _side(b, side), head_chunk)[0]
+                        for side in ("chosen", "rejected")], 1) for b in batches]
+    return torch.cat(out)
+
+
+def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
+    """Preference metrics from (pairs, 2) log-probs: for each model the share of pairs whose
+    chosen answer is the likelier one; for the tuned model against the base as reference, the
+    DPO loss, the reward accuracy (margin > 0) and the mean reward margin."""
+    from rwkvforge.train import dpo_losses
+
+    losses, margin = dpo_losses(tuned, base, beta)
+    return {"pairs": int(base.shape[0]), "beta": beta,
+            "base": {"chosen_likelier": float((base[:, 0] > base[:, 1]).double().mean())},
+            "tuned": {"chosen_likelier": float((tuned[:, 0] > tuned[:, 1]).double().mean()),
+                      "dpo_loss": float(losses.mean()),
+                      "reward_accuracy": float((margin > 0).double().mean()),
+                      "reward_margin": float(margin.mean())}}
 
 
 # ----------------------------------------------------------------------------- answers
@@ -265,6 +305,15 @@ def render_report(res: dict) -> str:
              "| | base | tuned | change |", "|---|---|---|---|",
              f"| loss | {b['loss']:.4f} | {t['loss']:.4f} | {t['loss'] - b['loss']:+.4f} |",
              f"| perplexity | {b['ppl']:.3f} | {t['ppl']:.3f} | {t['ppl'] / b['ppl'] - 1:+.1%} |"]
+    pf = res.get("preference")
+    if pf:
+        pb, pt = pf["base"], pf["tuned"]
+        lines.append(f"| chosen answer likelier ({pf['pairs']} pairs) | "
+                     f"{pb['chosen_likelier']:.0%} | {pt['chosen_likelier']:.0%} | "
+                     f"{pt['chosen_likelier'] - pb['chosen_likelier']:+.0%} |")
+        lines += ["", f"DPO against the base as reference (beta {pf['beta']:g}): loss "
+                      f"{pt['dpo_loss']:.4f} (ln 2 = 0.6931 = no change), reward accuracy "
+                      f"{pt['reward_accuracy']:.0%}, mean reward margin {pt['reward_margin']:+.4f}."]
     ch = res.get("checks")
     if ch:
         cb, ct = ch["base"], ch["tuned"]
@@ -283,7 +332,8 @@ def render_report(res: dict) -> str:
 
 def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, val: Path,
              checks_path: Path | None, out_dir: Path, ctx_len: int = 512, micro_bsz: int = 4,
-             max_tokens: int = 128, max_val_batches: int | None = None, log=print) -> dict:
+             max_tokens: int = 128, max_val_batches: int | None = None, log=print,
+             dpo_beta: float = 0.1) -> dict:
     from rwkvforge.checkpoint import CheckpointError, atomic_write_bytes, load_state_dict, model_from_state_dict
     from rwkvforge.tokenizer import get_tokenizer
 
@@ -315,11 +365,24 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
            "settings": {"ctx_len": ctx_len, "micro_bsz": micro_bsz, "max_tokens": max_tokens,
                         "decoding": "greedy (temperature 0)"},
            "loss": {}}
+    pairs = "pair_index" in batches[0]  # DPO data: the loss is over the chosen answers
+    if pairs:
+        res["val"]["loss_over"] = "the chosen answers"
+    logps = {}
     for name, model in (("base", base_model), ("tuned", tuned_model)):
-        res["loss"][name] = masked_loss(model, batches)
+        res["loss"][name] = masked_loss(model, [_side(b, "chosen") for b in batches]
+                                        if pairs else batches)
         log(f"[eval] {name}: loss {res['loss'][name]['loss']:.4f}, "
-            f"perplexity {res['loss'][name]['ppl']:.3f} over {res['loss'][name]['tokens']} tokens")
+            f"perplexity {res['loss'][name]['ppl']:.3f} over {res['loss'][name]['tokens']} tokens"
+            + (" of the chosen answers" if pairs else ""))
+        if pairs:
+            logps[name] = pair_logps(model, batches)
     res["loss"]["delta"] = res["loss"]["tuned"]["loss"] - res["loss"]["base"]["loss"]
+    if pairs:
+        pf = res["preference"] = preference(logps["base"], logps["tuned"], dpo_beta)
+        log(f"[eval] chosen answer likelier: base {pf['base']['chosen_likelier']:.0%}, tuned "
+            f"{pf['tuned']['chosen_likelier']:.0%} of {pf['pairs']} pairs; DPO loss vs base "
+            f"{pf['tuned']['dpo_loss']:.4f}, reward accuracy {pf['tuned']['reward_accuracy']:.0%}")
     if checks:
         prompts = [c.prompt for c in checks]
         answers = {}
@@ -408,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate(run, base, adapter, args.tuned, val, checks, args.out or run / "eval", ctx,
                  args.micro_bsz, args.max_tokens, args.max_val_batches,
-                 log=lambda m: print(m, file=sys.stderr))
+                 log=lambda m: print(m, file=sys.stderr),
+                 dpo_beta=float((cfg.get("settings") or {}).get("dpo_beta") or 0.1))
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
