@@ -196,8 +196,12 @@ def test_dpo_batches(tmp_path):
     b = next(ld)
     keys = {f"{s}_{k}" for s in ("chosen", "rejected") for k in ("input_ids", "targets",
                                                                  "loss_mask")}
-    assert set(b) == keys
+    assert set(b) == keys | {"pair_index"}
     assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape
+    split = L.open_split(tmp_path / "dpo", "train")
+    for r, k in enumerate(b["pair_index"].tolist()):  # row r is pair k: items 2k and 2k + 1
+        n = int(split.ids.sizes[2 * k]) - 1
+        assert b["chosen_input_ids"][r, :n].tolist() == split.ids[2 * k][:-1].tolist()
     from rwkvforge.tokenizer import get_tokenizer
 
     tok = get_tokenizer()

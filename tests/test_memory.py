@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -178,6 +179,30 @@ def test_grad_cp_and_8bit_optimizer_reduce_their_parts():
     assert a8.items["optimizer"] < no_cp.items["optimizer"] / 3
     hc = estimate(cfg, dataclasses.replace(w, head_chunk=256))
     assert hc.items["head_ce"] == no_cp.items["head_ce"] // 4
+
+
+def test_a_dpo_micro_batch_counts_two_sequences_per_pair():
+    """DATA_TYPE=dpo: MICRO_BSZ pairs = 2 x MICRO_BSZ rows of activations; the head runs one
+    row at a time (train.sequence_logps); suggestions stay in pairs."""
+    cfg = _cfg15()
+    sft = estimate(cfg, Workload(ctx_len=1024, micro_bsz=2))
+    dpo = estimate(cfg, Workload(ctx_len=1024, micro_bsz=1, data_type="dpo"))
+    assert dpo.items["activations"] == sft.items["activations"]
+    assert dpo.items["wkv_state"] == sft.items["wkv_state"]
+    short = estimate(cfg, Workload(ctx_len=256, micro_bsz=4, data_type="dpo", head_chunk=1024))
+    assert short.items["head_ce"] == estimate(
+        cfg, Workload(ctx_len=256, micro_bsz=1, head_chunk=1024)).items["head_ce"]
+    s = {"quant": "none", "ctx_len": 4096, "micro_bsz": 4, "data_type": "dpo",
+         "grad_cp": True, "head_chunk": 256, "optimizer": "adamw8bit"}
+    need = memory.preflight(s, cfg, None).total
+    budget = (need + estimate(cfg, {**s, "micro_bsz": 2}).total) // 2
+    with pytest.raises(MemoryPlanError) as ei:
+        memory.preflight(s, cfg, budget)
+    assert "DPO: 4 pairs = 8 sequences" in str(ei.value)
+    k = int(re.search(r"MICRO_BSZ=(\d+) with GRAD_ACCUM", str(ei.value)).group(1))
+    after = {**s, "quant": "nf4"}  # the suggestions before it in the list
+    assert estimate(cfg, {**after, "micro_bsz": k}).total <= budget  # k pairs fit,
+    assert estimate(cfg, {**after, "micro_bsz": k + 1}).total > budget  # k + 1 pairs do not
 
 
 def test_plan_recommends_the_largest_fitting_micro_batch_and_context():

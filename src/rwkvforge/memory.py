@@ -150,6 +150,7 @@ class Workload:
     wkv_impl: str = "auto"
     ctx_len: int = 512
     micro_bsz: int = 1
+    data_type: str = "sft"  # dpo: a micro-batch of MICRO_BSZ pairs runs 2 x MICRO_BSZ rows
 
     @classmethod
     def from_any(cls, settings: Any, **overrides) -> "Workload":
@@ -275,7 +276,7 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
         raise MemoryPlanError(f"device={device!r}: expected cuda or cpu.")
     L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
     H, N = cfg.n_embd // cfg.head_size, cfg.head_size
-    B, T = w.micro_bsz, w.ctx_len
+    B, T = w.micro_bsz * (2 if w.data_type == "dpo" else 1), w.ctx_len
     cb = DTYPE_BYTES[w.precision]
     shapes = _linear_shapes(cfg)
     small = _small_params_per_layer(cfg)
@@ -352,11 +353,13 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
         notes["activations"] = f"{per_tok_layer / C:.0f}*C B/token/layer ({impl} WKV)"
     act += B * T * C * (ACT_OUTSIDE_CB * cb + ACT_OUTSIDE_FP32 * 4)
     items["activations"] = int(act)
+    if w.data_type == "dpo":
+        notes["activations"] += f"; DPO: {w.micro_bsz} pairs = {B} sequences"
 
     # ---- head + cross-entropy, one chunk at a time (train.py computes its gradient in the
     # forward): fp32 logits + fp32 softmax/gradient + the gradient in the compute dtype, and
     # logsumexp's fp32 temporary; a trainable head is also cast to the compute dtype
-    hc = min(w.head_chunk, B * T)
+    hc = min(w.head_chunk, T if w.data_type == "dpo" else B * T)  # DPO: one row at a time
     per = 12 + (cb if cb != 4 else 0)
     if device == "cpu" and w.precision == "bf16" and V % 32 == 0:
         from rwkvforge import native
@@ -475,7 +478,7 @@ def suggestions(cfg, w: Workload, vram_bytes: int, device: str = "cuda") -> list
     w = dataclasses.replace(w, **acc)  # sizes below assume the changes above
     ok_mb = _largest(lambda b: estimate(cfg, dataclasses.replace(w, micro_bsz=b),
                                         device=device).total <= vram_bytes, 1, w.micro_bsz)
-    if w.micro_bsz > 1 and ok_mb >= 1:
+    if 1 <= ok_mb < w.micro_bsz:
         out.append(f"MICRO_BSZ={ok_mb} with GRAD_ACCUM x{math.ceil(w.micro_bsz / ok_mb)} "
                    "(same effective batch)")
     ok_ctx = _largest(lambda s: estimate(cfg, dataclasses.replace(w, ctx_len=s * CTX_STEP),

@@ -1107,11 +1107,9 @@ class Trainer:
         cfg = infer_config(sd)
         del sd
         kind = "cuda" if self.device.type == "cuda" else "cpu"
-        # a DPO micro-batch of MICRO_BSZ pairs runs 2 x MICRO_BSZ sequences
-        s = dataclasses.replace(self.s, micro_bsz=2 * self.s.micro_bsz) if self.dpo else self.s
         try:  # a refusal says itself that --force starts it anyway
-            budget = budget_bytes(s, kind)
-            bd = preflight(s, cfg, budget, force=self.force, device=kind)
+            budget = budget_bytes(self.s, kind)
+            bd = preflight(self.s, cfg, budget, force=self.force, device=kind)
         except MemoryPlanError as e:
             raise TrainError(str(e)) from None
         if budget and not bd.fits(budget):
@@ -1140,6 +1138,8 @@ class Trainer:
             return
         from rwkvforge.data.loader import pair_batches
 
+        self.say(f"DPO: computing the reference log-probs of {self.loader.n} train pairs "
+                 "(one forward pass each, with the starting model) ...")
         t0 = time.time()
         rng = rng_state()
         args = (self.s.head_chunk, self.s.precision, self.device)
