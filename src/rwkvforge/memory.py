@@ -93,6 +93,9 @@ ACT_OUTSIDE_FP32 = 2
 # --- fixed costs
 CUDA_CONTEXT = 512 * MiB  # CUDA context + cuBLAS workspace; see docs/memory.md "Overhead"
 ALLOCATOR_SLACK = 0.10  # caching allocator: reserved exceeds allocated by ~5-15% (fragmentation)
+# CPU: buffers the math libraries allocate on a process's first matmuls and keep (measured on
+# an AMD EPYC with avx512-bf16, torch 2.13: 23.7 MiB for bf16, 42-45 MiB for fp32 matmuls)
+CPU_MATH_RUNTIME = {"bf16": 24 * MiB, "fp16": 24 * MiB, "fp32": 44 * MiB}
 
 
 class MemoryPlanError(ValueError):
@@ -239,6 +242,7 @@ LABELS = {
     "head_ce": "head + cross-entropy chunk",
     "wkv_state": "WKV state",
     "transient": "dequant / DoRA workspace",
+    "runtime": "math-library buffers",
     "cuda_context": "CUDA context (+cuBLAS)",
     "allocator_slack": "allocator slack",
 }
@@ -361,15 +365,18 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
     # logsumexp's fp32 temporary; a trainable head is also cast to the compute dtype
     hc = min(w.head_chunk, T if w.data_type == "dpo" else B * T)  # DPO: one row at a time
     per = 12 + (cb if cb != 4 else 0)
-    if device == "cpu" and w.precision == "bf16" and V % 32 == 0:
-        from rwkvforge import native
+    if device == "cpu":
+        # measured (bench/memory_bench.py, peak RSS at HEAD_CHUNK 64 vs 256 on the demo
+        # shape): train.py's chunk loss works in place on reused scratch buffers, so a chunk
+        # costs one fp32 logits buffer (4 B per entry) in fp32, that plus a copy in the compute
+        # dtype (6 B) in bf16 / fp16, and only the bf16 logits (2 B) when the C softmax runs on
+        # them in place. CUDA keeps the older, larger figure above until it is measured on a GPU.
+        per = 4 if cb == 4 else cb + 4
+        if w.precision == "bf16" and V % 32 == 0:
+            from rwkvforge import native
 
-        if native.available("softmax_cpu"):
-            # train.py's C softmax works in place on the bf16 logits: no fp32 copy of them,
-            # 4 B per entry less (tests/test_memory.py's CPU calibration run, lora-bf16:
-            # 177 MiB measured with torch's softmax, 145 MiB with the C one; that copy is
-            # 32 MiB at HEAD_CHUNK=128)
-            per -= 4
+            if native.available("softmax_cpu"):
+                per = cb
     items["head_ce"] = hc * V * per + (V * C * cb if "head" in parts and cb != 4 else 0)
     notes["head_ce"] = f"{hc} tokens x {V} vocab x {per} B"
 
@@ -386,6 +393,12 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
         tr += 3 * biggest * 4
     items["transient"] = tr
 
+    if device == "cpu":
+        # the math libraries' own buffers, allocated by the first matmuls of the process and
+        # kept (oneDNN / BLAS packing and thread scratch): measured as the RSS growth of the
+        # first (128 x C) @ (C x 65536) matmul, the same for C = 256 and 768
+        items["runtime"] = CPU_MATH_RUNTIME[w.precision]
+        notes["runtime"] = "math-library buffers of the first matmuls (CPU, once per process)"
     overhead: dict[str, int] = {}
     if device == "cuda":
         overhead["cuda_context"] = CUDA_CONTEXT
