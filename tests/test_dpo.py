@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sample_data import prepare_sample
 from rwkvforge import config as cfgmod
 from rwkvforge import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "samples" / "bsl_dpo.jsonl"
 LN2 = math.log(2.0)
 FAST_BETA = 0.1  # DPO_BETA's default
 FAST = {"data_type": "dpo", "ctx_len": 160, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8,
@@ -32,12 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def dpo_prefix(tmp_path_factory):
     """The shipped DPO sample, prepared (15% of the pairs held out)."""
-    from rwkvforge.data.prepare import Options, run
-
-    out = tmp_path_factory.mktemp("data") / "bsl_dpo"
-    run(Options(input=SAMPLE, prefix=out, kind="dpo", ctx_len=160, seed=42, val_fraction=0.15,
-                workers=1, progress=False), log=lambda *a: None)
-    return out
+    return prepare_sample(tmp_path_factory, "bsl_dpo", "dpo", 0.15)
 
 
 def resolved(model_path, prefix, runs, **over):

@@ -21,11 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sample_data import prepare_sample
 from rwkvforge import config as cfgmod
 from rwkvforge import train as T
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "samples" / "bsl_sft.jsonl"
 FAST = {"ctx_len": 48, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8, "lora_alpha": 16,
         "warmup_steps": 2, "head_chunk": 256, "log_every": 1, "eval_every": 0}
 
@@ -36,12 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def sft_prefix(tmp_path_factory):
     """The shipped SFT sample, prepared (10% held out for validation)."""
-    from rwkvforge.data.prepare import Options, run
-
-    out = tmp_path_factory.mktemp("data") / "bsl_sft"
-    run(Options(input=SAMPLE, prefix=out, kind="sft", ctx_len=64, seed=42, val_fraction=0.1,
-                workers=1, progress=False), log=lambda *a: None)
-    return out
+    return prepare_sample(tmp_path_factory, "bsl_sft", "sft", 0.1)
 
 
 def resolved(model_path, prefix, runs, profile=None, **over):
