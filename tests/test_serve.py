@@ -228,7 +228,9 @@ def test_queue_full_answers_429(parts):
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400,
      "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "max_completion_tokens": 10**6}, 400, "max_tokens"),
+                              "max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "max_tokens": 10**6}, 400, "max_tokens"),
 ])
 def test_validation_names_the_field(srv, path, body, status, param):
     r = httpx.post(srv.base + path, json={"model": "x", **body})

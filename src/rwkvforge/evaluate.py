@@ -40,7 +40,6 @@ import torch
 import torch.nn.functional as F
 
 CHECK_KINDS = ("substring", "regex")
-STOP_STRINGS = ("\n\nUser:", "\n\nSystem:")  # a chat turn ends here (World chat format)
 
 
 class EvalError(ValueError):
@@ -259,14 +258,14 @@ def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
 # ----------------------------------------------------------------------------- answers
 def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: int = 16) -> list[str]:
     """Greedy answers, each prompt asked as one user turn in the World chat format."""
-    from rwkvforge.generate import Engine, SamplingParams, encode_chat_prompt
+    from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
 
     eng = Engine(model, tok, max_batch=max_batch, cache_prompts=False)
     handles = []
     for p in prompts:
         ids, _ = encode_chat_prompt([{"role": "user", "content": p}], tok)
         params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens,
-                                stop=STOP_STRINGS, seed=0)
+                                stop=CHAT_STOP, seed=0)  # where a turn ends, as in serve
         handles.append(eng.submit(ids, params))
     with torch.inference_mode():
         eng.run_until_idle()

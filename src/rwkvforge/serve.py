@@ -284,12 +284,14 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
                                             "created": created, "owned_by": "rwkvforge"}]}
 
     # ---- shared request handling --------------------------------------------------------
-    def sampling(req: _Sampling, chat: bool, max_tokens: int | None) -> SamplingParams:
+    def sampling(req: _Sampling, chat: bool, max_tokens: int | None,
+                 field: str = "max_tokens") -> SamplingParams:
+        """`field`: the request field max_tokens came from (named in the error)."""
         mt = max_tokens if max_tokens is not None else min(opts.default_max_tokens,
                                                            opts.max_tokens)
         if mt > opts.max_tokens:
-            raise APIError(400, f"max_tokens={mt} is over this server's limit "
-                           f"{opts.max_tokens} (SERVE_MAX_TOKENS)", "max_tokens")
+            raise APIError(400, f"{field}={mt} is over this server's limit "
+                           f"{opts.max_tokens} (SERVE_MAX_TOKENS)", field)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4:
             raise APIError(400, f"stop has {len(stops)} strings; at most 4 are allowed", "stop")
@@ -465,9 +467,8 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
         except (ChatFormatError, ValueError) as e:
             raise APIError(400, str(e), "messages") from None
         check_prompt_len(ids, "messages")
-        mt = body.max_completion_tokens if body.max_completion_tokens is not None \
-            else body.max_tokens
-        params = sampling(body, chat=True, max_tokens=mt)
+        field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+        params = sampling(body, chat=True, max_tokens=getattr(body, field), field=field)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         h = submit(ids, params, ends, loop, q)
