@@ -57,6 +57,17 @@ def test_dpo_loss_is_the_published_formula():
     assert same.tolist() == pytest.approx([LN2] * 3) and m0.abs().max() == 0
 
 
+def test_simpo_loss_is_reference_free_and_length_normalised():
+    pol = torch.tensor([[-10.0, -30.0], [-8.0, -4.0]])
+    lengths = torch.tensor([[5, 10], [4, 1]])
+    losses, margin = T.dpo_losses(pol, None, beta=2.0, kind="simpo", gamma=0.5,
+                                  lengths=lengths)
+    # beta * (pi_c / n_c - pi_r / n_r): 2 * (-2 - -3) = 2, 2 * (-2 - -4) = 4
+    assert margin.tolist() == pytest.approx([2.0, 4.0])
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-(m - 0.5)))
+                                             for m in (2.0, 4.0)])
+
+
 def test_sequence_logps_sum_the_masked_token_log_probs(tiny_model):
     torch.manual_seed(0)
     x = torch.randint(0, 65536, (3, 20))
@@ -116,11 +127,29 @@ def test_dpo_run_learns_the_preference(tiny_model_path, dpo_prefix, tmp_path):
     assert "DPO: reference log-probs of" in (run / "train.log").read_text()
 
 
+def test_simpo_run_needs_no_reference_and_learns(tiny_model_path, dpo_prefix, tmp_path):
+    """DPO_LOSS=simpo: no reference pass and no reference file; the rewards are the policy's
+    own length-normalised log-probs, so the margin starts away from 0 and grows."""
+    run = tmp_path / "simpo"
+    out = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=12, lr=3e-3,
+                             micro_bsz=4, dpo_loss="simpo", dpo_beta=2.0, simpo_gamma=0.5),
+                    run, root=ROOT, progress=False).run()
+    assert not (run / T.Trainer.REFERENCE).exists()
+    log = (run / "train.log").read_text()
+    assert "no reference model" in log and "reference log-probs" not in log
+    rows = metrics(run)
+    assert rows[0]["reward_margin"] != 0.0
+    first, last = (sum(r["reward_margin"] for r in rows[i:i + 4]) / 4 for i in (0, 8))
+    assert last > first + 0.1, (first, last)
+    assert out.val_loss_end < out.val_loss_start, (out.val_loss_start, out.val_loss_end)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "simpo"])
 def test_dpo_gradient_is_independent_of_the_micro_batch_split(tiny_model_path, dpo_prefix,
-                                                             tmp_path):
+                                                             tmp_path, loss):
     """MICRO_BSZ 2 x GRAD_ACCUM 1 == MICRO_BSZ 1 x GRAD_ACCUM 2, with the chosen-answer
     cross-entropy on (DPO_FTX): pairs and chosen tokens are normalised over the whole step."""
-    kw = dict(max_steps=3, lr=3e-3, dpo_ftx=0.5, lora_dropout=0.0)
+    kw = dict(max_steps=3, lr=3e-3, dpo_ftx=0.5, lora_dropout=0.0, dpo_loss=loss)
     a = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, micro_bsz=2, grad_accum=1,
                            **kw), tmp_path / "a", root=ROOT, progress=False)
     a.run()

@@ -177,6 +177,12 @@ class Settings:
     dpo_ftx: float = _f(0.0, "DATA_TYPE=dpo: weight of an added cross-entropy loss on the "
                         "chosen answers (0 = pure DPO; e.g. 1.0 keeps the chosen answers "
                         "likely).", lo=0.0, hi=100.0, group="train")
+    dpo_loss: str = _f("sigmoid", "DATA_TYPE=dpo: sigmoid (DPO: rewards against the starting "
+                       "model's log-probs, computed once) or simpo (SimPO: reference-free, "
+                       "length-normalised rewards, no reference pass; use DPO_BETA around 2).",
+                       choices=("sigmoid", "simpo"), group="train")
+    simpo_gamma: float = _f(0.5, "DPO_LOSS=simpo: the reward margin gamma the chosen answer "
+                            "should win by.", lo=0.0, hi=100.0, group="train")
 
 
 FIELD_BY_KEY = {f.name.upper(): f for f in fields(Settings)}

@@ -256,11 +256,19 @@ def sequence_logps(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                          for b in range(hidden.shape[0])])
 
 
-def dpo_losses(policy: torch.Tensor, reference: torch.Tensor, beta: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO (Rafailov et al. 2023) per pair. policy / reference: (B, 2) sequence log-probs of
-    (chosen, rejected). Returns (-log sigmoid(m), m) with the reward margin
-    m = beta * ((pi_c - ref_c) - (pi_r - ref_r))."""
+def dpo_losses(policy: torch.Tensor, reference: torch.Tensor | None, beta: float,
+               kind: str = "sigmoid", gamma: float = 0.0,
+               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preference losses per pair; policy / reference: (B, 2) sequence log-probs of (chosen,
+    rejected). Returns (losses, reward margins m).
+    - sigmoid, DPO (Rafailov et al. 2023): m = beta * ((pi_c - ref_c) - (pi_r - ref_r)),
+      loss -log sigmoid(m).
+    - simpo, SimPO (Meng et al. 2024), no reference: m = beta * (pi_c / n_c - pi_r / n_r)
+      with n the answers' token counts (`lengths`, (B, 2)), loss -log sigmoid(m - gamma)."""
+    if kind == "simpo":
+        avg = policy / lengths.to(policy.dtype).clamp_min(1.0)
+        margin = beta * (avg[:, 0] - avg[:, 1])
+        return -F.logsigmoid(margin - gamma), margin
     margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
     return -F.logsigmoid(margin), margin
 
@@ -271,17 +279,17 @@ class LossModule(nn.Module):
 
     DPO: `forward(x, y, w, ref, pair_scale, ftx_scale)` takes the B chosen rows then the B
     rejected rows of B pairs (w = their loss masks) and `ref` (B, 2), the pairs' reference
-    log-probs, and returns pair_scale * sum of the pairs' DPO losses + ftx_scale * the chosen
+    log-probs (unused by SimPO), and returns pair_scale * sum of the pairs' DPO losses + ftx_scale * the chosen
     rows' summed cross-entropy. `last_stats` then holds (sum of DPO losses, pairs with a
     positive margin, sum of margins, pairs), detached."""
 
     def __init__(self, model: nn.Module, head_chunk: int, compute_dtype: torch.dtype,
-                 dpo_beta: float = 0.1):
+                 dpo_beta: float = 0.1, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5):
         super().__init__()
         self.model = model
         self.head_chunk = head_chunk
         self.compute_dtype = compute_dtype
-        self.dpo_beta = dpo_beta
+        self.dpo_beta, self.dpo_loss, self.simpo_gamma = dpo_beta, dpo_loss, simpo_gamma
         self.last_stats: torch.Tensor | None = None
         if compute_dtype != torch.float32:
             # bf16 / fp16 training runs under autocast, which casts the adapters' fp32 weights
@@ -310,8 +318,10 @@ class LossModule(nn.Module):
         B = ref.shape[0]
         logp = sequence_logps(hidden, m.head, targets, weights, self.head_chunk,
                               self.compute_dtype)
+        n = weights.sum(1)  # trained tokens per answer (SimPO's length normalisation)
         losses, margin = dpo_losses(torch.stack([logp[:B], logp[B:]], 1), ref.float(),
-                                    self.dpo_beta)
+                                    self.dpo_beta, self.dpo_loss, self.simpo_gamma,
+                                    torch.stack([n[:B], n[B:]], 1))
         loss = losses.sum() * pair_scale
         if ftx_scale:
             loss = loss - logp[:B].sum() * ftx_scale
@@ -1042,7 +1052,7 @@ class Trainer:
         seed_everything(s.seed + 1000 * self.rank)  # dropout streams differ per rank
         self.compute_dtype = _compute_dtype(s.precision)
         self.loss_module = LossModule(self.model, s.head_chunk, self.compute_dtype,
-                                      dpo_beta=s.dpo_beta)
+                                      s.dpo_beta, s.dpo_loss, s.simpo_gamma)
         self.optimizer = make_optimizer(self.model, s)
 
         from rwkvforge.data.loader import build_train_loader, build_val_batches
@@ -1124,6 +1134,12 @@ class Trainer:
         path = self.run_dir / self.REFERENCE
         n_train = self.loader.split.num_examples
         n_val = max((int(b["pair_index"].max()) + 1 for b in self.val_batches), default=0)
+        if self.s.dpo_loss == "simpo":  # reference-free: nothing to compute or keep
+            self.ref_train = torch.zeros(n_train, 2, dtype=torch.float64)
+            self.ref_val = torch.zeros(n_val, 2, dtype=torch.float64)
+            self.say(f"SimPO (DPO_LOSS=simpo): beta {self.s.dpo_beta:g}, gamma "
+                     f"{self.s.simpo_gamma:g}, no reference model")
+            return
         if self.resume:
             try:
                 ref = torch.load(path, map_location="cpu", weights_only=True)
@@ -1547,10 +1563,12 @@ class Trainer:
             val_start = self.val_start = (self._eval() if not self.resume
                                           else prev.get("val_loss_start"))
             if val_start is not None and not self.resume:
-                self.say(f"val {'DPO ' if self.dpo else ''}loss before training: "
+                ln2 = self.dpo and self.s.dpo_loss == "sigmoid"
+                kind = ("SimPO " if self.s.dpo_loss == "simpo" else "DPO ") if self.dpo else ""
+                self.say(f"val {kind}loss before training: "
                          f"{val_start:.4f} ({len(self.val_batches)} batches"
                          + (", ln 2 = 0.6931 while the model is its own reference)"
-                            if self.dpo else ")"))
+                            if ln2 else ")"))
             if self.resume:
                 self._events.append("resumed")
             if self.progress:
