@@ -11,6 +11,11 @@ Exit code: 0 = ready, 1 = warnings only, 2 = blockers.
 
 The JSON schema (SCHEMA_VERSION) is stable: top-level keys are listed in REPORT_KEYS and each
 finding is {"id", "level": "ok"|"warn"|"block", "message", "fix"}.
+
+Every message / fix is written once, as an English template in TEXTS. In `collect()`'s report a
+finding also carries "key" (into TEXTS) and "params" (the values filled in), so the dashboard
+can show it in another language (its catalogue keys are "doctor.<key>.message" / ".fix"); the
+JSON output leaves both out.
 """
 
 from __future__ import annotations
@@ -38,6 +43,78 @@ KEY_PACKAGES = ("torch", "rwkv", "pyrwkv-tokenizer", "peft", "bitsandbytes", "de
                 "flash-linear-attention", "triton", "transformers", "wandb")
 MIN_FREE_DISK_GIB = 10.0
 LEVEL_RANK = {"ok": 0, "warn": 1, "block": 2}
+FINDING_KEYS = ("id", "level", "message", "fix")  # what the JSON output has of a finding
+
+_BOOTSTRAP = "Run ./scripts/bootstrap.sh."
+_NO_KERNELS = ("torch {version} has no kernels for {name} (sm_{sm}); it was built for {archs}. "
+               "Symptom: 'no kernel image is available for execution on the device'.")
+_CU128_FIX = ("RTX 50-series (sm_120) needs a CUDA 12.8+ torch build: set "
+              "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 in configs/workspace.env, "
+              "delete .venv, re-run ./scripts/bootstrap.sh.")
+_NO_GPU = ("No NVIDIA GPU found: everything runs on the CPU (fine for the demo model; slow for "
+           "real models).")
+# key -> (message, fix): the English text of every finding, `str.format` templates. The
+# dashboard's English catalogue takes them from here (rwkvforge.dashboard.i18n); zh-CN.json
+# translates each one ("doctor.<key>.message", and ".fix" where the fix is not empty).
+TEXTS: dict[str, tuple[str, str]] = {
+    "python.too_old": ("Python {major}.{minor} is too old.",
+                       "Install Python 3.10+ (3.11 recommended) and re-run "
+                       "./scripts/bootstrap.sh."),
+    "python.ok": ("Python {version}.", ""),
+    "torch.missing": ("torch cannot be imported ({error}).", _BOOTSTRAP),
+    "torch.ok": ("torch {version} (CUDA build: {cuda_build}).", ""),
+    "torch.ok_cpu": ("torch {version} (CUDA build: none).", ""),
+    "gpu.cpu_torch": ("{name} found but the installed torch is a CPU build.",
+                      "Set TORCH_SPEC/TORCH_INDEX_URL empty in configs/workspace.env, delete "
+                      ".venv and re-run ./scripts/bootstrap.sh to get a CUDA build."),
+    "gpu.no_kernels": (_NO_KERNELS, _CU128_FIX),
+    "gpu.no_kernels_no_archs": (_NO_KERNELS.replace("{archs}", "nothing"), _CU128_FIX),
+    "gpu.ok": ("{name} sm_{sm}, {memory_mib} MiB, driver {driver}.", ""),
+    "cuda_runtime.unavailable": ("torch has CUDA but torch.cuda.is_available() is False.",
+                                 "Update the NVIDIA driver (on WSL2: the Windows driver; do not "
+                                 "install a Linux display driver inside WSL)."),
+    "gpu.none": (_NO_GPU,
+                 "To train on a GPU: install the NVIDIA driver until `nvidia-smi` lists the "
+                 "card, then re-run ./scripts/bootstrap.sh (it picks the CUDA torch). Nothing "
+                 "to do for CPU-only use."),
+    "gpu.none_wsl": (_NO_GPU, "On WSL2 install the NVIDIA Windows driver and check "
+                              "`nvidia-smi` works inside WSL."),
+    "bitsandbytes.missing": ("bitsandbytes is not installed: QLoRA profiles unavailable.",
+                             _BOOTSTRAP),
+    "bitsandbytes.broken": ("bitsandbytes {version} fails to import: {error}",
+                            "See docs/troubleshooting.md#bitsandbytes; re-run "
+                            "./scripts/bootstrap.sh."),
+    "bitsandbytes.ok": ("bitsandbytes {version} ({backend} backend).", ""),
+    "deepspeed.missing": ("deepspeed not installed: multi-GPU (DEEPSPEED_STAGE) unavailable.",
+                          "Run ./scripts/bootstrap.sh (it installs deepspeed with "
+                          "--no-build-isolation)."),
+    "deepspeed.ok": ("deepspeed {version}.", ""),
+    "fla.missing": ("flash-linear-attention not installed: training uses the chunked torch WKV "
+                    "kernel (slower on GPU).",
+                    "pip install flash-linear-attention (inside .venv, with the torch "
+                    "constraints file: -c .venv/torch-constraints.txt)."),
+    "tokenizer.missing": ("the World tokenizer cannot be loaded ({error}).",
+                          "Run ./scripts/bootstrap.sh (it installs the rwkv and "
+                          "pyrwkv-tokenizer packages)."),
+    "tokenizer.fallback": ("tokenizer: {backend} encoder; {status}.",
+                           "Install a C compiler (sudo apt install gcc) for ~2x faster data "
+                           "preparation; the ids are the same either way."),
+    "tokenizer.native": ("tokenizer: native C encoder (built and cached in ~/.cache/rwkvforge).",
+                         ""),
+    "wkv_cpu.native": ("WKV on CPU (training, prefill): native C kernel.", ""),
+    "wkv_cpu.chunked": ("WKV on CPU (training, prefill): chunked torch kernel (C kernel "
+                        "{problem}).",
+                        "Install a C compiler (sudo apt install gcc): CPU training steps are "
+                        "~1.5x faster with the C kernel; results are the same."),
+    "disk.low": ("Only {free_gib} GiB free at {path}.",
+                 "Free disk space: checkpoints of a 1.5B model take several GiB each."),
+    "disk.ok": ("{free_gib} GiB free.", ""),
+    "wsl.pinned_memory": ("Running under WSL2 with {memory_gib} GiB visible. WSL2 caps pinned "
+                          "(page-locked) memory, so CPU offload and pinned data loading can fail "
+                          "with 'CUDA error: out of memory' even when the GPU has room.",
+                          "Keep DEEPSPEED_OFFLOAD=0 on WSL2 unless needed; raise memory= in "
+                          "%UserProfile%\\.wslconfig and run `wsl --shutdown` to apply."),
+}
 
 
 def _version(pkg: str) -> str | None:
@@ -191,111 +268,109 @@ def disk_info(path: Path) -> dict[str, Any]:
             "total_gib": round(usage.total / gib, 1)}
 
 
-def findings_for(rep: dict[str, Any]) -> list[dict[str, str]]:
+def finding(id_: str, level: str, key: str, **params: Any) -> dict[str, Any]:
+    """A finding whose message and fix are TEXTS[key] filled with `params`."""
+    message, fix = TEXTS[key]
+    return {"id": id_, "level": level, "message": message.format(**params),
+            "fix": fix.format(**params), "key": key, "params": params}
+
+
+def python_finding(version_info: tuple[int, ...], version: str) -> dict[str, Any]:
+    """Python itself: `version_info` as sys.version_info, `version` as the text to show."""
+    if tuple(version_info[:2]) < (3, 10):
+        return finding("python", "block", "python.too_old", major=version_info[0],
+                       minor=version_info[1])
+    return finding("python", "ok", "python.ok", version=version)
+
+
+def findings_for(rep: dict[str, Any]) -> list[dict[str, Any]]:
     """Turn the raw facts into findings, each with a fix."""
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = [python_finding(sys.version_info, platform.python_version())]
 
-    def add(id_: str, level: str, message: str, fix: str = "") -> None:
-        out.append({"id": id_, "level": level, "message": message, "fix": fix})
+    def add(id_: str, level: str, key: str, **params: Any) -> None:
+        out.append(finding(id_, level, key, **params))
 
-    py = sys.version_info
-    if py < (3, 10):
-        add("python", "block", f"Python {py.major}.{py.minor} is too old.",
-            "Install Python 3.10+ (3.11 recommended) and re-run ./scripts/bootstrap.sh.")
-    else:
-        add("python", "ok", f"Python {platform.python_version()}.")
     t = rep["torch"]
     g = rep["gpu"]
     if not t.get("installed"):
-        add("torch", "block", f"torch cannot be imported ({t.get('error')}).",
-            "Run ./scripts/bootstrap.sh.")
+        add("torch", "block", "torch.missing", error=t.get("error"))
+    elif t["cuda_build"]:
+        add("torch", "ok", "torch.ok", version=t["version"], cuda_build=t["cuda_build"])
     else:
-        add("torch", "ok", f"torch {t['version']} (CUDA build: {t['cuda_build'] or 'none'}).")
+        add("torch", "ok", "torch.ok_cpu", version=t["version"])
     if g["available"]:
         for i, d in enumerate(g["devices"]):
             cap = d["compute_capability"]
+            sm = cap.replace(".", "")
             if t.get("installed") and not t.get("cuda_build"):
-                add(f"gpu{i}-torch", "block",
-                    f"{d['name']} found but the installed torch is a CPU build.",
-                    "Set TORCH_SPEC/TORCH_INDEX_URL empty in configs/workspace.env, delete "
-                    ".venv and re-run ./scripts/bootstrap.sh to get a CUDA build.")
+                add(f"gpu{i}-torch", "block", "gpu.cpu_torch", name=d["name"])
             elif t.get("installed") and not torch_supports(cap, t.get("arch_list", [])):
+                archs = ", ".join(t.get("arch_list", []))
                 add(f"gpu{i}-kernels", "block",
-                    f"torch {t['version']} has no kernels for {d['name']} (sm_{cap.replace('.', '')}); "
-                    f"it was built for {', '.join(t.get('arch_list', [])) or 'nothing'}. "
-                    "Symptom: 'no kernel image is available for execution on the device'.",
-                    "RTX 50-series (sm_120) needs a CUDA 12.8+ torch build: set "
-                    "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 in "
-                    "configs/workspace.env, delete .venv, re-run ./scripts/bootstrap.sh.")
+                    "gpu.no_kernels" if archs else "gpu.no_kernels_no_archs",
+                    version=t["version"], name=d["name"], sm=sm,
+                    **({"archs": archs} if archs else {}))
             else:
-                add(f"gpu{i}", "ok", f"{d['name']} sm_{cap.replace('.', '')}, "
-                    f"{d['memory_mib']} MiB, driver {g['driver']}.")
+                add(f"gpu{i}", "ok", "gpu.ok", name=d["name"], sm=sm,
+                    memory_mib=d["memory_mib"], driver=g["driver"])
             if t.get("installed") and t.get("cuda_build") and not t.get("cuda_available"):
-                add("cuda-runtime", "block", "torch has CUDA but torch.cuda.is_available() is "
-                    "False.", "Update the NVIDIA driver (on WSL2: the Windows driver; do not "
-                    "install a Linux display driver inside WSL).")
+                add("cuda-runtime", "block", "cuda_runtime.unavailable")
     else:
-        add("gpu", "warn", "No NVIDIA GPU found: everything runs on the CPU (fine for the demo "
-            "model; slow for real models).",
-            "On WSL2 install the NVIDIA Windows driver and check `nvidia-smi` works inside WSL."
-            if rep["os"]["wsl"] else
-            "To train on a GPU: install the NVIDIA driver until `nvidia-smi` lists the card, "
-            "then re-run ./scripts/bootstrap.sh (it picks the CUDA torch). Nothing to do for "
-            "CPU-only use.")
+        add("gpu", "warn", "gpu.none_wsl" if rep["os"]["wsl"] else "gpu.none")
     b = rep["bitsandbytes"]
     if not b["installed"]:
-        add("bitsandbytes", "warn", "bitsandbytes is not installed: QLoRA profiles unavailable.",
-            "Run ./scripts/bootstrap.sh.")
+        add("bitsandbytes", "warn", "bitsandbytes.missing")
     elif b.get("error"):
-        add("bitsandbytes", "warn", f"bitsandbytes {b['version']} fails to import: {b['error']}",
-            "See docs/troubleshooting.md#bitsandbytes; re-run ./scripts/bootstrap.sh.")
+        add("bitsandbytes", "warn", "bitsandbytes.broken", version=b["version"],
+            error=b["error"])
     else:
-        add("bitsandbytes", "ok", f"bitsandbytes {b['version']} ({b['backend']} backend).")
+        add("bitsandbytes", "ok", "bitsandbytes.ok", version=b["version"], backend=b["backend"])
     if not rep["deepspeed"]["installed"]:
-        add("deepspeed", "warn", "deepspeed not installed: multi-GPU (DEEPSPEED_STAGE) unavailable.",
-            "Run ./scripts/bootstrap.sh (it installs deepspeed with --no-build-isolation).")
+        add("deepspeed", "warn", "deepspeed.missing")
     else:
-        add("deepspeed", "ok", f"deepspeed {rep['deepspeed']['version']}.")
+        add("deepspeed", "ok", "deepspeed.ok", version=rep["deepspeed"]["version"])
     if g["available"] and not rep["fla"]["installed"]:
-        add("fla", "warn", "flash-linear-attention not installed: training uses the chunked "
-            "torch WKV kernel (slower on GPU).", "pip install flash-linear-attention "
-            "(inside .venv, with the torch constraints file: -c .venv/torch-constraints.txt).")
+        add("fla", "warn", "fla.missing")
     tk = rep["tokenizer"]
     if tk["backend"] is None:
-        add("tokenizer", "block", f"the World tokenizer cannot be loaded ({tk.get('error')}).",
-            "Run ./scripts/bootstrap.sh (it installs the rwkv and pyrwkv-tokenizer packages).")
+        add("tokenizer", "block", "tokenizer.missing", error=tk.get("error"))
     elif tk["backend"] != "native":
         switched_off = "RWKVFORGE_NATIVE=0" in str(tk["native"])
-        add("tokenizer", "ok" if switched_off else "warn",
-            f"tokenizer: {tk['backend']} encoder; {tk['native']}.",
-            "Install a C compiler (sudo apt install gcc) for ~2x faster data preparation; "
-            "the ids are the same either way.")
+        add("tokenizer", "ok" if switched_off else "warn", "tokenizer.fallback",
+            backend=tk["backend"], status=tk["native"])
     else:
-        add("tokenizer", "ok", "tokenizer: native C encoder (built and cached in "
-            "~/.cache/rwkvforge).")
+        add("tokenizer", "ok", "tokenizer.native")
     wk = rep["wkv_cpu"]
     if wk["kernel"] == "native":
-        add("wkv-cpu", "ok", "WKV on CPU (training, prefill): native C kernel.")
+        add("wkv-cpu", "ok", "wkv_cpu.native")
     else:
         add("wkv-cpu", "ok" if "RWKVFORGE_NATIVE=0" in str(wk["problem"]) else "warn",
-            f"WKV on CPU (training, prefill): chunked torch kernel (C kernel {wk['problem']}).",
-            "Install a C compiler (sudo apt install gcc): CPU training steps are ~1.5x faster "
-            "with the C kernel; results are the same.")
+            "wkv_cpu.chunked", problem=wk["problem"])
     d = rep["disk"]
     if d["free_gib"] < MIN_FREE_DISK_GIB:
-        add("disk", "warn", f"Only {d['free_gib']} GiB free at {d['path']}.",
-            "Free disk space: checkpoints of a 1.5B model take several GiB each.")
+        add("disk", "warn", "disk.low", free_gib=d["free_gib"], path=d["path"])
     else:
-        add("disk", "ok", f"{d['free_gib']} GiB free.")
+        add("disk", "ok", "disk.ok", free_gib=d["free_gib"])
     if rep["os"]["wsl"]:
-        mem = rep["memory"].get("total_gib")
-        add("wsl-pinned-memory", "warn" if g["available"] else "ok",
-            f"Running under WSL2 with {mem} GiB visible. WSL2 caps pinned (page-locked) memory, "
-            "so CPU offload and pinned data loading can fail with 'CUDA error: out of memory' "
-            "even when the GPU has room.",
-            "Keep DEEPSPEED_OFFLOAD=0 on WSL2 unless needed; raise memory= in %UserProfile%\\"
-            ".wslconfig and run `wsl --shutdown` to apply.")
+        add("wsl-pinned-memory", "warn" if g["available"] else "ok", "wsl.pinned_memory",
+            memory_gib=rep["memory"].get("total_gib"))
     return out
+
+
+def catalogue_entries() -> dict[str, str]:
+    """TEXTS as flat translation-catalogue entries: "doctor.<key>.message" and, where a fix
+    exists, "doctor.<key>.fix" (the dashboard's English catalogue includes these)."""
+    out: dict[str, str] = {}
+    for key, (message, fix) in TEXTS.items():
+        out[f"doctor.{key}.message"] = message
+        if fix:
+            out[f"doctor.{key}.fix"] = fix
+    return out
+
+
+def public_report(rep: dict[str, Any]) -> dict[str, Any]:
+    """`rep` in the stable JSON schema: findings without their text keys and params."""
+    return {**rep, "findings": [{k: f[k] for k in FINDING_KEYS} for f in rep["findings"]]}
 
 
 def collect(root: Path | None = None) -> dict[str, Any]:
@@ -342,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     rep = collect()
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    print(json.dumps(public_report(rep), indent=2) if args.json else format_report(rep))
     return int(rep["exit_code"])
 
 
