@@ -177,6 +177,7 @@ def test_catalogue_check_catches_differences(monkeypatch) -> None:
         cat = dict(real(lang))
         if lang == "zh-CN":
             cat.pop("page.runs")
+            cat.pop("doctor.gpu.none.fix")  # a healthcheck text (English from doctor.TEXTS)
             cat["only.in.zh"] = "多余"
             cat["runs.count"] = "共 {n} 次运行"  # lost {path}
         return cat
@@ -184,6 +185,7 @@ def test_catalogue_check_catches_differences(monkeypatch) -> None:
     monkeypatch.setattr(i18n, "catalogue", broken)
     problems = "\n".join(i18n.check_catalogues())
     assert "'page.runs' missing from zh-CN.json" in problems
+    assert "'doctor.gpu.none.fix' missing from zh-CN.json" in problems
     assert "'only.in.zh' missing from en.json" in problems
     assert "'runs.count': placeholders differ" in problems
 
@@ -355,6 +357,56 @@ def test_system_page_shows_healthcheck(app) -> None:
                if "Key" in d.value.columns and any(str(k).startswith("available")
                                                     for k in d.value["Key"]))
     assert len(gpu) > 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_system_page_shows_findings_in_page_language(app, lang) -> None:
+    """Message and fix of each check on this machine are the page language's catalogue text
+    ("doctor.<key>.*") filled with the finding's values; in Chinese, no English left."""
+    from rwkvforge import doctor
+
+    at = goto(app, page="system", lang=lang)
+    col = {c: i18n.t(lang, f"col.{c}") for c in ("check", "message", "fix")}
+    table = next(d.value for d in at.dataframe if col["message"] in d.value.columns)
+    findings = doctor.collect()["findings"]
+    assert list(table[col["check"]]) == [f["id"] for f in findings]
+    cat = i18n.catalogue(lang)
+    for f, message, fix in zip(findings, table[col["message"]], table[col["fix"]]):
+        assert i18n.template_regex(cat[f"doctor.{f['key']}.message"]).fullmatch(message)
+        if f["fix"]:
+            assert i18n.template_regex(cat[f"doctor.{f['key']}.fix"]).fullmatch(fix)
+        else:
+            assert fix == ""
+        if lang == "zh-CN":
+            assert re.search("[\u4e00-\u9fff]", message) and message != f["message"]
+        else:
+            assert message == f["message"] or f["id"] == "disk"  # free space may have moved
+
+
+def test_finding_text_falls_back_to_the_doctors_english() -> None:
+    from rwkvforge.dashboard import system as S
+
+    old = {"id": "gpu", "level": "warn", "message": "No GPU.", "fix": "Install a driver."}
+    assert S.finding_text(old, "message", "zh-CN") == "No GPU."  # an older doctor: no key
+    new = {**old, "key": "gpu.none", "params": {}}
+    assert S.finding_text(new, "fix", "zh-CN") == i18n.t("zh-CN", "doctor.gpu.none.fix")
+    assert S.finding_text({**new, "fix": ""}, "fix", "zh-CN") == ""
+    newer = {**old, "key": "gpu.from_a_newer_doctor", "params": {"x": 1}}
+    assert S.finding_text(newer, "fix", "zh-CN") == "Install a driver."
+    disk = {**old, "key": "disk.ok", "params": {}}  # its {free_gib} has no value
+    assert S.finding_text(disk, "message", "zh-CN") == "No GPU."
+
+
+def test_english_catalogue_takes_doctor_texts_from_the_doctor() -> None:
+    from rwkvforge import doctor
+
+    en = i18n.catalogue("en")
+    assert {k: v for k, v in en.items() if k.startswith("doctor.")} == doctor.catalogue_entries()
+    raw = json.loads((i18n.CATALOGUE_DIR / "en.json").read_text(encoding="utf-8"))
+    assert not any(k.startswith("doctor.") for k in raw)
+    with pytest.raises(i18n.CatalogueError, match="doctor.gpu.none.message"):
+        i18n._with_doctor_texts({**raw, "doctor.gpu.none.message": "a copy"},
+                                i18n.CATALOGUE_DIR / "en.json")
 
 
 # ---- state across the language switch ------------------------------------------------------

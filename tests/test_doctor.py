@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from rwkvforge import doctor
+from rwkvforge.dashboard import i18n
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -344,3 +346,30 @@ def test_ok_findings_keep_their_fix_and_old_python_blocks() -> None:
         "Install Python 3.10+ (3.11 recommended) and re-run ./scripts/bootstrap.sh.")
     assert doctor.python_finding((3, 11, 7), "3.11.7")["message"] == "Python 3.11.7."
 
+
+def _every_finding() -> list[dict[str, Any]]:
+    found = [doctor.python_finding((3, 9, 18), "3.9.18")] + doctor.collect()["findings"]
+    for rep in SCENARIOS.values():
+        found += doctor.findings_for(rep)
+    return found
+
+
+def test_every_finding_text_is_in_both_catalogues() -> None:
+    """Each finding names its text (key) and values (params); the dashboard's English is the
+    doctor's, and zh-CN.json has a Chinese text with the same placeholders for every one."""
+    zh = json.loads((i18n.CATALOGUE_DIR / "zh-CN.json").read_text(encoding="utf-8"))
+    found = _every_finding()
+    assert {f["key"] for f in found} == set(doctor.TEXTS)  # the scenarios reach every text
+    for f in found:
+        message, fix = doctor.TEXTS[f["key"]]
+        assert set(f["params"]) == i18n.placeholders(message) | i18n.placeholders(fix), f
+        for part, english in (("message", message), ("fix", fix)):
+            key = f"doctor.{f['key']}.{part}"
+            if not english:
+                assert f[part] == "" and key not in zh and key not in i18n.catalogue("en")
+                continue
+            assert key in zh, f"{key} missing from zh-CN.json"
+            assert i18n.placeholders(zh[key]) == i18n.placeholders(english), key
+            assert i18n.t("en", key, **f["params"]) == f[part]
+            chinese = i18n.t("zh-CN", key, **f["params"])
+            assert re.search("[\u4e00-\u9fff]", chinese) and chinese != f[part], key

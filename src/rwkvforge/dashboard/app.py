@@ -24,6 +24,7 @@ import pandas as pd
 import streamlit as st
 
 from rwkvforge.dashboard import runs as R
+from rwkvforge.dashboard import system as S
 from rwkvforge.dashboard.i18n import LANGS, t
 from rwkvforge.paths import workspace_root
 
@@ -578,8 +579,6 @@ def page_chat(runs_dir: Path | None) -> None:
 
 @st.cache_data(ttl=60, show_spinner=False)
 def _system_report() -> dict[str, Any]:
-    from rwkvforge.dashboard import system as S
-
     return S.report()
 
 
@@ -609,8 +608,8 @@ def page_system() -> None:
         st.dataframe(pd.DataFrame({
             tr("col.level"): [tr(f"level.{f.get('level', 'warn')}") for f in findings],
             tr("col.check"): [str(f.get("id", "")) for f in findings],
-            tr("col.message"): [str(f.get("message", "")) for f in findings],
-            tr("col.fix"): [str(f.get("fix") or "") for f in findings],
+            tr("col.message"): [S.finding_text(f, "message", lang()) for f in findings],
+            tr("col.fix"): [S.finding_text(f, "fix", lang()) for f in findings],
         }), hide_index=True, width="stretch")
     for section in SYSTEM_SECTIONS:
         data = rep.get(section)

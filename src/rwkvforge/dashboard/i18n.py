@@ -4,6 +4,10 @@ Every string the dashboard shows comes from here: `t(lang, "runs.title")`, with 
 placeholders filled by `str.format`. en and zh-CN are complete and must have the same keys;
 ru carries the welcome text only and falls back to English for the rest.
 
+The healthcheck's finding texts ("doctor.<key>.message" / ".fix") are written once, in English,
+in rwkvforge.doctor.TEXTS (the CLI prints them): the English catalogue adds them to en.json,
+which therefore does not repeat them; zh-CN.json translates them like any other key.
+
     python -m rwkvforge.dashboard.i18n      # checks the catalogues, prints key counts
 """
 
@@ -39,7 +43,21 @@ def catalogue(lang: str) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                              for k, v in data.items()):
         raise CatalogueError(f"{path}: must be one JSON object of string keys and values.")
+    if lang == "en":
+        data = _with_doctor_texts(data, path)
     return data
+
+
+def _with_doctor_texts(data: dict[str, str], path: Path) -> dict[str, str]:
+    """en.json plus the healthcheck's English texts, which live in rwkvforge.doctor."""
+    from rwkvforge.doctor import catalogue_entries
+
+    doctor_texts = catalogue_entries()
+    twice = sorted(set(data) & set(doctor_texts))
+    if twice:
+        raise CatalogueError(f"{path}: {', '.join(twice)} must not be here: the English text "
+                             "of these keys is rwkvforge.doctor.TEXTS.")
+    return {**data, **doctor_texts}
 
 
 def t(lang: str, key: str, /, **kwargs: object) -> str:

@@ -1,7 +1,8 @@
 """The System page's report: what the healthcheck (`rwkvforge doctor`) sees.
 
 Uses `rwkvforge.doctor.collect()`; if the doctor itself fails, falls back to what torch
-reports so the page still says whether a GPU is visible.
+reports so the page still says whether a GPU is visible. `finding_text` gives a finding's
+message / fix in the page language.
 
     python -c "from rwkvforge.dashboard.system import report; print(report()['source'])"
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import platform
 from typing import Any
+
+from rwkvforge.dashboard.i18n import t
 
 
 def torch_report() -> dict[str, Any]:
@@ -46,3 +49,17 @@ def report() -> dict[str, Any]:
         rep = torch_report()
         rep["doctor_error"] = f"{type(e).__name__}: {e}"
         return rep
+
+
+def finding_text(finding: dict[str, Any], part: str, lang: str) -> str:
+    """A finding's "message" or "fix" in `lang`: the catalogue's "doctor.<key>.<part>" filled
+    with the finding's params. The doctor's English text when the finding has no key (a report
+    from an older doctor) or the catalogue cannot render it."""
+    english = str(finding.get(part) or "")
+    key, params = finding.get("key"), finding.get("params")
+    if not english or not isinstance(key, str) or not isinstance(params, dict):
+        return english
+    try:
+        return t(lang, f"doctor.{key}.{part}").format(**params)  # format even with no params
+    except (KeyError, IndexError, ValueError):
+        return english
