@@ -362,6 +362,25 @@ def eval_mode(model: nn.Module):
         m.train(was)
 
 
+@contextlib.contextmanager
+def training_numerics(model: nn.Module):
+    """No-grad forwards inside the block take the training forward's code path: the model's
+    fused inference form of the time mix (model/rwkv7.py) computes the same maths in another
+    precision (bf16 mixing coefficients), so DPO's reference log-probs taken with it would
+    differ from the policy's at step 1 (a margin before any update)."""
+    from rwkvforge.model.rwkv7 import TimeMix
+    from rwkvforge.peft import unwrap
+
+    mods = [m for m in unwrap(model).modules() if isinstance(m, TimeMix)]
+    for m in mods:
+        m.fused_inference = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            del m.fused_inference  # back to the class default
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
                   precision: str = "fp32", device: torch.device | str = "cpu",
@@ -395,21 +414,30 @@ def _pair_rows(batch: dict, a: int = 0, b: int | None = None
                  for k in ("input_ids", "targets", "loss_mask"))  # type: ignore[return-value]
 
 
-@torch.no_grad()
 def reference_logps(model: nn.Module, batches, n_pairs: int, head_chunk: int = 1024,
-                    precision: str = "fp32", device: torch.device | str = "cpu"
-                    ) -> torch.Tensor:
+                    precision: str = "fp32", device: torch.device | str = "cpu",
+                    compiled: bool = False) -> torch.Tensor:
     """(n_pairs, 2) float64 sequence log-probs of (chosen, rejected) under `model` as it is
-    now, for the pairs the DPO `batches` hold (by their pair_index; the others stay nan)."""
+    now, for the pairs the DPO `batches` hold (by their pair_index; the others stay nan).
+
+    By the code path the policy's log-probs will take: no-grad forwards in eval mode with the
+    training numerics (what evaluate_dpo runs), or with `compiled` the compiled training
+    forward itself (COMPILE=1 blocks run compiled only with gradients on, and inductor's
+    fused kernels round differently from eager ops): a forward with autograd on, in the
+    model's own (train) mode, whose graph is dropped."""
     device = torch.device(device)
     dtype = _compute_dtype(precision)
     out = torch.full((n_pairs, 2), float("nan"), dtype=torch.float64)
-    with eval_mode(model) as m:
+    from rwkvforge.peft import unwrap
+
+    ctx = (contextlib.nullcontext(unwrap(model)) if compiled else eval_mode(model))
+    with ctx as m, training_numerics(m), torch.set_grad_enabled(compiled):
         for batch in batches:
             x, y, w = (t.to(device) for t in _pair_rows(batch))
             with autocast_ctx(device, precision):
                 hidden, _ = m.forward_hidden(x)
-                logp = sequence_logps(hidden, m.head, y, w, head_chunk, dtype)
+                logp = sequence_logps(hidden, m.head, y, w, head_chunk, dtype).detach()
+            del hidden
             B = batch["pair_index"].numel()
             out[batch["pair_index"]] = torch.stack([logp[:B], logp[B:]], 1).double().cpu()
     return out
@@ -423,7 +451,7 @@ def evaluate_dpo(loss_module: LossModule, batches: list[dict], reference: torch.
     DPO `batches`; the reference log-probs are indexed by each batch's pair_index."""
     device = torch.device(device)
     stats = torch.zeros(4, dtype=torch.float64)
-    with eval_mode(loss_module.model):
+    with eval_mode(loss_module.model), training_numerics(loss_module.model):
         for batch in batches:
             x, y, w = (t.to(device) for t in _pair_rows(batch))
             ref = reference[batch["pair_index"]].to(device)
@@ -998,6 +1026,10 @@ class Trainer:
         if s.deepspeed_stage == 3 and s.quant != "none":
             raise TrainError("DEEPSPEED_STAGE=3 cannot shard 4-/8-bit base weights: use "
                              "DEEPSPEED_STAGE=2 with QUANT, or QUANT=none with stage 3.")
+        if s.data_type == "dpo" and s.compile and s.lora_dropout > 0:
+            raise TrainError("COMPILE=1 with DATA_TYPE=dpo needs LORA_DROPOUT=0: the reference "
+                             "log-probs are taken by the compiled training forward, which "
+                             "would apply the dropout. Set LORA_DROPOUT=0 or COMPILE=0.")
         if s.data_type == "dpo" and s.deepspeed_stage == 3:
             raise TrainError("DATA_TYPE=dpo runs in one process or under DEEPSPEED_STAGE=2 "
                              "(each process computes the reference log-probs with the whole "
@@ -1159,9 +1191,12 @@ class Trainer:
         t0 = time.time()
         rng = rng_state()
         args = (self.s.head_chunk, self.s.precision, self.device)
+        # train pairs by the path training steps take (compiled ones, with COMPILE=1); val
+        # pairs by evaluate_dpo's
         self.ref_train = reference_logps(
             self.model, pair_batches(self.loader.split, self.loader.examples, self.s.ctx_len,
-                                     max(self.micro_bsz, 1)), n_train, *args)
+                                     max(self.micro_bsz, 1)), n_train, *args,
+            compiled=self.s.compile)
         self.ref_val = reference_logps(self.model, self.val_batches, n_val, *args)
         set_rng_state(rng)
         if self.is_main:
