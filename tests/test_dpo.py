@@ -281,3 +281,86 @@ def test_dpo_under_deepspeed_two_processes_matches_one(tiny_model_path, dpo_pref
                                                             abs=margin_tolerance(tmp_path / "one"))
     assert json.loads((tmp_path / "two" / "config.json").read_text())["training"][
         "world_size"] == 2
+
+
+def test_data_of_the_other_type_is_a_clear_error(tiny_model_path, dpo_prefix, tmp_path):
+    sft = prepare_sample_sft(tmp_path)
+    with pytest.raises(T.TrainError, match="holds preference pairs .dpo.* pass --data-type dpo"):
+        T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=1,
+                           data_type="sft"), tmp_path / "a", root=ROOT, progress=False).setup()
+    with pytest.raises(T.TrainError, match="holds sft .* DATA_TYPE=dpo: pass --data-type sft"):
+        T.Trainer(resolved(tiny_model_path, sft, tmp_path, max_steps=1), tmp_path / "b",
+                  root=ROOT, progress=False).setup()
+
+
+def prepare_sample_sft(tmp_path: Path) -> Path:
+    from rwkvforge.data.prepare import Options, run
+    from rwkvforge.paths import sample_data_dir
+
+    out = tmp_path / "sft" / "bsl_sft"
+    run(Options(input=sample_data_dir() / "bsl_sft.jsonl", prefix=out, kind="sft",
+                val_fraction=0.1, workers=1, progress=False), log=lambda *a: None)
+    return out
+
+
+def test_a_top_level_system_field_opens_the_dpo_prompt(tmp_path):
+    from rwkvforge.data.loader import open_split
+    from rwkvforge.data.prepare import Options, run
+    from rwkvforge.tokenizer import get_tokenizer
+
+    src = tmp_path / "p.jsonl"
+    src.write_text(json.dumps({"system": "Be brief.", "prompt": "q", "chosen": "good answer",
+                               "rejected": "bad"}) + "\n", encoding="utf-8")
+    run(Options(input=src, prefix=tmp_path / "p", kind="dpo", val_fraction=0.0, workers=1,
+                progress=False), log=lambda *a: None)
+    split = open_split(tmp_path / "p", "train")
+    tok = get_tokenizer()
+    assert tok.decode(split.ids[0].tolist()).startswith("System: Be brief.\n\nUser: q")
+    assert tok.decode(split.ids[1].tolist()).startswith("System: Be brief.\n\nUser: q")
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"system": "s", "prompt": [{"role": "system", "content": "t"},
+                                                         {"role": "user", "content": "q"}],
+                               "chosen": "a", "rejected": "b"}) + "\n", encoding="utf-8")
+    from rwkvforge.data.prepare import PrepareError
+
+    with pytest.raises(PrepareError, match="top-level 'system' field and a system message"):
+        run(Options(input=bad, prefix=tmp_path / "b", kind="dpo", workers=1, progress=False),
+            log=lambda *a: None)
+
+
+def test_resume_refuses_a_reference_of_other_data(tiny_model_path, tmp_path):
+    """Data prepared again under the same prefix (here: chosen and rejected swapped) after
+    the run started: the kept reference log-probs belong to the old data, so a resume stops."""
+    from rwkvforge.data.prepare import Options, run
+    from rwkvforge.paths import sample_data_dir
+
+    lines = (sample_data_dir() / "bsl_dpo.jsonl").read_text(encoding="utf-8").splitlines()
+    src, prefix = tmp_path / "pairs.jsonl", tmp_path / "data" / "pairs"
+
+    def prepare(recs):
+        src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
+                       encoding="utf-8")
+        run(Options(input=src, prefix=prefix, kind="dpo", val_fraction=0.1, workers=1,
+                    progress=False), log=lambda *a: None)
+
+    recs = [json.loads(x) for x in lines]
+    prepare(recs)
+    kw = dict(max_steps=2, save_every=1)
+    run_dir = tmp_path / "r"
+    T.Trainer(resolved(tiny_model_path, prefix, tmp_path, **kw), run_dir, root=ROOT,
+              progress=False).run()
+    prepare([{**r, "chosen": r["rejected"], "rejected": r["chosen"]} for r in recs])
+    with pytest.raises(T.TrainError, match="was computed for other data"):
+        T.Trainer(resolved(tiny_model_path, prefix, tmp_path, **{**kw, "max_steps": 3}),
+                  run_dir, root=ROOT, progress=False, resume=True).run()
+
+
+def test_dpo_ftx_runs_log_the_dpo_loss_alone(tiny_model_path, dpo_prefix, tmp_path):
+    """DPO_FTX adds the chosen answers' cross-entropy to the training loss; the row also
+    holds the DPO part alone, the one the (DPO-only) validation loss compares with."""
+    run = tmp_path / "ftx"
+    out = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=1, dpo_ftx=1.0),
+                    run, root=ROOT, progress=False).run()
+    row = metrics(run)[0]
+    assert row["dpo_loss"] == pytest.approx(LN2, abs=1e-5) and row["loss"] > LN2 + 1.0
+    assert out.val_loss_start == pytest.approx(LN2, abs=1e-6)  # validation: DPO alone

@@ -239,3 +239,18 @@ def test_eval_of_a_dpo_run_measures_the_preference(tiny_model_path, tmp_path, ca
     torch.testing.assert_close(base, ref[order], rtol=1e-5, atol=1e-3)
     likelier = float((base[:, 0] > base[:, 1]).double().mean())
     assert pf["base"]["chosen_likelier"] == pytest.approx(likelier)
+
+
+def test_report_keeps_the_checks_row_in_the_table_of_a_dpo_run():
+    loss = {"loss": 1.0, "ppl": 2.7, "tokens": 10}
+    res = {"run": "r", "models": {"base": "b", "tuned": "t"}, "settings": {"max_tokens": 8},
+           "val": {"source": "v"}, "loss": {"base": loss, "tuned": loss},
+           "preference": {"pairs": 4, "beta": 0.1, "base": {"chosen_likelier": 0.5},
+                          "tuned": {"chosen_likelier": 0.75, "dpo_loss": 0.6,
+                                    "reward_accuracy": 0.75, "reward_margin": 0.1}},
+           "checks": {"file": "c.jsonl", "base": {"passed": 1, "total": 2, "rate": 0.5},
+                      "tuned": {"passed": 2, "total": 2, "rate": 1.0}, "items": []}}
+    lines = E.render_report(res).splitlines()
+    i = next(n for n, x in enumerate(lines) if x.startswith("| chosen answer likelier"))
+    assert lines[i + 1].startswith("| prompt checks passed")  # the same table
+    assert any(x.startswith("DPO against the base") for x in lines[i + 2:])

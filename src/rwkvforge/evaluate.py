@@ -115,7 +115,7 @@ def pass_rate(checks: list[Check], answers: list[str]) -> dict:
 def _jsonl_rows(path: Path, ctx_len: int, tok) -> list[tuple[list[int], list[int]]]:
     """(ids, mask) per JSONL record: SFT records through the training chat encoding (mask on
     assistant replies), {"text": ...} records as plain text + end of document (mask all 1)."""
-    from rwkvforge.data.prepare import record_to_messages
+    from rwkvforge.data.prepare import dpo_hint, record_to_messages
     from rwkvforge.tokenizer import encode_chat
 
     rows = []
@@ -127,7 +127,9 @@ def _jsonl_rows(path: Path, ctx_len: int, tok) -> list[tuple[list[int], list[int
             else:
                 ids, mask = encode_chat(record_to_messages(rec), tok)
         except ValueError as e:
-            raise EvalError(f"{where}: {e}") from e
+            hint = dpo_hint(rec) and (" (preference pairs: `rwkvforge prepare --type dpo` "
+                                      "them and pass the prefix as --val)")
+            raise EvalError(f"{where}: {e}{hint}") from e
         ids, mask = ids[: ctx_len + 1], mask[: ctx_len + 1]
         if len(ids) >= 2 and any(mask[1:]):
             rows.append((ids, mask))
@@ -310,14 +312,16 @@ def render_report(res: dict) -> str:
         lines.append(f"| chosen answer likelier ({pf['pairs']} pairs) | "
                      f"{pb['chosen_likelier']:.0%} | {pt['chosen_likelier']:.0%} | "
                      f"{pt['chosen_likelier'] - pb['chosen_likelier']:+.0%} |")
-        lines += ["", f"DPO against the base as reference (beta {pf['beta']:g}): loss "
-                      f"{pt['dpo_loss']:.4f} (ln 2 = 0.6931 = no change), reward accuracy "
-                      f"{pt['reward_accuracy']:.0%}, mean reward margin {pt['reward_margin']:+.4f}."]
     ch = res.get("checks")
     if ch:
         cb, ct = ch["base"], ch["tuned"]
         lines.append(f"| prompt checks passed | {cb['passed']}/{cb['total']} ({cb['rate']:.0%}) | "
                      f"{ct['passed']}/{ct['total']} ({ct['rate']:.0%}) | {ct['rate'] - cb['rate']:+.0%} |")
+    if pf:  # after the table: a paragraph right under it would end it
+        lines += ["", f"DPO against the base as reference (beta {pf['beta']:g}): loss "
+                      f"{pt['dpo_loss']:.4f} (ln 2 = 0.6931 = no change), reward accuracy "
+                      f"{pt['reward_accuracy']:.0%}, mean reward margin {pt['reward_margin']:+.4f}."]
+    if ch:
         lines += ["", f"## Answers (greedy, max {res['settings']['max_tokens']} tokens; checks "
                       f"from {ch['file']})", "",
                   "| # | prompt | expect | base | tuned |", "|---|---|---|---|---|"]

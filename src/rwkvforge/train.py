@@ -674,12 +674,16 @@ class RunFolder:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        dpo = any("reward_margin" in r for r in rows)
         ax.plot(*zip(*pts), label="train loss", lw=1.2)
+        pure = [(r["step"], r["dpo_loss"]) for r in rows if "dpo_loss" in r]
+        if pure and any(r.get("dpo_loss") != r.get("loss") for r in rows if "dpo_loss" in r):
+            ax.plot(*zip(*pure), label="train DPO loss (without DPO_FTX's term)", lw=1.2)
         val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
         if val:
             ax.plot(*zip(*val), "o-", label="val loss", ms=4)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel("loss (per pair)" if dpo else "loss (nats/token)")
         ax.set_title(self.path.name)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -931,7 +935,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _split_digest(split) -> str:
+    """sha256 of a prepared split's token and mask files (what reference log-probs are of)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for prefix in (split.prefix, getattr(split.mask, "prefix", None)):
+        for ext in (".idx", ".bin"):
+            if prefix is None:
+                continue
+            with open(f"{prefix}{ext}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
 # =========================================================================== trainer
+def check_combination(s: cfgmod.Settings) -> None:
+    """Settings that cannot go together; checked before DeepSpeed's launcher starts too."""
+    if s.compile and s.deepspeed_stage > 0:
+        raise TrainError("COMPILE=1 is for single-process training; with DeepSpeed set "
+                         "COMPILE=0.")
+    if s.deepspeed_stage == 3 and s.quant != "none":
+        raise TrainError("DEEPSPEED_STAGE=3 cannot shard 4-/8-bit base weights: use "
+                         "DEEPSPEED_STAGE=2 with QUANT, or QUANT=none with stage 3.")
+    if s.data_type == "dpo" and s.compile and s.lora_dropout > 0:
+        raise TrainError("COMPILE=1 with DATA_TYPE=dpo needs LORA_DROPOUT=0: the reference "
+                         "log-probs are taken by the compiled training forward, which would "
+                         "apply the dropout. Set LORA_DROPOUT=0 or COMPILE=0.")
+    if s.data_type == "dpo" and s.deepspeed_stage == 3:
+        raise TrainError("DATA_TYPE=dpo runs in one process or under DEEPSPEED_STAGE=2 (each "
+                         "process computes the reference log-probs with the whole model); set "
+                         "DEEPSPEED_STAGE=2.")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -1020,20 +1057,7 @@ class Trainer:
         if s.deepspeed_stage == 0 and self.world > 1:
             raise TrainError(f"{self.world} processes but DEEPSPEED_STAGE=0: multi-GPU "
                              "training runs through DeepSpeed; set DEEPSPEED_STAGE=2.")
-        if s.compile and s.deepspeed_stage > 0:
-            raise TrainError("COMPILE=1 is for single-process training; with DeepSpeed set "
-                             "COMPILE=0.")
-        if s.deepspeed_stage == 3 and s.quant != "none":
-            raise TrainError("DEEPSPEED_STAGE=3 cannot shard 4-/8-bit base weights: use "
-                             "DEEPSPEED_STAGE=2 with QUANT, or QUANT=none with stage 3.")
-        if s.data_type == "dpo" and s.compile and s.lora_dropout > 0:
-            raise TrainError("COMPILE=1 with DATA_TYPE=dpo needs LORA_DROPOUT=0: the reference "
-                             "log-probs are taken by the compiled training forward, which "
-                             "would apply the dropout. Set LORA_DROPOUT=0 or COMPILE=0.")
-        if s.data_type == "dpo" and s.deepspeed_stage == 3:
-            raise TrainError("DATA_TYPE=dpo runs in one process or under DEEPSPEED_STAGE=2 "
-                             "(each process computes the reference log-probs with the whole "
-                             "model); set DEEPSPEED_STAGE=2.")
+        check_combination(s)
         if s.deepspeed_stage > 0:
             self._init_distributed()
         self.folder.open_log()
@@ -1102,12 +1126,24 @@ class Trainer:
                         f"GRAD_ACCUM {self.grad_accum} x {self.world} GPUs = "
                         f"{self.rows_per_step} rows; lower GRAD_ACCUM too)")
             raise TrainError(msg) from None
+        if (self.loader.kind == "dpo") != self.dpo:
+            raise TrainError(
+                f"{self.inputs.data_prefix}: the prepared data holds "
+                f"{'preference pairs (dpo)' if self.loader.kind == 'dpo' else self.loader.kind}"
+                f" (its {Path(str(self.inputs.data_prefix)).name}.meta.json) but "
+                f"DATA_TYPE={s.data_type}: pass --data-type {self.loader.kind or 'text'}, or "
+                "another DATA_PREFIX.")
         skipped = getattr(self.loader, "skipped", 0)
         if skipped:
             what = ("DPO pairs have an answer with no trained token" if self.dpo else
                     "SFT examples have no trained (assistant) token")
             self.say(f"note: {skipped} of {skipped + self.loader.n} {what} within "
                      f"CTX_LEN={s.ctx_len}: left out (raise CTX_LEN to train on them)")
+        same = getattr(self.loader, "same_within_ctx", 0)
+        if same:
+            self.say(f"note: {same} DPO pairs have the same chosen and rejected tokens within "
+                     f"CTX_LEN={s.ctx_len} (they differ later): they add no preference signal "
+                     "(raise CTX_LEN)")
         self.total_steps = s.max_steps or s.epochs * self.loader.steps_per_epoch
         if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
             self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "
@@ -1172,16 +1208,26 @@ class Trainer:
             self.say(f"SimPO (DPO_LOSS=simpo): beta {self.s.dpo_beta:g}, gamma "
                      f"{self.s.simpo_gamma:g}, no reference model")
             return
+        data = _split_digest(self.loader.split)
         if self.resume:
+            why = "is missing or unreadable"
             try:
                 ref = torch.load(path, map_location="cpu", weights_only=True)
-                ok = ref["train"].shape == (n_train, 2) and ref["val"].shape[0] >= n_val
-            except (OSError, KeyError, RuntimeError, pickle.UnpicklingError, AttributeError):
-                ok = False
-            if not ok:
-                raise TrainError(f"--resume {self.run_dir}: {path.name} is missing or does "
-                                 "not match the data: the reference log-probs of a DPO run "
-                                 "come from the model as it started. Start a new run.")
+                used = torch.as_tensor(self.loader.examples)
+                if ref.get("data") != data:
+                    why = "was computed for other data (the data was prepared again since)"
+                elif not (ref["train"].shape == (n_train, 2) and ref["val"].shape[0] >= n_val
+                          and torch.isfinite(ref["train"][used]).all()):
+                    why = "does not match the data"
+                else:
+                    why = ""
+            except (OSError, KeyError, RuntimeError, pickle.UnpicklingError, AttributeError,
+                    TypeError, IndexError):
+                pass
+            if why:
+                raise TrainError(f"--resume {self.run_dir}: {path.name} {why}: the reference "
+                                 "log-probs of a DPO run come from the model as it started "
+                                 "on this data. Start a new run.")
             self.ref_train, self.ref_val = ref["train"], ref["val"]
             return
         from rwkvforge.data.loader import pair_batches
@@ -1201,8 +1247,8 @@ class Trainer:
         set_rng_state(rng)
         if self.is_main:
             tmp = path.with_name(path.name + ".tmp")
-            torch.save({"train": self.ref_train, "val": self.ref_val, "beta": self.s.dpo_beta},
-                       tmp)
+            torch.save({"train": self.ref_train, "val": self.ref_val, "beta": self.s.dpo_beta,
+                        "data": data}, tmp)
             os.replace(tmp, path)
         self.say(f"DPO: reference log-probs of {self.loader.n} train + "
                  f"{sum(b['pair_index'].numel() for b in self.val_batches)} val pairs in "
@@ -1259,8 +1305,9 @@ class Trainer:
                                                             "num_tokens", "sha256")
                               if data_meta and k in data_meta} if data_meta else None},
             "training": {"total_steps": self.total_steps, "world_size": self.world,
-                         "rows_per_step": self.rows_per_step,
-                         "tokens_per_step_max": self.rows_per_step * s.ctx_len,
+                         "rows_per_step": self.rows_per_step,  # DPO: pairs of 2 sequences
+                         "tokens_per_step_max": self.rows_per_step * s.ctx_len
+                         * (2 if self.dpo else 1),
                          "device": str(self.device)},
             "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
             "started_at": _now_iso(),
@@ -1611,9 +1658,10 @@ class Trainer:
 
                 self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
                                  dynamic_ncols=True, file=sys.stderr, desc="train")
-            self.say(f"training {self.total_steps} steps: {self.rows_per_step} sequences x "
-                     f"<= {s.ctx_len} tokens per step, lr {s.lr:g} ({s.lr_schedule}), "
-                     f"run folder {self.run_dir}")
+            rows = (f"{self.rows_per_step} pairs ({2 * self.rows_per_step} sequences)"
+                    if self.dpo else f"{self.rows_per_step} sequences")
+            self.say(f"training {self.total_steps} steps: {rows} x <= {s.ctx_len} tokens per "
+                     f"step, lr {s.lr:g} ({s.lr_schedule}), run folder {self.run_dir}")
             t_log, tok_log = time.time(), 0
             tps = 0.0
             while self.step < self.total_steps:
@@ -1642,8 +1690,9 @@ class Trainer:
                            "epoch": round(float(getattr(self.loader, "epoch_progress", 0.0)), 4)}
                     if gnorm is not None:
                         row["grad_norm"] = round(gnorm, 6)
-                    if self.dpo:  # this step's pairs: share ranked right, mean margin
-                        st = self._dpo_stats
+                    if self.dpo:  # this step's pairs: DPO loss alone, share ranked right,
+                        st = self._dpo_stats  # mean margin
+                        row["dpo_loss"] = round(float(st[0] / st[3]), 6)
                         row["reward_acc"] = round(float(st[1] / st[3]), 4)
                         row["reward_margin"] = round(float(st[2] / st[3]), 6)
                     if val is not None:
@@ -1810,6 +1859,8 @@ def run_rwkv_peft(res: cfgmod.Resolved, root: Path, run_dir: Path, print_only: b
     if s.device == "cpu":
         raise TrainError("TRAINER=rwkv-peft trains on CUDA GPUs only (its kernels and "
                          "--accelerator gpu); with DEVICE=cpu use TRAINER=builtin.")
+    if s.data_type == "dpo":
+        raise TrainError(DPO_NOT_MAPPED)
     checkout = rwkv_peft_dir(root)
     if not (checkout / "train.py").is_file():
         raise TrainError(f"TRAINER=rwkv-peft but {checkout}/train.py is missing: run "
@@ -1931,6 +1982,7 @@ def main(argv: list[str] | None = None) -> int:
         s = res.settings
         if s.trainer == "rwkv-peft":
             return run_rwkv_peft(res, root, run_dir, args.print_cmd)
+        check_combination(s)
         in_dist = "WORLD_SIZE" in os.environ
         if s.deepspeed_stage > 0 and not in_dist:  # DeepSpeed runs under its launcher
             if not args.resume and _run_started(run_dir):

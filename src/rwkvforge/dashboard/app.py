@@ -29,8 +29,8 @@ from rwkvforge.dashboard.i18n import LANGS, t
 from rwkvforge.paths import workspace_root
 
 PAGES = ("runs", "compare", "data", "chat", "system")
-METRICS = ("loss", "val_loss", "lr", "tokens_per_s", "mem_mb", "grad_norm", "reward_acc",
-           "val_reward_acc", "reward_margin")  # the last three: DPO runs
+METRICS = ("loss", "val_loss", "lr", "tokens_per_s", "mem_mb", "grad_norm", "dpo_loss",
+           "reward_acc", "val_reward_acc", "reward_margin")  # the last four: DPO runs
 SYSTEM_SECTIONS = ("gpu", "torch", "memory", "python", "bitsandbytes", "os", "disk", "packages")
 REFRESH_S = 2.0  # live-curve refresh period while a run is running
 IDLE_REFRESH_S = 10.0  # the Runs page's look for a newly started run while none is running
@@ -221,7 +221,7 @@ def run_curves(run_dir: Path) -> None:
         return
     c1, c2 = st.columns(2)
     with c1:
-        curve(df, ["loss", "val_loss"])
+        curve(df, ["loss", "dpo_loss", "val_loss"])  # dpo_loss: DPO runs (without DPO_FTX)
         curve(df, ["tokens_per_s"])
     with c2:
         curve(df, ["lr"])

@@ -417,6 +417,10 @@ class DPOLoader(SFTLoader):
                  rank: int = 0, world_size: int = 1, pad_to: str = "longest") -> None:
         super().__init__(split, ctx_len, micro_bsz, seed, rank, world_size, pack=False,
                          pad_to=pad_to)
+        cap = ctx_len + 1  # pairs whose answers differ only past ctx_len teach nothing
+        self.same_within_ctx = sum(
+            np.array_equal(split.ids[2 * k][:cap], split.ids[2 * k + 1][:cap])
+            for k in self.examples.tolist())
 
     def __next__(self) -> dict[str, torch.Tensor]:
         pairs = [self._epoch_order(e)[p] for e, p in

@@ -11,6 +11,7 @@ Input: one JSON object per line (UTF-8; blank lines are skipped, as in RWKV-LM):
         {"prompt": "...", "response": "..."} or Alpaca {"instruction", "input"?, "output"}
         (optional "system" string on the last two)
   dpo   {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
+        (optional "system" string, as for SFT)
 
 Outputs, for `--output-prefix P`:
   P.bin / P.idx            train token ids: MMIDIDX v1 binidx, uint16 (see data/binidx.py).
@@ -139,6 +140,14 @@ def record_to_messages(rec: dict) -> list[dict[str, str]]:
                      f"'instruction' + 'output' (found keys: {', '.join(sorted(rec)) or 'none'})")
 
 
+def dpo_hint(rec: Any) -> str:
+    """For an SFT record that is a DPO pair: how to read it as one."""
+    if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
+        return ("; this is a preference pair (chosen / rejected): prepare it with --type dpo "
+                "(train: DATA_TYPE=dpo)")
+    return ""
+
+
 def _dpo_side(rec: dict, key: str, role: str, prompt: list | None = None) -> list[dict]:
     v = rec.get(key)
     if isinstance(v, str):
@@ -186,10 +195,21 @@ def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]
                              "problem); report this line")
         return [(arr.tobytes(), None)]
     if kind == "sft":
-        msgs = record_to_messages(rec)
+        try:
+            msgs = record_to_messages(rec)
+        except ValueError as e:
+            raise ValueError(f"{e}{dpo_hint(rec)}") from None
         return [_encode_segments(chat_segments(msgs), tok)]
     if kind == "dpo":
         prompt = _dpo_side(rec, "prompt", "user")
+        system = rec.get("system")
+        if system is not None and not isinstance(system, str):
+            raise ValueError(f"field 'system' is {_typename(system)}, expected a string")
+        if system and system.strip():
+            if prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system":
+                raise ValueError("both a top-level 'system' field and a system message in "
+                                 "'prompt': keep one")
+            prompt = [{"role": "system", "content": system}] + prompt
         check_messages(prompt)
         if prompt[-1]["role"] != "user":
             raise ChatFormatError("the DPO prompt must end with a user message")
