@@ -481,6 +481,34 @@ def test_resume_after_kill_9_gives_the_same_losses(tiny_model_path, sft_prefix, 
 
 
 @pytest.mark.slow
+def test_sigterm_stops_a_run_as_failed_and_resumable(tiny_model_path, sft_prefix, tmp_path):
+    """SIGTERM (e.g. `kill`, a closing terminal's SIGHUP) stops training like Ctrl-C: the
+    status says so (not "running" forever), the exit code is 143, stderr names the resume
+    command, no traceback."""
+    run = tmp_path / "termed"
+    proc = subprocess.Popen(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "termed",
+                                       "--max-steps=200", "--save-every=2"),
+                            env=sub_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 600
+        while not (run / "checkpoints" / "step-2" / "COMPLETE").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM at step" in err and f"--resume {run}" in err
+    assert "Traceback" not in err
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "failed" and st["error"] == "stopped by SIGTERM"
+
+
+@pytest.mark.slow
 def test_deepspeed_two_processes_match_one(tiny_model_path, sft_prefix, tmp_path):
     """ZeRO-2 and ZeRO-3 (+ CPU-offloaded Adam) over gloo with 2 processes x MICRO_BSZ 1 ==
     1 process x MICRO_BSZ 2 (same global batch): every step's loss within 1e-4 relative,

@@ -50,6 +50,7 @@ import os
 import pickle
 import platform
 import random
+import shlex
 import shutil
 import socket
 import subprocess
@@ -75,6 +76,21 @@ RESUME_MUTABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_every"
                   "wandb_project", "device")
 DPO_NOT_MAPPED = ("DATA_TYPE=dpo with TRAINER=rwkv-peft: our DPO pairs are not mapped to "
                   "RWKV-PEFT's trainer; use TRAINER=builtin for DPO.")
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM / SIGHUP to a training process: it stops as on Ctrl-C (status.json records
+    the run as failed, the last complete checkpoint resumes it); args[0] names the signal."""
+
+
+def _stop_on_signals() -> None:
+    import signal
+
+    def stop(signum, frame):  # noqa: ARG001
+        raise Stopped(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 class TrainError(RuntimeError):
@@ -1732,8 +1748,9 @@ class Trainer:
                 self._bar.close()
                 self._bar = None
             if self.is_main:
-                msg = f"{type(e).__name__}: {e}" if not isinstance(e, KeyboardInterrupt) \
-                    else "interrupted (Ctrl-C)"
+                msg = (f"stopped by {e.args[0]}" if isinstance(e, Stopped) else
+                       "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else
+                       f"{type(e).__name__}: {e}")
                 self.folder.status("failed", self.step, self.total_steps, error=msg)
                 log.error("run failed at step %d: %s", self.step, msg)
                 self.folder.plot_loss()
@@ -1878,8 +1895,6 @@ def run_rwkv_peft(res: cfgmod.Resolved, root: Path, run_dir: Path, print_only: b
     argv = rwkv_peft_command(s, inputs.model_path, inputs.data_prefix, mcfg,
                              run_dir / "rwkv-peft", checkout,
                              epoch_steps=max(docs // per_step, 1) if docs else None)
-    import shlex
-
     print("RWKV-PEFT command: " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr)
     unmapped = rwkv_peft_unmapped(s)
     if unmapped:
@@ -2000,7 +2015,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(res, run_dir, resume=bool(args.resume), root=root,
                           progress=False if args.no_progress else None)
         trainer.force = args.force
-        trainer.run()
+        _stop_on_signals()
+        try:
+            trainer.run()
+        except KeyboardInterrupt as e:
+            why = f"stopped by {e.args[0]}" if isinstance(e, Stopped) else "interrupted"
+            print(f"train: {why} at step {getattr(trainer, 'step', 0)}; continue with: "
+                  f"rwkvforge train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
+            return 143 if isinstance(e, Stopped) else 130
         return 0
     except (TrainError, cfgmod.ConfigError) as e:
         print(f"train error: {e}", file=sys.stderr)
