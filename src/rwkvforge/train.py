@@ -89,8 +89,9 @@ def _stop_on_signals() -> None:
     def stop(signum, frame):  # noqa: ARG001
         raise Stopped(signal.Signals(signum).name)
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, stop)
+    if threading.current_thread() is threading.main_thread():  # only there can it be set
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, stop)
 
 
 class TrainError(RuntimeError):
