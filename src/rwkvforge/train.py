@@ -296,8 +296,8 @@ class LossModule(nn.Module):
 
     DPO: `forward(x, y, w, ref, pair_scale, ftx_scale)` takes the B chosen rows then the B
     rejected rows of B pairs (w = their loss masks) and `ref` (B, 2), the pairs' reference
-    log-probs (unused by SimPO), and returns pair_scale * sum of the pairs' DPO losses + ftx_scale * the chosen
-    rows' summed cross-entropy. `last_stats` then holds (sum of DPO losses, pairs with a
+    log-probs (unused by SimPO), and returns pair_scale * sum of the pairs' DPO losses +
+    ftx_scale * the chosen rows' summed cross-entropy. `last_stats` then holds (sum of DPO losses, pairs with a
     positive margin, sum of margins, pairs), detached."""
 
     def __init__(self, model: nn.Module, head_chunk: int, compute_dtype: torch.dtype,
@@ -957,10 +957,9 @@ def _split_digest(split) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for prefix in (split.prefix, getattr(split.mask, "prefix", None)):
+    prefixes = [split.prefix] + ([split.mask.prefix] if split.mask is not None else [])
+    for prefix in prefixes:
         for ext in (".idx", ".bin"):
-            if prefix is None:
-                continue
             with open(f"{prefix}{ext}", "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     h.update(block)
@@ -1494,17 +1493,39 @@ class Trainer:
                  "effective batch); retrying the step", logging.WARNING)
         self._events.append("oom_backoff")
 
-    def _micro_steps_dpo(self, batch: dict) -> float:
-        """_micro_steps for DPO batches: rows are pairs; each pair's loss is divided by the
-        global batch's pair count (and the chosen answers' cross-entropy, DPO_FTX, by their
-        token count), so any split into micro-batches or processes gives the same gradient.
-        Leaves (DPO loss sum, right-ordered pairs, margin sum, pairs) of this rank in
-        self._dpo_stats."""
+    def _micro_inputs(self, batch: dict) -> Callable[[int, int], tuple]:
+        """The loss module's arguments for rows a:b of this step's global batch, on the
+        device. Every token's loss (DPO: every pair's loss, and DPO_FTX's chosen-answer
+        cross-entropy by their token count) is divided by the count over the whole global
+        batch, so any split into micro-batches or processes gives the same gradient."""
         dev = self.device
-        per_rank = self.rows_per_step // self.world
-        lo = self.rank * per_rank
-        pair_scale = self.world / batch["pair_index"].numel()
-        ftx = self.s.dpo_ftx * self.world / max(float(batch["chosen_loss_mask"].sum()), 1.0)
+        if self.dpo:
+            pair_scale = self.world / batch["pair_index"].numel()
+            ftx = self.s.dpo_ftx * self.world / max(float(batch["chosen_loss_mask"].sum()),
+                                                    1.0)
+
+            def pairs(a: int, b: int) -> tuple:
+                x, y, w = (t.to(dev, non_blocking=True) for t in _pair_rows(batch, a, b))
+                ref = self.ref_train[batch["pair_index"][a:b]].to(dev)
+                return x, y, w, ref, pair_scale, ftx
+            return pairs
+        # x world: DeepSpeed averages the ranks' gradients, undo it
+        scale = self.world / max(float(batch["loss_mask"].sum()), 1.0)
+
+        def rows(a: int, b: int) -> tuple:
+            return (batch["input_ids"][a:b].to(dev, non_blocking=True),
+                    batch["targets"][a:b].to(dev, non_blocking=True),
+                    batch["loss_mask"][a:b].to(dev, non_blocking=True).float() * scale)
+        return rows
+
+    def _micro_steps(self, batch: dict) -> float:
+        """Forward/backward of this rank's rows (DPO: pairs) in micro-batches; returns this
+        rank's share of the global mean loss (sum over ranks = the step's loss). DPO also
+        leaves this rank's (DPO loss sum, right-ordered pairs, margin sum, pairs) in
+        self._dpo_stats."""
+        lo = self.rank * (self.rows_per_step // self.world)
+        inputs = self._micro_inputs(batch)
+        fn = self.engine if self.engine is not None else self.loss_module
         total = 0.0
         self._dpo_stats = torch.zeros(4, dtype=torch.float64)
         for i in range(self.grad_accum):
@@ -1512,47 +1533,9 @@ class Trainer:
             b = a + self.micro_bsz
             if self.on_micro_batch is not None:
                 self.on_micro_batch(self.step + 1, i, self.micro_bsz)
-            x, y, w = (t.to(dev, non_blocking=True) for t in _pair_rows(batch, a, b))
-            ref = self.ref_train[batch["pair_index"][a:b]].to(dev)
-            with autocast_ctx(dev, self.s.precision):
-                fn = self.engine if self.engine is not None else self.loss_module
-                loss = fn(x, y, w, ref, pair_scale, ftx)
-            if self.engine is not None:
-                self.engine.backward(loss, scale_wrt_gas=False)
-                if i < self.grad_accum - 1:
-                    self.engine.step()
-            else:
-                loss.backward()
-            total += float(loss.detach()) / self.world
-            self._dpo_stats += self.loss_module.last_stats.double()
-        return total
-
-    def _micro_steps(self, batch: dict) -> float:
-        """Forward/backward of this rank's rows in micro-batches; returns this rank's share
-        of the global mean loss (sum over ranks = the step's loss)."""
-        if self.dpo:
-            return self._micro_steps_dpo(batch)
-        dev = self.device
-        R = self.rows_per_step
-        per_rank = R // self.world
-        lo = self.rank * per_rank
-        x_all = batch["input_ids"]
-        n_tokens = float(batch["loss_mask"].sum())
-        scale = self.world / max(n_tokens, 1.0)  # DeepSpeed averages ranks: undo it
-        total = 0.0
-        for i in range(self.grad_accum):
-            a = lo + i * self.micro_bsz
-            b = a + self.micro_bsz
-            if self.on_micro_batch is not None:
-                self.on_micro_batch(self.step + 1, i, self.micro_bsz)
-            x = x_all[a:b].to(dev, non_blocking=True)
-            y = batch["targets"][a:b].to(dev, non_blocking=True)
-            w = batch["loss_mask"][a:b].to(dev, non_blocking=True).float() * scale
-            with autocast_ctx(dev, self.s.precision):
-                if self.engine is not None:
-                    loss = self.engine(x, y, w)
-                else:
-                    loss = self.loss_module(x, y, w)
+            args = inputs(a, b)
+            with autocast_ctx(self.device, self.s.precision):
+                loss = fn(*args)
             if self.engine is not None:
                 self.engine.backward(loss, scale_wrt_gas=False)
                 if i < self.grad_accum - 1:
@@ -1560,6 +1543,8 @@ class Trainer:
             else:
                 loss.backward()
             total += float(loss.detach()) / self.world
+            if self.dpo:
+                self._dpo_stats += self.loss_module.last_stats.double()
         return total
 
     def train_step(self, batch: dict) -> tuple[float, float | None]:
