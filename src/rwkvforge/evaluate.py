@@ -223,6 +223,10 @@ def masked_loss(model, batches: list[dict[str, torch.Tensor]], head_chunk: int =
         t, c = row_losses(model, b, head_chunk)
         total += float(t.sum())
         count += float(c.sum())
+    return _loss_summary(total, count)
+
+
+def _loss_summary(total: float, count: float) -> dict:
     if count == 0:
         raise EvalError("the validation set has no target tokens (every loss_mask is 0).")
     loss = total / count
@@ -234,12 +238,20 @@ def _side(batch: dict[str, torch.Tensor], side: str) -> dict[str, torch.Tensor]:
     return {k[len(side) + 1:]: v for k, v in batch.items() if k.startswith(side + "_")}
 
 
+def pair_losses(model, batches: list[dict[str, torch.Tensor]], head_chunk: int = 256
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pairs, 2) float64 each, for the (chosen, rejected) answers of DPO batches: the summed
+    cross-entropy (minus the sequence log-prob) and the trained-token count."""
+    rows = [[row_losses(model, _side(b, side), head_chunk) for side in ("chosen", "rejected")]
+            for b in batches]
+    return tuple(torch.cat([torch.stack([sides[0][i], sides[1][i]], 1) for sides in rows])
+                 for i in (0, 1))  # type: ignore[return-value]
+
+
 def pair_logps(model, batches: list[dict[str, torch.Tensor]], head_chunk: int = 256
                ) -> torch.Tensor:
     """(pairs, 2) float64 sequence log-probs of (chosen, rejected) answers of DPO batches."""
-    out = [torch.stack([-row_losses(model, _side(b, side), head_chunk)[0]
-                        for side in ("chosen", "rejected")], 1) for b in batches]
-    return torch.cat(out)
+    return -pair_losses(model, batches, head_chunk)[0]
 
 
 def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
@@ -373,13 +385,15 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
         res["val"]["loss_over"] = "the chosen answers"
     logps = {}
     for name, model in (("base", base_model), ("tuned", tuned_model)):
-        res["loss"][name] = masked_loss(model, [_side(b, "chosen") for b in batches]
-                                        if pairs else batches)
+        if pairs:  # one pass over both answers gives the chosen answers' loss too
+            ce, n = pair_losses(model, batches)
+            logps[name] = -ce
+            res["loss"][name] = _loss_summary(float(ce[:, 0].sum()), float(n[:, 0].sum()))
+        else:
+            res["loss"][name] = masked_loss(model, batches)
         log(f"[eval] {name}: loss {res['loss'][name]['loss']:.4f}, "
             f"perplexity {res['loss'][name]['ppl']:.3f} over {res['loss'][name]['tokens']} tokens"
             + (" of the chosen answers" if pairs else ""))
-        if pairs:
-            logps[name] = pair_logps(model, batches)
     res["loss"]["delta"] = res["loss"]["tuned"]["loss"] - res["loss"]["base"]["loss"]
     if pairs:
         pf = res["preference"] = preference(logps["base"], logps["tuned"], dpo_beta)
