@@ -54,7 +54,8 @@ def child(args) -> dict:
     from rwkvforge import memory
     from rwkvforge.checkpoint import save_pth
     from rwkvforge.demo import make_random_model_sd
-    from rwkvforge.train import LossModule, _compute_dtype, autocast_ctx, build_model, make_optimizer
+    from rwkvforge.loss import LossModule, autocast_ctx, compute_dtype
+    from rwkvforge.train import build_model, make_optimizer
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     dev = torch.device(args.device)
@@ -81,7 +82,7 @@ def child(args) -> dict:
     baseline_kb = _rss_kb("VmRSS")
     model, spec, cfg = build_model(s, path, dev)
     os.remove(path)
-    loss_module = LossModule(model, s.head_chunk, _compute_dtype(s.precision))
+    loss_module = LossModule(model, s.head_chunk, compute_dtype(s.precision))
     opt = make_optimizer(model, s)
     params = [p for p in model.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from rwkvforge.model import rwkv7
     from rwkvforge.model.wkv import resolve_impl
     from rwkvforge.peft import unwrap
-    from rwkvforge.train import LossModule, build_model
+    from rwkvforge.loss import LossModule
+    from rwkvforge.train import build_model
 
     torch.set_num_threads(args.threads)
     if args.profile:  # before compiling: each fused kernel then records itself

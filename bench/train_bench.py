@@ -148,8 +148,8 @@ def worker_ours(model: str, data: str, warmup: int, threads: int, n: int,
     from rwkvforge import config as cfgmod
     from rwkvforge.runtime import keep_freed_memory
     from rwkvforge.peft import unwrap
-    from rwkvforge.train import (LossModule, autocast_ctx, build_model, compile_blocks,
-                                 make_optimizer)
+    from rwkvforge.loss import LossModule, autocast_ctx
+    from rwkvforge.train import build_model, compile_blocks, make_optimizer
 
     keep_freed_memory()  # what `rwkvforge train` does on a CPU (see rwkvforge/runtime.py)
     torch.set_num_threads(threads)

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from sample_data import prepare_sample
 from rwkvforge import config as cfgmod
+from rwkvforge import loss as L
 from rwkvforge import train as T
+from rwkvforge import upstream as U
 
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
@@ -62,18 +64,18 @@ def margin_tolerance(run_dir: Path, loss: str = "sigmoid") -> float:
 def test_dpo_loss_is_the_published_formula():
     pol = torch.tensor([[-10.0, -12.0], [-5.0, -4.0], [-7.0, -7.0]])
     ref = torch.tensor([[-11.0, -11.0], [-5.0, -5.0], [-6.0, -8.0]])
-    losses, margin = T.dpo_losses(pol, ref, beta=0.5)
+    losses, margin = L.dpo_losses(pol, ref, beta=0.5)
     # beta * ((pi_c - ref_c) - (pi_r - ref_r)) = 0.5 * ((1) - (-1)), 0.5 * (0 - 1), 0.5 * (-1 - 1)
     assert margin.tolist() == pytest.approx([1.0, -0.5, -1.0])
     assert losses.tolist() == pytest.approx([math.log1p(math.exp(-m)) for m in (1.0, -0.5, -1.0)])
-    same, m0 = T.dpo_losses(pol, pol, beta=3.0)  # the model as its own reference: ln 2
+    same, m0 = L.dpo_losses(pol, pol, beta=3.0)  # the model as its own reference: ln 2
     assert same.tolist() == pytest.approx([LN2] * 3) and m0.abs().max() == 0
 
 
 def test_simpo_loss_is_reference_free_and_length_normalised():
     pol = torch.tensor([[-10.0, -30.0], [-8.0, -4.0]])
     lengths = torch.tensor([[5, 10], [4, 1]])
-    losses, margin = T.dpo_losses(pol, None, beta=2.0, kind="simpo", gamma=0.5,
+    losses, margin = L.dpo_losses(pol, None, beta=2.0, kind="simpo", gamma=0.5,
                                   lengths=lengths)
     # beta * (pi_c / n_c - pi_r / n_r): 2 * (-2 - -3) = 2, 2 * (-2 - -4) = 4
     assert margin.tolist() == pytest.approx([2.0, 4.0])
@@ -89,7 +91,7 @@ def test_sequence_logps_sum_the_masked_token_log_probs(tiny_model):
     mask[2] = 0  # a row with nothing trained has log-prob 0
     hidden, _ = tiny_model.forward_hidden(x)
     hidden = hidden.detach().requires_grad_(True)
-    got = T.sequence_logps(hidden, tiny_model.head, y, mask, chunk=7)
+    got = L.sequence_logps(hidden, tiny_model.head, y, mask, chunk=7)
     lp = F.log_softmax(tiny_model.head(hidden).float(), -1).gather(-1, y[..., None])[..., 0]
     want = (lp * mask).sum(1)
     assert got.tolist() == pytest.approx(want.tolist(), rel=1e-5, abs=1e-4)
@@ -203,7 +205,7 @@ def test_dpo_ftx_adds_the_chosen_answers_cross_entropy(tiny_model_path, dpo_pref
         batch = next(tr.loader)
         losses[ftx] = tr._micro_steps(batch)
     chosen = {k[len("chosen_"):]: v for k, v in batch.items() if k.startswith("chosen_")}
-    ce = T.evaluate_loss(tr.model, [chosen], head_chunk=256)
+    ce = L.evaluate_loss(tr.model, [chosen], head_chunk=256)
     assert losses[0.0] == pytest.approx(LN2, abs=1e-5)
     assert losses[2.0] == pytest.approx(LN2 + 2.0 * ce, rel=1e-5)
 
@@ -246,8 +248,8 @@ def test_dpo_refusals(tiny_model_path, dpo_prefix, tmp_path):
     from rwkvforge.model.rwkv7 import RWKV7Config
 
     s = resolved(tiny_model_path, dpo_prefix, tmp_path, trainer="rwkv-peft").settings
-    with pytest.raises(T.TrainError, match="use TRAINER=builtin for DPO"):
-        T.rwkv_peft_command(s, tiny_model_path, dpo_prefix, RWKV7Config.suggested(2, 128),
+    with pytest.raises(U.UpstreamError, match="use TRAINER=builtin for DPO"):
+        U.rwkv_peft_command(s, tiny_model_path, dpo_prefix, RWKV7Config.suggested(2, 128),
                             tmp_path / "x", tmp_path / "RWKV-PEFT")
 
 

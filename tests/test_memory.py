@@ -183,7 +183,7 @@ def test_grad_cp_and_8bit_optimizer_reduce_their_parts():
 
 def test_a_dpo_micro_batch_counts_two_sequences_per_pair():
     """DATA_TYPE=dpo: MICRO_BSZ pairs = 2 x MICRO_BSZ rows of activations; the head runs one
-    row at a time (train.sequence_logps); suggestions stay in pairs."""
+    row at a time (loss.sequence_logps); suggestions stay in pairs."""
     cfg = _cfg15()
     sft = estimate(cfg, Workload(ctx_len=1024, micro_bsz=2))
     dpo = estimate(cfg, Workload(ctx_len=1024, micro_bsz=1, data_type="dpo"))

@@ -294,7 +294,7 @@ _CLANG_PROBE = """
 import sys, torch
 from rwkvforge import native
 from rwkvforge.model import wkv as W
-from rwkvforge import train as T
+from rwkvforge import loss as L
 xs = torch.load(sys.argv[1], weights_only=True)
 out = []
 for f in (W.wkv_native, W.wkv_ref):
@@ -306,7 +306,7 @@ for a, b in zip(*out):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 x = (torch.randn(5, 4096) * 4).bfloat16()
 p = x.clone()
-torch.testing.assert_close(T._softmax_bf16_(p), torch.logsumexp(x.float(), -1))
+torch.testing.assert_close(L._softmax_bf16_(p), torch.logsumexp(x.float(), -1))
 print(native.problem("wkv_cpu"), native.problem("softmax_cpu"))
 """
 

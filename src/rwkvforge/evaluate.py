@@ -258,7 +258,7 @@ def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
     """Preference metrics from (pairs, 2) log-probs: for each model the share of pairs whose
     chosen answer is the likelier one; for the tuned model against the base as reference, the
     DPO loss, the reward accuracy (margin > 0) and the mean reward margin."""
-    from rwkvforge.train import dpo_losses
+    from rwkvforge.loss import dpo_losses
 
     losses, margin = dpo_losses(tuned, base, beta)
     return {"pairs": int(base.shape[0]), "beta": beta,

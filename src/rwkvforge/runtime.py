@@ -1,41 +1,29 @@
-"""Process-level settings for the entry points (`infer`, `serve`, `eval`, and `train` on a
-CPU): called from their `main`, never on import, so a program that imports rwkvforge keeps
-its own.
+"""Process-level settings and measurements for the entry points: `keep_freed_memory` (called
+from the `main` of `infer`, `serve`, `eval`, and `train` on a CPU, never on import, so a
+program that imports rwkvforge keeps its own), `pid_alive`, and the training process's
+`MemoryMonitor` / `release_freed_memory`.
 
-`keep_freed_memory()`: glibc serves allocations above an adaptive threshold (128 KiB up to
-32 MiB) with fresh mmaps and gives memory back to the kernel on free (munmap, heap trim), so
-the next tensor of that size page-faults all its pages in again, zero-filled by the kernel. A
-prefill or a training step allocates and frees the same activation-sized tensors over and
-over: on the 2-core CPU here a 512-token prefill of the 0.1B shape took 6k-120k page faults,
-and removing them made it ~20-30 % faster (bench/infer_bench.py, interleaved A/B runs). A
-LoRA training step of the 0.1B shape at ctx 512 took 24k-37k page faults per step and none
-once the heap is kept; the native WKV forward alone ran 9-12 ms per layer on freshly mapped
-buffers and 3.4-4.7 ms on reused ones. Raising the mmap and trim thresholds keeps freed
-blocks in the heap for reuse, what jemalloc or tcmalloc would do, without a new dependency.
-The process just does not hand its heap back between steps. Peak resident memory stayed
-within 1%: inference, VmHWM 1.55 GB either way on the 0.1B shape through prefills of mixed
-lengths and 16-stream decode; training (LoRA bf16, 0.1B shape, ctx 512, 10 steps), 1.80 GB
-with glibc's defaults and 1.82 GB kept, with 1.02 vs 0.76 s per step in that pair of runs.
-The heap needs a few rounds to settle: torch allocates 64-byte aligned, and a freed block is
-a few bytes short of the next aligned request of the same size until its neighbours have
-merged, so one buffer size repeated alone (tests/test_runtime.py: 64 MiB, 16 rounds) leaves
-the resident set a few blocks higher than the live data; a training step's many sizes fill
-those gaps.
-`train` applies it on CPU only (CUDA activations live in torch's caching allocator); its
-explicit `malloc_trim` after the setup still hands the setup's transients (fp32 load,
-quantisation) back to the OS, whatever the thresholds.
+`keep_freed_memory()` raises glibc's mmap and trim thresholds so freed activation-sized blocks
+stay in the heap for reuse (what jemalloc / tcmalloc would do, without a new dependency):
+otherwise every step maps, page-faults and zero-fills the same buffers again. Figures:
+docs/memory.md ("Freed memory on a CPU"). An explicit glibc malloc setting in the
+environment (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, malloc tunables in
+GLIBC_TUNABLES) wins: nothing is changed then; memory measurements use that.
 
-An explicit glibc malloc setting in the environment (MALLOC_MMAP_THRESHOLD_,
-MALLOC_TRIM_THRESHOLD_, or malloc tunables in GLIBC_TUNABLES) wins: nothing is changed then.
-Memory measurements use that to make resident memory follow live tensors.
+This module stays torch-free at import (the data-preparation workers import it); the
+monitor imports torch only for a CUDA device.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import sys
+import threading
+
+import psutil
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
@@ -85,3 +73,64 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))
                     and mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
     return _applied
+
+
+class MemoryMonitor:
+    """Peak memory of this process: CUDA allocator peak on GPU, else resident set size
+    sampled every `interval` s by a background thread (psutil)."""
+
+    def __init__(self, device, interval: float = 0.02):
+        self.device, self.interval = device, interval
+        self.peak_mb = 0.0
+        self.window_peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _rss_mb(self) -> float:
+        return psutil.Process().memory_info().rss / 2**20
+
+    def start(self) -> "MemoryMonitor":
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_mb = self.window_peak_mb = self._rss_mb()
+            self._thread = threading.Thread(target=self._run, daemon=True, name="mem-monitor")
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            v = self._rss_mb()
+            self.window_peak_mb = max(self.window_peak_mb, v)
+            self.peak_mb = max(self.peak_mb, v)
+
+    def take_window(self) -> float:
+        """Peak since the last call (MB)."""
+        if self.device.type == "cuda":
+            import torch
+
+            v = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.peak_mb = max(self.peak_mb, v)
+            return v
+        v = max(self.window_peak_mb, self._rss_mb())
+        self.peak_mb = max(self.peak_mb, v)
+        self.window_peak_mb = self._rss_mb()
+        return v
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc malloc_trim), so that resident memory
+    measured afterwards reflects live tensors rather than setup leftovers."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

@@ -20,9 +20,7 @@ same global batch and each takes its rows; every token's loss is divided by the 
 count of the whole global batch, so the gradient is the same whatever the split into
 micro-batches or processes (1 process x 2 micro-batches == 2 processes x 1).
 
-The vocabulary projection + cross-entropy run in HEAD_CHUNK-token pieces, only on tokens
-whose loss mask is non-zero, with the gradient computed in the same pass: the (T, 65536)
-logits tensor never exists.
+The loss (chunked vocabulary head, DPO) lives in loss.py, the run folder in runs.py.
 
 DeepSpeed (DEEPSPEED_STAGE 2 / 3, DEEPSPEED_OFFLOAD=1 for CPU-offloaded Adam states): the
 command re-runs itself with NUM_GPUS processes; checkpoints then hold DeepSpeed's sharded
@@ -38,17 +36,12 @@ config instead (`--print-cmd` shows the command).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import dataclasses
-import datetime as _dt
-import functools
 import json
 import logging
 import math
 import os
 import pickle
-import platform
 import random
 import shlex
 import shutil
@@ -64,18 +57,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from rwkvforge import config as cfgmod
-from rwkvforge import paths
+from rwkvforge import paths, upstream
+from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dpo,
+                            evaluate_loss, reference_logps, pair_rows)
+from rwkvforge.runs import (RunFolder, default_run_name, git_sha, hardware_info, now_iso,
+                            package_versions, run_started)
+from rwkvforge.runtime import MemoryMonitor, release_freed_memory
 
 log = logging.getLogger("rwkvforge.train")
 
 # settings that may change when resuming (everything else must match the run's config.json)
 RESUME_MUTABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_every",
                   "wandb_project", "device")
-DPO_NOT_MAPPED = ("DATA_TYPE=dpo with TRAINER=rwkv-peft: our DPO pairs are not mapped to "
-                  "RWKV-PEFT's trainer; use TRAINER=builtin for DPO.")
 
 
 class Stopped(KeyboardInterrupt):
@@ -120,597 +115,6 @@ def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int,
             return lr
         return lr + (lr_final - lr) * (t - decay_from) / (1.0 - decay_from)
     raise TrainError(f"LR_SCHEDULE={schedule!r}: expected cosine, wsd or constant.")
-
-
-# =========================================================================== loss
-_SCRATCH: dict[tuple, torch.Tensor] = {}
-
-
-def _scratch(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device
-             ) -> torch.Tensor:
-    """A (rows, cols) work tensor, kept and reused on CPU. There a fresh (chunk, vocab)
-    tensor is a new mmap, page-faulted on first touch on every step: the faults cost 2-3x
-    the pass that fills it (a 512 x 65536 bf16 -> fp32 copy: 54 ms fresh, 12 ms reused).
-    CUDA's caching allocator already reuses memory, so there it is a plain empty()."""
-    if device.type != "cpu":
-        return torch.empty(rows, cols, dtype=dtype, device=device)
-    key = (threading.get_ident(), name, cols, dtype)  # never shared between threads
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.shape[0] < rows:
-        buf = _SCRATCH[key] = torch.empty(rows, cols, dtype=dtype)
-    return buf[:rows]
-
-
-def _softmax_bf16_(x: torch.Tensor) -> torch.Tensor | None:
-    """In place: the rows of bf16 logits x (n, V) on CPU become their softmax (bf16), and the
-    fp32 logsumexp of each row is returned. None (x untouched) where the C kernel
-    (csrc/softmax_cpu.c) is unavailable or does not apply; the caller then does the softmax
-    with torch ops on an fp32 copy."""
-    if x.device.type != "cpu" or not x.is_contiguous() or x.shape[1] % 32:
-        return None
-    lib = _softmax_lib()
-    if lib is None:
-        return None
-    n = x.shape[0]
-    mx, sm = torch.empty(n), torch.empty(n)
-    if lib.rf_softmax_bf16(n, x.shape[1], x.data_ptr(), mx.data_ptr(), sm.data_ptr(),
-                           torch.get_num_threads()):
-        raise MemoryError("head softmax: out of memory for its row buffer")
-    return mx.add_(sm.log_())
-
-
-@functools.lru_cache(maxsize=None)
-def _softmax_lib():
-    from rwkvforge import native
-
-    lib = native.load("softmax_cpu")
-    if lib is not None:
-        i64, p = ctypes.c_int64, ctypes.c_void_p
-        lib.rf_softmax_bf16.argtypes = [i64, i64, p, p, p, i64]
-        lib.rf_softmax_bf16.restype = ctypes.c_int32
-    return lib
-
-
-class _ChunkedHeadCE(torch.autograd.Function):
-    """sum_i w_i * CE(h_i @ W^T, t_i) with the gradient computed chunk by chunk in forward.
-
-    h (N,C), W (V,C), t (N,) long, w (N,) fp32. Only (chunk, V) logits exist at a time;
-    backward just scales the stored d/dh (and d/dW when W is trainable)."""
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, w, chunk: int, dtype: torch.dtype):
-        need_h = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1]
-        N, C = h.shape
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.zeros(N, C, dtype=torch.float32, device=h.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w else None
-        V = weight.shape[0]
-        dev = h.device
-        with torch.autocast(dev.type, enabled=False):
-            Wc = weight.detach().to(dtype)
-            for s in range(0, N, chunk):
-                hc = h[s:s + chunk].detach().to(dtype)  # (n,C)
-                tc = targets[s:s + chunk]
-                wc = w[s:s + chunk]
-                n = hc.shape[0]
-                if dtype == torch.float32:
-                    logits = torch.mm(hc, Wc.t(), out=_scratch("x32", n, V, dtype, dev))
-                else:  # the matmul in `dtype`, the softmax in fp32
-                    low = torch.mm(hc, Wc.t(), out=_scratch("x16", n, V, dtype, dev))
-                # the target logits, before P overwrites them
-                tl = (logits if dtype == torch.float32 else low).gather(
-                    1, tc.unsqueeze(1)).squeeze(1).float()
-                # d/dlogits = diag(wc) (P - onehot), P written once in the matmul dtype; the
-                # one-hot and the row weights act on the (n, C) products, not on (n, V)
-                lse = _softmax_bf16_(low) if dtype == torch.bfloat16 else None
-                if lse is not None:  # C kernel: P over the bf16 logits, two passes per row
-                    p = low
-                else:  # torch: in place on one fp32 (n, V) buffer
-                    if dtype != torch.float32:
-                        logits = _scratch("x32", n, V, torch.float32, dev).copy_(low)
-                    m = logits.amax(dim=-1)
-                    e = logits.sub_(m.unsqueeze(1)).exp_()  # exp(x - max)
-                    z = e.sum(dim=-1)
-                    lse = m + z.log()
-                    p = e.div_(z.unsqueeze(1))
-                    if dtype != torch.float32:
-                        p = _scratch("x16", n, V, dtype, dev).copy_(p)
-                    del logits, e
-                total += ((lse - tl) * wc).sum()  # logsumexp - target logit
-                if need_h or need_w:
-                    if need_h:
-                        grad_h[s:s + chunk] = ((p @ Wc).float()
-                                               - Wc[tc].float()).mul_(wc.unsqueeze(1))
-                    if need_w:
-                        hw = hc * wc.unsqueeze(1).to(dtype)
-                        gw = (p.t() @ hw).float()
-                        gw.index_add_(0, tc, hw.float(), alpha=-1.0)
-                        grad_w += gw
-                del p
-        ctx.h_dtype = h.dtype
-        ctx.w_dtype = weight.dtype
-        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
-        ctx.has = (need_h, need_w)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        need_h, need_w = ctx.has
-        gh = saved.pop(0).mul(grad_out).to(ctx.h_dtype) if need_h else None
-        gw = saved.pop(0).mul(grad_out).to(ctx.w_dtype) if need_w else None
-        return gh, gw, None, None, None, None
-
-
-def chunked_head_loss(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                      weights: torch.Tensor, chunk: int = 1024,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """sum over tokens of weights * cross-entropy(head(hidden), targets), as a 0-d fp32 tensor.
-
-    hidden (B,T,C), targets (B,T) long, weights (B,T) float (loss mask / normaliser). Tokens
-    with weight 0 are skipped entirely. Equals `(F.cross_entropy(head(hidden).flatten(0,1),
-    targets.flatten(), reduction="none") * weights.flatten()).sum()`."""
-    C = hidden.shape[-1]
-    h = hidden.reshape(-1, C)
-    t = targets.reshape(-1)
-    w = weights.reshape(-1).float()
-    keep = w.nonzero().squeeze(1)
-    if keep.numel() == 0:
-        return (h.sum() * 0.0).float()
-    if keep.numel() != w.numel():
-        h, t, w = h.index_select(0, keep), t.index_select(0, keep), w.index_select(0, keep)
-    return _ChunkedHeadCE.apply(h, head.weight, t, w, int(chunk), dtype)
-
-
-def sequence_logps(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
-                   mask: torch.Tensor, chunk: int = 1024,
-                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B,) fp32: each row's sum over its masked tokens of log p(target), with autograd.
-    One chunked head pass per row, so the full (T, 65536) logits never exist."""
-    return -torch.stack([chunked_head_loss(hidden[b:b + 1], head, targets[b:b + 1],
-                                           mask[b:b + 1], chunk, dtype)
-                         for b in range(hidden.shape[0])])
-
-
-def dpo_losses(policy: torch.Tensor, reference: torch.Tensor | None, beta: float,
-               kind: str = "sigmoid", gamma: float = 0.0,
-               lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preference losses per pair; policy / reference: (B, 2) sequence log-probs of (chosen,
-    rejected). Returns (losses, reward margins m).
-    - sigmoid, DPO (Rafailov et al. 2023): m = beta * ((pi_c - ref_c) - (pi_r - ref_r)),
-      loss -log sigmoid(m).
-    - simpo, SimPO (Meng et al. 2024), no reference: m = beta * (pi_c / n_c - pi_r / n_r)
-      with n the answers' token counts (`lengths`, (B, 2)), loss -log sigmoid(m - gamma)."""
-    if kind == "simpo":
-        avg = policy / lengths.to(policy.dtype).clamp_min(1.0)
-        margin = beta * (avg[:, 0] - avg[:, 1])
-        return -F.logsigmoid(margin - gamma), margin
-    margin = beta * ((policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1]))
-    return -F.logsigmoid(margin), margin
-
-
-class LossModule(nn.Module):
-    """Wraps the (peft) model so one call = hidden states + chunked head loss; this is the
-    module DeepSpeed wraps.
-
-    DPO: `forward(x, y, w, ref, pair_scale, ftx_scale)` takes the B chosen rows then the B
-    rejected rows of B pairs (w = their loss masks) and `ref` (B, 2), the pairs' reference
-    log-probs (unused by SimPO), and returns pair_scale * sum of the pairs' DPO losses +
-    ftx_scale * the chosen rows' summed cross-entropy. `last_stats` then holds (sum of DPO losses, pairs with a
-    positive margin, sum of margins, pairs), detached."""
-
-    def __init__(self, model: nn.Module, head_chunk: int, compute_dtype: torch.dtype,
-                 dpo_beta: float = 0.1, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5):
-        super().__init__()
-        self.model = model
-        self.head_chunk = head_chunk
-        self.compute_dtype = compute_dtype
-        self.dpo_beta, self.dpo_loss, self.simpo_gamma = dpo_beta, dpo_loss, simpo_gamma
-        self.last_stats: torch.Tensor | None = None
-        if compute_dtype != torch.float32:
-            # bf16 / fp16 training runs under autocast, which casts the adapters' fp32 weights
-            # and their bf16 input itself. peft's plain-Linear LoRA would first cast the bf16
-            # input up to fp32 for autocast to cast it back down: two full-size copies per
-            # adapter and two more in backward, for the same bf16 matmul. (peft's bitsandbytes
-            # layers already skip that cast under autocast.)
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            for mod in model.modules():
-                if isinstance(mod, BaseTunerLayer):
-                    mod.cast_input_dtype_enabled = False
-
-    def inner(self) -> nn.Module:
-        from rwkvforge.peft import unwrap
-
-        return unwrap(self.model)
-
-    def forward(self, input_ids, targets, weights, ref=None, pair_scale: float = 1.0,
-                ftx_scale: float = 0.0):
-        m = self.inner()
-        hidden, _ = m.forward_hidden(input_ids)
-        if ref is None:
-            return chunked_head_loss(hidden, m.head, targets, weights, self.head_chunk,
-                                     self.compute_dtype)
-        B = ref.shape[0]
-        logp = sequence_logps(hidden, m.head, targets, weights, self.head_chunk,
-                              self.compute_dtype)
-        n = weights.sum(1)  # trained tokens per answer (SimPO's length normalisation)
-        losses, margin = dpo_losses(torch.stack([logp[:B], logp[B:]], 1), ref.float(),
-                                    self.dpo_beta, self.dpo_loss, self.simpo_gamma,
-                                    torch.stack([n[:B], n[B:]], 1))
-        loss = losses.sum() * pair_scale
-        if ftx_scale:
-            loss = loss - logp[:B].sum() * ftx_scale
-        self.last_stats = torch.stack([losses.detach().sum(), (margin > 0).sum().float(),
-                                       margin.detach().sum(),
-                                       torch.tensor(float(B), device=margin.device)]).cpu()
-        return loss
-
-
-def autocast_ctx(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """The model (peft or not) in eval mode for the block, then back to its mode."""
-    from rwkvforge.peft import unwrap
-
-    m = unwrap(model)
-    was = m.training
-    m.eval()
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None:
-        for mod in m.modules():
-            # bitsandbytes repacks a 4-bit CPU weight for its inference kernel the first time
-            # it runs in eval mode, and that kernel has no backward: training after an eval
-            # would silently drop the gradient through the frozen base. Keep those layers in
-            # train mode (they have no dropout: the outputs are the same).
-            if isinstance(mod, bnb.nn.Linear4bit):
-                mod.training = True
-    try:
-        yield m
-    finally:
-        m.train(was)
-
-
-@contextlib.contextmanager
-def training_numerics(model: nn.Module):
-    """No-grad forwards inside the block take the training forward's code path: the model's
-    fused inference form of the time mix (model/rwkv7.py) computes the same maths in another
-    precision (bf16 mixing coefficients), so DPO's reference log-probs taken with it would
-    differ from the policy's at step 1 (a margin before any update)."""
-    from rwkvforge.model.rwkv7 import TimeMix
-    from rwkvforge.peft import unwrap
-
-    mods = [m for m in unwrap(model).modules() if isinstance(m, TimeMix)]
-    for m in mods:
-        m.fused_inference = False
-    try:
-        yield
-    finally:
-        for m in mods:
-            del m.fused_inference  # back to the class default
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: list[dict], head_chunk: int = 1024,
-                  precision: str = "fp32", device: torch.device | str = "cpu",
-                  loss_fn: Callable | None = None) -> float:
-    """Mean cross-entropy over all masked tokens of `batches` (nats/token); nan if none.
-    `loss_fn(input_ids, targets, weights) -> summed loss` replaces the direct call (the
-    DeepSpeed engine, which gathers ZeRO-3 shards)."""
-    device = torch.device(device)
-    dtype = _compute_dtype(precision)
-    total, count = 0.0, 0.0
-    with eval_mode(model) as m:
-        for b in batches:
-            x = b["input_ids"].to(device)
-            mask = b["loss_mask"].to(device).float()
-            y = b["targets"].to(device)
-            with autocast_ctx(device, precision):
-                if loss_fn is not None:
-                    total += float(loss_fn(x, y, mask))
-                else:
-                    hidden, _ = m.forward_hidden(x)
-                    total += float(chunked_head_loss(hidden, m.head, y, mask, head_chunk,
-                                                     dtype))
-            count += float(mask.sum())
-    return total / count if count else float("nan")
-
-
-def _pair_rows(batch: dict, a: int = 0, b: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The chosen rows a:b then the rejected rows a:b of a DPO batch: (x, y, mask)."""
-    return tuple(torch.cat([batch[f"chosen_{k}"][a:b], batch[f"rejected_{k}"][a:b]])
-                 for k in ("input_ids", "targets", "loss_mask"))  # type: ignore[return-value]
-
-
-def reference_logps(model: nn.Module, batches, n_pairs: int, head_chunk: int = 1024,
-                    precision: str = "fp32", device: torch.device | str = "cpu",
-                    compiled: bool = False) -> torch.Tensor:
-    """(n_pairs, 2) float64 sequence log-probs of (chosen, rejected) under `model` as it is
-    now, for the pairs the DPO `batches` hold (by their pair_index; the others stay nan).
-
-    By the code path the policy's log-probs will take: no-grad forwards in eval mode with the
-    training numerics (what evaluate_dpo runs), or with `compiled` the compiled training
-    forward itself (COMPILE=1 blocks run compiled only with gradients on, and inductor's
-    fused kernels round differently from eager ops): a forward with autograd on, in the
-    model's own (train) mode, whose graph is dropped."""
-    device = torch.device(device)
-    dtype = _compute_dtype(precision)
-    out = torch.full((n_pairs, 2), float("nan"), dtype=torch.float64)
-    from rwkvforge.peft import unwrap
-
-    ctx = (contextlib.nullcontext(unwrap(model)) if compiled else eval_mode(model))
-    with ctx as m, training_numerics(m), torch.set_grad_enabled(compiled):
-        for batch in batches:
-            x, y, w = (t.to(device) for t in _pair_rows(batch))
-            with autocast_ctx(device, precision):
-                hidden, _ = m.forward_hidden(x)
-                logp = sequence_logps(hidden, m.head, y, w, head_chunk, dtype).detach()
-            del hidden
-            B = batch["pair_index"].numel()
-            out[batch["pair_index"]] = torch.stack([logp[:B], logp[B:]], 1).double().cpu()
-    return out
-
-
-@torch.no_grad()
-def evaluate_dpo(loss_module: LossModule, batches: list[dict], reference: torch.Tensor,
-                 precision: str = "fp32", device: torch.device | str = "cpu"
-                 ) -> tuple[float, float]:
-    """(mean DPO loss, share of pairs whose chosen answer gets the higher reward) over the
-    DPO `batches`; the reference log-probs are indexed by each batch's pair_index."""
-    device = torch.device(device)
-    stats = torch.zeros(4, dtype=torch.float64)
-    with eval_mode(loss_module.model), training_numerics(loss_module.model):
-        for batch in batches:
-            x, y, w = (t.to(device) for t in _pair_rows(batch))
-            ref = reference[batch["pair_index"]].to(device)
-            with autocast_ctx(device, precision):
-                loss_module(x, y, w, ref)
-            stats += loss_module.last_stats.double()
-    n = float(stats[3])
-    return (float(stats[0]) / n, float(stats[1]) / n) if n else (float("nan"), float("nan"))
-
-
-def _compute_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
-# =========================================================================== memory
-class MemoryMonitor:
-    """Peak memory of this process: CUDA allocator peak on GPU, else resident set size
-    sampled every `interval` s by a background thread (psutil)."""
-
-    def __init__(self, device: torch.device, interval: float = 0.02):
-        self.device, self.interval = device, interval
-        self.peak_mb = 0.0
-        self.window_peak_mb = 0.0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _rss_mb(self) -> float:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-
-    def start(self) -> "MemoryMonitor":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak_mb = self.window_peak_mb = self._rss_mb()
-            self._thread = threading.Thread(target=self._run, daemon=True, name="mem-monitor")
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            v = self._rss_mb()
-            self.window_peak_mb = max(self.window_peak_mb, v)
-            self.peak_mb = max(self.peak_mb, v)
-
-    def take_window(self) -> float:
-        """Peak since the last call (MB)."""
-        if self.device.type == "cuda":
-            v = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.peak_mb = max(self.peak_mb, v)
-            return v
-        v = max(self.window_peak_mb, self._rss_mb())
-        self.peak_mb = max(self.peak_mb, v)
-        self.window_peak_mb = self._rss_mb()
-        return v
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=1.0)
-
-
-def release_freed_memory() -> None:
-    """Return freed heap memory to the OS (glibc malloc_trim), so that resident memory
-    measured afterwards reflects live tensors rather than setup leftovers."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
-# =========================================================================== run folder
-def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    from rwkvforge.checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str)
-                              + "\n").encode("utf-8"))
-
-
-def git_sha(root: Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        sha = out.stdout.strip() if out.returncode == 0 else "unknown"
-        if sha != "unknown":
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                    "--untracked-files=no"], capture_output=True, text=True,
-                                   timeout=10)
-            if dirty.returncode == 0 and dirty.stdout.strip():
-                sha += "-dirty"
-        return sha
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in ("rwkvforge", "torch", "peft", "bitsandbytes", "deepspeed", "numpy",
-                "safetensors", "wandb"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def hardware_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
-                            "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads()}
-    try:
-        import psutil
-
-        info["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except ImportError:
-        pass
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["cuda"] = torch.version.cuda
-        info["gpus"] = [{"name": torch.cuda.get_device_name(i),
-                         "memory_gb": round(torch.cuda.get_device_properties(i).total_memory
-                                            / 2**30, 1)}
-                        for i in range(torch.cuda.device_count())]
-    return info
-
-
-class RunFolder:
-    """Writes runs/<run>/ (only rank 0 does)."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
-        self.metrics_path = self.path / "metrics.jsonl"
-        self._handler: logging.Handler | None = None
-
-    def open_log(self) -> None:
-        if not self.enabled:
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        h = logging.FileHandler(self.path / "train.log", encoding="utf-8")
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                         "%Y-%m-%d %H:%M:%S"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False  # console output goes through say() / the progress bar
-        self._handler = h
-
-    def close_log(self) -> None:
-        if self._handler is not None:
-            log.removeHandler(self._handler)
-            self._handler.close()
-            self._handler = None
-
-    def write_json(self, name: str, obj: Any) -> None:
-        if self.enabled:
-            _atomic_json(self.path / name, obj)
-
-    def status(self, state: str, step: int, max_steps: int, error: str | None = None,
-               **extra: Any) -> None:
-        self.write_json("status.json", {"state": state, "pid": os.getpid(), "step": step,
-                                        "max_steps": max_steps, "updated": time.time(),
-                                        "error": error, **extra})
-
-    def append_metrics(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-
-    def read_metrics(self) -> list[dict]:
-        rows = []
-        if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-        return rows
-
-    def truncate_metrics(self, last_step: int) -> None:
-        """Drop metric lines after `last_step` (written before a crash, redone on resume)."""
-        if not self.enabled or not self.metrics_path.is_file():
-            return
-        from rwkvforge.checkpoint import atomic_write_bytes
-
-        keep = [r for r in self.read_metrics() if int(r.get("step", 0)) <= last_step]
-        atomic_write_bytes(self.metrics_path, "".join(
-            json.dumps(r, ensure_ascii=False) + "\n" for r in keep).encode("utf-8"))
-
-    def plot_loss(self) -> Path | None:
-        if not self.enabled:
-            return None
-        rows = self.read_metrics()
-        pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-        if not pts:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        dpo = any("reward_margin" in r for r in rows)
-        ax.plot(*zip(*pts), label="train loss", lw=1.2)
-        pure = [(r["step"], r["dpo_loss"]) for r in rows if "dpo_loss" in r]
-        if pure and any(r.get("dpo_loss") != r.get("loss") for r in rows if "dpo_loss" in r):
-            ax.plot(*zip(*pure), label="train DPO loss (without DPO_FTX's term)", lw=1.2)
-        val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-        if val:
-            ax.plot(*zip(*val), "o-", label="val loss", ms=4)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (per pair)" if dpo else "loss (nats/token)")
-        ax.set_title(self.path.name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        out = self.path / "loss.png"
-        tmp = self.path / ".loss.png.tmp"
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        os.replace(tmp, out)
-        return out
 
 
 # =========================================================================== inputs
@@ -844,7 +248,7 @@ def build_model(s: cfgmod.Settings, model_path: Path, device: torch.device):
     spec = AdapterSpec.from_settings(s)
     if s.precision == "fp16" and device.type == "cpu":
         raise TrainError("PRECISION=fp16 needs a CUDA GPU; on a CPU use bf16 or fp32.")
-    compute = _compute_dtype(s.precision)
+    compute = compute_dtype(s.precision)
     load_dev = "cpu" if spec.quant != "none" else device  # bnb quantises on the move
     base = load_model(model_path, dtype=torch.float32, device=load_dev)
     cfg = base.config
@@ -1122,7 +526,7 @@ class Trainer:
             self.say("COMPILE=1: the blocks are compiled during the first step (about a "
                      "minute on a CPU)")
         seed_everything(s.seed + 1000 * self.rank)  # dropout streams differ per rank
-        self.compute_dtype = _compute_dtype(s.precision)
+        self.compute_dtype = compute_dtype(s.precision)
         self.loss_module = LossModule(self.model, s.head_chunk, self.compute_dtype,
                                       s.dpo_beta, s.dpo_loss, s.simpo_gamma)
         self.optimizer = make_optimizer(self.model, s)
@@ -1294,7 +698,7 @@ class Trainer:
         cfg.setdefault("resumes", []).append({
             "step": self.step, "from": str(self.resumed_from), "changed": changed,
             "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
-            "at": _now_iso()})
+            "at": now_iso()})
         self.folder.write_json("config.json", cfg)
 
     def write_config(self) -> None:
@@ -1326,7 +730,7 @@ class Trainer:
                          * (2 if self.dpo else 1),
                          "device": str(self.device)},
             "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
-            "started_at": _now_iso(),
+            "started_at": now_iso(),
         })
         self.folder.write_json("config.json", base)
 
@@ -1505,7 +909,7 @@ class Trainer:
                                                     1.0)
 
             def pairs(a: int, b: int) -> tuple:
-                x, y, w = (t.to(dev, non_blocking=True) for t in _pair_rows(batch, a, b))
+                x, y, w = (t.to(dev, non_blocking=True) for t in pair_rows(batch, a, b))
                 ref = self.ref_train[batch["pair_index"][a:b]].to(dev)
                 return x, y, w, ref, pair_scale, ftx
             return pairs
@@ -1778,124 +1182,7 @@ class Trainer:
         self.folder.close_log()
 
 
-# =========================================================================== RWKV-PEFT
-def rwkv_peft_dir(root: Path) -> Path:
-    return root / "third_party" / "RWKV-PEFT"
-
-
-def rwkv_peft_command(s: cfgmod.Settings, model_path: Path, data_prefix: Path,
-                      model_cfg, proj_dir: Path, checkout: Path,
-                      python: str = sys.executable, data_type: str = "binidx",
-                      epoch_steps: int | None = None) -> list[str]:
-    """argv for third_party/RWKV-PEFT/train.py mapped from the settings (no shell).
-
-    Mapping: LORA_R / LORA_ALPHA / LORA_DROPOUT -> --lora_config (or PEFT_INIT=pissa ->
-    --peft pissa --pissa_config), QUANT -> --quant, PRECISION -> --precision,
-    DEEPSPEED_STAGE -> --strategy deepspeed_stage_N (stage 1 when 0: RWKV-PEFT's default),
-    NUM_GPUS -> --devices, MAX_STEPS -> one "epoch" of --epoch_steps steps, TRAIN_PARTS ->
-    --train_parts, LR_SCHEDULE -> --lr_schedule cos|wsd (constant: lr_final = lr). The
-    prepared binidx prefix is passed as --data_file; SFT data uses RWKV-PEFT's own prompt
-    masking (--loss_mask qa): our mask stream is not read by it. Shapes come from the
-    checkpoint (--n_layer / --n_embd / --dim_ffn / --head_size_a / --vocab_size)."""
-    if s.data_type == "dpo":
-        raise TrainError(DPO_NOT_MAPPED)
-    if s.use_dora:
-        raise TrainError("USE_DORA=1 has no RWKV-PEFT equivalent (it offers LoRA, PiSSA, "
-                         "DiSHA); use TRAINER=builtin or USE_DORA=0.")
-    # MAX_STEPS > 0: one "epoch" of exactly that many steps; else EPOCHS passes over the data
-    steps_per_epoch = s.max_steps if s.max_steps else max(int(epoch_steps or 1000), 1)
-    strategy = (f"deepspeed_stage_{s.deepspeed_stage}" if s.deepspeed_stage
-                else "deepspeed_stage_1")
-    precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[s.precision]
-    argv = [python, str(checkout / "train.py"),
-            "--load_model", str(model_path), "--proj_dir", str(proj_dir),
-            "--data_file", str(data_prefix), "--data_type", data_type,
-            "--vocab_size", str(model_cfg.vocab_size),
-            "--n_layer", str(model_cfg.n_layer), "--n_embd", str(model_cfg.n_embd),
-            "--dim_ffn", str(model_cfg.dim_ffn), "--head_size_a", str(model_cfg.head_size),
-            "--ctx_len", str(s.ctx_len), "--micro_bsz", str(s.micro_bsz),
-            "--accumulate_grad_batches", str(s.grad_accum),
-            "--epoch_steps", str(steps_per_epoch),
-            "--epoch_count", str(1 if s.max_steps else s.epochs), "--epoch_begin", "0",
-            "--epoch_save", "1",
-            "--lr_init", repr(float(s.lr)), "--lr_final", repr(float(s.lr_final)),
-            "--warmup_steps", str(s.warmup_steps),
-            "--lr_schedule", {"cosine": "cos", "wsd": "wsd", "constant": "cos"}[s.lr_schedule],
-            "--beta1", "0.9", "--beta2", "0.99", "--adam_eps", "1e-8",
-            "--weight_decay", repr(float(s.weight_decay)),
-            "--accelerator", "gpu", "--devices", str(s.num_gpus), "--precision", precision,
-            "--strategy", strategy, "--grad_cp", "1" if s.grad_cp else "0",
-            "--random_seed", str(s.seed), "--my_testing", "x070",
-            "--dataload", "pad",
-            "--loss_mask", "pad" if s.data_type == "text" else "qa",
-            "--quant", s.quant,
-            "--op", "fla" if s.wkv_impl == "fla" else "cuda",
-            ]
-    if s.lr_schedule == "constant":
-        argv[argv.index("--lr_final") + 1] = repr(float(s.lr))
-    if s.peft_init == "pissa":
-        argv += ["--peft", "pissa", "--pissa_config", json.dumps(
-            {"pissa_load": "", "pissa_init": "", "pissa_r": s.lora_r, "svd_niter": 4})]
-    else:
-        argv += ["--peft", "lora", "--lora_config", json.dumps(
-            {"lora_load": "", "lora_r": s.lora_r, "lora_alpha": s.lora_alpha,
-             "lora_dropout": s.lora_dropout})]
-    from rwkvforge.peft import parse_train_parts
-
-    parts = parse_train_parts(s.train_parts)
-    argv += ["--train_parts", *parts] if parts else ["--train_parts"]
-    if s.wandb_project:
-        argv += ["--wandb", s.wandb_project]
-    return argv
-
-
-def rwkv_peft_unmapped(s: cfgmod.Settings) -> list[str]:
-    """Settings changed from their defaults that rwkv_peft_command cannot pass on."""
-    fields = {f.name: f.default for f in dataclasses.fields(cfgmod.Settings)}
-    return [f"{k.upper()}={getattr(s, k)}" for k in
-            ("lora_targets", "optimizer", "grad_clip", "head_chunk", "compile")
-            if getattr(s, k) != fields[k]]
-
-
-def run_rwkv_peft(res: cfgmod.Resolved, root: Path, run_dir: Path, print_only: bool) -> int:
-    s = res.settings
-    if s.device == "cpu":
-        raise TrainError("TRAINER=rwkv-peft trains on CUDA GPUs only (its kernels and "
-                         "--accelerator gpu); with DEVICE=cpu use TRAINER=builtin.")
-    if s.data_type == "dpo":
-        raise TrainError(DPO_NOT_MAPPED)
-    checkout = rwkv_peft_dir(root)
-    if not (checkout / "train.py").is_file():
-        raise TrainError(f"TRAINER=rwkv-peft but {checkout}/train.py is missing: run "
-                         "`./scripts/bootstrap.sh --with-upstream` (clones RWKV-PEFT into "
-                         "third_party/), or set TRAINER=builtin.")
-    inputs = resolve_inputs(res, root, prepare=not print_only, check_data=not print_only)
-    from rwkvforge.checkpoint import infer_config, load_state_dict
-
-    mcfg = infer_config(load_state_dict(inputs.model_path))
-    from rwkvforge.data.loader import load_meta
-
-    _, meta = load_meta(inputs.data_prefix)
-    docs = ((meta or {}).get("splits") or {}).get("train", {}).get("documents")
-    per_step = s.micro_bsz * s.grad_accum * s.num_gpus
-    argv = rwkv_peft_command(s, inputs.model_path, inputs.data_prefix, mcfg,
-                             run_dir / "rwkv-peft", checkout,
-                             epoch_steps=max(docs // per_step, 1) if docs else None)
-    print("RWKV-PEFT command: " + " ".join(shlex.quote(a) for a in argv), file=sys.stderr)
-    unmapped = rwkv_peft_unmapped(s)
-    if unmapped:
-        print("note: RWKV-PEFT has no option for " + ", ".join(unmapped) + ": not applied "
-              "(TRAINER=builtin applies them)", file=sys.stderr)
-    if print_only:
-        return 0
-    (run_dir / "rwkv-peft").mkdir(parents=True, exist_ok=True)
-    return subprocess.run(argv, cwd=str(checkout), check=False).returncode
-
-
 # =========================================================================== CLI
-def default_run_name(s: cfgmod.Settings) -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{s.model_name}-{s.profile}-{stamp}"
 
 
 def resolve_for_resume(run_dir: Path, args: argparse.Namespace) -> cfgmod.Resolved:
@@ -1982,16 +1269,20 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = runs / name
         s = res.settings
         if s.trainer == "rwkv-peft":
-            return run_rwkv_peft(res, root, run_dir, args.print_cmd)
+            checkout = upstream.rwkv_peft_preflight(s, root)
+            inputs = resolve_inputs(res, root, prepare=not args.print_cmd,
+                                    check_data=not args.print_cmd)
+            return upstream.run_rwkv_peft(s, checkout, inputs.model_path, inputs.data_prefix,
+                                          run_dir, args.print_cmd)
         check_combination(s)
         in_dist = "WORLD_SIZE" in os.environ
         if s.deepspeed_stage > 0 and not in_dist:  # DeepSpeed runs under its launcher
-            if not args.resume and _run_started(run_dir):
+            if not args.resume and run_started(run_dir):
                 raise TrainError(f"{run_dir} already exists: pick another --run-name or "
                                  f"--resume {run_dir}.")
             return _launch_distributed(s, argv, run_dir.name)
         if not args.resume and int(os.environ.get("RANK", "0")) == 0 \
-                and _run_started(run_dir):
+                and run_started(run_dir):
             raise TrainError(f"{run_dir} already exists: pick another --run-name, or continue "
                              f"it with --resume {run_dir}.")
         if pick_device(s.device).type == "cpu":
@@ -2010,7 +1301,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"rwkvforge train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
             return 143 if isinstance(e, Stopped) else 130
         return 0
-    except (TrainError, cfgmod.ConfigError) as e:
+    except (TrainError, cfgmod.ConfigError, upstream.UpstreamError) as e:
         print(f"train error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - errors from the model/adapter/data layers
@@ -2029,10 +1320,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _run_started(run_dir: Path) -> bool:
-    """True when `run_dir` holds a run: anything but the train.log of a start that failed
-    before the run began (bad data, a missing model), which a new start may append to."""
-    return run_dir.is_dir() and any(p.name != "train.log" for p in run_dir.iterdir())
 
 
 if __name__ == "__main__":
