@@ -24,6 +24,7 @@ from sample_data import prepare_sample
 from rwkvforge import config as cfgmod
 from rwkvforge import loss as L
 from rwkvforge import train as T
+from rwkvforge.distributed import weights_only_load
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"ctx_len": 48, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8, "lora_alpha": 16,
@@ -430,7 +431,7 @@ def test_deepspeed_resume_reads_its_checkpoint_weights_only(tiny_model_path, sft
     marker = tmp_path / "code-ran"
     target = (run / "checkpoints" / "step-2" / "deepspeed" / "state"
               / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    sd = T._ds_weights_only_load(str(target))
+    sd = weights_only_load(str(target))
     sd["planted"] = _Planted(str(marker))
     torch.save(sd, target)
     r = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)

@@ -14,12 +14,14 @@ Only rank 0 writes (`RunFolder(enabled=False)` elsewhere).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
 import os
 import platform
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -114,6 +116,11 @@ class RunFolder:
         log.propagate = False  # console output goes through say() / the progress bar
         self._handler = h
 
+    @property
+    def logging(self) -> bool:
+        """train.log is open (the run got far enough to have a log)."""
+        return self._handler is not None
+
     def close_log(self) -> None:
         if self._handler is not None:
             log.removeHandler(self._handler)
@@ -129,6 +136,33 @@ class RunFolder:
         self.write_json("status.json", {"state": state, "pid": os.getpid(), "step": step,
                                         "max_steps": max_steps, "updated": time.time(),
                                         "error": error, **extra})
+
+    def read_status(self) -> dict:
+        """status.json, or {} when it is missing or unreadable."""
+        try:
+            return json.loads((self.path / "status.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+
+    def record_resume(self, settings: config.Settings, sources: dict[str, str],
+                      mutable: tuple[str, ...], step: int, total_steps: int,
+                      resumed_from: Path | None) -> None:
+        """config.json keeps what a resume changed (the `mutable` settings, such as a longer
+        MAX_STEPS), so that the next --resume continues with it."""
+        path = self.path / "config.json"
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        new = dataclasses.asdict(settings)
+        changed = {k: [cfg["settings"].get(k), new[k]] for k in mutable
+                   if cfg["settings"].get(k) != new[k]}
+        for k in changed:
+            cfg["settings"][k] = new[k]
+            cfg.setdefault("sources", {})[k.upper()] = sources.get(k.upper(), "cli (resume)")
+        cfg.setdefault("training", {})["total_steps"] = total_steps
+        cfg.setdefault("resumes", []).append({
+            "step": step, "from": str(resumed_from), "changed": changed,
+            "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
+            "at": now_iso()})
+        self.write_json("config.json", cfg)
 
     def append_metrics(self, row: dict) -> None:
         if not self.enabled:

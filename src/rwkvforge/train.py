@@ -37,16 +37,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
 import pickle
-import random
 import shlex
-import shutil
-import socket
-import subprocess
+import signal
 import sys
 import threading
 import time
@@ -54,17 +52,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from rwkvforge import config as cfgmod
 from rwkvforge import paths, upstream
+from rwkvforge.checkpoint import (CheckpointError, atomic_dir, infer_config, latest_checkpoint,
+                                  load_model, load_state_dict, load_trainer_state, save_adapter,
+                                  save_trainer_state)
+from rwkvforge.data.loader import (build_train_loader, build_val_batches, load_meta,
+                                   pair_batches)
+from rwkvforge.data.prepare import SAMPLES, Options, PrepareError
+from rwkvforge.data.prepare import run as prepare_run
+from rwkvforge.demo import TINY_SHAPE, write_demo_model
+from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
+                                   local_rank, make_strategy, rank, rng_state,
+                                   seed_everything, set_rng_state, world_size)
 from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dpo,
-                            evaluate_loss, reference_logps, pair_rows)
+                            evaluate_loss, pair_rows, reference_logps)
+from rwkvforge.memory import MemoryPlanError, budget_bytes, preflight
+from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
+                            export_adapter, unwrap)
 from rwkvforge.runs import (RunFolder, default_run_name, git_sha, hardware_info, now_iso,
                             package_versions, run_started)
-from rwkvforge.runtime import MemoryMonitor, release_freed_memory
+from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger("rwkvforge.train")
 
@@ -79,8 +91,6 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop_on_signals() -> None:
-    import signal
-
     def stop(signum, frame):  # noqa: ARG001
         raise Stopped(signal.Signals(signum).name)
 
@@ -136,10 +146,8 @@ def _resolve_path(value: str, source: str, root: Path) -> Path:
     return (Path.cwd() if source == "cli" else root) / p
 
 
-def _stale_reason(meta: dict, data_file: Path, s: cfgmod.Settings) -> str | None:
+def stale_reason(meta: dict, data_file: Path, s: cfgmod.Settings) -> str | None:
     """Why prepared data no longer matches DATA_FILE / the settings (None: it matches)."""
-    import hashlib
-
     src = meta.get("source") or {}
     opts = meta.get("options") or {}
     if meta.get("type") != s.data_type:
@@ -173,8 +181,6 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
         if not model_path.is_file():
             if not prepare:
                 raise TrainError(f"{model_path}: demo model missing; run `rwkvforge demo-model`.")
-            from rwkvforge.demo import TINY_SHAPE, write_demo_model
-
             say(f"generating the demo model {model_path} (random weights, L{TINY_SHAPE[0]} "
                 f"C{TINY_SHAPE[1]})")
             write_demo_model(model_path, *TINY_SHAPE)
@@ -184,8 +190,6 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
             raise TrainError(f"BASE_MODEL={s.base_model} (from {src.get('BASE_MODEL')}): "
                              f"{model_path} not found. Put the .pth there or fix the path; "
                              "leave BASE_MODEL empty for the demo model.")
-    from rwkvforge.data.prepare import SAMPLES
-
     demo_data = not s.data_file and not s.data_prefix
     data_file: Path | None = None
     if s.data_prefix:
@@ -196,15 +200,13 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
         data_file = (_resolve_path(s.data_file, src.get("DATA_FILE", "cli"), root)
                      if s.data_file else paths.sample_data_dir(root) / SAMPLES[s.data_type])
         prefix = root / "data" / "processed" / data_file.stem
-    from rwkvforge.data.loader import load_meta
-
     _, meta = load_meta(prefix)
     # a bare .bin is text binidx (RWKV-LM's make_data.py); one with a .mask but no meta is
     # an interrupted prepare (loader.open_split refuses it): prepare again
     have = meta is not None or (Path(f"{prefix}.bin").is_file()
                                 and not Path(f"{prefix}.mask.idx").is_file())
     if meta is not None and data_file is not None and prepare:
-        why = _stale_reason(meta, data_file, s)
+        why = stale_reason(meta, data_file, s)
         if why and resuming:
             raise TrainError(f"prepared data {prefix} no longer matches {data_file} ({why}): a "
                              "resumed run continues on the data it started with. Restore the "
@@ -219,8 +221,6 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
         if not data_file.exists():
             raise TrainError(f"DATA_FILE {data_file} not found. Fix DATA_FILE, or leave it "
                              "empty for the shipped sample.")
-        from rwkvforge.data.prepare import Options, run as prepare_run
-
         say(f"preparing {data_file} -> {prefix} ({s.data_type})")
         prepare_run(Options(input=data_file, prefix=prefix, kind=s.data_type,
                             ctx_len=s.ctx_len, seed=s.seed, val_fraction=s.val_fraction,
@@ -242,9 +242,6 @@ def pick_device(setting: str, local_rank: int = 0) -> torch.device:
 
 def build_model(s: cfgmod.Settings, model_path: Path, device: torch.device):
     """Base model + adapters per the settings: (peft model, AdapterSpec, RWKV7Config)."""
-    from rwkvforge.checkpoint import load_model
-    from rwkvforge.peft import AdapterSpec, apply_adapter, unwrap
-
     spec = AdapterSpec.from_settings(s)
     if s.precision == "fp16" and device.type == "cpu":
         raise TrainError("PRECISION=fp16 needs a CUDA GPU; on a CPU use bf16 or fp32.")
@@ -263,18 +260,6 @@ def build_model(s: cfgmod.Settings, model_path: Path, device: torch.device):
     inner.wkv_impl = s.wkv_impl
     inner.train()
     return pm, spec, cfg
-
-
-def _ds_weights_only_load(path: str, map_location=None):
-    """DeepSpeed's checkpoint-engine `load`, through torch.load(weights_only=True): tensors,
-    plain containers and the three DeepSpeed classes its ZeRO optimizer states hold (no
-    other object is built, so a tampered file cannot run code)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -332,45 +317,7 @@ def make_optimizer(model: nn.Module, s: cfgmod.Settings):
                              fused=fused or None)
 
 
-# =========================================================================== RNG
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    py = st["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = st["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]),
-                         float(n[4])))
-    if st.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _split_digest(split) -> str:
-    """sha256 of a prepared split's token and mask files (what reference log-probs are of)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    prefixes = [split.prefix] + ([split.mask.prefix] if split.mask is not None else [])
-    for prefix in prefixes:
-        for ext in (".idx", ".bin"):
-            with open(f"{prefix}{ext}", "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
-
-
-# =========================================================================== trainer
+# =========================================================================== trainer parts
 def check_combination(s: cfgmod.Settings) -> None:
     """Settings that cannot go together; checked before DeepSpeed's launcher starts too."""
     if s.compile and s.deepspeed_stage > 0:
@@ -389,6 +336,170 @@ def check_combination(s: cfgmod.Settings) -> None:
                          "DEEPSPEED_STAGE=2.")
 
 
+def memory_preflight(s: cfgmod.Settings, model_path: Path, device: torch.device, force: bool,
+                     say: Callable[[str], None]) -> None:
+    """Refuse a configuration the memory planner predicts will not fit (see
+    `rwkvforge plan`), before any weights are loaded; `force` (--force) overrides."""
+    sd = load_state_dict(model_path)  # memory-mapped; CheckpointError if bad
+    cfg = infer_config(sd)
+    del sd
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    try:  # a refusal says itself that --force starts it anyway
+        budget = budget_bytes(s, kind)
+        bd = preflight(s, cfg, budget, force=force, device=kind)
+    except MemoryPlanError as e:
+        raise TrainError(str(e)) from None
+    if budget and not bd.fits(budget):
+        say(f"warning: --force: {bd.warning(budget)}")
+
+
+def build_data(s: cfgmod.Settings, prefix: Path, micro_bsz: int, grad_accum: int, world: int,
+               say: Callable[[str], None]):
+    """(train loader, validation batches) of the prepared data, checked against DATA_TYPE;
+    notes on examples CTX_LEN leaves out."""
+    rows = micro_bsz * grad_accum * world
+    try:
+        loader = build_train_loader(prefix, s.ctx_len, rows, s.seed)
+        val_batches = build_val_batches(prefix, s.ctx_len, max(s.micro_bsz, 1), max_batches=64)
+    except ValueError as e:
+        msg = str(e)
+        if "fewer than one batch" in msg and rows != s.micro_bsz:
+            msg += (f" (one batch here is one optimiser step: MICRO_BSZ {micro_bsz} x "
+                    f"GRAD_ACCUM {grad_accum} x {world} GPUs = {rows} rows; lower GRAD_ACCUM "
+                    "too)")
+        raise TrainError(msg) from None
+    dpo = s.data_type == "dpo"
+    if (loader.kind == "dpo") != dpo:
+        raise TrainError(
+            f"{prefix}: the prepared data holds "
+            f"{'preference pairs (dpo)' if loader.kind == 'dpo' else loader.kind}"
+            f" (its {Path(str(prefix)).name}.meta.json) but DATA_TYPE={s.data_type}: pass "
+            f"--data-type {loader.kind or 'text'}, or another DATA_PREFIX.")
+    skipped = getattr(loader, "skipped", 0)
+    if skipped:
+        what = ("DPO pairs have an answer with no trained token" if dpo else
+                "SFT examples have no trained (assistant) token")
+        say(f"note: {skipped} of {skipped + loader.n} {what} within CTX_LEN={s.ctx_len}: left "
+            "out (raise CTX_LEN to train on them)")
+    same = getattr(loader, "same_within_ctx", 0)
+    if same:
+        say(f"note: {same} DPO pairs have the same chosen and rejected tokens within "
+            f"CTX_LEN={s.ctx_len} (they differ later): they add no preference signal "
+            "(raise CTX_LEN)")
+    return loader, val_batches
+
+
+def _split_digest(split) -> str:
+    """sha256 of a prepared split's token and mask files (what reference log-probs are of)."""
+    h = hashlib.sha256()
+    prefixes = [split.prefix] + ([split.mask.prefix] if split.mask is not None else [])
+    for prefix in prefixes:
+        for ext in (".idx", ".bin"):
+            with open(f"{prefix}{ext}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+REFERENCE = "reference_logps.pt"
+
+
+def dpo_reference(s: cfgmod.Settings, model: nn.Module, loader, val_batches: list[dict],
+                  run_dir: Path, device: torch.device, *, resume: bool, write: bool,
+                  say: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO: the (train, val) reference log-probs of every pair, computed once with the model
+    as it starts (base + freshly initialised adapters, i.e. the base model's outputs, also
+    under PiSSA, DoRA and TRAIN_PARTS) and kept in runs/<run>/reference_logps.pt for a
+    resume (written when `write`). SimPO is reference-free: zeros."""
+    path = run_dir / REFERENCE
+    n_train = loader.split.num_examples
+    n_val = max((int(b["pair_index"].max()) + 1 for b in val_batches), default=0)
+    if s.dpo_loss == "simpo":
+        say(f"SimPO (DPO_LOSS=simpo): beta {s.dpo_beta:g}, gamma {s.simpo_gamma:g}, no "
+            "reference model")
+        return (torch.zeros(n_train, 2, dtype=torch.float64),
+                torch.zeros(n_val, 2, dtype=torch.float64))
+    data = _split_digest(loader.split)
+    if resume:
+        why = "is missing or unreadable"
+        try:
+            ref = torch.load(path, map_location="cpu", weights_only=True)
+            used = torch.as_tensor(loader.examples)
+            if ref.get("data") != data:
+                why = "was computed for other data (the data was prepared again since)"
+            elif not (ref["train"].shape == (n_train, 2) and ref["val"].shape[0] >= n_val
+                      and torch.isfinite(ref["train"][used]).all()):
+                why = "does not match the data"
+            else:
+                why = ""
+        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError, AttributeError,
+                TypeError, IndexError):
+            pass
+        if why:
+            raise TrainError(f"--resume {run_dir}: {path.name} {why}: the reference "
+                             "log-probs of a DPO run come from the model as it started "
+                             "on this data. Start a new run.")
+        return ref["train"], ref["val"]
+    say(f"DPO: computing the reference log-probs of {loader.n} train pairs (one forward pass "
+        "each, with the starting model) ...")
+    t0 = time.time()
+    rng = rng_state()
+    args = (s.head_chunk, s.precision, device)
+    # train pairs by the path training steps take (compiled ones, with COMPILE=1); val
+    # pairs by evaluate_dpo's
+    ref_train = reference_logps(
+        model, pair_batches(loader.split, loader.examples, s.ctx_len, max(s.micro_bsz, 1)),
+        n_train, *args, compiled=s.compile)
+    ref_val = reference_logps(model, val_batches, n_val, *args)
+    set_rng_state(rng)
+    if write:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"train": ref_train, "val": ref_val, "beta": s.dpo_beta, "data": data},
+                   tmp)
+        os.replace(tmp, path)
+    say(f"DPO: reference log-probs of {loader.n} train + "
+        f"{sum(b['pair_index'].numel() for b in val_batches)} val pairs in "
+        f"{time.time() - t0:.1f}s (beta {s.dpo_beta:g}"
+        + (f", chosen-answer cross-entropy x {s.dpo_ftx:g}" if s.dpo_ftx else "") + ")")
+    return ref_train, ref_val
+
+
+def init_wandb(s: cfgmod.Settings, run_dir: Path):
+    """The W&B run for WANDB_PROJECT (None when unset)."""
+    if not s.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise TrainError("WANDB_PROJECT is set but wandb is not installed: pip install "
+                         "wandb, or leave WANDB_PROJECT empty.") from None
+    return wandb.init(project=s.wandb_project, name=run_dir.name,
+                      id=run_dir.name.replace("/", "-"), resume="allow", dir=str(run_dir),
+                      config=dataclasses.asdict(s))
+
+
+def metrics_row(step: int, loss: float, lr: float, tps: float, mem_mb: float, epoch: float,
+                gnorm: float | None, dpo_stats: torch.Tensor | None, val: float | None,
+                val_acc: float | None) -> dict[str, Any]:
+    """One metrics.jsonl line. DPO: this step's pairs' DPO loss alone, share ranked right,
+    mean margin (dpo_stats: sum of DPO losses, right-ordered pairs, margin sum, pairs)."""
+    row: dict[str, Any] = {"step": step, "loss": round(loss, 6), "lr": lr,
+                           "tokens_per_s": round(tps, 1), "mem_mb": round(mem_mb, 1),
+                           "time": round(time.time(), 3), "epoch": round(epoch, 4)}
+    if gnorm is not None:
+        row["grad_norm"] = round(gnorm, 6)
+    if dpo_stats is not None:
+        st = dpo_stats
+        row["dpo_loss"] = round(float(st[0] / st[3]), 6)
+        row["reward_acc"] = round(float(st[1] / st[3]), 4)
+        row["reward_margin"] = round(float(st[2] / st[3]), 6)
+    if val is not None:
+        row["val_loss"] = round(val, 6)
+        if val_acc is not None:
+            row["val_reward_acc"] = round(val_acc, 4)
+    return row
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -401,36 +512,56 @@ class TrainResult:
     grad_accum: int
 
 
+# =========================================================================== trainer
 class Trainer:
-    """One training run. `on_micro_batch(step, index, micro_bsz)` is called before every
-    micro-batch forward (tests use it to inject faults through the real code path)."""
+    """One training run: `setup()` builds everything, `run()` trains, checkpoints and writes
+    the final adapter. `on_micro_batch(step, index, micro_bsz)` is called before every
+    micro-batch forward (tests use it to inject faults through the real code path); `force`
+    starts a run the memory planner refuses (--force)."""
 
     def __init__(self, res: cfgmod.Resolved, run_dir: Path, *, resume: bool = False,
-                 root: Path | None = None, progress: bool | None = None,
+                 root: Path | None = None, progress: bool | None = None, force: bool = False,
                  on_micro_batch: Callable[[int, int, int], None] | None = None,
                  say: Callable[[str], None] | None = None):
         self.res = res
-        self.s = res.settings
+        self.settings = res.settings
         self.root = root or paths.workspace_root()
         self.run_dir = Path(run_dir)
         self.resume = resume
+        self.force = force
         self.on_micro_batch = on_micro_batch
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world = world_size()
+        self.rank = rank()
         self.is_main = self.rank == 0
         self.folder = RunFolder(self.run_dir, enabled=self.is_main)
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self._say = say or (lambda m: print(m, file=sys.stderr, flush=True))
-        self.micro_bsz = self.s.micro_bsz
-        self.grad_accum = self.s.grad_accum
-        self.dpo = self.s.data_type == "dpo"
-        self.engine = None
+        self.micro_bsz = self.settings.micro_bsz
+        self.grad_accum = self.settings.grad_accum
+        self.rows_per_step = self.micro_bsz * self.grad_accum * self.world
+        self.dpo = self.settings.data_type == "dpo"
+        # built by setup()
+        self.device: torch.device | None = None
+        self.strategy: SingleProcess | DeepSpeedStrategy | None = None
+        self.inputs: Inputs | None = None
+        self.model: nn.Module | None = None  # the peft model
+        self.inner: nn.Module | None = None  # the RWKV7 inside it
+        self.spec = self.model_cfg = None
+        self.n_trainable = self.n_total = 0
+        self.weights_mb = 0.0
+        self.loss_module: LossModule | None = None
+        self.optimizer = self.scheduler = self.loader = None
+        self.val_batches: list[dict] = []
+        self.total_steps = 0
+        self.ref_train = self.ref_val = None  # DPO reference log-probs
+        # run state
+        self.step = 0
+        self.resumed_from: Path | None = None
+        self.val_start = self.val_end = self.val_acc = None
         self.wandb = None
         self._bar = None
-
-    # ------------------------------------------------------------------ messages
-    force = False  # --force: skip the memory pre-flight refusal
+        self._events: list[str] = []
+        self._dpo_stats = torch.zeros(4, dtype=torch.float64)
 
     def say(self, msg: str, level: int = logging.INFO) -> None:
         if not self.is_main:
@@ -442,50 +573,14 @@ class Trainer:
             self._say(msg)
 
     # ------------------------------------------------------------------ setup
-    def _init_distributed(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            return
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
-        else:  # one process under DeepSpeed: a private rendezvous on loopback
-            with socket.socket() as sk:
-                sk.bind(("127.0.0.1", 0))
-                port = sk.getsockname()[1]
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                    world_size=1)
-
-    def _ds_config(self) -> dict:
-        s = self.s
-        zero: dict[str, Any] = {"stage": s.deepspeed_stage}
-        if s.deepspeed_offload:
-            zero["offload_optimizer"] = {"device": "cpu"}
-            if s.deepspeed_stage == 3:
-                zero["offload_param"] = {"device": "cpu"}
-        return {"train_micro_batch_size_per_gpu": self.micro_bsz,
-                "gradient_accumulation_steps": self.grad_accum,
-                "train_batch_size": self.micro_bsz * self.grad_accum * self.world,
-                "gradient_clipping": s.grad_clip, "zero_optimization": zero,
-                "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1,
-                "wall_clock_breakdown": False}
-
     def setup(self) -> None:
-        s = self.s
-        self.device = pick_device(s.device, self.local_rank)
-        if s.deepspeed_stage == 0 and self.world > 1:
-            raise TrainError(f"{self.world} processes but DEEPSPEED_STAGE=0: multi-GPU "
-                             "training runs through DeepSpeed; set DEEPSPEED_STAGE=2.")
+        s = self.settings
+        self.device = pick_device(s.device, local_rank())
         check_combination(s)
-        if s.deepspeed_stage > 0:
-            self._init_distributed()
+        self.strategy = make_strategy(s, self.device)
         self.folder.open_log()
-        say = self.say if self.is_main else (lambda m: None)
         demo_model, demo_data = not s.base_model, not (s.data_file or s.data_prefix)
         if demo_model or demo_data:
-            from rwkvforge.data.prepare import SAMPLES
-
             what = []
             if demo_model:
                 what.append("the random-weight demo model "
@@ -496,21 +591,17 @@ class Trainer:
                      "DATA_FILE in configs/workspace.env (or --base-model / --data-file) for "
                      "a real run.")
         if self.is_main:  # generates the demo model / prepares the data when needed
-            self.inputs = resolve_inputs(self.res, self.root, prepare=True, say=say,
+            self.inputs = resolve_inputs(self.res, self.root, prepare=True, say=self.say,
                                          resuming=self.resume)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()  # the other ranks wait for rank 0's files
+        self.strategy.barrier()  # the other ranks wait for rank 0's files
         if not self.is_main:
-            self.inputs = resolve_inputs(self.res, self.root, prepare=False, say=say)
-        self._preflight()
+            self.inputs = resolve_inputs(self.res, self.root, prepare=False,
+                                         say=lambda m: None)
+        memory_preflight(s, self.inputs.model_path, self.device, self.force, self.say)
         seed_everything(s.seed)
         t0 = time.time()
         self.model, self.spec, self.model_cfg = build_model(s, self.inputs.model_path,
                                                             self.device)
-        from rwkvforge.peft import count_parameters, unwrap
-
         self.inner = unwrap(self.model)
         self.n_trainable, self.n_total = count_parameters(self.model)
         self.weights_mb = sum(t.numel() * t.element_size() for t in
@@ -526,287 +617,60 @@ class Trainer:
             self.say("COMPILE=1: the blocks are compiled during the first step (about a "
                      "minute on a CPU)")
         seed_everything(s.seed + 1000 * self.rank)  # dropout streams differ per rank
-        self.compute_dtype = compute_dtype(s.precision)
-        self.loss_module = LossModule(self.model, s.head_chunk, self.compute_dtype,
+        self.loss_module = LossModule(self.model, s.head_chunk, compute_dtype(s.precision),
                                       s.dpo_beta, s.dpo_loss, s.simpo_gamma)
         self.optimizer = make_optimizer(self.model, s)
-
-        from rwkvforge.data.loader import build_train_loader, build_val_batches
-
-        self.rows_per_step = self.micro_bsz * self.grad_accum * self.world
-        try:
-            self.loader = build_train_loader(self.inputs.data_prefix, s.ctx_len,
-                                             self.rows_per_step, s.seed)
-            self.val_batches = build_val_batches(self.inputs.data_prefix, s.ctx_len,
-                                                 max(s.micro_bsz, 1), max_batches=64)
-        except ValueError as e:
-            msg = str(e)
-            if "fewer than one batch" in msg and self.rows_per_step != s.micro_bsz:
-                msg += (f" (one batch here is one optimiser step: MICRO_BSZ {self.micro_bsz} x "
-                        f"GRAD_ACCUM {self.grad_accum} x {self.world} GPUs = "
-                        f"{self.rows_per_step} rows; lower GRAD_ACCUM too)")
-            raise TrainError(msg) from None
-        if (self.loader.kind == "dpo") != self.dpo:
-            raise TrainError(
-                f"{self.inputs.data_prefix}: the prepared data holds "
-                f"{'preference pairs (dpo)' if self.loader.kind == 'dpo' else self.loader.kind}"
-                f" (its {Path(str(self.inputs.data_prefix)).name}.meta.json) but "
-                f"DATA_TYPE={s.data_type}: pass --data-type {self.loader.kind or 'text'}, or "
-                "another DATA_PREFIX.")
-        skipped = getattr(self.loader, "skipped", 0)
-        if skipped:
-            what = ("DPO pairs have an answer with no trained token" if self.dpo else
-                    "SFT examples have no trained (assistant) token")
-            self.say(f"note: {skipped} of {skipped + self.loader.n} {what} within "
-                     f"CTX_LEN={s.ctx_len}: left out (raise CTX_LEN to train on them)")
-        same = getattr(self.loader, "same_within_ctx", 0)
-        if same:
-            self.say(f"note: {same} DPO pairs have the same chosen and rejected tokens within "
-                     f"CTX_LEN={s.ctx_len} (they differ later): they add no preference signal "
-                     "(raise CTX_LEN)")
-        self.total_steps = s.max_steps or s.epochs * self.loader.steps_per_epoch
+        self.loader, self.val_batches = build_data(s, self.inputs.data_prefix, self.micro_bsz,
+                                                   self.grad_accum, self.world, self.say)
+        self.total_steps = total = s.max_steps or s.epochs * self.loader.steps_per_epoch
         if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
             self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "
                      "steps: the learning rate never reaches LR; lower WARMUP_STEPS")
-        total = self.total_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: lr_at(i, lr=s.lr, lr_final=s.lr_final,
                                             warmup=s.warmup_steps, total=total,
                                             schedule=s.lr_schedule) / s.lr if s.lr else 0.0)
-        self.step = 0
         if self.dpo:
-            self._reference()
-        if s.deepspeed_stage > 0:
-            import deepspeed
-
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            self.engine, self.optimizer, _, _ = deepspeed.initialize(
-                model=self.loss_module, optimizer=self.optimizer, model_parameters=params,
-                config=self._ds_config(), dist_init_required=False)
-            if s.deepspeed_stage == 3:
-                # weights read as tensors, not through their module's forward: ZeRO-3 must
-                # gather them with the module that uses them
-                reg = deepspeed.zero.register_external_parameter
-                reg(self.loss_module, self.inner.head.weight)
-                for blk in self.inner.blocks:
-                    reg(blk.att, blk.att.ln_x.weight)
-                    reg(blk.att, blk.att.ln_x.bias)
+            self.ref_train, self.ref_val = dpo_reference(
+                s, self.model, self.loader, self.val_batches, self.run_dir, self.device,
+                resume=self.resume, write=self.is_main, say=self.say)
+        self.strategy.wrap(self.loss_module, self.optimizer, self.model, self.micro_bsz,
+                           self.grad_accum)
+        self.optimizer = self.strategy.optimizer
         if self.resume:
             self._load_resume()
 
-    # ------------------------------------------------------------------ config.json
-    def _preflight(self) -> None:
-        """Refuse a configuration the memory planner predicts will not fit (see
-        `rwkvforge plan`), before any weights are loaded; --force overrides."""
-        from rwkvforge.checkpoint import infer_config, load_state_dict
-        from rwkvforge.memory import MemoryPlanError, budget_bytes, preflight
-
-        sd = load_state_dict(self.inputs.model_path)  # memory-mapped; CheckpointError if bad
-        cfg = infer_config(sd)
-        del sd
-        kind = "cuda" if self.device.type == "cuda" else "cpu"
-        try:  # a refusal says itself that --force starts it anyway
-            budget = budget_bytes(self.s, kind)
-            bd = preflight(self.s, cfg, budget, force=self.force, device=kind)
-        except MemoryPlanError as e:
-            raise TrainError(str(e)) from None
-        if budget and not bd.fits(budget):
-            self.say(f"warning: --force: {bd.warning(budget)}")
-
-    REFERENCE = "reference_logps.pt"
-
-    def _reference(self) -> None:
-        """DPO: the reference log-probs of every train / val pair, computed once with the model
-        as it starts (base + freshly initialised adapters, i.e. the base model's outputs, also
-        under PiSSA, DoRA and TRAIN_PARTS) and kept in the run folder for a resume."""
-        path = self.run_dir / self.REFERENCE
-        n_train = self.loader.split.num_examples
-        n_val = max((int(b["pair_index"].max()) + 1 for b in self.val_batches), default=0)
-        if self.s.dpo_loss == "simpo":  # reference-free: nothing to compute or keep
-            self.ref_train = torch.zeros(n_train, 2, dtype=torch.float64)
-            self.ref_val = torch.zeros(n_val, 2, dtype=torch.float64)
-            self.say(f"SimPO (DPO_LOSS=simpo): beta {self.s.dpo_beta:g}, gamma "
-                     f"{self.s.simpo_gamma:g}, no reference model")
-            return
-        data = _split_digest(self.loader.split)
-        if self.resume:
-            why = "is missing or unreadable"
-            try:
-                ref = torch.load(path, map_location="cpu", weights_only=True)
-                used = torch.as_tensor(self.loader.examples)
-                if ref.get("data") != data:
-                    why = "was computed for other data (the data was prepared again since)"
-                elif not (ref["train"].shape == (n_train, 2) and ref["val"].shape[0] >= n_val
-                          and torch.isfinite(ref["train"][used]).all()):
-                    why = "does not match the data"
-                else:
-                    why = ""
-            except (OSError, KeyError, RuntimeError, pickle.UnpicklingError, AttributeError,
-                    TypeError, IndexError):
-                pass
-            if why:
-                raise TrainError(f"--resume {self.run_dir}: {path.name} {why}: the reference "
-                                 "log-probs of a DPO run come from the model as it started "
-                                 "on this data. Start a new run.")
-            self.ref_train, self.ref_val = ref["train"], ref["val"]
-            return
-        from rwkvforge.data.loader import pair_batches
-
-        self.say(f"DPO: computing the reference log-probs of {self.loader.n} train pairs "
-                 "(one forward pass each, with the starting model) ...")
-        t0 = time.time()
-        rng = rng_state()
-        args = (self.s.head_chunk, self.s.precision, self.device)
-        # train pairs by the path training steps take (compiled ones, with COMPILE=1); val
-        # pairs by evaluate_dpo's
-        self.ref_train = reference_logps(
-            self.model, pair_batches(self.loader.split, self.loader.examples, self.s.ctx_len,
-                                     max(self.micro_bsz, 1)), n_train, *args,
-            compiled=self.s.compile)
-        self.ref_val = reference_logps(self.model, self.val_batches, n_val, *args)
-        set_rng_state(rng)
-        if self.is_main:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"train": self.ref_train, "val": self.ref_val, "beta": self.s.dpo_beta,
-                        "data": data}, tmp)
-            os.replace(tmp, path)
-        self.say(f"DPO: reference log-probs of {self.loader.n} train + "
-                 f"{sum(b['pair_index'].numel() for b in self.val_batches)} val pairs in "
-                 f"{time.time() - t0:.1f}s (beta {self.s.dpo_beta:g}"
-                 + (f", chosen-answer cross-entropy x {self.s.dpo_ftx:g}" if self.s.dpo_ftx
-                    else "") + ")")
-
-    def _read_status(self) -> dict:
-        try:
-            return json.loads((self.run_dir / "status.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-
-    def record_resume(self) -> None:
-        """config.json keeps what a resume changed (RESUME_MUTABLE settings, such as a longer
-        MAX_STEPS), so that the next --resume continues with it."""
-        path = self.run_dir / "config.json"
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        new = dataclasses.asdict(self.s)
-        changed = {k: [cfg["settings"].get(k), new[k]] for k in RESUME_MUTABLE
-                   if cfg["settings"].get(k) != new[k]}
-        for k in changed:
-            cfg["settings"][k] = new[k]
-            cfg.setdefault("sources", {})[k.upper()] = self.res.sources.get(k.upper(),
-                                                                           "cli (resume)")
-        cfg.setdefault("training", {})["total_steps"] = self.total_steps
-        cfg.setdefault("resumes", []).append({
-            "step": self.step, "from": str(self.resumed_from), "changed": changed,
-            "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
-            "at": now_iso()})
-        self.folder.write_json("config.json", cfg)
-
-    def write_config(self) -> None:
-        s = self.s
-        base = self.res.to_json()
-        data_meta = None
-        from rwkvforge.data.loader import load_meta
-
-        _, data_meta = load_meta(self.inputs.data_prefix)
-        base.update({
-            "git_sha": git_sha(self.root),
-            "versions": package_versions(),
-            "hardware": hardware_info(),
-            "model": {"path": str(self.inputs.model_path), "demo": self.inputs.demo_model,
-                      **self.model_cfg.to_dict(), "params": self.n_total,
-                      "trainable_params": self.n_trainable,
-                      "weights_mb": round(self.weights_mb, 1)},
-            "data": {"prefix": str(self.inputs.data_prefix),
-                     "file": str(self.inputs.data_file) if self.inputs.data_file else None,
-                     "demo": self.inputs.demo_data,
-                     "train_examples": getattr(self.loader, "samples_per_epoch", None),
-                     "val_batches": len(self.val_batches),
-                     "meta": {k: data_meta.get(k) for k in ("type", "source", "splits",
-                                                            "num_tokens", "sha256")
-                              if data_meta and k in data_meta} if data_meta else None},
-            "training": {"total_steps": self.total_steps, "world_size": self.world,
-                         "rows_per_step": self.rows_per_step,  # DPO: pairs of 2 sequences
-                         "tokens_per_step_max": self.rows_per_step * s.ctx_len
-                         * (2 if self.dpo else 1),
-                         "device": str(self.device)},
-            "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
-            "started_at": now_iso(),
-        })
-        self.folder.write_json("config.json", base)
-
     # ------------------------------------------------------------------ checkpoints
-    def _trainer_state(self) -> dict:
-        from rwkvforge.peft import trainable_state
-
-        st = {"step": self.step, "total_steps": self.total_steps,
-              "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
-              "rng": rng_state(), "micro_bsz": self.micro_bsz, "grad_accum": self.grad_accum,
-              "format": "rwkvforge-trainer/1"}
-        if self.engine is None:
-            st["optimizer"] = self.optimizer.state_dict()
-            st["trainable"] = trainable_state(self.model)
-        return st
+    def _export(self) -> tuple[dict, dict]:
+        """(adapter config, tensors) of the adapter as it is now; every rank calls it (ZeRO-3
+        gathers the shards)."""
+        with self.strategy.gathered():
+            cfg, tensors = export_adapter(self.model, self.spec)
+        cfg["base_model_name_or_path"] = str(self.inputs.model_path)
+        meta = {"base_model": str(self.inputs.model_path), "model": self.model_cfg.to_dict(),
+                "quant": self.spec.quant, "peft_init": self.spec.init,
+                "use_dora": self.spec.use_dora, "train_parts": list(self.spec.train_parts),
+                "targets": list(self.spec.targets), "step": self.step,
+                "run": self.run_dir.name, "profile": self.settings.profile}
+        return cfg, tensors, meta
 
     def save_checkpoint(self) -> Path:
-        from rwkvforge.checkpoint import save_adapter, save_trainer_state, write_checkpoint
-
-        final = self.run_dir / "checkpoints" / f"step-{self.step}"
-        if self.engine is not None:
-            return self._save_checkpoint_ds(final)
-        state = self._trainer_state()
-        adapter_cfg, tensors = self._export()
+        state = {"step": self.step, "total_steps": self.total_steps,
+                 "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "rng": rng_state(), "micro_bsz": self.micro_bsz,
+                 "grad_accum": self.grad_accum, "format": "rwkvforge-trainer/1",
+                 **self.strategy.state()}
+        adapter = self._export()
 
         def fill(tmp: Path) -> None:
-            save_adapter(tmp, adapter_cfg, tensors, self._adapter_meta())
+            save_adapter(tmp, *adapter)
             save_trainer_state(tmp / "trainer_state.pt", state)
 
-        path = write_checkpoint(self.run_dir, self.step, fill)
+        path = self.strategy.save_checkpoint(self.run_dir, self.step, fill, state["rng"])
         self.say(f"checkpoint {path.relative_to(self.run_dir)}")
         return path
 
-    def _save_checkpoint_ds(self, final: Path) -> Path:
-        import torch.distributed as dist
-
-        from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, save_adapter,
-                                          save_trainer_state)
-
-        tmp = final.with_name(final.name + ".tmp")
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        state = self._trainer_state()
-        state["rank_rng"] = rng_state()
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state",
-                                    client_state={"rank": self.rank})
-        save_trainer_state(tmp / f"trainer_state.rank{self.rank}.pt",
-                           {"rng": state["rank_rng"]})
-        cfg_t = None
-        if self.s.deepspeed_stage == 3:
-            import deepspeed
-
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            with deepspeed.zero.GatheredParameters(params):
-                cfg_t = self._export()
-        else:
-            cfg_t = self._export()
-        dist.barrier()
-        if self.is_main:
-            state.pop("rank_rng")
-            save_adapter(tmp, cfg_t[0], cfg_t[1], self._adapter_meta())
-            save_trainer_state(tmp / "trainer_state.pt", state)
-            atomic_write_bytes(tmp / COMPLETE_MARKER, f"step {self.step}\n".encode())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self.say(f"checkpoint {final.relative_to(self.run_dir)} (DeepSpeed)")
-        dist.barrier()
-        return final
-
     def _load_resume(self) -> None:
-        from rwkvforge.checkpoint import latest_checkpoint, load_trainer_state
-        from rwkvforge.peft import load_trainable_state
-
         ck = latest_checkpoint(self.run_dir)
         if ck is None:
             raise TrainError(f"--resume {self.run_dir}: no complete checkpoint in "
@@ -816,36 +680,16 @@ class Trainer:
         st = load_trainer_state(ck / "trainer_state.pt")
         if st.get("format") != "rwkvforge-trainer/1":
             raise TrainError(f"{ck}/trainer_state.pt: unknown format {st.get('format')!r}.")
-        if st["total_steps"] != self.total_steps and self.s.max_steps == 0:
+        if st["total_steps"] != self.total_steps and self.settings.max_steps == 0:
             self.say(f"note: steps per run changed {st['total_steps']} -> {self.total_steps}")
         self.micro_bsz, self.grad_accum = int(st["micro_bsz"]), int(st["grad_accum"])
-        if self.engine is not None:
-            # DeepSpeed reads its files with torch.load(weights_only=False): ours go through
-            # the weights_only unpickler instead (_ds_weights_only_load)
-            self.engine.checkpoint_engine.load = _ds_weights_only_load
-            try:
-                self.engine.load_checkpoint(str(ck / "deepspeed"), tag="state",
-                                            load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
-            except pickle.UnpicklingError as e:
-                why = (str(e).splitlines() or ["?"])[0]
-                raise TrainError(f"--resume: {ck / 'deepspeed'} holds an object that "
-                                 f"torch.load(weights_only=True) refuses to build, so it "
-                                 f"was not read ({why}). Resume only from checkpoints this "
-                                 f"tool wrote.") from e
-            self._ds_set_split()
-            rk = load_trainer_state(ck / f"trainer_state.rank{self.rank}.pt")
-            rng = rk["rng"]
-        else:
-            load_trainable_state(self.model, st["trainable"])
-            self.optimizer.load_state_dict(st["optimizer"])
-            rng = st["rng"]
+        self.strategy.set_split(self.micro_bsz, self.grad_accum)
+        try:
+            rng = self.strategy.load_checkpoint(ck, st)
+        except DeepSpeedError as e:
+            raise TrainError(str(e)) from e
         self.scheduler.load_state_dict(st["scheduler"])
-        if self.engine is None:  # the LR of the (possibly extended, MAX_STEPS) schedule now
-            sch = self.scheduler
-            for g, base, fn in zip(self.optimizer.param_groups, sch.base_lrs, sch.lr_lambdas):
-                g["lr"] = base * fn(sch.last_epoch)
-            sch._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.strategy.sync_lr(self.scheduler)
         try:
             self.loader.load_state_dict(st["loader"])
         except ValueError as e:
@@ -858,38 +702,19 @@ class Trainer:
         self.say(f"resumed from {ck} at step {self.step} (micro_bsz {self.micro_bsz}, "
                  f"grad_accum {self.grad_accum})")
 
-    def _export(self) -> tuple[dict, dict]:
-        from rwkvforge.peft import export_adapter
-
-        cfg, tensors = export_adapter(self.model, self.spec)
-        cfg["base_model_name_or_path"] = str(self.inputs.model_path)
-        return cfg, tensors
-
-    def _adapter_meta(self) -> dict:
-        return {"base_model": str(self.inputs.model_path), "model": self.model_cfg.to_dict(),
-                "quant": self.spec.quant, "peft_init": self.spec.init,
-                "use_dora": self.spec.use_dora, "train_parts": list(self.spec.train_parts),
-                "targets": list(self.spec.targets), "step": self.step,
-                "run": self.run_dir.name, "profile": self.s.profile}
-
     # ------------------------------------------------------------------ one step
-    def _ds_set_split(self) -> None:
-        if self.engine is not None:
-            self.engine.set_train_micro_batch_size(self.micro_bsz)
-            self.engine.set_train_batch_size(self.micro_bsz * self.grad_accum * self.world)
-
     def _backoff(self, err: BaseException) -> None:
         if self.micro_bsz <= 1:
             raise TrainError(
                 f"out of GPU memory at step {self.step + 1} with MICRO_BSZ=1 "
-                f"(CTX_LEN={self.s.ctx_len}): lower CTX_LEN, set GRAD_CP=1, use QUANT=nf4 "
-                f"or a smaller HEAD_CHUNK, or run `rwkvforge plan` to pick a config. "
+                f"(CTX_LEN={self.settings.ctx_len}): lower CTX_LEN, set GRAD_CP=1, use "
+                f"QUANT=nf4 or a smaller HEAD_CHUNK, or run `rwkvforge plan` to pick a config. "
                 f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
         old = (self.micro_bsz, self.grad_accum)
         self.micro_bsz //= 2
         self.grad_accum *= 2
-        self._ds_set_split()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.set_split(self.micro_bsz, self.grad_accum)
+        self.strategy.zero_grad()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.say(f"out of memory at step {self.step + 1}: MICRO_BSZ {old[0]} -> "
@@ -905,8 +730,8 @@ class Trainer:
         dev = self.device
         if self.dpo:
             pair_scale = self.world / batch["pair_index"].numel()
-            ftx = self.s.dpo_ftx * self.world / max(float(batch["chosen_loss_mask"].sum()),
-                                                    1.0)
+            ftx = self.settings.dpo_ftx * self.world / max(
+                float(batch["chosen_loss_mask"].sum()), 1.0)
 
             def pairs(a: int, b: int) -> tuple:
                 x, y, w = (t.to(dev, non_blocking=True) for t in pair_rows(batch, a, b))
@@ -929,23 +754,16 @@ class Trainer:
         self._dpo_stats."""
         lo = self.rank * (self.rows_per_step // self.world)
         inputs = self._micro_inputs(batch)
-        fn = self.engine if self.engine is not None else self.loss_module
         total = 0.0
         self._dpo_stats = torch.zeros(4, dtype=torch.float64)
         for i in range(self.grad_accum):
             a = lo + i * self.micro_bsz
-            b = a + self.micro_bsz
             if self.on_micro_batch is not None:
                 self.on_micro_batch(self.step + 1, i, self.micro_bsz)
-            args = inputs(a, b)
-            with autocast_ctx(self.device, self.s.precision):
-                loss = fn(*args)
-            if self.engine is not None:
-                self.engine.backward(loss, scale_wrt_gas=False)
-                if i < self.grad_accum - 1:
-                    self.engine.step()  # DeepSpeed counts micro-steps; steps at the boundary
-            else:
-                loss.backward()
+            args = inputs(a, a + self.micro_bsz)
+            with autocast_ctx(self.device, self.settings.precision):
+                loss = self.strategy.forward(*args)
+            self.strategy.backward(loss, last_micro=i == self.grad_accum - 1)
             total += float(loss.detach()) / self.world
             if self.dpo:
                 self._dpo_stats += self.loss_module.last_stats.double()
@@ -959,25 +777,13 @@ class Trainer:
                 break
             except torch.cuda.OutOfMemoryError as e:  # noqa: PERF203
                 self._backoff(e)
-        gnorm = None
-        if self.engine is not None:
-            self.engine.step()
-            g = self.engine.get_global_grad_norm()
-            gnorm = float(g) if g is not None else None
-        else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            if self.s.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        gnorm = self.strategy.step(self.settings.grad_clip)
         self.scheduler.step()
         if self.world > 1:
-            import torch.distributed as dist
-
             t = torch.tensor([loss], dtype=torch.float64)
             if self.dpo:
                 t = torch.cat([t, self._dpo_stats])
-            dist.all_reduce(t)
+            t = self.strategy.all_reduce(t)
             loss = float(t[0])
             if self.dpo:
                 self._dpo_stats = t[1:]
@@ -987,89 +793,88 @@ class Trainer:
     def _eval(self) -> float | None:
         """Validation loss on rank 0 (None elsewhere). Under ZeRO-3 every rank joins the
         forward passes (they gather the sharded weights together)."""
-        if not self.val_batches:
+        fn = self.strategy.eval_forward()
+        if not self.val_batches or not (self.is_main or fn is not None):
             return None
-        if not self.is_main and self.s.deepspeed_stage != 3:
-            return None
+        s = self.settings
         if self.dpo:
             loss, self.val_acc = evaluate_dpo(self.loss_module, self.val_batches, self.ref_val,
-                                              self.s.precision, self.device)
+                                              s.precision, self.device)
             return loss
-        fn = None
-        if self.engine is not None and self.s.deepspeed_stage == 3:
-            fn = self.engine  # its forward gathers the sharded weights
-        with torch.no_grad():
-            return evaluate_loss(self.model, self.val_batches, self.s.head_chunk,
-                                 self.s.precision, self.device, loss_fn=fn)
+        return evaluate_loss(self.model, self.val_batches, s.head_chunk, s.precision,
+                             self.device, loss_fn=fn)
 
-    def _init_wandb(self) -> None:
-        if not (self.s.wandb_project and self.is_main):
-            return
-        try:
-            import wandb
-        except ImportError:
-            raise TrainError("WANDB_PROJECT is set but wandb is not installed: pip install "
-                             "wandb, or leave WANDB_PROJECT empty.") from None
-        self.wandb = wandb.init(project=self.s.wandb_project, name=self.run_dir.name,
-                                id=self.run_dir.name.replace("/", "-"), resume="allow",
-                                dir=str(self.run_dir),
-                                config=dataclasses.asdict(self.s))
+    def _log(self, row: dict, loss: float, lr: float, tps: float, val: float | None) -> None:
+        if self._events:
+            row["event"] = ",".join(self._events)
+            row["micro_bsz"], row["grad_accum"] = self.micro_bsz, self.grad_accum
+            self._events = []
+        if self.is_main:
+            self.folder.append_metrics(row)
+            self.folder.status("running", self.step, self.total_steps)
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                               step=self.step)
+        if self._bar is None:
+            self.say(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
+                     f"{tps:,.0f} tok/s"
+                     + (f" reward acc {row['reward_acc']:.2f} margin "
+                        f"{row['reward_margin']:.3f}" if self.dpo else "")
+                     + (f" val {val:.4f}" if val is not None else ""))
+        else:
+            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", self.step, self.total_steps,
+                     loss, lr, tps, f" val {val:.4f}" if val is not None else "")
 
     def run(self) -> TrainResult:
-        s = self.s
-        self._events: list[str] = []
+        s = self.settings
         try:
             self.setup()
         except BaseException as e:  # the run folder's log says why it never started
-            if getattr(self.folder, "_handler", None) is not None:
+            if self.folder.logging:
                 # the dashboard shows the reason (dashboard/runs.py: SETUP_FAILED)
                 log.error("the run did not start: %s", e)
                 self.folder.close_log()
             raise
-        prev = self._read_status() if self.resume else {}
+        prev = self.folder.read_status() if self.resume else {}
         if self.resume and self.step >= self.total_steps:  # every rank returns here
             self.say(f"{self.run_dir} already finished {self.total_steps} steps: nothing to "
                      f"do (pass --max-steps N with N > {self.step} to train further)")
             self.folder.close_log()
+            self.strategy.close()
             return TrainResult(self.run_dir, self.step, prev.get("final_loss"),
                                prev.get("val_loss_start"), prev.get("val_loss_end"), 0.0,
                                self.micro_bsz, self.grad_accum)
         if self.is_main:
             if self.resume:
                 self.folder.truncate_metrics(self.step)
-                self.record_resume()
+                self.folder.record_resume(self.settings, self.res.sources, RESUME_MUTABLE,
+                                          self.step, self.total_steps, self.resumed_from)
             else:
-                self.write_config()
+                self.folder.write_json("config.json", self._config_record())
             self.folder.status("running", self.step, self.total_steps)
-        self._init_wandb()
+            self.wandb = init_wandb(s, self.run_dir)
         release_freed_memory()  # setup transients (fp32 load, quantisation) back to the OS
         mon = MemoryMonitor(self.device).start()
         loss = None
-        val_end = None
-        self.val_end = None
         try:  # from here a failure is recorded in status.json
-            val_start = self.val_start = (self._eval() if not self.resume
-                                          else prev.get("val_loss_start"))
-            if val_start is not None and not self.resume:
-                ln2 = self.dpo and self.s.dpo_loss == "sigmoid"
-                kind = ("SimPO " if self.s.dpo_loss == "simpo" else "DPO ") if self.dpo else ""
-                self.say(f"val {kind}loss before training: "
-                         f"{val_start:.4f} ({len(self.val_batches)} batches"
+            self.val_start = self._eval() if not self.resume else prev.get("val_loss_start")
+            if self.val_start is not None and not self.resume:
+                ln2 = self.dpo and s.dpo_loss == "sigmoid"
+                kind = ("SimPO " if s.dpo_loss == "simpo" else "DPO ") if self.dpo else ""
+                self.say(f"val {kind}loss before training: {self.val_start:.4f} "
+                         f"({len(self.val_batches)} batches"
                          + (", ln 2 = 0.6931 while the model is its own reference)"
                             if ln2 else ")"))
             if self.resume:
                 self._events.append("resumed")
             if self.progress:
-                from tqdm import tqdm
-
                 self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
                                  dynamic_ncols=True, file=sys.stderr, desc="train")
             rows = (f"{self.rows_per_step} pairs ({2 * self.rows_per_step} sequences)"
                     if self.dpo else f"{self.rows_per_step} sequences")
             self.say(f"training {self.total_steps} steps: {rows} x <= {s.ctx_len} tokens per "
                      f"step, lr {s.lr:g} ({s.lr_schedule}), run folder {self.run_dir}")
-            t_log, tok_log = time.time(), 0
-            tps = 0.0
+            t_log, tok_log, tps = time.time(), 0, 0.0
             while self.step < self.total_steps:
                 batch = next(self.loader)
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -1085,46 +890,16 @@ class Trainer:
                 if s.eval_every and self.step % s.eval_every == 0 and not last:
                     val = self._eval()
                 if last:
-                    val = val_end = self.val_end = self._eval()
+                    val = self.val_end = self._eval()
                 if self.step % s.log_every == 0 or last or val is not None or self._events:
                     now = time.time()
                     tps = tok_log / max(now - t_log, 1e-9)
                     t_log, tok_log = now, 0
-                    row = {"step": self.step, "loss": round(loss, 6), "lr": lr,
-                           "tokens_per_s": round(tps, 1), "mem_mb": round(mon.take_window(), 1),
-                           "time": round(now, 3),
-                           "epoch": round(float(getattr(self.loader, "epoch_progress", 0.0)), 4)}
-                    if gnorm is not None:
-                        row["grad_norm"] = round(gnorm, 6)
-                    if self.dpo:  # this step's pairs: DPO loss alone, share ranked right,
-                        st = self._dpo_stats  # mean margin
-                        row["dpo_loss"] = round(float(st[0] / st[3]), 6)
-                        row["reward_acc"] = round(float(st[1] / st[3]), 4)
-                        row["reward_margin"] = round(float(st[2] / st[3]), 6)
-                    if val is not None:
-                        row["val_loss"] = round(val, 6)
-                        if self.dpo:
-                            row["val_reward_acc"] = round(self.val_acc, 4)
-                    if self._events:
-                        row["event"] = ",".join(self._events)
-                        row["micro_bsz"], row["grad_accum"] = self.micro_bsz, self.grad_accum
-                        self._events = []
-                    if self.is_main:
-                        self.folder.append_metrics(row)
-                        self.folder.status("running", self.step, self.total_steps)
-                        if self.wandb is not None:
-                            self.wandb.log({k: v for k, v in row.items()
-                                            if isinstance(v, (int, float))}, step=self.step)
-                    if self._bar is None:
-                        self.say(f"step {self.step}/{self.total_steps} loss {loss:.4f} "
-                                 f"lr {lr:.2e} {tps:,.0f} tok/s"
-                                 + (f" reward acc {row['reward_acc']:.2f} margin "
-                                    f"{row['reward_margin']:.3f}" if self.dpo else "")
-                                 + (f" val {val:.4f}" if val is not None else ""))
-                    else:
-                        log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", self.step,
-                                 self.total_steps, loss, lr, tps,
-                                 f" val {val:.4f}" if val is not None else "")
+                    row = metrics_row(self.step, loss, lr, tps, mon.take_window(),
+                                      float(getattr(self.loader, "epoch_progress", 0.0)),
+                                      gnorm, self._dpo_stats if self.dpo else None, val,
+                                      self.val_acc if self.dpo else None)
+                    self._log(row, loss, lr, tps, val)
                 if self._bar is not None:
                     self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}",
                                           refresh=False)
@@ -1133,10 +908,7 @@ class Trainer:
                     self.save_checkpoint()
             self._finish(loss, mon)
         except BaseException as e:
-            mon.stop()
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
+            self._close_bar(mon)
             if self.is_main:
                 msg = (f"stopped by {e.args[0]}" if isinstance(e, Stopped) else
                        "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else
@@ -1148,27 +920,52 @@ class Trainer:
                 self.wandb.finish(exit_code=1)
             self.folder.close_log()
             raise
-        return TrainResult(self.run_dir, self.step, loss, val_start, val_end, mon.peak_mb,
-                           self.micro_bsz, self.grad_accum)
+        return TrainResult(self.run_dir, self.step, loss, self.val_start, self.val_end,
+                           mon.peak_mb, self.micro_bsz, self.grad_accum)
 
-    def _finish(self, loss, mon: MemoryMonitor) -> None:
-        from rwkvforge.checkpoint import atomic_dir, save_adapter
-
+    def _close_bar(self, mon: MemoryMonitor) -> None:
         mon.stop()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self.engine is not None and self.s.deepspeed_stage == 3:
-            import deepspeed
 
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            with deepspeed.zero.GatheredParameters(params):
-                cfg_t = self._export()
-        else:
-            cfg_t = self._export()
+    def _config_record(self) -> dict:
+        """config.json: the resolved settings and sources, with what the run was made of."""
+        s = self.settings
+        _, data_meta = load_meta(self.inputs.data_prefix)
+        record = self.res.to_json()
+        record.update({
+            "git_sha": git_sha(self.root), "versions": package_versions(),
+            "hardware": hardware_info(),
+            "model": {"path": str(self.inputs.model_path), "demo": self.inputs.demo_model,
+                      **self.model_cfg.to_dict(), "params": self.n_total,
+                      "trainable_params": self.n_trainable,
+                      "weights_mb": round(self.weights_mb, 1)},
+            "data": {"prefix": str(self.inputs.data_prefix),
+                     "file": str(self.inputs.data_file) if self.inputs.data_file else None,
+                     "demo": self.inputs.demo_data,
+                     "train_examples": getattr(self.loader, "samples_per_epoch", None),
+                     "val_batches": len(self.val_batches),
+                     "meta": {k: data_meta.get(k) for k in ("type", "source", "splits",
+                                                            "num_tokens", "sha256")
+                              if k in data_meta} if data_meta else None},
+            "training": {"total_steps": self.total_steps, "world_size": self.world,
+                         "rows_per_step": self.rows_per_step,  # DPO: pairs of 2 sequences
+                         "tokens_per_step_max": self.rows_per_step * s.ctx_len
+                         * (2 if self.dpo else 1),
+                         "device": str(self.device)},
+            "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
+            "started_at": now_iso(),
+        })
+        return record
+
+    def _finish(self, loss, mon: MemoryMonitor) -> None:
+        """The final adapter, loss curve and status; then the processes shut down in order."""
+        self._close_bar(mon)
+        adapter = self._export()
         if self.is_main:
             with atomic_dir(self.run_dir / "adapter") as d:
-                save_adapter(d, cfg_t[0], cfg_t[1], self._adapter_meta())
+                save_adapter(d, *adapter)
             png = self.folder.plot_loss()
             self.folder.status("finished", self.step, self.total_steps, error=None,
                                peak_mem_mb=round(mon.peak_mb, 1),
@@ -1180,6 +977,7 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.finish()
         self.folder.close_log()
+        self.strategy.close()
 
 
 # =========================================================================== CLI
@@ -1232,16 +1030,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _launch_distributed(s: cfgmod.Settings, argv: list[str], run_name: str) -> int:
-    """Re-run this command under torch.distributed.run with NUM_GPUS processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(s.num_gpus), "-m", "rwkvforge.train", *argv]
-    if "--run-name" not in argv and not any(a.startswith("--run-name=") for a in argv):
-        cmd += ["--run-name", run_name]
-    print(f"launching {s.num_gpus} DeepSpeed processes: {' '.join(cmd)}", file=sys.stderr)
-    return subprocess.run(cmd, check=False).returncode
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -1280,18 +1068,15 @@ def main(argv: list[str] | None = None) -> int:
             if not args.resume and run_started(run_dir):
                 raise TrainError(f"{run_dir} already exists: pick another --run-name or "
                                  f"--resume {run_dir}.")
-            return _launch_distributed(s, argv, run_dir.name)
+            return launch(s, argv, run_dir.name)
         if not args.resume and int(os.environ.get("RANK", "0")) == 0 \
                 and run_started(run_dir):
             raise TrainError(f"{run_dir} already exists: pick another --run-name, or continue "
                              f"it with --resume {run_dir}.")
         if pick_device(s.device).type == "cpu":
-            from rwkvforge.runtime import keep_freed_memory
-
             keep_freed_memory()  # CPU: reuse freed activation memory (see runtime.py)
         trainer = Trainer(res, run_dir, resume=bool(args.resume), root=root,
-                          progress=False if args.no_progress else None)
-        trainer.force = args.force
+                          progress=False if args.no_progress else None, force=args.force)
         _stop_on_signals()
         try:
             trainer.run()
@@ -1305,10 +1090,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - errors from the model/adapter/data layers
-        from rwkvforge.checkpoint import CheckpointError
-        from rwkvforge.data.prepare import PrepareError
-        from rwkvforge.peft import AdapterError
-
         if isinstance(e, PrepareError):  # training prepared the data itself (resolve_inputs)
             print(f"train error: preparing the data: {e}\n(`rwkvforge prepare --input FILE "
                   "--type TYPE --skip-invalid` prepares it without the bad lines; then train "
@@ -1318,8 +1099,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"train error: {e}", file=sys.stderr)
             return 2
         raise
-
-
 
 
 if __name__ == "__main__":

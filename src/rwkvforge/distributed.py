@@ -1,0 +1,360 @@
+"""How a training step runs across processes: plain torch in one process, or DeepSpeed ZeRO
+2 / 3 over NUM_GPUS processes (gloo on a CPU, NCCL on CUDA). Both are one small interface
+the trainer calls without asking which it has: wrap, forward, backward, step, the checkpoint
+save / load, the gathered adapter export, the micro-batch split, and an ordered shutdown.
+
+    strategy = make_strategy(settings, device)      # in train.Trainer.setup
+    strategy.wrap(loss_module, optimizer, model, micro_bsz, grad_accum)
+
+`launch` re-runs `rwkvforge train` under torch.distributed.run with NUM_GPUS processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from rwkvforge import config
+from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, load_trainer_state,
+                                  save_trainer_state, write_checkpoint)
+from rwkvforge.peft import load_trainable_state, trainable_state
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+# =========================================================================== RNG
+def rng_state() -> dict:
+    """Every random stream a step draws from (torch, Python, numpy, CUDA)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]),
+                         float(n[4])))
+    if st.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# =========================================================================== one process
+class SingleProcess:
+    """Plain torch in one process: our optimiser, our checkpoint files."""
+
+    world = 1
+    rank = 0
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.module: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.model: nn.Module | None = None
+        self.params: list[nn.Parameter] = []
+
+    def wrap(self, loss_module: nn.Module, optimizer, model: nn.Module, micro_bsz: int,
+             grad_accum: int) -> None:
+        self.module, self.optimizer, self.model = loss_module, optimizer, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:  # noqa: ARG002
+        loss.backward()
+
+    def step(self, grad_clip: float) -> float | None:
+        """The optimiser step at the end of the accumulation; the gradient norm (clipped
+        from) when GRAD_CLIP > 0."""
+        gnorm = (float(torch.nn.utils.clip_grad_norm_(self.params, grad_clip))
+                 if grad_clip > 0 else None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return gnorm
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_split(self, micro_bsz: int, grad_accum: int) -> None:
+        """A new micro-batch split of the same global batch (after an OOM back-off)."""
+
+    def gathered(self):
+        """The block sees whole trainable weights (ZeRO-3 shards them; here they are)."""
+        return contextlib.nullcontext()
+
+    def eval_forward(self) -> Callable | None:
+        """The loss call validation must use instead of the plain module, if any."""
+        return None
+
+    def state(self) -> dict:
+        """What trainer_state.pt holds for this strategy."""
+        return {"optimizer": self.optimizer.state_dict(),
+                "trainable": trainable_state(self.model)}
+
+    def save_checkpoint(self, run_dir: Path, step: int, fill: Callable[[Path], None],
+                        rank_rng: dict) -> Path:  # noqa: ARG002
+        """checkpoints/step-N/ written through `fill(tmp)` (the adapter and
+        trainer_state.pt), COMPLETE last, renamed into place."""
+        return write_checkpoint(run_dir, step, fill)
+
+    def load_checkpoint(self, ck: Path, st: dict) -> dict:
+        """Restore the optimiser and trainable weights from `ck`; the RNG state to resume."""
+        load_trainable_state(self.model, st["trainable"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        return st["rng"]
+
+    def sync_lr(self, scheduler) -> None:
+        """After a resume: the LR of the (possibly extended, MAX_STEPS) schedule now."""
+        for g, base, fn in zip(self.optimizer.param_groups, scheduler.base_lrs,
+                               scheduler.lr_lambdas):
+            g["lr"] = base * fn(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# =========================================================================== DeepSpeed
+class DeepSpeedError(RuntimeError):
+    """A DeepSpeed checkpoint or setting we refuse; the message says what to do."""
+
+
+def weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine `load`, through torch.load(weights_only=True): tensors,
+    plain containers and the three DeepSpeed classes its ZeRO optimizer states hold (no
+    other object is built, so a tampered file cannot run code)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def init_process_group(device: torch.device) -> None:
+    """NCCL on CUDA, gloo on a CPU; one process alone gets a private loopback rendezvous."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend)
+    else:
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+
+
+class DeepSpeedStrategy:
+    """DeepSpeed ZeRO-2 / 3 (DEEPSPEED_OFFLOAD=1: Adam states, and under ZeRO-3 the
+    parameters, in CPU memory). Every rank calls every method: the collectives inside
+    (gather, barrier, save) need all of them. Checkpoints hold DeepSpeed's sharded state
+    under step-N/deepspeed/, read back by its own loader through `weights_only_load`."""
+
+    def __init__(self, settings: config.Settings, device: torch.device):
+        self.settings = settings
+        self.device = device
+        self.world = world_size()
+        self.rank = rank()
+        self.engine = None
+        self.optimizer = None
+        self.params: list[nn.Parameter] = []
+        init_process_group(device)
+
+    def ds_config(self, micro_bsz: int, grad_accum: int) -> dict[str, Any]:
+        s = self.settings
+        zero: dict[str, Any] = {"stage": s.deepspeed_stage}
+        if s.deepspeed_offload:
+            zero["offload_optimizer"] = {"device": "cpu"}
+            if s.deepspeed_stage == 3:
+                zero["offload_param"] = {"device": "cpu"}
+        return {"train_micro_batch_size_per_gpu": micro_bsz,
+                "gradient_accumulation_steps": grad_accum,
+                "train_batch_size": micro_bsz * grad_accum * self.world,
+                "gradient_clipping": s.grad_clip, "zero_optimization": zero,
+                "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1,
+                "wall_clock_breakdown": False}
+
+    def wrap(self, loss_module: nn.Module, optimizer, model: nn.Module, micro_bsz: int,
+             grad_accum: int) -> None:
+        import deepspeed
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=loss_module, optimizer=optimizer, model_parameters=self.params,
+            config=self.ds_config(micro_bsz, grad_accum), dist_init_required=False)
+        if self.settings.deepspeed_stage == 3:
+            # weights read as tensors, not through their module's forward: ZeRO-3 must
+            # gather them with the module that uses them
+            reg = deepspeed.zero.register_external_parameter
+            inner = loss_module.inner()
+            reg(loss_module, inner.head.weight)
+            for blk in inner.blocks:
+                reg(blk.att, blk.att.ln_x.weight)
+                reg(blk.att, blk.att.ln_x.bias)
+
+    def forward(self, *args):
+        return self.engine(*args)
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not last_micro:
+            self.engine.step()  # DeepSpeed counts micro-steps; it steps at the boundary
+
+    def step(self, grad_clip: float) -> float | None:  # noqa: ARG002 - in ds_config
+        self.engine.step()
+        g = self.engine.get_global_grad_norm()
+        return float(g) if g is not None else None
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_split(self, micro_bsz: int, grad_accum: int) -> None:
+        self.engine.set_train_micro_batch_size(micro_bsz)
+        self.engine.set_train_batch_size(micro_bsz * grad_accum * self.world)
+
+    def gathered(self):
+        if self.settings.deepspeed_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(self.params)
+        return contextlib.nullcontext()
+
+    def eval_forward(self) -> Callable | None:
+        # under ZeRO-3 the engine's forward gathers the sharded weights; every rank joins
+        return self.engine if self.settings.deepspeed_stage == 3 else None
+
+    def state(self) -> dict:
+        return {}  # the optimiser and weights are in DeepSpeed's own files
+
+    def save_checkpoint(self, run_dir: Path, step: int, fill: Callable[[Path], None],
+                        rank_rng: dict) -> Path:
+        """The same protocol as write_checkpoint (a .tmp folder, COMPLETE last, renamed into
+        place) with every rank writing its shard and RNG state first."""
+        import torch.distributed as dist
+
+        final = Path(run_dir) / "checkpoints" / f"step-{step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state",
+                                    client_state={"rank": self.rank})
+        save_trainer_state(tmp / f"trainer_state.rank{self.rank}.pt", {"rng": rank_rng})
+        dist.barrier()
+        if self.rank == 0:
+            fill(tmp)
+            atomic_write_bytes(tmp / COMPLETE_MARKER, f"step {step}\n".encode())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        dist.barrier()
+        return final
+
+    def load_checkpoint(self, ck: Path, st: dict) -> dict:  # noqa: ARG002
+        import pickle
+
+        # DeepSpeed reads its files with torch.load(weights_only=False): ours go through
+        # the weights_only unpickler instead
+        self.engine.checkpoint_engine.load = weights_only_load
+        try:
+            self.engine.load_checkpoint(str(ck / "deepspeed"), tag="state",
+                                        load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        except pickle.UnpicklingError as e:
+            why = (str(e).splitlines() or ["?"])[0]
+            raise DeepSpeedError(f"--resume: {ck / 'deepspeed'} holds an object that "
+                                 f"torch.load(weights_only=True) refuses to build, so it "
+                                 f"was not read ({why}). Resume only from checkpoints this "
+                                 f"tool wrote.") from e
+        return load_trainer_state(ck / f"trainer_state.rank{self.rank}.pt")["rng"]
+
+    def sync_lr(self, scheduler) -> None:
+        pass  # DeepSpeed's optimiser wrapper takes the LR from the scheduler's next step
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def close(self) -> None:
+        """Ordered shutdown: every rank reaches the barrier, the engine drops its optimiser
+        and background state, then the process group goes."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        dist.barrier()
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        dist.destroy_process_group()
+
+
+def make_strategy(settings: config.Settings, device: torch.device):
+    """DeepSpeed for DEEPSPEED_STAGE > 0, else plain torch (which refuses more than one
+    process: multi-GPU training runs through DeepSpeed)."""
+    if settings.deepspeed_stage > 0:
+        return DeepSpeedStrategy(settings, device)
+    if world_size() > 1:
+        raise config.ConfigError(f"{world_size()} processes but DEEPSPEED_STAGE=0: multi-GPU "
+                                 "training runs through DeepSpeed; set DEEPSPEED_STAGE=2.")
+    return SingleProcess(device)
+
+
+def launch(settings: config.Settings, argv: list[str], run_name: str) -> int:
+    """Re-run `rwkvforge train argv` under torch.distributed.run with NUM_GPUS processes;
+    the launcher's exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(settings.num_gpus), "-m", "rwkvforge.train", *argv]
+    if "--run-name" not in argv and not any(a.startswith("--run-name=") for a in argv):
+        cmd += ["--run-name", run_name]
+    print(f"launching {settings.num_gpus} DeepSpeed processes: {' '.join(cmd)}",
+          file=sys.stderr)
+    return subprocess.run(cmd, check=False).returncode
