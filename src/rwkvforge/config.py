@@ -37,6 +37,15 @@ KEY_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
 SHELL_CHARS = re.compile(r"[$`;|&<>(){}\\]")
 
 
+# The allowed values of the settings other modules check too: defined here once.
+DATA_TYPES = ("text", "sft", "dpo")
+QUANTS = ("none", "nf4", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "adamw8bit")
+LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+TRAIN_PARTS = ("ln", "time", "emb", "head")
+
+
 class ConfigError(ValueError):
     """A configuration problem a person can fix; the message says where and how."""
 
@@ -61,7 +70,7 @@ class Settings:
                         "(hidden files and folders are skipped).")
     data_type: str = _f("sft", "How DATA_FILE is read: text (binidx, plain LM), sft "
                         "(chat, prompt masked out of the loss) or dpo.",
-                        choices=("text", "sft", "dpo"))
+                        choices=DATA_TYPES)
     data_prefix: str = _f("", "Prepared data prefix (<prefix>.bin/.idx). Empty: "
                           "data/processed/<name of DATA_FILE>.")
     val_fraction: float = _f(0.05, "Share of documents held out for validation.",
@@ -115,9 +124,9 @@ class Settings:
     # ---- profile: adapter + precision ------------------------------------------------
     profile: str = _f("lora-bf16", "Profile name (set by profile/*.env).", group="profile")
     quant: str = _f("none", "Base weights: none, nf4 (4-bit, least memory, slower) or int8.",
-                    choices=("none", "nf4", "int8"), group="profile")
+                    choices=QUANTS, group="profile")
     precision: str = _f("bf16", "Compute dtype: bf16 (fast on modern GPUs / AMX CPUs), "
-                        "fp16 or fp32 (exact, slow).", choices=("fp32", "bf16", "fp16"),
+                        "fp16 or fp32 (exact, slow).", choices=PRECISIONS,
                         group="profile")
     lora_r: int = _f(32, "LoRA rank: higher = more capacity, more memory.", lo=1, hi=4096,
                      group="profile")
@@ -125,8 +134,8 @@ class Settings:
                            group="profile")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input: regularises small datasets.",
                              lo=0.0, hi=0.9, group="profile")
-    lora_targets: str = _f("att.receptance,att.key,att.value,att.output,ffn.key,ffn.value",
-                           "Comma list of block Linears that get adapters.", group="profile")
+    lora_targets: str = _f(",".join(LORA_TARGETS), "Comma list of block Linears that get "
+                           "adapters.", group="profile")
     train_parts: str = _f("", "Extra full-trained parts, comma list of: ln (layer norms), "
                           "time (time-mix / decay parameters), emb, head.", group="profile")
     peft_init: str = _f("default", "Adapter init: default (B=0) or pissa (principal "
@@ -159,7 +168,7 @@ class Settings:
                        "less time per step in in-process A/B runs on a CPU); the first step "
                        "waits for the compile (about a minute).", group="train")
     optimizer: str = _f("adamw", "adamw (fp32 states) or adamw8bit (bitsandbytes, ~4x less "
-                        "optimiser memory).", choices=("adamw", "adamw8bit"), group="train")
+                        "optimiser memory).", choices=OPTIMIZERS, group="train")
     head_chunk: int = _f(1024, "Tokens per chunk of head + cross-entropy: smaller = less "
                          "memory for the 65536-way logits.", lo=16, group="train")
     save_every: int = _f(20, "Checkpoint every N steps (0 = only at the end).", lo=0,

@@ -50,9 +50,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from rwkvforge import config as cfgmod
+from rwkvforge import paths
+from rwkvforge.checkpoint import infer_config, load_state_dict
+from rwkvforge.config import LORA_TARGETS, OPTIMIZERS, QUANTS
+from rwkvforge.model.rwkv7 import RWKV7Config
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 PROFILES = {  # the profile presets compared in the fit table: only the base-weight storage differs
     "lora-bf16": {"quant": "none"},
     "qlora-int8": {"quant": "int8"},
@@ -120,8 +125,6 @@ def blinkdl_lora_dims(n_embd: int) -> dict[str, int]:
 
 def size_config(name: str):
     """RWKV7Config for a size name ('1.5b', 'rwkv7-1.5b', 'rwkv7-g1-1.5B' ...)."""
-    from rwkvforge.model.rwkv7 import RWKV7Config
-
     key = normalize_size(name)
     if key is None:
         raise MemoryPlanError(f"unknown model size {name!r}; known: {', '.join(SIZES)} (or "
@@ -176,12 +179,13 @@ class Workload:
         return w
 
     def check(self) -> None:
-        if self.quant not in ("none", "nf4", "int8"):
-            raise MemoryPlanError(f"QUANT={self.quant!r}: expected none, nf4 or int8.")
+        if self.quant not in QUANTS:
+            raise MemoryPlanError(f"QUANT={self.quant!r}: expected one of {', '.join(QUANTS)}.")
         if self.precision not in DTYPE_BYTES:
             raise MemoryPlanError(f"PRECISION={self.precision!r}: expected fp32, bf16 or fp16.")
-        if self.optimizer not in ("adamw", "adamw8bit"):
-            raise MemoryPlanError(f"OPTIMIZER={self.optimizer!r}: expected adamw or adamw8bit.")
+        if self.optimizer not in OPTIMIZERS:
+            raise MemoryPlanError(f"OPTIMIZER={self.optimizer!r}: expected one of "
+                                  f"{', '.join(OPTIMIZERS)}.")
         bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if bad:
             raise MemoryPlanError(f"LORA_TARGETS: unknown {bad}; choose from "
@@ -625,8 +629,6 @@ def preflight(settings: Any, cfg, vram_bytes: int | None, force: bool = False,
 # ----------------------------------------------------------------------------- CLI
 def _model_config(model: str | None, settings) -> tuple[Any, str, str | None]:
     """(cfg, description, model-config name for config.resolve)."""
-    from rwkvforge import paths
-
     if model and (paths.workspace_root() / "configs" / "model" / f"{model}.env").is_file():
         return None, "", model  # a model config: its settings apply, its file gives the shape
     if model and normalize_size(model):
@@ -637,14 +639,10 @@ def _model_config(model: str | None, settings) -> tuple[Any, str, str | None]:
 
 
 def _cfg_from_pth(path: str):
-    from rwkvforge.checkpoint import infer_config, load_state_dict
-
     return infer_config(load_state_dict(path))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvforge import config as cfgmod
-
     ap = argparse.ArgumentParser(
         prog="rwkvforge plan",
         description="Predict peak training memory, the largest micro-batch / context that fit, "
@@ -669,8 +667,6 @@ def main(argv: list[str] | None = None) -> int:
         res = cfgmod.resolve_from_args(args)
         s = res.settings
         if cfg is None:
-            from rwkvforge import paths
-
             if s.base_model:
                 p = s.base_model if os.path.isabs(s.base_model) else str(
                     paths.workspace_root() / s.base_model)

@@ -42,9 +42,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
-TRAIN_PARTS = ("ln", "time", "emb", "head")
-QUANTS = ("none", "nf4", "int8")
+from rwkvforge.config import LORA_TARGETS, QUANTS, TRAIN_PARTS
+
 PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 
