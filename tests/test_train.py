@@ -565,3 +565,18 @@ def test_first_steps_and_resume_match_recorded_losses(tiny_model_path, sft_prefi
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx(RECORDED["loss"], abs=RECORDED_ABS)
     assert again.val_loss_end == pytest.approx(RECORDED["val"][1], abs=RECORDED_ABS)
+
+
+def test_demo_banner_names_only_what_is_unset(tmp_path):
+    def note(**cli):
+        return T.demo_note(cfgmod.resolve(cli=cli, env={}, root=ROOT).settings, ROOT)
+
+    both = note()
+    assert both.startswith("DEMO RUN: training the random-weight demo model")
+    assert "Set BASE_MODEL and DATA_FILE" in both and "--base-model / --data-file" in both
+    own_data = note(data_file="data/raw/mine.jsonl")
+    assert "Set BASE_MODEL in" in own_data and "DATA_FILE" not in own_data
+    assert "sample data" not in own_data and "(or --base-model)" in own_data
+    own_model = note(base_model="models/base/x.pth")
+    assert "demo model" not in own_model and "Set DATA_FILE in" in own_model
+    assert note(base_model="x.pth", data_prefix="data/processed/x") is None

@@ -500,6 +500,46 @@ def metrics_row(step: int, loss: float, lr: float, tps: float, mem_mb: float, ep
     return row
 
 
+def micro_inputs(batch: dict, device: torch.device, world: int, dpo_ftx: float,
+                 ref: torch.Tensor | None) -> Callable[[int, int], tuple]:
+    """The loss module's arguments for rows a:b of a step's global batch, on the device
+    (`ref`: the DPO reference log-probs; None for SFT / text). Every token's loss (DPO: every
+    pair's loss, and DPO_FTX's chosen-answer cross-entropy by their token count) is divided
+    by the count over the whole global batch, so any split into micro-batches or processes
+    gives the same gradient. x world: DeepSpeed averages the ranks' gradients, undo it."""
+    if ref is not None:
+        pair_scale = world / batch["pair_index"].numel()
+        ftx = dpo_ftx * world / max(float(batch["chosen_loss_mask"].sum()), 1.0)
+
+        def pairs(a: int, b: int) -> tuple:
+            x, y, w = (t.to(device, non_blocking=True) for t in pair_rows(batch, a, b))
+            return x, y, w, ref[batch["pair_index"][a:b]].to(device), pair_scale, ftx
+        return pairs
+    scale = world / max(float(batch["loss_mask"].sum()), 1.0)
+
+    def rows(a: int, b: int) -> tuple:
+        return (batch["input_ids"][a:b].to(device, non_blocking=True),
+                batch["targets"][a:b].to(device, non_blocking=True),
+                batch["loss_mask"][a:b].to(device, non_blocking=True).float() * scale)
+    return rows
+
+
+def demo_note(s: cfgmod.Settings, root: Path) -> str | None:
+    """The banner of a run on the demo model and / or the shipped sample, naming only what is
+    unset (None: neither is used)."""
+    what, unset = [], []
+    if not s.base_model:
+        what.append("the random-weight demo model " + paths.demo_model_path(root).name)
+        unset.append(("BASE_MODEL", "--base-model"))
+    if not (s.data_file or s.data_prefix):
+        what.append(f"the shipped sample data ({SAMPLES[s.data_type]})")
+        unset.append(("DATA_FILE", "--data-file"))
+    if not what:
+        return None
+    return (f"DEMO RUN: training {' on '.join(what)}. Set {' and '.join(k for k, _ in unset)} "
+            f"in configs/workspace.env (or {' / '.join(f for _, f in unset)}) for a real run.")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -579,17 +619,9 @@ class Trainer:
         check_combination(s)
         self.strategy = make_strategy(s, self.device)
         self.folder.open_log()
-        demo_model, demo_data = not s.base_model, not (s.data_file or s.data_prefix)
-        if demo_model or demo_data:
-            what = []
-            if demo_model:
-                what.append("the random-weight demo model "
-                            + paths.demo_model_path(self.root).name)
-            if demo_data:
-                what.append(f"the shipped sample data ({SAMPLES[s.data_type]})")
-            self.say("DEMO RUN: training " + " on ".join(what) + ". Set BASE_MODEL and "
-                     "DATA_FILE in configs/workspace.env (or --base-model / --data-file) for "
-                     "a real run.")
+        note = demo_note(s, self.root)
+        if note:
+            self.say(note)
         if self.is_main:  # generates the demo model / prepares the data when needed
             self.inputs = resolve_inputs(self.res, self.root, prepare=True, say=self.say,
                                          resuming=self.resume)
@@ -722,38 +754,14 @@ class Trainer:
                  "effective batch); retrying the step", logging.WARNING)
         self._events.append("oom_backoff")
 
-    def _micro_inputs(self, batch: dict) -> Callable[[int, int], tuple]:
-        """The loss module's arguments for rows a:b of this step's global batch, on the
-        device. Every token's loss (DPO: every pair's loss, and DPO_FTX's chosen-answer
-        cross-entropy by their token count) is divided by the count over the whole global
-        batch, so any split into micro-batches or processes gives the same gradient."""
-        dev = self.device
-        if self.dpo:
-            pair_scale = self.world / batch["pair_index"].numel()
-            ftx = self.settings.dpo_ftx * self.world / max(
-                float(batch["chosen_loss_mask"].sum()), 1.0)
-
-            def pairs(a: int, b: int) -> tuple:
-                x, y, w = (t.to(dev, non_blocking=True) for t in pair_rows(batch, a, b))
-                ref = self.ref_train[batch["pair_index"][a:b]].to(dev)
-                return x, y, w, ref, pair_scale, ftx
-            return pairs
-        # x world: DeepSpeed averages the ranks' gradients, undo it
-        scale = self.world / max(float(batch["loss_mask"].sum()), 1.0)
-
-        def rows(a: int, b: int) -> tuple:
-            return (batch["input_ids"][a:b].to(dev, non_blocking=True),
-                    batch["targets"][a:b].to(dev, non_blocking=True),
-                    batch["loss_mask"][a:b].to(dev, non_blocking=True).float() * scale)
-        return rows
-
     def _micro_steps(self, batch: dict) -> float:
         """Forward/backward of this rank's rows (DPO: pairs) in micro-batches; returns this
         rank's share of the global mean loss (sum over ranks = the step's loss). DPO also
         leaves this rank's (DPO loss sum, right-ordered pairs, margin sum, pairs) in
         self._dpo_stats."""
         lo = self.rank * (self.rows_per_step // self.world)
-        inputs = self._micro_inputs(batch)
+        inputs = micro_inputs(batch, self.device, self.world, self.settings.dpo_ftx,
+                              self.ref_train if self.dpo else None)
         total = 0.0
         self._dpo_stats = torch.zeros(4, dtype=torch.float64)
         for i in range(self.grad_accum):
