@@ -254,7 +254,7 @@ def test_preflight_accepts_settings_object():
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_json(capsys):
-    rc = memory.main(["--model", "1.5b", "--ctx-len", "1024", "--vram", "12GiB", "--lora-r",
+    rc = memory.main(["--size", "1.5b", "--ctx-len", "1024", "--vram", "12GiB", "--lora-r",
                       "64", "--grad-cp", "1", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -267,7 +267,7 @@ def test_cli_json(capsys):
 def test_cli_text_via_rwkvforge_plan(capsys):
     from rwkvforge import cli
 
-    rc = cli.main(["plan", "--model", "7.2b", "--ctx-len", "2048", "--vram", "12000MiB"])
+    rc = cli.main(["plan", "--size", "7.2b", "--ctx-len", "2048", "--vram", "12000MiB"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "base weights" in out and "does NOT fit" in out and "qlora-nf4" in out
@@ -275,7 +275,7 @@ def test_cli_text_via_rwkvforge_plan(capsys):
 
 
 def test_cli_bad_vram_is_a_clear_error(capsys):
-    assert memory.main(["--model", "0.1b", "--vram", "12"]) == 2
+    assert memory.main(["--size", "0.1b", "--vram", "12"]) == 2
     assert "VRAM" in capsys.readouterr().err
 
 
@@ -323,3 +323,13 @@ def test_plan_with_a_model_config_name_uses_its_settings():
     # LoRA r=64 from the model config: 28.31M params at r=32 -> twice that at r=64
     adapter = data["plan"]["breakdown"]["items"]["adapter"]
     assert adapter == 2 * 4 * 28_311_552, adapter
+
+
+@pytest.mark.parametrize("given,fix", [("1.5b", "--size 1.5b"),
+                                       ("models/base/x.pth", "--base-model models/base/x.pth")])
+def test_plan_model_flag_names_a_config_layer_only(given, fix, capsys):
+    """--model means a configs/model/*.env layer for every command: a size or a file there
+    is refused with the flag that takes it."""
+    assert memory.main(["--model", given, "--vram", "12GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "configs/model/*.env" in err and fix in err

@@ -491,7 +491,7 @@ def test_qlora_nf4_uses_less_memory_than_lora_bf16(tmp_path, sft_prefix):
                                           ("train_qlora_int8.sh", "int8")])
 def test_train_scripts_differ_only_in_profile(script, quant, tiny_model_path, tmp_path):
     """scripts/train_*.sh -> rwkvforge train --profile X: shown through the RWKV-PEFT command
-    it builds (--print-cmd runs nothing) in a workspace holding only the demo model."""
+    it builds (--print-command runs nothing) in a workspace holding only the demo model."""
     import shutil
 
     ws = tmp_path / "ws"
@@ -502,7 +502,7 @@ def test_train_scripts_differ_only_in_profile(script, quant, tiny_model_path, tm
     (ws / "third_party" / "RWKV-PEFT").mkdir(parents=True)
     (ws / "third_party" / "RWKV-PEFT" / "train.py").write_text("")
     env = sub_env(RWKVFORGE_ROOT=str(ws), VENV_DIR=str(Path(sys.executable).parents[1]))
-    r = subprocess.run([str(ROOT / "scripts" / script), "--trainer", "rwkv-peft", "--print-cmd"],
+    r = subprocess.run([str(ROOT / "scripts" / script), "--trainer", "rwkv-peft", "--print-command"],
                        env=env, capture_output=True, text=True, timeout=300, cwd=ws)
     assert r.returncode == 0, r.stderr[-2000:]
     cmd = r.stderr.split("RWKV-PEFT command: ", 1)[1].split()

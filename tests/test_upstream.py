@@ -57,6 +57,6 @@ def test_rwkv_peft_missing_checkout_is_a_clear_error(tmp_path, monkeypatch, caps
     (tmp_path / "configs").mkdir()
     (tmp_path / "pyproject.toml").write_text("")
     monkeypatch.setenv("RWKVFORGE_ROOT", str(tmp_path))
-    assert T.main(["--trainer", "rwkv-peft", "--print-cmd"]) == 2
+    assert T.main(["--trainer", "rwkv-peft", "--print-command"]) == 2
     err = capsys.readouterr().err
     assert "third_party/RWKV-PEFT/train.py is missing" in err and "--with-upstream" in err

@@ -627,15 +627,18 @@ def preflight(settings: Any, cfg, vram_bytes: int | None, force: bool = False,
 
 
 # ----------------------------------------------------------------------------- CLI
-def _model_config(model: str | None, settings) -> tuple[Any, str, str | None]:
-    """(cfg, description, model-config name for config.resolve)."""
-    if model and (paths.workspace_root() / "configs" / "model" / f"{model}.env").is_file():
-        return None, "", model  # a model config: its settings apply, its file gives the shape
-    if model and normalize_size(model):
-        return size_config(model), f"rwkv7 {normalize_size(model)} (BlinkDL shape formulas)", None
-    if model and (model.endswith(".pth") or os.sep in model) and not model.endswith(".env"):
-        return _cfg_from_pth(model), model, None
-    return None, "", model
+def _check_model_flag(model: str | None) -> None:
+    """`--model` names a configs/model/*.env layer, as for every command; a size or a file
+    given there is a mistake with a one-flag fix."""
+    if not model or (paths.workspace_root() / "configs" / "model" / f"{model}.env").is_file() \
+            or model.endswith(".env"):
+        return
+    if normalize_size(model):
+        raise MemoryPlanError(f"--model {model}: --model names a configs/model/*.env layer; "
+                              f"for a model size use --size {normalize_size(model)}.")
+    if model.endswith(".pth") or os.sep in model:
+        raise MemoryPlanError(f"--model {model}: --model names a configs/model/*.env layer; "
+                              f"for a checkpoint file use --base-model {model}.")
 
 
 def _cfg_from_pth(path: str):
@@ -647,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="rwkvforge plan",
         description="Predict peak training memory, the largest micro-batch / context that fit, "
                     "and which profile fits each model size.")
+    ap.add_argument("--size", help="plan for a model size instead of a .pth: "
+                    + ", ".join(SIZES) + " (BlinkDL's shape formulas)")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
     ap.add_argument("--compare-published", action="store_true",
                     help="print the Markdown table of predicted totals per size x profile "
@@ -662,24 +667,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
-        cfg, desc, model_env = _model_config(args.model, None)
-        args.model = model_env
+        _check_model_flag(args.model)
         res = cfgmod.resolve_from_args(args)
         s = res.settings
-        if cfg is None:
-            if s.base_model:
-                p = s.base_model if os.path.isabs(s.base_model) else str(
-                    paths.workspace_root() / s.base_model)
-            else:
-                p = str(paths.demo_model_path())
+        if args.size:
+            if not normalize_size(args.size):
+                raise MemoryPlanError(f"--size {args.size}: expected one of "
+                                      + ", ".join(SIZES) + ".")
+            cfg = size_config(args.size)
+            desc = f"rwkv7 {normalize_size(args.size)} (BlinkDL shape formulas)"
+        else:
+            p = (s.base_model if os.path.isabs(s.base_model) else
+                 str(paths.workspace_root() / s.base_model)) if s.base_model \
+                else str(paths.demo_model_path())
             normalized = normalize_size(s.model_name.replace("rwkv7-", ""))
             if os.path.isfile(p):
                 cfg, desc = _cfg_from_pth(p), p
             elif normalized:
                 cfg, desc = size_config(normalized), f"{s.model_name} (file {p} absent: shape from formulas)"
             else:
-                raise MemoryPlanError(f"model file {p} not found; give --model <size> "
-                                      "(0.1b ... 7.2b) or a .pth path.")
+                raise MemoryPlanError(f"model file {p} not found; give --size <size> "
+                                      "(0.1b ... 7.2b) or --base-model X.pth.")
         device = "cpu" if s.device == "cpu" else "cuda"  # auto: plan for the card
         vram = budget_bytes(s, device)
         pl = plan(cfg, s, vram, device=device)

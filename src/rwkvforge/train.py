@@ -5,7 +5,7 @@
     rwkvforge train --resume runs/bsl-nf4 --max-steps 400   # continue from its last checkpoint
     rwkvforge train --deepspeed-stage 2 --num-gpus 2        # relaunches itself under
                                                             # torch.distributed.run (gloo on CPU)
-    TRAINER=rwkv-peft rwkvforge train --print-cmd           # the mapped RWKV-PEFT command
+    TRAINER=rwkv-peft rwkvforge train --print-command           # the mapped RWKV-PEFT command
     ./scripts/train_lora_bf16.sh | train_qlora_nf4.sh | train_qlora_int8.sh
     python -m rwkvforge.train --help
 
@@ -30,7 +30,7 @@ A CUDA out-of-memory error inside a step halves MICRO_BSZ and doubles GRAD_ACCUM
 effective batch), logs it (metrics "event": "oom_backoff") and retries the same step.
 
 TRAINER=rwkv-peft runs third_party/RWKV-PEFT/train.py with arguments mapped from the same
-config instead (`--print-cmd` shows the command).
+config instead (`--print-command` shows the command).
 """
 
 from __future__ import annotations
@@ -1028,8 +1028,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "environment (KEY=value); see `rwkvforge config show`.")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<run> from its last "
                     "complete checkpoint (explicit: nothing is resumed otherwise)")
-    ap.add_argument("--print-cmd", action="store_true", help="TRAINER=rwkv-peft: print the "
-                    "RWKV-PEFT command and exit")
+    ap.add_argument("--print-command", "--print-cmd", dest="print_command",
+                    action="store_true", help="TRAINER=rwkv-peft: print the RWKV-PEFT command "
+                    "and exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines "
                     "instead)")
     ap.add_argument("--force", action="store_true", help="start even when the memory "
@@ -1066,10 +1067,10 @@ def main(argv: list[str] | None = None) -> int:
         s = res.settings
         if s.trainer == "rwkv-peft":
             checkout = upstream.rwkv_peft_preflight(s, root)
-            inputs = resolve_inputs(res, root, prepare=not args.print_cmd,
-                                    check_data=not args.print_cmd)
+            inputs = resolve_inputs(res, root, prepare=not args.print_command,
+                                    check_data=not args.print_command)
             return upstream.run_rwkv_peft(s, checkout, inputs.model_path, inputs.data_prefix,
-                                          run_dir, args.print_cmd)
+                                          run_dir, args.print_command)
         check_combination(s)
         in_dist = "WORLD_SIZE" in os.environ
         if s.deepspeed_stage > 0 and not in_dist:  # DeepSpeed runs under its launcher
