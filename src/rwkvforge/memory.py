@@ -677,9 +677,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = size_config(args.size)
             desc = f"rwkv7 {normalize_size(args.size)} (BlinkDL shape formulas)"
         else:
-            p = (s.base_model if os.path.isabs(s.base_model) else
-                 str(paths.workspace_root() / s.base_model)) if s.base_model \
-                else str(paths.demo_model_path())
+            p = str(paths.resolve(s.base_model, res.sources.get("BASE_MODEL", "cli"))
+                    if s.base_model else paths.demo_model_path())
             normalized = normalize_size(s.model_name.replace("rwkv7-", ""))
             if os.path.isfile(p):
                 cfg, desc = _cfg_from_pth(p), p

@@ -43,3 +43,14 @@ def is_within(path: Path, root: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def resolve(value: str | os.PathLike, source: str = "cli", root: Path | None = None) -> Path:
+    """The one rule for a relative path in a setting: given on the command line (`source`
+    "cli") it is relative to the current folder, as a shell user expects; from a config file
+    or the environment, relative to the workspace root, so a layer means the same wherever
+    the command runs. `~` is expanded; absolute paths are kept."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    return (Path.cwd() if source == "cli" else (root or workspace_root())) / p

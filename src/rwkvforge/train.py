@@ -139,13 +139,6 @@ class Inputs:
     demo_data: bool
 
 
-def _resolve_path(value: str, source: str, root: Path) -> Path:
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return p
-    return (Path.cwd() if source == "cli" else root) / p
-
-
 def stale_reason(meta: dict, data_file: Path, s: cfgmod.Settings) -> str | None:
     """Why prepared data no longer matches DATA_FILE / the settings (None: it matches)."""
     src = meta.get("source") or {}
@@ -185,7 +178,7 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
                 f"C{TINY_SHAPE[1]})")
             write_demo_model(model_path, *TINY_SHAPE)
     else:
-        model_path = _resolve_path(s.base_model, src.get("BASE_MODEL", "cli"), root)
+        model_path = paths.resolve(s.base_model, src.get("BASE_MODEL", "cli"), root)
         if not model_path.is_file():
             raise TrainError(f"BASE_MODEL={s.base_model} (from {src.get('BASE_MODEL')}): "
                              f"{model_path} not found. Put the .pth there or fix the path; "
@@ -193,11 +186,11 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
     demo_data = not s.data_file and not s.data_prefix
     data_file: Path | None = None
     if s.data_prefix:
-        prefix = _resolve_path(s.data_prefix, src.get("DATA_PREFIX", "cli"), root)
+        prefix = paths.resolve(s.data_prefix, src.get("DATA_PREFIX", "cli"), root)
         if s.data_file:
-            data_file = _resolve_path(s.data_file, src.get("DATA_FILE", "cli"), root)
+            data_file = paths.resolve(s.data_file, src.get("DATA_FILE", "cli"), root)
     else:
-        data_file = (_resolve_path(s.data_file, src.get("DATA_FILE", "cli"), root)
+        data_file = (paths.resolve(s.data_file, src.get("DATA_FILE", "cli"), root)
                      if s.data_file else paths.sample_data_dir(root) / SAMPLES[s.data_type])
         prefix = root / "data" / "processed" / data_file.stem
     _, meta = load_meta(prefix)
@@ -1055,7 +1048,7 @@ def main(argv: list[str] | None = None) -> int:
             # with no base model: the demo model's recommended settings layer too
             res = cfgmod.resolve_for_training(args, root)
             s = res.settings
-            runs = _resolve_path(s.runs_dir, res.sources.get("RUNS_DIR", "default"), root)
+            runs = paths.resolve(s.runs_dir, res.sources.get("RUNS_DIR", "default"), root)
             name = s.run_name or default_run_name(s)
             if name in (".", "..") or "/" in name or "\\" in name:
                 raise TrainError(f"RUN_NAME={name!r}: a run name is one folder name inside "
