@@ -74,8 +74,8 @@ from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.paths import sample_data_dir, workspace_root
 from rwkvforge.runtime import pid_alive
 from rwkvforge.tokenizer import (EOT, VOCAB_NAME, ChatFormatError, TokenizerInputError,
-                                 _doc_sep_id, _surrogate_error, _word_tables, chat_segments,
-                                 check_messages, get_tokenizer, ids_match_bytes)
+                                 chat_segments, check_messages, doc_sep_id, get_tokenizer,
+                                 ids_match_bytes, surrogate_error, word_tables)
 
 SAMPLES = {"text": "bsl_code.jsonl", "sft": "bsl_sft.jsonl", "dpo": "bsl_dpo.jsonl"}
 MAX_ERRORS_SHOWN = 20
@@ -412,7 +412,7 @@ def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> Blo
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as e:
-                raise _surrogate_error(text, e) from None
+                raise surrogate_error(text, e) from None
         except ValueError as e:
             errors.append(LineResult(lineno, None, str(e)))
             rejected[lineno] = _rejected_text(raw)
@@ -468,8 +468,8 @@ def _worker_init(kind: str, max_line_bytes: int) -> None:
     global _WORKER_KIND, _WORKER_MAX_LINE
     _WORKER_KIND, _WORKER_MAX_LINE = kind, max_line_bytes
     get_tokenizer()
-    _word_tables()  # built before the fork, shared by the workers
-    _doc_sep_id()
+    word_tables()  # built before the fork, shared by the workers
+    doc_sep_id()
 
 
 def _pool_worker_init(kind: str, max_line_bytes: int) -> None:
