@@ -383,3 +383,37 @@ def test_cli_defaults_from_config(tmp_path, monkeypatch, capsys):
     assert P.main(["--input", str(bad), "--output-prefix", str(tmp_path / "x"),
                    "--workers", "1"]) == 1
     assert f"{bad}:1: field 'text' is int" in capsys.readouterr().err
+
+
+def test_options_from_settings_is_what_the_cli_and_train_build(tmp_path, monkeypatch):
+    from rwkvforge import config as cfg
+
+    root = tmp_path / "ws"
+    (root / "configs").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(root))
+    src, prefix = tmp_path / "in.jsonl", tmp_path / "out" / "d"
+    args = P.build_parser().parse_args([
+        "--input", str(src), "--output-prefix", str(prefix), "--type", "sft", "--ctx-len", "64",
+        "--seed", "7", "--val-fraction", "0.25", "--micro-bsz", "2", "--grad-accum", "3",
+        "--num-gpus", "2", "--data-glob", "**/*.bsl", "--repeat", "2", "--shuffle",
+        "--skip-invalid", "--workers", "3", "--max-line-mb", "8", "--no-progress"])
+    cli = P.options_from_args(args)
+    s = cfg.resolve_for_training(args).settings
+    run = dict(repeat=2, shuffle=True, skip_invalid=True, workers=3, max_line_mb=8.0,
+               progress=False)
+    assert P.Options.from_settings(s, input=src, output_prefix=prefix, **run) == cli
+    assert (cli.input, cli.prefix, cli.kind, cli.ctx_len, cli.seed, cli.val_fraction,
+            cli.micro_bsz, cli.grad_accum, cli.num_gpus, cli.glob) == (
+        src, prefix, "sft", 64, 7, 0.25, 2, 3, 2, "**/*.bsl")
+    assert {k: getattr(cli, k) for k in run} == run
+    # what train.py builds by hand when it prepares DATA_FILE itself
+    by_hand = P.Options(input=src, prefix=prefix, kind=s.data_type, ctx_len=s.ctx_len,
+                        seed=s.seed, val_fraction=s.val_fraction, workers=1,
+                        micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, num_gpus=s.num_gpus,
+                        progress=False, glob=s.data_glob)
+    assert P.Options.from_settings(s, input=src, output_prefix=prefix, workers=1,
+                                   progress=False) == by_hand
+    with pytest.raises(TypeError):  # a setting is the settings' to give
+        P.Options.from_settings(s, input=src, output_prefix=prefix, kind="text")
+

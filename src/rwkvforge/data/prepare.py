@@ -133,6 +133,19 @@ class Options:
     progress: bool = True
     glob: str = "**/*"  # the files of a folder input
 
+    @classmethod
+    def from_settings(cls, settings: cfg.Settings, *, input: Path, output_prefix: Path,
+                      **run: Any) -> Options:
+        """Options to prepare `input` into `output_prefix` as the settings say (DATA_TYPE,
+        CTX_LEN, SEED, VAL_FRACTION, DATA_GLOB and MICRO_BSZ / GRAD_ACCUM / NUM_GPUS for the
+        steps per epoch). `run` sets the fields that are not settings (repeat, shuffle,
+        skip_invalid, workers, max_line_mb, progress); the others keep their defaults."""
+        return cls(input=input, prefix=output_prefix, kind=settings.data_type,
+                   ctx_len=settings.ctx_len, seed=settings.seed,
+                   val_fraction=settings.val_fraction, micro_bsz=settings.micro_bsz,
+                   grad_accum=settings.grad_accum, num_gpus=settings.num_gpus,
+                   glob=settings.data_glob, **run)
+
 
 class FolderInput(NamedTuple):
     """A folder read into a JSONL by _folder_to_jsonl."""
@@ -531,8 +544,8 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
 # command line
 # ---------------------------------------------------------------------------------------
 
-SETTING_FLAGS = ("data_file", "data_glob", "data_type", "data_prefix", "ctx_len", "val_fraction", "seed",
-                 "micro_bsz", "grad_accum", "num_gpus")
+SETTING_FLAGS = ("data_file", "data_glob", "data_type", "data_prefix", "ctx_len", "val_fraction",
+                 "seed", "micro_bsz", "grad_accum", "num_gpus")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -576,11 +589,10 @@ def _resolve_path(value: str, source: str) -> Path:
 def options_from_args(args: argparse.Namespace) -> Options:
     res = cfg.resolve_for_training(args)  # the CTX_LEN / MICRO_BSZ train will use
     s, src = res.settings, res.sources
-    kind = s.data_type
     if s.data_file:
         inp = _resolve_path(s.data_file, src["DATA_FILE"])
     else:
-        inp = sample_data_dir() / SAMPLES[kind]
+        inp = sample_data_dir() / SAMPLES[s.data_type]
     if s.data_prefix:
         prefix = _resolve_path(s.data_prefix, src["DATA_PREFIX"])
         if s.data_prefix.endswith(("/", os.sep)) or prefix.is_dir():
@@ -593,12 +605,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
         prefix = workspace_root() / "data" / "processed" / inp.stem
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                else os.cpu_count() or 1)
-    return Options(input=inp, prefix=prefix, kind=kind, ctx_len=s.ctx_len,
-                   repeat=args.repeat, shuffle=args.shuffle, seed=s.seed,
-                   val_fraction=s.val_fraction, skip_invalid=args.skip_invalid,
-                   workers=max(workers, 1), max_line_mb=args.max_line_mb,
-                   micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, num_gpus=s.num_gpus,
-                   progress=not args.no_progress, glob=s.data_glob)
+    return Options.from_settings(s, input=inp, output_prefix=prefix, repeat=args.repeat,
+                                 shuffle=args.shuffle, skip_invalid=args.skip_invalid,
+                                 workers=max(workers, 1), max_line_mb=args.max_line_mb,
+                                 progress=not args.no_progress)
 
 
 def _exit_on_signal(signum, _frame) -> None:
