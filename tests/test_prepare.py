@@ -417,3 +417,22 @@ def test_options_from_settings_is_what_the_cli_and_train_build(tmp_path, monkeyp
     with pytest.raises(TypeError):  # a setting is the settings' to give
         P.Options.from_settings(s, input=src, output_prefix=prefix, kind="text")
 
+
+def test_stale_reason_names_what_changed(tmp_path):
+    from dataclasses import replace
+
+    from rwkvforge import config as cfg
+
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    meta = P.run(opts(tmp_path, src, seed=42, val_fraction=0.0), log=quiet)
+    s = cfg.Settings(data_type="text", seed=42, val_fraction=0.0)
+    assert P.stale_reason(meta, src, s) is None
+    assert P.stale_reason(meta, src, replace(s, data_type="sft")) == "type text != DATA_TYPE sft"
+    assert P.stale_reason(meta, src, replace(s, val_fraction=0.1)) == "VAL_FRACTION 0.0 -> 0.1"
+    assert P.stale_reason(meta, src, replace(s, seed=7)) == "SEED 42 -> 7"
+    assert P.stale_reason(meta, tmp_path / "gone.jsonl", s) is None  # nothing to compare
+    data = src.read_bytes()
+    src.write_bytes(data.replace(b"Hello", b"Hallo"))  # same size, other bytes
+    assert P.stale_reason(meta, src, s) == "c.jsonl changed"
+    src.write_bytes(data + b'{"text": "more"}\n')
+    assert P.stale_reason(meta, src, s) == "c.jsonl changed size"

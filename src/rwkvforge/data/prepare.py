@@ -541,6 +541,33 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# is prepared data still current
+# ---------------------------------------------------------------------------------------
+
+def stale_reason(meta: dict, data_file: Path, settings: cfg.Settings) -> str | None:
+    """Why prepared data (its meta) no longer matches DATA_FILE / the settings (None: it
+    matches)."""
+    src = meta.get("source") or {}
+    opts = meta.get("options") or {}
+    if meta.get("type") != settings.data_type:
+        return f"type {meta.get('type')} != DATA_TYPE {settings.data_type}"
+    if "val_fraction" in opts and float(opts["val_fraction"]) != float(settings.val_fraction):
+        return f"VAL_FRACTION {opts['val_fraction']} -> {settings.val_fraction}"
+    if "seed" in opts and int(opts["seed"]) != int(settings.seed):
+        return f"SEED {opts['seed']} -> {settings.seed}"
+    if not data_file.is_file():
+        return None  # nothing to compare with; use what was prepared
+    size = data_file.stat().st_size
+    if "bytes" in src and int(src["bytes"]) != size:
+        return f"{data_file.name} changed size"
+    if "sha256" in src and size <= 256 * 2**20:
+        h = hashlib.sha256(data_file.read_bytes()).hexdigest()
+        if h != src["sha256"]:
+            return f"{data_file.name} changed"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------
 
