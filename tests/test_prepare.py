@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from rwkvforge import config as cfg
 from rwkvforge.data import prepare as P
 from rwkvforge.data.binidx import BinIdxReader
+from rwkvforge.data.loader import open_split
 from rwkvforge.tokenizer import encode_chat, get_tokenizer
 
 # Fixed corpus for the byte-compatibility check. The two hashes below were obtained once by
@@ -210,9 +217,6 @@ def test_cli_file_system_errors_and_prefix_forms(tmp_path, capsys):
 
 
 def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
-    import subprocess
-    import sys
-
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     out = tmp_path / "out"
@@ -228,11 +232,6 @@ def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
 
 
 def test_sigterm_leaves_no_temp_files(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     src = tmp_path / "big.jsonl"
     row = json.dumps({"text": "Процедура Тест() Экспорт " + "слово " * 200}, ensure_ascii=False)
     src.write_text((row + "\n") * 40000, encoding="utf-8")
@@ -290,8 +289,6 @@ def test_a_folder_is_one_text_document_per_file(tmp_path):
 
 
 def test_masked_data_without_meta_refuses_to_load(tmp_path):
-    from rwkvforge.data.loader import open_split
-
     src = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Q", "response": "A"}])
     P.run(opts(tmp_path, src, "sft"), log=quiet)
     assert open_split(tmp_path / "out/d").kind == "sft"
@@ -386,8 +383,6 @@ def test_cli_defaults_from_config(tmp_path, monkeypatch, capsys):
 
 
 def test_options_from_settings_is_what_the_cli_and_train_build(tmp_path, monkeypatch):
-    from rwkvforge import config as cfg
-
     root = tmp_path / "ws"
     (root / "configs").mkdir(parents=True)
     (root / "pyproject.toml").write_text("")
@@ -419,10 +414,6 @@ def test_options_from_settings_is_what_the_cli_and_train_build(tmp_path, monkeyp
 
 
 def test_stale_reason_names_what_changed(tmp_path):
-    from dataclasses import replace
-
-    from rwkvforge import config as cfg
-
     src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
     meta = P.run(opts(tmp_path, src, seed=42, val_fraction=0.0), log=quiet)
     s = cfg.Settings(data_type="text", seed=42, val_fraction=0.0)

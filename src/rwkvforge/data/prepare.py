@@ -73,6 +73,7 @@ from rwkvforge import config as cfg
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, pool_worker_init,
                                    worker_block, worker_init)
+from rwkvforge.data.loader import magic_prime
 from rwkvforge.data.records import LineResult, encoding_hint
 # re-exported for callers that import them from here (evaluate.py)
 from rwkvforge.data.records import dpo_hint, record_to_messages  # noqa: F401
@@ -291,8 +292,6 @@ def _write_split(stage_ids: BinIdxReader, stage_mask: BinIdxReader | None,
 
 
 def _epoch_numbers(opts: Options, train_tokens: int, train_docs: int) -> dict[str, Any]:
-    from rwkvforge.data.loader import magic_prime
-
     per_step = opts.micro_bsz * opts.grad_accum * opts.num_gpus
     out: dict[str, Any] = {"ctx_len": opts.ctx_len, "micro_bsz": opts.micro_bsz,
                            "grad_accum": opts.grad_accum, "num_gpus": opts.num_gpus}

@@ -23,6 +23,17 @@ import numpy as np
 from rwkvforge.tokenizer import (EOT, ChatFormatError, TokenizerInputError, chat_segments,
                                  check_messages)
 
+try:  # optional and faster than json.loads; any line it rejects is re-parsed by json
+    import msgspec as _msgspec
+
+    fast_json: Callable[[str | bytes], Any] | None = _msgspec.json.Decoder().decode
+    FAST_JSON_ERRORS: tuple[type[Exception], ...] = (_msgspec.DecodeError, ValueError,
+                                                     RecursionError)
+except ImportError:  # pragma: no cover - msgspec missing
+    fast_json = None
+    FAST_JSON_ERRORS = (ValueError, RecursionError)
+
+
 ROUND_TRIP_ERROR = ("encode -> decode does not give the text back (tokenizer problem); "
                     "report this line")
 
@@ -170,17 +181,6 @@ def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]
             raise ValueError("'chosen' and 'rejected' are identical: the pair teaches nothing")
         return out
     raise ValueError(f"unknown type {kind!r}")
-
-
-try:  # optional and faster than json.loads; any line it rejects is re-parsed by json
-    import msgspec as _msgspec
-
-    fast_json: Callable[[str | bytes], Any] | None = _msgspec.json.Decoder().decode
-    FAST_JSON_ERRORS: tuple[type[Exception], ...] = (_msgspec.DecodeError, ValueError,
-                                                     RecursionError)
-except ImportError:  # pragma: no cover - msgspec missing
-    fast_json = None
-    FAST_JSON_ERRORS = (ValueError, RecursionError)
 
 
 def parse_line(raw: bytes, lineno: int) -> Any:
