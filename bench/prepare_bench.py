@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from rwkvforge.data.prepare import Options, run
-from rwkvforge.tokenizer import _doc_sep_id, _word_tables, get_tokenizer
+from rwkvforge.tokenizer import doc_sep_id, get_tokenizer, word_tables
 
 SNIPPETS = [
     "Процедура ОбработкаПроведения(Отказ, Режим)\n\tДвижения.ТоварыНаСкладах.Записывать = "
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         # user's `rwkvforge prepare` never holds it, and a process that does pays for it in
         # every garbage collection and fork. Tables load outside the timings on both sides.
         get_tokenizer()
-        _word_tables()
-        _doc_sep_id()
+        word_tables()
+        doc_sep_id()
         t_ours = c_ours = float("inf")
         for _ in range(args.rounds):  # best of N: the least disturbed by other load
             t0, c0 = time.perf_counter(), cpu_seconds()

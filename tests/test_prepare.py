@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from rwkvforge import config as cfg
 from rwkvforge.data import prepare as P
 from rwkvforge.data.binidx import BinIdxReader
+from rwkvforge.data.loader import open_split
 from rwkvforge.tokenizer import encode_chat, get_tokenizer
 
 # Fixed corpus for the byte-compatibility check. The two hashes below were obtained once by
@@ -210,9 +217,6 @@ def test_cli_file_system_errors_and_prefix_forms(tmp_path, capsys):
 
 
 def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
-    import subprocess
-    import sys
-
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     out = tmp_path / "out"
@@ -228,11 +232,6 @@ def test_stale_temp_files_of_dead_runs_are_removed(tmp_path):
 
 
 def test_sigterm_leaves_no_temp_files(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
     src = tmp_path / "big.jsonl"
     row = json.dumps({"text": "Процедура Тест() Экспорт " + "слово " * 200}, ensure_ascii=False)
     src.write_text((row + "\n") * 40000, encoding="utf-8")
@@ -289,22 +288,7 @@ def test_a_folder_is_one_text_document_per_file(tmp_path):
         P.run(opts(tmp_path, src, "sft"), log=quiet)
 
 
-def test_top_level_system_with_messages(tmp_path):
-    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
-    src = write_jsonl(tmp_path / "s.jsonl", [{"system": "Ты эксперт 1С.", "messages": msgs}])
-    P.run(opts(tmp_path, src, "sft"), log=quiet)
-    tok = get_tokenizer()
-    assert tok.decode(BinIdxReader(tmp_path / "out/d")[0]).startswith(
-        "System: Ты эксперт 1С.\n\nUser: Q")
-    both = write_jsonl(tmp_path / "b.jsonl", [{"system": "S", "messages": [
-        {"role": "system", "content": "T"}, *msgs]}])
-    with pytest.raises(P.PrepareError, match="both a top-level 'system' field and a system"):
-        P.run(opts(tmp_path, both, "sft"), log=quiet)
-
-
 def test_masked_data_without_meta_refuses_to_load(tmp_path):
-    from rwkvforge.data.loader import open_split
-
     src = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Q", "response": "A"}])
     P.run(opts(tmp_path, src, "sft"), log=quiet)
     assert open_split(tmp_path / "out/d").kind == "sft"
@@ -332,19 +316,6 @@ def test_sft_formats_and_masks(tmp_path):
     tok = get_tokenizer()
     assert tok.decode(ids_r[3]).startswith("System: Ты эксперт 1С.\n\nUser: Q")
     assert meta["splits"]["train"]["trained_tokens"] == int(mask_r.tokens.sum())
-
-
-@pytest.mark.parametrize("row, reason", [
-    ({"messages": [{"role": "assistant", "content": "a"}]}, "roles out of order"),
-    ({"messages": [{"role": "user", "content": "q"}]}, "must end with an assistant reply"),
-    ({"prompt": "q"}, "missing field 'response'"),
-    ({"question": "q"}, "no SFT fields"),
-    ({"messages": "hi"}, "field 'messages' is str"),
-])
-def test_sft_errors(tmp_path, row, reason):
-    src = write_jsonl(tmp_path / "s.jsonl", [row])
-    with pytest.raises(P.PrepareError, match=reason):
-        P.run(opts(tmp_path, src, "sft"), log=quiet)
 
 
 def test_dpo_pairs(tmp_path):
@@ -411,80 +382,48 @@ def test_cli_defaults_from_config(tmp_path, monkeypatch, capsys):
     assert f"{bad}:1: field 'text' is int" in capsys.readouterr().err
 
 
-def test_blocks_split_lines_exactly(tmp_path):
-    """Tiny read blocks: lines across block edges, an over-long line spanning several
-    blocks, CRLF, blank lines, a last line without newline, a separator-holding text and
-    a line only json.loads accepts (NaN): same documents, errors and line numbers."""
-    rows = [json.dumps({"text": CORPUS[i % 8] + f" #{i}"}, ensure_ascii=False)
-            for i in range(60)]
-    rows[5] = '{"text": "' + "y" * 5000 + '"}'  # over the limit, spans blocks
-    rows[9] = '{"text": "unit\\u001fseparator", "x": NaN}'
-    rows[12] = ""
-    rows[20] = '{"text": "crlf line"}\r'
-    src = tmp_path / "c.jsonl"
-    src.write_bytes("\n".join(rows).encode("utf-8"))  # no final newline
-    for block in (16, 100, 4096, 1 << 20):
-        errors = []
-        blocks = list(P.iter_blocks(src, 3000, hashlib.sha256(), P._NoBar(), block))
-        assert b"".join(b for _, b, _ in blocks).count(b"\n") + 1 + sum(
-            len(o) for _, _, o in blocks) == len(rows)
-        got = []
-        for first, data, oversize in blocks:
-            errors += [(e.lineno, e.error) for e in oversize]
-            r = P.process_block(first, data, 3000, "text", get_tokenizer())
-            errors += [(e.lineno, e.error) for e in r.errors]
-            got.append(np.frombuffer(r.ids, np.uint16))
-        assert errors == [(6, "line is 5013 bytes, over the 0.00286102 MiB limit: split the "
-                           "document, or raise --max-line-mb")], block
-        tok = get_tokenizer("reference").reference
-        want = [tok.encode(json.loads(r)["text"]) + [0] for i, r in enumerate(rows)
-                if i not in (5, 12)]
-        assert np.concatenate(got).tolist() == [i for w in want for i in w]
+def test_options_from_settings_is_what_the_cli_and_train_build(tmp_path, monkeypatch):
+    root = tmp_path / "ws"
+    (root / "configs").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("")
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(root))
+    src, prefix = tmp_path / "in.jsonl", tmp_path / "out" / "d"
+    args = P.build_parser().parse_args([
+        "--input", str(src), "--output-prefix", str(prefix), "--type", "sft", "--ctx-len", "64",
+        "--seed", "7", "--val-fraction", "0.25", "--micro-bsz", "2", "--grad-accum", "3",
+        "--num-gpus", "2", "--data-glob", "**/*.bsl", "--repeat", "2", "--shuffle",
+        "--skip-invalid", "--workers", "3", "--max-line-mb", "8", "--no-progress"])
+    cli = P.options_from_args(args)
+    s = cfg.resolve_for_training(args).settings
+    run = dict(repeat=2, shuffle=True, skip_invalid=True, workers=3, max_line_mb=8.0,
+               progress=False)
+    assert P.Options.from_settings(s, input=src, output_prefix=prefix, **run) == cli
+    assert (cli.input, cli.prefix, cli.kind, cli.ctx_len, cli.seed, cli.val_fraction,
+            cli.micro_bsz, cli.grad_accum, cli.num_gpus, cli.glob) == (
+        src, prefix, "sft", 64, 7, 0.25, 2, 3, 2, "**/*.bsl")
+    assert {k: getattr(cli, k) for k in run} == run
+    # what train.py builds by hand when it prepares DATA_FILE itself
+    by_hand = P.Options(input=src, prefix=prefix, kind=s.data_type, ctx_len=s.ctx_len,
+                        seed=s.seed, val_fraction=s.val_fraction, workers=1,
+                        micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, num_gpus=s.num_gpus,
+                        progress=False, glob=s.data_glob)
+    assert P.Options.from_settings(s, input=src, output_prefix=prefix, workers=1,
+                                   progress=False) == by_hand
+    with pytest.raises(TypeError):  # a setting is the settings' to give
+        P.Options.from_settings(s, input=src, output_prefix=prefix, kind="text")
 
 
-def test_whole_block_decode_only_takes_one_object_per_line():
-    """The one-call JSON path of a text block is taken only when every line is exactly one
-    object with a non-blank string text; everything else goes line by line."""
-    ok = b'{"text": "a"}\n{"text": "b", "n": {"x": [1, {"y": 2}]}}\r\n{"text": "c"}'
-    assert P._block_texts_at_once(ok, 1 << 20) == ["a", "b", "c"]
-    assert P._block_texts_at_once(ok + b"\n", 1 << 20) == ["a", "b", "c"]
-    for bad in (
-        b'{"text": "a"}\n\n{"text": "b"}\n',  # blank line
-        b'{"text": "a"}\n   \n{"text": "b"}\n',  # whitespace-only line
-        b' {"text": "a"}\n',  # leading space (json.loads would accept: line by line)
-        b'{"text": "a"} {"text": "b"}\n',  # two objects on a line
-        b'{"text": "a"}{"text": "b"}\n{"text": "c"}\n',
-        b'{"text":\n"a"}\n',  # one object over two lines
-        b'{"n": {"m": 1}\n{"text": "x"}}\n',
-        b'{"text": "a"} {"text": "b"}\n   \n',  # 2 objects + 1 blank line = 2 "lines"
-        b'{"text": "   "}\n',  # blank text
-        b'{"text": ""}\n',
-        b'{"text": 5}\n',
-        b'{"txt": "a"}\n',
-        b'\xef\xbb\xbf{"text": "bom"}\n',
-        b'{"text": "bad \\ud800 surrogate"}\n',
-        b'{"text": "a", "x": NaN}\n',
-        b'{"text": "a"}\n{"text": "\xff"}\n',  # not UTF-8
-    ):
-        assert P._block_texts_at_once(bad, 1 << 20) is None, bad
-    assert P._block_texts_at_once(ok, 10) is None  # a line could be over the limit
-
-
-def test_text_block_paths_agree_and_name_lines(monkeypatch):
-    """A block taken in one call and the same block line by line give the same ids; a block
-    with a bad line reports it at its own line number."""
-    tok = get_tokenizer()
-    rows = [json.dumps({"text": t + f" #{i}"}, ensure_ascii=False)
-            for i, t in enumerate(CORPUS * 5)]
-    data = ("\r\n".join(rows) + "\r\n").encode()
-    fast = P.process_text_block(7, data, 1 << 20, tok)
-    monkeypatch.setattr(P, "_block_texts_at_once", lambda *a: None)
-    slow = P.process_text_block(7, data, 1 << 20, tok)
-    assert fast.ids == slow.ids and fast.sizes.tolist() == slow.sizes.tolist()
-    assert not fast.errors and len(fast.sizes) == 40
-    monkeypatch.undo()
-    rows[3] = '{"text": "a"} {"text": "b"}'
-    rows[4] = "   "
-    r = P.process_text_block(7, "\n".join(rows).encode(), 1 << 20, tok)
-    assert [(e.lineno, e.error.split(":")[0]) for e in r.errors] == [(10, "invalid JSON")]
-    assert len(r.sizes) == 38
+def test_stale_reason_names_what_changed(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    meta = P.run(opts(tmp_path, src, seed=42, val_fraction=0.0), log=quiet)
+    s = cfg.Settings(data_type="text", seed=42, val_fraction=0.0)
+    assert P.stale_reason(meta, src, s) is None
+    assert P.stale_reason(meta, src, replace(s, data_type="sft")) == "type text != DATA_TYPE sft"
+    assert P.stale_reason(meta, src, replace(s, val_fraction=0.1)) == "VAL_FRACTION 0.0 -> 0.1"
+    assert P.stale_reason(meta, src, replace(s, seed=7)) == "SEED 42 -> 7"
+    assert P.stale_reason(meta, tmp_path / "gone.jsonl", s) is None  # nothing to compare
+    data = src.read_bytes()
+    src.write_bytes(data.replace(b"Hello", b"Hallo"))  # same size, other bytes
+    assert P.stale_reason(meta, src, s) == "c.jsonl changed"
+    src.write_bytes(data + b'{"text": "more"}\n')
+    assert P.stale_reason(meta, src, s) == "c.jsonl changed size"

@@ -165,7 +165,7 @@ def test_encode_chat_requires_assistant_last(fast):
 def test_encode_documents_matches_reference_per_text(fast, ref):
     """One joined call (texts separated by DOC_SEP) gives each text's own ids + EOT; texts
     holding DOC_SEP themselves take the per-text path and still match."""
-    assert T._doc_sep_id() == fast.encode(T.DOC_SEP)[0]
+    assert T.doc_sep_id() == fast.encode(T.DOC_SEP)[0]
     rng = random.Random(7)
     table = [t for t in T.token_table() if t]
     soup = [b"".join(rng.choice(table) for _ in range(rng.randint(1, 20))).decode(

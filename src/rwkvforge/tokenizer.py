@@ -201,7 +201,8 @@ class _NativeEncoder:
 # the tokenizer
 # ---------------------------------------------------------------------------------------
 
-def _surrogate_error(text: str, exc: UnicodeEncodeError) -> TokenizerInputError:
+def surrogate_error(text: str, exc: UnicodeEncodeError) -> TokenizerInputError:
+    """The error for `text`, whose UTF-8 encoding failed with `exc` (a lone surrogate)."""
     ch = text[exc.start]
     return TokenizerInputError(
         f"text has a lone surrogate U+{ord(ch):04X} at character {exc.start}: it is not valid "
@@ -244,7 +245,7 @@ class Tokenizer:
 
     @property
     def reference(self) -> Any:
-        """The rwkv package's TRIE_TOKENIZER (loaded on first use: ~2 s)."""
+        """The rwkv package's TRIE_TOKENIZER (loaded on first use: it builds its trie in Python)."""
         if self._ref is None:
             self._ref = _reference_trie()
         return self._ref
@@ -260,7 +261,7 @@ class Tokenizer:
                 return list(self._fast.encode(text))
             return self.reference.encode(text)
         except UnicodeEncodeError as e:
-            raise _surrogate_error(text, e) from None
+            raise surrogate_error(text, e) from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # Not the wheel's encode_batch: it runs a Rust thread pool, and a process forked
@@ -289,7 +290,7 @@ class Tokenizer:
         n = len(texts)
         if n == 0:
             return np.zeros(0, np.uint16), np.zeros(0, np.int64), True
-        sep_id = _doc_sep_id() if self.backend != "reference" else None
+        sep_id = doc_sep_id() if self.backend != "reference" else None
         if sep_id is not None:
             joined = DOC_SEP.join(texts) + DOC_SEP
             try:
@@ -370,7 +371,7 @@ def _byte_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _gather_bytes(ids: np.ndarray) -> bytes:
-    """Vectorised decode_bytes: ~50x faster than joining per token on long documents."""
+    """Vectorised decode_bytes: one numpy gather of the tokens' bytes, no Python per token."""
     a = ids.astype(np.int64, copy=False).ravel()
     if a.size and (a.min() < 0 or a.max() >= VOCAB_SIZE):
         bad = a[(a < 0) | (a >= VOCAB_SIZE)][0]
@@ -389,13 +390,13 @@ def _gather_bytes(ids: np.ndarray) -> bytes:
 
 
 # ASCII "unit separator": a single-byte token that no longer vocabulary entry contains
-# (checked against the vocabulary file by _doc_sep_id), so texts joined by it tokenize
+# (checked against the vocabulary file by doc_sep_id), so texts joined by it tokenize
 # independently under greedy longest match.
 DOC_SEP = "\x1f"
 
 
 @functools.lru_cache(maxsize=None)
-def _doc_sep_id() -> int | None:
+def doc_sep_id() -> int | None:
     """Token id of DOC_SEP, or None if the vocabulary does not allow the join trick."""
     table = token_table()
     sep = DOC_SEP.encode("utf-8")
@@ -407,7 +408,7 @@ def _doc_sep_id() -> int | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _word_tables() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+def word_tables() -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
     """(byte length of each id, mask of its bytes in its first word, the ids' bytes as
     little-endian uint64 words: column j holds bytes 8j..8j+7 of every token, zero padded)."""
     table = token_table()
@@ -429,7 +430,7 @@ def ids_match_bytes(ids: np.ndarray | Sequence[int], data: bytes,
 
     Each token's bytes are compared, 8 at a time as one uint64, with the 8-byte window of
     `data` at the token's offset (overlapping windows = a stride-1 uint64 view)."""
-    lens, mask0, cols = _word_tables()
+    lens, mask0, cols = word_tables()
     a = np.asarray(ids)
     if a.dtype != np.uint16:
         a = a.astype(np.int64, copy=False).ravel()

@@ -41,11 +41,11 @@ the run before an output is written; --skip-invalid skips such lines and lists t
 P.rejects.jsonl. Outputs are written under temporary names and renamed (.idx after .bin,
 meta last), so an interrupted run never leaves a valid-looking half-written dataset.
 
-Tokenization runs in --workers processes (default: all cores) with the fast Rust tokenizer:
-the file goes to them in blocks of whole lines (16 KiB .. 1 MiB); each block's documents are
-encoded in one call and round-trip checked in one vectorised pass (bench/prepare_bench.py).
-msgspec, when installed, parses JSON (json.loads re-parses anything it refuses). A progress
-bar shows on a terminal for inputs over a few MB.
+Tokenization runs in --workers processes (default: all cores): the file goes to them in
+blocks of whole lines, tokenized by data/blocks.py; what a line means, and why one is
+rejected, is data/records.py. This module is the stage around them: options, folder input,
+the splits, writing and publishing the outputs, the command line. A progress bar shows on a
+terminal for inputs over a few MB.
 """
 
 from __future__ import annotations
@@ -65,17 +65,21 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from rwkvforge import config as cfg
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
+from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, pool_worker_init,
+                                   worker_block, worker_init)
+from rwkvforge.data.loader import magic_prime
+from rwkvforge.data.records import LineResult, encoding_hint
+# re-exported for callers that import them from here (evaluate.py)
+from rwkvforge.data.records import dpo_hint, record_to_messages  # noqa: F401
 from rwkvforge.paths import sample_data_dir, workspace_root
 from rwkvforge.runtime import pid_alive
-from rwkvforge.tokenizer import (EOT, VOCAB_NAME, ChatFormatError, TokenizerInputError,
-                                 _doc_sep_id, _surrogate_error, _word_tables, chat_segments,
-                                 check_messages, get_tokenizer, ids_match_bytes)
+from rwkvforge.tokenizer import VOCAB_NAME
 
 SAMPLES = {"text": "bsl_code.jsonl", "sft": "bsl_sft.jsonl", "dpo": "bsl_dpo.jsonl"}
 MAX_ERRORS_SHOWN = 20
@@ -87,450 +91,8 @@ class PrepareError(Exception):
 
 
 # ---------------------------------------------------------------------------------------
-# one line -> token ids (runs in worker processes)
+# the progress bar
 # ---------------------------------------------------------------------------------------
-
-@dataclass
-class LineResult:
-    lineno: int
-    items: list[tuple[bytes, bytes | None]] | None  # [(uint16 ids, uint8 mask | None)]
-    error: str | None = None
-
-
-def _typename(v: Any) -> str:
-    return "missing" if v is None else f"{type(v).__name__}"
-
-
-def _need_str(rec: dict, key: str) -> str:
-    v = rec.get(key)
-    if not isinstance(v, str):
-        if key not in rec:
-            raise ValueError(f"missing field '{key}' (found keys: "
-                             f"{', '.join(sorted(rec)) or 'none'})")
-        raise ValueError(f"field '{key}' is {_typename(v)}, expected a string")
-    return v
-
-
-def record_to_messages(rec: dict) -> list[dict[str, str]]:
-    """An SFT record in any supported shape -> World chat messages."""
-    system = rec.get("system")
-    if system is not None and not isinstance(system, str):
-        raise ValueError(f"field 'system' is {_typename(system)}, expected a string")
-    head = [{"role": "system", "content": system}] if system and system.strip() else []
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list):
-            raise ValueError(f"field 'messages' is {_typename(msgs)}, expected a list")
-        if head and msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
-            raise ValueError("both a top-level 'system' field and a system message: keep one")
-        return head + msgs
-    if "prompt" in rec or "response" in rec:
-        return head + [{"role": "user", "content": _need_str(rec, "prompt")},
-                       {"role": "assistant", "content": _need_str(rec, "response")}]
-    if "instruction" in rec or "output" in rec:
-        user = _need_str(rec, "instruction")
-        extra = rec.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise ValueError(f"field 'input' is {_typename(extra)}, expected a string")
-        if extra and extra.strip():
-            user = f"{user}\n{extra}"
-        return head + [{"role": "user", "content": user},
-                       {"role": "assistant", "content": _need_str(rec, "output")}]
-    raise ValueError("no SFT fields: expected 'messages', 'prompt' + 'response', or "
-                     f"'instruction' + 'output' (found keys: {', '.join(sorted(rec)) or 'none'})")
-
-
-def dpo_hint(rec: Any) -> str:
-    """For an SFT record that is a DPO pair: how to read it as one."""
-    if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
-        return ("; this is a preference pair (chosen / rejected): prepare it with --type dpo "
-                "(train: DATA_TYPE=dpo)")
-    return ""
-
-
-def _dpo_side(rec: dict, key: str, role: str, prompt: list | None = None) -> list[dict]:
-    v = rec.get(key)
-    if isinstance(v, str):
-        return [{"role": role, "content": v}]
-    if isinstance(v, list):
-        if prompt is not None and len(v) > len(prompt) and v[:len(prompt)] == prompt:
-            v = v[len(prompt):]  # chosen / rejected repeating the prompt turns
-        return v
-    if key not in rec:
-        raise ValueError(f"missing field '{key}' (found keys: {', '.join(sorted(rec))})")
-    raise ValueError(f"field '{key}' is {_typename(v)}, expected a string or a list of "
-                     "messages")
-
-
-def _encode_segments(segs: list[tuple[str, bool]], tok) -> tuple[bytes, bytes]:
-    """Encode chat segments, verify the round trip, return (ids, mask) bytes."""
-    ids: list[int] = []
-    mask: list[int] = []
-    for (text, trained), enc in zip(segs, tok.encode_batch([t for t, _ in segs])):
-        ids += enc
-        mask += [int(trained)] * len(enc)
-    expect = "".join(t for t, _ in segs).encode("utf-8")
-    if tok.decode_bytes(ids) != expect:
-        raise ValueError("encode -> decode does not give the text back (tokenizer problem); "
-                         "report this line")
-    ids.append(EOT)
-    mask.append(int(segs[-1][1]))
-    return np.asarray(ids, np.uint16).tobytes(), np.asarray(mask, np.uint8).tobytes()
-
-
-def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]:
-    """A parsed JSON value -> the items of one document; raises ValueError with the reason."""
-    if not isinstance(rec, dict):
-        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-    if kind == "text":
-        text = _need_str(rec, "text")
-        if not text.strip():
-            raise ValueError("empty text")
-        ids = tok.encode(text)
-        arr = np.empty(len(ids) + 1, np.uint16)  # the document's ids + end-of-doc 0
-        arr[:-1] = ids
-        arr[-1] = EOT
-        if tok.decode_bytes(arr[:-1]) != text.encode("utf-8"):
-            raise ValueError("encode -> decode does not give the text back (tokenizer "
-                             "problem); report this line")
-        return [(arr.tobytes(), None)]
-    if kind == "sft":
-        try:
-            msgs = record_to_messages(rec)
-        except ValueError as e:
-            raise ValueError(f"{e}{dpo_hint(rec)}") from None
-        return [_encode_segments(chat_segments(msgs), tok)]
-    if kind == "dpo":
-        prompt = _dpo_side(rec, "prompt", "user")
-        system = rec.get("system")
-        if system is not None and not isinstance(system, str):
-            raise ValueError(f"field 'system' is {_typename(system)}, expected a string")
-        if system and system.strip():
-            if prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system":
-                raise ValueError("both a top-level 'system' field and a system message in "
-                                 "'prompt': keep one")
-            prompt = [{"role": "system", "content": system}] + prompt
-        check_messages(prompt)
-        if prompt[-1]["role"] != "user":
-            raise ChatFormatError("the DPO prompt must end with a user message")
-        out = []
-        for key in ("chosen", "rejected"):
-            resp = _dpo_side(rec, key, "assistant", prompt)
-            try:
-                segs = chat_segments(prompt + resp, train_from=len(prompt))
-            except ChatFormatError as e:
-                raise ChatFormatError(f"'{key}' (after the prompt's {len(prompt)} "
-                                      f"messages): {e}") from None
-            out.append(_encode_segments(segs, tok))
-        if out[0][0] == out[1][0]:
-            raise ValueError("'chosen' and 'rejected' are identical: the pair teaches nothing")
-        return out
-    raise ValueError(f"unknown type {kind!r}")
-
-
-try:  # optional: ~2x faster than json.loads; any line it rejects is re-parsed by json
-    import msgspec as _msgspec
-
-    _fast_json = _msgspec.json.Decoder().decode
-    _FastJSONError: type[Exception] = _msgspec.DecodeError
-
-    class _TextLine(_msgspec.Struct):
-        text: str
-
-    _fast_text_lines = _msgspec.json.Decoder(_TextLine).decode_lines
-except ImportError:  # pragma: no cover - msgspec missing
-    _fast_json = _fast_text_lines = None
-    _FastJSONError = ValueError
-
-
-def parse_line(raw: bytes, lineno: int) -> Any:
-    """Bytes of one JSONL line -> the JSON value; ValueError says what is wrong.
-
-    Accepts exactly what json.loads accepts (make_data.py's parser): msgspec, when
-    installed, is only a fast path; every line it refuses (NaN, lone surrogates, ...) goes
-    through json.loads, which gives the value or the error message."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte "
-                         f"{e.start} of the line): {_encoding_hint(raw, lineno)}") from None
-    if line.startswith("\ufeff"):
-        if lineno != 1:
-            raise ValueError("a UTF-8 byte-order mark at the start of this line (files "
-                             "joined with `cat`?): remove it, e.g. "
-                             "`sed -i '2,$ s/^\\xEF\\xBB\\xBF//' in.jsonl`")
-        line = line[1:]  # a UTF-8 byte-order mark
-    if _fast_json is not None:
-        try:
-            return _fast_json(line)
-        except (_FastJSONError, ValueError, RecursionError):
-            pass
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        hint = ""
-        if e.msg.startswith("Invalid control character"):
-            hint = (": tabs and newlines inside a JSON string must be escaped as \\t and "
-                    "\\n (json.dumps does it)")
-        elif lineno == 1 and e.pos == 0 and not line.lstrip().startswith(("{", "[", '"')):
-            hint = (": the input must be JSON Lines, one object per line such as "
-                    '{"text": "..."} (see "Your own data" in docs/quickstart.md)')
-        msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "... starting at" + column
-        raise ValueError(f"invalid JSON: {msg} at column {e.colno}{hint}") from None
-    except RecursionError:
-        raise ValueError("invalid JSON: nested too deeply for the parser") from None
-
-
-def _encoding_hint(raw: bytes, lineno: int, files: str = "in.jsonl > out.jsonl") -> str:
-    """What to do about a line (or a whole file: lineno 1) that is not UTF-8, for the usual
-    causes; `files` is the iconv command's input and output."""
-    if lineno == 1 and raw[:2] == b"\x1f\x8b":
-        return "the file is gzip-compressed: decompress it first (`gunzip in.jsonl.gz`)"
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and raw.count(0) * 3 > len(raw)):
-        return ("the file looks like UTF-16 (Notepad's \"Unicode\", PowerShell's `>`): "
-                f"save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 {files}`")
-    return (f"save the file as UTF-8, e.g. `iconv -f cp1251 -t utf-8 {files}` "
-            "(cp1251 is the usual Windows Cyrillic encoding)")
-
-
-def process_line(raw: bytes, lineno: int, kind: str, tok) -> LineResult:
-    try:
-        return LineResult(lineno, process_record(parse_line(raw, lineno), kind, tok))
-    except (ValueError, ChatFormatError, TokenizerInputError) as e:
-        return LineResult(lineno, None, str(e))
-
-
-@dataclass
-class BlockResult:
-    """One block of lines, processed: the accepted documents' items back to back (file
-    order) and the rejected lines."""
-    ids: bytes  # uint16 ids of all items
-    mask: bytes | None  # uint8 loss mask of all items (sft / dpo)
-    sizes: np.ndarray  # int64 size of each item
-    per_doc: int  # items per document (2 for dpo pairs)
-    errors: list[LineResult]
-    rejected: dict[int, str]  # line number -> its text, for the rejects file
-
-
-def _oversize(lineno: int, n: int, max_line_bytes: int) -> LineResult:
-    mb = max_line_bytes / (1 << 20)
-    return LineResult(lineno, None, f"line is {n} bytes, over the {mb:g} MiB limit: split "
-                      "the document, or raise --max-line-mb")
-
-
-def _block_lines(first: int, data: bytes, max_line_bytes: int, errors: list[LineResult]
-                 ) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) of the non-blank lines of a block; over-long ones -> errors."""
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()  # the block ends with a newline
-        last_open = -1
-    else:
-        last_open = len(lines) - 1  # the file's last line, without a newline
-    for i, raw in enumerate(lines):
-        if len(raw) > max_line_bytes:
-            errors.append(_oversize(first + i, len(raw) + (i != last_open), max_line_bytes))
-        elif raw.strip():
-            yield first + i, raw
-
-
-def _rejected_text(raw: bytes) -> str:
-    return raw.decode("utf-8", "replace").rstrip("\r\n")[:100_000]
-
-
-ROUND_TRIP_ERROR = ("encode -> decode does not give the text back (tokenizer problem); "
-                    "report this line")
-
-
-def _block_texts_at_once(data: bytes, max_line_bytes: int) -> list[str] | None:
-    """The `text` of every line of a block in ONE msgspec call, or None: then the per-line
-    path decides (and names any problem).
-
-    Taken only when each line is exactly one JSON object holding a non-blank string `text`:
-    every line starts with "{" and ends with "}" (before its LF or CRLF), and the decoder
-    finds as many objects as there are lines. JSON never allows "}" + whitespace + "{" inside
-    a value, and strings cannot hold raw line breaks (msgspec refuses them), so every line
-    break ends a top-level object: each line holds at least one, and equal counts mean
-    exactly one. Such a line is accepted by json.loads alone exactly when msgspec accepts it
-    (lone surrogates, NaN, BOMs, blank lines, over-long lines all leave this path)."""
-    if _fast_text_lines is None or not data or len(data) > max_line_bytes:
-        return None
-    buf = np.frombuffer(data, np.uint8)
-    nl = np.flatnonzero(buf == 10)  # the line breaks
-    n_lines = len(nl) + (data[-1] != 10)
-    after, before = nl + 1, nl - 1
-    before[buf[before] == 13] -= 1  # CRLF
-    if (data[0] != 123 or (data[-1] != 10 and data[-1] != 125)  # "{" ... "}"
-            or not (buf[before] == 125).all()  # "}" before every line break
-            or not (buf[after[after < len(buf)]] == 123).all()):  # "{" after every one
-        return None
-    try:
-        recs = _fast_text_lines(data)
-    except (_FastJSONError, ValueError, RecursionError):
-        return None
-    if len(recs) != n_lines:
-        return None
-    texts = [r.text for r in recs]
-    for t in texts:
-        if not t or t.isspace():
-            return None
-    return texts
-
-
-def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> BlockResult:
-    """Text lines of one block -> their ids + EOT, back to back. All documents are encoded
-    in one call and checked in one vectorised round trip (per document only when that
-    fails): the same results as process_line per line, with little Python per token."""
-    errors: list[LineResult] = []
-    rejected: dict[int, str] = {}
-    texts: list[str] = []
-    linenos: list[int] = []
-    raws: list[bytes] = []
-    whole = _block_texts_at_once(data, max_line_bytes)
-    if whole is not None:  # one line per document, no blank lines
-        texts, linenos = whole, list(range(first, first + len(whole)))
-    for lineno, raw in (() if whole is not None else
-                        _block_lines(first, data, max_line_bytes, errors)):
-        if _fast_json is not None:  # fast path: a well-formed {"text": "..."} line
-            try:
-                rec = _fast_json(raw)  # bytes: msgspec checks UTF-8 and never makes surrogates
-            except (_FastJSONError, ValueError, RecursionError):
-                rec = None
-            text = rec.get("text") if type(rec) is dict else None
-            if type(text) is str and text and not text.isspace():
-                texts.append(text)
-                linenos.append(lineno)
-                raws.append(raw)
-                continue
-        try:  # the slow path gives the exact reason (or accepts what only json.loads does)
-            rec = parse_line(raw, lineno)
-            if not isinstance(rec, dict):
-                raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-            text = _need_str(rec, "text")
-            if not text.strip():
-                raise ValueError("empty text")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise _surrogate_error(text, e) from None
-        except ValueError as e:
-            errors.append(LineResult(lineno, None, str(e)))
-            rejected[lineno] = _rejected_text(raw)
-            continue
-        texts.append(text)
-        linenos.append(lineno)
-        raws.append(raw)
-    arr, sizes, ok = tok.encode_documents_checked(texts)
-    if not ok:  # find which documents do not come back
-        if whole is not None:
-            raws = data.split(b"\n")
-        keep = np.ones(len(sizes), bool)
-        ends = np.cumsum(sizes)
-        for k, (lo, hi) in enumerate(zip(ends - sizes, ends)):
-            if not ids_match_bytes(arr[lo:hi - 1], texts[k].encode("utf-8"), empty_tokens=0):
-                keep[k] = False
-                errors.append(LineResult(linenos[k], None, ROUND_TRIP_ERROR))
-                rejected[linenos[k]] = _rejected_text(raws[k])
-        arr = arr[np.repeat(keep, sizes)]
-        sizes = sizes[keep]
-    return BlockResult(arr.tobytes(), None, sizes, 1, errors, rejected)
-
-
-def process_block(first: int, data: bytes, max_line_bytes: int, kind: str, tok
-                  ) -> BlockResult:
-    if kind == "text":
-        return process_text_block(first, data, max_line_bytes, tok)
-    errors: list[LineResult] = []
-    rejected: dict[int, str] = {}
-    ids: list[bytes] = []
-    mask: list[bytes] = []
-    sizes: list[int] = []
-    for lineno, raw in _block_lines(first, data, max_line_bytes, errors):
-        r = process_line(raw, lineno, kind, tok)
-        if r.error is not None:
-            errors.append(r)
-            rejected[lineno] = _rejected_text(raw)
-            continue
-        assert r.items is not None
-        for i, m in r.items:
-            ids.append(i)
-            mask.append(m or b"")
-            sizes.append(len(i) // 2)
-    return BlockResult(b"".join(ids), b"".join(mask), np.asarray(sizes, np.int64),
-                       2 if kind == "dpo" else 1, errors, rejected)
-
-
-_WORKER_KIND = "text"
-_WORKER_MAX_LINE = 1 << 26
-
-
-def _worker_init(kind: str, max_line_bytes: int) -> None:
-    global _WORKER_KIND, _WORKER_MAX_LINE
-    _WORKER_KIND, _WORKER_MAX_LINE = kind, max_line_bytes
-    get_tokenizer()
-    _word_tables()  # built before the fork, shared by the workers
-    _doc_sep_id()
-
-
-def _pool_worker_init(kind: str, max_line_bytes: int) -> None:
-    """A forked tokenizer process: Ctrl-C is the parent's to handle (it terminates the pool),
-    and SIGTERM ends the process at once (not main()'s cleanup handler)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    _worker_init(kind, max_line_bytes)
-
-
-def _worker_block(task: tuple[int, bytes]) -> BlockResult:
-    return process_block(task[0], task[1], _WORKER_MAX_LINE, _WORKER_KIND, get_tokenizer())
-
-
-# ---------------------------------------------------------------------------------------
-# reading the file
-# ---------------------------------------------------------------------------------------
-
-def block_size_for(file_bytes: int, workers: int) -> int:
-    """Bytes per worker task: ~4 tasks per worker (balance), 16 KiB .. 1 MiB (IPC cost)."""
-    return int(min(1 << 20, max(16 << 10, file_bytes // (4 * max(workers, 1)))))
-
-
-def iter_blocks(path: Path, max_line_bytes: int, hasher, progress, block_bytes: int
-                ) -> Iterator[tuple[int, bytes, list[LineResult]]]:
-    """Yield (number of the first line, whole lines, lines already rejected for size).
-
-    The file is read in `block_bytes` pieces; a line over `max_line_bytes` that does not
-    fit in a piece is skipped as it is read, never held whole in memory."""
-    lineno = 1  # number of the line that starts `carry`
-    carry = b""
-    skipping = 0  # > 0: bytes so far of an over-long line being skipped
-    with open(path, "rb") as f:
-        while True:
-            buf = f.read(block_bytes)
-            if not buf:
-                break
-            hasher.update(buf)
-            progress.update(len(buf))
-            if skipping:
-                nl = buf.find(b"\n")
-                if nl < 0:
-                    skipping += len(buf)
-                    continue
-                yield lineno, b"", [_oversize(lineno, skipping + nl + 1, max_line_bytes)]
-                lineno, skipping, buf = lineno + 1, 0, buf[nl + 1:]
-            data = carry + buf if carry else buf
-            cut = data.rfind(b"\n") + 1
-            block, carry = data[:cut], data[cut:]
-            if block:
-                yield lineno, block, []
-                lineno += int(np.count_nonzero(np.frombuffer(block, np.uint8) == 10))
-            if len(carry) > max_line_bytes:
-                skipping, carry = len(carry), b""
-    if skipping:
-        yield lineno, b"", [_oversize(lineno, skipping, max_line_bytes)]
-    elif carry:
-        yield lineno, carry, []  # the last line has no newline
-
 
 class _NoBar:
     def update(self, n: int) -> None:
@@ -572,6 +134,19 @@ class Options:
     progress: bool = True
     glob: str = "**/*"  # the files of a folder input
 
+    @classmethod
+    def from_settings(cls, settings: cfg.Settings, *, input: Path, output_prefix: Path,
+                      **run: Any) -> Options:
+        """Options to prepare `input` into `output_prefix` as the settings say (DATA_TYPE,
+        CTX_LEN, SEED, VAL_FRACTION, DATA_GLOB and MICRO_BSZ / GRAD_ACCUM / NUM_GPUS for the
+        steps per epoch). `run` sets the fields that are not settings (repeat, shuffle,
+        skip_invalid, workers, max_line_mb, progress); the others keep their defaults."""
+        return cls(input=input, prefix=output_prefix, kind=settings.data_type,
+                   ctx_len=settings.ctx_len, seed=settings.seed,
+                   val_fraction=settings.val_fraction, micro_bsz=settings.micro_bsz,
+                   grad_accum=settings.grad_accum, num_gpus=settings.num_gpus,
+                   glob=settings.data_glob, **run)
+
 
 class FolderInput(NamedTuple):
     """A folder read into a JSONL by _folder_to_jsonl."""
@@ -602,7 +177,7 @@ def _folder_to_jsonl(folder: Path, pattern: str, out: Path) -> FolderInput:
             try:
                 text = raw.decode("utf-8").removeprefix("\ufeff")
             except UnicodeDecodeError as e:
-                hint = _encoding_hint(raw, 2, f"'{p}' > '{p}.utf8'")
+                hint = encoding_hint(raw, 2, f"'{p}' > '{p}.utf8'")
                 errors.append(LineResult(k, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} "
                                          f"at byte {e.start}): {hint}"))
                 text = ""
@@ -717,8 +292,6 @@ def _write_split(stage_ids: BinIdxReader, stage_mask: BinIdxReader | None,
 
 
 def _epoch_numbers(opts: Options, train_tokens: int, train_docs: int) -> dict[str, Any]:
-    from rwkvforge.data.loader import magic_prime
-
     per_step = opts.micro_bsz * opts.grad_accum * opts.num_gpus
     out: dict[str, Any] = {"ctx_len": opts.ctx_len, "micro_bsz": opts.micro_bsz,
                            "grad_accum": opts.grad_accum, "num_gpus": opts.num_gpus}
@@ -792,7 +365,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
         max_line = int(opts.max_line_mb * (1 << 20))
         blocks = iter_blocks(src, max_line, hasher, bar, block_size_for(size, opts.workers))
         pool = None
-        _worker_init(opts.kind, max_line)  # load the tokenizer once; forked workers inherit it
+        worker_init(opts.kind, max_line)  # load the tokenizer once; forked workers inherit it
         if opts.workers > 1:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
@@ -802,7 +375,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
             try:
                 # this process is one of the workers: one fork fewer, and it would
                 # otherwise sit idle waiting for results
-                pool = ctx.Pool(opts.workers - 1, initializer=_pool_worker_init,
+                pool = ctx.Pool(opts.workers - 1, initializer=pool_worker_init,
                                 initargs=(opts.kind, max_line))
             finally:
                 gc.unfreeze()
@@ -816,7 +389,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
                     continue
                 task = (first, data)
                 # every workers-th block is done here, when it is collected (in order)
-                pending.append(pool.apply_async(_worker_block, (task,))
+                pending.append(pool.apply_async(worker_block, (task,))
                                if pool is not None and k % opts.workers else task)
                 while len(pending) > max_inflight:
                     _collect(pending.popleft(), opts, errors, raw_lines, doc_first_item,
@@ -912,7 +485,7 @@ def _collect(job, opts: Options, errors: list[LineResult], raw_lines: dict[int, 
              doc_first_item: list[int], stage_ids: BinIdxWriter,
              stage_mask: BinIdxWriter | None) -> None:
     """Store one block's results in the staging files (in file order) or as errors."""
-    r: BlockResult = job.get() if hasattr(job, "get") else _worker_block(job)
+    r: BlockResult = job.get() if hasattr(job, "get") else worker_block(job)
     errors.extend(r.errors)
     if opts.skip_invalid:
         raw_lines.update(r.rejected)
@@ -967,11 +540,38 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# is prepared data still current
+# ---------------------------------------------------------------------------------------
+
+def stale_reason(meta: dict, data_file: Path, settings: cfg.Settings) -> str | None:
+    """Why prepared data (its meta) no longer matches DATA_FILE / the settings (None: it
+    matches)."""
+    src = meta.get("source") or {}
+    opts = meta.get("options") or {}
+    if meta.get("type") != settings.data_type:
+        return f"type {meta.get('type')} != DATA_TYPE {settings.data_type}"
+    if "val_fraction" in opts and float(opts["val_fraction"]) != float(settings.val_fraction):
+        return f"VAL_FRACTION {opts['val_fraction']} -> {settings.val_fraction}"
+    if "seed" in opts and int(opts["seed"]) != int(settings.seed):
+        return f"SEED {opts['seed']} -> {settings.seed}"
+    if not data_file.is_file():
+        return None  # nothing to compare with; use what was prepared
+    size = data_file.stat().st_size
+    if "bytes" in src and int(src["bytes"]) != size:
+        return f"{data_file.name} changed size"
+    if "sha256" in src and size <= 256 * 2**20:
+        h = hashlib.sha256(data_file.read_bytes()).hexdigest()
+        if h != src["sha256"]:
+            return f"{data_file.name} changed"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------
 
-SETTING_FLAGS = ("data_file", "data_glob", "data_type", "data_prefix", "ctx_len", "val_fraction", "seed",
-                 "micro_bsz", "grad_accum", "num_gpus")
+SETTING_FLAGS = ("data_file", "data_glob", "data_type", "data_prefix", "ctx_len", "val_fraction",
+                 "seed", "micro_bsz", "grad_accum", "num_gpus")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1015,11 +615,10 @@ def _resolve_path(value: str, source: str) -> Path:
 def options_from_args(args: argparse.Namespace) -> Options:
     res = cfg.resolve_for_training(args)  # the CTX_LEN / MICRO_BSZ train will use
     s, src = res.settings, res.sources
-    kind = s.data_type
     if s.data_file:
         inp = _resolve_path(s.data_file, src["DATA_FILE"])
     else:
-        inp = sample_data_dir() / SAMPLES[kind]
+        inp = sample_data_dir() / SAMPLES[s.data_type]
     if s.data_prefix:
         prefix = _resolve_path(s.data_prefix, src["DATA_PREFIX"])
         if s.data_prefix.endswith(("/", os.sep)) or prefix.is_dir():
@@ -1032,12 +631,10 @@ def options_from_args(args: argparse.Namespace) -> Options:
         prefix = workspace_root() / "data" / "processed" / inp.stem
     workers = args.workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                else os.cpu_count() or 1)
-    return Options(input=inp, prefix=prefix, kind=kind, ctx_len=s.ctx_len,
-                   repeat=args.repeat, shuffle=args.shuffle, seed=s.seed,
-                   val_fraction=s.val_fraction, skip_invalid=args.skip_invalid,
-                   workers=max(workers, 1), max_line_mb=args.max_line_mb,
-                   micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, num_gpus=s.num_gpus,
-                   progress=not args.no_progress, glob=s.data_glob)
+    return Options.from_settings(s, input=inp, output_prefix=prefix, repeat=args.repeat,
+                                 shuffle=args.shuffle, skip_invalid=args.skip_invalid,
+                                 workers=max(workers, 1), max_line_mb=args.max_line_mb,
+                                 progress=not args.no_progress)
 
 
 def _exit_on_signal(signum, _frame) -> None:
