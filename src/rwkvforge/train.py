@@ -63,7 +63,7 @@ from rwkvforge.checkpoint import (CheckpointError, atomic_dir, infer_config, lat
                                   save_trainer_state)
 from rwkvforge.data.loader import (build_train_loader, build_val_batches, load_meta,
                                    pair_batches)
-from rwkvforge.data.prepare import SAMPLES, Options, PrepareError
+from rwkvforge.data.prepare import SAMPLES, Options, PrepareError, stale_reason
 from rwkvforge.data.prepare import run as prepare_run
 from rwkvforge.demo import TINY_SHAPE, write_demo_model
 from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
@@ -139,28 +139,6 @@ class Inputs:
     demo_data: bool
 
 
-def stale_reason(meta: dict, data_file: Path, s: cfgmod.Settings) -> str | None:
-    """Why prepared data no longer matches DATA_FILE / the settings (None: it matches)."""
-    src = meta.get("source") or {}
-    opts = meta.get("options") or {}
-    if meta.get("type") != s.data_type:
-        return f"type {meta.get('type')} != DATA_TYPE {s.data_type}"
-    if "val_fraction" in opts and float(opts["val_fraction"]) != float(s.val_fraction):
-        return f"VAL_FRACTION {opts['val_fraction']} -> {s.val_fraction}"
-    if "seed" in opts and int(opts["seed"]) != int(s.seed):
-        return f"SEED {opts['seed']} -> {s.seed}"
-    if not data_file.is_file():
-        return None  # nothing to compare with; use what was prepared
-    size = data_file.stat().st_size
-    if "bytes" in src and int(src["bytes"]) != size:
-        return f"{data_file.name} changed size"
-    if "sha256" in src and size <= 256 * 2**20:
-        h = hashlib.sha256(data_file.read_bytes()).hexdigest()
-        if h != src["sha256"]:
-            return f"{data_file.name} changed"
-    return None
-
-
 def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
                    say: Callable[[str], None] = print, check_data: bool = True,
                    resuming: bool = False) -> Inputs:
@@ -215,11 +193,8 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
             raise TrainError(f"DATA_FILE {data_file} not found. Fix DATA_FILE, or leave it "
                              "empty for the shipped sample.")
         say(f"preparing {data_file} -> {prefix} ({s.data_type})")
-        prepare_run(Options(input=data_file, prefix=prefix, kind=s.data_type,
-                            ctx_len=s.ctx_len, seed=s.seed, val_fraction=s.val_fraction,
-                            workers=1, micro_bsz=s.micro_bsz, grad_accum=s.grad_accum,
-                            num_gpus=s.num_gpus, progress=False, glob=s.data_glob),
-                    log=lambda *a: None)
+        prepare_run(Options.from_settings(s, input=data_file, output_prefix=prefix, workers=1,
+                                          progress=False), log=lambda *a: None)
     return Inputs(model_path, prefix, data_file, demo_model, demo_data)
 
 

@@ -70,6 +70,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from rwkvforge import config as cfg
+from rwkvforge import paths
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, pool_worker_init,
                                    worker_block, worker_init)
@@ -604,23 +605,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _resolve_path(value: str, source: str) -> Path:
-    """CLI paths are relative to the current folder, config paths to the workspace root."""
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return p
-    return (Path.cwd() if source == "cli" else workspace_root()) / p
-
-
 def options_from_args(args: argparse.Namespace) -> Options:
     res = cfg.resolve_for_training(args)  # the CTX_LEN / MICRO_BSZ train will use
     s, src = res.settings, res.sources
     if s.data_file:
-        inp = _resolve_path(s.data_file, src["DATA_FILE"])
+        inp = paths.resolve(s.data_file, src["DATA_FILE"])
     else:
         inp = sample_data_dir() / SAMPLES[s.data_type]
     if s.data_prefix:
-        prefix = _resolve_path(s.data_prefix, src["DATA_PREFIX"])
+        prefix = paths.resolve(s.data_prefix, src["DATA_PREFIX"])
         if s.data_prefix.endswith(("/", os.sep)) or prefix.is_dir():
             prefix = prefix / inp.stem  # a folder: the input's name in it
         for suffix in (".meta.json", ".bin", ".idx"):  # a data file's name: its prefix
