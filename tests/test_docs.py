@@ -208,3 +208,20 @@ def test_anchors_named_by_the_code_exist() -> None:
                  for h in re.findall(r"^#+\s+(.*)$", text, re.M)}
         ids = set(re.findall(r'<a id="([\w-]+)"', text))
         assert anchor in slugs | ids, f"src/ links to docs/{page}#{anchor}, which does not exist"
+
+
+@pytest.mark.parametrize("readme,heading", [("README.md", "## Where things live"),
+                                            ("README.zh-CN.md", "## 代码地图")])
+def test_readme_maps_every_module(readme: str, heading: str) -> None:
+    """The README's module map names every module of src/rwkvforge/ once, and only those."""
+    text = (ROOT / readme).read_text(encoding="utf-8")
+    assert heading in text, f"{readme} has no '{heading}' section"
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"^\| `([\w/]+\.py)` \|", section, re.M)
+    pkg = ROOT / "src" / "rwkvforge"
+    modules = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+                     if p.name not in ("__init__.py", "__main__.py"))
+    assert len(named) == len(set(named)), f"{readme}: a module is listed twice"
+    assert sorted(named) == modules, (
+        f"{readme} '{heading}': missing {sorted(set(modules) - set(named))}, "
+        f"not a module {sorted(set(named) - set(modules))}")

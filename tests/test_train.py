@@ -138,10 +138,15 @@ def test_run_folder_contract(tiny_model_path, sft_prefix, tmp_path):
     from rwkvforge.checkpoint import load_adapter, load_trainer_state
 
     run = tmp_path / "contract"
+    secret = "sk-rwkvforge-test-7f3a9"
     res = resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=4, save_every=2,
-                   precision="fp32", eval_every=2, grad_cp=True, lr_schedule="wsd")
+                   precision="fp32", eval_every=2, grad_cp=True, lr_schedule="wsd",
+                   serve_api_key=secret)
     T.Trainer(res, run, root=ROOT, progress=False).run()
     cfg = json.loads((run / "config.json").read_text())
+    # a secret setting is recorded only as set / not set, in no file of the run
+    assert cfg["settings"]["serve_api_key"] == "(set)"
+    assert not [p for p in run.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     for key in ("settings", "sources", "files", "git_sha", "versions", "hardware", "model",
                 "data", "started_at"):
         assert key in cfg, key

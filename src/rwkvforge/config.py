@@ -51,8 +51,9 @@ class ConfigError(ValueError):
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, lo: float | None = None,
-       hi: float | None = None, group: str = "workspace") -> Any:
-    meta = {"help": help, "choices": choices, "min": lo, "max": hi, "group": group}
+       hi: float | None = None, group: str = "workspace", secret: bool = False) -> Any:
+    meta = {"help": help, "choices": choices, "min": lo, "max": hi, "group": group,
+            "secret": secret}
     return field(default=default, metadata=meta)
 
 
@@ -100,7 +101,8 @@ class Settings:
                          "your network: set SERVE_API_KEY first.")
     serve_port: int = _f(8000, "OpenAI-compatible server port.", lo=1, hi=65535)
     serve_api_key: str = _f("", "Bearer key required by the server; empty: no auth "
-                            "(fine on 127.0.0.1).")
+                            "(fine on 127.0.0.1). A secret: run records, logs and W&B only "
+                            "say whether it is set.", secret=True)
     serve_max_batch: int = _f(16, "Streams decoded together by the server: more = higher "
                               "throughput, more memory.", lo=1, hi=1024)
     serve_max_queue: int = _f(64, "Waiting requests before the server answers 429.",
@@ -195,6 +197,17 @@ class Settings:
 
 
 FIELD_BY_KEY = {f.name.upper(): f for f in fields(Settings)}
+# settings whose value never reaches a run record, a log, W&B or the dashboard
+SECRETS = tuple(f.name for f in fields(Settings) if f.metadata.get("secret"))
+SET, NOT_SET = "(set)", ""
+
+
+def public_settings(settings: Settings) -> dict[str, Any]:
+    """The settings as a dict with every secret shown only as set / not set."""
+    out = dataclasses.asdict(settings)
+    for name in SECRETS:
+        out[name] = SET if out[name] else NOT_SET
+    return out
 
 
 @dataclass
@@ -207,7 +220,7 @@ class Resolved:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "settings": dataclasses.asdict(self.settings),
+            "settings": public_settings(self.settings),
             "sources": dict(self.sources),
             "files": list(self.files),
         }

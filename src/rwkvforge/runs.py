@@ -14,7 +14,6 @@ Only rank 0 writes (`RunFolder(enabled=False)` elsewhere).
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -151,7 +150,7 @@ class RunFolder:
         MAX_STEPS), so that the next --resume continues with it."""
         path = self.path / "config.json"
         cfg = json.loads(path.read_text(encoding="utf-8"))
-        new = dataclasses.asdict(settings)
+        new = config.public_settings(settings)
         changed = {k: [cfg["settings"].get(k), new[k]] for k in mutable
                    if cfg["settings"].get(k) != new[k]}
         for k in changed:

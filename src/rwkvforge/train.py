@@ -443,7 +443,7 @@ def init_wandb(s: cfgmod.Settings, run_dir: Path):
                          "wandb, or leave WANDB_PROJECT empty.") from None
     return wandb.init(project=s.wandb_project, name=run_dir.name,
                       id=run_dir.name.replace("/", "-"), resume="allow", dir=str(run_dir),
-                      config=dataclasses.asdict(s))
+                      config=cfgmod.public_settings(s))
 
 
 def metrics_row(step: int, loss: float, lr: float, tps: float, mem_mb: float, epoch: float,
@@ -967,8 +967,8 @@ def resolve_for_resume(run_dir: Path, args: argparse.Namespace) -> cfgmod.Resolv
                          "(runs/<run>)?")
     saved = json.loads(cfg_p.read_text(encoding="utf-8"))
     values = saved["settings"]
-    known = {f.name for f in dataclasses.fields(cfgmod.Settings)}
-    values = {k: v for k, v in values.items() if k in known}
+    known = {f.name for f in dataclasses.fields(cfgmod.Settings)} - set(cfgmod.SECRETS)
+    values = {k: v for k, v in values.items() if k in known}  # secrets were never recorded
     sources = dict(saved.get("sources", {}))
     given = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
     for name, v in given.items():
