@@ -30,6 +30,9 @@ from rwkvforge.generate import (
     pick_ref,
     sample_batch,
     sample_ref,
+    state_cat,
+    state_clone,
+    state_select,
 )
 
 V = 1000
@@ -235,6 +238,24 @@ def test_prefix_cache_longest_prefix_lru_and_copies():
     for i in range(3):
         big.put([i], s, torch.zeros(3))
     assert len(big) == 2 and big.lookup([0])[0] == 0 and big.lookup([2])[0] == 1
+
+
+# ----------------------------------------------------------------------------- state helpers
+def test_state_select_cat_round_trip_and_clone_is_a_copy(tiny_model):
+    """On a real RWKV-7 state (list of per-layer tuples): picking rows and joining them
+    back reorders the batch exactly; a clone shares no storage with its source."""
+    toks = [1, 50, 300, 7000, 12, 65535, 0, 5, 99, 1000, 33, 4242, 11, 12, 13]
+    with torch.no_grad():
+        _, state = tiny_model(torch.tensor([toks[:5], toks[5:10], toks[10:15]]))
+    joined = state_cat([state_select(state, [i]) for i in (2, 0, 1)])
+    assert isinstance(joined, list) and all(isinstance(layer, tuple) for layer in joined)
+    for layer, orig in zip(joined, state):
+        for x, y in zip(layer, orig):
+            assert x.shape == y.shape
+            assert torch.equal(x[0], y[2]) and torch.equal(x[1], y[0]) and torch.equal(x[2], y[1])
+    copy = state_clone(state)
+    copy[0][1].add_(1.0)
+    assert not torch.equal(copy[0][1], state[0][1])
 
 
 # ----------------------------------------------------------------------------- engine
