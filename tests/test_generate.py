@@ -25,11 +25,13 @@ from rwkvforge.generate import (
     SamplingParams,
     TextStream,
     apply_penalties,
+    count_token,
     filter_probs_batch,
     filter_probs_ref,
     pick_ref,
     sample_batch,
     sample_ref,
+    sample_step,
     state_cat,
     state_clone,
     state_select,
@@ -238,6 +240,75 @@ def test_prefix_cache_longest_prefix_lru_and_copies():
     for i in range(3):
         big.put([i], s, torch.zeros(3))
     assert len(big) == 2 and big.lookup([0])[0] == 0 and big.lookup([2])[0] == 1
+
+
+# ----------------------------------------------------------------------------- one step
+class _DigitTokenizer:
+    """Token 5 decodes to " " and 6 to "7" (occurrence weight 0, as spaces and digits);
+    every other id to a letter (weight 1)."""
+
+    def decode(self, ids):
+        return {5: " ", 6: "7"}.get(ids[0], "a")
+
+
+_DIGIT_TOK = _DigitTokenizer()  # module-level: occurrence weights are cached by its id
+
+
+def test_sample_step_and_count_token_follow_the_reference_step():
+    """The shared step (bans, penalties, cut, draw; then the occurrence update) picks the
+    same token as the one-row reference fed the same uniform draws, step after step."""
+    ps = [SamplingParams(temperature=1.0, top_p=0.5, alpha_presence=0.4, alpha_frequency=0.3,
+                         alpha_decay=0.9, token_ban=(1, 2), seed=1),
+          SamplingParams(temperature=0.7, top_p=1.0, top_k=5, alpha_frequency=1.0, seed=2),
+          SamplingParams(temperature=0.0, top_p=0.3, alpha_presence=2.0, seed=3),
+          SamplingParams(temperature=1.3, top_p=0.9, seed=4)]
+    B = len(ps)
+    weights = torch.ones(V)
+    weights[[5, 6]] = 0.0
+    refs = [PenaltyStateRef(p, weights) for p in ps]
+    gens = [torch.Generator().manual_seed(p.seed) for p in ps]
+    twins = [torch.Generator().manual_seed(p.seed) for p in ps]
+    occ, seen = torch.zeros(B, V), torch.zeros(B, V, dtype=torch.bool)
+    for step in range(25):
+        logits = _rand_logits(B, seed=200 + step, scale=2.0)
+        logits[:, 5] += 6.0  # make the weight-0 tokens likely, so they get sampled too
+        toks = sample_step(logits, ps, gens, occ, seen)
+        for b in range(B):
+            u = float(torch.rand(1, generator=twins[b]))
+            assert toks[b] == sample_ref(refs[b].apply(logits[b]), ps[b], u), (step, b)
+            assert toks[b] not in ps[b].token_ban
+            refs[b].update(toks[b])
+            count_token(ps[b], toks[b], occ[b], seen[b], _DIGIT_TOK)
+    for b in range(B):
+        want = torch.zeros(V)
+        for t, n in refs[b].occurrence.items():
+            want[t] = n if ps[b].uses_penalties else 0.0
+        torch.testing.assert_close(occ[b], want)
+
+
+def test_sample_step_cuts_follow_top_p_top_k_and_temperature():
+    logits = torch.tensor([[4.0, 3.0, 2.5, 2.0, 0.0, -1.0]])
+    order = logits[0].argsort(descending=True).tolist()
+    occ, seen = torch.zeros(1, 6), torch.zeros(1, 6, dtype=torch.bool)
+
+    def draws(**kw) -> set[int]:
+        p = SamplingParams(**kw)
+        g = torch.Generator().manual_seed(0)
+        return {sample_step(logits, [p], [g], occ, seen)[0] for _ in range(300)}
+
+    assert draws(temperature=1.0, top_p=1.0) == set(range(6))  # no cut: every token
+    assert draws(temperature=1.0, top_p=1.0, top_k=1) == {order[0]}
+    assert draws(temperature=1.0, top_p=1.0, top_k=3) == set(order[:3])
+    assert draws(temperature=1.0, top_p=0.01) == {order[0]}
+    assert draws(temperature=0.0, top_p=1.0) == {order[0]}  # greedy, whatever the draw
+    assert draws(temperature=1.0, top_p=1.0, token_ban=(order[0],)) == set(order[1:])
+    # a low temperature sharpens: the top token is drawn more often than at T=1
+    def top_share(t: float) -> float:
+        g = torch.Generator().manual_seed(1)
+        p = SamplingParams(temperature=t, top_p=1.0)
+        return sum(sample_step(logits, [p], [g], occ, seen)[0] == order[0]
+                   for _ in range(400)) / 400
+    assert top_share(0.3) > top_share(1.0) + 0.2
 
 
 # ----------------------------------------------------------------------------- state helpers

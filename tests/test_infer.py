@@ -108,6 +108,41 @@ def test_repl_survives_bad_lines_and_a_stopped_reply(tiny_model_path, tok, capsy
     assert calls[1] == second  # "first" was dropped with its stopped reply
 
 
+def _loop_runner_over(model, tok) -> infer.LoopRunner:
+    """A LoopRunner over the built-in model, called as the engine calls it (prompt pieces
+    through forward_hidden + head, decoded tokens through step), so both see the same
+    logits bit for bit."""
+    import torch
+
+    def forward(ids, state):
+        with torch.no_grad():
+            if state is None:
+                state = model.init_state(1)
+            if len(ids) > 1:
+                hidden, state = model.forward_hidden(torch.tensor([ids]), state)
+                return model.head(hidden[:, -1]).float()[0], state
+            logits, state = model.step(torch.tensor(ids), state)
+            return logits[0], state
+
+    return infer.LoopRunner("loop", forward, tok)
+
+
+def test_loop_runner_samples_like_the_engine(tiny_model, tok):
+    """One sampling step for both: the same logits, parameters and seed give the same
+    tokens through generate.Engine and infer.LoopRunner (penalties and nucleus on)."""
+    ids = tok.encode("Once upon a time there was")
+    runner = _loop_runner_over(tiny_model, tok)
+    texts = {}
+    for seed in (7, 8):
+        p = SamplingParams(temperature=1.0, top_p=0.6, alpha_presence=0.5,
+                           alpha_frequency=0.5, max_tokens=12, seed=seed, token_stop=())
+        h = Engine(tiny_model, tok, cache_prompts=False).generate(ids, p)
+        text, reason, n = runner.generate(ids, p, lambda t: None)
+        assert (text, reason, n) == (h.result(), h.finish_reason, h.completion_tokens)
+        texts[seed] = text
+    assert texts[7] != texts[8]  # the seed matters: the match above is not a greedy one
+
+
 def test_missing_model_and_backend_errors(tmp_path, tiny_model_path, tok, capsys):
     rc = infer.main(["--model", str(tmp_path / "nope.pth"), "--prompt", "x"])
     err = capsys.readouterr().err

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -37,13 +36,14 @@ from rwkvforge.generate import (
     PrefixCache,
     SamplingParams,
     TextStream,
-    apply_penalties,
+    count_token,
     encode_chat_prompt,
-    sample_batch,
-    token_occurrence_weights,
+    request_generator,
+    sample_step,
 )
 from rwkvforge.paths import demo_model_path, workspace_root
 from rwkvforge.runtime import keep_freed_memory
+from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -130,7 +130,6 @@ class LoopRunner:
         self.tok = tokenizer
         self.chunk = chunk
         self.cache = PrefixCache()
-        self._weights: torch.Tensor | None = None
 
     def generate(self, ids: list[int], params: SamplingParams, on_text: Callable[[str], None],
                  cache_at: Sequence[int] = ()) -> tuple[str, str, int]:
@@ -146,32 +145,16 @@ class LoopRunner:
             self.cache.put(ids[:end], state, logits)
         V = logits.shape[-1]
         occ, seen = torch.zeros(1, V), torch.zeros(1, V, dtype=torch.bool)
-        ban = None
-        if params.token_ban:
-            ban = torch.zeros(1, V, dtype=torch.bool)
-            ban[0, list(params.token_ban)] = True
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None
-                                            else int(time.time_ns() % (2**62)))
+        gen = request_generator(params.seed)
         ts = TextStream(params.stop)
         n_out, reason = 0, "length"
         while n_out < params.max_tokens:
-            lg = logits.float().reshape(1, -1)
-            if ban is not None or params.uses_penalties:
-                lg = apply_penalties(lg, occ, seen, torch.tensor([params.alpha_presence]),
-                                     torch.tensor([params.alpha_frequency]), ban)
-            tok = int(sample_batch(lg, torch.tensor([params.temperature]),
-                                   torch.tensor([params.top_p]), torch.tensor([params.top_k]),
-                                   torch.rand(1, generator=gen))[0])
+            tok = sample_step(logits.reshape(1, -1), [params], [gen], occ, seen)[0]
             if tok in params.token_stop:
                 reason = "stop"
                 break
             n_out += 1
-            if params.uses_penalties:
-                if self._weights is None:
-                    self._weights = token_occurrence_weights(self.tok, V)
-                occ.mul_(params.alpha_decay)
-                occ[0, tok] += self._weights[tok]
-                seen[0, tok] = True
+            count_token(params, tok, occ[0], seen[0], self.tok)
             text, stopped = ts.feed(self.tok.decode_bytes([tok]))
             if text:
                 on_text(text)
@@ -330,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     except InferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
-
     try:
         path, is_demo = resolve_model_path(s.base_model)
         if is_demo:
