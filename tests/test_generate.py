@@ -9,6 +9,7 @@ tiny model.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -18,6 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rwkvforge.generate import (
+    CHAT_DEFAULTS,
+    CHAT_STOP,
     Engine,
     PenaltyStateRef,
     PrefixCache,
@@ -25,6 +28,7 @@ from rwkvforge.generate import (
     SamplingParams,
     TextStream,
     apply_penalties,
+    chat_params,
     count_token,
     filter_probs_batch,
     filter_probs_ref,
@@ -309,6 +313,32 @@ def test_sample_step_cuts_follow_top_p_top_k_and_temperature():
         return sum(sample_step(logits, [p], [g], occ, seen)[0] == order[0]
                    for _ in range(400)) / 400
     assert top_share(0.3) > top_share(1.0) + 0.2
+
+
+# ----------------------------------------------------------------------------- chat defaults
+def test_infer_serve_and_dashboard_resolve_the_same_chat_defaults():
+    """One set of chat sampling defaults: what `rwkvforge infer` does without flags, what
+    /v1/chat/completions does with no sampling fields and what the dashboard's Chat page
+    starts with are the same values and the same end-of-reply rule."""
+    from rwkvforge import infer, serve
+    from rwkvforge.dashboard import chat as dash
+
+    keys = [f.name for f in dataclasses.fields(CHAT_DEFAULTS)] + ["stop"]
+    want = {**dataclasses.asdict(CHAT_DEFAULTS), "stop": CHAT_STOP}
+
+    def pick(p: SamplingParams) -> dict:
+        return {k: getattr(p, k) for k in keys}
+
+    cli = infer.sampling_params(infer.build_parser().parse_args([]), chat=True, seed=None)
+    api = serve.sampling_params(serve.ChatRequest(messages=[{"role": "user", "content": "hi"}]),
+                                serve.ServeOptions(), chat=True)
+    page = dash.sampling(dash.ChatRequest("", "hi"))
+    assert pick(cli) == pick(api) == pick(page) == want
+    # RWKV's chat demo values for World models (ChatRWKV API_DEMO_CHAT.py)
+    assert (CHAT_DEFAULTS.temperature, CHAT_DEFAULTS.top_p) == (1.0, 0.3)
+    assert (CHAT_DEFAULTS.alpha_presence, CHAT_DEFAULTS.alpha_frequency) == (0.5, 0.5)
+    p = chat_params(("END",), top_p=0.9, max_tokens=7)  # a value given wins over the default
+    assert (p.top_p, p.temperature, p.max_tokens, p.stop) == (0.9, 1.0, 7, ("END",) + CHAT_STOP)
 
 
 # ----------------------------------------------------------------------------- state helpers

@@ -20,7 +20,14 @@ import httpx
 import openai
 import pytest
 
-from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
+from rwkvforge.generate import (
+    CHAT_DEFAULTS,
+    CHAT_STOP,
+    Engine,
+    SamplingParams,
+    chat_params,
+    encode_chat_prompt,
+)
 from rwkvforge.serve import (
     APIError,
     ChatMessage,
@@ -127,6 +134,16 @@ def test_request_to_sampling_params():
     assert p.stop == ("END",) + CHAT_STOP  # a chat reply also ends at its blank line
     chat = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_completion_tokens=500)
     assert _raises(sampling_params, chat, opts, chat=True).param == "max_completion_tokens"
+    # chat: a field the client leaves out takes CHAT_DEFAULTS, one it sends (0 too) wins;
+    # a completion keeps the OpenAI defaults
+    chat = ChatRequest(messages=[{"role": "user", "content": "hi"}], presence_penalty=0.0,
+                       top_p=None)  # null = not sent
+    p = sampling_params(chat, opts, chat=True)
+    assert (p.alpha_presence, p.alpha_frequency) == (0.0, CHAT_DEFAULTS.alpha_frequency)
+    assert (p.top_p, p.temperature) == (CHAT_DEFAULTS.top_p, CHAT_DEFAULTS.temperature)
+    p = sampling_params(CompletionRequest(prompt="hi"), opts, chat=False)
+    assert (p.top_p, p.temperature, p.alpha_presence, p.alpha_frequency, p.stop) == \
+        (1.0, 1.0, 0.0, 0.0, ())
 
 
 def _msgs(*pairs) -> list[ChatMessage]:
@@ -204,7 +221,8 @@ def test_chat_matches_engine_stream_and_not(srv, parts):
     msgs = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Say something."}]
     ids, _ = encode_chat_prompt(msgs, tok)
-    want, n = _direct(parts, ids, temperature=0, max_tokens=8, top_p=1.0, stop=CHAT_STOP)
+    # unsent sampling fields take the chat defaults (penalties on), as in infer / dashboard
+    want, n = _direct(parts, ids, **vars(chat_params(temperature=0, max_tokens=8)))
     r = c.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=8,
                                   temperature=0)
     m = r.choices[0].message

@@ -11,6 +11,9 @@ inference CLI (`rwkvforge infer`), the OpenAI server (`rwkvforge serve`) and eva
   the batched fast path. tests/test_generate.py holds them together.
 * `sample_step` / `count_token`: one sampling step (bans, penalties, cut, draw; then the
   occurrence update), the one used by the engine and by infer.LoopRunner.
+* `CHAT_DEFAULTS` / `chat_params` / `encode_chat_prompt` / `CHAT_STOP`: the one chat encoding
+  (turn by turn, as training encodes it), the one end-of-reply rule and the one set of chat
+  sampling defaults, for infer, serve and the dashboard.
 * `TextStream`: bytes -> text (partial UTF-8 held back) with stop strings matched on the
   decoded text, across token boundaries, holding back text that could start a stop string.
 * `PrefixCache`: LRU of (token prefix -> RNN state + last logits) so a shared system prompt
@@ -42,7 +45,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -488,6 +491,38 @@ class PrefixCache:
 # A World-format assistant turn ends with a blank line ("\n\n" never occurs inside a turn:
 # tokenizer.clean_turn collapses it), so generation of a chat reply stops there.
 CHAT_STOP = ("\n\n",)
+
+
+@dataclass(frozen=True)
+class ChatDefaults:
+    """How a chat reply samples when the user sets nothing: one set for `rwkvforge infer`,
+    the server's /v1/chat/completions and the dashboard's Chat page, so one model answers
+    alike in all three. The values are RWKV's own chat demo for World models (ChatRWKV
+    API_DEMO_CHAT.py): a narrow nucleus keeps a small model on topic, the penalties keep it
+    from repeating itself."""
+
+    temperature: float = 1.0
+    top_p: float = 0.3
+    top_k: int = 0
+    alpha_presence: float = 0.5
+    alpha_frequency: float = 0.5
+    alpha_decay: float = 0.996
+
+
+CHAT_DEFAULTS = ChatDefaults()
+
+
+def chat_params(stop: Sequence[str] = (), **fields: Any) -> SamplingParams:
+    """SamplingParams of a chat reply: CHAT_DEFAULTS, overridden by `fields`; the reply
+    ends at `stop` and at CHAT_STOP (the end of the assistant's turn)."""
+    return SamplingParams(**{**asdict(CHAT_DEFAULTS), **fields},
+                          stop=tuple(stop) + CHAT_STOP)
+
+
+def chat_turn(prompt: str, system: str = "") -> list[dict[str, str]]:
+    """The messages of a one-turn chat: the system message (when not blank), the user's."""
+    return ([{"role": "system", "content": system}] if system.strip() else []) + \
+        [{"role": "user", "content": prompt}]
 
 
 def encode_chat_prompt(messages: list[dict[str, str]], tokenizer: Any

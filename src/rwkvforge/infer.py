@@ -31,11 +31,13 @@ import torch
 
 from rwkvforge import config as cfgmod
 from rwkvforge.generate import (
-    CHAT_STOP,
+    CHAT_DEFAULTS,
     LeadingSpaceStrip,
     PrefixCache,
     SamplingParams,
     TextStream,
+    chat_params,
+    chat_turn,
     count_token,
     encode_chat_prompt,
     request_generator,
@@ -287,15 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="weight dtype: auto = fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=0.3,
-                    help="nucleus cut (RWKV chat default 0.3; 1 = off)")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--presence-penalty", type=float, default=0.5)
-    ap.add_argument("--frequency-penalty", type=float, default=0.5)
-    ap.add_argument("--penalty-decay", type=float, default=0.996)
+    # sampling defaults: the chat ones (generate.CHAT_DEFAULTS), also for --raw
+    d = CHAT_DEFAULTS
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--top-p", type=float, default=d.top_p,
+                    help="nucleus cut (default %(default)s, RWKV's chat default; 1 = off)")
+    ap.add_argument("--top-k", type=int, default=d.top_k)
+    ap.add_argument("--presence-penalty", type=float, default=d.alpha_presence)
+    ap.add_argument("--frequency-penalty", type=float, default=d.alpha_frequency)
+    ap.add_argument("--penalty-decay", type=float, default=d.alpha_decay)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     return ap
+
+
+def sampling_params(args: argparse.Namespace, chat: bool, seed: int | None) -> SamplingParams:
+    """The sampling flags -> SamplingParams; a chat reply also ends at its turn's end
+    (generate.chat_params)."""
+    fields = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  alpha_presence=args.presence_penalty, alpha_frequency=args.frequency_penalty,
+                  alpha_decay=args.penalty_decay, max_tokens=args.max_tokens, seed=seed)
+    if chat:
+        return chat_params(args.stop, **fields)
+    return SamplingParams(stop=tuple(args.stop), **fields)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,12 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def params(chat: bool) -> SamplingParams:
-        p = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                           alpha_presence=args.presence_penalty,
-                           alpha_frequency=args.frequency_penalty,
-                           alpha_decay=args.penalty_decay, max_tokens=args.max_tokens,
-                           stop=tuple(args.stop) + (CHAT_STOP if chat else ()), seed=s.seed)
-        return p.validate(tok.vocab_size)
+        return sampling_params(args, chat, s.seed).validate(tok.vocab_size)
 
     def out(text: str) -> None:
         sys.stdout.write(text)
@@ -342,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.raw:
                 runner.generate(tok.encode(args.prompt), params(False), out)
             else:
-                msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-                msgs.append({"role": "user", "content": args.prompt})
-                ids, ends = encode_chat_prompt(msgs, tok)
+                ids, ends = encode_chat_prompt(chat_turn(args.prompt, args.system), tok)
                 runner.generate(ids, params(True), lambda t, f=LeadingSpaceStrip(): out(f(t)),
                                 cache_at=ends)
             out("\n")

@@ -9,8 +9,11 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`"stream": true` = server-sent events ending with `data: [DONE]`). Sampling fields:
 temperature, top_p, top_k, max_tokens (capped by SERVE_MAX_TOKENS), stop, presence_penalty,
-frequency_penalty, penalty_decay, seed. Chat messages are rendered in the RWKV World format
-("User: ...\\n\\nAssistant:") and a reply ends at its blank line.
+frequency_penalty, penalty_decay, seed; a chat request that leaves one out gets the chat
+default that `rwkvforge infer` and the dashboard use (generate.CHAT_DEFAULTS, RWKV's chat
+demo values), a completion the OpenAI default. Chat messages are encoded in the RWKV World
+format ("User: ...\\n\\nAssistant:", generate.encode_chat_prompt) and a reply ends at its
+blank line.
 
 One engine thread decodes every running request together: new requests join at the next
 step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
@@ -47,13 +50,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvforge.generate import (
-    CHAT_STOP,
+    CHAT_DEFAULTS,
     Engine,
     Event,
     Handle,
     LeadingSpaceStrip,
     QueueFull,
     SamplingParams,
+    chat_params,
     encode_chat_prompt,
 )
 from rwkvforge.tokenizer import ChatFormatError
@@ -74,11 +78,19 @@ class _Sampling(BaseModel):
 
     model: str = Field("", max_length=256)
     max_tokens: int | None = Field(None, ge=1, description="capped by SERVE_MAX_TOKENS")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    # the defaults below are a completion's; a chat request that does not send a field gets
+    # generate.CHAT_DEFAULTS' value (see sampling_params)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description=f"chat: {CHAT_DEFAULTS.temperature} when not sent")
+    top_p: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description=f"chat: {CHAT_DEFAULTS.top_p} when not sent")
     top_k: int = Field(0, ge=0, le=1 << 20, description="RWKV extra: 0 = off")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description=f"chat: {CHAT_DEFAULTS.alpha_presence} when not sent")
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description=f"chat: {CHAT_DEFAULTS.alpha_frequency} when not sent")
     penalty_decay: float = Field(0.996, ge=0.0, le=1.0, allow_inf_nan=False,
                                  description="RWKV extra: occurrence decay per token")
     stop: Union[str, list[str], None] = Field(None, description="up to 4 strings")
@@ -222,11 +234,19 @@ class ServeOptions:
 # request -> prompt ids and sampling parameters (plain functions: tests call them directly)
 # --------------------------------------------------------------------------------------
 
+# request field -> SamplingParams field
+_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "presence_penalty": "alpha_presence",
+                    "frequency_penalty": "alpha_frequency", "penalty_decay": "alpha_decay"}
+
+
 def sampling_params(req: _Sampling, opts: ServeOptions, *, chat: bool) -> SamplingParams:
-    """The engine's SamplingParams for a request. max_tokens (a chat request's
-    max_completion_tokens when sent) defaults to opts.default_max_tokens and may not pass
-    opts.max_tokens; at most 4 stop strings of 1 to 256 characters; a chat reply also ends
-    at CHAT_STOP. Raises APIError(400) naming the field."""
+    """The engine's SamplingParams for a request. A chat request's sampling fields that the
+    client did not send take generate.CHAT_DEFAULTS and its reply also ends at CHAT_STOP
+    (generate.chat_params); a completion takes the schema's defaults. max_tokens (a chat
+    request's max_completion_tokens when sent) defaults to opts.default_max_tokens and may
+    not pass opts.max_tokens; at most 4 stop strings of 1 to 256 characters. Raises
+    APIError(400) naming the field."""
     field = "max_tokens"
     if chat and getattr(req, "max_completion_tokens", None) is not None:
         field = "max_completion_tokens"
@@ -242,11 +262,11 @@ def sampling_params(req: _Sampling, opts: ServeOptions, *, chat: bool) -> Sampli
     for s in stops:
         if not s or len(s) > 256:
             raise APIError(400, "each stop string must be 1 to 256 characters", "stop")
-    return SamplingParams(
-        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-        alpha_presence=req.presence_penalty, alpha_frequency=req.frequency_penalty,
-        alpha_decay=req.penalty_decay, max_tokens=mt, seed=req.seed,
-        stop=tuple(stops) + (CHAT_STOP if chat else ()))
+    fields = {ours: getattr(req, theirs) for theirs, ours in _SAMPLING_FIELDS.items()
+              if not chat or theirs in req.model_fields_set}  # chat: unsent = CHAT_DEFAULTS
+    if chat:
+        return chat_params(stops, **fields, max_tokens=mt, seed=req.seed)
+    return SamplingParams(**fields, max_tokens=mt, seed=req.seed, stop=tuple(stops))
 
 
 def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
