@@ -1,8 +1,9 @@
 """Tests for rwkvforge.generate: the fast batched sampler against the one-row reference
 (and against the rwkv package's PIPELINE.sample_logits), penalties against PIPELINE's
-occurrence dict, stop strings across token boundaries and partial UTF-8, the prefix
-cache, and the engine (continuous batching, chunked prefill, cancellation, seeds) on a
-tiny model.
+occurrence dict, the shared sampling step against the one-row reference, the one set of
+chat defaults (infer, serve and the dashboard resolve the same values), the RNN state
+helpers, stop strings across token boundaries and partial UTF-8, the prefix cache, and the
+engine (continuous batching, chunked prefill, cancellation, seeds) on a tiny model.
 
     /tmp/v1/bin/python -m pytest tests/test_generate.py -q
 """

@@ -1,6 +1,7 @@
 """Tests for rwkvforge.infer and scripts/infer_albatross.py: one-shot chat / raw prompts
 streamed to stdout (compared with the engine run directly), the `rwkv` pip back-end giving
-the same greedy text as the built-in one, the interactive REPL reusing earlier turns from
+the same greedy text as the built-in one, LoopRunner sampling the engine's tokens for the
+same seed (one sampling step), the interactive REPL reusing earlier turns from
 the prefix cache, and clear errors for a missing model or an unavailable back-end.
 
     /tmp/v1/bin/python -m pytest tests/test_infer.py -q
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rwkvforge import infer
-from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
+from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, chat_params, encode_chat_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,12 +29,17 @@ def tok():
     return get_tokenizer()
 
 
-def _greedy(model_path, ids, n, stop=()) -> str:
+def _greedy(model_path, ids, n, chat: bool) -> str:
+    """What infer must print with only --temperature 0: the other flags default to the chat
+    defaults (penalties on), and a chat reply ends at CHAT_STOP."""
     from rwkvforge.checkpoint import load_model
     from rwkvforge.tokenizer import get_tokenizer
 
+    p = chat_params(temperature=0, max_tokens=n)
+    if not chat:
+        p.stop = ()
     eng = Engine(load_model(model_path), get_tokenizer())
-    return eng.generate(ids, SamplingParams(temperature=0, max_tokens=n, stop=stop)).result()
+    return eng.generate(ids, p).result()
 
 
 def test_one_shot_chat_streams_the_engine_answer(tiny_model_path, tok, capsys):
@@ -43,14 +49,15 @@ def test_one_shot_chat_streams_the_engine_answer(tiny_model_path, tok, capsys):
     out = capsys.readouterr().out
     ids, _ = encode_chat_prompt([{"role": "system", "content": "Be kind."},
                                  {"role": "user", "content": "Hello there"}], tok)
-    assert out == _greedy(tiny_model_path, ids, 8, CHAT_STOP).lstrip() + "\n"
+    assert out == _greedy(tiny_model_path, ids, 8, chat=True).lstrip() + "\n"
 
 
 def test_raw_prompt(tiny_model_path, tok, capsys):
     rc = infer.main(["--model", str(tiny_model_path), "--raw", "--prompt", "def f(x):",
                      "--max-tokens", "6", "--temperature", "0"])
     assert rc == 0
-    assert capsys.readouterr().out == _greedy(tiny_model_path, tok.encode("def f(x):"), 6) + "\n"
+    assert capsys.readouterr().out == _greedy(tiny_model_path, tok.encode("def f(x):"), 6,
+                                              chat=False) + "\n"
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Tests for rwkvforge.serve: the official `openai` client against a live uvicorn server on
 127.0.0.1 (a free port, served from a thread) with a tiny random model — completions and
-chat, streaming and not, compared token for token with the engine run directly; API key
+chat, streaming and not, compared token for token with the engine run directly; the
+request -> SamplingParams / message rules and response shapes without an app; API key
 (401), bounded queue (429), validation (400 / 422 naming the field), client disconnect,
 a schemathesis fuzz run (no 500s) and a bounded load test (slow).
 
