@@ -201,18 +201,17 @@ def _(math, mo, prefix, result, root, run_dir, s, trainer):
 def _(mo, run_dir, tok, trainer):
     import torch as _torch
 
-    from rwkvforge.generate import SamplingParams, encode_chat_prompt
+    from rwkvforge.generate import chat_params, chat_turn, encode_chat_prompt
     from rwkvforge.infer import BuiltinRunner
 
     # base + adapter merged in memory, as `rwkvforge infer --adapter runs/<run>/adapter` does
     runner = BuiltinRunner(trainer.inputs.model_path, tok, _torch.float32, "cpu",
                            adapter=str(run_dir / "adapter"))
     _question = "Напиши функцию, которая проверяет, что число чётное."
-    _ids, _ends = encode_chat_prompt([{"role": "user", "content": _question}], tok)
+    _ids, _ends = encode_chat_prompt(chat_turn(_question), tok)
     _pieces = []
-    _answer, _finish, _n = runner.generate(
-        _ids, SamplingParams(temperature=1.0, top_p=0.3, max_tokens=40, seed=0),
-        _pieces.append, cache_at=_ends)
+    _answer, _finish, _n = runner.generate(  # the chat defaults of infer / serve / dashboard
+        _ids, chat_params(max_tokens=40, seed=0), _pieces.append, cache_at=_ends)
     mo.md(
         f"""
         ## 5. Chat

@@ -346,6 +346,37 @@ def test_chat_page_base_and_tuned_side_by_side(app, workspace) -> None:
     assert C.answer(eng, req).text == answers[0]
 
 
+def test_chat_answer_uses_the_one_chat_encoding_and_defaults() -> None:
+    """The Chat page encodes and samples as infer / serve do: encode_chat_prompt's ids,
+    generate.chat_params (chat defaults, the reply ends at its turn's end)."""
+    from rwkvforge.dashboard import chat as C
+    from rwkvforge.generate import CHAT_STOP, chat_params, chat_turn, encode_chat_prompt
+    from rwkvforge.tokenizer import get_tokenizer
+
+    seen = {}
+
+    class Handle:
+        completion_tokens = 2
+
+        def result(self) -> str:
+            return " hi there "
+
+    class Engine:
+        tok = get_tokenizer()
+
+        def generate(self, ids, params):
+            seen.update(ids=ids, params=params)
+            return Handle()
+
+    req = C.ChatRequest(system="Be brief.", prompt="Hello\n\n\nthere", max_tokens=5)
+    ans = C.answer(Engine(), req)
+    assert seen["ids"] == encode_chat_prompt(chat_turn(req.prompt, req.system), Engine.tok)[0]
+    assert seen["params"] == chat_params(temperature=req.temperature, top_p=req.top_p,
+                                         max_tokens=5, seed=req.seed)
+    assert seen["params"].stop == CHAT_STOP
+    assert ans.text == "hi there" and ans.n_tokens == 2
+
+
 def test_system_page_shows_healthcheck(app) -> None:
     from rwkvforge import doctor
 

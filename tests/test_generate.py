@@ -1,14 +1,16 @@
 """Tests for rwkvforge.generate: the fast batched sampler against the one-row reference
 (and against the rwkv package's PIPELINE.sample_logits), penalties against PIPELINE's
-occurrence dict, stop strings across token boundaries and partial UTF-8, the prefix
-cache, and the engine (continuous batching, chunked prefill, cancellation, seeds) on a
-tiny model.
+occurrence dict, the shared sampling step against the one-row reference, the one set of
+chat defaults (infer, serve and the dashboard resolve the same values), the RNN state
+helpers, stop strings across token boundaries and partial UTF-8, the prefix cache, and the
+engine (continuous batching, chunked prefill, cancellation, seeds) on a tiny model.
 
     /tmp/v1/bin/python -m pytest tests/test_generate.py -q
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -18,6 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rwkvforge.generate import (
+    CHAT_DEFAULTS,
+    CHAT_STOP,
     Engine,
     PenaltyStateRef,
     PrefixCache,
@@ -25,11 +29,17 @@ from rwkvforge.generate import (
     SamplingParams,
     TextStream,
     apply_penalties,
+    chat_params,
+    count_token,
     filter_probs_batch,
     filter_probs_ref,
     pick_ref,
     sample_batch,
     sample_ref,
+    sample_step,
+    state_cat,
+    state_clone,
+    state_select,
 )
 
 V = 1000
@@ -235,6 +245,119 @@ def test_prefix_cache_longest_prefix_lru_and_copies():
     for i in range(3):
         big.put([i], s, torch.zeros(3))
     assert len(big) == 2 and big.lookup([0])[0] == 0 and big.lookup([2])[0] == 1
+
+
+# ----------------------------------------------------------------------------- one step
+class _DigitTokenizer:
+    """Token 5 decodes to " " and 6 to "7" (occurrence weight 0, as spaces and digits);
+    every other id to a letter (weight 1)."""
+
+    def decode(self, ids):
+        return {5: " ", 6: "7"}.get(ids[0], "a")
+
+
+_DIGIT_TOK = _DigitTokenizer()  # module-level: occurrence weights are cached by its id
+
+
+def test_sample_step_and_count_token_follow_the_reference_step():
+    """The shared step (bans, penalties, cut, draw; then the occurrence update) picks the
+    same token as the one-row reference fed the same uniform draws, step after step."""
+    ps = [SamplingParams(temperature=1.0, top_p=0.5, alpha_presence=0.4, alpha_frequency=0.3,
+                         alpha_decay=0.9, token_ban=(1, 2), seed=1),
+          SamplingParams(temperature=0.7, top_p=1.0, top_k=5, alpha_frequency=1.0, seed=2),
+          SamplingParams(temperature=0.0, top_p=0.3, alpha_presence=2.0, seed=3),
+          SamplingParams(temperature=1.3, top_p=0.9, seed=4)]
+    B = len(ps)
+    weights = torch.ones(V)
+    weights[[5, 6]] = 0.0
+    refs = [PenaltyStateRef(p, weights) for p in ps]
+    gens = [torch.Generator().manual_seed(p.seed) for p in ps]
+    twins = [torch.Generator().manual_seed(p.seed) for p in ps]
+    occ, seen = torch.zeros(B, V), torch.zeros(B, V, dtype=torch.bool)
+    for step in range(25):
+        logits = _rand_logits(B, seed=200 + step, scale=2.0)
+        logits[:, 5] += 6.0  # make the weight-0 tokens likely, so they get sampled too
+        toks = sample_step(logits, ps, gens, occ, seen)
+        for b in range(B):
+            u = float(torch.rand(1, generator=twins[b]))
+            assert toks[b] == sample_ref(refs[b].apply(logits[b]), ps[b], u), (step, b)
+            assert toks[b] not in ps[b].token_ban
+            refs[b].update(toks[b])
+            count_token(ps[b], toks[b], occ[b], seen[b], _DIGIT_TOK)
+    for b in range(B):
+        want = torch.zeros(V)
+        for t, n in refs[b].occurrence.items():
+            want[t] = n if ps[b].uses_penalties else 0.0
+        torch.testing.assert_close(occ[b], want)
+
+
+def test_sample_step_cuts_follow_top_p_top_k_and_temperature():
+    logits = torch.tensor([[4.0, 3.0, 2.5, 2.0, 0.0, -1.0]])
+    order = logits[0].argsort(descending=True).tolist()
+    occ, seen = torch.zeros(1, 6), torch.zeros(1, 6, dtype=torch.bool)
+
+    def draws(**kw) -> set[int]:
+        p = SamplingParams(**kw)
+        g = torch.Generator().manual_seed(0)
+        return {sample_step(logits, [p], [g], occ, seen)[0] for _ in range(300)}
+
+    assert draws(temperature=1.0, top_p=1.0) == set(range(6))  # no cut: every token
+    assert draws(temperature=1.0, top_p=1.0, top_k=1) == {order[0]}
+    assert draws(temperature=1.0, top_p=1.0, top_k=3) == set(order[:3])
+    assert draws(temperature=1.0, top_p=0.01) == {order[0]}
+    assert draws(temperature=0.0, top_p=1.0) == {order[0]}  # greedy, whatever the draw
+    assert draws(temperature=1.0, top_p=1.0, token_ban=(order[0],)) == set(order[1:])
+    # a low temperature sharpens: the top token is drawn more often than at T=1
+    def top_share(t: float) -> float:
+        g = torch.Generator().manual_seed(1)
+        p = SamplingParams(temperature=t, top_p=1.0)
+        return sum(sample_step(logits, [p], [g], occ, seen)[0] == order[0]
+                   for _ in range(400)) / 400
+    assert top_share(0.3) > top_share(1.0) + 0.2
+
+
+# ----------------------------------------------------------------------------- chat defaults
+def test_infer_serve_and_dashboard_resolve_the_same_chat_defaults():
+    """One set of chat sampling defaults: what `rwkvforge infer` does without flags, what
+    /v1/chat/completions does with no sampling fields and what the dashboard's Chat page
+    starts with are the same values and the same end-of-reply rule."""
+    from rwkvforge import infer, serve
+    from rwkvforge.dashboard import chat as dash
+
+    keys = [f.name for f in dataclasses.fields(CHAT_DEFAULTS)] + ["stop"]
+    want = {**dataclasses.asdict(CHAT_DEFAULTS), "stop": CHAT_STOP}
+
+    def pick(p: SamplingParams) -> dict:
+        return {k: getattr(p, k) for k in keys}
+
+    cli = infer.sampling_params(infer.build_parser().parse_args([]), chat=True, seed=None)
+    api = serve.sampling_params(serve.ChatRequest(messages=[{"role": "user", "content": "hi"}]),
+                                serve.ServeOptions(), chat=True)
+    page = dash.sampling(dash.ChatRequest("", "hi"))
+    assert pick(cli) == pick(api) == pick(page) == want
+    # RWKV's chat demo values for World models (ChatRWKV API_DEMO_CHAT.py)
+    assert (CHAT_DEFAULTS.temperature, CHAT_DEFAULTS.top_p) == (1.0, 0.3)
+    assert (CHAT_DEFAULTS.alpha_presence, CHAT_DEFAULTS.alpha_frequency) == (0.5, 0.5)
+    p = chat_params(("END",), top_p=0.9, max_tokens=7)  # a value given wins over the default
+    assert (p.top_p, p.temperature, p.max_tokens, p.stop) == (0.9, 1.0, 7, ("END",) + CHAT_STOP)
+
+
+# ----------------------------------------------------------------------------- state helpers
+def test_state_select_cat_round_trip_and_clone_is_a_copy(tiny_model):
+    """On a real RWKV-7 state (list of per-layer tuples): picking rows and joining them
+    back reorders the batch exactly; a clone shares no storage with its source."""
+    toks = [1, 50, 300, 7000, 12, 65535, 0, 5, 99, 1000, 33, 4242, 11, 12, 13]
+    with torch.no_grad():
+        _, state = tiny_model(torch.tensor([toks[:5], toks[5:10], toks[10:15]]))
+    joined = state_cat([state_select(state, [i]) for i in (2, 0, 1)])
+    assert isinstance(joined, list) and all(isinstance(layer, tuple) for layer in joined)
+    for layer, orig in zip(joined, state):
+        for x, y in zip(layer, orig):
+            assert x.shape == y.shape
+            assert torch.equal(x[0], y[2]) and torch.equal(x[1], y[0]) and torch.equal(x[2], y[1])
+    copy = state_clone(state)
+    copy[0][1].add_(1.0)
+    assert not torch.equal(copy[0][1], state[0][1])
 
 
 # ----------------------------------------------------------------------------- engine

@@ -1,6 +1,7 @@
 """Tests for rwkvforge.infer and scripts/infer_albatross.py: one-shot chat / raw prompts
 streamed to stdout (compared with the engine run directly), the `rwkv` pip back-end giving
-the same greedy text as the built-in one, the interactive REPL reusing earlier turns from
+the same greedy text as the built-in one, LoopRunner sampling the engine's tokens for the
+same seed (one sampling step), the interactive REPL reusing earlier turns from
 the prefix cache, and clear errors for a missing model or an unavailable back-end.
 
     /tmp/v1/bin/python -m pytest tests/test_infer.py -q
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from rwkvforge import infer
-from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
+from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, chat_params, encode_chat_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,12 +29,17 @@ def tok():
     return get_tokenizer()
 
 
-def _greedy(model_path, ids, n, stop=()) -> str:
+def _greedy(model_path, ids, n, chat: bool) -> str:
+    """What infer must print with only --temperature 0: the other flags default to the chat
+    defaults (penalties on), and a chat reply ends at CHAT_STOP."""
     from rwkvforge.checkpoint import load_model
     from rwkvforge.tokenizer import get_tokenizer
 
+    p = chat_params(temperature=0, max_tokens=n)
+    if not chat:
+        p.stop = ()
     eng = Engine(load_model(model_path), get_tokenizer())
-    return eng.generate(ids, SamplingParams(temperature=0, max_tokens=n, stop=stop)).result()
+    return eng.generate(ids, p).result()
 
 
 def test_one_shot_chat_streams_the_engine_answer(tiny_model_path, tok, capsys):
@@ -43,14 +49,15 @@ def test_one_shot_chat_streams_the_engine_answer(tiny_model_path, tok, capsys):
     out = capsys.readouterr().out
     ids, _ = encode_chat_prompt([{"role": "system", "content": "Be kind."},
                                  {"role": "user", "content": "Hello there"}], tok)
-    assert out == _greedy(tiny_model_path, ids, 8, CHAT_STOP).lstrip() + "\n"
+    assert out == _greedy(tiny_model_path, ids, 8, chat=True).lstrip() + "\n"
 
 
 def test_raw_prompt(tiny_model_path, tok, capsys):
     rc = infer.main(["--model", str(tiny_model_path), "--raw", "--prompt", "def f(x):",
                      "--max-tokens", "6", "--temperature", "0"])
     assert rc == 0
-    assert capsys.readouterr().out == _greedy(tiny_model_path, tok.encode("def f(x):"), 6) + "\n"
+    assert capsys.readouterr().out == _greedy(tiny_model_path, tok.encode("def f(x):"), 6,
+                                              chat=False) + "\n"
 
 
 @pytest.mark.slow
@@ -106,6 +113,41 @@ def test_repl_survives_bad_lines_and_a_stopped_reply(tiny_model_path, tok, capsy
     assert len(calls) == 2  # the bad line never reached the model
     second, _ = encode_chat_prompt([{"role": "user", "content": "second"}], tok)
     assert calls[1] == second  # "first" was dropped with its stopped reply
+
+
+def _loop_runner_over(model, tok) -> infer.LoopRunner:
+    """A LoopRunner over the built-in model, called as the engine calls it (prompt pieces
+    through forward_hidden + head, decoded tokens through step), so both see the same
+    logits bit for bit."""
+    import torch
+
+    def forward(ids, state):
+        with torch.no_grad():
+            if state is None:
+                state = model.init_state(1)
+            if len(ids) > 1:
+                hidden, state = model.forward_hidden(torch.tensor([ids]), state)
+                return model.head(hidden[:, -1]).float()[0], state
+            logits, state = model.step(torch.tensor(ids), state)
+            return logits[0], state
+
+    return infer.LoopRunner("loop", forward, tok)
+
+
+def test_loop_runner_samples_like_the_engine(tiny_model, tok):
+    """One sampling step for both: the same logits, parameters and seed give the same
+    tokens through generate.Engine and infer.LoopRunner (penalties and nucleus on)."""
+    ids = tok.encode("Once upon a time there was")
+    runner = _loop_runner_over(tiny_model, tok)
+    texts = {}
+    for seed in (7, 8):
+        p = SamplingParams(temperature=1.0, top_p=0.6, alpha_presence=0.5,
+                           alpha_frequency=0.5, max_tokens=12, seed=seed, token_stop=())
+        h = Engine(tiny_model, tok, cache_prompts=False).generate(ids, p)
+        text, reason, n = runner.generate(ids, p, lambda t: None)
+        assert (text, reason, n) == (h.result(), h.finish_reason, h.completion_tokens)
+        texts[seed] = text
+    assert texts[7] != texts[8]  # the seed matters: the match above is not a greedy one
 
 
 def test_missing_model_and_backend_errors(tmp_path, tiny_model_path, tok, capsys):

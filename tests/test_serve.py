@@ -1,6 +1,7 @@
 """Tests for rwkvforge.serve: the official `openai` client against a live uvicorn server on
 127.0.0.1 (a free port, served from a thread) with a tiny random model — completions and
-chat, streaming and not, compared token for token with the engine run directly; API key
+chat, streaming and not, compared token for token with the engine run directly; the
+request -> SamplingParams / message rules and response shapes without an app; API key
 (401), bounded queue (429), validation (400 / 422 naming the field), client disconnect,
 a schemathesis fuzz run (no 500s) and a bounded load test (slow).
 
@@ -20,8 +21,25 @@ import httpx
 import openai
 import pytest
 
-from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
-from rwkvforge.serve import ServeOptions, create_app
+from rwkvforge.generate import (
+    CHAT_DEFAULTS,
+    CHAT_STOP,
+    Engine,
+    SamplingParams,
+    chat_params,
+    encode_chat_prompt,
+)
+from rwkvforge.serve import (
+    APIError,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    Reply,
+    ServeOptions,
+    chat_messages,
+    create_app,
+    sampling_params,
+)
 
 
 def _free_port() -> int:
@@ -87,6 +105,89 @@ def _direct(parts, ids, **kw) -> tuple[str, int]:
     return h.result(), h.completion_tokens
 
 
+# ----------------------------------------------------------------------------- no app
+def _raises(fn, *a, **kw) -> APIError:
+    with pytest.raises(APIError) as e:
+        fn(*a, **kw)
+    return e.value
+
+
+def test_request_to_sampling_params():
+    opts = ServeOptions(max_tokens=100, default_max_tokens=256)
+    body = CompletionRequest(prompt="hi", temperature=0.5, top_p=0.9, top_k=7, seed=3,
+                             presence_penalty=0.1, frequency_penalty=0.2, penalty_decay=0.9,
+                             stop="END")
+    p = sampling_params(body, opts, chat=False)
+    assert (p.temperature, p.top_p, p.top_k, p.seed) == (0.5, 0.9, 7, 3)
+    assert (p.alpha_presence, p.alpha_frequency, p.alpha_decay) == (0.1, 0.2, 0.9)
+    assert p.stop == ("END",)
+    assert p.max_tokens == 100  # the default, capped by the server's limit
+    e = _raises(sampling_params, CompletionRequest(prompt="x", max_tokens=101), opts,
+                chat=False)
+    assert (e.status, e.param) == (400, "max_tokens") and "SERVE_MAX_TOKENS" in e.message
+    for stop in (["a"] * 5, [""], ["x" * 257]):
+        assert _raises(sampling_params, CompletionRequest(prompt="x", stop=stop), opts,
+                       chat=False).param == "stop"
+    chat = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                       max_completion_tokens=9, stop=["END"])
+    p = sampling_params(chat, opts, chat=True)
+    assert p.max_tokens == 9  # max_completion_tokens wins over the older max_tokens
+    assert p.stop == ("END",) + CHAT_STOP  # a chat reply also ends at its blank line
+    chat = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_completion_tokens=500)
+    assert _raises(sampling_params, chat, opts, chat=True).param == "max_completion_tokens"
+    # chat: a field the client leaves out takes CHAT_DEFAULTS, one it sends (0 too) wins;
+    # a completion keeps the OpenAI defaults
+    chat = ChatRequest(messages=[{"role": "user", "content": "hi"}], presence_penalty=0.0,
+                       top_p=None)  # null = not sent
+    p = sampling_params(chat, opts, chat=True)
+    assert (p.alpha_presence, p.alpha_frequency) == (0.0, CHAT_DEFAULTS.alpha_frequency)
+    assert (p.top_p, p.temperature) == (CHAT_DEFAULTS.top_p, CHAT_DEFAULTS.temperature)
+    p = sampling_params(CompletionRequest(prompt="hi"), opts, chat=False)
+    assert (p.top_p, p.temperature, p.alpha_presence, p.alpha_frequency, p.stop) == \
+        (1.0, 1.0, 0.0, 0.0, ())
+
+
+def _msgs(*pairs) -> list[ChatMessage]:
+    return [ChatMessage(role=r, content=c) for r, c in pairs]
+
+
+def test_chat_message_normalisation():
+    msgs = _msgs(("developer", "Be brief."), ("system", "Use English."),
+                 ("user", [{"type": "text", "text": "part one"},
+                           {"type": "text", "text": "part two"}]),
+                 ("user", "again"), ("assistant", "ok"), ("user", "bye"))
+    assert chat_messages(msgs) == [
+        {"role": "system", "content": "Be brief.\nUse English."},
+        {"role": "user", "content": "part one\npart two\nagain"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "bye"}]
+    # errors name the client's own index, counted before merging
+    e = _raises(chat_messages, _msgs(("user", "a"), ("user", "b"), ("system", "s")))
+    assert e.message.startswith("messages[2]: a system message after") and e.param == "messages"
+    e = _raises(chat_messages, _msgs(("system", "s"), ("assistant", "a")))
+    assert e.message.startswith("messages[1]: an assistant message before any user")
+    e = _raises(chat_messages, _msgs(("user", "a"), ("assistant", "b"), ("assistant", "c")))
+    assert e.message.startswith("messages[2]: the conversation ends with an assistant")
+    assert _raises(chat_messages, _msgs(("system", "s"))).message.startswith(
+        "messages: no user message")
+
+
+def test_reply_shapes():
+    c, t = Reply("m", chat=True), Reply("m", chat=False)
+    assert c.id.startswith("chatcmpl-") and t.id.startswith("cmpl-") and c.id != Reply("m", True).id
+    assert c.chunk("", None, role=True)["choices"][0]["delta"] == {"role": "assistant",
+                                                                   "content": ""}
+    assert c.chunk("", "stop")["choices"][0]["delta"] == {}
+    assert c.chunk("hi", None)["choices"][0]["delta"] == {"content": "hi"}
+    assert t.chunk("hi", None)["choices"][0]["text"] == "hi"
+    assert c.chunk("x", None, usage_only=True)["choices"] == []
+    u = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    whole = c.final("hello", "length", u)
+    assert whole["object"] == "chat.completion" and whole["usage"] == u
+    assert whole["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert t.final("hello", "stop", u)["object"] == "text_completion"
+
+
 # ----------------------------------------------------------------------------- basics
 def test_health_and_models(srv):
     r = httpx.get(srv.base + "/health")
@@ -121,7 +222,8 @@ def test_chat_matches_engine_stream_and_not(srv, parts):
     msgs = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Say something."}]
     ids, _ = encode_chat_prompt(msgs, tok)
-    want, n = _direct(parts, ids, temperature=0, max_tokens=8, top_p=1.0, stop=CHAT_STOP)
+    # unsent sampling fields take the chat defaults (penalties on), as in infer / dashboard
+    want, n = _direct(parts, ids, **vars(chat_params(temperature=0, max_tokens=8)))
     r = c.chat.completions.create(model="tiny-test", messages=msgs, max_tokens=8,
                                   temperature=0)
     m = r.choices[0].message

@@ -8,7 +8,12 @@ inference CLI (`rwkvforge infer`), the OpenAI server (`rwkvforge serve`) and eva
   stop strings, max tokens, seed.
 * `filter_probs_ref` / `sample_ref` / `PenaltyStateRef`: slow, obviously-correct one-row
   versions of the PIPELINE rules; `filter_probs_batch` / `sample_batch` / `apply_penalties`:
-  the batched fast path used by the engine. tests/test_generate.py holds them together.
+  the batched fast path. tests/test_generate.py holds them together.
+* `sample_step` / `count_token`: one sampling step (bans, penalties, cut, draw; then the
+  occurrence update), the one used by the engine and by infer.LoopRunner.
+* `CHAT_DEFAULTS` / `chat_params` / `encode_chat_prompt` / `CHAT_STOP`: the one chat encoding
+  (turn by turn, as training encodes it), the one end-of-reply rule and the one set of chat
+  sampling defaults, for infer, serve and the dashboard.
 * `TextStream`: bytes -> text (partial UTF-8 held back) with stop strings matched on the
   decoded text, across token boundaries, holding back text that could start a stop string.
 * `PrefixCache`: LRU of (token prefix -> RNN state + last logits) so a shared system prompt
@@ -40,10 +45,12 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+
+from rwkvforge.tokenizer import chat_segments
 
 # A token's text that matches one of these gets occurrence weight 0 (presence penalty only,
 # no frequency growth): PIPELINE's `ttt in ' \t0123456789'` rule (a substring test).
@@ -103,9 +110,6 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.alpha_presence != 0 or self.alpha_frequency != 0
-
-
-_WEIGHTS_CACHE: dict[tuple[int, int], torch.Tensor] = {}  # (id(tokenizer), V) -> weights
 
 
 def token_occurrence_weights(tokenizer: Any, vocab_size: int) -> torch.Tensor:
@@ -273,6 +277,65 @@ def apply_penalties(logits: torch.Tensor, occurrence: torch.Tensor, seen: torch.
 
 
 # --------------------------------------------------------------------------------------
+# One sampling step: the engine's batch and infer.LoopRunner's single stream both use it
+# --------------------------------------------------------------------------------------
+
+_WEIGHTS_CACHE: dict[tuple[int, int], torch.Tensor] = {}  # (id(tokenizer), V) -> weights
+
+
+def occurrence_weights(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """`token_occurrence_weights`, built once per (tokenizer, vocabulary size): building
+    them decodes every token."""
+    key = (id(tokenizer), vocab_size)
+    if key not in _WEIGHTS_CACHE:
+        _WEIGHTS_CACHE[key] = token_occurrence_weights(tokenizer, vocab_size)
+    return _WEIGHTS_CACHE[key]
+
+
+def request_generator(seed: int | None) -> torch.Generator:
+    """One request's own random stream (`seed`; None: a fresh random seed), so its draws
+    do not depend on what else is being sampled."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    return torch.Generator().manual_seed(seed)
+
+
+def sample_step(logits: torch.Tensor, params: Sequence[SamplingParams],
+                gens: Sequence[torch.Generator], occ: torch.Tensor,
+                seen: torch.Tensor) -> list[int]:
+    """The next token of each stream: logits (B,V) (any device), row i sampled with
+    params[i] (bans, then penalties from its decayed counts occ (B,V) / seen (B,V) bool,
+    then `sample_batch`) and one uniform draw from gens[i]. Sampling runs on the CPU,
+    where occ / seen and the generators live."""
+    logits = logits.float().cpu()
+    ban = None
+    if any(p.token_ban for p in params):
+        ban = torch.zeros(logits.shape, dtype=torch.bool)
+        for i, p in enumerate(params):
+            if p.token_ban:
+                ban[i, list(p.token_ban)] = True
+    if ban is not None or any(p.uses_penalties for p in params):
+        logits = apply_penalties(
+            logits, occ, seen, torch.tensor([p.alpha_presence for p in params]),
+            torch.tensor([p.alpha_frequency for p in params]), ban)
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
+    u = torch.cat([torch.rand(1, generator=g) for g in gens])
+    return sample_batch(logits, temp, top_p, top_k, u).tolist()
+
+
+def count_token(params: SamplingParams, tok: int, occ: torch.Tensor, seen: torch.Tensor,
+                tokenizer: Any) -> None:
+    """Record generated token `tok` in one stream's occ (V,) / seen (V,), in place.
+    PIPELINE order: decay the old counts, then count the new token."""
+    if params.uses_penalties:
+        occ.mul_(params.alpha_decay)
+        occ[tok] += occurrence_weights(tokenizer, occ.shape[-1])[tok]
+        seen[tok] = True
+
+
+# --------------------------------------------------------------------------------------
 # Text: incremental UTF-8 + stop strings
 # --------------------------------------------------------------------------------------
 
@@ -430,14 +493,44 @@ class PrefixCache:
 CHAT_STOP = ("\n\n",)
 
 
+@dataclass(frozen=True)
+class ChatDefaults:
+    """How a chat reply samples when the user sets nothing: one set for `rwkvforge infer`,
+    the server's /v1/chat/completions and the dashboard's Chat page, so one model answers
+    alike in all three. The values are RWKV's own chat demo for World models (ChatRWKV
+    API_DEMO_CHAT.py): a narrow nucleus keeps a small model on topic, the penalties keep it
+    from repeating itself."""
+
+    temperature: float = 1.0
+    top_p: float = 0.3
+    top_k: int = 0
+    alpha_presence: float = 0.5
+    alpha_frequency: float = 0.5
+    alpha_decay: float = 0.996
+
+
+CHAT_DEFAULTS = ChatDefaults()
+
+
+def chat_params(stop: Sequence[str] = (), **fields: Any) -> SamplingParams:
+    """SamplingParams of a chat reply: CHAT_DEFAULTS, overridden by `fields`; the reply
+    ends at `stop` and at CHAT_STOP (the end of the assistant's turn)."""
+    return SamplingParams(**{**asdict(CHAT_DEFAULTS), **fields},
+                          stop=tuple(stop) + CHAT_STOP)
+
+
+def chat_turn(prompt: str, system: str = "") -> list[dict[str, str]]:
+    """The messages of a one-turn chat: the system message (when not blank), the user's."""
+    return ([{"role": "system", "content": system}] if system.strip() else []) + \
+        [{"role": "user", "content": prompt}]
+
+
 def encode_chat_prompt(messages: list[dict[str, str]], tokenizer: Any
                        ) -> tuple[list[int], list[int]]:
     """Token ids of `messages` + the "Assistant:" generation prompt, encoded turn by turn
     exactly as training encodes them (tokenizer.chat_segments), and the token offsets
     where turns end — cache points: the state after a shared system prompt or an earlier
     turn is computed once and reused by later requests."""
-    from rwkvforge.tokenizer import chat_segments
-
     # chat_segments wants a conversation ending with an assistant reply: add a dummy one
     # and drop its segment; the text is then exactly render_chat(messages).
     segs = chat_segments(list(messages) + [{"role": "assistant", "content": "x"}])[:-1]
@@ -574,7 +667,6 @@ class Engine:
         self.cache_prompts = cache_prompts
         self.device = torch.device(device)
         self.vocab_size = int(model.head.weight.shape[0])
-        self._weights: torch.Tensor | None = None  # occurrence weights, built lazily
         self._waiting: deque[tuple[Request, Handle]] = deque()
         self._prefilling: list[tuple[Request, Handle]] = []
         self._decoding: list[tuple[Request, Handle]] = []
@@ -703,8 +795,7 @@ class Engine:
 
     def _start(self, req: Request) -> None:
         p = req.params
-        seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        req.gen = torch.Generator().manual_seed(seed)
+        req.gen = request_generator(p.seed)
         req.text = TextStream(p.stop)
         n, st, lg = self.cache.lookup(req.prompt_ids)
         if n:
@@ -756,14 +847,6 @@ class Engine:
         return n
 
     # ---- decode -------------------------------------------------------------------------
-    def _ensure_weights(self) -> torch.Tensor:
-        if self._weights is None:
-            key = (id(self.tok), self.vocab_size)
-            if key not in _WEIGHTS_CACHE:
-                _WEIGHTS_CACHE[key] = token_occurrence_weights(self.tok, self.vocab_size)
-            self._weights = _WEIGHTS_CACHE[key]
-        return self._weights
-
     def _join(self, req: Request, h: Handle) -> None:
         """Prefill finished: sample the first token from the prompt's logits and add the
         stream to the decode batch (or finish it right away)."""
@@ -811,23 +894,7 @@ class Engine:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor, occ: torch.Tensor,
                 seen: torch.Tensor) -> list[int]:
-        ps = [r.params for r in reqs]
-        logits = logits.float()
-        ban = None
-        if any(p.token_ban for p in ps):
-            ban = torch.zeros(logits.shape, dtype=torch.bool)
-            for i, p in enumerate(ps):
-                if p.token_ban:
-                    ban[i, list(p.token_ban)] = True
-        if ban is not None or any(p.uses_penalties for p in ps):
-            logits = apply_penalties(
-                logits, occ, seen, torch.tensor([p.alpha_presence for p in ps]),
-                torch.tensor([p.alpha_frequency for p in ps]), ban)
-        temp = torch.tensor([p.temperature for p in ps], dtype=torch.float32)
-        top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32)
-        top_k = torch.tensor([p.top_k for p in ps], dtype=torch.long)
-        u = torch.cat([torch.rand(1, generator=r.gen) for r in reqs])
-        return sample_batch(logits, temp, top_p, top_k, u).tolist()
+        return sample_step(logits, [r.params for r in reqs], [r.gen for r in reqs], occ, seen)
 
     def _emit(self, req: Request, h: Handle, tok: int, occ: torch.Tensor,
               seen: torch.Tensor) -> bool:
@@ -839,10 +906,7 @@ class Engine:
             self._finish(req, h, "stop")
             return True
         req.generated.append(tok)
-        if p.uses_penalties:  # PIPELINE order: decay old counts, then count the new token
-            occ.mul_(p.alpha_decay)
-            occ[tok] += self._ensure_weights()[tok]
-            seen[tok] = True
+        count_token(p, tok, occ, seen, self.tok)
         text, stopped = req.text.feed(self.tok.decode_bytes([tok]))
         if stopped:
             if text:

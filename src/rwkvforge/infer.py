@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
@@ -32,18 +31,21 @@ import torch
 
 from rwkvforge import config as cfgmod
 from rwkvforge.generate import (
-    CHAT_STOP,
+    CHAT_DEFAULTS,
     LeadingSpaceStrip,
     PrefixCache,
     SamplingParams,
     TextStream,
-    apply_penalties,
+    chat_params,
+    chat_turn,
+    count_token,
     encode_chat_prompt,
-    sample_batch,
-    token_occurrence_weights,
+    request_generator,
+    sample_step,
 )
 from rwkvforge.paths import demo_model_path, workspace_root
 from rwkvforge.runtime import keep_freed_memory
+from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -130,7 +132,6 @@ class LoopRunner:
         self.tok = tokenizer
         self.chunk = chunk
         self.cache = PrefixCache()
-        self._weights: torch.Tensor | None = None
 
     def generate(self, ids: list[int], params: SamplingParams, on_text: Callable[[str], None],
                  cache_at: Sequence[int] = ()) -> tuple[str, str, int]:
@@ -146,32 +147,16 @@ class LoopRunner:
             self.cache.put(ids[:end], state, logits)
         V = logits.shape[-1]
         occ, seen = torch.zeros(1, V), torch.zeros(1, V, dtype=torch.bool)
-        ban = None
-        if params.token_ban:
-            ban = torch.zeros(1, V, dtype=torch.bool)
-            ban[0, list(params.token_ban)] = True
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None
-                                            else int(time.time_ns() % (2**62)))
+        gen = request_generator(params.seed)
         ts = TextStream(params.stop)
         n_out, reason = 0, "length"
         while n_out < params.max_tokens:
-            lg = logits.float().reshape(1, -1)
-            if ban is not None or params.uses_penalties:
-                lg = apply_penalties(lg, occ, seen, torch.tensor([params.alpha_presence]),
-                                     torch.tensor([params.alpha_frequency]), ban)
-            tok = int(sample_batch(lg, torch.tensor([params.temperature]),
-                                   torch.tensor([params.top_p]), torch.tensor([params.top_k]),
-                                   torch.rand(1, generator=gen))[0])
+            tok = sample_step(logits.reshape(1, -1), [params], [gen], occ, seen)[0]
             if tok in params.token_stop:
                 reason = "stop"
                 break
             n_out += 1
-            if params.uses_penalties:
-                if self._weights is None:
-                    self._weights = token_occurrence_weights(self.tok, V)
-                occ.mul_(params.alpha_decay)
-                occ[0, tok] += self._weights[tok]
-                seen[0, tok] = True
+            count_token(params, tok, occ[0], seen[0], self.tok)
             text, stopped = ts.feed(self.tok.decode_bytes([tok]))
             if text:
                 on_text(text)
@@ -304,15 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="weight dtype: auto = fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-p", type=float, default=0.3,
-                    help="nucleus cut (RWKV chat default 0.3; 1 = off)")
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--presence-penalty", type=float, default=0.5)
-    ap.add_argument("--frequency-penalty", type=float, default=0.5)
-    ap.add_argument("--penalty-decay", type=float, default=0.996)
+    # sampling defaults: the chat ones (generate.CHAT_DEFAULTS), also for --raw
+    d = CHAT_DEFAULTS
+    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--top-p", type=float, default=d.top_p,
+                    help="nucleus cut (default %(default)s, RWKV's chat default; 1 = off)")
+    ap.add_argument("--top-k", type=int, default=d.top_k)
+    ap.add_argument("--presence-penalty", type=float, default=d.alpha_presence)
+    ap.add_argument("--frequency-penalty", type=float, default=d.alpha_frequency)
+    ap.add_argument("--penalty-decay", type=float, default=d.alpha_decay)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     return ap
+
+
+def sampling_params(args: argparse.Namespace, chat: bool, seed: int | None) -> SamplingParams:
+    """The sampling flags -> SamplingParams; a chat reply also ends at its turn's end
+    (generate.chat_params)."""
+    fields = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  alpha_presence=args.presence_penalty, alpha_frequency=args.frequency_penalty,
+                  alpha_decay=args.penalty_decay, max_tokens=args.max_tokens, seed=seed)
+    if chat:
+        return chat_params(args.stop, **fields)
+    return SamplingParams(stop=tuple(args.stop), **fields)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,8 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     except InferError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
-
     try:
         path, is_demo = resolve_model_path(s.base_model)
         if is_demo:
@@ -345,12 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def params(chat: bool) -> SamplingParams:
-        p = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                           alpha_presence=args.presence_penalty,
-                           alpha_frequency=args.frequency_penalty,
-                           alpha_decay=args.penalty_decay, max_tokens=args.max_tokens,
-                           stop=tuple(args.stop) + (CHAT_STOP if chat else ()), seed=s.seed)
-        return p.validate(tok.vocab_size)
+        return sampling_params(args, chat, s.seed).validate(tok.vocab_size)
 
     def out(text: str) -> None:
         sys.stdout.write(text)
@@ -361,9 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.raw:
                 runner.generate(tok.encode(args.prompt), params(False), out)
             else:
-                msgs = ([{"role": "system", "content": args.system}] if args.system else [])
-                msgs.append({"role": "user", "content": args.prompt})
-                ids, ends = encode_chat_prompt(msgs, tok)
+                ids, ends = encode_chat_prompt(chat_turn(args.prompt, args.system), tok)
                 runner.generate(ids, params(True), lambda t, f=LeadingSpaceStrip(): out(f(t)),
                                 cache_at=ends)
             out("\n")

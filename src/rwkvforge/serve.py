@@ -9,8 +9,11 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`"stream": true` = server-sent events ending with `data: [DONE]`). Sampling fields:
 temperature, top_p, top_k, max_tokens (capped by SERVE_MAX_TOKENS), stop, presence_penalty,
-frequency_penalty, penalty_decay, seed. Chat messages are rendered in the RWKV World format
-("User: ...\\n\\nAssistant:") and a reply ends at its blank line.
+frequency_penalty, penalty_decay, seed; a chat request that leaves one out gets the chat
+default that `rwkvforge infer` and the dashboard use (generate.CHAT_DEFAULTS, RWKV's chat
+demo values), a completion the OpenAI default. Chat messages are encoded in the RWKV World
+format ("User: ...\\n\\nAssistant:", generate.encode_chat_prompt) and a reply ends at its
+blank line.
 
 One engine thread decodes every running request together: new requests join at the next
 step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
@@ -19,6 +22,11 @@ disconnects cancels its request. Binds SERVE_HOST (127.0.0.1 by default); SERVE_
 turns on `Authorization: Bearer` checks (401); more than SERVE_MAX_QUEUE waiting requests
 get 429; bad fields get 400 / 422 naming the field. The `model` field of a request is not
 checked (any name is served by the one loaded model, as in RWKV-Runner).
+
+Layout: a request becomes prompt ids and SamplingParams in plain functions
+(`completion_prompt`, `chat_prompt`, `chat_messages`, `sampling_params`); engine events become
+response bodies in `Reply`, `collect` and `stream_events`; `create_app` only wires routes, so
+every rule above is testable without a server.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Union
+from typing import Any, AsyncIterator, Literal, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,15 +50,17 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvforge.generate import (
-    CHAT_STOP,
+    CHAT_DEFAULTS,
     Engine,
     Event,
     Handle,
     LeadingSpaceStrip,
     QueueFull,
     SamplingParams,
+    chat_params,
     encode_chat_prompt,
 )
+from rwkvforge.tokenizer import ChatFormatError
 
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 
@@ -68,11 +78,19 @@ class _Sampling(BaseModel):
 
     model: str = Field("", max_length=256)
     max_tokens: int | None = Field(None, ge=1, description="capped by SERVE_MAX_TOKENS")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    # the defaults below are a completion's; a chat request that does not send a field gets
+    # generate.CHAT_DEFAULTS' value (see sampling_params)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description=f"chat: {CHAT_DEFAULTS.temperature} when not sent")
+    top_p: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description=f"chat: {CHAT_DEFAULTS.top_p} when not sent")
     top_k: int = Field(0, ge=0, le=1 << 20, description="RWKV extra: 0 = off")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description=f"chat: {CHAT_DEFAULTS.alpha_presence} when not sent")
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description=f"chat: {CHAT_DEFAULTS.alpha_frequency} when not sent")
     penalty_decay: float = Field(0.996, ge=0.0, le=1.0, allow_inf_nan=False,
                                  description="RWKV extra: occurrence decay per token")
     stop: Union[str, list[str], None] = Field(None, description="up to 4 strings")
@@ -212,6 +230,304 @@ class ServeOptions:
     default_max_tokens: int = 256
 
 
+# --------------------------------------------------------------------------------------
+# request -> prompt ids and sampling parameters (plain functions: tests call them directly)
+# --------------------------------------------------------------------------------------
+
+# request field -> SamplingParams field
+_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "presence_penalty": "alpha_presence",
+                    "frequency_penalty": "alpha_frequency", "penalty_decay": "alpha_decay"}
+
+
+def sampling_params(req: _Sampling, opts: ServeOptions, *, chat: bool) -> SamplingParams:
+    """The engine's SamplingParams for a request. A chat request's sampling fields that the
+    client did not send take generate.CHAT_DEFAULTS and its reply also ends at CHAT_STOP
+    (generate.chat_params); a completion takes the schema's defaults. max_tokens (a chat
+    request's max_completion_tokens when sent) defaults to opts.default_max_tokens and may
+    not pass opts.max_tokens; at most 4 stop strings of 1 to 256 characters. Raises
+    APIError(400) naming the field."""
+    field = "max_tokens"
+    if chat and getattr(req, "max_completion_tokens", None) is not None:
+        field = "max_completion_tokens"
+    mt = getattr(req, field)
+    if mt is None:
+        mt = min(opts.default_max_tokens, opts.max_tokens)
+    if mt > opts.max_tokens:
+        raise APIError(400, f"{field}={mt} is over this server's limit "
+                       f"{opts.max_tokens} (SERVE_MAX_TOKENS)", field)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4:
+        raise APIError(400, f"stop has {len(stops)} strings; at most 4 are allowed", "stop")
+    for s in stops:
+        if not s or len(s) > 256:
+            raise APIError(400, "each stop string must be 1 to 256 characters", "stop")
+    fields = {ours: getattr(req, theirs) for theirs, ours in _SAMPLING_FIELDS.items()
+              if not chat or theirs in req.model_fields_set}  # chat: unsent = CHAT_DEFAULTS
+    if chat:
+        return chat_params(stops, **fields, max_tokens=mt, seed=req.seed)
+    return SamplingParams(**fields, max_tokens=mt, seed=req.seed, stop=tuple(stops))
+
+
+def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """OpenAI chat messages -> the World format's {role, content} turns: "developer" is
+    "system", content parts are joined by newlines, consecutive turns of one speaker are
+    merged. Raises APIError(400) naming the client's own message index (before merging)
+    when the order cannot be written as [system] user, assistant, ..., user."""
+    msgs: list[dict[str, str]] = []
+    seen_user = False
+    for i, m in enumerate(messages):
+        text = m.content if isinstance(m.content, str) else \
+            "\n".join(part.text for part in m.content)
+        role = "system" if m.role == "developer" else m.role
+        if role == "system" and msgs and msgs[-1]["role"] != "system":
+            raise APIError(400, f"messages[{i}]: a system message after the conversation "
+                           "started; put system messages first", "messages")
+        if role == "assistant" and not seen_user:
+            raise APIError(400, f"messages[{i}]: an assistant message before any user "
+                           "message", "messages")
+        seen_user |= role == "user"
+        if msgs and msgs[-1]["role"] == role:
+            msgs[-1]["content"] += "\n" + text  # consecutive turns of one speaker
+        else:
+            msgs.append({"role": role, "content": text})
+    if not seen_user:
+        raise APIError(400, "messages: no user message (only system messages)", "messages")
+    if msgs[-1]["role"] == "assistant":
+        raise APIError(400, f"messages[{len(messages) - 1}]: the conversation ends "
+                       "with an assistant message; end it with the user's turn (this "
+                       "server writes the next assistant reply, it does not continue one)",
+                       "messages")
+    return msgs
+
+
+def chat_prompt(body: ChatRequest, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, turn ends = prefix-cache points) of a chat request, in the one chat
+    encoding (generate.encode_chat_prompt); APIError(400) for what this server refuses."""
+    if body.logprobs:
+        raise APIError(400, "logprobs is not supported by this server", "logprobs")
+    if body.tools:
+        raise APIError(400, "tools are not supported by this server", "tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise APIError(400, "only response_format type 'text' is supported",
+                       "response_format")
+    try:
+        return encode_chat_prompt(chat_messages(body.messages), tokenizer)
+    except (ChatFormatError, ValueError) as e:
+        raise APIError(400, str(e), "messages") from None
+
+
+def completion_prompt(body: CompletionRequest, tokenizer: Any) -> list[int]:
+    """Prompt ids of a completion request (text, or token ids; one prompt per request);
+    APIError(400) for the fields this server does not support."""
+    for name, bad in (("echo", body.echo), ("logprobs", body.logprobs is not None),
+                      ("suffix", bool(body.suffix)), ("best_of", (body.best_of or 1) > 1)):
+        if bad:
+            raise APIError(400, f"{name} is not supported by this server", name)
+    p = body.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (str, list)):
+        if len(p) != 1:
+            raise APIError(400, f"prompt holds {len(p)} prompts; send one per request",
+                           "prompt")
+        p = p[0]
+    try:
+        return tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+    except ValueError as e:  # e.g. a lone surrogate from a "\ud800" escape
+        raise APIError(400, str(e), "prompt") from None
+
+
+def check_prompt_len(ids: list[int], param: str, opts: ServeOptions) -> None:
+    if len(ids) > opts.max_prompt_tokens:
+        raise APIError(400, f"the prompt is {len(ids)} tokens; this server accepts at "
+                       f"most {opts.max_prompt_tokens} (--max-prompt-tokens)", param)
+
+
+# --------------------------------------------------------------------------------------
+# engine events -> response bodies (one non-streaming, one server-sent-events builder)
+# --------------------------------------------------------------------------------------
+
+class Reply:
+    """The response objects of one request: its id and creation time, and the chunk /
+    final shapes of its endpoint (text completion or chat)."""
+
+    def __init__(self, model_id: str, chat: bool):
+        self.model_id, self.chat = model_id, chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id}
+
+    def chunk(self, text: str, reason: str | None, usage_only: bool = False,
+              role: bool = False) -> dict:
+        """A streamed piece (`role`: a chat stream's opening {"role": "assistant"})."""
+        if not self.chat:
+            return {**self._head("text_completion"), "choices": [] if usage_only else
+                    [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
+            ({"content": text} if text else {})
+        return {**self._head("chat.completion.chunk"), "choices": [] if usage_only else
+                [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+    def final(self, text: str, reason: str, usage: dict) -> dict:
+        """The whole answer of a non-streaming request."""
+        if not self.chat:
+            return {**self.chunk(text, reason), "usage": usage}
+        return {**self._head("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": reason}],
+                "usage": usage}
+
+
+def usage(h: Handle) -> dict:
+    return {"prompt_tokens": h.prompt_tokens, "completion_tokens": h.completion_tokens,
+            "total_tokens": h.prompt_tokens + h.completion_tokens}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def submit(engine: Engine, ids: list[int], params: SamplingParams,
+           cache_at: list[int]) -> tuple[Handle, asyncio.Queue]:
+    """Queue a request on the engine; its events arrive on the returned asyncio queue (of
+    the running loop). QueueFull -> 429, a parameter the engine refuses -> 400."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+
+    def on_event(ev: Event) -> None:  # called on the engine thread
+        loop.call_soon_threadsafe(q.put_nowait, ev)
+
+    try:
+        return engine.submit(ids, params, cache_at=cache_at, on_event=on_event), q
+    except QueueFull as e:
+        raise APIError(429, f"server busy: {e}; retry later", None,
+                       "rate_limit_error", "queue_full") from None
+    except ValueError as e:
+        msg = str(e)
+        param = msg.split()[2].split("=")[0] if msg.startswith("sampling parameter") \
+            else "prompt"
+        raise APIError(400, msg, param) from None
+
+
+async def collect(request: Request, h: Handle, q: asyncio.Queue,
+                  strip: LeadingSpaceStrip | None) -> tuple[str, str]:
+    """Wait for the whole answer -> (text, finish reason); cancel it if the client goes
+    away (499)."""
+    parts: list[str] = []
+    last_check = time.monotonic()
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(q.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() - last_check > 0.5:  # tokens may flow faster than that
+                last_check = time.monotonic()
+                if await request.is_disconnected():
+                    h.cancel()
+                    raise APIError(499, "client disconnected")
+            if ev is None:
+                continue
+            parts.append(strip(ev.text) if strip else ev.text)
+            if ev.finish_reason is not None:
+                if ev.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {ev.error}", None,
+                                   "server_error")
+                return "".join(parts), ev.finish_reason
+    finally:
+        if not h.done.is_set():
+            h.cancel()
+
+
+async def stream_events(h: Handle, q: asyncio.Queue, reply: Reply, include_usage: bool,
+                        strip: LeadingSpaceStrip | None) -> AsyncIterator[str]:
+    """Server-sent events of one request: (a chat's role chunk,) text chunks, the finish
+    reason, (usage,) `data: [DONE]`. Stops the request when the client goes away."""
+    try:
+        if reply.chat:
+            yield sse(reply.chunk("", None, role=True))
+        while True:
+            ev: Event = await q.get()
+            text = strip(ev.text) if strip else ev.text
+            reason = ev.finish_reason
+            if reason == "error":
+                yield sse(_error_body(f"generation failed: {ev.error}", "server_error",
+                                      None, None))
+                break
+            if text or reason is not None:
+                yield sse(reply.chunk(text, reason if reason != "cancelled" else "stop"))
+            if reason is not None:
+                if include_usage:
+                    yield sse({**reply.chunk("", None, usage_only=True), "usage": usage(h)})
+                break
+        yield "data: [DONE]\n\n"
+    finally:  # client went away (or we finished): stop generating
+        if not h.done.is_set():
+            h.cancel()
+
+
+async def respond(request: Request, engine: Engine, body: _Sampling, ids: list[int],
+                  params: SamplingParams, cache_at: list[int], reply: Reply) -> Any:
+    """Run one request on the engine and answer it, streamed or whole."""
+    h, q = submit(engine, ids, params, cache_at)
+    strip = LeadingSpaceStrip() if reply.chat else None
+    if body.stream:
+        inc = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream_events(h, q, reply, inc, strip),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
+    text, reason = await collect(request, h, q, strip)
+    return reply.final(text, reason, usage(h))
+
+
+# --------------------------------------------------------------------------------------
+# errors in the OpenAI shape
+# --------------------------------------------------------------------------------------
+
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(_error_body(e.message, e.type, e.param, e.code), e.status,
+                        headers=headers)
+
+
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(_error_body(
+            f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')} "
+            f"at character {first.get('loc', ('', '?'))[-1]})", "invalid_request_error",
+            None, "invalid_json"), 400)
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    ctype = request.headers.get("content-type", "")
+    if not loc and "json" not in ctype:
+        return JSONResponse(_error_body(
+            f"the request body must be a JSON object sent with 'Content-Type: "
+            f"application/json' (got {ctype or 'no Content-Type'})",
+            "invalid_request_error", None, "invalid_content_type"), 400)
+    msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}"
+                    f": {er.get('msg', 'invalid')}" for er in errs[:5])
+    return JSONResponse(_error_body(msg, "invalid_request_error", param, "invalid_value"),
+                        422)
+
+
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    # 404 / 405 and friends in the OpenAI error shape, not FastAPI's {"detail": ...}
+    msg = {404: f"no such endpoint: {request.method} {request.url.path}",
+           405: f"{request.method} is not allowed on {request.url.path}"}.get(
+               e.status_code, str(e.detail))
+    return JSONResponse(_error_body(msg, "invalid_request_error", None,
+                                    "not_found" if e.status_code == 404 else None),
+                        e.status_code, headers=getattr(e, "headers", None))
+
+
+# --------------------------------------------------------------------------------------
+# the app: route wiring only
+# --------------------------------------------------------------------------------------
+
 def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
                own_engine: bool = True) -> FastAPI:
     """The FastAPI app. The engine thread starts / stops with the app's lifespan when
@@ -229,47 +545,11 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
 
     app = FastAPI(title="rwkvforge OpenAI-compatible server", lifespan=lifespan,
                   version="1")
-    created = int(time.time())
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(_error_body(e.message, e.type, e.param, e.code), e.status,
-                            headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        errs = e.errors()
-        first = errs[0] if errs else {}
-        if first.get("type") == "json_invalid":
-            return JSONResponse(_error_body(
-                f"the request body is not valid JSON ({first.get('ctx', {}).get('error', '')} "
-                f"at character {first.get('loc', ('', '?'))[-1]})", "invalid_request_error",
-                None, "invalid_json"), 400)
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        ctype = request.headers.get("content-type", "")
-        if not loc and "json" not in ctype:
-            return JSONResponse(_error_body(
-                f"the request body must be a JSON object sent with 'Content-Type: "
-                f"application/json' (got {ctype or 'no Content-Type'})",
-                "invalid_request_error", None, "invalid_content_type"), 400)
-        msg = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body') or 'body'}"
-                        f": {er.get('msg', 'invalid')}" for er in errs[:5])
-        return JSONResponse(_error_body(msg, "invalid_request_error", param, "invalid_value"),
-                            422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        # 404 / 405 and friends in the OpenAI error shape, not FastAPI's {"detail": ...}
-        msg = {404: f"no such endpoint: {request.method} {request.url.path}",
-               405: f"{request.method} is not allowed on {request.url.path}"}.get(
-                   e.status_code, str(e.detail))
-        return JSONResponse(_error_body(msg, "invalid_request_error", None,
-                                        "not_found" if e.status_code == 404 else None),
-                            e.status_code, headers=getattr(e, "headers", None))
-
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(_GuardMiddleware, api_key=opts.api_key)
+    created = int(time.time())
 
     @app.get("/health")
     async def health() -> dict:
@@ -283,216 +563,21 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
         return {"object": "list", "data": [{"id": opts.model_id, "object": "model",
                                             "created": created, "owned_by": "rwkvforge"}]}
 
-    # ---- shared request handling --------------------------------------------------------
-    def sampling(req: _Sampling, chat: bool, max_tokens: int | None,
-                 field: str = "max_tokens") -> SamplingParams:
-        """`field`: the request field max_tokens came from (named in the error)."""
-        mt = max_tokens if max_tokens is not None else min(opts.default_max_tokens,
-                                                           opts.max_tokens)
-        if mt > opts.max_tokens:
-            raise APIError(400, f"{field}={mt} is over this server's limit "
-                           f"{opts.max_tokens} (SERVE_MAX_TOKENS)", field)
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stops) > 4:
-            raise APIError(400, f"stop has {len(stops)} strings; at most 4 are allowed", "stop")
-        for s in stops:
-            if not s or len(s) > 256:
-                raise APIError(400, "each stop string must be 1 to 256 characters", "stop")
-        return SamplingParams(
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            alpha_presence=req.presence_penalty, alpha_frequency=req.frequency_penalty,
-            alpha_decay=req.penalty_decay, max_tokens=mt, seed=req.seed,
-            stop=tuple(stops) + (CHAT_STOP if chat else ()))
-
-    def check_prompt_len(ids: list[int], param: str) -> None:
-        if len(ids) > opts.max_prompt_tokens:
-            raise APIError(400, f"the prompt is {len(ids)} tokens; this server accepts at "
-                           f"most {opts.max_prompt_tokens} (--max-prompt-tokens)", param)
-
-    def submit(ids: list[int], params: SamplingParams, cache_at: list[int],
-               loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Handle:
-        def on_event(ev: Event) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(q.put_nowait, ev)
-
-        try:
-            return engine.submit(ids, params, cache_at=cache_at, on_event=on_event)
-        except QueueFull as e:
-            raise APIError(429, f"server busy: {e}; retry later", None,
-                           "rate_limit_error", "queue_full") from None
-        except ValueError as e:
-            msg = str(e)
-            param = msg.split()[2].split("=")[0] if msg.startswith("sampling parameter") \
-                else "prompt"
-            raise APIError(400, msg, param) from None
-
-    async def collect(request: Request, h: Handle, q: asyncio.Queue,
-                      strip: LeadingSpaceStrip | None) -> tuple[str, str]:
-        """Wait for the whole answer; cancel it if the client goes away."""
-        parts: list[str] = []
-        last_check = time.monotonic()
-        try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(q.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    ev = None
-                if time.monotonic() - last_check > 0.5:  # tokens may flow faster than that
-                    last_check = time.monotonic()
-                    if await request.is_disconnected():
-                        h.cancel()
-                        raise APIError(499, "client disconnected")
-                if ev is None:
-                    continue
-                parts.append(strip(ev.text) if strip else ev.text)
-                if ev.finish_reason is not None:
-                    if ev.finish_reason == "error":
-                        raise APIError(500, f"generation failed: {ev.error}", None,
-                                       "server_error")
-                    return "".join(parts), ev.finish_reason
-        finally:
-            if not h.done.is_set():
-                h.cancel()
-
-    def usage(h: Handle) -> dict:
-        return {"prompt_tokens": h.prompt_tokens, "completion_tokens": h.completion_tokens,
-                "total_tokens": h.prompt_tokens + h.completion_tokens}
-
-    def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-    def stream_response(h: Handle, q: asyncio.Queue, make_chunk: Any, include_usage: bool,
-                        strip: LeadingSpaceStrip | None, first: dict | None) -> StreamingResponse:
-        async def gen() -> AsyncIterator[str]:
-            try:
-                if first is not None:
-                    yield sse(first)
-                while True:
-                    ev: Event = await q.get()
-                    text = strip(ev.text) if strip else ev.text
-                    reason = ev.finish_reason
-                    if reason == "error":
-                        yield sse(_error_body(f"generation failed: {ev.error}", "server_error",
-                                              None, None))
-                        break
-                    if text or reason is not None:
-                        yield sse(make_chunk(text, reason if reason != "cancelled" else "stop"))
-                    if reason is not None:
-                        if include_usage:
-                            yield sse({**make_chunk("", None, usage_only=True),
-                                       "usage": usage(h)})
-                        break
-                yield "data: [DONE]\n\n"
-            finally:  # client went away (or we finished): stop generating
-                if not h.done.is_set():
-                    h.cancel()
-
-        return StreamingResponse(gen(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache",
-                                          "X-Accel-Buffering": "no"})
-
-    # ---- /v1/completions --------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        for name, bad in (("echo", body.echo), ("logprobs", body.logprobs is not None),
-                          ("suffix", bool(body.suffix)), ("best_of", (body.best_of or 1) > 1)):
-            if bad:
-                raise APIError(400, f"{name} is not supported by this server", name)
-        p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, f"prompt holds {len(p)} prompts; send one per request",
-                               "prompt")
-            p = p[0]
-        try:
-            ids = tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
-        except ValueError as e:  # e.g. a lone surrogate from a "\ud800" escape
-            raise APIError(400, str(e), "prompt") from None
-        check_prompt_len(ids, "prompt")
-        params = sampling(body, chat=False, max_tokens=body.max_tokens)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        h = submit(ids, params, [], loop, q)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        ids = completion_prompt(body, tokenizer)
+        check_prompt_len(ids, "prompt", opts)
+        params = sampling_params(body, opts, chat=False)
+        return await respond(request, engine, body, ids, params, [],
+                             Reply(opts.model_id, chat=False))
 
-        def chunk(text: str, reason: str | None, usage_only: bool = False) -> dict:
-            return {"id": rid, "object": "text_completion", "created": now,
-                    "model": opts.model_id,
-                    "choices": [] if usage_only else
-                    [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
-
-        if body.stream:
-            inc = bool(body.stream_options and body.stream_options.include_usage)
-            return stream_response(h, q, chunk, inc, None, None)
-        text, reason = await collect(request, h, q, None)
-        return {**chunk(text, reason), "usage": usage(h)}
-
-    # ---- /v1/chat/completions ---------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        if body.logprobs:
-            raise APIError(400, "logprobs is not supported by this server", "logprobs")
-        if body.tools:
-            raise APIError(400, "tools are not supported by this server", "tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format type 'text' is supported",
-                           "response_format")
-        msgs: list[dict[str, str]] = []
-        seen_user = False
-        for i, m in enumerate(body.messages):  # order checked here: i is the client's index
-            text = m.content if isinstance(m.content, str) else \
-                "\n".join(part.text for part in m.content)
-            role = "system" if m.role == "developer" else m.role
-            if role == "system" and msgs and msgs[-1]["role"] != "system":
-                raise APIError(400, f"messages[{i}]: a system message after the conversation "
-                               "started; put system messages first", "messages")
-            if role == "assistant" and not seen_user:
-                raise APIError(400, f"messages[{i}]: an assistant message before any user "
-                               "message", "messages")
-            seen_user |= role == "user"
-            if msgs and msgs[-1]["role"] == role:
-                msgs[-1]["content"] += "\n" + text  # consecutive turns of one speaker
-            else:
-                msgs.append({"role": role, "content": text})
-        if not seen_user:
-            raise APIError(400, "messages: no user message (only system messages)", "messages")
-        if msgs[-1]["role"] == "assistant":
-            raise APIError(400, f"messages[{len(body.messages) - 1}]: the conversation ends "
-                           "with an assistant message; end it with the user's turn (this "
-                           "server writes the next assistant reply, it does not continue one)",
-                           "messages")
-        from rwkvforge.tokenizer import ChatFormatError
-
-        try:
-            ids, ends = encode_chat_prompt(msgs, tokenizer)
-        except (ChatFormatError, ValueError) as e:
-            raise APIError(400, str(e), "messages") from None
-        check_prompt_len(ids, "messages")
-        field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
-        params = sampling(body, chat=True, max_tokens=getattr(body, field), field=field)
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        h = submit(ids, params, ends, loop, q)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        strip = LeadingSpaceStrip()
-
-        def chunk(text: str, reason: str | None, usage_only: bool = False,
-                  role: bool = False) -> dict:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
-                ({"content": text} if text else {})
-            return {"id": rid, "object": "chat.completion.chunk", "created": now,
-                    "model": opts.model_id,
-                    "choices": [] if usage_only else
-                    [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-
-        if body.stream:
-            inc = bool(body.stream_options and body.stream_options.include_usage)
-            return stream_response(h, q, chunk, inc, strip, chunk("", None, role=True))
-        text, reason = await collect(request, h, q, strip)
-        return {"id": rid, "object": "chat.completion", "created": now,
-                "model": opts.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": reason}],
-                "usage": usage(h)}
+        ids, ends = chat_prompt(body, tokenizer)
+        check_prompt_len(ids, "messages", opts)
+        params = sampling_params(body, opts, chat=True)
+        return await respond(request, engine, body, ids, params, ends,
+                             Reply(opts.model_id, chat=True))
 
     return app
 

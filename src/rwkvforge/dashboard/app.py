@@ -510,18 +510,19 @@ def page_chat(runs_dir: Path | None) -> None:
     prompt = persisted(st.text_area, "chat.prompt", tr("chat.default_prompt"),
                        label=tr("chat.prompt"), height=100)
     c = st.columns(4)
+    d = C.ChatRequest("", "")  # the page's defaults (sampling: generate.CHAT_DEFAULTS)
     with c[0]:
-        max_tokens = persisted(st.number_input, "chat.max_tokens", 48,
+        max_tokens = persisted(st.number_input, "chat.max_tokens", d.max_tokens,
                                label=tr("chat.max_tokens"), min_value=1, max_value=1024)
     with c[1]:
-        temperature = persisted(st.number_input, "chat.temperature", 1.0,
+        temperature = persisted(st.number_input, "chat.temperature", d.temperature,
                                 label=tr("chat.temperature"), min_value=0.0, max_value=3.0,
                                 step=0.1)
     with c[2]:
-        top_p = persisted(st.number_input, "chat.top_p", 0.7, label=tr("chat.top_p"),
+        top_p = persisted(st.number_input, "chat.top_p", d.top_p, label=tr("chat.top_p"),
                           min_value=0.0, max_value=1.0, step=0.05)
     with c[3]:
-        seed = persisted(st.number_input, "chat.seed", 42, label=tr("chat.seed"),
+        seed = persisted(st.number_input, "chat.seed", d.seed, label=tr("chat.seed"),
                          min_value=0, max_value=2**31 - 1)
 
     if st.button(tr("chat.generate"), key="chat.go", type="primary"):

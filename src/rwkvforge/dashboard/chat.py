@@ -3,6 +3,9 @@ built-in generator (rwkvforge.generate.Engine) and answer one prompt.
 
 Adapters are merged into the base weights in memory, in fp32, by rwkvforge.merge (the merge
 `rwkvforge merge` writes and verifies); the dashboard never writes a file.
+The prompt is encoded and sampled as `rwkvforge infer` and `rwkvforge serve` do it
+(generate.encode_chat_prompt, generate.CHAT_DEFAULTS, the reply ends at its turn's end), so
+an answer here is the answer a user gets there.
 
     python -c "from rwkvforge.dashboard.chat import *; \
 e = load_engine(Path('models/base/rwkv7-tiny-demo.pth')); print(answer(e, ChatRequest('', 'Hi')))"
@@ -15,16 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rwkvforge.generate import Engine, SamplingParams
+from rwkvforge.generate import (
+    CHAT_DEFAULTS,
+    Engine,
+    SamplingParams,
+    chat_params,
+    chat_turn,
+    encode_chat_prompt,
+)
 
 
 @dataclass
 class ChatRequest:
+    """What the page asks; the other sampling values (top_k, penalties) are CHAT_DEFAULTS'."""
+
     system: str
     prompt: str
     max_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 0.7
+    temperature: float = CHAT_DEFAULTS.temperature
+    top_p: float = CHAT_DEFAULTS.top_p
     seed: int = 42
 
 
@@ -68,15 +80,11 @@ def load_engine(model_path: Path, adapter_dir: Path | None = None) -> Engine:
     return Engine(model, get_tokenizer(), max_batch=2, cache_prompts=False)
 
 
-def build_prompt(req: ChatRequest) -> str:
-    """World chat format: System / User turns, ending with "Assistant:"."""
-    from rwkvforge.tokenizer import render_chat
-
-    messages = []
-    if req.system.strip():
-        messages.append({"role": "system", "content": req.system})
-    messages.append({"role": "user", "content": req.prompt})
-    return render_chat(messages, add_generation_prompt=True)
+def sampling(req: ChatRequest) -> SamplingParams:
+    """The page's request -> SamplingParams: generate.chat_params (the chat defaults of infer
+    and serve, the reply ends at its turn's end) with the page's own values."""
+    return chat_params(temperature=req.temperature, top_p=req.top_p,
+                       max_tokens=req.max_tokens, seed=req.seed)
 
 
 def answer(engine: Engine, req: ChatRequest) -> ChatAnswer:
@@ -84,13 +92,10 @@ def answer(engine: Engine, req: ChatRequest) -> ChatAnswer:
     so differences come from the weights."""
     import torch
 
-    params = SamplingParams(temperature=req.temperature, top_p=req.top_p,
-                            max_tokens=req.max_tokens, seed=req.seed,
-                            stop=("\n\nUser:", "\n\nSystem:"))
-    ids = engine.tok.encode(build_prompt(req))
+    ids, _ = encode_chat_prompt(chat_turn(req.prompt, req.system), engine.tok)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        h = engine.generate(ids, params)
+        h = engine.generate(ids, sampling(req))
     text = h.result()
     return ChatAnswer(text=text.strip(), n_tokens=h.completion_tokens,
                       seconds=time.perf_counter() - t0)

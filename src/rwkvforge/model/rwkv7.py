@@ -11,7 +11,8 @@ Three entry points share one set of weights:
 - `step(idx, state)`: one token per stream for decoding, (B,) -> (B, V).
 State is a list with one `(att_shift (B,C), wkv (B,H,N,N), ffn_shift (B,C))` tuple per layer,
 all fp32 whatever the weight dtype; it carries across calls, so prefill-then-step equals one
-long forward.
+long forward. Batch-row helpers for it (select / cat / clone) are in generate.py, beside the
+engine that uses them: one copy.
 """
 
 from __future__ import annotations
@@ -492,34 +493,8 @@ def _wkv_step_fused(S, w, kk, b, k, v, r):
     return S2, y
 
 
-# --------------------------------------------------------------------------------- state ops
-def state_select(state: State, idx) -> State:
-    """Rows `idx` (list / LongTensor of batch indices) of every tensor in `state`."""
-    if not torch.is_tensor(idx):
-        idx = torch.as_tensor(idx, dtype=torch.long)
-    out = []
-    for layer in state:
-        i = idx.to(layer[0].device)
-        out.append(tuple(t.index_select(0, i) for t in layer))
-    return out
-
-
-def state_cat(states: list[State]) -> State:
-    """Concatenate several states along the batch dimension (in order)."""
-    if not states:
-        raise ValueError("state_cat needs at least one state")
-    return [tuple(torch.cat([s[i][j] for s in states], dim=0) for j in range(3)) for i in range(len(states[0]))]
-
-
-def state_clone(state: State) -> State:
-    return [tuple(t.clone() for t in layer) for layer in state]
-
-
 __all__ = [
     "RWKV7",
     "RWKV7Config",
     "State",
-    "state_select",
-    "state_cat",
-    "state_clone",
 ]
