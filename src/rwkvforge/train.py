@@ -748,7 +748,8 @@ class Trainer:
         return st
 
     def save_checkpoint(self) -> Path:
-        from rwkvforge.checkpoint import save_adapter, save_trainer_state, write_checkpoint
+        from rwkvforge.adapter import save_adapter
+        from rwkvforge.checkpoint import save_trainer_state, write_checkpoint
 
         final = self.run_dir / "checkpoints" / f"step-{self.step}"
         if self.engine is not None:
@@ -767,8 +768,8 @@ class Trainer:
     def _save_checkpoint_ds(self, final: Path) -> Path:
         import torch.distributed as dist
 
-        from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, save_adapter,
-                                          save_trainer_state)
+        from rwkvforge.adapter import save_adapter
+        from rwkvforge.checkpoint import COMPLETE_MARKER, atomic_write_bytes, save_trainer_state
 
         tmp = final.with_name(final.name + ".tmp")
         if self.is_main:
@@ -1152,7 +1153,8 @@ class Trainer:
                            self.micro_bsz, self.grad_accum)
 
     def _finish(self, loss, mon: MemoryMonitor) -> None:
-        from rwkvforge.checkpoint import atomic_dir, save_adapter
+        from rwkvforge.adapter import save_adapter
+        from rwkvforge.checkpoint import atomic_dir
 
         mon.stop()
         if self._bar is not None:

@@ -1,8 +1,8 @@
 """The Chat page's engine: load a base / merged .pth (optionally + a run's adapter) into the
 built-in generator (rwkvforge.generate.Engine) and answer one prompt.
 
-Adapters are merged into the base weights in memory, in fp32, by rwkvforge.merge (the merge
-`rwkvforge merge` writes and verifies); the dashboard never writes a file.
+Adapters are merged into the base weights in memory, in fp32, by rwkvforge.adapter (the merge
+`rwkvforge merge` verifies and writes); the dashboard never writes a file.
 
     python -c "from rwkvforge.dashboard.chat import *; \
 e = load_engine(Path('models/base/rwkv7-tiny-demo.pth')); print(answer(e, ChatRequest('', 'Hi')))"
@@ -13,8 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from rwkvforge.adapter import load_with_adapter
 from rwkvforge.generate import Engine, SamplingParams
 
 
@@ -39,31 +39,13 @@ class ChatAnswer:
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _with_adapter(model_path: Path, adapter_dir: Path) -> Any:
-    """Base model + a PEFT-layout adapter folder, merged in memory in fp32 (as `rwkvforge
-    merge --dtype fp32` would write it); nothing is written. An incomplete folder raises
-    merge.load_adapter's MergeError (which file is missing, what to pass instead)."""
-    import torch
-
-    from rwkvforge.checkpoint import load_state_dict, model_from_state_dict
-    from rwkvforge.merge import load_adapter, merge_state_dict
-
-    adapter = load_adapter(adapter_dir)  # first: a bad folder fails before the base loads
-    merged = merge_state_dict(load_state_dict(model_path), adapter, torch.float32, "fp32")
-    return model_from_state_dict(merged, source=f"{model_path} + {adapter_dir}")
-
-
 def load_engine(model_path: Path, adapter_dir: Path | None = None) -> Engine:
-    """An inline (no background thread) engine over the model at `model_path`."""
-    import torch
-
-    from rwkvforge.checkpoint import load_model
+    """An inline (no background thread) engine over the model at `model_path` (+ a PEFT-layout
+    adapter folder, merged in memory in fp32). An incomplete adapter folder raises
+    adapter.read_adapter's MergeError (which file is missing, what to pass instead)."""
     from rwkvforge.tokenizer import get_tokenizer
 
-    if adapter_dir is None:
-        model = load_model(model_path, dtype=torch.float32, device="cpu")
-    else:
-        model = _with_adapter(model_path, adapter_dir)
+    model = load_with_adapter(model_path, adapter_dir)
     model.eval()
     return Engine(model, get_tokenizer(), max_batch=2, cache_prompts=False)
 
