@@ -40,7 +40,9 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -108,8 +110,6 @@ def unmerged_logits(base_sd: dict[str, torch.Tensor], adapter: Adapter, idx: tor
     `adapter_dir`: the PEFT folder to load (the user's own when the adapter is one, so the
     reference does not go through our reader); else the adapter is exported to a temp folder.
     """
-    import warnings
-
     from peft import PeftModel
 
     model = model_from_state_dict(apply_replacements(base_sd, adapter), dtype=torch.float32)
@@ -406,8 +406,6 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
 
 
 def _pkg_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
