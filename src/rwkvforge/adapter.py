@@ -54,7 +54,6 @@ class NonFiniteError(MergeError):
     """Merged weights with NaN / Inf (a diverged adapter, or an fp16 overflow)."""
 
 
-
 # ----------------------------------------------------------------------------- adapter model
 @dataclass
 class LoraFactor:
