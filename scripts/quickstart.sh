@@ -56,8 +56,8 @@ require_file "$RUN_DIR/adapter/adapter_config.json" "training did not write an a
 
 info "2/5 merge the adapter into the full-precision base (self-verified)"
 "$PY" -m rwkvforge.cli merge --adapter "$RUN_DIR/adapter"
-MERGED="$(find "$RUN_DIR/merged" -maxdepth 1 -name '*.pth' | head -n 1)"
-[[ -n "$MERGED" ]] || die "merge wrote no .pth in $RUN_DIR/merged"
+MERGED="$("$PY" -m rwkvforge.runs merged-path "$RUN_DIR")"
+require_file "$MERGED" "merge wrote no model; see its output above"
 
 info "3/5 evaluate base vs tuned"
 "$PY" -m rwkvforge.cli eval --run "$RUN_DIR"

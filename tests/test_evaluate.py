@@ -32,7 +32,8 @@ def trained_run(tiny_model_path, sft_jsonl, tmp_path_factory) -> Path:
     """A real short LoRA run (peft on the tiny model, AdamW, masked SFT loss) on 4 records,
     saved the way training saves its adapter (runs/<run>/adapter, PEFT layout)."""
     from rwkvforge import peft as rp
-    from rwkvforge.checkpoint import load_model, save_adapter
+    from rwkvforge.adapter import save_adapter
+    from rwkvforge.checkpoint import load_model
 
     torch.manual_seed(0)
     spec = rp.AdapterSpec(r=8, alpha=16.0, targets=rp.LORA_TARGETS)

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 
+from rwkvforge import adapter as A
 from rwkvforge import peft as P
-from rwkvforge import merge as M
-from rwkvforge.checkpoint import load_adapter, model_from_state_dict, save_adapter
+from rwkvforge.checkpoint import model_from_state_dict
 
 IDX = torch.randint(0, 65536, (2, 12), generator=torch.Generator().manual_seed(1))
 
@@ -99,7 +99,7 @@ def test_export_merges_into_original_base(tiny_model, init, dora):
     if init == "pissa":
         assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
         assert tensors["base_model.model.blocks.0.att.key.lora_A.weight"].shape[0] == 8
-    merged = M.merge_state_dict(base_sd, M.adapter_from_peft(cfg, tensors), torch.float32)
+    merged = A.merge_state_dict(base_sd, A.adapter_from_peft(cfg, tensors), torch.float32)
     torch.testing.assert_close(_logits(model_from_state_dict(merged)), trained,
                                atol=2e-4, rtol=1e-4)
 
@@ -114,11 +114,15 @@ def test_adapter_files_load_with_peft_itself(tiny_model, tmp_path):
     pm = P.apply_adapter(tiny_model, spec)
     _perturb(pm, seed=3)
     cfg, tensors = P.export_adapter(pm, spec)
-    save_adapter(tmp_path / "ad", cfg, tensors, {"note": "test"})
-    cfg2, tensors2, meta = load_adapter(tmp_path / "ad")
-    assert meta == {"note": "test"} and cfg2["r"] == 4
-    assert set(tensors2) == set(tensors)
-    assert all(torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    A.save_adapter(tmp_path / "ad", cfg, tensors, {"note": "test"})
+    back = A.read_adapter(tmp_path / "ad")
+    assert back.metadata == {"note": "test"} and back.config["r"] == 4 and back.use_dora
+    for key, f in back.factors.items():
+        mod = A.PEFT_PREFIX + key[: -len(".weight")]
+        assert torch.equal(f.A, tensors[mod + ".lora_A.weight"])
+        assert torch.equal(f.B, tensors[mod + ".lora_B.weight"])
+        assert torch.equal(f.magnitude, tensors[mod + ".lora_magnitude_vector"])
+    assert 3 * len(back.factors) == len(tensors)
     loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "ad"))
     torch.testing.assert_close(_logits(loaded), _logits(pm), atol=1e-5, rtol=1e-5)
 
@@ -189,8 +193,8 @@ def test_merge_refuses_non_finite_and_wrong_base(tiny_model):
     bad = dict(tensors)
     k = next(k for k in bad if k.endswith("lora_B.weight"))
     bad[k] = torch.full_like(bad[k], float("nan"))
-    with pytest.raises(M.NonFiniteError, match="NaN"):
-        M.merge_state_dict(base_sd, M.adapter_from_peft(cfg, bad), torch.float32)
+    with pytest.raises(A.NonFiniteError, match="NaN"):
+        A.merge_state_dict(base_sd, A.adapter_from_peft(cfg, bad), torch.float32)
     small = {k: v for k, v in base_sd.items() if not k.startswith("blocks.1.")}
-    with pytest.raises(M.MergeError, match="the base has only 1 layers"):
-        M.merge_state_dict(small, M.adapter_from_peft(cfg, tensors), torch.float32)
+    with pytest.raises(A.MergeError, match="the base has only 1 layers"):
+        A.merge_state_dict(small, A.adapter_from_peft(cfg, tensors), torch.float32)

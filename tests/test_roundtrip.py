@@ -4,6 +4,7 @@ server) equal those of base + adapter."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -48,7 +49,12 @@ def test_prepare_train_merge_infer_serve(tmp_path: Path, tiny_model_path: Path) 
     _run(["prepare", "--input", "data/samples/bsl_sft.jsonl", "--type", "sft",
           "--output-prefix", "data/processed/rt", "--ctx-len", "128", "--no-progress"], root)
     meta = json.loads((root / "data" / "processed" / "rt.meta.json").read_text())
-    assert meta["documents"] if "documents" in meta else meta
+    records = [x for x in (root / "data" / "samples" / "bsl_sft.jsonl").read_text(
+        encoding="utf-8").splitlines() if x.strip()]
+    assert meta["type"] == "sft" and meta["rejected"] == 0
+    assert meta["documents"] == len(records) > 0
+    assert (meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
+            == meta["documents"])
 
     # 2. train a few fp32 LoRA steps with a checkpoint on the way
     _run(["train", "--profile", "lora-bf16", "--precision", "fp32", "--base-model", str(base),
@@ -68,8 +74,12 @@ def test_prepare_train_merge_infer_serve(tmp_path: Path, tiny_model_path: Path) 
           "--out", str(run / "merged" / "rt.pth")], root)
     merged = run / "merged" / "rt.pth"
     assert merged.exists()
-    verify = json.loads(next((run / "merged").glob("*verify*.json")).read_text())
-    assert verify.get("ok", verify.get("passed", True)) is True
+    verify = json.loads((run / "merged" / "rt.verify.json").read_text())
+    assert verify["passed"] is True and verify["output"] == "rt.pth" and verify["dtype"] == "fp32"
+    assert verify["checks"]["logits"]["passed"] is True
+    assert verify["checks"]["rwkv_pip"]["passed"] is True
+    assert verify["sha256"] == hashlib.sha256(merged.read_bytes()).hexdigest()
+    assert not (run / "merged" / "rt.verify-failed.json").exists()
 
     # 4. infer, greedy: merged model == base + adapter (merged in memory)
     common = ["infer", "--prompt", PROMPT, "--max-tokens", "12", "--temperature", "0",

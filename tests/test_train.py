@@ -135,7 +135,8 @@ def test_learning_run_lowers_held_out_loss(profile, margin, tiny_model_path, sft
 
 
 def test_run_folder_contract(tiny_model_path, sft_prefix, tmp_path):
-    from rwkvforge.checkpoint import load_adapter, load_trainer_state
+    from rwkvforge.adapter import read_adapter
+    from rwkvforge.checkpoint import load_trainer_state
 
     run = tmp_path / "contract"
     secret = "sk-rwkvforge-test-7f3a9"
@@ -167,8 +168,8 @@ def test_run_folder_contract(tiny_model_path, sft_prefix, tmp_path):
         assert (run / "checkpoints" / c / "COMPLETE").is_file()
         state = load_trainer_state(run / "checkpoints" / c / "trainer_state.pt")
         assert state["step"] == int(c.split("-")[1]) and "optimizer" in state
-    acfg, tensors, meta = load_adapter(run / "adapter")
-    assert acfg["r"] == 8 and meta["step"] == 4 and len(tensors) == 2 * 6 * 2
+    ad = read_adapter(run / "adapter")
+    assert ad.config["r"] == 8 and ad.metadata["step"] == 4 and len(ad.factors) == 2 * 6
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "training 4 steps" in (run / "train.log").read_text()
     # an existing run folder is never overwritten without --resume
@@ -330,11 +331,13 @@ def test_resume_after_kill_9_gives_the_same_losses(tiny_model_path, sft_prefix, 
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # bit-identical (rounded 1e-6)
     assert any(r.get("event") == "resumed" for r in got)
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
-    from rwkvforge.checkpoint import load_adapter
+    from rwkvforge.adapter import read_adapter
 
-    a = load_adapter(run / "adapter")[1]
-    b = load_adapter(tmp_path / "full" / "adapter")[1]
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    a, b = read_adapter(run / "adapter"), read_adapter(tmp_path / "full" / "adapter")
+    assert a.factors.keys() == b.factors.keys() and a.replacements.keys() == b.replacements.keys()
+    assert all(torch.equal(a.factors[k].A, b.factors[k].A)
+               and torch.equal(a.factors[k].B, b.factors[k].B) for k in b.factors)
+    assert all(torch.equal(a.replacements[k], b.replacements[k]) for k in b.replacements)
 
 
 @pytest.mark.slow
@@ -387,18 +390,19 @@ def test_deepspeed_two_processes_match_one(tiny_model_path, sft_prefix, tmp_path
                                       "--deepspeed-offload=1", "--num-gpus=2"),
                            env=env, capture_output=True, text=True, timeout=900)
     assert three.returncode == 0, three.stderr[-4000:]
-    from rwkvforge.checkpoint import load_adapter
+    from rwkvforge.adapter import read_adapter
 
     a = [r["loss"] for r in metrics(tmp_path / "one")]
-    want = load_adapter(tmp_path / "one" / "adapter")[1]
+    want = read_adapter(tmp_path / "one" / "adapter").factors
     for run in ("two", "three"):
         b = [r["loss"] for r in metrics(tmp_path / run)]
         assert len(a) == len(b) == 3
         assert b == pytest.approx(a, rel=1e-4), run
-        got = load_adapter(tmp_path / run / "adapter")[1]
+        got = read_adapter(tmp_path / run / "adapter").factors
         assert got.keys() == want.keys()
         for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[k].A, want[k].A, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got[k].B, want[k].B, rtol=1e-4, atol=1e-5)
 
 
 class _Planted:

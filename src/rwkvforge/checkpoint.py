@@ -28,7 +28,9 @@ class CheckpointError(ValueError):
     """A model file that cannot be used, with what was wrong and what to do."""
 
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the weight dtypes by the names the commands take (--dtype)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_FLOAT_DTYPES = tuple(DTYPES.values())
 # keys present in some RWKV-7 exports that the model does not use (layer 0 has no value residual)
 _IGNORED_KEYS = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
 _REQUIRED_MARKERS = ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w0", "head.weight")
@@ -209,7 +211,7 @@ def _umask_mode() -> int:
     return 0o666 & ~old
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
+def compact_cpu(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU tensor that owns exactly its storage (torch.save writes whole storages)."""
     t = t.detach().to("cpu").contiguous()
     if t.untyped_storage().nbytes() != t.numel() * t.element_size():
@@ -251,7 +253,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path
 
 def save_pth(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
     """Write a state dict as a `.pth` atomically (temp file in the same folder, then rename)."""
-    clean = {k: _fresh(v) for k, v in sd.items()}
+    clean = {k: compact_cpu(v) for k, v in sd.items()}
     return _atomic_write(path, lambda f: torch.save(clean, f))
 
 
@@ -288,78 +290,14 @@ def atomic_dir(path: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
 
 
-# ====================================================================================
-# Adapters / resume state (training helper's section) go below this line.
-# ====================================================================================
-# ---- adapters and resume state (training) ----
-# Adapter folders (PEFT layout) and the trainer state of a run's checkpoints/step-N/.
-#
-#   save_adapter(dir, adapter_config, tensors, metadata)  -> adapter_config.json +
-#                                                             adapter_model.safetensors
-#   load_adapter(dir) -> (adapter_config, tensors, metadata)
+# ------------------------------------------------------------------------------------ resume state
+# The trainer state of a run's checkpoints/step-N/ (the adapter next to it: rwkvforge.adapter).
 #   save_trainer_state(path, state) / load_trainer_state(path)   (torch.save, weights_only)
 #   write_checkpoint(run_dir, step, fill) -> checkpoints/step-N (COMPLETE written last)
 #   latest_checkpoint(run_dir) -> newest complete checkpoints/step-N or None
-# The tensor semantics of an adapter (lora_A / lora_B / whole TRAIN_PARTS tensors) are
-# described in rwkvforge/peft.py.
-
-import json as _json
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
-
-
-def save_adapter(folder: str | os.PathLike, adapter_config: dict, tensors: dict[str, torch.Tensor],
-                 metadata: dict | None = None) -> Path:
-    """Write an adapter in PEFT layout into `folder` (each file atomically). `metadata`
-    (JSON-able) is stored in the safetensors header under "rwkvforge"."""
-    from safetensors.torch import save as st_save
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt"}
-    if metadata:
-        meta["rwkvforge"] = _json.dumps(metadata, sort_keys=True, default=str)
-    blob = st_save({k: _fresh(v) for k, v in tensors.items()}, metadata=meta)
-    atomic_write_bytes(folder / ADAPTER_WEIGHTS, blob)
-    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter_config.items()}
-    atomic_write_bytes(folder / ADAPTER_CONFIG,
-                       (_json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n").encode())
-    return folder
-
-
-def load_adapter(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """Read a PEFT-layout adapter folder: (adapter_config, tensors, rwkvforge metadata)."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    cfg_p, w_p = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    for p in (cfg_p, w_p):
-        if not p.is_file():
-            raise CheckpointError(f"{folder}: not an adapter folder (missing {p.name}); expected "
-                                  f"{ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}, e.g. runs/<run>/adapter.")
-    try:
-        cfg = _json.loads(cfg_p.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_p}: not valid JSON ({e}).") from None
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
-        raise CheckpointError(f"{cfg_p}: peft_type is {cfg.get('peft_type')!r}; only LORA "
-                              "adapters (LoRA / PiSSA / DoRA) are supported.")
-    for key in ("r", "lora_alpha"):
-        if key not in cfg:
-            raise CheckpointError(f"{cfg_p}: missing {key!r}.")
-    try:
-        with safe_open(str(w_p), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 - any failure = unreadable file
-        raise CheckpointError(f"{w_p}: cannot be read as safetensors ({type(e).__name__}: {e}); "
-                              "the file is truncated or not an adapter.") from e
-    info = _json.loads(meta["rwkvforge"]) if "rwkvforge" in meta else {}
-    return cfg, tensors, info
 
 
 def _rng_to_plain(x):

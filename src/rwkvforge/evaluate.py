@@ -20,7 +20,7 @@ Three things, each for the base and the tuned model:
 3. the answers themselves, base vs tuned, in a table.
 
 Tuned model: `--adapter DIR` (default runs/<run>/adapter) is merged into the base in memory in
-fp32 (`rwkvforge.merge`, verified there to match base + adapter run by peft), or `--tuned X.pth`
+fp32 (`rwkvforge.adapter`, the merge `rwkvforge merge` verifies against peft), or `--tuned X.pth`
 loads a merged file. Results go to runs/<run>/eval/eval.json and report.md (atomic writes).
 """
 
@@ -38,6 +38,17 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from rwkvforge import paths, runs
+from rwkvforge.adapter import MergeError, load_with_adapter
+from rwkvforge.checkpoint import (CheckpointError, atomic_write_bytes, load_state_dict,
+                                  model_from_state_dict)
+from rwkvforge.data.loader import build_val_batches, load_meta, open_split
+from rwkvforge.data.prepare import dpo_hint, record_to_messages
+from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
+from rwkvforge.loss import dpo_losses
+from rwkvforge.runtime import keep_freed_memory
+from rwkvforge.tokenizer import encode_chat, get_tokenizer
 
 CHECK_KINDS = ("substring", "regex")
 
@@ -115,9 +126,6 @@ def pass_rate(checks: list[Check], answers: list[str]) -> dict:
 def _jsonl_rows(path: Path, ctx_len: int, tok) -> list[tuple[list[int], list[int]]]:
     """(ids, mask) per JSONL record: SFT records through the training chat encoding (mask on
     assistant replies), {"text": ...} records as plain text + end of document (mask all 1)."""
-    from rwkvforge.data.prepare import dpo_hint, record_to_messages
-    from rwkvforge.tokenizer import encode_chat
-
     rows = []
     for where, rec in _jsonl_objects(path):
         try:
@@ -161,14 +169,10 @@ def val_batches(source: str | Path, ctx_len: int, micro_bsz: int, tok=None,
     if source.suffix == ".jsonl":
         if not source.is_file():
             raise EvalError(f"{source}: validation JSONL not found.")
-        from rwkvforge.tokenizer import get_tokenizer
-
         rows = _jsonl_rows(source, ctx_len, tok or get_tokenizer())
         batches = [_batch(rows[i: i + micro_bsz]) for i in range(0, len(rows), micro_bsz)]
         desc = f"{source} (JSONL, {len(rows)} records)"
     else:
-        from rwkvforge.data.loader import build_val_batches, load_meta, open_split
-
         prefix = Path(str(source).removesuffix(".bin").removesuffix(".idx").removesuffix(".meta.json"))
         if not (prefix.with_suffix(".bin").is_file() or Path(f"{prefix}.meta.json").is_file()
                 or Path(f"{prefix}.bin").is_file()):
@@ -258,8 +262,6 @@ def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
     """Preference metrics from (pairs, 2) log-probs: for each model the share of pairs whose
     chosen answer is the likelier one; for the tuned model against the base as reference, the
     DPO loss, the reward accuracy (margin > 0) and the mean reward margin."""
-    from rwkvforge.loss import dpo_losses
-
     losses, margin = dpo_losses(tuned, base, beta)
     return {"pairs": int(base.shape[0]), "beta": beta,
             "base": {"chosen_likelier": float((base[:, 0] > base[:, 1]).double().mean())},
@@ -272,8 +274,6 @@ def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
 # ----------------------------------------------------------------------------- answers
 def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: int = 16) -> list[str]:
     """Greedy answers, each prompt asked as one user turn in the World chat format."""
-    from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
-
     eng = Engine(model, tok, max_batch=max_batch, cache_prompts=False)
     handles = []
     for p in prompts:
@@ -289,20 +289,16 @@ def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: i
 # ----------------------------------------------------------------------------- models
 def load_tuned(base_sd: dict[str, torch.Tensor], adapter: str | Path | None, tuned: str | Path | None):
     """(tuned RWKV7 in fp32, description)."""
-    from rwkvforge.checkpoint import CheckpointError, load_model, model_from_state_dict
-    from rwkvforge.merge import MergeError, load_adapter, merge_state_dict
-
     if tuned is not None:
         try:
-            return load_model(tuned), f"merged model {tuned}"
+            return load_with_adapter(tuned), f"merged model {tuned}"
         except CheckpointError as e:
             raise EvalError(f"--tuned: {e}") from e
     try:
-        ad = load_adapter(adapter)
-        sd = merge_state_dict(base_sd, ad, torch.float32, "fp32")
+        model = load_with_adapter(base_sd, adapter)
     except MergeError as e:
         raise EvalError(str(e)) from e
-    return model_from_state_dict(sd), f"base + adapter {adapter} (merged in memory, fp32)"
+    return model, f"base + adapter {adapter} (merged in memory, fp32)"
 
 
 def _md_cell(text: str, limit: int = 400) -> str:
@@ -349,9 +345,6 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
              checks_path: Path | None, out_dir: Path, ctx_len: int = 512, micro_bsz: int = 4,
              max_tokens: int = 128, max_val_batches: int | None = None, log=print,
              dpo_beta: float = 0.1) -> dict:
-    from rwkvforge.checkpoint import CheckpointError, atomic_write_bytes, load_state_dict, model_from_state_dict
-    from rwkvforge.tokenizer import get_tokenizer
-
     t0 = time.time()
     # inputs first, all of them, before any long work
     if not Path(base).is_file():
@@ -425,15 +418,7 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
     return res
 
 
-def _default_val(run_cfg: dict) -> Path | None:
-    prefix = (run_cfg.get("data") or {}).get("prefix")
-    return Path(prefix) if prefix else None
-
-
 def main(argv: list[str] | None = None) -> int:
-    from rwkvforge import paths
-    from rwkvforge.runtime import keep_freed_memory
-
     keep_freed_memory()  # inference: reuse freed activation memory (see runtime.py)
 
     ap = argparse.ArgumentParser(prog="rwkvforge eval", description=__doc__.split("\n\n")[0],
@@ -463,33 +448,32 @@ def main(argv: list[str] | None = None) -> int:
                      f"got {v}")
 
     run = args.run
-    cfg = {}
-    if (run / "config.json").is_file():
-        try:
-            cfg = json.loads((run / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            print(f"error: {run / 'config.json'}:{e.lineno}: invalid JSON ({e.msg})", file=sys.stderr)
-            return 2
-    elif not run.is_dir():
+    if not run.is_dir():
         print(f"error: {run}: no such run folder.", file=sys.stderr)
         return 2
-    base = args.base or (Path(cfg["model"]["path"]) if (cfg.get("model") or {}).get("path") else None)
+    try:
+        cfg = runs.run_config(run, strict=True)
+    except runs.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings = runs.run_settings(cfg)
+    base = args.base or runs.run_base_model(cfg)
     if base is None:
         print("error: --base is required (the run has no config.json naming its model).", file=sys.stderr)
         return 2
-    adapter = None if args.tuned else (args.adapter or run / "adapter")
-    val = args.val or _default_val(cfg) or paths.sample_data_dir() / "bsl_sft.jsonl"
+    adapter = None if args.tuned else (args.adapter or runs.final_adapter(run))
+    val = args.val or runs.run_data_prefix(cfg) or paths.sample_data_dir() / "bsl_sft.jsonl"
     checks = None
     if not args.no_checks:
         checks = args.checks or paths.sample_data_dir() / "bsl_checks.jsonl"
         if args.checks is None and not checks.is_file():
             checks = None
-    ctx = args.ctx_len or int((cfg.get("settings") or {}).get("ctx_len") or 512)
+    ctx = args.ctx_len or int(settings.get("ctx_len") or 512)
     try:
         evaluate(run, base, adapter, args.tuned, val, checks, args.out or run / "eval", ctx,
                  args.micro_bsz, args.max_tokens, args.max_val_batches,
                  log=lambda m: print(m, file=sys.stderr),
-                 dpo_beta=float((cfg.get("settings") or {}).get("dpo_beta") or 0.1))
+                 dpo_beta=float(settings.get("dpo_beta") or 0.1))
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -20,18 +20,19 @@ REPL commands: /reset (forget the conversation), /quit (or Ctrl-D).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import torch
 
 from rwkvforge import config as cfgmod
+from rwkvforge import upstream
+from rwkvforge.adapter import load_with_adapter
+from rwkvforge.checkpoint import DTYPES
 from rwkvforge.generate import (
     CHAT_DEFAULTS,
+    Engine,
     LeadingSpaceStrip,
     PrefixCache,
     SamplingParams,
@@ -46,8 +47,6 @@ from rwkvforge.generate import (
 from rwkvforge.paths import demo_model_path, workspace_root
 from rwkvforge.runtime import keep_freed_memory
 from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class InferError(RuntimeError):
@@ -100,17 +99,7 @@ class BuiltinRunner:
 
     def __init__(self, model_path: Path, tokenizer: Any, dtype: torch.dtype, device: str,
                  adapter: str = "", fast: str = "none"):
-        from rwkvforge.checkpoint import load_model, load_state_dict, model_from_state_dict
-        from rwkvforge.generate import Engine
-
-        if adapter:  # merged in fp32 in memory, as `rwkvforge merge` would write it
-            from rwkvforge.merge import load_adapter, merge_state_dict
-
-            sd = merge_state_dict(load_state_dict(model_path), load_adapter(adapter),
-                                  torch.float32, "fp32")
-            model = model_from_state_dict(sd, dtype=dtype, device=device, source=str(model_path))
-        else:
-            model = load_model(model_path, dtype=dtype, device=device)
+        model = load_with_adapter(model_path, adapter or None, dtype, device)
         set_fast_path(model, fast, device)
         self.model = model
         self.engine = Engine(model, tokenizer, max_batch=1, device=device)
@@ -170,65 +159,6 @@ class LoopRunner:
         return ts.text, reason, n_out
 
 
-def rwkv_pip_runner(model_path: Path, tokenizer: Any, device: str, dtype: str) -> LoopRunner:
-    # The package reads RWKV_V7_ON when rwkv.model is imported; set it here, at the edge.
-    # It prints banners to stdout: send them to stderr so stdout carries only the answer.
-    os.environ["RWKV_V7_ON"] = "1"
-    with contextlib.redirect_stdout(sys.stderr):
-        try:
-            from rwkv import model as rwkv_model
-        except ImportError as e:
-            raise InferError(f"INFER_BACKEND=rwkv needs the `rwkv` pip package ({e}): "
-                             "pip install rwkv") from None
-    if not hasattr(rwkv_model, "RWKV_x070"):
-        raise InferError("the rwkv package was imported before RWKV_V7_ON=1 was set; run "
-                         "the rwkv back-end in a fresh process")
-    dev = "cuda" if device == "cuda" else "cpu"
-    strategy = f"{dev} {dtype if dev == 'cuda' or dtype != 'fp16' else 'fp32'}"
-    stem = str(model_path)[:-4] if str(model_path).endswith(".pth") else str(model_path)
-    if not str(model_path).endswith(".pth"):
-        raise InferError(f"the rwkv package only loads files ending in .pth: {model_path}")
-    with contextlib.redirect_stdout(sys.stderr):
-        model = rwkv_model.RWKV(model=stem, strategy=strategy)
-
-    def forward(ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
-        out, state = model.forward(list(ids), state)
-        return out.float().cpu(), state
-
-    return LoopRunner("rwkv", forward, tokenizer)
-
-
-def albatross_runner(model_path: Path, tokenizer: Any, root: Path) -> LoopRunner:
-    ref = root / "third_party" / "Albatross" / "reference"
-    if not (ref / "rwkv7.py").is_file():
-        raise InferError(f"INFER_BACKEND=albatross needs a checkout at {ref.parent} "
-                         "(run ./scripts/bootstrap.sh --with-upstream, or git clone "
-                         "https://github.com/BlinkDL/Albatross third_party/Albatross); "
-                         "or use INFER_BACKEND=builtin")
-    if not torch.cuda.is_available():
-        raise InferError("INFER_BACKEND=albatross needs a CUDA GPU (its kernels are CUDA "
-                         "only) and none is visible to torch; use INFER_BACKEND=builtin")
-    if not str(model_path).endswith(".pth"):
-        raise InferError(f"Albatross only loads files ending in .pth: {model_path}")
-    from rwkvforge.checkpoint import infer_config, load_state_dict
-
-    c = infer_config(load_state_dict(model_path))
-    sys.path.insert(0, str(ref))
-    import rwkv7 as alb  # type: ignore[import-not-found]  # compiles its CUDA op on import
-
-    args = SimpleNamespace(MODEL_NAME=str(model_path)[:-4], n_layer=c.n_layer,
-                           n_embd=c.n_embd, head_size=c.head_size, vocab_size=c.vocab_size)
-    model = alb.RWKV_x070(args)
-
-    def forward(ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
-        state = model.get_state(state, B=0)
-        out, state = (model.forward_seq(list(ids), state) if len(ids) > 1
-                      else model.forward_one(int(ids[0]), state))
-        return out.float().cpu(), state
-
-    return LoopRunner("albatross", forward, tokenizer)
-
-
 FAST_PATHS = {"none": None, "int8": torch.int8, "bf16": torch.bfloat16}
 
 
@@ -251,10 +181,16 @@ def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, 
                          "(rwkvforge merge) to use another back-end")
     if backend == "builtin":
         return BuiltinRunner(model_path, tokenizer, DTYPES[dtype], device, adapter, fast)
-    if backend == "rwkv":
-        return rwkv_pip_runner(model_path, tokenizer, device, dtype)
-    if backend == "albatross":
-        return albatross_runner(model_path, tokenizer, root or workspace_root())
+    try:
+        if backend == "rwkv":
+            return LoopRunner("rwkv", upstream.rwkv_pip_forward(model_path, device, dtype),
+                              tokenizer)
+        if backend == "albatross":
+            return LoopRunner("albatross",
+                              upstream.albatross_forward(model_path, root or workspace_root()),
+                              tokenizer)
+    except upstream.UpstreamError as e:
+        raise InferError(str(e)) from None
     raise InferError(f"unknown INFER_BACKEND {backend!r}: use builtin, rwkv or albatross")
 
 

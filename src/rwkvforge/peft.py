@@ -4,7 +4,7 @@
     from rwkvforge.peft import AdapterSpec, apply_adapter
     spec = AdapterSpec.from_settings(settings)          # LORA_R, LORA_TARGETS, QUANT, ...
     model = apply_adapter(base_model, spec)             # a peft.PeftModel around RWKV7
-    config, tensors = export_adapter(model, spec)       # PEFT layout, ready for save_adapter
+    config, tensors = export_adapter(model, spec)       # PEFT layout, for adapter.save_adapter
 
 What gets trained:
 - adapters on the block Linears named by LORA_TARGETS (`att.receptance`, `att.key`,
@@ -28,8 +28,9 @@ would bake the quantisation error into the residual).
 Export layout (PEFT): `adapter_config.json` (a LoraConfig) + `adapter_model.safetensors`
 with keys `base_model.model.blocks.N.<target>.lora_A.weight` / `.lora_B.weight`
 (/ `.lora_magnitude_vector` for DoRA) and, for TRAIN_PARTS, whole replacement tensors under
-`base_model.model.<BlinkDL key>`. `rwkvforge.merge` reads that layout (`adapter_from_peft`
-for the in-memory pair `export_adapter` returns) and merges it into a BlinkDL state dict.
+`base_model.model.<BlinkDL key>`. `rwkvforge.adapter` owns that layout: it writes it
+(`save_adapter`), reads it (`read_adapter`; `adapter_from_peft` for the in-memory pair
+`export_adapter` returns) and merges it into a BlinkDL state dict.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from rwkvforge.adapter import PEFT_PREFIX, peft_config_dict, target_regex
 from rwkvforge.config import LORA_TARGETS, QUANTS, TRAIN_PARTS
 
-PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 
 # BlinkDL parameter names belonging to each TRAIN_PARTS entry.
@@ -126,12 +127,6 @@ class AdapterSpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.r
-
-
-def target_regex(targets: Iterable[str]) -> str:
-    """peft `target_modules` as one full-match regex over module names."""
-    alts = "|".join(re.escape(t) for t in targets)
-    return rf"blocks\.\d+\.({alts})"
 
 
 def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
@@ -312,11 +307,7 @@ def export_adapter(peft_model, spec: AdapterSpec) -> tuple[dict, dict[str, torch
     for n, p in base.named_parameters():
         if p.requires_grad and "lora_" not in n:
             tensors[PEFT_PREFIX + _blink_name(n)] = p.detach().float().contiguous().clone()
-    d = cfg.to_dict()
-    d["peft_type"] = "LORA"
-    d["target_modules"] = target_regex(spec.targets)
-    d["task_type"] = None
-    return d, tensors
+    return peft_config_dict(cfg), tensors
 
 
 def _pissa_to_lora(cur: dict[str, torch.Tensor], init: dict[str, torch.Tensor]

@@ -8,12 +8,18 @@ for merge, eval, the dashboard and the scripts that read it.
                loss.png           the loss curve
                checkpoints/step-N/  adapter + trainer_state.pt, COMPLETE written last
                adapter/           the final adapter (PEFT layout)
+               merged/<run>[-step-N]-<dtype>.pth   what `rwkvforge merge` writes by default
 
-Only rank 0 writes (`RunFolder(enabled=False)` elsewhere).
+    python -m rwkvforge.runs merged-path runs/<run> [--dtype bf16]   # where merge writes
+
+Writer: `RunFolder`; only rank 0 writes (`RunFolder(enabled=False)` elsewhere). Readers
+(`run_of`, `run_config`, `final_adapter`, `merged_path`, `read_json`, `read_metrics`) read
+tolerantly: another process may be writing the folder right now.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import logging
@@ -29,7 +35,7 @@ from typing import Any
 import psutil
 import torch
 
-from rwkvforge import config
+from rwkvforge import config, paths
 from rwkvforge.checkpoint import atomic_write_bytes
 
 log = logging.getLogger("rwkvforge.train")
@@ -171,14 +177,7 @@ class RunFolder:
             f.flush()
 
     def read_metrics(self) -> list[dict]:
-        rows = []
-        if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a crash
-        return rows
+        return read_metrics(self.metrics_path)
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop metric lines after `last_step` (written before a crash, redone on resume)."""
@@ -233,3 +232,155 @@ def run_started(run_dir: Path) -> bool:
     """True when `run_dir` holds a run: anything but the train.log of a start that failed
     before the run began (bad data, a missing model), which a new start may append to."""
     return run_dir.is_dir() and any(p.name != "train.log" for p in run_dir.iterdir())
+
+
+# ============================================================================ readers
+CONFIG, FINAL_ADAPTER, MERGED = "config.json", "adapter", "merged"
+
+
+class RunError(ValueError):
+    """A run folder file that cannot be read; the message names it."""
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from `path`, or None when it is missing or half-written."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# path -> (inode, bytes parsed up to the last complete line, rows): a live page re-reads
+# every run's metrics every few seconds, and a long run's file only grows by appends
+_METRICS_CACHE: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
+_METRICS_CACHE_MAX = 256
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl; a torn last line (being appended right now, or cut by a crash)
+    is skipped. Only the bytes appended since the last call are parsed; a replaced (resume
+    truncates it) or shrunk file is read again from the start."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            ino, done, rows = _METRICS_CACHE.get(str(path), (st.st_ino, 0, []))
+            if ino != st.st_ino or st.st_size < done:
+                done, rows = 0, []
+            f.seek(done)
+            new = f.read()
+    except OSError:
+        return []
+    end = new.rfind(b"\n") + 1  # a torn last line waits for its newline
+    rows = list(rows)
+    for line in new[:end].decode("utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+    if len(_METRICS_CACHE) >= _METRICS_CACHE_MAX:
+        _METRICS_CACHE.clear()
+    _METRICS_CACHE[str(path)] = (st.st_ino, done + end, rows)
+    out = list(rows)
+    try:  # a last line without its newline counts once it is whole JSON (not cached)
+        tail = json.loads(new[end:].decode("utf-8", errors="replace")) if new[end:].strip() \
+            else None
+    except ValueError:
+        tail = None
+    if isinstance(tail, dict):
+        out.append(tail)
+    return out
+
+
+def is_run(path: Path) -> bool:
+    """A run folder: one with the config.json training wrote."""
+    return (Path(path) / CONFIG).is_file()
+
+
+def run_of(adapter_path: Path) -> Path | None:
+    """The run folder of an adapter path (runs/<run>/adapter, runs/<run>/checkpoints/step-N,
+    or a file in them); None outside a run."""
+    p = Path(adapter_path).resolve()
+    for cand in (p.parent, p.parent.parent, p.parent.parent.parent):
+        if is_run(cand) and ((cand / FINAL_ADAPTER).exists() or (cand / "checkpoints").exists()):
+            return cand
+    return None
+
+
+def run_config(run_dir: Path | None, strict: bool = False) -> dict[str, Any]:
+    """A run's config.json ({} without a run or a config). An unreadable one is {} too, or,
+    with `strict`, a RunError naming file:line."""
+    if run_dir is None or not is_run(run_dir):
+        return {}
+    path = Path(run_dir) / CONFIG
+    if strict:
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise RunError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        return cfg if isinstance(cfg, dict) else {}
+    return read_json(path) or {}
+
+
+def run_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The resolved settings (lower-case keys) of a run's config.json."""
+    s = cfg.get("settings")
+    return s if isinstance(s, dict) else {}
+
+
+def run_base_model(cfg: dict[str, Any]) -> Path | None:
+    """The base model .pth a run trained on (config.json -> model.path)."""
+    model = cfg.get("model")
+    path = model.get("path") if isinstance(model, dict) else None
+    return Path(path) if path else None
+
+
+def run_data_prefix(cfg: dict[str, Any]) -> Path | None:
+    """The prepared data prefix a run trained on (config.json -> data.prefix)."""
+    data = cfg.get("data")
+    prefix = data.get("prefix") if isinstance(data, dict) else None
+    return Path(prefix) if prefix else None
+
+
+def final_adapter(run_dir: Path) -> Path:
+    """Where a run's final adapter is (written when training ends)."""
+    return Path(run_dir) / FINAL_ADAPTER
+
+
+def merged_path(adapter_path: Path, dtype_name: str) -> Path:
+    """Where `rwkvforge merge` writes `adapter_path` merged in `dtype_name` by default:
+    runs/<run>/merged/<run>-<dtype>.pth for a run's final adapter, <run>-step-N-<dtype>.pth
+    for a checkpoint, models/merged/<adapter>-<dtype>.pth outside a run."""
+    adapter_path = Path(adapter_path)
+    run_dir = run_of(adapter_path)
+    if run_dir is not None:
+        ck = adapter_path.resolve()
+        tag = f"-{ck.name}" if ck.parent.name == "checkpoints" else ""
+        return run_dir / MERGED / f"{run_dir.name}{tag}-{dtype_name}.pth"
+    stem = adapter_path.stem if adapter_path.is_file() else adapter_path.name
+    if stem == FINAL_ADAPTER:
+        stem = adapter_path.parent.name
+    return paths.workspace_root() / "models" / MERGED / f"{stem}-{dtype_name}.pth"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rwkvforge.runs",
+                                 description="Answer questions about a run folder.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    mp = sub.add_parser("merged-path", help="the .pth `rwkvforge merge --adapter X` writes "
+                        "by default (X: a run folder = its final adapter, or an adapter path)")
+    mp.add_argument("path", type=Path)
+    mp.add_argument("--dtype", default="bf16", help="merge's --dtype (default bf16)")
+    args = ap.parse_args(argv)
+    adapter = final_adapter(args.path) if is_run(args.path) else args.path
+    print(merged_path(adapter, args.dtype).resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

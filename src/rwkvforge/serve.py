@@ -628,8 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rwkvforge import config as cfgmod
-    from rwkvforge.infer import (DTYPES, BuiltinRunner, InferError, resolve_device_dtype,
-                                  resolve_model_path, split_model_arg)
+    from rwkvforge.adapter import load_with_adapter
+    from rwkvforge.checkpoint import DTYPES
+    from rwkvforge.infer import (InferError, resolve_device_dtype, resolve_model_path,
+                                 set_fast_path, split_model_arg)
     from rwkvforge.runtime import keep_freed_memory
     from rwkvforge.tokenizer import get_tokenizer
 
@@ -658,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, is_demo = resolve_model_path(s.base_model)
         tok = get_tokenizer()
-        runner = BuiltinRunner(path, tok, DTYPES[dtype], device, args.adapter, s.infer_fast)
+        model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
+        set_fast_path(model, s.infer_fast, device)
     except (InferError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -667,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     if s.serve_host not in ("127.0.0.1", "localhost", "::1") and not s.serve_api_key:
         print(f"[rwkvforge] warning: listening on {s.serve_host} without SERVE_API_KEY: "
               "anyone on your network can use this model", file=sys.stderr)
-    engine = Engine(runner.model, tok, max_batch=s.serve_max_batch,
+    engine = Engine(model, tok, max_batch=s.serve_max_batch,
                     max_queue=s.serve_max_queue, prefill_chunk=args.prefill_chunk,
                     device=device)
     opts = ServeOptions(model_id=args.model_id or Path(path).stem, api_key=s.serve_api_key,

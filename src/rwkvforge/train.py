@@ -58,8 +58,9 @@ from tqdm import tqdm
 
 from rwkvforge import config as cfgmod
 from rwkvforge import paths, upstream
+from rwkvforge.adapter import save_adapter
 from rwkvforge.checkpoint import (CheckpointError, atomic_dir, infer_config, latest_checkpoint,
-                                  load_model, load_state_dict, load_trainer_state, save_adapter,
+                                  load_model, load_state_dict, load_trainer_state,
                                   save_trainer_state)
 from rwkvforge.data.loader import (build_train_loader, build_val_batches, load_meta,
                                    pair_batches)

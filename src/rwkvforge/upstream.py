@@ -3,16 +3,30 @@
 knows their paths, their command lines and RWKV_V7_ON.
 
     TRAINER=rwkv-peft rwkvforge train --print-command   # the mapped RWKV-PEFT command
+    rwkvforge infer --infer-backend rwkv --prompt Hi       # the rwkv pip package
+    rwkvforge merge ...                                    # checks its output in the rwkv pip package
+
+Rule: RWKV_V7_ON and sys.path are touched only here, and the merge's rwkv pip check runs in a
+subprocess: the pip package reads RWKV_V7_ON once, at import, so it must not leak into the
+caller's process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
 
 from rwkvforge import config
 from rwkvforge.checkpoint import infer_config, load_state_dict
@@ -25,6 +39,10 @@ DPO_NOT_MAPPED = ("DATA_TYPE=dpo with TRAINER=rwkv-peft: our DPO pairs are not m
 
 class UpstreamError(RuntimeError):
     """An upstream back-end cannot run as asked; the message says what to do."""
+
+
+# an external model's step: forward(ids, state) -> (logits (V,), state)
+Forward = Callable[[list[int], Any], tuple[torch.Tensor, Any]]
 
 
 # =========================================================================== RWKV-PEFT
@@ -139,3 +157,122 @@ def run_rwkv_peft(s: config.Settings, checkout: Path, model_path: Path, data_pre
     (run_dir / "rwkv-peft").mkdir(parents=True, exist_ok=True)
     return subprocess.run(argv, cwd=str(checkout), check=False).returncode
 
+
+
+# =========================================================================== rwkv pip package
+def rwkv_pip_forward(model_path: Path, device: str, dtype: str) -> Forward:
+    """forward(ids, state) -> (logits (V,), state) of `model_path` run by the `rwkv` pip
+    package (strategy "cpu fp32" / "cuda <dtype>"), in this process."""
+    # The package reads RWKV_V7_ON when rwkv.model is imported; set it here, at the edge.
+    # It prints banners to stdout: send them to stderr so stdout carries only the answer.
+    os.environ["RWKV_V7_ON"] = "1"
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            from rwkv import model as rwkv_model
+        except ImportError as e:
+            raise UpstreamError(f"INFER_BACKEND=rwkv needs the `rwkv` pip package ({e}): "
+                                "pip install rwkv") from None
+    if not hasattr(rwkv_model, "RWKV_x070"):
+        raise UpstreamError("the rwkv package was imported before RWKV_V7_ON=1 was set; run "
+                            "the rwkv back-end in a fresh process")
+    dev = "cuda" if device == "cuda" else "cpu"
+    strategy = f"{dev} {dtype if dev == 'cuda' or dtype != 'fp16' else 'fp32'}"
+    if not str(model_path).endswith(".pth"):
+        raise UpstreamError(f"the rwkv package only loads files ending in .pth: {model_path}")
+    with contextlib.redirect_stdout(sys.stderr):
+        model = rwkv_model.RWKV(model=str(model_path)[:-4], strategy=strategy)
+
+    def forward(ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
+        out, state = model.forward(list(ids), state)
+        return out.float().cpu(), state
+
+    return forward
+
+
+_RWKV_PIP_PROBE = "rwkv-pip-probe"
+
+
+def _rwkv_pip_probe_main(argv: list[str]) -> int:
+    """Subprocess side of `run_rwkv_pip` (env RWKV_V7_ON=1 set by the parent):
+    <model.pth> <probe.pt> <out.pt> -> logits of every probe row, (B, T, V) fp32."""
+    model_path, probe_path, out_path = argv
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints banners
+        from rwkv.model import RWKV
+
+        assert model_path.endswith(".pth")
+        m = RWKV(model=model_path[: -len(".pth")], strategy="cpu fp32")
+    idx = torch.load(probe_path, weights_only=True)
+    rows = []
+    with torch.no_grad():
+        for row in idx.tolist():
+            out, _ = m.forward(row, None, full_output=True)
+            rows.append(out.float().reshape(len(row), -1))
+    torch.save(torch.stack(rows), out_path)
+    return 0
+
+
+def run_rwkv_pip(model_path: Path, idx: torch.Tensor, timeout: float = 900) -> torch.Tensor:
+    """Logits (B, T, V) of `model_path` on the token rows `idx`, run by the `rwkv` pip package
+    (RWKV_V7_ON=1, strategy "cpu fp32") in a subprocess, so its env vars stay out of this
+    process. UpstreamError when it does not load or run."""
+    with tempfile.TemporaryDirectory(prefix="rwkvforge-rwkvpip-") as td:
+        probe, out = Path(td) / "probe.pt", Path(td) / "logits.pt"
+        torch.save(idx.clone(), probe)
+        env = dict(os.environ, RWKV_V7_ON="1", RWKV_JIT_ON="1", RWKV_CUDA_ON="0")
+        cmd = [sys.executable, "-m", "rwkvforge.upstream", _RWKV_PIP_PROBE,
+               str(model_path), str(probe), str(out)]
+        try:
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise UpstreamError(f"the rwkv pip package did not finish loading/running "
+                                f"{model_path.name} within {timeout:.0f} s.") from e
+        if p.returncode != 0 or not out.is_file():
+            tail = (p.stderr or p.stdout).strip().splitlines()[-6:]
+            raise UpstreamError(
+                "the merged file does not load/run in the rwkv pip package (RWKV_V7_ON=1, "
+                "strategy 'cpu fp32'):\n    " + "\n    ".join(tail)
+                + "\nIs the rwkv package installed (pip install rwkv==0.8.32)?")
+        return torch.load(out, weights_only=True)
+
+
+# =========================================================================== Albatross
+def albatross_dir(root: Path) -> Path:
+    return root / "third_party" / "Albatross"
+
+
+def albatross_forward(model_path: Path, root: Path) -> Forward:
+    """forward(ids, state) -> (logits (V,), state) of `model_path` run by the Albatross
+    reference checkout (third_party/Albatross/reference; CUDA only)."""
+    ref = albatross_dir(root) / "reference"
+    if not (ref / "rwkv7.py").is_file():
+        raise UpstreamError(f"INFER_BACKEND=albatross needs a checkout at {ref.parent} "
+                            "(run ./scripts/bootstrap.sh --with-upstream, or git clone "
+                            "https://github.com/BlinkDL/Albatross third_party/Albatross); "
+                            "or use INFER_BACKEND=builtin")
+    if not torch.cuda.is_available():
+        raise UpstreamError("INFER_BACKEND=albatross needs a CUDA GPU (its kernels are CUDA "
+                            "only) and none is visible to torch; use INFER_BACKEND=builtin")
+    if not str(model_path).endswith(".pth"):
+        raise UpstreamError(f"Albatross only loads files ending in .pth: {model_path}")
+    c = infer_config(load_state_dict(model_path))
+    sys.path.insert(0, str(ref))
+    import rwkv7 as alb  # type: ignore[import-not-found]  # compiles its CUDA op on import
+
+    args = SimpleNamespace(MODEL_NAME=str(model_path)[:-4], n_layer=c.n_layer,
+                           n_embd=c.n_embd, head_size=c.head_size, vocab_size=c.vocab_size)
+    model = alb.RWKV_x070(args)
+
+    def forward(ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
+        state = model.get_state(state, B=0)
+        out, state = (model.forward_seq(list(ids), state) if len(ids) > 1
+                      else model.forward_one(int(ids[0]), state))
+        return out.float().cpu(), state
+
+    return forward
+
+
+if __name__ == "__main__":  # the rwkv pip probe's subprocess (run_rwkv_pip)
+    if sys.argv[1:2] != [_RWKV_PIP_PROBE]:
+        raise SystemExit(f"usage: python -m rwkvforge.upstream {_RWKV_PIP_PROBE} "
+                         "MODEL.pth PROBE.pt OUT.pt")
+    raise SystemExit(_rwkv_pip_probe_main(sys.argv[2:]))

@@ -1,8 +1,8 @@
 """The Chat page's engine: load a base / merged .pth (optionally + a run's adapter) into the
 built-in generator (rwkvforge.generate.Engine) and answer one prompt.
 
-Adapters are merged into the base weights in memory, in fp32, by rwkvforge.merge (the merge
-`rwkvforge merge` writes and verifies); the dashboard never writes a file.
+Adapters are merged into the base weights in memory, in fp32, by rwkvforge.adapter (the merge
+`rwkvforge merge` verifies and writes); the dashboard never writes a file.
 The prompt is encoded and sampled as `rwkvforge infer` and `rwkvforge serve` do it
 (generate.encode_chat_prompt, generate.CHAT_DEFAULTS, the reply ends at its turn's end), so
 an answer here is the answer a user gets there.
@@ -16,16 +16,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from rwkvforge.generate import (
-    CHAT_DEFAULTS,
-    Engine,
-    SamplingParams,
-    chat_params,
-    chat_turn,
-    encode_chat_prompt,
-)
+from rwkvforge.adapter import load_with_adapter
+from rwkvforge.generate import (CHAT_DEFAULTS, Engine, SamplingParams, chat_params, chat_turn,
+                                encode_chat_prompt)
 
 
 @dataclass
@@ -51,31 +45,13 @@ class ChatAnswer:
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _with_adapter(model_path: Path, adapter_dir: Path) -> Any:
-    """Base model + a PEFT-layout adapter folder, merged in memory in fp32 (as `rwkvforge
-    merge --dtype fp32` would write it); nothing is written. An incomplete folder raises
-    merge.load_adapter's MergeError (which file is missing, what to pass instead)."""
-    import torch
-
-    from rwkvforge.checkpoint import load_state_dict, model_from_state_dict
-    from rwkvforge.merge import load_adapter, merge_state_dict
-
-    adapter = load_adapter(adapter_dir)  # first: a bad folder fails before the base loads
-    merged = merge_state_dict(load_state_dict(model_path), adapter, torch.float32, "fp32")
-    return model_from_state_dict(merged, source=f"{model_path} + {adapter_dir}")
-
-
 def load_engine(model_path: Path, adapter_dir: Path | None = None) -> Engine:
-    """An inline (no background thread) engine over the model at `model_path`."""
-    import torch
-
-    from rwkvforge.checkpoint import load_model
+    """An inline (no background thread) engine over the model at `model_path` (+ a PEFT-layout
+    adapter folder, merged in memory in fp32). An incomplete adapter folder raises
+    adapter.read_adapter's MergeError (which file is missing, what to pass instead)."""
     from rwkvforge.tokenizer import get_tokenizer
 
-    if adapter_dir is None:
-        model = load_model(model_path, dtype=torch.float32, device="cpu")
-    else:
-        model = _with_adapter(model_path, adapter_dir)
+    model = load_with_adapter(model_path, adapter_dir)
     model.eval()
     return Engine(model, get_tokenizer(), max_batch=2, cache_prompts=False)
 

@@ -5,9 +5,9 @@ process (`rwkvforge train`) is writing. Every path is checked to lie inside the 
 root first (`PathRefused` otherwise), and files that are half-written (a metrics line being
 appended, a status.json being replaced) are read tolerantly.
 
-Layout read (see the run-folder contract):
-    runs/<run>/config.json  status.json  metrics.jsonl  train.log
-    runs/<run>/checkpoints/step-N/COMPLETE   adapter/   merged/*.pth   eval/
+The layout and its tolerant readers (read_json, read_metrics) are rwkvforge.runs'; the
+checkpoint listing is checkpoint.checkpoint_dirs'. This module adds the workspace checks and
+what the dashboard shows.
 
     python -c "from rwkvforge.dashboard.runs import list_runs; print(list_runs('runs'))"
 """
@@ -23,7 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rwkvforge.adapter import ADAPTER_CONFIG
+from rwkvforge.checkpoint import checkpoint_dirs
 from rwkvforge.paths import is_within, workspace_root
+from rwkvforge.runs import CONFIG, FINAL_ADAPTER, MERGED, read_json, read_metrics
 from rwkvforge.runtime import pid_alive
 
 # A "running" status.json whose `updated` is older than this is treated as dead: the trainer
@@ -31,7 +34,6 @@ from rwkvforge.runtime import pid_alive
 STALE_AFTER_S = 300.0
 
 STATUSES = ("running", "finished", "failed", "resumable", "unknown")
-_STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 class PathRefused(ValueError):
@@ -87,78 +89,21 @@ class RunInfo:
     merged: list[Path] = field(default_factory=list)
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object from `path`, or None when it is missing or half-written."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-# path -> (inode, bytes parsed up to the last complete line, rows): a live page re-reads
-# every run's metrics every few seconds, and a long run's file only grows by appends
-_METRICS_CACHE: dict[str, tuple[int, int, list[dict[str, Any]]]] = {}
-_METRICS_CACHE_MAX = 256
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl; a torn last line (being appended right now) is skipped. Only
-    the bytes appended since the last call are parsed; a replaced (resume truncates it) or
-    shrunk file is read again from the start."""
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            ino, done, rows = _METRICS_CACHE.get(str(path), (st.st_ino, 0, []))
-            if ino != st.st_ino or st.st_size < done:
-                done, rows = 0, []
-            f.seek(done)
-            new = f.read()
-    except OSError:
-        return []
-    end = new.rfind(b"\n") + 1  # a torn last line waits for its newline
-    rows = list(rows)
-    for line in new[:end].decode("utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
-    if len(_METRICS_CACHE) >= _METRICS_CACHE_MAX:
-        _METRICS_CACHE.clear()
-    _METRICS_CACHE[str(path)] = (st.st_ino, done + end, rows)
-    out = list(rows)
-    try:  # a last line without its newline counts once it is whole JSON (not cached)
-        tail = json.loads(new[end:].decode("utf-8", errors="replace")) if new[end:].strip() \
-            else None
-    except ValueError:
-        tail = None
-    if isinstance(tail, dict):
-        out.append(tail)
-    return out
-
-
 def list_checkpoints(run_dir: Path, root: Path | None = None) -> list[Checkpoint]:
     """Checkpoints under `checkpoints/`, oldest step first. `step-N.tmp` folders (being
     written) are not listed; a `step-N` without COMPLETE is listed as incomplete. Anything
     that resolves outside the workspace (a symlink) is not looked at."""
     root = Path(root or workspace_root()).resolve()
+    if not is_within(run_dir / "checkpoints", root):
+        return []
     out = []
-    ck = run_dir / "checkpoints"
-    if not ck.is_dir() or not is_within(ck, root):
-        return out
-    for d in ck.iterdir():
-        m = _STEP_RE.match(d.name)
-        if not m or not d.is_dir() or not is_within(d, root):
+    for step, d, complete in checkpoint_dirs(run_dir):
+        if not is_within(d, root):
             continue
         size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and is_within(f, root))
-        out.append(Checkpoint(step=int(m.group(1)), path=d, complete=(d / "COMPLETE").is_file(),
-                              size_mb=size / 2**20, mtime=d.stat().st_mtime))
-    return sorted(out, key=lambda c: c.step)
+        out.append(Checkpoint(step=step, path=d, complete=complete, size_mb=size / 2**20,
+                              mtime=d.stat().st_mtime))
+    return out
 
 
 def classify(status: dict[str, Any] | None, checkpoints: list[Checkpoint],
@@ -225,7 +170,7 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
 
     status = read("status.json")
     st = status or {}
-    cfg = read("config.json") or {}
+    cfg = read(CONFIG) or {}
     settings = _dict(cfg.get("settings"))
     model = _dict(cfg.get("model"))
     cks = list_checkpoints(run_dir, root)
@@ -246,8 +191,8 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
             error = why or "stopped before training began (see train.log)"
         else:
             error = "starting: loading the model / preparing the data (see train.log)"
-    adapter = inside("adapter/adapter_config.json")
-    merged_dir = inside("merged")
+    adapter = inside(f"{FINAL_ADAPTER}/{ADAPTER_CONFIG}")
+    merged_dir = inside(MERGED)
     info = RunInfo(
         name=run_dir.name,
         path=run_dir,
@@ -355,9 +300,9 @@ def find_adapters(runs_dir: Path | str, root: Path | None = None) -> list[Path]:
     out = []
     root = Path(root or workspace_root()).resolve()
     for run in list_runs(runs_dir, root):
-        if run.has_adapter and is_within(run.path / "adapter", root):
-            out.append(run.path / "adapter")
+        if run.has_adapter and is_within(run.path / FINAL_ADAPTER, root):
+            out.append(run.path / FINAL_ADAPTER)
         for c in run.checkpoints:
-            if c.complete and (c.path / "adapter_config.json").is_file():
+            if c.complete and (c.path / ADAPTER_CONFIG).is_file():
                 out.append(c.path)
     return out
