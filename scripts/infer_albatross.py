@@ -2,7 +2,7 @@
 """Chat with a model from the command line (the entry script name Albatross users know).
 
     python scripts/infer_albatross.py --prompt "What is RWKV?"
-    python scripts/infer_albatross.py --model models/merged/my.pth          # interactive chat
+    python scripts/infer_albatross.py --base-model models/merged/my.pth         # interactive chat
     python scripts/infer_albatross.py --infer-backend albatross --prompt Hi  # needs CUDA + checkout
 
 Same options as `rwkvforge infer` (see --help); this file only finds the package and calls

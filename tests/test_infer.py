@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from rwkvforge import infer
-from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, chat_params, encode_chat_prompt
+from rwkvforge.generate import (CHAT_STOP, Engine, SamplingParams, chat_params, encode_chat_prompt,
+                                set_fast_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def _greedy(model_path, ids, n, chat: bool) -> str:
 
 
 def test_one_shot_chat_streams_the_engine_answer(tiny_model_path, tok, capsys):
-    rc = infer.main(["--model", str(tiny_model_path), "--prompt", "Hello there",
+    rc = infer.main(["--base-model", str(tiny_model_path), "--prompt", "Hello there",
                      "--max-tokens", "8", "--temperature", "0", "--system", "Be kind."])
     assert rc == 0
     out = capsys.readouterr().out
@@ -53,7 +54,7 @@ def test_one_shot_chat_streams_the_engine_answer(tiny_model_path, tok, capsys):
 
 
 def test_raw_prompt(tiny_model_path, tok, capsys):
-    rc = infer.main(["--model", str(tiny_model_path), "--raw", "--prompt", "def f(x):",
+    rc = infer.main(["--base-model", str(tiny_model_path), "--raw", "--prompt", "def f(x):",
                      "--max-tokens", "6", "--temperature", "0"])
     assert rc == 0
     assert capsys.readouterr().out == _greedy(tiny_model_path, tok.encode("def f(x):"), 6,
@@ -64,7 +65,7 @@ def test_raw_prompt(tiny_model_path, tok, capsys):
 def test_rwkv_pip_backend_matches_builtin(tiny_model_path):
     """Same greedy text from the `rwkv` package (fresh process: it reads RWKV_V7_ON on
     import) as from the built-in model run through scripts/infer_albatross.py."""
-    args = ["--model", str(tiny_model_path), "--raw", "--prompt", "The weather today",
+    args = ["--base-model", str(tiny_model_path), "--raw", "--prompt", "The weather today",
             "--max-tokens", "8", "--temperature", "0", "--presence-penalty", "0",
             "--frequency-penalty", "0"]
     env = {**os.environ, "RWKVFORGE_ROOT": str(ROOT)}
@@ -151,7 +152,7 @@ def test_loop_runner_samples_like_the_engine(tiny_model, tok):
 
 
 def test_missing_model_and_backend_errors(tmp_path, tiny_model_path, tok, capsys):
-    rc = infer.main(["--model", str(tmp_path / "nope.pth"), "--prompt", "x"])
+    rc = infer.main(["--base-model", str(tmp_path / "nope.pth"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and "model file not found" in err and "nope.pth" in err
     with pytest.raises(infer.InferError, match="third_party/Albatross"):
@@ -171,8 +172,21 @@ def test_missing_model_and_backend_errors(tmp_path, tiny_model_path, tok, capsys
 
 
 def test_default_model_is_the_demo(tmp_path):
-    path, is_demo = infer.resolve_model_path("", root=tmp_path)
+    from rwkvforge.checkpoint import CheckpointError
+    from rwkvforge.demo import resolve_base_model
+
+    with pytest.raises(CheckpointError, match="demo model missing"):
+        resolve_base_model("", root=tmp_path, generate=False)
+    path, is_demo = resolve_base_model("", root=tmp_path, say=lambda m: None)
     assert is_demo and path.is_file() and path.parent == tmp_path / "models" / "base"
+
+
+def test_model_flag_takes_a_config_layer_not_a_file(tiny_model_path, capsys):
+    """--model names a configs/model/*.env layer for every command; a .pth there is refused
+    with the flag that takes it (it used to be read as the base model by infer only)."""
+    assert infer.main(["--model", str(tiny_model_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "configs/model/*.env" in err and f"--base-model {tiny_model_path}" in err
 
 
 def test_entry_script_help():
@@ -205,9 +219,9 @@ def test_infer_fast_sets_the_model_fast_path_and_stays_close(tiny_model_path, to
         for a in (got[0, -1], step[0]):
             assert (a - ref[0, -1]).abs().max() < 0.05 * ref[0, -1].abs().max()
     m = exact.model
-    with pytest.raises(infer.InferError, match="INFER_FAST"):
-        infer.set_fast_path(m, "int4", "cpu")
-    infer.set_fast_path(m, "int8", "cuda")  # a CPU path: not used on CUDA
+    with pytest.raises(ValueError, match="INFER_FAST"):
+        set_fast_path(m, "int4", "cpu")
+    set_fast_path(m, "int8", "cuda")  # a CPU path: not used on CUDA
     assert m.infer_dtype is None
 
 

@@ -402,7 +402,7 @@ def test_cli_merge_runs_in_rwkv_pip_and_exports(base_path, lora_dir, tmp_path, c
 
 def test_cli_error_is_for_people(lora_dir, tmp_path, capsys):
     rc = M.main(["--adapter", str(lora_dir)])
-    assert rc == 2 and "--base is required" in capsys.readouterr().err
+    assert rc == 2 and "--base-model is required" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # the CLI's merge runs the rwkv pip package check in a subprocess

@@ -70,7 +70,7 @@ def test_prepare_train_merge_infer_serve(tmp_path: Path, tiny_model_path: Path) 
     assert (run / "adapter" / "adapter_config.json").exists()
 
     # 3. merge in fp32 (exact) and check its verification record
-    _run(["merge", "--adapter", str(run / "adapter"), "--base", str(base), "--dtype", "fp32",
+    _run(["merge", "--adapter", str(run / "adapter"), "--base-model", str(base), "--dtype", "fp32",
           "--out", str(run / "merged" / "rt.pth")], root)
     merged = run / "merged" / "rt.pth"
     assert merged.exists()

@@ -424,7 +424,17 @@ def add_settings_flags(parser: argparse.ArgumentParser, only: Iterable[str] | No
                             metavar=f.name.upper())
 
 
+def check_model_layer(model: str | None) -> None:
+    """`--model` names a configs/model/*.env layer for every command; a checkpoint file given
+    there is refused with the flag that takes it."""
+    if model and not model.endswith(".env") and (
+            model.endswith((".pth", ".pt")) or (os.sep in model and Path(model).is_file())):
+        raise ConfigError(f"--model {model}: --model names a configs/model/*.env layer; for "
+                          f"a checkpoint file use --base-model {model}.")
+
+
 def resolve_from_args(args: argparse.Namespace, root: Path | None = None) -> Resolved:
+    check_model_layer(getattr(args, "model", None))
     cli = {k[4:]: v for k, v in vars(args).items() if k.startswith("set_") and v is not None}
     return resolve(model=getattr(args, "model", None), profile=getattr(args, "profile", None),
                    cli=cli, root=root)

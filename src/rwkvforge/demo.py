@@ -16,9 +16,12 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from rwkvforge import paths
+from rwkvforge.checkpoint import CheckpointError, save_pth
 from rwkvforge.model.rwkv7 import RWKV7Config
 
 TINY_SHAPE = (4, 256)  # (n_layer, n_embd): a 60-step LoRA run at ctx 256 takes minutes on 2 cores
@@ -99,17 +102,37 @@ def make_random_model_sd(
 
 def write_demo_model(path: Path, n_layer: int, n_embd: int, seed: int = 0, force: bool = False) -> tuple[Path, bool]:
     """Write one random model; returns (path, written). Existing files are kept unless `force`."""
-    from rwkvforge.checkpoint import save_pth
-
     if path.exists() and not force:
         return path, False
     save_pth(make_random_model_sd(n_layer, n_embd, seed=seed), path)
     return path, True
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rwkvforge import paths
+def resolve_base_model(base_model: str, source: str = "cli", root: Path | None = None, *,
+                       generate: bool = True, say: Callable[[str], None] = print
+                       ) -> tuple[Path, bool]:
+    """The base model .pth every command loads: BASE_MODEL resolved by the one path rule
+    (paths.resolve), or, when it is empty, the embedded demo model, written when missing and
+    `generate`. Returns (path, is_demo); CheckpointError names the file and the fix."""
+    root = root or paths.workspace_root()
+    if not base_model:
+        p = paths.demo_model_path(root)
+        if not p.is_file():
+            if not generate:
+                raise CheckpointError(f"{p}: demo model missing; run `rwkvforge demo-model`.")
+            say(f"no BASE_MODEL set: generating the demo model {p} (random weights, "
+                f"L{TINY_SHAPE[0]} C{TINY_SHAPE[1]})")
+            write_demo_model(p, *TINY_SHAPE)
+        return p, True
+    p = paths.resolve(base_model, source, root)
+    if not p.is_file():
+        raise CheckpointError(f"BASE_MODEL={base_model} (from {source}): model file not found "
+                              f"at {p}. Put the .pth there or fix the path (--base-model "
+                              "PATH.pth); leave BASE_MODEL empty for the demo model.")
+    return p, False
 
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rwkvforge demo-model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bench", action="store_true", help="also write the 0.1B-shaped model (L12 C768, ~0.7 GB)")
     ap.add_argument("--force", action="store_true", help="overwrite existing files")

@@ -348,7 +348,7 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
     t0 = time.time()
     # inputs first, all of them, before any long work
     if not Path(base).is_file():
-        raise EvalError(f"{base}: base model not found (pass --base).")
+        raise EvalError(f"{base}: base model not found (pass --base-model).")
     if tuned is None and (adapter is None or not Path(adapter).exists()):
         raise EvalError(f"{adapter}: adapter not found; pass --adapter DIR or --tuned merged.pth "
                         f"(a run has runs/<run>/adapter once training finished).")
@@ -424,10 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rwkvforge eval", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="the run folder (runs/<run>)")
-    ap.add_argument("--base", type=Path, default=None, help="base .pth (default: the run's model)")
+    ap.add_argument("--base-model", dest="base", type=Path, default=None, help="base .pth (default: the run's model)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: <run>/adapter)")
     g.add_argument("--tuned", type=Path, default=None, help="a merged .pth to evaluate instead")
+    ap.add_argument("--base", dest="base", type=Path, help=argparse.SUPPRESS)  # old name
     ap.add_argument("--val", type=Path, default=None,
                     help="validation data: a prepared prefix or a JSONL (default: the run's data "
                          "prefix, else data/samples/bsl_sft.jsonl)")
@@ -459,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = runs.run_settings(cfg)
     base = args.base or runs.run_base_model(cfg)
     if base is None:
-        print("error: --base is required (the run has no config.json naming its model).", file=sys.stderr)
+        print("error: --base-model is required (the run has no config.json naming its model).", file=sys.stderr)
         return 2
     adapter = None if args.tuned else (args.adapter or runs.final_adapter(run))
     val = args.val or runs.run_data_prefix(cfg) or paths.sample_data_dir() / "bsl_sft.jsonl"

@@ -31,6 +31,7 @@ Example (what `rwkvforge infer` does):
     eng = Engine(load_model("models/base/rwkv7-tiny-demo.pth"), get_tokenizer())
     print(eng.generate_text("The capital of France is", SamplingParams(max_tokens=20)))
 
+
 Deviations from PIPELINE, on purpose: top_p >= 1 means "no nucleus cut" (PIPELINE's
 float32 cumsum can stay below 1.0 and silently turn top_p=1 into greedy); temperature 0 is
 argmax; top_k keeps every token tied with the k-th probability; `seed` gives every request
@@ -42,6 +43,7 @@ from __future__ import annotations
 import codecs
 import math
 import queue
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -51,6 +53,34 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from rwkvforge.tokenizer import chat_segments
+
+
+# ---- inference setup: device, dtype, fast path ----------------------------------------------
+FAST_PATHS = {"none": None, "int8": torch.int8, "bf16": torch.bfloat16}
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """DEVICE (auto/cpu/cuda) and --dtype (auto/fp32/bf16/fp16) -> concrete names:
+    auto = CUDA with fp16 when present, else CPU with fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=cpu or auto")
+    if dtype == "auto":
+        dtype = "fp16" if device == "cuda" else "fp32"
+    return device, dtype
+
+
+def set_fast_path(model: Any, fast: str, device: str) -> None:
+    """INFER_FAST -> the model's `infer_dtype` (see RWKV7.infer_dtype): CPU kernels only;
+    on CUDA the weights' own dtype (fp16 / bf16) is already the fast path."""
+    if fast not in FAST_PATHS:
+        raise ValueError(f"unknown INFER_FAST {fast!r}: use none, int8 or bf16")
+    if fast != "none" and device != "cpu":
+        print(f"[rwkvforge] INFER_FAST={fast} is a CPU path; on {device} it is not used",
+              file=sys.stderr)
+        fast = "none"
+    model.infer_dtype = FAST_PATHS[fast]
 
 # A token's text that matches one of these gets occurrence weight 0 (presence penalty only,
 # no frequency growth): PIPELINE's `ttt in ' \t0123456789'` rule (a substring test).

@@ -42,50 +42,18 @@ from rwkvforge.generate import (
     count_token,
     encode_chat_prompt,
     request_generator,
+    resolve_device_dtype,
     sample_step,
+    set_fast_path,
 )
-from rwkvforge.paths import demo_model_path, workspace_root
+from rwkvforge.demo import resolve_base_model
+from rwkvforge.paths import workspace_root
 from rwkvforge.runtime import keep_freed_memory
 from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
 
 
 class InferError(RuntimeError):
     """A problem the user can fix (missing file, unavailable back-end); printed, exit 2."""
-
-
-# --------------------------------------------------------------------------------------
-# model resolution
-# --------------------------------------------------------------------------------------
-
-def resolve_model_path(base_model: str, root: Path | None = None,
-                       make_demo: bool = True) -> tuple[Path, bool]:
-    """-> (path, is_demo). Empty BASE_MODEL = the demo model (generated if missing)."""
-    root = root or workspace_root()
-    if not base_model:
-        p = demo_model_path(root)
-        if not p.exists() and make_demo:
-            from rwkvforge import demo
-
-            print(f"[rwkvforge] no BASE_MODEL set: generating the demo model {p}",
-                  file=sys.stderr)
-            demo.write_demo_model(p, *demo.TINY_SHAPE)
-        return p, True
-    p = Path(base_model).expanduser()
-    if not p.is_absolute() and not p.exists():
-        p = root / p
-    if not p.is_file():
-        raise InferError(f"model file not found: {base_model} (looked at {p}). Set BASE_MODEL "
-                         "in configs/workspace.env or pass --model PATH.pth; leave it empty "
-                         "to use the demo model.")
-    return p, False
-
-
-def split_model_arg(args: argparse.Namespace) -> None:
-    """`--model X.pth` names a checkpoint file, `--model NAME` a configs/model/NAME.env."""
-    m = getattr(args, "model", None)
-    if m and (m.endswith((".pth", ".pt")) or (Path(m).is_file() and not m.endswith(".env"))):
-        args.set_base_model = m
-        args.model = None
 
 
 # --------------------------------------------------------------------------------------
@@ -159,21 +127,6 @@ class LoopRunner:
         return ts.text, reason, n_out
 
 
-FAST_PATHS = {"none": None, "int8": torch.int8, "bf16": torch.bfloat16}
-
-
-def set_fast_path(model: Any, fast: str, device: str) -> None:
-    """INFER_FAST -> the model's `infer_dtype` (see RWKV7.infer_dtype): CPU kernels only;
-    on CUDA the weights' own dtype (fp16 / bf16) is already the fast path."""
-    if fast not in FAST_PATHS:
-        raise InferError(f"unknown INFER_FAST {fast!r}: use none, int8 or bf16")
-    if fast != "none" and device != "cpu":
-        print(f"[rwkvforge] INFER_FAST={fast} is a CPU path; on {device} it is not used",
-              file=sys.stderr)
-        fast = "none"
-    model.infer_dtype = FAST_PATHS[fast]
-
-
 def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, dtype: str,
                 adapter: str = "", root: Path | None = None, fast: str = "none"):
     if adapter and backend != "builtin":
@@ -197,18 +150,6 @@ def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, 
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
-
-def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
-    """DEVICE (auto/cpu/cuda) and --dtype (auto/fp32/bf16/fp16) -> concrete names:
-    auto = CUDA with fp16 when present, else CPU with fp32."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InferError("DEVICE=cuda but torch sees no CUDA GPU; use DEVICE=cpu or auto")
-    if dtype == "auto":
-        dtype = "fp16" if device == "cuda" else "fp32"
-    return device, dtype
-
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rwkvforge infer", description=__doc__.split("\n\n")[0],
@@ -252,7 +193,6 @@ def sampling_params(args: argparse.Namespace, chat: bool, seed: int | None) -> S
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     keep_freed_memory()  # inference: reuse freed activation memory (see runtime.py)
-    split_model_arg(args)
     try:
         res = cfgmod.resolve_from_args(args)
     except cfgmod.ConfigError as e:
@@ -261,11 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     s = res.settings
     try:
         device, dtype = resolve_device_dtype(s.device, args.dtype)
-    except InferError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        path, is_demo = resolve_model_path(s.base_model)
+        path, is_demo = resolve_base_model(s.base_model, res.sources["BASE_MODEL"],
+                                           say=lambda m: print(f"[rwkvforge] {m}",
+                                                               file=sys.stderr))
         if is_demo:
             print(f"[rwkvforge] using the demo model {path} (random weights: output is "
                   "gibberish; set BASE_MODEL for a real model)", file=sys.stderr)

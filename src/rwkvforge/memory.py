@@ -628,17 +628,14 @@ def preflight(settings: Any, cfg, vram_bytes: int | None, force: bool = False,
 
 # ----------------------------------------------------------------------------- CLI
 def _check_model_flag(model: str | None) -> None:
-    """`--model` names a configs/model/*.env layer, as for every command; a size or a file
-    given there is a mistake with a one-flag fix."""
+    """`--model` names a configs/model/*.env layer, as for every command; a size given there
+    is a mistake with a one-flag fix (a file: config.check_model_layer)."""
     if not model or (paths.workspace_root() / "configs" / "model" / f"{model}.env").is_file() \
             or model.endswith(".env"):
         return
     if normalize_size(model):
         raise MemoryPlanError(f"--model {model}: --model names a configs/model/*.env layer; "
                               f"for a model size use --size {normalize_size(model)}.")
-    if model.endswith(".pth") or os.sep in model:
-        raise MemoryPlanError(f"--model {model}: --model names a configs/model/*.env layer; "
-                              f"for a checkpoint file use --base-model {model}.")
 
 
 def _cfg_from_pth(path: str):

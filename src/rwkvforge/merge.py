@@ -1,8 +1,8 @@
 """Merge a LoRA / DoRA adapter into its full-precision RWKV-7 base, and prove the result.
 
     rwkvforge merge --adapter runs/<run>/adapter                       # base read from the run
-    rwkvforge merge --base models/base/X.pth --adapter runs/<run>/adapter --dtype fp16
-    rwkvforge merge --base X.pth --adapter out/rwkv-0.pth --alpha 32     # an RWKV-PEFT .pth
+    rwkvforge merge --base-model models/base/X.pth --adapter runs/<run>/adapter --dtype fp16
+    rwkvforge merge --base-model X.pth --adapter out/rwkv-0.pth --alpha 32     # an RWKV-PEFT .pth
     rwkvforge merge ... --safetensors --export-adapter out/peft-adapter  # extra exports
     ./scripts/merge_lora.sh --adapter runs/<run>/adapter
 
@@ -296,7 +296,7 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
     adapter_path = Path(adapter_path)
     base = Path(base)
     if not base.is_file():
-        raise MergeError(f"{base}: base model not found (pass --base with the .pth the adapter "
+        raise MergeError(f"{base}: base model not found (pass --base-model with the .pth the adapter "
                          f"was trained on).")
     adapter = read_adapter(adapter_path, alpha=alpha, rank=rank)
     try:
@@ -418,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Writes <out>.pth (+ .safetensors) and <out>.verify.json next to it, only if verified. "
                "PiSSA adapters: merge the converted export rwkvforge train writes (a plain LoRA).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", type=Path, default=None,
+    ap.add_argument("--base-model", dest="base", type=Path, default=None,
                     help="base model .pth (default: the run's model, from runs/<run>/config.json)")
+    ap.add_argument("--base", dest="base", type=Path, help=argparse.SUPPRESS)  # old name
     ap.add_argument("--adapter", type=Path, required=True,
                     help="runs/<run>/adapter, a PEFT adapter folder, or an RWKV-PEFT LoRA .pth")
     ap.add_argument("--out", type=Path, default=None,
@@ -447,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[merge] using the run's final adapter {args.adapter}", file=sys.stderr)
     base = args.base or runs.run_base_model(runs.run_config(runs.run_of(args.adapter)))
     if base is None:
-        print("error: --base is required (the adapter is not inside a run folder with "
+        print("error: --base-model is required (the adapter is not inside a run folder with "
               "config.json naming its model).", file=sys.stderr)
         return 2
     try:

@@ -49,6 +49,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rwkvforge import config as cfgmod
+from rwkvforge.adapter import load_with_adapter
+from rwkvforge.checkpoint import DTYPES
+from rwkvforge.demo import resolve_base_model
 from rwkvforge.generate import (
     CHAT_DEFAULTS,
     Engine,
@@ -59,8 +63,11 @@ from rwkvforge.generate import (
     SamplingParams,
     chat_params,
     encode_chat_prompt,
+    resolve_device_dtype,
+    set_fast_path,
 )
-from rwkvforge.tokenizer import ChatFormatError
+from rwkvforge.runtime import keep_freed_memory
+from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
 
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 
@@ -627,29 +634,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rwkvforge import config as cfgmod
-    from rwkvforge.adapter import load_with_adapter
-    from rwkvforge.checkpoint import DTYPES
-    from rwkvforge.infer import (InferError, resolve_device_dtype, resolve_model_path,
-                                 set_fast_path, split_model_arg)
-    from rwkvforge.runtime import keep_freed_memory
-    from rwkvforge.tokenizer import get_tokenizer
-
     ap = build_parser()
     args = ap.parse_args(argv)
     for flag in ("max_prompt_tokens", "prefill_chunk"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    split_model_arg(args)
     keep_freed_memory()  # inference: reuse freed activation memory (see runtime.py)
     try:
-        s = cfgmod.resolve_from_args(args).settings
+        res = cfgmod.resolve_from_args(args)
+        s = res.settings
     except cfgmod.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
         device, dtype = resolve_device_dtype(s.device, args.dtype)
-    except InferError as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     why = port_unavailable(s.serve_host, s.serve_port)  # before minutes of model loading
@@ -658,11 +657,13 @@ def main(argv: list[str] | None = None) -> int:
               "server running there? Pick another --serve-port.", file=sys.stderr)
         return 2
     try:
-        path, is_demo = resolve_model_path(s.base_model)
+        path, is_demo = resolve_base_model(s.base_model, res.sources["BASE_MODEL"],
+                                           say=lambda m: print(f"[rwkvforge] {m}",
+                                                               file=sys.stderr))
         tok = get_tokenizer()
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
         set_fast_path(model, s.infer_fast, device)
-    except (InferError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if is_demo:

@@ -66,7 +66,7 @@ from rwkvforge.data.loader import (build_train_loader, build_val_batches, load_m
                                    pair_batches)
 from rwkvforge.data.prepare import SAMPLES, Options, PrepareError, stale_reason
 from rwkvforge.data.prepare import run as prepare_run
-from rwkvforge.demo import TINY_SHAPE, write_demo_model
+from rwkvforge.demo import resolve_base_model
 from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
                                    local_rank, make_strategy, rank, rng_state,
                                    seed_everything, set_rng_state, world_size)
@@ -147,21 +147,8 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
     when needed (only when `prepare`). `check_data=False`: only name the prefix.
     `resuming`: prepared data that no longer matches DATA_FILE is an error, not redone."""
     s, src = res.settings, res.sources
-    demo_model = not s.base_model
-    if demo_model:
-        model_path = paths.demo_model_path(root)
-        if not model_path.is_file():
-            if not prepare:
-                raise TrainError(f"{model_path}: demo model missing; run `rwkvforge demo-model`.")
-            say(f"generating the demo model {model_path} (random weights, L{TINY_SHAPE[0]} "
-                f"C{TINY_SHAPE[1]})")
-            write_demo_model(model_path, *TINY_SHAPE)
-    else:
-        model_path = paths.resolve(s.base_model, src.get("BASE_MODEL", "cli"), root)
-        if not model_path.is_file():
-            raise TrainError(f"BASE_MODEL={s.base_model} (from {src.get('BASE_MODEL')}): "
-                             f"{model_path} not found. Put the .pth there or fix the path; "
-                             "leave BASE_MODEL empty for the demo model.")
+    model_path, demo_model = resolve_base_model(s.base_model, src.get("BASE_MODEL", "cli"), root,
+                                                generate=prepare, say=say)
     demo_data = not s.data_file and not s.data_prefix
     data_file: Path | None = None
     if s.data_prefix:
