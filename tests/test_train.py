@@ -25,6 +25,7 @@ from rwkvforge import config as cfgmod
 from rwkvforge import loss as L
 from rwkvforge import train as T
 from rwkvforge.distributed import weights_only_load
+from rwkvforge.runs import RunFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"ctx_len": 48, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8, "lora_alpha": 16,
@@ -589,3 +590,66 @@ def test_demo_banner_names_only_what_is_unset(tmp_path):
     own_model = note(base_model="models/base/x.pth")
     assert "demo model" not in own_model and "Set DATA_FILE in" in own_model
     assert note(base_model="x.pth", data_prefix="data/processed/x") is None
+
+
+def test_resume_writes_the_final_outputs_a_crash_left_missing(tiny_model_path, sft_prefix,
+                                                               tmp_path):
+    """Killed after the last checkpoint but before adapter/ (the adapter is written atomically,
+    so the folder is then absent and status.json still says running): --resume writes the
+    final outputs from that checkpoint, equal to the uninterrupted run's, instead of calling
+    the run finished."""
+    from rwkvforge.adapter import read_adapter
+
+    run = tmp_path / "endcrash"
+    res = resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=3, save_every=0,
+                   precision="fp32", eval_every=0)
+    done = T.Trainer(res, run, root=ROOT, progress=False).run()
+    want = read_adapter(run / "adapter")
+    status = json.loads((run / "status.json").read_text())
+    shutil.rmtree(run / "adapter")
+    (run / "loss.png").unlink()
+    (run / "status.json").write_text(json.dumps({**status, "state": "running"}))
+    assert T.main(["--resume", str(run), "--no-progress"]) == 0
+    got = read_adapter(run / "adapter")
+    assert got.factors.keys() == want.factors.keys()
+    for k in want.factors:
+        assert torch.equal(got.factors[k].A, want.factors[k].A)
+        assert torch.equal(got.factors[k].B, want.factors[k].B)
+    st = json.loads((run / "status.json").read_text())
+    assert st["state"] == "finished" and st["step"] == 3
+    assert st["val_loss_start"] == done.val_loss_start and st["val_loss_end"] == done.val_loss_end
+    assert (run / "loss.png").is_file() and [r["step"] for r in metrics(run)] == [1, 2, 3]
+    # now complete: a second resume has nothing to do and changes nothing
+    before = (run / "adapter").stat().st_mtime_ns
+    assert T.main(["--resume", str(run), "--no-progress"]) == 0
+    assert (run / "adapter").stat().st_mtime_ns == before
+
+
+def test_one_writer_per_run_folder(tiny_model_path, sft_prefix, tmp_path):
+    """A second process on a run folder that a live `train` holds exits 2 naming the holder's
+    PID and writes nothing there; the lock goes with the process (kill -9 leaves none)."""
+    env = sub_env()
+    run = tmp_path / "locked"
+    a = subprocess.Popen(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "locked",
+                                    "--max-steps=400", "--save-every=0"),
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (run / "metrics.jsonl").is_file():  # a's training has begun
+            assert a.poll() is None and time.time() < deadline, "first run did not start"
+            time.sleep(0.2)
+        b = subprocess.run([sys.executable, "-m", "rwkvforge.train", "--no-progress",
+                            "--resume", str(run)], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert b.returncode == 2, b.stderr[-2000:]
+        assert f"PID {a.pid}" in b.stderr and "being written by another" in b.stderr
+        assert a.poll() is None  # the holder kept running
+    finally:
+        a.kill()
+        a.wait()
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == sorted(set(steps))  # one writer: no step twice
+    # the killed holder's lock went with it: a resume may write again
+    lock = RunFolder(run)
+    lock.lock()
+    lock.unlock()

@@ -35,6 +35,11 @@ from typing import Any
 import psutil
 import torch
 
+try:
+    import fcntl
+except ImportError:  # native Windows: no flock (WSL2 has it)
+    fcntl = None
+
 from rwkvforge import config, paths
 from rwkvforge.checkpoint import atomic_write_bytes
 
@@ -99,8 +104,16 @@ def hardware_info() -> dict[str, Any]:
     return info
 
 
+LOCK = ".lock"
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing this run folder; the message names its PID."""
+
+
 class RunFolder:
-    """Writes runs/<run>/ (only rank 0 does)."""
+    """Writes runs/<run>/ (only rank 0 does), as its one writer: `lock()` holds an OS lock
+    for the writer's life."""
 
     def __init__(self, path: Path, enabled: bool = True):
         # the training log: train.log receives the `rwkvforge.train` logger's records
@@ -108,6 +121,33 @@ class RunFolder:
         self.enabled = enabled
         self.metrics_path = self.path / "metrics.jsonl"
         self._handler: logging.Handler | None = None
+        self._lock_fd: int | None = None
+
+    def lock(self) -> None:
+        """One writer per run folder: flock on runs/<run>/.lock, held until `unlock()` or the
+        process ends; the OS releases it when the process dies, so no stale lock is ever
+        left to clean by hand. RunLocked names the holder's PID. (No-op where the OS has no
+        flock, e.g. native Windows; WSL2 has it.)"""
+        if not self.enabled or self._lock_fd is not None or fcntl is None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLocked(f"{self.path} is being written by another rwkvforge train process "
+                            f"(PID {holder}): wait for it to end, or stop it (kill {holder}) "
+                            "and resume; two processes never write one run folder.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def open_log(self) -> None:
         if not self.enabled:
@@ -231,7 +271,8 @@ def default_run_name(s: config.Settings) -> str:
 def run_started(run_dir: Path) -> bool:
     """True when `run_dir` holds a run: anything but the train.log of a start that failed
     before the run began (bad data, a missing model), which a new start may append to."""
-    return run_dir.is_dir() and any(p.name != "train.log" for p in run_dir.iterdir())
+    return run_dir.is_dir() and any(p.name not in ("train.log", LOCK)
+                                    for p in run_dir.iterdir())
 
 
 # ============================================================================ readers

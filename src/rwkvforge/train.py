@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from rwkvforge import config as cfgmod
 from rwkvforge import paths, upstream
-from rwkvforge.adapter import save_adapter
+from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
 from rwkvforge.checkpoint import (CheckpointError, atomic_dir, infer_config, latest_checkpoint,
                                   load_model, load_state_dict, load_trainer_state,
                                   save_trainer_state)
@@ -75,8 +75,8 @@ from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dp
 from rwkvforge.memory import MemoryPlanError, budget_bytes, preflight
 from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
                             export_adapter, unwrap)
-from rwkvforge.runs import (RunFolder, default_run_name, git_sha, hardware_info, now_iso,
-                            package_versions, run_started)
+from rwkvforge.runs import (RunFolder, RunLocked, default_run_name, final_adapter, git_sha,
+                            hardware_info, now_iso, package_versions, run_started)
 from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger("rwkvforge.train")
@@ -574,6 +574,7 @@ class Trainer:
         self.device = pick_device(s.device, local_rank())
         check_combination(s)
         self.strategy = make_strategy(s, self.device)
+        self.folder.lock()  # before anything is written: one writer per run folder
         self.folder.open_log()
         note = demo_note(s, self.root)
         if note:
@@ -775,7 +776,8 @@ class Trainer:
             self._events = []
         if self.is_main:
             self.folder.append_metrics(row)
-            self.folder.status("running", self.step, self.total_steps)
+            self.folder.status("running", self.step, self.total_steps,
+                               val_loss_start=self.val_start)
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
                                step=self.step)
@@ -790,6 +792,12 @@ class Trainer:
                      loss, lr, tps, f" val {val:.4f}" if val is not None else "")
 
     def run(self) -> TrainResult:
+        try:
+            return self._run()
+        finally:
+            self.folder.unlock()
+
+    def _run(self) -> TrainResult:
         s = self.settings
         try:
             self.setup()
@@ -801,13 +809,16 @@ class Trainer:
             raise
         prev = self.folder.read_status() if self.resume else {}
         if self.resume and self.step >= self.total_steps:  # every rank returns here
-            self.say(f"{self.run_dir} already finished {self.total_steps} steps: nothing to "
-                     f"do (pass --max-steps N with N > {self.step} to train further)")
-            self.folder.close_log()
-            self.strategy.close()
-            return TrainResult(self.run_dir, self.step, prev.get("final_loss"),
-                               prev.get("val_loss_start"), prev.get("val_loss_end"), 0.0,
-                               self.micro_bsz, self.grad_accum)
+            if prev.get("state") == "finished" and (final_adapter(self.run_dir)
+                                                    / ADAPTER_CONFIG).is_file():
+                self.say(f"{self.run_dir} already finished {self.total_steps} steps: nothing "
+                         f"to do (pass --max-steps N with N > {self.step} to train further)")
+                self.folder.close_log()
+                self.strategy.close()
+                return TrainResult(self.run_dir, self.step, prev.get("final_loss"),
+                                   prev.get("val_loss_start"), prev.get("val_loss_end"), 0.0,
+                                   self.micro_bsz, self.grad_accum)
+            return self._complete_outputs(prev)
         if self.is_main:
             if self.resume:
                 self.folder.truncate_metrics(self.step)
@@ -815,7 +826,8 @@ class Trainer:
                                           self.step, self.total_steps, self.resumed_from)
             else:
                 self.folder.write_json("config.json", self._config_record())
-            self.folder.status("running", self.step, self.total_steps)
+            self.folder.status("running", self.step, self.total_steps,
+                               val_loss_start=prev.get("val_loss_start"))
             self.wandb = init_wandb(s, self.run_dir)
         release_freed_memory()  # setup transients (fp32 load, quantisation) back to the OS
         mon = MemoryMonitor(self.device).start()
@@ -886,6 +898,22 @@ class Trainer:
             raise
         return TrainResult(self.run_dir, self.step, loss, self.val_start, self.val_end,
                            mon.peak_mb, self.micro_bsz, self.grad_accum)
+
+    def _complete_outputs(self, prev: dict) -> TrainResult:
+        """A run that trained every step but stopped before its final outputs were written
+        (killed after the last checkpoint, a full disk at the end): they are written now from
+        that checkpoint, which holds the final weights."""
+        self.say(f"{self.run_dir}: all {self.total_steps} steps are trained but the final "
+                 f"outputs are missing (the run stopped while writing them): writing them "
+                 f"from {self.resumed_from.name}")
+        rows = [r for r in self.folder.read_metrics() if "loss" in r]
+        last = rows[-1] if rows else {}
+        # the checkpoint holds the final weights: the final validation loss, exactly
+        self.val_start, self.val_end = prev.get("val_loss_start"), self._eval()
+        mon = MemoryMonitor(self.device).start()
+        self._finish(last.get("loss"), mon)
+        return TrainResult(self.run_dir, self.step, last.get("loss"), self.val_start,
+                           self.val_end, mon.peak_mb, self.micro_bsz, self.grad_accum)
 
     def _close_bar(self, mon: MemoryMonitor) -> None:
         mon.stop()
@@ -1051,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"rwkvforge train --resume {shlex.quote(str(run_dir))}", file=sys.stderr)
             return 143 if isinstance(e, Stopped) else 130
         return 0
-    except (TrainError, cfgmod.ConfigError, upstream.UpstreamError) as e:
+    except (TrainError, cfgmod.ConfigError, upstream.UpstreamError, RunLocked) as e:
         print(f"train error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - errors from the model/adapter/data layers
