@@ -37,3 +37,11 @@ def one_torch_thread():
     yield
     torch.set_num_threads(n)
 
+
+@pytest.fixture(scope="session")
+def sft_prefix(tmp_path_factory):
+    """The shipped SFT sample, prepared (10% held out for validation); shared by the training
+    test files (do not modify it)."""
+    from sample_data import prepare_sample
+
+    return prepare_sample(tmp_path_factory, "bsl_sft", "sft", 0.1)
