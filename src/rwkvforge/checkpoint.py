@@ -219,6 +219,21 @@ def compact_cpu(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside folder `path` durable (POSIX; a no-op where a folder cannot be
+    opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Create `path` atomically: the body writes the yielded temp path (same folder, normal
@@ -238,6 +253,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -286,6 +302,7 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from rwkvforge import config
-from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, load_trainer_state,
-                                  save_trainer_state, write_checkpoint)
+from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, fsync_dir,
+                                  load_trainer_state, save_trainer_state, write_checkpoint)
 from rwkvforge.peft import load_trainable_state, trainable_state
 
 
@@ -146,7 +146,7 @@ class SingleProcess:
     def barrier(self) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -288,6 +288,7 @@ class DeepSpeedStrategy:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            fsync_dir(final.parent)
         dist.barrier()
         return final
 
@@ -323,16 +324,22 @@ class DeepSpeedStrategy:
 
         dist.barrier()
 
-    def close(self) -> None:
-        """Ordered shutdown: every rank reaches the barrier, the engine drops its optimiser
-        and background state, then the process group goes."""
+    def close(self, failed: bool = False) -> None:
+        """Ordered shutdown, so no C++ worker thread of the process group or the engine is
+        still alive when the interpreter tears down (a rank aborting at exit with
+        "terminate called without an active exception"): every rank reaches the barrier
+        (rank 0 has written and fsynced the outputs before it), the engine drops its
+        optimiser and hooks, then the process group goes. `failed`: no barrier (the other
+        ranks may be gone), only the local teardown."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
             return
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         if self.engine is not None:
-            self.engine.destroy()
+            with contextlib.suppress(Exception):
+                self.engine.destroy()
             self.engine = None
         dist.destroy_process_group()
 

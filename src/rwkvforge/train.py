@@ -895,6 +895,7 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.finish(exit_code=1)
             self.folder.close_log()
+            self.strategy.close(failed=True)
             raise
         return TrainResult(self.run_dir, self.step, loss, self.val_start, self.val_end,
                            mon.peak_mb, self.micro_bsz, self.grad_accum)
