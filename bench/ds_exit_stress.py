@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     model = tmp / "tiny.pth"
     save_pth(make_random_model_sd(2, 128, seed=0), model)
     prefix = tmp / "bsl_sft"
-    run(Options(input=sample_data_dir() / "bsl_sft.jsonl", prefix=prefix, kind="sft",
+    run(Options(input=sample_data_dir() / "bsl_sft.jsonl", prefix=prefix, data_type="sft",
                 ctx_len=64, seed=42, val_fraction=0.1, workers=1, progress=False),
         log=lambda *a: None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB", "RWKVFORGE_"))}

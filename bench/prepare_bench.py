@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         t_ours = c_ours = float("inf")
         for _ in range(args.rounds):  # best of N: the least disturbed by other load
             t0, c0 = time.perf_counter(), cpu_seconds()
-            run(Options(input=src, prefix=tmpd / "ours", kind="text", val_fraction=0.0,
+            run(Options(input=src, prefix=tmpd / "ours", data_type="text", val_fraction=0.0,
                         workers=args.workers, progress=False), log=lambda *_: None)
             t_ours = min(t_ours, time.perf_counter() - t0)
             c_ours = min(c_ours, cpu_seconds() - c0)

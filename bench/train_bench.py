@@ -129,7 +129,7 @@ def make_batches(path: Path, ctx_len: int, batch: int, n: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         prefix = Path(d) / "bsl_sft"
         run(Options(input=ROOT / "data" / "samples" / "bsl_sft.jsonl", prefix=prefix,
-                    kind="sft", ctx_len=ctx_len, seed=42, val_fraction=0.0, workers=1,
+                    data_type="sft", ctx_len=ctx_len, seed=42, val_fraction=0.0, workers=1,
                     progress=False), log=lambda *a: None)
         loader = build_train_loader(prefix, ctx_len, batch, seed=42, pack=True)
         xs, ys = [], []

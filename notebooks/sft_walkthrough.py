@@ -101,7 +101,7 @@ def _(root, s):
     data_file = root / "data" / "samples" / SAMPLES[s.data_type]
     prefix = root / s.data_prefix
     meta = prepare_run(
-        Options(input=data_file, prefix=prefix, kind=s.data_type, ctx_len=s.ctx_len,
+        Options(input=data_file, prefix=prefix, data_type=s.data_type, ctx_len=s.ctx_len,
                 seed=s.seed, val_fraction=s.val_fraction, workers=1,
                 micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, progress=False),
         log=lambda *a: None,

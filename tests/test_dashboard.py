@@ -617,7 +617,7 @@ def test_datasets_reader_plain_binidx_and_histogram(workspace, tmp_path) -> None
     found = [p.relative_to(root).as_posix() for p in D.find_datasets(root)]
     assert found == ["data/processed/sft.meta.json", "data/raw/plain.bin"]
     ds = D.open_dataset(root / "data" / "raw" / "plain.bin")
-    assert ds.kind == "text" and ds.lengths == [len(d) for d in docs]
+    assert ds.data_type == "text" and ds.lengths == [len(d) for d in docs]
     ids, mask = ds.document(1)
     assert ids == docs[1] and mask is None
     html = D.render_tokens_html(tok, ids, mask, "<EOT>")
@@ -702,7 +702,7 @@ def test_dataset_metas_of_other_shapes_or_pointing_outside(workspace, tmp_path) 
                       ("trav", "points outside the workspace")):
         with pytest.raises(D.DatasetError, match=why):
             D.open_dataset(proc / f"{name}.meta.json", root=root)
-    assert D.open_dataset(proc / "sft.meta.json", root=root).kind == "sft"
+    assert D.open_dataset(proc / "sft.meta.json", root=root).data_type == "sft"
 
 
 def test_metrics_are_read_incrementally_and_follow_a_rewrite(tmp_path) -> None:

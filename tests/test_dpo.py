@@ -55,7 +55,7 @@ def margin_tolerance(run_dir: Path, loss: str = "sigmoid") -> float:
     move them by a few ulps. So: 8 ulps of the largest log-prob, times beta; not relative.
     SimPO keeps no reference file: its log-probs are bounded by CTX_LEN (160) x ~12.5 nats
     (the random model is near uniform over 65536 tokens, ln 65536 = 11.1) = 2e3."""
-    ref = torch.load(run_dir / T.REFERENCE, weights_only=True)["train"] \
+    ref = torch.load(run_dir / L.REFERENCE, weights_only=True)["train"] \
         if loss == "sigmoid" else torch.tensor([FAST["ctx_len"] * 12.5])
     return 8 * float(ref[~ref.isnan()].abs().max()) * 2.0 ** -23 * FAST_BETA
 
@@ -136,7 +136,7 @@ def test_dpo_run_learns_the_preference(tiny_model_path, dpo_prefix, tmp_path):
     assert sum(r["reward_acc"] for r in rows[-4:]) / 4 > 0.5
     assert rows[-1]["val_reward_acc"] >= 0.5 and rows[-1]["val_loss"] == pytest.approx(
         out.val_loss_end, abs=1e-6)
-    ref = torch.load(run / T.REFERENCE, weights_only=True)
+    ref = torch.load(run / L.REFERENCE, weights_only=True)
     assert ref["train"].dtype == torch.float64 and (ref["train"][~ref["train"].isnan()] < 0).all()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert "DPO: reference log-probs of" in (run / "train.log").read_text()
@@ -149,7 +149,7 @@ def test_simpo_run_needs_no_reference_and_learns(tiny_model_path, dpo_prefix, tm
     out = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=12, lr=3e-3,
                              micro_bsz=4, dpo_loss="simpo", dpo_beta=2.0, simpo_gamma=0.5),
                     run, root=ROOT, progress=False).run()
-    assert not (run / T.REFERENCE).exists()
+    assert not (run / L.REFERENCE).exists()
     log = (run / "train.log").read_text()
     assert "no reference model" in log and "reference log-probs" not in log
     rows = metrics(run)
@@ -234,7 +234,7 @@ def test_dpo_resume_reuses_the_reference_and_continues_exactly(tiny_model_path, 
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     assert [r["reward_margin"] for r in got] == [r["reward_margin"] for r in want]
 
-    (run / T.REFERENCE).unlink()
+    (run / L.REFERENCE).unlink()
     with pytest.raises(T.TrainError, match="reference_logps.pt is missing"):
         T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, **{**kw, "max_steps": 6}),
                   run, root=ROOT, progress=False, resume=True).run()
@@ -300,7 +300,7 @@ def prepare_sample_sft(tmp_path: Path) -> Path:
     from rwkvforge.paths import sample_data_dir
 
     out = tmp_path / "sft" / "bsl_sft"
-    run(Options(input=sample_data_dir() / "bsl_sft.jsonl", prefix=out, kind="sft",
+    run(Options(input=sample_data_dir() / "bsl_sft.jsonl", prefix=out, data_type="sft",
                 val_fraction=0.1, workers=1, progress=False), log=lambda *a: None)
     return out
 
@@ -313,7 +313,7 @@ def test_a_top_level_system_field_opens_the_dpo_prompt(tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_text(json.dumps({"system": "Be brief.", "prompt": "q", "chosen": "good answer",
                                "rejected": "bad"}) + "\n", encoding="utf-8")
-    run(Options(input=src, prefix=tmp_path / "p", kind="dpo", val_fraction=0.0, workers=1,
+    run(Options(input=src, prefix=tmp_path / "p", data_type="dpo", val_fraction=0.0, workers=1,
                 progress=False), log=lambda *a: None)
     split = open_split(tmp_path / "p", "train")
     tok = get_tokenizer()
@@ -326,7 +326,7 @@ def test_a_top_level_system_field_opens_the_dpo_prompt(tmp_path):
     from rwkvforge.data.prepare import PrepareError
 
     with pytest.raises(PrepareError, match="top-level 'system' field and a system message"):
-        run(Options(input=bad, prefix=tmp_path / "b", kind="dpo", workers=1, progress=False),
+        run(Options(input=bad, prefix=tmp_path / "b", data_type="dpo", workers=1, progress=False),
             log=lambda *a: None)
 
 
@@ -342,7 +342,7 @@ def test_resume_refuses_a_reference_of_other_data(tiny_model_path, tmp_path):
     def prepare(recs):
         src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs),
                        encoding="utf-8")
-        run(Options(input=src, prefix=prefix, kind="dpo", val_fraction=0.1, workers=1,
+        run(Options(input=src, prefix=prefix, data_type="dpo", val_fraction=0.1, workers=1,
                     progress=False), log=lambda *a: None)
 
     recs = [json.loads(x) for x in lines]

@@ -211,6 +211,7 @@ def test_eval_of_a_dpo_run_measures_the_preference(tiny_model_path, tmp_path, ca
     from rwkvforge import config as cfgmod
     from rwkvforge import paths
     from rwkvforge import train as T
+    from rwkvforge.loss import REFERENCE
 
     cli = {"base_model": str(tiny_model_path), "data_type": "dpo", "runs_dir": str(tmp_path),
            "data_file": str(paths.sample_data_dir() / "bsl_dpo.jsonl"),
@@ -239,7 +240,7 @@ def test_eval_of_a_dpo_run_measures_the_preference(tiny_model_path, tmp_path, ca
     chosen = E.masked_loss(base_model, [E._side(b, "chosen") for b in batches])
     assert res["loss"]["base"]["loss"] == pytest.approx(chosen["loss"], rel=1e-6)
     assert res["loss"]["base"]["tokens"] == chosen["tokens"]
-    ref = torch.load(run / T.REFERENCE, weights_only=True)["val"]
+    ref = torch.load(run / REFERENCE, weights_only=True)["val"]
     order = torch.cat([b["pair_index"] for b in batches])
     torch.testing.assert_close(base, ref[order], rtol=1e-5, atol=1e-3)
     likelier = float((base[:, 0] > base[:, 1]).double().mean())

@@ -119,7 +119,7 @@ def _sft_data(tmp_path, n=12, val=0.0):
     src = tmp_path / "sft.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                    encoding="utf-8")
-    run(Options(input=src, prefix=tmp_path / "sft", kind="sft", ctx_len=16,
+    run(Options(input=src, prefix=tmp_path / "sft", data_type="sft", ctx_len=16,
                 val_fraction=val, workers=1, progress=False), log=lambda *_: None)
     return tmp_path / "sft"
 
@@ -190,7 +190,7 @@ def test_dpo_batches(tmp_path):
     src = tmp_path / "dpo.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                    encoding="utf-8")
-    run(Options(input=src, prefix=tmp_path / "dpo", kind="dpo", ctx_len=32, workers=1,
+    run(Options(input=src, prefix=tmp_path / "dpo", data_type="dpo", ctx_len=32, workers=1,
                 progress=False), log=lambda *_: None)
     ld = L.build_train_loader(tmp_path / "dpo", 32, 3, seed=0)
     b = next(ld)
@@ -215,7 +215,7 @@ def test_dpo_batches(tmp_path):
         fr = int(b["rejected_loss_mask"][r].nonzero()[0])
         assert fc == fr and fc > 5
         assert torch.equal(b["chosen_input_ids"][r, :fc + 1], b["rejected_input_ids"][r, :fc + 1])
-    assert ld.state_dict()["kind"] == "dpo"
+    assert ld.state_dict()["data_type"] == "dpo"
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -244,7 +244,7 @@ def test_sft_examples_with_nothing_to_train_within_ctx_are_left_out(tmp_path):
     src = tmp_path / "s.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                    encoding="utf-8")
-    meta = run(Options(input=src, prefix=tmp_path / "d", kind="sft", ctx_len=32, workers=1,
+    meta = run(Options(input=src, prefix=tmp_path / "d", data_type="sft", ctx_len=32, workers=1,
                        progress=False), log=lambda *a: None)
     assert meta["untrained_within_ctx"] == 1
     ld = L.build_train_loader(tmp_path / "d", 32, 1, seed=0)

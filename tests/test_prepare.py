@@ -45,9 +45,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def opts(tmp_path: Path, src: Path, kind: str = "text", **kw) -> P.Options:
+def opts(tmp_path: Path, src: Path, data_type: str = "text", **kw) -> P.Options:
     kw.setdefault("workers", 1)
-    return P.Options(input=src, prefix=tmp_path / "out" / "d", kind=kind, progress=False, **kw)
+    return P.Options(input=src, prefix=tmp_path / "out" / "d", data_type=data_type, progress=False, **kw)
 
 
 def sha(p: Path) -> str:
@@ -269,7 +269,7 @@ def test_a_folder_is_one_text_document_per_file(tmp_path):
     texts = ["Процедура ПриЗаписи(Отказ)\r\n\tОтказ = Ложь;\r\nКонецПроцедуры\r\n",
              "Функция Тест()\n\tВозврат 1;\nКонецФункции\n"]
     ref = write_jsonl(tmp_path / "ref.jsonl", [{"text": t} for t in texts])
-    want = P.run(P.Options(input=ref, prefix=tmp_path / "ref" / "d", kind="text",
+    want = P.run(P.Options(input=ref, prefix=tmp_path / "ref" / "d", data_type="text",
                            progress=False, workers=1, ctx_len=16), log=quiet)
     meta = P.run(opts(tmp_path, src, ctx_len=16, glob="**/*.bsl"), log=quiet)
     assert sha(tmp_path / "out/d.bin") == sha(tmp_path / "ref/d.bin")
@@ -291,7 +291,7 @@ def test_a_folder_is_one_text_document_per_file(tmp_path):
 def test_masked_data_without_meta_refuses_to_load(tmp_path):
     src = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Q", "response": "A"}])
     P.run(opts(tmp_path, src, "sft"), log=quiet)
-    assert open_split(tmp_path / "out/d").kind == "sft"
+    assert open_split(tmp_path / "out/d").data_type == "sft"
     (tmp_path / "out/d.meta.json").unlink()  # what an interrupted publish could leave
     with pytest.raises(ValueError, match="without its .meta.json: an interrupted"):
         open_split(tmp_path / "out/d")
@@ -398,19 +398,19 @@ def test_options_from_settings_is_what_the_cli_and_train_build(tmp_path, monkeyp
     run = dict(repeat=2, shuffle=True, skip_invalid=True, workers=3, max_line_mb=8.0,
                progress=False)
     assert P.Options.from_settings(s, input=src, output_prefix=prefix, **run) == cli
-    assert (cli.input, cli.prefix, cli.kind, cli.ctx_len, cli.seed, cli.val_fraction,
+    assert (cli.input, cli.prefix, cli.data_type, cli.ctx_len, cli.seed, cli.val_fraction,
             cli.micro_bsz, cli.grad_accum, cli.num_gpus, cli.glob) == (
         src, prefix, "sft", 64, 7, 0.25, 2, 3, 2, "**/*.bsl")
     assert {k: getattr(cli, k) for k in run} == run
     # what train.py builds by hand when it prepares DATA_FILE itself
-    by_hand = P.Options(input=src, prefix=prefix, kind=s.data_type, ctx_len=s.ctx_len,
+    by_hand = P.Options(input=src, prefix=prefix, data_type=s.data_type, ctx_len=s.ctx_len,
                         seed=s.seed, val_fraction=s.val_fraction, workers=1,
                         micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, num_gpus=s.num_gpus,
                         progress=False, glob=s.data_glob)
     assert P.Options.from_settings(s, input=src, output_prefix=prefix, workers=1,
                                    progress=False) == by_hand
     with pytest.raises(TypeError):  # a setting is the settings' to give
-        P.Options.from_settings(s, input=src, output_prefix=prefix, kind="text")
+        P.Options.from_settings(s, input=src, output_prefix=prefix, data_type="text")
 
 
 def test_stale_reason_names_what_changed(tmp_path):

@@ -48,7 +48,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from rwkvforge import config as cfgmod
 from rwkvforge import paths
@@ -624,6 +624,20 @@ def preflight(settings: Any, cfg, vram_bytes: int | None, force: bool = False,
            + "\nRun `rwkvforge plan` to explore; pass --force to start anyway, or set VRAM= "
            "if the detected budget is wrong.")
     raise MemoryPlanError(msg, bd)
+
+
+def preflight_model(settings: Any, model_path, device: str, force: bool,
+                    say: Callable[[str], None] = print) -> None:
+    """`train`'s pre-flight: refuse a run the planner predicts will not fit (MemoryPlanError
+    with the shortfall and suggestions), before any weights are loaded; `force` (--force)
+    starts it anyway with a warning. The shape comes from the .pth, memory-mapped."""
+    sd = load_state_dict(model_path)  # CheckpointError if the file is bad
+    cfg = infer_config(sd)
+    del sd
+    budget = budget_bytes(settings, device)
+    bd = preflight(settings, cfg, budget, force=force, device=device)
+    if budget and not bd.fits(budget):
+        say(f"warning: --force: {bd.warning(budget)}")
 
 
 # ----------------------------------------------------------------------------- CLI

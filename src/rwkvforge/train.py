@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import pickle
 import shlex
 import signal
 import sys
@@ -59,20 +57,18 @@ from tqdm import tqdm
 from rwkvforge import config as cfgmod
 from rwkvforge import paths, upstream
 from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
-from rwkvforge.checkpoint import (CheckpointError, atomic_dir, infer_config, latest_checkpoint,
-                                  load_model, load_state_dict, load_trainer_state,
-                                  save_trainer_state)
-from rwkvforge.data.loader import (build_train_loader, build_val_batches, load_meta,
-                                   pair_batches)
+from rwkvforge.checkpoint import (CheckpointError, atomic_dir, latest_checkpoint, load_model,
+                                  load_trainer_state, save_trainer_state)
+from rwkvforge.data.loader import build_loaders, load_meta
 from rwkvforge.data.prepare import SAMPLES, Options, PrepareError, stale_reason
 from rwkvforge.data.prepare import run as prepare_run
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
                                    local_rank, make_strategy, rank, rng_state,
                                    seed_everything, set_rng_state, world_size)
-from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dpo,
-                            evaluate_loss, pair_rows, reference_logps)
-from rwkvforge.memory import MemoryPlanError, budget_bytes, preflight
+from rwkvforge.loss import (DpoReferenceError, LossModule, autocast_ctx, compute_dtype,
+                            dpo_reference, evaluate_dpo, evaluate_loss, pair_rows)
+from rwkvforge.memory import MemoryPlanError, preflight_model
 from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
                             export_adapter, unwrap)
 from rwkvforge.runs import (RunFolder, RunLocked, default_run_name, final_adapter, git_sha,
@@ -292,134 +288,6 @@ def check_combination(s: cfgmod.Settings) -> None:
                          "DEEPSPEED_STAGE=2.")
 
 
-def memory_preflight(s: cfgmod.Settings, model_path: Path, device: torch.device, force: bool,
-                     say: Callable[[str], None]) -> None:
-    """Refuse a configuration the memory planner predicts will not fit (see
-    `rwkvforge plan`), before any weights are loaded; `force` (--force) overrides."""
-    sd = load_state_dict(model_path)  # memory-mapped; CheckpointError if bad
-    cfg = infer_config(sd)
-    del sd
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    try:  # a refusal says itself that --force starts it anyway
-        budget = budget_bytes(s, kind)
-        bd = preflight(s, cfg, budget, force=force, device=kind)
-    except MemoryPlanError as e:
-        raise TrainError(str(e)) from None
-    if budget and not bd.fits(budget):
-        say(f"warning: --force: {bd.warning(budget)}")
-
-
-def build_data(s: cfgmod.Settings, prefix: Path, micro_bsz: int, grad_accum: int, world: int,
-               say: Callable[[str], None]):
-    """(train loader, validation batches) of the prepared data, checked against DATA_TYPE;
-    notes on examples CTX_LEN leaves out."""
-    rows = micro_bsz * grad_accum * world
-    try:
-        loader = build_train_loader(prefix, s.ctx_len, rows, s.seed)
-        val_batches = build_val_batches(prefix, s.ctx_len, max(s.micro_bsz, 1), max_batches=64)
-    except ValueError as e:
-        msg = str(e)
-        if "fewer than one batch" in msg and rows != s.micro_bsz:
-            msg += (f" (one batch here is one optimiser step: MICRO_BSZ {micro_bsz} x "
-                    f"GRAD_ACCUM {grad_accum} x {world} GPUs = {rows} rows; lower GRAD_ACCUM "
-                    "too)")
-        raise TrainError(msg) from None
-    dpo = s.data_type == "dpo"
-    if (loader.kind == "dpo") != dpo:
-        raise TrainError(
-            f"{prefix}: the prepared data holds "
-            f"{'preference pairs (dpo)' if loader.kind == 'dpo' else loader.kind}"
-            f" (its {Path(str(prefix)).name}.meta.json) but DATA_TYPE={s.data_type}: pass "
-            f"--data-type {loader.kind or 'text'}, or another DATA_PREFIX.")
-    skipped = getattr(loader, "skipped", 0)
-    if skipped:
-        what = ("DPO pairs have an answer with no trained token" if dpo else
-                "SFT examples have no trained (assistant) token")
-        say(f"note: {skipped} of {skipped + loader.n} {what} within CTX_LEN={s.ctx_len}: left "
-            "out (raise CTX_LEN to train on them)")
-    same = getattr(loader, "same_within_ctx", 0)
-    if same:
-        say(f"note: {same} DPO pairs have the same chosen and rejected tokens within "
-            f"CTX_LEN={s.ctx_len} (they differ later): they add no preference signal "
-            "(raise CTX_LEN)")
-    return loader, val_batches
-
-
-def _split_digest(split) -> str:
-    """sha256 of a prepared split's token and mask files (what reference log-probs are of)."""
-    h = hashlib.sha256()
-    prefixes = [split.prefix] + ([split.mask.prefix] if split.mask is not None else [])
-    for prefix in prefixes:
-        for ext in (".idx", ".bin"):
-            with open(f"{prefix}{ext}", "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
-
-
-REFERENCE = "reference_logps.pt"
-
-
-def dpo_reference(s: cfgmod.Settings, model: nn.Module, loader, val_batches: list[dict],
-                  run_dir: Path, device: torch.device, *, resume: bool, write: bool,
-                  say: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO: the (train, val) reference log-probs of every pair, computed once with the model
-    as it starts (base + freshly initialised adapters, i.e. the base model's outputs, also
-    under PiSSA, DoRA and TRAIN_PARTS) and kept in runs/<run>/reference_logps.pt for a
-    resume (written when `write`). SimPO is reference-free: zeros."""
-    path = run_dir / REFERENCE
-    n_train = loader.split.num_examples
-    n_val = max((int(b["pair_index"].max()) + 1 for b in val_batches), default=0)
-    if s.dpo_loss == "simpo":
-        say(f"SimPO (DPO_LOSS=simpo): beta {s.dpo_beta:g}, gamma {s.simpo_gamma:g}, no "
-            "reference model")
-        return (torch.zeros(n_train, 2, dtype=torch.float64),
-                torch.zeros(n_val, 2, dtype=torch.float64))
-    data = _split_digest(loader.split)
-    if resume:
-        why = "is missing or unreadable"
-        try:
-            ref = torch.load(path, map_location="cpu", weights_only=True)
-            used = torch.as_tensor(loader.examples)
-            if ref.get("data") != data:
-                why = "was computed for other data (the data was prepared again since)"
-            elif not (ref["train"].shape == (n_train, 2) and ref["val"].shape[0] >= n_val
-                      and torch.isfinite(ref["train"][used]).all()):
-                why = "does not match the data"
-            else:
-                why = ""
-        except (OSError, KeyError, RuntimeError, pickle.UnpicklingError, AttributeError,
-                TypeError, IndexError):
-            pass
-        if why:
-            raise TrainError(f"--resume {run_dir}: {path.name} {why}: the reference "
-                             "log-probs of a DPO run come from the model as it started "
-                             "on this data. Start a new run.")
-        return ref["train"], ref["val"]
-    say(f"DPO: computing the reference log-probs of {loader.n} train pairs (one forward pass "
-        "each, with the starting model) ...")
-    t0 = time.time()
-    rng = rng_state()
-    args = (s.head_chunk, s.precision, device)
-    # train pairs by the path training steps take (compiled ones, with COMPILE=1); val
-    # pairs by evaluate_dpo's
-    ref_train = reference_logps(
-        model, pair_batches(loader.split, loader.examples, s.ctx_len, max(s.micro_bsz, 1)),
-        n_train, *args, compiled=s.compile)
-    ref_val = reference_logps(model, val_batches, n_val, *args)
-    set_rng_state(rng)
-    if write:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"train": ref_train, "val": ref_val, "beta": s.dpo_beta, "data": data},
-                   tmp)
-        os.replace(tmp, path)
-    say(f"DPO: reference log-probs of {loader.n} train + "
-        f"{sum(b['pair_index'].numel() for b in val_batches)} val pairs in "
-        f"{time.time() - t0:.1f}s (beta {s.dpo_beta:g}"
-        + (f", chosen-answer cross-entropy x {s.dpo_ftx:g}" if s.dpo_ftx else "") + ")")
-    return ref_train, ref_val
-
-
 def init_wandb(s: cfgmod.Settings, run_dir: Path):
     """The W&B run for WANDB_PROJECT (None when unset)."""
     if not s.wandb_project:
@@ -586,7 +454,11 @@ class Trainer:
         if not self.is_main:
             self.inputs = resolve_inputs(self.res, self.root, prepare=False,
                                          say=lambda m: None)
-        memory_preflight(s, self.inputs.model_path, self.device, self.force, self.say)
+        try:
+            preflight_model(s, self.inputs.model_path, "cuda" if self.device.type == "cuda"
+                            else "cpu", self.force, self.say)
+        except MemoryPlanError as e:  # a refusal says itself that --force starts it anyway
+            raise TrainError(str(e)) from None
         seed_everything(s.seed)
         t0 = time.time()
         self.model, self.spec, self.model_cfg = build_model(s, self.inputs.model_path,
@@ -609,8 +481,12 @@ class Trainer:
         self.loss_module = LossModule(self.model, s.head_chunk, compute_dtype(s.precision),
                                       s.dpo_beta, s.dpo_loss, s.simpo_gamma)
         self.optimizer = make_optimizer(self.model, s)
-        self.loader, self.val_batches = build_data(s, self.inputs.data_prefix, self.micro_bsz,
-                                                   self.grad_accum, self.world, self.say)
+        try:
+            self.loader, self.val_batches = build_loaders(s, self.inputs.data_prefix,
+                                                          self.micro_bsz, self.grad_accum,
+                                                          self.world, self.say)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         self.total_steps = total = s.max_steps or s.epochs * self.loader.steps_per_epoch
         if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
             self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "
@@ -620,9 +496,12 @@ class Trainer:
                                             warmup=s.warmup_steps, total=total,
                                             schedule=s.lr_schedule) / s.lr if s.lr else 0.0)
         if self.dpo:
-            self.ref_train, self.ref_val = dpo_reference(
-                s, self.model, self.loader, self.val_batches, self.run_dir, self.device,
-                resume=self.resume, write=self.is_main, say=self.say)
+            try:
+                self.ref_train, self.ref_val = dpo_reference(
+                    s, self.model, self.loader, self.val_batches, self.run_dir, self.device,
+                    resume=self.resume, write=self.is_main, say=self.say)
+            except DpoReferenceError as e:
+                raise TrainError(str(e)) from None
         self.strategy.wrap(self.loss_module, self.optimizer, self.model, self.micro_bsz,
                            self.grad_accum)
         self.optimizer = self.strategy.optimizer

@@ -442,8 +442,8 @@ def page_data() -> None:
     m[1].metric(tr("data.tokens"), f"{int(sum(lengths)):,}")
     m[2].metric(tr("data.mean_len"), fmt_num(float(sum(lengths)) / max(len(lengths), 1)))
     m[3].metric(tr("data.max_len"), f"{max(lengths) if lengths else 0:,}")
-    st.caption(tr("data.kind", kind=tr(f"data.kind.{ds.kind}")
-                  if ds.kind in ("text", "sft", "dpo") else ds.kind))
+    st.caption(tr("data.kind", kind=tr(f"data.kind.{ds.data_type}")
+                  if ds.data_type in ("text", "sft", "dpo") else ds.data_type))
 
     st.subheader(tr("data.histogram"))
     hist = pd.DataFrame(D.histogram(lengths), columns=["bin", "count"])

@@ -32,7 +32,7 @@ class DatasetError(ValueError):
 @dataclass
 class Dataset:
     path: Path
-    kind: str  # text | sft | dpo
+    data_type: str  # text | sft | dpo
     split: str
     lengths: list[int]
     _split: Any
@@ -101,7 +101,7 @@ def open_dataset(path: Path, split: str = "train", root: Path | None = None) -> 
     if sp is None:
         raise DatasetError(f"{path}: no {split!r} split")
     lengths = [int(x) for x in sp.ids.sizes]
-    return Dataset(path=path, kind=sp.kind, split=split, lengths=lengths, _split=sp,
+    return Dataset(path=path, data_type=sp.data_type, split=split, lengths=lengths, _split=sp,
                    tokenizer=get_tokenizer())
 
 

@@ -161,10 +161,10 @@ def process_text_block(first: int, data: bytes, max_line_bytes: int, tok) -> Blo
     return BlockResult(arr.tobytes(), None, sizes, 1, errors, rejected)
 
 
-def process_block(first: int, data: bytes, max_line_bytes: int, kind: str, tok
+def process_block(first: int, data: bytes, max_line_bytes: int, data_type: str, tok
                   ) -> BlockResult:
     """The lines of one block (the first is line `first`) -> their BlockResult."""
-    if kind == "text":
+    if data_type == "text":
         return process_text_block(first, data, max_line_bytes, tok)
     errors: list[LineResult] = []
     rejected: dict[int, str] = {}
@@ -172,7 +172,7 @@ def process_block(first: int, data: bytes, max_line_bytes: int, kind: str, tok
     mask: list[bytes] = []
     sizes: list[int] = []
     for lineno, raw in _block_lines(first, data, max_line_bytes, errors):
-        r = process_line(raw, lineno, kind, tok)
+        r = process_line(raw, lineno, data_type, tok)
         if r.error is not None:
             errors.append(r)
             rejected[lineno] = _rejected_text(raw)
@@ -183,37 +183,37 @@ def process_block(first: int, data: bytes, max_line_bytes: int, kind: str, tok
             mask.append(m or b"")
             sizes.append(len(i) // 2)
     return BlockResult(b"".join(ids), b"".join(mask), np.asarray(sizes, np.int64),
-                       2 if kind == "dpo" else 1, errors, rejected)
+                       2 if data_type == "dpo" else 1, errors, rejected)
 
 
-_WORKER_KIND = "text"
+_WORKER_DATA_TYPE = "text"
 _WORKER_MAX_LINE = 1 << 26
 
 
-def worker_init(kind: str, max_line_bytes: int) -> None:
-    """Make this process a worker for `kind` blocks: the tokenizer and its tables loaded
+def worker_init(data_type: str, max_line_bytes: int) -> None:
+    """Make this process a worker for `data_type` blocks: the tokenizer and its tables loaded
     (before a fork they are shared with the forked workers)."""
-    global _WORKER_KIND, _WORKER_MAX_LINE
-    _WORKER_KIND, _WORKER_MAX_LINE = kind, max_line_bytes
+    global _WORKER_DATA_TYPE, _WORKER_MAX_LINE
+    _WORKER_DATA_TYPE, _WORKER_MAX_LINE = data_type, max_line_bytes
     get_tokenizer()
     word_tables()
     doc_sep_id()
 
 
-def pool_worker_init(kind: str, max_line_bytes: int) -> None:
+def pool_worker_init(data_type: str, max_line_bytes: int) -> None:
     """A forked tokenizer process: Ctrl-C is the parent's to handle (it terminates the pool),
     and SIGTERM ends the process at once (not main()'s cleanup handler)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
-    worker_init(kind, max_line_bytes)
+    worker_init(data_type, max_line_bytes)
 
 
 def worker_block(task: tuple[int, bytes]) -> BlockResult:
     """process_block on (number of the first line, the block's bytes) with worker_init's
     settings."""
-    return process_block(task[0], task[1], _WORKER_MAX_LINE, _WORKER_KIND, get_tokenizer())
+    return process_block(task[0], task[1], _WORKER_MAX_LINE, _WORKER_DATA_TYPE, get_tokenizer())
 
 
 def block_size_for(file_bytes: int, workers: int) -> int:

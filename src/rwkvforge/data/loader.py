@@ -42,10 +42,11 @@ the batches an uninterrupted run would have.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -140,20 +141,20 @@ def load_meta(prefix_or_meta: str | Path) -> tuple[Path, dict[str, Any] | None]:
 class Split:
     """One split of prepared data: token items (+ mask items for sft / dpo)."""
 
-    def __init__(self, prefix: Path, kind: str, mask_prefix: Path | None = None) -> None:
-        self.prefix, self.kind = prefix, kind
+    def __init__(self, prefix: Path, data_type: str, mask_prefix: Path | None = None) -> None:
+        self.prefix, self.data_type = prefix, data_type
         self.ids = BinIdxReader(prefix)
         self.mask = BinIdxReader(mask_prefix) if mask_prefix is not None else None
         if self.mask is not None and not np.array_equal(self.mask.sizes, self.ids.sizes):
             raise ValueError(f"{mask_prefix}: mask items do not match {prefix} item sizes; "
                              "prepare the data again")
-        if kind == "dpo" and len(self.ids) % 2:
+        if data_type == "dpo" and len(self.ids) % 2:
             raise ValueError(f"{prefix}: a DPO split needs an even number of items "
                              f"(chosen, rejected), has {len(self.ids)}")
 
     @property
     def num_examples(self) -> int:
-        return len(self.ids) // 2 if self.kind == "dpo" else len(self.ids)
+        return len(self.ids) // 2 if self.data_type == "dpo" else len(self.ids)
 
     def item(self, i: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
         ids = self.ids[i][:limit]
@@ -204,7 +205,7 @@ def _rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray]], T: int | None,
 class _Stream:
     """Shared position logic: an endless stream of global samples split across ranks."""
 
-    kind = ""
+    data_type = ""
 
     def __init__(self, micro_bsz: int, seed: int, rank: int, world_size: int) -> None:
         if micro_bsz < 1:
@@ -253,13 +254,16 @@ class _Stream:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "epoch": self.epoch, "pos": self.pos, "seed": self.seed,
+        return {"data_type": self.data_type, "epoch": self.epoch, "pos": self.pos,
+                "seed": self.seed,
                 "rank": self.rank, "world_size": self.world_size,
                 "micro_bsz": self.micro_bsz, **self._fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("kind", "world_size", *self._fingerprint()):
+        if "kind" in state:  # checkpoints written before the key was renamed
+            state = {**state, "data_type": state["kind"]}
+        for key in ("data_type", "world_size", *self._fingerprint()):
             if state.get(key) != mine[key]:
                 raise ValueError(f"loader state does not match this data/loader: {key} was "
                                  f"{state.get(key)!r}, now {mine[key]!r}. Resume with the "
@@ -275,7 +279,7 @@ class TextWindowLoader(_Stream):
     """ctx_len + 1-token windows of a token stream in magic-prime order (see module doc).
     The order is RWKV-LM's and does not depend on `seed`."""
 
-    kind = "text"
+    data_type = "text"
 
     def __init__(self, split: Split, ctx_len: int, micro_bsz: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
@@ -314,7 +318,7 @@ class TextWindowLoader(_Stream):
 class SFTLoader(_Stream):
     """Masked examples, one per row (padded) or packed (see module doc)."""
 
-    kind = "sft"
+    data_type = "sft"
 
     def __init__(self, split: Split, ctx_len: int, micro_bsz: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pack: bool = False,
@@ -329,7 +333,7 @@ class SFTLoader(_Stream):
         self.examples = np.arange(split.num_examples)
         if split.mask is not None:
             cap = ctx_len + 1
-            per = 2 if self.kind == "dpo" else 1
+            per = 2 if self.data_type == "dpo" else 1
             self.examples = np.asarray(
                 [i for i in range(split.num_examples)
                  if all(split.mask[per * i + j][1:cap].any() for j in range(per))], np.int64)
@@ -411,7 +415,7 @@ class SFTLoader(_Stream):
 class DPOLoader(SFTLoader):
     """(chosen, rejected) pairs; batch keys chosen_* and rejected_*, one common T."""
 
-    kind = "dpo"
+    data_type = "dpo"
 
     def __init__(self, split: Split, ctx_len: int, micro_bsz: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, pad_to: str = "longest") -> None:
@@ -469,13 +473,13 @@ def build_train_loader(prefix_or_meta: str | Path, ctx_len: int, micro_bsz: int,
     if split is None:
         raise ValueError(f"{prefix_or_meta}: no training documents (all held out for "
                          "validation?); lower VAL_FRACTION or add data")
-    if split.kind == "text":
+    if split.data_type == "text":
         return TextWindowLoader(split, ctx_len, micro_bsz, seed, rank, world_size)
-    if split.kind == "sft":
+    if split.data_type == "sft":
         return SFTLoader(split, ctx_len, micro_bsz, seed, rank, world_size, pack, pad_to)
-    if split.kind == "dpo":
+    if split.data_type == "dpo":
         return DPOLoader(split, ctx_len, micro_bsz, seed, rank, world_size, pad_to)
-    raise ValueError(f"{prefix_or_meta}: unknown data type {split.kind!r}")
+    raise ValueError(f"{prefix_or_meta}: unknown data type {split.data_type!r}")
 
 
 def build_val_batches(prefix_or_meta: str | Path, ctx_len: int, micro_bsz: int, *,
@@ -489,23 +493,73 @@ def build_val_batches(prefix_or_meta: str | Path, ctx_len: int, micro_bsz: int, 
     if split is None:
         return []
     rows: list[Any] = []
-    if split.kind == "text":
+    if split.data_type == "text":
         toks = split.ids.tokens
         for start in range(0, max(len(toks) - 1, 0), ctx_len):
             w = np.asarray(toks[start:start + ctx_len + 1])
             rows.append((w, np.ones(len(w), np.uint8)))
-    elif split.kind == "sft":
+    elif split.data_type == "sft":
         rows = [split.item(i, ctx_len + 1) for i in range(split.num_examples)]
     else:
         rows = list(range(split.num_examples))
     batches = []
     for b in range(0, len(rows), micro_bsz):
         chunk = rows[b:b + micro_bsz]
-        if split.kind == "dpo":
+        if split.data_type == "dpo":
             batches.append(_pair_batch(split, chunk, ctx_len, pad_to))
         else:
-            T = ctx_len if (split.kind == "text" or pad_to == "ctx_len") else None
+            T = ctx_len if (split.data_type == "text" or pad_to == "ctx_len") else None
             batches.append(_rows_to_batch(chunk, T))
         if max_batches is not None and len(batches) >= max_batches:
             break
     return batches
+
+
+def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum: int,
+                  world: int, say: Callable[[str], None] = print):
+    """(train loader, validation batches) of the prepared data for a run with this micro-batch
+    split, checked against DATA_TYPE (ValueError says what to pass instead); notes on the
+    examples CTX_LEN leaves out."""
+    s = settings
+    rows = micro_bsz * grad_accum * world
+    try:
+        loader = build_train_loader(prefix, s.ctx_len, rows, s.seed)
+        val_batches = build_val_batches(prefix, s.ctx_len, max(s.micro_bsz, 1), max_batches=64)
+    except ValueError as e:
+        msg = str(e)
+        if "fewer than one batch" in msg and rows != s.micro_bsz:
+            msg += (f" (one batch here is one optimiser step: MICRO_BSZ {micro_bsz} x "
+                    f"GRAD_ACCUM {grad_accum} x {world} GPUs = {rows} rows; lower GRAD_ACCUM "
+                    "too)")
+        raise ValueError(msg) from None
+    dpo = s.data_type == "dpo"
+    if (loader.data_type == "dpo") != dpo:
+        raise ValueError(
+            f"{prefix}: the prepared data holds "
+            f"{'preference pairs (dpo)' if loader.data_type == 'dpo' else loader.data_type}"
+            f" (its {Path(str(prefix)).name}.meta.json) but DATA_TYPE={s.data_type}: pass "
+            f"--data-type {loader.data_type or 'text'}, or another DATA_PREFIX.")
+    skipped = getattr(loader, "skipped", 0)
+    if skipped:
+        what = ("DPO pairs have an answer with no trained token" if dpo else
+                "SFT examples have no trained (assistant) token")
+        say(f"note: {skipped} of {skipped + loader.n} {what} within CTX_LEN={s.ctx_len}: left "
+            "out (raise CTX_LEN to train on them)")
+    same = getattr(loader, "same_within_ctx", 0)
+    if same:
+        say(f"note: {same} DPO pairs have the same chosen and rejected tokens within "
+            f"CTX_LEN={s.ctx_len} (they differ later): they add no preference signal "
+            "(raise CTX_LEN)")
+    return loader, val_batches
+
+
+def split_digest(split: Split) -> str:
+    """sha256 of a prepared split's token and mask files (what DPO reference log-probs are of)."""
+    h = hashlib.sha256()
+    prefixes = [split.prefix] + ([split.mask.prefix] if split.mask is not None else [])
+    for prefix in prefixes:
+        for ext in (".idx", ".bin"):
+            with open(f"{prefix}{ext}", "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()

@@ -120,7 +120,7 @@ def _progress(total: int, enabled: bool):
 class Options:
     input: Path
     prefix: Path
-    kind: str
+    data_type: str
     ctx_len: int = 512
     repeat: int = 1
     shuffle: bool = False
@@ -142,7 +142,7 @@ class Options:
         CTX_LEN, SEED, VAL_FRACTION, DATA_GLOB and MICRO_BSZ / GRAD_ACCUM / NUM_GPUS for the
         steps per epoch). `run` sets the fields that are not settings (repeat, shuffle,
         skip_invalid, workers, max_line_mb, progress); the others keep their defaults."""
-        return cls(input=input, prefix=output_prefix, kind=settings.data_type,
+        return cls(input=input, prefix=output_prefix, data_type=settings.data_type,
                    ctx_len=settings.ctx_len, seed=settings.seed,
                    val_fraction=settings.val_fraction, micro_bsz=settings.micro_bsz,
                    grad_accum=settings.grad_accum, num_gpus=settings.num_gpus,
@@ -250,12 +250,12 @@ def train_order(train: np.ndarray, repeat: int, shuffle: bool, seed: int) -> np.
 
 
 def _write_split(stage_ids: BinIdxReader, stage_mask: BinIdxReader | None,
-                 doc_items: np.ndarray, order: np.ndarray, prefix: Path, kind: str
+                 doc_items: np.ndarray, order: np.ndarray, prefix: Path, data_type: str
                  ) -> tuple[list[BinIdxWriter], dict[str, Any]]:
     writers = [BinIdxWriter(prefix, np.uint16)]
     if stage_mask is not None:
         writers.append(BinIdxWriter(Path(f"{prefix}.mask"), np.uint8))
-    per_doc = 2 if kind == "dpo" else 1
+    per_doc = 2 if data_type == "dpo" else 1
     n_docs = int(len(order))
     tokens = trained = 0
     try:
@@ -296,7 +296,7 @@ def _epoch_numbers(opts: Options, train_tokens: int, train_docs: int) -> dict[st
     per_step = opts.micro_bsz * opts.grad_accum * opts.num_gpus
     out: dict[str, Any] = {"ctx_len": opts.ctx_len, "micro_bsz": opts.micro_bsz,
                            "grad_accum": opts.grad_accum, "num_gpus": opts.num_gpus}
-    if opts.kind == "text":
+    if opts.data_type == "text":
         p = magic_prime(train_tokens, opts.ctx_len)
         out["magic_prime"] = p
         out["samples_per_epoch"] = p
@@ -315,13 +315,13 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     (nothing written) on invalid input without skip_invalid."""
     t0 = time.time()
     src = opts.input
-    if src.is_dir() and opts.kind != "text":
+    if src.is_dir() and opts.data_type != "text":
         raise PrepareError(f"{src} is a folder: a folder is read as text documents (one per "
-                           f"file, --type text); {opts.kind} data is one JSONL file")
+                           f"file, --type text); {opts.data_type} data is one JSONL file")
     if not src.is_dir() and not src.is_file():
         raise PrepareError(f"{src}: input file not found")
-    if opts.kind not in SAMPLES:
-        raise PrepareError(f"unknown --type {opts.kind!r}: use text, sft or dpo")
+    if opts.data_type not in SAMPLES:
+        raise PrepareError(f"unknown --type {opts.data_type!r}: use text, sft or dpo")
     if opts.repeat < 1:
         raise PrepareError(f"--repeat must be >= 1, got {opts.repeat}")
     if not 0 <= opts.val_fraction < 1:
@@ -351,7 +351,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
     def where(lineno: int) -> str:  # how an error names its place
         return str(shown_src / names[lineno - 1]) if names else f"{src}:{lineno}"
 
-    has_mask = opts.kind in ("sft", "dpo")
+    has_mask = opts.data_type in ("sft", "dpo")
     stage_prefix = prefix.with_name(f"{prefix.name}.staging-{os.getpid()}")
     stage_ids = BinIdxWriter(stage_prefix, np.uint16)
     stage_mask = BinIdxWriter(Path(f"{stage_prefix}.mask"), np.uint8) if has_mask else None
@@ -366,7 +366,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
         max_line = int(opts.max_line_mb * (1 << 20))
         blocks = iter_blocks(src, max_line, hasher, bar, block_size_for(size, opts.workers))
         pool = None
-        worker_init(opts.kind, max_line)  # load the tokenizer once; forked workers inherit it
+        worker_init(opts.data_type, max_line)  # load the tokenizer once; forked workers inherit it
         if opts.workers > 1:
             methods = mp.get_all_start_methods()
             ctx = mp.get_context("fork" if "fork" in methods else "spawn")
@@ -377,7 +377,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
                 # this process is one of the workers: one fork fewer, and it would
                 # otherwise sit idle waiting for results
                 pool = ctx.Pool(opts.workers - 1, initializer=pool_worker_init,
-                                initargs=(opts.kind, max_line))
+                                initargs=(opts.data_type, max_line))
             finally:
                 gc.unfreeze()
         try:
@@ -422,16 +422,16 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
         items = np.asarray(doc_first_item, np.int64)
         train, val = split_documents(n_docs, opts.val_fraction, opts.seed)
         order = train_order(train, opts.repeat, opts.shuffle, opts.seed)
-        w_train, info_train = _write_split(s_ids, s_mask, items, order, prefix, opts.kind)
+        w_train, info_train = _write_split(s_ids, s_mask, items, order, prefix, opts.data_type)
         writers += w_train
         val_prefix = Path(f"{prefix}.val")
         info_val = None
         if len(val):
-            w_val, info_val = _write_split(s_ids, s_mask, items, val, val_prefix, opts.kind)
+            w_val, info_val = _write_split(s_ids, s_mask, items, val, val_prefix, opts.data_type)
             writers += w_val
         rejects_file = Path(f"{prefix}.rejects.jsonl")
         meta: dict[str, Any] = {
-            "format": META_FORMAT, "type": opts.kind, "tokenizer": VOCAB_NAME,
+            "format": META_FORMAT, "type": opts.data_type, "tokenizer": VOCAB_NAME,
             "source": {"path": str(shown_src), "sha256": hasher.hexdigest(), "bytes": size,
                        **({"files": len(names), "glob": opts.glob, "empty_files": folder.empty}
                           if folder else {})},
@@ -445,9 +445,9 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if has_mask:  # train examples (DPO: pairs with either answer) the loader will cut
-            long = s_ids.sizes[items[train, None] + np.arange(2 if opts.kind == "dpo" else 1)]
+            long = s_ids.sizes[items[train, None] + np.arange(2 if opts.data_type == "dpo" else 1)]
             meta["longer_than_ctx"] = int((long > opts.ctx_len + 1).any(axis=1).sum())
-        if opts.kind == "sft":  # examples the loader leaves out: nothing to train within ctx
+        if opts.data_type == "sft":  # examples the loader leaves out: nothing to train within ctx
             cap = opts.ctx_len + 1
             meta["untrained_within_ctx"] = sum(
                 1 for i in items[train].tolist() if not s_mask[i][1:cap].any())

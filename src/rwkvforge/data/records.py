@@ -136,11 +136,11 @@ def _encode_segments(segs: list[tuple[str, bool]], tok) -> tuple[bytes, bytes]:
     return np.asarray(ids, np.uint16).tobytes(), np.asarray(mask, np.uint8).tobytes()
 
 
-def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]:
+def process_record(rec: Any, data_type: str, tok) -> list[tuple[bytes, bytes | None]]:
     """A parsed JSON value -> the items of one document; raises ValueError with the reason."""
     if not isinstance(rec, dict):
         raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
-    if kind == "text":
+    if data_type == "text":
         text = record_text(rec)
         ids = tok.encode(text)
         arr = np.empty(len(ids) + 1, np.uint16)  # the document's ids + end-of-doc 0
@@ -149,13 +149,13 @@ def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]
         if tok.decode_bytes(arr[:-1]) != text.encode("utf-8"):
             raise ValueError(ROUND_TRIP_ERROR)
         return [(arr.tobytes(), None)]
-    if kind == "sft":
+    if data_type == "sft":
         try:
             msgs = record_to_messages(rec)
         except ValueError as e:
             raise ValueError(f"{e}{dpo_hint(rec)}") from None
         return [_encode_segments(chat_segments(msgs), tok)]
-    if kind == "dpo":
+    if data_type == "dpo":
         prompt = _dpo_side(rec, "prompt", "user")
         system = rec.get("system")
         if system is not None and not isinstance(system, str):
@@ -180,7 +180,7 @@ def process_record(rec: Any, kind: str, tok) -> list[tuple[bytes, bytes | None]]
         if out[0][0] == out[1][0]:
             raise ValueError("'chosen' and 'rejected' are identical: the pair teaches nothing")
         return out
-    raise ValueError(f"unknown type {kind!r}")
+    raise ValueError(f"unknown type {data_type!r}")
 
 
 def parse_line(raw: bytes, lineno: int) -> Any:
@@ -233,9 +233,9 @@ def encoding_hint(raw: bytes, lineno: int, files: str = "in.jsonl > out.jsonl") 
             "(cp1251 is the usual Windows Cyrillic encoding)")
 
 
-def process_line(raw: bytes, lineno: int, kind: str, tok) -> LineResult:
+def process_line(raw: bytes, lineno: int, data_type: str, tok) -> LineResult:
     """Bytes of one line -> its LineResult; a problem with the line is its error."""
     try:
-        return LineResult(lineno, process_record(parse_line(raw, lineno), kind, tok))
+        return LineResult(lineno, process_record(parse_line(raw, lineno), data_type, tok))
     except (ValueError, ChatFormatError, TokenizerInputError) as e:
         return LineResult(lineno, None, str(e))
