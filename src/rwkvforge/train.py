@@ -302,6 +302,13 @@ def check_combination(s: cfgmod.Settings) -> None:
         raise TrainError("DATA_TYPE=dpo runs in one process or under DEEPSPEED_STAGE=2 (each "
                          "process computes the reference log-probs with the whole model); set "
                          "DEEPSPEED_STAGE=2.")
+    if s.precision == "fp16":
+        # fp16 autocast needs a loss scaler (no trainer here has one, DeepSpeed's config
+        # included): small LoRA gradients underflow to zero, and training stalls silently
+        raise TrainError("PRECISION=fp16 is not supported for training: it needs loss scaling, "
+                         "which rwkvforge does not do (fp16 gradients of the small LoRA updates "
+                         "underflow to zero). Use PRECISION=bf16 (RTX 30 and newer) or fp32 "
+                         "(older cards).")
 
 
 def memory_preflight(s: cfgmod.Settings, model_path: Path, device: torch.device, force: bool,
