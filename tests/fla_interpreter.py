@@ -290,6 +290,23 @@ def main() -> int:
     out["bf16"] = {"diff": _diff(got, want), "calls": list(calls)}
     out["log_w_min_bf16"] = float(xs[1].min())
 
+    # bytes fla keeps for backward per token and channel (bf16 inputs as training passes
+    # them): the slope between T=128 and T=256, so the per-sequence state drops out
+    saved = {}
+    for T in (128, 256):
+        xs = [x.bfloat16() if i < 6 else x for i, x in enumerate(_inputs(1, T, 2, 64, seed=3))]
+        xs = [x.requires_grad_(True) for x in xs]
+        seen = {}
+
+        def pack(t, seen=seen):
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            W.wkv_fla(*xs)
+        saved[T] = sum(seen.values())
+    out["saved_bytes_per_token_channel"] = (saved[256] - saved[128]) / (128 * 2 * 64)
+
     # a tiny whole model (2 layers, C=128, head 64): loss and logits, fla vs chunked
     from rwkvforge.checkpoint import load_model, save_pth
     from rwkvforge.demo import make_random_model_sd

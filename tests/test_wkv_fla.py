@@ -78,3 +78,10 @@ def test_tiny_model_loss_equal_with_fla_and_chunked(measured):
     assert m["fla_calls"] == 2  # both layers went through fla
     assert abs(m["loss_fla"] - m["loss_chunked"]) < 1e-5, m
     assert m["logits_max_abs"] < 1e-4 and m["state_max_abs"] < 1e-4, m
+
+
+def test_fla_saved_bytes_match_the_memory_planner(measured):
+    from rwkvforge.memory import ACT_WKV_FLA
+
+    # six bf16 inputs (r, log_w, k, v, a, b) per token and channel; fla recomputes the rest
+    assert measured["saved_bytes_per_token_channel"] == ACT_WKV_FLA == 12.0
