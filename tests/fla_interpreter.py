@@ -230,7 +230,7 @@ def _fwd_bwd(fn, xs, seed=1):
     xs = [x.detach().clone().requires_grad_(True) for x in xs]
     y, s = fn(*xs)
     g = torch.Generator().manual_seed(seed)
-    gy, gs = torch.randn(y.shape, generator=g), torch.randn(s.shape, generator=g)
+    gy, gs = (torch.randn(t.shape, generator=g).to(t.device) for t in (y, s))
     ((y * gy).sum() + (s * gs).sum()).backward()
     return [y.detach(), s.detach()] + [x.grad.float() for x in xs]
 
