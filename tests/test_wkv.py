@@ -377,3 +377,26 @@ def test_fla_matches_reference_on_cuda():
     for name, a, b in zip(NAMES, got, want):
         rel = float((a.float() - b).norm() / b.norm())
         assert rel < 3 * 2.0 ** -8, f"{name}: relative error {rel:.2e}"
+
+
+def test_kernel_choice_is_named_and_explicit_fla_never_falls_back(monkeypatch):
+    from rwkvforge.model import wkv as W
+
+    # fla not importable (as on a GPU machine before this fix: never installed)
+    monkeypatch.setattr(W, "_fla_fn", False)
+    monkeypatch.setattr(W, "_fla_error", "ModuleNotFoundError: No module named 'fla'")
+    name, why = W.describe_impl("auto", "cuda")
+    assert name == "chunked" and "(fla-core) is not installed" in why and "bootstrap" in why
+    with pytest.raises(RuntimeError, match="WKV_IMPL=fla cannot run: flash-linear-attention"):
+        W.describe_impl("fla", "cuda")
+    r, lw, k, v, a, b, s0 = _inputs(T=5)
+    with pytest.raises(RuntimeError, match="No module named 'fla'|not installed"):
+        W.wkv_fla(r, lw, k, v, a, b, s0)
+    # fla importable: auto on CUDA picks it and says so; on a CPU it is refused
+    monkeypatch.setattr(W, "_fla_fn", lambda **kw: None)
+    assert W.describe_impl("auto", "cuda") == ("fla", "flash-linear-attention's Triton kernels")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        W.describe_impl("fla", "cpu")
+    assert W.describe_impl("chunked", "cuda") == ("chunked", "WKV_IMPL=chunked")
+    name, why = W.describe_impl("auto", "cpu")
+    assert name in ("native", "chunked") and why

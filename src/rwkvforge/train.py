@@ -72,6 +72,7 @@ from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProc
 from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dpo,
                             evaluate_loss, pair_rows, reference_logps)
 from rwkvforge.memory import MemoryPlanError, budget_bytes, preflight
+from rwkvforge.model.wkv import describe_impl
 from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
                             export_adapter, unwrap)
 from rwkvforge.runs import (RunFolder, default_run_name, git_sha, hardware_info, now_iso,
@@ -594,6 +595,11 @@ class Trainer:
         check_combination(s)
         self.strategy = make_strategy(s, self.device)
         self.folder.open_log()
+        try:
+            kernel, why = describe_impl(s.wkv_impl, self.device)
+        except RuntimeError as e:
+            raise TrainError(str(e)) from None
+        self.say(f"WKV kernel: {kernel} ({why})")
         note = demo_note(s, self.root)
         if note:
             self.say(note)

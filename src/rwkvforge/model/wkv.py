@@ -390,6 +390,27 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     return impl
 
 
+def describe_impl(impl: str, device: torch.device | str) -> tuple[str, str]:
+    """(the kernel `impl` runs on `device`, why): what train prints as it starts and the
+    healthcheck reports. An explicit `fla` that cannot run there raises RuntimeError (never a
+    silent fallback)."""
+    dev = torch.device(device).type
+    name = resolve_impl(impl, dev)
+    if impl != "auto":
+        if name == "fla" and (not _load_fla() or not _fla_device_ok(dev)):
+            raise RuntimeError(f"WKV_IMPL=fla cannot run: "
+                               f"{fla_problem() or f'no CUDA device ({dev})'}; "
+                               f"set WKV_IMPL=auto to use the fastest kernel that works")
+        return name, f"WKV_IMPL={impl}"
+    if dev == "cuda":
+        return name, ("flash-linear-attention's Triton kernels" if name == "fla" else
+                      f"fla unavailable: {fla_problem()}: the chunked torch kernel is slower "
+                      f"and keeps more memory")
+    if name == "native":
+        return name, "the C kernel (CPU)"
+    return name, f"C kernel {native.problem('wkv_cpu')}"
+
+
 @torch.compiler.assume_constant_result
 def _resolve_const(impl: str, device_type: str) -> str:
     """resolve_impl, evaluated once when torch.compile traces (it may build or import)."""
