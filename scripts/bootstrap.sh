@@ -56,6 +56,47 @@ fi
 PY="$VENV_DIR/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
+# ---- fla-core + triton: the CUDA WKV kernel (model/wkv.py's wkv_fla) ----------------------
+# A CUDA torch brings the triton it was built with (torch 2.13.0: triton 3.7.1); fla-core is
+# picked to match that triton, and triton is pinned while it installs. A CPU torch has no
+# triton: the runtime environment stays without both (a CPU run never imports them); --dev
+# installs the pair CI runs fla's kernels with under Triton's interpreter (tests/test_wkv_fla.py).
+# Pairs run under the interpreter (tests/fla_interpreter.py): fla-core 0.6.0 with triton
+# 3.7.1 and 3.9.0; 0.5.2 with 3.8.0 (issue 21's probe). 0.5.2 + triton 3.9 fails at import.
+FLA_DEV_TRITON="3.9.0"
+fla_for_triton() {
+  case "$1" in
+    3.9.*) printf '0.6.0' ;;
+    3.8.*) printf '0.5.2' ;;
+    3.7.*) printf '0.6.0' ;;
+    *) printf '' ;;
+  esac
+}
+install_fla() {
+  local triton_req triton_ver fla_ver pins
+  triton_req="$("$PY" -c 'import importlib.metadata as m; print(next((r.split(";")[0] for r in m.requires("torch") or [] if r.startswith("triton")), ""))')"
+  if [[ -n "$triton_req" ]]; then
+    triton_ver="$("$PY" -c 'import importlib.metadata as m; print(m.version("triton"))' 2>/dev/null || true)"
+  elif [[ "$WITH_DEV" == 1 ]]; then
+    triton_ver="$FLA_DEV_TRITON"
+  else
+    info "fla-core: not installed (CPU torch: training uses the C / chunked WKV kernels)"
+    return 0
+  fi
+  fla_ver="$(fla_for_triton "$triton_ver")"
+  if [[ -z "$fla_ver" ]]; then
+    info "WARNING: no fla-core known to work with triton ${triton_ver:-?} (torch needs '$triton_req'); training on the GPU uses the slower chunked WKV kernel"
+    return 0
+  fi
+  pins="$VENV_DIR/fla-constraints.txt"
+  { cat "$CONSTRAINTS"; printf 'triton==%s\n' "$triton_ver"; } >"$pins"
+  info "fla-core $fla_ver + triton $triton_ver (the CUDA WKV kernel${triton_req:+; torch needs $triton_req})"
+  # fla-core 0.6.0 imports packaging without declaring it
+  if ! "${PIP[@]}" install --quiet -c "$pins" "triton==$triton_ver" "fla-core==$fla_ver" packaging einops; then
+    info "WARNING: fla-core could not be installed (see above): GPU training falls back to the chunked WKV kernel and says so; tests/test_wkv_fla.py skips"
+  fi
+}
+
 # Skip the slow part when nothing changed since the last successful bootstrap.
 STAMP="$VENV_DIR/.rwkvforge-bootstrap"
 stamp_value() {
@@ -118,6 +159,7 @@ else
   [[ "$WITH_DEV" == 1 ]] && extras="[dev]"
   info "installing rwkvforge$extras (editable) and its dependencies"
   "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -e ".$extras"
+  install_fla
   # deepspeed's build imports torch: build it against the installed one.
   "${PIP[@]}" install --quiet -c "$CONSTRAINTS" --no-build-isolation "deepspeed==0.19.8" \
     || info "deepspeed could not be installed (multi-GPU training unavailable); see the log above"

@@ -126,7 +126,7 @@ def _report(**over: Any) -> dict[str, Any]:
         "bitsandbytes": {"installed": True, "version": "0.44.1", "backend": "cuda",
                          "error": None},
         "deepspeed": {"installed": True, "version": "0.15.4"},
-        "fla": {"installed": True, "version": "0.1.2"},
+        "fla": {"installed": True, "version": "0.6.0", "problem": None},
         "tokenizer": {"backend": "native", "native": "native C encoder loaded"},
         "wkv_cpu": {"kernel": "native", "problem": None},
         "disk": {"path": "/home/me/rwkvforge", "free_gib": 812.4, "total_gib": 931.5},
@@ -146,7 +146,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         status="blocked", os=WSL, torch=CPU_TORCH,
         bitsandbytes={"installed": False, "version": None, "backend": None},
         deepspeed={"installed": False, "version": None},
-        fla={"installed": False, "version": None},
+        fla={"installed": False, "version": None, "problem": "fla-core is not installed"},
         tokenizer={"backend": "fast", "native": "native C encoder unavailable (no C compiler "
                    "found: set CC or install gcc); using pyrwkv-tokenizer"},
         wkv_cpu={"kernel": "chunked", "problem": "unavailable (no C compiler found)"},
@@ -170,7 +170,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         status="blocked", os=WSL, gpu=_gpu(),
         torch={"installed": False, "error": "ModuleNotFoundError: No module named 'torch'"},
         bitsandbytes={"installed": True, "version": "0.44.1", "backend": "cpu", "error": None},
-        fla={"installed": False, "version": None},
+        fla={"installed": False, "version": None, "problem": "fla-core is not installed"},
         tokenizer={"backend": "reference",
                    "native": "native C encoder switched off (RWKVFORGE_NATIVE=0); using "
                    "pyrwkv-tokenizer"},
@@ -191,6 +191,7 @@ GOLDEN_REPORTS = {
         "[  ok  ] NVIDIA GeForce RTX 4090 sm_89, 24564 MiB, driver 580.65.",
         "[  ok  ] bitsandbytes 0.44.1 (cuda backend).",
         "[  ok  ] deepspeed 0.15.4.",
+        "[  ok  ] WKV on CUDA (training): fla-core 0.6.0 Triton kernels.",
         "[  ok  ] tokenizer: native C encoder (built and cached in ~/.cache/rwkvforge).",
         "[  ok  ] WKV on CPU (training, prefill): native C kernel.",
         "[  ok  ] 812.4 GiB free.",
@@ -209,10 +210,10 @@ GOLDEN_REPORTS = {
         "[ warn ] deepspeed not installed: multi-GPU (DEEPSPEED_STAGE) unavailable.",
         "         fix: Run ./scripts/bootstrap.sh (it installs deepspeed with "
         "--no-build-isolation).",
-        "[ warn ] flash-linear-attention not installed: training uses the chunked torch WKV "
-        "kernel (slower on GPU).",
-        "         fix: pip install flash-linear-attention (inside .venv, with the torch "
-        "constraints file: -c .venv/torch-constraints.txt).",
+        "[ warn ] WKV on CUDA (training): chunked torch kernel, slower and hungrier than fla, "
+        "because fla cannot be used: fla-core is not installed.",
+        "         fix: Re-run ./scripts/bootstrap.sh: it installs the fla-core + triton pair "
+        "that matches the installed torch.",
         "[ warn ] tokenizer: fast encoder; native C encoder unavailable (no C compiler found: "
         "set CC or install gcc); using pyrwkv-tokenizer.",
         "         fix: Install a C compiler (sudo apt install gcc) for ~2x faster data "
@@ -252,6 +253,7 @@ GOLDEN_REPORTS = {
         "GPU being available.",
         "         fix: See docs/troubleshooting.md#bitsandbytes; re-run ./scripts/bootstrap.sh.",
         "[  ok  ] deepspeed 0.15.4.",
+        "[  ok  ] WKV on CUDA (training): fla-core 0.6.0 Triton kernels.",
         "[BLOCK ] the World tokenizer cannot be loaded (ModuleNotFoundError: No module named "
         "'rwkv').",
         "         fix: Run ./scripts/bootstrap.sh (it installs the rwkv and pyrwkv-tokenizer "
@@ -273,6 +275,7 @@ GOLDEN_REPORTS = {
         "delete .venv, re-run ./scripts/bootstrap.sh.",
         "[  ok  ] bitsandbytes 0.44.1 (cuda backend).",
         "[  ok  ] deepspeed 0.15.4.",
+        "[  ok  ] WKV on CUDA (training): fla-core 0.6.0 Triton kernels.",
         "[  ok  ] tokenizer: native C encoder (built and cached in ~/.cache/rwkvforge).",
         "[  ok  ] WKV on CPU (training, prefill): native C kernel.",
         "[  ok  ] 812.4 GiB free.",

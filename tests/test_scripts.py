@@ -78,3 +78,39 @@ def test_gitignore_covers_workspace_outputs() -> None:
     got = set(out.stdout.split())
     assert set(ignored) <= got
     assert not (set(kept) & got)
+
+
+def _install_fla(tmp_path: Path, torch_requires: str, triton_installed: str, dev: int) -> str:
+    """Run bootstrap.sh's install_fla with a stub python (the torch metadata given) and a stub
+    pip that records its arguments; returns the recorded pip call ('' when none)."""
+    text = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    funcs = "".join(text[text.index(f"\n{name}() {{"):].split("\n}\n", 1)[0] + "\n}\n"
+                    for name in ("fla_for_triton", "install_fla"))
+    stub = tmp_path / "python"
+    stub.write_text("#!/usr/bin/env bash\n"
+                    f"case \"$2\" in *requires*) echo '{torch_requires}' ;; "
+                    f"*version*) echo '{triton_installed}' ;; esac\n")
+    stub.chmod(0o755)
+    (tmp_path / "torch-constraints.txt").write_text("torch==2.13.0\n")
+    script = (f'set -euo pipefail\ninfo() {{ :; }}\nPY={stub}\nVENV_DIR={tmp_path}\n'
+              f'CONSTRAINTS={tmp_path}/torch-constraints.txt\nWITH_DEV={dev}\n'
+              f'FLA_DEV_TRITON=$(grep -o "^FLA_DEV_TRITON=\\"[^\\"]*" {ROOT}/scripts/bootstrap.sh | cut -d\\" -f2)\n'
+              f'PIP=(echo pip)\n{funcs}\ninstall_fla\n'
+              f'[[ -f {tmp_path}/fla-constraints.txt ]] && cat {tmp_path}/fla-constraints.txt || true\n')
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_bootstrap_installs_fla_matching_torchs_triton(tmp_path: Path) -> None:
+    # a CUDA torch pins its triton: fla-core is chosen for it and triton is held there
+    out = _install_fla(tmp_path, "triton==3.7.1", "3.7.1", dev=0)
+    assert "fla-core==0.6.0" in out and "triton==3.7.1" in out and "packaging" in out
+    assert "torch==2.13.0" in out  # the torch pin stays in the constraints
+    # a CPU torch: nothing for a user's runtime environment...
+    (tmp_path / "cpu").mkdir()
+    assert _install_fla(tmp_path / "cpu", "", "", dev=0) == ""
+    # ...and the interpreter-tested pair for --dev (CI)
+    (tmp_path / "dev").mkdir()
+    out = _install_fla(tmp_path / "dev", "", "", dev=1)
+    assert "triton==3.9.0" in out and "fla-core==0.6.0" in out

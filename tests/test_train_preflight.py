@@ -68,3 +68,12 @@ def test_bad_data_prepared_by_train_fails_cleanly_and_the_name_stays_free(
                  "--run-name", "mine")
     assert out.returncode == 0, out.stdout + out.stderr
     assert (root / "runs" / "mine" / "adapter" / "adapter_config.json").exists()
+
+
+def test_fp16_training_is_refused_with_the_reason() -> None:
+    from rwkvforge import config as cfgmod
+    from rwkvforge.train import TrainError, check_combination
+
+    check_combination(cfgmod.Settings(precision="bf16"))
+    with pytest.raises(TrainError, match="loss scaling.*bf16"):
+        check_combination(cfgmod.Settings(precision="fp16"))

@@ -128,7 +128,8 @@ class Settings:
     quant: str = _f("none", "Base weights: none, nf4 (4-bit, least memory, slower) or int8.",
                     choices=QUANTS, group="profile")
     precision: str = _f("bf16", "Compute dtype: bf16 (fast on modern GPUs / AMX CPUs), "
-                        "fp16 or fp32 (exact, slow).", choices=PRECISIONS,
+                        "fp32 (exact, slow) or fp16 (inference only: training refuses it, "
+                        "no loss scaling).", choices=PRECISIONS,
                         group="profile")
     lora_r: int = _f(32, "LoRA rank: higher = more capacity, more memory.", lo=1, hi=4096,
                      group="profile")

@@ -168,20 +168,32 @@ def weights_only_load(path: str, map_location=None):
 
 
 def init_process_group(device: torch.device) -> None:
-    """NCCL on CUDA, gloo on a CPU; one process alone gets a private loopback rendezvous."""
+    """NCCL on CUDA, gloo on a CPU; one process alone gets a private loopback rendezvous.
+    On CUDA the rank's GPU (cuda:LOCAL_RANK, see train.pick_device) becomes the current device
+    first: NCCL's barrier and collectives otherwise all land on cuda:0."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
+    kw = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kw["device_id"] = device  # binds the group (and its barriers) to this rank's GPU
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **kw)
     else:
         with socket.socket() as sk:
             sk.bind(("127.0.0.1", 0))
             port = sk.getsockname()[1]
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1)
+                                world_size=1, **kw)
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """Where a collective's tensors must live: NCCL takes CUDA tensors only (the rank's GPU),
+    gloo CPU ones."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 class DeepSpeedStrategy:
@@ -314,10 +326,13 @@ class DeepSpeedStrategy:
         pass  # DeepSpeed's optimiser wrapper takes the LR from the scheduler's next step
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks of `t`, returned on t's device (the Trainer's stats are CPU
+        float64; NCCL reduces them on this rank's GPU)."""
         import torch.distributed as dist
 
-        dist.all_reduce(t)
-        return t
+        x = t.to(collective_device(self.device))
+        dist.all_reduce(x)
+        return x.to(t.device)
 
     def barrier(self) -> None:
         import torch.distributed as dist

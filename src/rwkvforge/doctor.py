@@ -89,10 +89,11 @@ TEXTS: dict[str, tuple[str, str]] = {
                           "Run ./scripts/bootstrap.sh (it installs deepspeed with "
                           "--no-build-isolation)."),
     "deepspeed.ok": ("deepspeed {version}.", ""),
-    "fla.missing": ("flash-linear-attention not installed: training uses the chunked torch WKV "
-                    "kernel (slower on GPU).",
-                    "pip install flash-linear-attention (inside .venv, with the torch "
-                    "constraints file: -c .venv/torch-constraints.txt)."),
+    "fla.missing": ("WKV on CUDA (training): chunked torch kernel, slower and hungrier than "
+                    "fla, because fla cannot be used: {problem}.",
+                    "Re-run ./scripts/bootstrap.sh: it installs the fla-core + triton pair "
+                    "that matches the installed torch."),
+    "fla.ok": ("WKV on CUDA (training): fla-core {version} Triton kernels.", ""),
     "tokenizer.missing": ("the World tokenizer cannot be loaded ({error}).",
                           "Run ./scripts/bootstrap.sh (it installs the rwkv and "
                           "pyrwkv-tokenizer packages)."),
@@ -241,6 +242,17 @@ def optional_info(dist: str) -> dict[str, Any]:
     return {"installed": ver is not None, "version": ver}
 
 
+def fla_info() -> dict[str, Any]:
+    """fla-core (the CUDA WKV kernel): version, and why it cannot be used (None: it imports)."""
+    ver = _version("fla-core") or _version("flash-linear-attention")
+    if ver is None:
+        return {"installed": False, "version": None,
+                "problem": "fla-core is not installed"}
+    from rwkvforge.model.wkv import fla_problem
+
+    return {"installed": True, "version": ver, "problem": fla_problem()}
+
+
 def tokenizer_info() -> dict[str, Any]:
     """Which encoder `get_tokenizer()` uses, and why not the native (C) one, if not."""
     try:
@@ -329,8 +341,11 @@ def findings_for(rep: dict[str, Any]) -> list[dict[str, Any]]:
         add("deepspeed", "warn", "deepspeed.missing")
     else:
         add("deepspeed", "ok", "deepspeed.ok", version=rep["deepspeed"]["version"])
-    if g["available"] and not rep["fla"]["installed"]:
-        add("fla", "warn", "fla.missing")
+    fla = rep["fla"]
+    if g["available"] and fla.get("problem"):
+        add("fla", "warn", "fla.missing", problem=fla["problem"])
+    elif g["available"]:
+        add("fla", "ok", "fla.ok", version=fla["version"])
     tk = rep["tokenizer"]
     if tk["backend"] is None:
         add("tokenizer", "block", "tokenizer.missing", error=tk.get("error"))
@@ -384,7 +399,7 @@ def collect(root: Path | None = None) -> dict[str, Any]:
         "torch": torch_info(),
         "bitsandbytes": bnb_info(),
         "deepspeed": optional_info("deepspeed"),
-        "fla": optional_info("flash-linear-attention"),
+        "fla": fla_info(),
         "tokenizer": tokenizer_info(),
         "wkv_cpu": wkv_cpu_info(),
         "disk": disk_info(root if root.exists() else Path.cwd()),

@@ -84,10 +84,11 @@ ACT_WKV_CHUNKED = {"fp32": 88.2, "bf16": 135.2, "fp16": 135.2}  # model/wkv.py w
 # model/wkv.py wkv_native (CPU): its inputs as given, exp(log_w) in fp32 and one fp32 state per
 # NATIVE_CKPT=16 steps (16 B per channel); it recomputes the rest in backward
 ACT_WKV_NATIVE = {"fp32": 24.0, "bf16": 59.0, "fp16": 59.0}
-# fla's chunk_rwkv7 keeps its six inputs (2 bytes) + fp32 cumulative decay and recomputes the
-# rest in backward: 6*2 + 4 = 16 bytes per channel. An estimate from its source, not yet
-# measured: run bench/memory_bench.py on a CUDA machine with fla installed.
-ACT_WKV_FLA = 16.0
+# fla's chunk_rwkv7 keeps its six bf16 inputs (the log-decay among them) and recomputes the
+# rest in backward: 6*2 = 12 bytes per channel, plus its initial state per sequence. Measured
+# (fla-core 0.6.0, under Triton's interpreter, which keeps what a GPU run keeps):
+# tests/test_wkv_fla.py holds this constant to it.
+ACT_WKV_FLA = 12.0
 ACT_LORA_RANK = {"fp32": 4, "bf16": 2, "fp16": 2}  # per target per token per rank: lora_A output
 ACT_CP_BOUNDARY = {"fp32": 8.0, "bf16": 4.0, "fp16": 4.0}  # GRAD_CP: saved per layer (x, v_first)
 # outside the blocks: embedding + ln0 + ln_out outputs (compute dtype) and the chunked head's

@@ -69,6 +69,7 @@ from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProc
 from rwkvforge.loss import (DpoReferenceError, LossModule, autocast_ctx, compute_dtype,
                             dpo_reference, evaluate_dpo, evaluate_loss, pair_rows)
 from rwkvforge.memory import MemoryPlanError, preflight_model
+from rwkvforge.model.wkv import describe_impl
 from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
                             export_adapter, unwrap)
 from rwkvforge.runs import (RunFolder, RunLocked, default_run_name, final_adapter, git_sha,
@@ -286,6 +287,13 @@ def check_combination(s: cfgmod.Settings) -> None:
         raise TrainError("DATA_TYPE=dpo runs in one process or under DEEPSPEED_STAGE=2 (each "
                          "process computes the reference log-probs with the whole model); set "
                          "DEEPSPEED_STAGE=2.")
+    if s.precision == "fp16":
+        # fp16 autocast needs a loss scaler (no trainer here has one, DeepSpeed's config
+        # included): small LoRA gradients underflow to zero, and training stalls silently
+        raise TrainError("PRECISION=fp16 is not supported for training: it needs loss scaling, "
+                         "which rwkvforge does not do (fp16 gradients of the small LoRA updates "
+                         "underflow to zero). Use PRECISION=bf16 (RTX 30 and newer) or fp32 "
+                         "(older cards).")
 
 
 def init_wandb(s: cfgmod.Settings, run_dir: Path):
@@ -444,6 +452,11 @@ class Trainer:
         self.strategy = make_strategy(s, self.device)
         self.folder.lock()  # before anything is written: one writer per run folder
         self.folder.open_log()
+        try:
+            kernel, why = describe_impl(s.wkv_impl, self.device)
+        except RuntimeError as e:
+            raise TrainError(str(e)) from None
+        self.say(f"WKV kernel: {kernel} ({why})")
         note = demo_note(s, self.root)
         if note:
             self.say(note)

@@ -20,8 +20,13 @@ chunked form below stable in fp32.
   43-48 ms for `wkv_chunked` (medians and minima of two runs of bench/wkv_bench.py; the VM's
   speed varies), and 2.3x (bf16) / 3.7x (fp32) fewer bytes kept for backward (memory.py).
   `auto` picks it on CPU when it builds, else `wkv_chunked`.
-- `wkv_fla`: flash-linear-attention's Triton kernels on CUDA, imported only when asked for on
-  a CUDA tensor (the CPU path never imports triton).
+- `wkv_fla`: flash-linear-attention's Triton kernels (package `fla-core`, installed with a
+  matching triton by scripts/bootstrap.sh on CUDA), imported only when asked for on a CUDA
+  tensor (the CPU path never imports triton). `auto` picks it on CUDA when it imports; an
+  explicit `fla` that cannot import is an error naming the import error, never a fallback.
+  It also runs on CPU tensors under Triton's interpreter (how CI tests it:
+  tests/fla_interpreter.py). fla is told RWKV-7's decay bound (`LOG_W_MIN`) when it takes
+  `lower_bound`: that licenses its 64-step chunks instead of 16.
 
 All functions take r, log_w, k, v, a, b as (B, T, H, N) and state as (B, H, N, N) fp32 (or
 None for zeros), and return (y (B, T, H, N) fp32, new state (B, H, N, N) fp32).
@@ -31,7 +36,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import inspect
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -44,7 +51,12 @@ NATIVE_CKPT = 16  # steps between the states wkv_native keeps for backward
 NATIVE_HEAD_SIZE = 64  # the C kernel's head size (all RWKV-7 models); others use chunked
 DEFAULT_CHUNK = 32  # exp(+-0.6066 * 32) ~ 2.6e8: far from fp32 limits, and matmuls stay big enough
 
+# RWKV-7's decay bound: log w = -0.606531 * sigmoid(.) (model/rwkv7.py's DECAY_SCALE), so
+# every log_w the model passes is >= this. fla's `lower_bound` takes it (see wkv_fla).
+LOG_W_MIN = -0.606531
+
 _fla_fn = None  # cached fla entry point (None = not tried, False = unavailable)
+_fla_error = ""  # why it is unavailable: the import error, for doctor / train / wkv_fla
 
 
 def _zeros_state(r: torch.Tensor) -> torch.Tensor:
@@ -301,35 +313,68 @@ def wkv_native(r, log_w, k, v, a, b, state=None):
 
 
 def _load_fla():
-    global _fla_fn
+    global _fla_fn, _fla_error
     if _fla_fn is None:
         try:  # imported lazily, on CUDA only: fla pulls in triton
             from fla.ops.rwkv7 import chunk_rwkv7  # type: ignore
 
             _fla_fn = chunk_rwkv7
-        except Exception:  # noqa: BLE001 - any import failure means "not available"
+        except Exception as e:  # noqa: BLE001 - any import failure means "not available"
             _fla_fn = False
+            _fla_error = f"{type(e).__name__}: {e}".strip()
     return _fla_fn
+
+
+def fla_problem() -> str | None:
+    """Why fla's kernels cannot be used in this environment (None when they import)."""
+    if _load_fla():
+        return None
+    if "No module named 'fla'" in _fla_error:
+        return ("flash-linear-attention (fla-core) is not installed; ./scripts/bootstrap.sh "
+                "installs the fla-core + triton pair that matches torch on a CUDA machine")
+    return f"fla-core does not import ({_fla_error}); re-run ./scripts/bootstrap.sh"
+
+
+def _fla_device_ok(device_type: str) -> bool:
+    """fla's Triton kernels run on CUDA, or on the CPU when triton interprets them (tests)."""
+    if device_type == "cuda":
+        return True
+    triton = sys.modules.get("triton")
+    return bool(triton is not None and triton.knobs.runtime.interpret)
 
 
 def fla_available(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda" and bool(_load_fla())
 
 
-def wkv_fla(r, log_w, k, v, a, b, state=None):
-    """flash-linear-attention's chunk_rwkv7 (CUDA). fla keeps state as (B,H,K,V): transposed."""
+@functools.lru_cache(maxsize=None)
+def _takes_lower_bound(fn) -> bool:
+    return "lower_bound" in inspect.signature(fn).parameters  # fla-core >= 0.6.0
+
+
+def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True):
+    """flash-linear-attention's chunk_rwkv7 (CUDA). fla keeps state as (B,H,K,V): transposed.
+
+    `bound`: pass RWKV-7's decay bound as fla's `lower_bound` when the installed fla takes it
+    (every log_w must then be >= LOG_W_MIN; the model's always are). False: fla's unbounded
+    16-step path (kept for the test that holds the two equal)."""
     fn = _load_fla()
     if not fn:
-        raise RuntimeError(
-            "wkv_impl='fla' needs flash-linear-attention on a CUDA device "
-            "(pip install flash-linear-attention); use wkv_impl='chunked' otherwise"
-        )
-    B, T, H, N = r.shape
-    s0 = None if state is None else state.float().transpose(-1, -2).contiguous()
+        raise RuntimeError(f"wkv_impl='fla' is unavailable: {fla_problem()}; "
+                           f"set WKV_IMPL=auto or chunked to train without it")
+    if not _fla_device_ok(r.device.type):
+        raise RuntimeError(f"wkv_impl='fla' runs on CUDA tensors (got {r.device.type}); "
+                           f"use wkv_impl='auto'")
     dt = r.dtype if r.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    s0 = None if state is None else state.float().transpose(-1, -2).contiguous()
+    extra = {}
+    if bound and _takes_lower_bound(fn):
+        # the bound cast the way log_w is (fp32 -> dt): rounding keeps order, so every
+        # log_w >= LOG_W_MIN stays >= it after the cast (bf16: -0.60546875)
+        extra["lower_bound"] = float(torch.tensor(LOG_W_MIN).to(dt))
     out = fn(  # w is log-decay in fla's API; state (B,H,K,V)
         r=r.to(dt), w=log_w.to(dt), k=k.to(dt), v=v.to(dt), a=a.to(dt), b=b.to(dt),
-        scale=1.0, initial_state=s0, output_final_state=True,
+        scale=1.0, initial_state=s0, output_final_state=True, **extra,
     )
     y, s1 = out[0], out[1]  # some fla versions return extra items
     return y.float(), s1.float().transpose(-1, -2)
@@ -343,6 +388,27 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
             return "native" if native_available() else "chunked"
         return "fla" if fla_available(device) else "chunked"
     return impl
+
+
+def describe_impl(impl: str, device: torch.device | str) -> tuple[str, str]:
+    """(the kernel `impl` runs on `device`, why): what train prints as it starts and the
+    healthcheck reports. An explicit `fla` that cannot run there raises RuntimeError (never a
+    silent fallback)."""
+    dev = torch.device(device).type
+    name = resolve_impl(impl, dev)
+    if impl != "auto":
+        if name == "fla" and (not _load_fla() or not _fla_device_ok(dev)):
+            raise RuntimeError(f"WKV_IMPL=fla cannot run: "
+                               f"{fla_problem() or f'no CUDA device ({dev})'}; "
+                               f"set WKV_IMPL=auto to use the fastest kernel that works")
+        return name, f"WKV_IMPL={impl}"
+    if dev == "cuda":
+        return name, ("flash-linear-attention's Triton kernels" if name == "fla" else
+                      f"fla unavailable: {fla_problem()}: the chunked torch kernel is slower "
+                      f"and keeps more memory")
+    if name == "native":
+        return name, "the C kernel (CPU)"
+    return name, f"C kernel {native.problem('wkv_cpu')}"
 
 
 @torch.compiler.assume_constant_result
