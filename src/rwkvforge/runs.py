@@ -269,10 +269,18 @@ def default_run_name(s: config.Settings) -> str:
 
 
 def run_started(run_dir: Path) -> bool:
-    """True when `run_dir` holds a run: anything but the train.log of a start that failed
-    before the run began (bad data, a missing model), which a new start may append to."""
-    return run_dir.is_dir() and any(p.name not in ("train.log", LOCK)
-                                    for p in run_dir.iterdir())
+    """True when `run_dir` holds a run: anything but what a start that failed before the run
+    began leaves (bad data, a missing model, W&B not logged in): its train.log, its lock and
+    a status.json of stage "setup". A new start under that name may reuse the folder."""
+    if not run_dir.is_dir():
+        return False
+    for p in run_dir.iterdir():
+        if p.name in ("train.log", LOCK):
+            continue
+        if p.name == "status.json" and (read_json(p) or {}).get("stage") == "setup":
+            continue
+        return True
+    return False
 
 
 # ============================================================================ readers

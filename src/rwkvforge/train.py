@@ -303,11 +303,19 @@ def init_wandb(s: cfgmod.Settings, run_dir: Path):
     try:
         import wandb
     except ImportError:
-        raise TrainError("WANDB_PROJECT is set but wandb is not installed: pip install "
-                         "wandb, or leave WANDB_PROJECT empty.") from None
-    return wandb.init(project=s.wandb_project, name=run_dir.name,
-                      id=run_dir.name.replace("/", "-"), resume="allow", dir=str(run_dir),
-                      config=cfgmod.public_settings(s))
+        raise TrainError("WANDB_PROJECT is set but wandb is not installed: install it with "
+                         "`.venv/bin/pip install -e '.[wandb]'` (the extra `wandb`; "
+                         "`./scripts/bootstrap.sh --dev` has it too), or leave WANDB_PROJECT "
+                         "empty.") from None
+    try:
+        return wandb.init(project=s.wandb_project, name=run_dir.name,
+                          id=run_dir.name.replace("/", "-"), resume="allow", dir=str(run_dir),
+                          config=cfgmod.public_settings(s))
+    except Exception as e:  # noqa: BLE001 - wandb raises many types (auth, network, usage)
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise TrainError(f"W&B could not start ({why}): run `wandb login` once, or set "
+                         "WANDB_MODE=offline to log to the run folder only, or leave "
+                         "WANDB_PROJECT empty.") from None
 
 
 def metrics_row(step: int, loss: float, lr: float, tps: float, mem_mb: float, epoch: float,
@@ -520,6 +528,8 @@ class Trainer:
         self.optimizer = self.strategy.optimizer
         if self.resume:
             self._load_resume()
+        if self.is_main:
+            self.wandb = init_wandb(s, self.run_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def _export(self) -> tuple[dict, dict]:
@@ -693,11 +703,17 @@ class Trainer:
         s = self.settings
         try:
             self.setup()
-        except BaseException as e:  # the run folder's log says why it never started
+        except BaseException as e:  # the run folder says why it never started
             if self.folder.logging:
-                # the dashboard shows the reason (dashboard/runs.py: SETUP_FAILED)
+                # the dashboard shows the reason (dashboard/runs.py: SETUP_FAILED); a status
+                # of stage "setup" does not take the run name (runs.run_started)
                 log.error("the run did not start: %s", e)
+                if not self.resume:
+                    self.folder.status("failed", 0, 0, error=f"the run did not start: {e}",
+                                       stage="setup")
                 self.folder.close_log()
+            if self.wandb is not None:
+                self.wandb.finish(exit_code=1)
             raise
         prev = self.folder.read_status() if self.resume else {}
         if self.resume and self.step >= self.total_steps:  # every rank returns here
@@ -720,7 +736,6 @@ class Trainer:
                 self.folder.write_json("config.json", self._config_record())
             self.folder.status("running", self.step, self.total_steps,
                                val_loss_start=prev.get("val_loss_start"))
-            self.wandb = init_wandb(s, self.run_dir)
         release_freed_memory()  # setup transients (fp32 load, quantisation) back to the OS
         mon = MemoryMonitor(self.device).start()
         loss = None
