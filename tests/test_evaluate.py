@@ -89,7 +89,7 @@ def test_sample_checks_file_is_valid():
 def test_masked_loss_matches_direct_computation(tiny_model, sft_jsonl):
     """Masks honoured: only assistant tokens count, and the loss equals a direct full-logits
     computation with the tokenizer's own chat masks."""
-    from rwkvforge.data.prepare import record_to_messages
+    from rwkvforge.data.records import record_to_messages
     from rwkvforge.tokenizer import encode_chat
 
     batches, _ = E.val_batches(sft_jsonl, CTX, 3)

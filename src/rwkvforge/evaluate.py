@@ -44,7 +44,7 @@ from rwkvforge.adapter import MergeError, load_with_adapter
 from rwkvforge.checkpoint import (CheckpointError, atomic_write_bytes, load_state_dict,
                                   model_from_state_dict)
 from rwkvforge.data.loader import build_val_batches, load_meta, open_split
-from rwkvforge.data.prepare import dpo_hint, record_to_messages
+from rwkvforge.data.records import dpo_hint, record_to_messages
 from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
 from rwkvforge.loss import dpo_losses
 from rwkvforge.runtime import keep_freed_memory

@@ -76,8 +76,6 @@ from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, poo
                                    worker_block, worker_init)
 from rwkvforge.data.loader import magic_prime
 from rwkvforge.data.records import LineResult, encoding_hint
-# re-exported for callers that import them from here (evaluate.py)
-from rwkvforge.data.records import dpo_hint, record_to_messages  # noqa: F401
 from rwkvforge.paths import sample_data_dir, workspace_root
 from rwkvforge.runtime import pid_alive
 from rwkvforge.tokenizer import VOCAB_NAME
