@@ -990,7 +990,7 @@ class Engine:
             if req.fed < len(req.prompt_ids):
                 return
             self._prefilling.pop(0)
-            for f, fh in req.followers:  # n > 1: the other choices start from this state
+            for f, _ in req.followers:  # n > 1: the other choices start from this state
                 f.fed, f.cached_tokens = req.fed, req.cached_tokens
                 f.state, f.logits = state_clone(req.state), req.logits.clone()
             group, req.followers = [(req, h)] + req.followers, []

@@ -71,15 +71,21 @@ def _ll_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
                            n_vocab=vocab_size, eos_token=0)
 
 
+def _with_options(schema: dict) -> dict:
+    return {**schema, "x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}
+
+
 def json_grammar(schema: dict | None) -> str:
     """An llguidance grammar for JSON that validates against `schema` (None: any JSON
-    object)."""
-    llg = _llg()
+    object), after an optional single space: a chat reply starts after "Assistant:",
+    where the World format puts a space (LeadingSpaceStrip drops it from the reply)."""
+    if schema is None:
+        schema = {"type": "object"}
     try:
-        return llg.LLMatcher.grammar_from_json_schema(
-            schema if schema is not None else {"type": "object"}, overrides=JSON_OPTIONS)
-    except ValueError as e:
+        body = json.dumps(_with_options(schema), ensure_ascii=False)
+    except (TypeError, ValueError) as e:
         raise GrammarError(f"not a usable JSON schema: {e}") from None
+    return _llg().LLMatcher.grammar_from_lark(f'start: " "? body\nbody: %json {body}')
 
 
 def tool_call_grammar(tools: Sequence[dict], name: str | None, parallel: bool) -> str:
@@ -96,9 +102,12 @@ def tool_call_grammar(tools: Sequence[dict], name: str | None, parallel: bool) -
                                                    "arguments": params},
                   "required": ["name", "arguments"], "additionalProperties": False}
         alts.append((f"call_{i}", schema))
-    rules = [f"{r}: %json {json.dumps({**s, 'x-guidance': JSON_OPTIONS})}" for r, s in alts]
+    if not alts:
+        raise GrammarError(f"no tool named {name!r}")
+    rules = [f"{r}: %json {json.dumps(_with_options(s), ensure_ascii=False)}"
+             for r, s in alts]
     one = " | ".join(r for r, _ in alts)
-    start = 'call ("\\n" call)*' if parallel else "call"
+    start = '" "? call ("\\n" call)*' if parallel else '" "? call'
     lark = "\n".join([
         f"start: {start}",
         "call: \"<tool_call>\" body \"</tool_call>\"",
@@ -136,7 +145,7 @@ def compile_grammar(grammar: str, tokenizer: Any, vocab_size: int) -> Any:
     lt = _ll_tokenizer(tokenizer, vocab_size)
     is_err, msgs = llg.LLMatcher.validate_grammar_with_warnings(grammar, lt)
     if is_err:
-        raise GrammarError(msgs[0] if msgs else "invalid grammar")
+        raise GrammarError(msgs[0].split("\n")[0] if msgs else "invalid grammar")
     return grammar
 
 
