@@ -999,6 +999,34 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
 # CLI
 # --------------------------------------------------------------------------------------
 
+def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
+    """`--lora-modules name=PATH ...` -> {name: path}, or the error message."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            return f"--lora-modules takes NAME=PATH entries, got {item!r}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", name):
+            return f"--lora-modules: {name!r} is not a usable model name (letters, digits, " \
+                   "._:/-)"
+        if name in out:
+            return f"--lora-modules: {name!r} is given twice"
+        out[name] = path
+    return out
+
+
+def attach_adapters(model: Any, loras: dict[str, str]) -> dict[str, int]:
+    """Put the adapters on the model (adapter.MultiLora: base weights once, A / B per
+    adapter, applied per batch row); {name: row index}. ValueError for one that cannot
+    be served this way."""
+    if not loras:
+        return {}
+    from rwkvforge.adapter import MultiLora
+
+    multi = MultiLora(model)
+    return {name: multi.add(name, p) for name, p in loras.items()}
+
+
 def port_unavailable(host: str, port: int) -> str | None:
     """Why `host:port` cannot be listened on right now (None: it can), found by binding it
     briefly the way uvicorn will (SO_REUSEADDR)."""
@@ -1026,6 +1054,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "serve_api_key", "serve_max_batch", "serve_max_queue",
                                         "serve_max_tokens"])
     ap.add_argument("--adapter", default="", help="LoRA adapter folder merged in memory")
+    ap.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                    help="LoRA adapters served side by side over the one base model, chosen "
+                    "per request by `model` (vLLM's spelling); requests for different "
+                    "adapters share the decode batch")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="weights: auto = fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--model-id", default="", help="name shown by /v1/models "
@@ -1062,6 +1094,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {s.serve_host}:{s.serve_port} ({why}): is another "
               "server running there? Pick another --serve-port.", file=sys.stderr)
         return 2
+    loras = parse_lora_modules(args.lora_modules)
+    if isinstance(loras, str):
+        print(f"error: {loras}", file=sys.stderr)
+        return 2
+    if loras and args.adapter:
+        print("error: --adapter (merged) and --lora-modules cannot be combined: serve the "
+              "merged adapter as one more --lora-modules entry", file=sys.stderr)
+        return 2
     try:
         path, is_demo = resolve_base_model(s.base_model, res.sources["BASE_MODEL"],
                                            say=lambda m: print(f"[rwkvforge] {m}",
@@ -1069,6 +1109,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = get_tokenizer()
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
         set_fast_path(model, s.infer_fast, device)
+        adapters = attach_adapters(model, loras)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1081,6 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_queue=s.serve_max_queue, prefill_chunk=args.prefill_chunk,
                     device=device)
     opts = ServeOptions(model_id=args.model_id or Path(path).stem, api_key=s.serve_api_key,
+                        adapters=adapters,
                         max_tokens=s.serve_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         default_max_tokens=min(256, s.serve_max_tokens))
     app = create_app(engine, tok, opts)
@@ -1088,7 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[rwkvforge] OpenAI-compatible API at http://{s.serve_host}:{s.serve_port}/v1 "
           f"(model id {opts.model_id!r}"
-          + (f", adapter {args.adapter} merged in memory" if args.adapter else "") + ")",
+          + (f", adapter {args.adapter} merged in memory" if args.adapter else "")
+          + (f", adapters {', '.join(adapters)}" if adapters else "") + ")",
           file=sys.stderr)
     uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=args.log_level)
     return 0
