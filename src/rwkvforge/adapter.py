@@ -35,8 +35,14 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from rwkvforge import runs
-from rwkvforge.checkpoint import (atomic_dir, atomic_write_bytes, compact_cpu, load_model,
-                                  load_state_dict, model_from_state_dict)
+from rwkvforge.checkpoint import (
+    atomic_dir,
+    atomic_write_bytes,
+    compact_cpu,
+    load_model,
+    load_state_dict,
+    model_from_state_dict,
+)
 from rwkvforge.model.rwkv7 import RWKV7
 
 PEFT_PREFIX = "base_model.model."

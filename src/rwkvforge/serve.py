@@ -6,22 +6,27 @@
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model":"rwkv","messages":[{"role":"user","content":"Hi"}],"max_tokens":20}'
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
-(`"stream": true` = server-sent events ending with `data: [DONE]`). Sampling fields:
-temperature, top_p, top_k, max_tokens (capped by SERVE_MAX_TOKENS), stop, presence_penalty,
-frequency_penalty, penalty_decay, seed; a chat request that leaves one out gets the chat
-default that `rwkvforge infer` and the dashboard use (generate.CHAT_DEFAULTS, RWKV's chat
-demo values), a completion the OpenAI default. Chat messages are encoded in the RWKV World
-format ("User: ...\\n\\nAssistant:", generate.encode_chat_prompt) and a reply ends at its
-blank line.
+Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST
+/v1/chat/completions (`"stream": true` = server-sent events ending with `data: [DONE]`).
+Every parameter, honoured or refused, is in docs/api.md: sampling (temperature, top_p,
+top_k, min_p, presence / frequency / repetition penalties with RWKV's decaying counts,
+penalty_decay, logit_bias, seed, stop, max_tokens capped by SERVE_MAX_TOKENS), `n` (one
+prefill shared by the choices), logprobs / top_logprobs, response_format json_object /
+json_schema (constrained decoding, grammar.py), tools / tool_choice / role "tool" (the
+format in docs/api.md#tools). A field this server does not honour is a 400 naming it. A chat
+request that leaves a sampling field out gets the chat default that `rwkvforge infer` and
+the dashboard use (generate.CHAT_DEFAULTS), a completion the OpenAI default. Chat messages
+are encoded in the RWKV World format ("User: ...\\n\\nAssistant:",
+generate.encode_chat_prompt) and a reply ends at its blank line. `--lora-modules name=PATH`
+serves several adapters over one base model, chosen by `model` (adapter.MultiLora).
 
 One engine thread decodes every running request together: new requests join at the next
 step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
 a repeated system prompt / earlier turns come from the prefix-state cache. A client that
 disconnects cancels its request. Binds SERVE_HOST (127.0.0.1 by default); SERVE_API_KEY
 turns on `Authorization: Bearer` checks (401); more than SERVE_MAX_QUEUE waiting requests
-get 429; bad fields get 400 / 422 naming the field. The `model` field of a request is not
-checked (any name is served by the one loaded model, as in RWKV-Runner).
+get 429; bad fields get 400 / 422 naming the field. Without --lora-modules the `model` field
+is not checked (any name is served by the one loaded model, as in RWKV-Runner).
 
 Layout: a request becomes prompt ids and SamplingParams in plain functions
 (`completion_prompt`, `chat_prompt`, `chat_messages`, `sampling_params`); engine events become
