@@ -16,8 +16,14 @@ import pytest
 import torch
 from test_serve import LiveServer
 
-from rwkvforge.adapter import (Adapter, LoraFactor, MultiLora, RowLoraLinear,
-                               load_with_adapter, save_peft_adapter)
+from rwkvforge.adapter import (
+    Adapter,
+    LoraFactor,
+    MultiLora,
+    RowLoraLinear,
+    load_with_adapter,
+    save_peft_adapter,
+)
 from rwkvforge.checkpoint import load_model
 from rwkvforge.generate import Engine, SamplingParams
 from rwkvforge.serve import attach_adapters, parse_lora_modules
