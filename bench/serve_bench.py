@@ -87,6 +87,55 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # ------------------------------------------------------------------------------ load
+# the schema of the constrained-decoding phase: bounded, so every reply can close
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 40},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+    "score": {"type": "integer", "minimum": 0, "maximum": 100},
+    "ok": {"type": "boolean"}},
+    "required": ["title", "tags", "score", "ok"], "additionalProperties": False}
+
+
+def run_chat(base: str, model: str, clients: int, requests: int, max_tokens: int,
+             schema: dict | None) -> dict:
+    """Chat throughput (non-streaming), with or without response_format json_schema: the
+    cost of constrained decoding is the ratio of the two tokens/s."""
+    import httpx
+
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 1.0}
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": "bench", "schema": schema}}
+
+    def client(i: int) -> tuple[int, int, int]:
+        toks = n = valid = 0
+        with httpx.Client(base_url=base, timeout=600) as cl:
+            for j in range(requests):
+                msgs = [{"role": "user", "content": PROMPTS[(i + j) % len(PROMPTS)]}]
+                r = cl.post("/v1/chat/completions",
+                            json={**body, "messages": msgs, "seed": i * 100 + j})
+                r.raise_for_status()
+                out = r.json()
+                toks += int(out["usage"]["completion_tokens"])
+                n += 1
+                if schema is not None and out["choices"][0]["finish_reason"] == "stop":
+                    try:
+                        json.loads(out["choices"][0]["message"]["content"])
+                        valid += 1
+                    except ValueError:
+                        pass
+        return toks, n, valid
+
+    client(0)  # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as ex:
+        res = list(ex.map(client, range(clients)))
+    wall = time.perf_counter() - t0
+    toks, n = sum(r[0] for r in res), sum(r[1] for r in res)
+    return {"tok_s": toks / wall, "tokens": toks, "requests": n, "wall_s": wall,
+            "tokens_per_request": toks / max(n, 1), "valid_json": sum(r[2] for r in res)}
+
+
 def run_load(base: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     """Throughput phase (non-streaming, usage counts) then TTFT phase (streaming)."""
     import httpx
@@ -140,7 +189,7 @@ def run_load(base: str, model: str, clients: int, requests: int, max_tokens: int
 
 # ------------------------------------------------------------------------------ servers
 def start_ours(model: str, port: int, batch: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "rwkvforge.serve", "--model", model, "--serve-port", str(port),
+    cmd = [sys.executable, "-m", "rwkvforge.serve", "--base-model", model, "--serve-port", str(port),
            "--serve-max-batch", str(batch), "--log-level", "warning", "--model-id", "bench"]
     return subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
                                       "RWKVFORGE_ROOT": str(ROOT)},
@@ -216,12 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="100: rwkvserve 0.1.0 ignores max_tokens on /v1/completions and "
                     "always generates 100 tokens, so both do the same work at 100")
     ap.add_argument("--venv", default="/tmp/vbench2", help="venv holding rwkvserve")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="only rwkvforge serve (plain and with a JSON schema); no rwkvserve")
     args = ap.parse_args(argv)
     if not Path(args.model).is_file():
         print(f"error: {args.model} not found (rwkvforge demo-model [--bench])", file=sys.stderr)
         return 2
     exe = Path(args.venv) / "bin" / "rwkvserve"
-    if not exe.exists():
+    if not exe.exists() and not args.ours_only:
         print(f"error: {exe} missing; install rwkvserve in a separate venv:\n  python -m venv "
               f"{args.venv} && {args.venv}/bin/pip install -c /tmp/c.txt torch==2.13.0 "
               "rwkvserve==0.1.0", file=sys.stderr)
@@ -237,9 +288,20 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(f"http://127.0.0.1:{port}/health", proc)
         results["rwkvforge serve"] = run_load(f"http://127.0.0.1:{port}", "bench",
                                               args.clients, args.requests, args.max_tokens)
+        print(f"rwkvforge serve: {results['rwkvforge serve']}", flush=True)
+        chat = {name: run_chat(f"http://127.0.0.1:{port}", "bench", args.clients,
+                               args.requests, args.max_tokens, schema)
+                for name, schema in (("chat", None), ("chat + json_schema", SCHEMA))}
     finally:
         stop(proc)
-    print(f"rwkvforge serve: {results['rwkvforge serve']}", flush=True)
+    print(f"\n{'rwkvforge serve':<22} {'tok/s (aggregate)':>18} {'tokens/request':>15}")
+    for name, r in chat.items():
+        print(f"{name:<22} {r['tok_s']:>18.1f} {r['tokens_per_request']:>15.1f}"
+              + (f"   valid JSON {r['valid_json']}/{r['requests']}" if "json" in name else ""))
+    cost = chat["chat + json_schema"]["tok_s"] / chat["chat"]["tok_s"]
+    print(f"constrained decoding: {cost:.2f}x the unconstrained tokens/s\n", flush=True)
+    if args.ours_only:
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="rwkvserve-model-") as td:
         model_dir = convert_for_rwkvserve(args.model, Path(td))

@@ -291,6 +291,42 @@ def test_sample_step_and_count_token_follow_the_reference_step():
         torch.testing.assert_close(occ[b], want)
 
 
+def test_sample_step_min_p_repetition_and_bias_follow_the_reference_step():
+    """min_p, repetition_penalty and logit_bias in the shared step pick the tokens the
+    one-row reference picks (bias, bans, repetition on seen tokens, presence / frequency,
+    then top-p / top-k / min-p cuts, then temperature)."""
+    ps = [SamplingParams(temperature=1.0, top_p=1.0, min_p=0.2, seed=1),
+          SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.8,
+                         alpha_presence=0.2, seed=2),
+          SamplingParams(temperature=0.0, top_p=1.0, repetition_penalty=0.5,
+                         logit_bias=((3, 2.5), (7, -100.0)), seed=3),
+          SamplingParams(temperature=1.2, top_p=1.0, min_p=0.05, logit_bias=((9, 4.0),),
+                         repetition_penalty=2.5, seed=4)]
+    B = len(ps)
+    weights = torch.ones(V)
+    refs = [PenaltyStateRef(p, weights) for p in ps]
+    gens = [torch.Generator().manual_seed(p.seed) for p in ps]
+    twins = [torch.Generator().manual_seed(p.seed) for p in ps]
+    occ, seen = torch.zeros(B, V), torch.zeros(B, V, dtype=torch.bool)
+    picked = [set() for _ in ps]
+    for step in range(30):
+        logits = _rand_logits(B, seed=500 + step, scale=2.0)
+        toks = sample_step(logits, ps, gens, occ, seen)
+        for b in range(B):
+            u = float(torch.rand(1, generator=twins[b]))
+            assert toks[b] == sample_ref(refs[b].apply(logits[b]), ps[b], u), (step, b)
+            refs[b].update(toks[b])
+            count_token(ps[b], toks[b], occ[b], seen[b], _DIGIT_TOK)
+            picked[b].add(toks[b])
+    assert 7 not in picked[2]  # a -100 bias is a ban in practice
+    # min_p = 1 keeps only the most likely token: sampling at any temperature is greedy
+    logits = _rand_logits(3, seed=9, scale=2.0)
+    one = [SamplingParams(temperature=1.5, top_p=1.0, min_p=1.0, seed=i) for i in range(3)]
+    g = [torch.Generator().manual_seed(i) for i in range(3)]
+    assert sample_step(logits, one, g, torch.zeros(3, V), torch.zeros(3, V, dtype=bool)) \
+        == logits.argmax(-1).tolist()
+
+
 def test_sample_step_cuts_follow_top_p_top_k_and_temperature():
     logits = torch.tensor([[4.0, 3.0, 2.5, 2.0, 0.0, -1.0]])
     order = logits[0].argsort(descending=True).tolist()

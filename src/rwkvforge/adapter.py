@@ -35,8 +35,14 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from rwkvforge import runs
-from rwkvforge.checkpoint import (atomic_dir, atomic_write_bytes, compact_cpu, load_model,
-                                  load_state_dict, model_from_state_dict)
+from rwkvforge.checkpoint import (
+    atomic_dir,
+    atomic_write_bytes,
+    compact_cpu,
+    load_model,
+    load_state_dict,
+    model_from_state_dict,
+)
 from rwkvforge.model.rwkv7 import RWKV7
 
 PEFT_PREFIX = "base_model.model."
@@ -507,3 +513,108 @@ def load_with_adapter(base: str | os.PathLike | dict[str, torch.Tensor],
     merged = merge_state_dict(sd, ad, torch.float32, "fp32")
     where = "state dict" if isinstance(base, dict) else str(base)
     return model_from_state_dict(merged, dtype=dtype, device=device, source=f"{where} + {adapter}")
+
+
+# ----------------------------------------------------------------------------- many adapters
+class RowLoraLinear(torch.nn.Module):
+    """A base Linear shared by several adapters, each batch row with its own: y = x W^T
+    (the base weight, held once) + scale_a * (x A_a^T) B_a^T for the rows of adapter a
+    (row adapter 0 = none). Which adapter each row uses is set by `MultiLora.rows`."""
+
+    def __init__(self, base: torch.nn.Linear, owner: "MultiLora"):
+        super().__init__()
+        self.base = base
+        self.owner = owner.ref
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = self.owner.rows
+        if not rows or not self.factors:
+            return y
+        for a in set(rows):
+            f = self.factors.get(a)
+            if f is None:
+                continue
+            A, B, s = f
+            if len(rows) == 1 or all(r == a for r in rows):
+                y = y + s * ((x.to(A.dtype) @ A.T) @ B.T).to(y.dtype)
+            else:
+                idx = torch.tensor([i for i, r in enumerate(rows) if r == a],
+                                   device=x.device)
+                d = s * ((x.index_select(0, idx).to(A.dtype) @ A.T) @ B.T)
+                y = y.index_add(0, idx, d.to(y.dtype))
+        return y
+
+
+class _RowsRef:
+    rows: list[int] | None = None
+
+
+class MultiLora:
+    """Several LoRA adapters over one base model (`rwkvforge serve --lora-modules`): the
+    adapted Linears become `RowLoraLinear`s around the base weights (not copied), each
+    adapter adds only its A / B factors, and `model.rows_adapters(rows)` (which the engine
+    enters around every forward) says which adapter each batch row uses."""
+
+    def __init__(self, model: RWKV7):
+        self.model = model
+        self.ref = _RowsRef()
+        self.names: dict[str, int] = {}
+        self.wrapped: dict[str, RowLoraLinear] = {}
+        model.rows_adapters = self.rows  # the engine's hook (generate.Engine._rows)
+
+    def rows(self, adapters: list[int]) -> "_RowsCtx":
+        return _RowsCtx(self.ref, adapters)
+
+    def add(self, name: str, path: str | os.PathLike) -> int:
+        """Read the adapter at `path` and serve it as `name`; returns its row index (1, 2,
+        ...). Refuses (ValueError) an adapter this path cannot apply per row: DoRA
+        magnitudes or fully trained tensors (train_parts) — serve those merged (--adapter)."""
+        ad = read_adapter(path)
+        if ad.use_dora:
+            raise ValueError(f"adapter {name} ({path}) is DoRA: per-row serving supports "
+                             "plain LoRA; serve it merged with --adapter")
+        if ad.replacements:
+            raise ValueError(f"adapter {name} ({path}) also replaces full tensors "
+                             f"({', '.join(sorted(ad.replacements)[:3])}...): serve it "
+                             "merged with --adapter")
+        modules = dict(self.model.named_modules())
+        idx = len(self.names) + 1
+        for key, f in ad.factors.items():
+            mname = key[: -len(".weight")] if key.endswith(".weight") else key
+            mod = self.wrapped.get(mname) or modules.get(mname)
+            lin = mod.base if isinstance(mod, RowLoraLinear) else mod
+            if not isinstance(lin, torch.nn.Linear):
+                raise ValueError(f"adapter {name} ({path}): {key} is not a Linear of the base "
+                                 "model")
+            out_f, in_f = lin.weight.shape
+            if tuple(f.A.shape) != (f.r, in_f) or tuple(f.B.shape) != (out_f, f.r):
+                raise ValueError(f"adapter {name} ({path}): {key} has A {tuple(f.A.shape)} / "
+                                 f"B {tuple(f.B.shape)}, the base Linear is "
+                                 f"({out_f}, {in_f})")
+            if mname not in self.wrapped:
+                w = RowLoraLinear(lin, self)
+                parent, _, child = mname.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, w)
+                self.wrapped[mname] = w
+            dt = torch.float32 if lin.weight.dtype == torch.float32 else lin.weight.dtype
+            self.wrapped[mname].factors[idx] = (f.A.to(lin.weight.device, dt),
+                                                f.B.to(lin.weight.device, dt), float(f.scale))
+        self.names[name] = idx
+        return idx
+
+
+class _RowsCtx:
+    def __init__(self, ref: _RowsRef, rows: list[int]):
+        self.ref, self.new = ref, list(rows)
+
+    def __enter__(self) -> None:
+        self.old, self.ref.rows = self.ref.rows, self.new
+
+    def __exit__(self, *exc: object) -> None:
+        self.ref.rows = self.old

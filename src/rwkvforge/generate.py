@@ -109,6 +109,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # end generation when the decoded text contains one
     max_tokens: int = 128
     seed: int | None = None  # None: a fresh random seed
+    min_p: float = 0.0  # drop tokens below min_p * the top probability (before temperature)
+    # seen tokens: positive logits / rp, negative * rp (HF / vLLM rule), over this reply only
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, bias) added to the logits
+    logprobs: int | None = None  # report the chosen token's log-prob and this many top ones
+
+    @property
+    def logit_bias_dict(self) -> dict[int, float]:
+        return dict(self.logit_bias)
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Raise ValueError naming the field when a value is out of range."""
@@ -128,18 +137,31 @@ class SamplingParams:
             bad("alpha_decay", "must be in [0, 1]")
         if self.max_tokens < 0:
             bad("max_tokens", "must be >= 0")
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            bad("min_p", "must be in [0, 1]")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            bad("logprobs", "must be in [0, 20]")
+        for _, b in self.logit_bias:
+            if not (math.isfinite(b) and -100 <= b <= 100):
+                bad("logit_bias", "biases must be in [-100, 100]")
         if vocab_size is not None:
             for name in ("token_ban", "token_stop"):
                 for t in getattr(self, name):
                     if not 0 <= t < vocab_size:
                         bad(name, f"token {t} outside the vocabulary [0, {vocab_size})")
+            for t, _ in self.logit_bias:
+                if not 0 <= t < vocab_size:
+                    bad("logit_bias", f"token {t} outside the vocabulary [0, {vocab_size})")
         if any(s == "" for s in self.stop):
             bad("stop", "stop strings must be non-empty")
         return self
 
     @property
     def uses_penalties(self) -> bool:
-        return self.alpha_presence != 0 or self.alpha_frequency != 0
+        return self.alpha_presence != 0 or self.alpha_frequency != 0 or \
+            self.repetition_penalty != 1
 
 
 def token_occurrence_weights(tokenizer: Any, vocab_size: int) -> torch.Tensor:
@@ -161,9 +183,10 @@ def token_occurrence_weights(tokenizer: Any, vocab_size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 def filter_probs_ref(logits: torch.Tensor, temperature: float, top_p: float,
-                     top_k: int) -> torch.Tensor:
+                     top_k: int, min_p: float = 0.0) -> torch.Tensor:
     """The PIPELINE sampling distribution for one row of logits (V,), as float32 probs
-    summing to 1: softmax, nucleus cut at top_p, top_k cut, then probs ** (1/T)."""
+    summing to 1: softmax, nucleus cut at top_p, top_k cut, min_p cut (tokens below
+    min_p * the top probability), then probs ** (1/T)."""
     probs = torch.softmax(logits.float(), dim=-1)  # (V,)
     if temperature == 0:  # greedy
         out = torch.zeros_like(probs)
@@ -179,6 +202,8 @@ def filter_probs_ref(logits: torch.Tensor, temperature: float, top_p: float,
     if 0 < top_k < probs.numel():
         kth = torch.sort(probs, descending=True).values[top_k - 1]
         probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if min_p > 0:
+        probs = torch.where(probs < min_p * probs.max(), torch.zeros_like(probs), probs)
     if temperature != 1.0:
         probs = probs ** (1.0 / temperature)
     return probs / probs.sum()
@@ -198,7 +223,7 @@ def sample_ref(logits: torch.Tensor, params: SamplingParams, u: float) -> int:
     if params.temperature == 0:
         return int(torch.argmax(logits))
     return pick_ref(filter_probs_ref(logits, params.temperature, params.top_p,
-                                     params.top_k), u)
+                                     params.top_k, params.min_p), u)
 
 
 class PenaltyStateRef:
@@ -212,9 +237,14 @@ class PenaltyStateRef:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.clone().float()
+        for t, b in self.p.logit_bias:
+            logits[t] += b
         for t in self.p.token_ban:
             logits[t] = -float("inf")
+        rp = self.p.repetition_penalty
         for t, n in self.occurrence.items():
+            if rp != 1:
+                logits[t] = logits[t] / rp if logits[t] > 0 else logits[t] * rp
             logits[t] -= self.p.alpha_presence + n * self.p.alpha_frequency
         return logits
 
@@ -229,7 +259,7 @@ class PenaltyStateRef:
 # --------------------------------------------------------------------------------------
 
 def filter_probs_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                       top_k: torch.Tensor) -> torch.Tensor:
+                       top_k: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Batched `filter_probs_ref`: logits (B,V), temperature / top_p (B,) float,
     top_k (B,) long -> probs (B,V) float32, each row normalised.
 
@@ -264,6 +294,9 @@ def filter_probs_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: t
             cut_k = vals.gather(1, kidx)[:, 0]
             cut = torch.where(need_k, torch.maximum(cut, cut_k), cut)
         probs = torch.where(probs < cut[:, None], torch.zeros_like(probs), probs)
+    if min_p is not None and bool((min_p > 0).any()):
+        floor = min_p.to(probs.dtype) * probs.max(dim=-1).values  # (B,)
+        probs = torch.where(probs < floor[:, None], torch.zeros_like(probs), probs)
     temp = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     if bool((temp != 1).any()):
         probs = probs ** (1.0 / temp)[:, None]
@@ -276,13 +309,14 @@ def filter_probs_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: t
 
 
 def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                 top_k: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+                 top_k: torch.Tensor, u: torch.Tensor,
+                 min_p: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B,V) -> tokens (B,) long, one uniform draw u (B,) per row (inverse CDF,
     the same rule as `pick_ref`). Greedy rows take the argmax of the raw logits."""
     greedy = temperature == 0
     if bool(greedy.all()):
         return logits.argmax(dim=-1)
-    probs = filter_probs_batch(logits, temperature, top_p, top_k)  # (B,V)
+    probs = filter_probs_batch(logits, temperature, top_p, top_k, min_p)  # (B,V)
     cum = torch.cumsum(probs, dim=-1)  # (B,V)
     target = (u.to(cum.dtype) * cum[:, -1])[:, None]
     idx = torch.searchsorted(cum, target, right=True)[:, 0].clamp_(max=probs.shape[1] - 1)
@@ -296,11 +330,19 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.T
 
 def apply_penalties(logits: torch.Tensor, occurrence: torch.Tensor, seen: torch.Tensor,
                     alpha_presence: torch.Tensor, alpha_frequency: torch.Tensor,
-                    ban: torch.Tensor | None) -> torch.Tensor:
+                    ban: torch.Tensor | None, repetition: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """Batched `PenaltyStateRef.apply`: logits (B,V); occurrence (B,V) float decayed
-    counts; seen (B,V) bool; alphas (B,); ban (B,V) bool or None. Returns new logits."""
+    counts; seen (B,V) bool; alphas (B,); ban (B,V) bool or None; repetition (B,) or None;
+    bias (B,V) float (logit_bias) or None. Returns new logits."""
+    out = logits.float()
+    if bias is not None:
+        out = out + bias
+    if repetition is not None and bool((repetition != 1).any()):
+        rp = repetition[:, None].to(out.dtype)
+        out = torch.where(seen, torch.where(out > 0, out / rp, out * rp), out)
     pen = seen.float() * alpha_presence[:, None] + occurrence * alpha_frequency[:, None]
-    out = logits.float() - pen
+    out = out - pen
     if ban is not None:
         out = out.masked_fill(ban, -float("inf"))
     return out
@@ -332,27 +374,64 @@ def request_generator(seed: int | None) -> torch.Generator:
 
 def sample_step(logits: torch.Tensor, params: Sequence[SamplingParams],
                 gens: Sequence[torch.Generator], occ: torch.Tensor,
-                seen: torch.Tensor) -> list[int]:
+                seen: torch.Tensor, allowed: torch.Tensor | None = None) -> list[int]:
     """The next token of each stream: logits (B,V) (any device), row i sampled with
-    params[i] (bans, then penalties from its decayed counts occ (B,V) / seen (B,V) bool,
-    then `sample_batch`) and one uniform draw from gens[i]. Sampling runs on the CPU,
-    where occ / seen and the generators live."""
+    params[i] (logit_bias, bans, then repetition / presence / frequency penalties from its
+    decayed counts occ (B,V) / seen (B,V) bool, then `sample_batch`) and one uniform draw
+    from gens[i]. `allowed` (B,V) bool: the tokens a grammar allows next (constrained
+    rows; all True elsewhere); when bias / bans leave a row nothing the grammar allows, the
+    grammar wins (that row samples from the allowed tokens' raw logits). Sampling runs on
+    the CPU, where occ / seen and the generators live."""
     logits = logits.float().cpu()
+    raw = logits
     ban = None
     if any(p.token_ban for p in params):
         ban = torch.zeros(logits.shape, dtype=torch.bool)
         for i, p in enumerate(params):
             if p.token_ban:
                 ban[i, list(p.token_ban)] = True
-    if ban is not None or any(p.uses_penalties for p in params):
+    bias = None
+    if any(p.logit_bias for p in params):
+        bias = torch.zeros(logits.shape, dtype=torch.float32)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                ids, vals = zip(*p.logit_bias)
+                bias[i, list(ids)] = torch.tensor(vals, dtype=torch.float32)
+    if ban is not None or bias is not None or any(p.uses_penalties for p in params):
+        rep = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
         logits = apply_penalties(
             logits, occ, seen, torch.tensor([p.alpha_presence for p in params]),
-            torch.tensor([p.alpha_frequency for p in params]), ban)
+            torch.tensor([p.alpha_frequency for p in params]), ban,
+            rep if bool((rep != 1).any()) else None, bias)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -float("inf"))
+        empty = torch.isneginf(logits).all(dim=-1)
+        if bool(empty.any()):  # the grammar wins over bias / bans / penalties
+            logits[empty] = raw[empty].masked_fill(~allowed[empty], -float("inf"))
     temp = torch.tensor([p.temperature for p in params], dtype=torch.float32)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32)
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.long)
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
     u = torch.cat([torch.rand(1, generator=g) for g in gens])
-    return sample_batch(logits, temp, top_p, top_k, u).tolist()
+    return sample_batch(logits, temp, top_p, top_k, u,
+                        min_p if bool((min_p > 0).any()) else None).tolist()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], k: int
+                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """The model's own log-probabilities (log-softmax of the raw logits (B,V), before
+    bias, penalties, cuts, temperature and grammar): per row, the chosen token's and the
+    top `k` (token, logprob) pairs, most likely first."""
+    lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(list(tokens), dtype=torch.long)[:, None])[:, 0]
+    out: list[tuple[float, list[tuple[int, float]]]] = []
+    if k > 0:
+        vals, idx = torch.topk(lp, k, dim=-1)
+        for b in range(lp.shape[0]):
+            out.append((float(chosen[b]), list(zip(idx[b].tolist(), vals[b].tolist()))))
+    else:
+        out = [(float(c), []) for c in chosen.tolist()]
+    return out
 
 
 def count_token(params: SamplingParams, tok: int, occ: torch.Tensor, seen: torch.Tensor,
@@ -479,9 +558,10 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._d)
 
-    def put(self, tokens: Sequence[int], state: Any, logits: torch.Tensor) -> None:
-        key = tuple(tokens)
-        if not key:
+    def put(self, tokens: Sequence[int], state: Any, logits: torch.Tensor,
+            adapter: int = 0) -> None:
+        key = (adapter,) + tuple(tokens)  # states of different adapters never mix
+        if len(key) < 2:
             return
         st, lg = state_clone(state), logits.detach().clone()
         nb = state_nbytes(st) + lg.numel() * lg.element_size()
@@ -496,9 +576,11 @@ class PrefixCache:
                 _, (_, _, b) = self._d.popitem(last=False)
                 self._bytes -= b
 
-    def lookup(self, tokens: Sequence[int]) -> tuple[int, Any, torch.Tensor | None]:
-        """-> (n, state, logits): the longest cached prefix tokens[:n] (n=0: none)."""
-        key = tuple(tokens)
+    def lookup(self, tokens: Sequence[int], adapter: int = 0
+               ) -> tuple[int, Any, torch.Tensor | None]:
+        """-> (n, state, logits): the longest cached prefix tokens[:n] (n=0: none) computed
+        with `adapter`."""
+        key = (adapter,) + tuple(tokens)
         best: tuple[int, ...] | None = None
         with self._lock:
             for k in self._d:
@@ -511,7 +593,7 @@ class PrefixCache:
             self._d.move_to_end(best)
             st, lg, _ = self._d[best]
             self.hits += 1
-        return len(best), state_clone(st), lg.clone()
+        return len(best) - 1, state_clone(st), lg.clone()
 
 
 # --------------------------------------------------------------------------------------
@@ -602,6 +684,25 @@ class Event:
     n_tokens: int  # completion tokens so far
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None  # what went wrong, when finish_reason == "error"
+    # params.logprobs set: one (token, logprob, [(token, logprob) top]) per token generated
+    # since the previous event (a token's text may arrive in a later event than it)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+
+
+class Constraint:
+    """What a grammar (serve's response_format / tool calls) gives the engine: the tokens
+    allowed next, and is the text complete. The engine calls `allowed(V)` before each
+    sample of a constrained stream, `advance(token)` after it; a stream whose constraint
+    is `done()` finishes with "stop"."""
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:  # (V,) bool
+        raise NotImplementedError
+
+    def advance(self, token: int) -> bool:  # False: the token broke the grammar
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        raise NotImplementedError
 
 
 @dataclass
@@ -623,6 +724,12 @@ class Request:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     t_submit: float = 0.0
     t_first: float | None = None
+    constraint: Constraint | None = None
+    # n > 1: the other choices of one prompt; they wait in the leader and take a copy of
+    # its state when its prefill ends (one prefill for all of them)
+    followers: list[tuple["Request", "Handle"]] = field(default_factory=list)
+    pending_lp: list = field(default_factory=list)  # logprobs not yet sent in an Event
+    adapter: int = 0  # serve --lora-modules: which adapter this row uses (0 = base)
 
 
 class Handle:
@@ -713,26 +820,48 @@ class Engine:
     # ---- public API -------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                cache_at: Sequence[int] = (), on_event: Callable[[Event], None] | None = None,
-               ) -> Handle:
+               constraint: Constraint | None = None, adapter: int = 0) -> Handle:
         """Queue a request; raises QueueFull when `max_queue` requests already wait."""
-        params.validate(self.vocab_size)
+        return self.submit_group(prompt_ids, [params], cache_at=cache_at,
+                                 on_events=[on_event], constraints=[constraint],
+                                 adapter=adapter)[0]
+
+    def submit_group(self, prompt_ids: Sequence[int], params: Sequence[SamplingParams], *,
+                     cache_at: Sequence[int] = (),
+                     on_events: Sequence[Callable[[Event], None] | None] | None = None,
+                     constraints: Sequence[Constraint | None] | None = None,
+                     adapter: int = 0) -> list[Handle]:
+        """Queue len(params) streams of one prompt (OpenAI `n`): the prompt is prefilled
+        once and each stream starts from a copy of its state; they join the batch together
+        (so n may not pass max_batch). One handle per stream; QueueFull as `submit`."""
+        n = len(params)
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"sampling parameter n={n}: must be 1 to max_batch "
+                             f"({self.max_batch})")
+        for p in params:
+            p.validate(self.vocab_size)
+        on_events = list(on_events or [None] * n)
+        constraints = list(constraints or [None] * n)
         ids = [int(t) for t in prompt_ids] or [0]  # an empty prompt starts a new document
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt token {bad[0]} outside the vocabulary "
                              f"[0, {self.vocab_size})")
+        cache = tuple(sorted(set(c for c in cache_at if 0 < c <= len(ids))))
         with self._cv:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests already waiting "
                                 f"(max_queue={self.max_queue})")
-            self._next_id += 1
-            req = Request(ids, params, tuple(sorted(set(c for c in cache_at
-                                                           if 0 < c <= len(ids)))),
-                          on_event, id=self._next_id, t_submit=time.perf_counter())
-            h = Handle(req)
-            self._waiting.append((req, h))
+            pairs = []
+            for p, cb, c in zip(params, on_events, constraints):
+                self._next_id += 1
+                req = Request(ids, p, cache, cb, id=self._next_id,
+                              t_submit=time.perf_counter(), constraint=c, adapter=adapter)
+                pairs.append((req, Handle(req)))
+            pairs[0][0].followers = pairs[1:]
+            self._waiting.append(pairs[0])
             self._cv.notify_all()
-        return h
+        return [h for _, h in pairs]
 
     @property
     def n_waiting(self) -> int:
@@ -740,7 +869,8 @@ class Engine:
 
     @property
     def n_active(self) -> int:
-        return len(self._prefilling) + len(self._decoding)
+        return len(self._prefilling) + len(self._decoding) + \
+            sum(len(r.followers) for r, _ in self._prefilling)
 
     def idle(self) -> bool:
         return not (self._waiting or self._prefilling or self._decoding)
@@ -799,7 +929,8 @@ class Engine:
 
     def _fail_all(self, msg: str) -> None:
         for req, h in self._prefilling + self._decoding:
-            self._finish(req, h, "error", extra=msg)
+            for r, hh in [(req, h)] + req.followers:
+                self._finish(r, hh, "error", extra=msg)
         self._prefilling, self._decoding = [], []
         self._dec_state, self._occ, self._seen = None, None, None
 
@@ -815,29 +946,34 @@ class Engine:
 
     def _admit(self) -> None:
         with self._cv:
-            while self._waiting and self.n_active < self.max_batch:
+            while self._waiting and (self.n_active + 1 + len(self._waiting[0][0].followers)
+                                     <= self.max_batch):
                 req, h = self._waiting.popleft()
-                if req.cancelled:
-                    self._finish(req, h, "cancelled")
+                group = [(req, h)] + req.followers
+                if all(r.cancelled for r, _ in group):
+                    for r, hh in group:
+                        self._finish(r, hh, "cancelled")
                     continue
-                self._start(req)
+                for r, _ in group:
+                    self._start(r)
+                n, st, lg = self.cache.lookup(req.prompt_ids, req.adapter)
+                if n:
+                    req.fed, req.state, req.logits, req.cached_tokens = n, st, lg, n
                 self._prefilling.append((req, h))
 
     def _start(self, req: Request) -> None:
         p = req.params
         req.gen = request_generator(p.seed)
         req.text = TextStream(p.stop)
-        n, st, lg = self.cache.lookup(req.prompt_ids)
-        if n:
-            req.fed, req.state, req.logits, req.cached_tokens = n, st, lg, n
 
     def _drop_cancelled(self) -> None:
         keep = []
         for req, h in self._prefilling:
-            if req.cancelled:
-                self._finish(req, h, "cancelled")
+            if all(r.cancelled for r, _ in [(req, h)] + req.followers):
+                for r, hh in [(req, h)] + req.followers:
+                    self._finish(r, hh, "cancelled")
             else:
-                keep.append((req, h))
+                keep.append((req, h))  # a cancelled leader still prefills for its followers
         self._prefilling = keep
         if any(r.cancelled for r, _ in self._decoding):
             self._leave([i for i, (r, _) in enumerate(self._decoding) if r.cancelled],
@@ -854,7 +990,15 @@ class Engine:
             if req.fed < len(req.prompt_ids):
                 return
             self._prefilling.pop(0)
-            self._join(req, h)
+            for f, _ in req.followers:  # n > 1: the other choices start from this state
+                f.fed, f.cached_tokens = req.fed, req.cached_tokens
+                f.state, f.logits = state_clone(req.state), req.logits.clone()
+            group, req.followers = [(req, h)] + req.followers, []
+            for r, rh in group:
+                if r.cancelled:
+                    self._finish(r, rh, "cancelled")
+                else:
+                    self._join(r, rh)
 
     def _prefill_piece(self, req: Request, budget: int) -> int:
         ids = req.prompt_ids
@@ -868,12 +1012,13 @@ class Engine:
             if req.state is None:
                 req.state = self.model.init_state(1, device=self.device)
             x = torch.tensor([ids[req.fed:end]], dtype=torch.long, device=self.device)
-            hidden, req.state = self.model.forward_hidden(x, req.state)  # (1,T,C)
-            req.logits = self.model.head(hidden[:, -1]).float()[0]  # (V,)
+            with self._rows([req.adapter]):
+                hidden, req.state = self.model.forward_hidden(x, req.state)  # (1,T,C)
+                req.logits = self.model.head(hidden[:, -1]).float()[0]  # (V,)
             self.stats["prefill_tokens"] += n
             req.fed = end
             if end in req.cache_at or (self.cache_prompts and end == len(ids)):
-                self.cache.put(ids[:end], req.state, req.logits)
+                self.cache.put(ids[:end], req.state, req.logits, req.adapter)
         return n
 
     # ---- decode -------------------------------------------------------------------------
@@ -900,7 +1045,8 @@ class Engine:
         reqs = [r for r, _ in self._decoding]
         idx = torch.tensor([r.generated[-1] for r in reqs], dtype=torch.long,
                            device=self.device)
-        logits, self._dec_state = self.model.step(idx, self._dec_state)  # (B,V)
+        with self._rows([r.adapter for r in reqs]):
+            logits, self._dec_state = self.model.step(idx, self._dec_state)  # (B,V)
         toks = self._sample(reqs, logits, self._occ, self._seen)
         self.stats["decode_tokens"] += len(reqs)
         done = [i for i, ((r, h), t) in enumerate(zip(self._decoding, toks))
@@ -922,9 +1068,30 @@ class Engine:
         else:
             self._dec_state, self._occ, self._seen = None, None, None
 
+    def _rows(self, adapters: list[int]) -> Any:
+        """Context in which the model runs each batch row with its own adapter (see
+        serve.MultiLora); a no-op for a model without `rows_adapters`."""
+        ctx = getattr(self.model, "rows_adapters", None)
+        return ctx(adapters) if ctx is not None else _NullCtx()
+
     def _sample(self, reqs: list[Request], logits: torch.Tensor, occ: torch.Tensor,
                 seen: torch.Tensor) -> list[int]:
-        return sample_step(logits, [r.params for r in reqs], [r.gen for r in reqs], occ, seen)
+        V = logits.shape[-1]
+        allowed = None
+        if any(r.constraint is not None for r in reqs):
+            allowed = torch.ones(len(reqs), V, dtype=torch.bool)
+            for i, r in enumerate(reqs):
+                if r.constraint is not None:
+                    allowed[i] = r.constraint.allowed(V)
+        toks = sample_step(logits, [r.params for r in reqs], [r.gen for r in reqs], occ,
+                           seen, allowed)
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if want:
+            k = max(reqs[i].params.logprobs or 0 for i in want)
+            got = token_logprobs(logits[want], [toks[i] for i in want], k)
+            for i, (lp, top) in zip(want, got):
+                reqs[i].pending_lp.append((toks[i], lp, top[: reqs[i].params.logprobs]))
+        return toks
 
     def _emit(self, req: Request, h: Handle, tok: int, occ: torch.Tensor,
               seen: torch.Tensor) -> bool:
@@ -933,24 +1100,36 @@ class Engine:
         if req.t_first is None:
             req.t_first = time.perf_counter()
         if tok in p.token_stop:
+            req.pending_lp.clear()  # the end-of-text token is not part of the reply
             self._finish(req, h, "stop")
             return True
         req.generated.append(tok)
         count_token(p, tok, occ, seen, self.tok)
+        if req.constraint is not None and not req.constraint.advance(tok):
+            self._finish(req, h, "error", extra=f"token {tok} broke the grammar")
+            return True
         text, stopped = req.text.feed(self.tok.decode_bytes([tok]))
-        if stopped:
+        if stopped or (req.constraint is not None and req.constraint.done()):
             if text:
-                h._push(Event(text, len(req.generated)))
+                h._push(self._event(req, text))
             self._finish(req, h, "stop")
             return True
         if len(req.generated) >= p.max_tokens:
             if text:
-                h._push(Event(text, len(req.generated)))
+                h._push(self._event(req, text))
             self._finish(req, h, "length")
             return True
         if text:
-            h._push(Event(text, len(req.generated)))
+            h._push(self._event(req, text))
         return False
+
+    @staticmethod
+    def _event(req: Request, text: str, reason: str | None = None,
+               error: str | None = None) -> Event:
+        lp = None
+        if req.params.logprobs is not None:
+            lp, req.pending_lp = req.pending_lp, []
+        return Event(text, len(req.generated), reason, error=error, logprobs=lp)
 
     def _finish(self, req: Request, h: Handle, reason: str, extra: str = "") -> None:
         if req.finish_reason is not None:
@@ -958,4 +1137,12 @@ class Engine:
         tail = req.text.finish() if (req.text is not None and reason != "cancelled") else ""
         req.finish_reason = reason
         req.state, req.logits = None, None
-        h._push(Event(tail, len(req.generated), reason, error=extra or None))
+        h._push(self._event(req, tail, reason, error=extra or None))
+
+
+class _NullCtx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

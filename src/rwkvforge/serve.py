@@ -6,22 +6,27 @@
     curl -s localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"model":"rwkv","messages":[{"role":"user","content":"Hi"}],"max_tokens":20}'
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
-(`"stream": true` = server-sent events ending with `data: [DONE]`). Sampling fields:
-temperature, top_p, top_k, max_tokens (capped by SERVE_MAX_TOKENS), stop, presence_penalty,
-frequency_penalty, penalty_decay, seed; a chat request that leaves one out gets the chat
-default that `rwkvforge infer` and the dashboard use (generate.CHAT_DEFAULTS, RWKV's chat
-demo values), a completion the OpenAI default. Chat messages are encoded in the RWKV World
-format ("User: ...\\n\\nAssistant:", generate.encode_chat_prompt) and a reply ends at its
-blank line.
+Endpoints: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST
+/v1/chat/completions (`"stream": true` = server-sent events ending with `data: [DONE]`).
+Every parameter, honoured or refused, is in docs/api.md: sampling (temperature, top_p,
+top_k, min_p, presence / frequency / repetition penalties with RWKV's decaying counts,
+penalty_decay, logit_bias, seed, stop, max_tokens capped by SERVE_MAX_TOKENS), `n` (one
+prefill shared by the choices), logprobs / top_logprobs, response_format json_object /
+json_schema (constrained decoding, grammar.py), tools / tool_choice / role "tool" (the
+format in docs/api.md#tools). A field this server does not honour is a 400 naming it. A chat
+request that leaves a sampling field out gets the chat default that `rwkvforge infer` and
+the dashboard use (generate.CHAT_DEFAULTS), a completion the OpenAI default. Chat messages
+are encoded in the RWKV World format ("User: ...\\n\\nAssistant:",
+generate.encode_chat_prompt) and a reply ends at its blank line. `--lora-modules name=PATH`
+serves several adapters over one base model, chosen by `model` (adapter.MultiLora).
 
 One engine thread decodes every running request together: new requests join at the next
 step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
 a repeated system prompt / earlier turns come from the prefix-state cache. A client that
 disconnects cancels its request. Binds SERVE_HOST (127.0.0.1 by default); SERVE_API_KEY
 turns on `Authorization: Bearer` checks (401); more than SERVE_MAX_QUEUE waiting requests
-get 429; bad fields get 400 / 422 naming the field. The `model` field of a request is not
-checked (any name is served by the one loaded model, as in RWKV-Runner).
+get 429; bad fields get 400 / 422 naming the field. Without --lora-modules the `model` field
+is not checked (any name is served by the one loaded model, as in RWKV-Runner).
 
 Layout: a request becomes prompt ids and SamplingParams in plain functions
 (`completion_prompt`, `chat_prompt`, `chat_messages`, `sampling_params`); engine events become
@@ -35,11 +40,12 @@ import argparse
 import asyncio
 import hmac
 import json
+import re
 import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Sequence, Union
 
@@ -81,7 +87,9 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are ignored
+    # unknown fields are kept so that `refuse_unknown` can name them in a 400 (a field this
+    # server does not honour is refused, never silently ignored)
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field("", max_length=256)
     max_tokens: int | None = Field(None, ge=1, description="capped by SERVE_MAX_TOKENS")
@@ -102,10 +110,18 @@ class _Sampling(BaseModel):
                                  description="RWKV extra: occurrence decay per token")
     stop: Union[str, list[str], None] = Field(None, description="up to 4 strings")
     seed: int | None = Field(None, ge=0, le=(1 << 63) - 1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                         description="vLLM extra: drop tokens below min_p * the top one")
+    repetition_penalty: float = Field(
+        1.0, gt=0.0, le=10.0, allow_inf_nan=False,
+        description="vLLM extra: seen tokens' logits / rp (positive) or * rp (negative)")
+    logit_bias: dict[str, float] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    user: str | None = Field(None, max_length=256)
+    n: int = Field(1, ge=1, le=128, description="choices, decoded together; at most the "
+                   "server's SERVE_MAX_BATCH")
+    user: str | None = Field(None, max_length=256, description="accepted, not used")
 
     @model_validator(mode="before")
     @classmethod
@@ -121,10 +137,11 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]] = Field(
         ..., description="text or token ids (one prompt)")
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: bool = Field(False, description="only false")
+    logprobs: int | None = Field(None, ge=0, le=20,
+                                 description="the chosen token's and this many top ones")
+    suffix: str | None = Field(None, description="not supported (400 when sent)")
+    best_of: int | None = Field(None, description="only 1")
 
 
 class ChatContentPart(BaseModel):
@@ -132,17 +149,46 @@ class ChatContentPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str = Field(..., min_length=1, max_length=256)
+    arguments: str = Field(..., description="the arguments as a JSON object in a string")
+
+
+class ToolCall(BaseModel):
+    id: str = Field("", max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[ChatContentPart]]
+    model_config = ConfigDict(extra="allow")  # named in a 400 by chat_messages when set
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[ChatContentPart], None] = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = Field(None, max_length=256)  # tool
+    name: str | None = Field(None, max_length=256)  # tool: the function's name
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    tools: list[Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
 
@@ -231,6 +277,9 @@ def _replay(body: bytes, receive: Any) -> Any:
 @dataclass
 class ServeOptions:
     model_id: str = "rwkv7"
+    # --lora-modules: served adapter name -> the engine's adapter index (1, 2, ...); with
+    # any, `model` must be the base id or one of these names (404 otherwise)
+    adapters: dict[str, int] = field(default_factory=dict)
     api_key: str = ""
     max_tokens: int = 2048  # cap on a request's max_tokens
     max_prompt_tokens: int = 8192
@@ -244,10 +293,58 @@ class ServeOptions:
 # request field -> SamplingParams field
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                     "presence_penalty": "alpha_presence",
-                    "frequency_penalty": "alpha_frequency", "penalty_decay": "alpha_decay"}
+                    "frequency_penalty": "alpha_frequency", "penalty_decay": "alpha_decay",
+                    "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
+
+# OpenAI fields that name a feature this server does not have: refused with this reason
+_NOT_SUPPORTED = {
+    "functions": "the legacy 'functions' field is not supported; send 'tools' "
+                 "(type 'function') instead",
+    "function_call": "the legacy 'function_call' field is not supported; send "
+                     "'tool_choice' instead",
+    "audio": "audio output is not supported", "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "reasoning_effort is not supported",
+    "web_search_options": "web search is not supported",
+    "service_tier": "service_tier is not supported",
+}
 
 
-def sampling_params(req: _Sampling, opts: ServeOptions, *, chat: bool) -> SamplingParams:
+def refuse_unknown(body: BaseModel, where: str = "") -> None:
+    """APIError(400) naming the first field of `body` this server does not know (a null
+    one is taken as not sent): nothing a client sends is silently ignored."""
+    for k, v in (body.model_extra or {}).items():
+        if v is None or (k == "store" and v is False) or (k == "metadata" and not v):
+            continue  # null / store=false / empty metadata: the defaults, nothing to do
+        why = _NOT_SUPPORTED.get(k, f"{where}{k} is not supported by this server")
+        raise APIError(400, why, f"{where}{k}", code="unsupported_parameter")
+
+
+def logit_bias_pairs(bias: dict[str, float] | None, vocab_size: int
+                     ) -> tuple[tuple[int, float], ...]:
+    """OpenAI logit_bias ({"token id": bias}) -> (id, bias) pairs; APIError(400) for a key
+    that is not a token id of this vocabulary or a bias outside [-100, 100]."""
+    out = []
+    for k, v in (bias or {}).items():
+        try:
+            t = int(k)
+        except ValueError:
+            raise APIError(400, f"logit_bias key {k!r} is not a token id", "logit_bias") \
+                from None
+        if not 0 <= t < vocab_size:
+            raise APIError(400, f"logit_bias token {t} is outside the vocabulary "
+                           f"[0, {vocab_size})", "logit_bias")
+        if not (isinstance(v, (int, float)) and -100 <= v <= 100):
+            raise APIError(400, f"logit_bias[{k}]={v!r}: biases must be in [-100, 100]",
+                           "logit_bias")
+        out.append((t, float(v)))
+    if len(out) > 1024:
+        raise APIError(400, f"logit_bias has {len(out)} entries; at most 1024", "logit_bias")
+    return tuple(out)
+
+
+def sampling_params(req: _Sampling, opts: ServeOptions, *, chat: bool,
+                    vocab_size: int = 65536) -> SamplingParams:
     """The engine's SamplingParams for a request. A chat request's sampling fields that the
     client did not send take generate.CHAT_DEFAULTS and its reply also ends at CHAT_STOP
     (generate.chat_params); a completion takes the schema's defaults. max_tokens (a chat
@@ -271,22 +368,108 @@ def sampling_params(req: _Sampling, opts: ServeOptions, *, chat: bool) -> Sampli
             raise APIError(400, "each stop string must be 1 to 256 characters", "stop")
     fields = {ours: getattr(req, theirs) for theirs, ours in _SAMPLING_FIELDS.items()
               if not chat or theirs in req.model_fields_set}  # chat: unsent = CHAT_DEFAULTS
+    fields["logit_bias"] = logit_bias_pairs(req.logit_bias, vocab_size)
+    if chat:
+        if getattr(req, "top_logprobs", None) is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        fields["logprobs"] = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        fields["logprobs"] = req.logprobs
     if chat:
         return chat_params(stops, **fields, max_tokens=mt, seed=req.seed)
     return SamplingParams(**fields, max_tokens=mt, seed=req.seed, stop=tuple(stops))
 
 
-def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The n choices' parameters: with a seed, choice i samples with seed + i (distinct,
+    reproducible choices); without one each draws a fresh seed."""
+    if params.seed is None:
+        return [replace(params) for _ in range(n)]
+    return [replace(params, seed=(params.seed + i) % (1 << 63)) for i in range(n)]
+
+
+# ---- tools: the prompt format and the reply parser --------------------------------------
+# rwkvforge's tool-call format (see docs/serve.md "Tools"): the tool list goes into the
+# system turn, a call is one line `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+# in the assistant turn and a tool result is a user-side turn wrapped in
+# <tool_response>...</tool_response>. Modelled on the Hermes / Qwen tags inside RWKV's World
+# roles; NOT checked against BlinkDL's own G1 template (not reachable when this was built).
+
+TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+
+def tools_system_text(tools: Sequence[ToolDef]) -> str:
+    lines = "\n".join(json.dumps(t.model_dump(exclude_none=True), ensure_ascii=False)
+                      for t in tools)
+    return ("# Tools\nYou may call one or more of these functions. Each is described by a "
+            f"JSON object:\n<tools>\n{lines}\n</tools>\nTo call a function, reply with one "
+            "line per call: <tool_call>{\"name\": <function name>, \"arguments\": "
+            "<arguments as a JSON object>}</tool_call>")
+
+
+def tool_call_text(tc: ToolCall) -> str:
+    try:
+        args = json.loads(tc.function.arguments or "{}")
+    except ValueError:
+        raise APIError(400, f"tool call {tc.function.name}: arguments is not JSON",
+                       "messages") from None
+    return "<tool_call>" + json.dumps({"name": tc.function.name, "arguments": args},
+                                      ensure_ascii=False) + "</tool_call>"
+
+
+def parse_tool_calls(text: str, tools: Sequence[ToolDef]) -> tuple[str | None, list[dict]]:
+    """A reply -> (content outside the calls or None, OpenAI tool_calls). A block whose
+    JSON does not parse or names no known tool stays in the content as text."""
+    names = {t.function.name for t in tools}
+    calls: list[dict] = []
+    rest: list[str] = []
+    pos = 0
+    for m in TOOL_CALL_RE.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except ValueError:
+            continue
+        if not (isinstance(obj, dict) and obj.get("name") in names):
+            continue
+        args = obj.get("arguments", {})
+        rest.append(text[pos:m.start()])
+        pos = m.end()
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": obj["name"],
+                                   "arguments": json.dumps(args, ensure_ascii=False)}})
+    rest.append(text[pos:])
+    content = "".join(rest).strip()
+    return (content or None) if calls else text, calls
+
+
+def chat_messages(messages: Sequence[ChatMessage],
+                  tools: Sequence[ToolDef] = ()) -> list[dict[str, str]]:
     """OpenAI chat messages -> the World format's {role, content} turns: "developer" is
-    "system", content parts are joined by newlines, consecutive turns of one speaker are
-    merged. Raises APIError(400) naming the client's own message index (before merging)
-    when the order cannot be written as [system] user, assistant, ..., user."""
+    "system", content parts are joined by newlines, an assistant's tool_calls become
+    <tool_call> lines, a "tool" message a user-side <tool_response> turn, `tools` (when
+    sent) are described at the end of the system turn, consecutive turns of one speaker
+    are merged. Raises APIError(400) naming the client's own message index (before
+    merging) when the order cannot be written as [system] user, assistant, ..., user."""
     msgs: list[dict[str, str]] = []
     seen_user = False
     for i, m in enumerate(messages):
-        text = m.content if isinstance(m.content, str) else \
+        refuse_unknown(m, f"messages[{i}].")
+        if m.name is not None and m.role != "tool":
+            raise APIError(400, f"messages[{i}].name is only used on tool messages",
+                           f"messages[{i}].name")
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(400, f"messages[{i}]: only assistant messages have tool_calls",
+                           f"messages[{i}].tool_calls")
+        if m.content is None and not m.tool_calls:
+            raise APIError(400, f"messages[{i}]: content is missing", "messages")
+        text = "" if m.content is None else m.content if isinstance(m.content, str) else \
             "\n".join(part.text for part in m.content)
-        role = "system" if m.role == "developer" else m.role
+        role = {"developer": "system", "tool": "user"}.get(m.role, m.role)
+        if m.role == "tool":
+            text = f"<tool_response>\n{text}\n</tool_response>"
+        if m.tool_calls:
+            text = "\n".join([text] * bool(text.strip()) +
+                             [tool_call_text(tc) for tc in m.tool_calls])
         if role == "system" and msgs and msgs[-1]["role"] != "system":
             raise APIError(400, f"messages[{i}]: a system message after the conversation "
                            "started; put system messages first", "messages")
@@ -305,21 +488,92 @@ def chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
                        "with an assistant message; end it with the user's turn (this "
                        "server writes the next assistant reply, it does not continue one)",
                        "messages")
+    if tools:
+        if msgs[0]["role"] == "system":
+            msgs[0]["content"] += "\n" + tools_system_text(tools)
+        else:
+            msgs.insert(0, {"role": "system", "content": tools_system_text(tools)})
     return msgs
 
 
-def chat_prompt(body: ChatRequest, tokenizer: Any) -> tuple[list[int], list[int]]:
+@dataclass
+class ChatPlan:
+    """What a chat request asks beyond sampling: the grammar its reply must follow (None:
+    free text) and the tools whose calls are parsed back out of the reply."""
+
+    grammar: str | None = None
+    tools: tuple[ToolDef, ...] = ()
+    json_mode: bool = False
+
+
+def chat_plan(body: ChatRequest, tokenizer: Any, vocab_size: int) -> ChatPlan:
+    """response_format / tools / tool_choice -> ChatPlan; APIError(400) naming the field
+    for what cannot be honoured."""
+    from rwkvforge import grammar as gm
+
+    tools = tuple(body.tools or ())
+    choice = body.tool_choice
+    if choice is not None and not tools:
+        raise APIError(400, "tool_choice needs tools", "tool_choice")
+    if body.parallel_tool_calls is not None and not tools:
+        raise APIError(400, "parallel_tool_calls needs tools", "parallel_tool_calls")
+    parallel = body.parallel_tool_calls is not False
+    rf = body.response_format or {"type": "text"}
+    kind = rf.get("type")
+    plan = ChatPlan()
+    try:
+        if kind == "json_object" or kind == "json_schema":
+            if tools and choice != "none":
+                raise APIError(400, "response_format json_object / json_schema cannot be "
+                               "combined with tools (send tool_choice 'none')",
+                               "response_format")
+            schema = None
+            if kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                    raise APIError(400, "response_format.json_schema.schema must be a JSON "
+                                   "schema object", "response_format.json_schema")
+                schema = js["schema"]
+            plan = ChatPlan(gm.compile_grammar(gm.json_grammar(schema), tokenizer,
+                                               vocab_size), json_mode=True)
+        elif kind != "text":
+            raise APIError(400, f"response_format type {kind!r} is not supported: use "
+                           "text, json_object or json_schema", "response_format")
+        if tools and choice != "none":
+            name = None
+            if isinstance(choice, dict):
+                name = (choice.get("function") or {}).get("name")
+                if choice.get("type") != "function" or not isinstance(name, str):
+                    raise APIError(400, "tool_choice must be none, auto, required or "
+                                   "{\"type\": \"function\", \"function\": {\"name\": ...}}",
+                                   "tool_choice")
+                if name not in {t.function.name for t in tools}:
+                    raise APIError(400, f"tool_choice names {name!r}, which is not in tools",
+                                   "tool_choice")
+            g = None
+            if choice == "required" or name is not None:
+                g = gm.compile_grammar(gm.tool_call_grammar(
+                    [t.model_dump(exclude_none=True) for t in tools], name,
+                    parallel and name is None), tokenizer, vocab_size)
+            plan = ChatPlan(g, tools)
+    except gm.GrammarError as e:
+        param = "tools" if tools and choice != "none" else "response_format"
+        raise APIError(400, f"cannot constrain the reply: {e}", param) from None
+    if plan.grammar is not None and body.stop:
+        raise APIError(400, "stop cannot be combined with a constrained reply (JSON mode, "
+                       "a schema or a forced tool call): a stop string could cut it",
+                       "stop")
+    return plan
+
+
+def chat_prompt(body: ChatRequest, tokenizer: Any,
+                plan: ChatPlan | None = None) -> tuple[list[int], list[int]]:
     """(prompt ids, turn ends = prefix-cache points) of a chat request, in the one chat
     encoding (generate.encode_chat_prompt); APIError(400) for what this server refuses."""
-    if body.logprobs:
-        raise APIError(400, "logprobs is not supported by this server", "logprobs")
-    if body.tools:
-        raise APIError(400, "tools are not supported by this server", "tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format type 'text' is supported",
-                       "response_format")
+    refuse_unknown(body)
     try:
-        return encode_chat_prompt(chat_messages(body.messages), tokenizer)
+        return encode_chat_prompt(chat_messages(body.messages, plan.tools if plan else ()),
+                                  tokenizer)
     except (ChatFormatError, ValueError) as e:
         raise APIError(400, str(e), "messages") from None
 
@@ -327,20 +581,34 @@ def chat_prompt(body: ChatRequest, tokenizer: Any) -> tuple[list[int], list[int]
 def completion_prompt(body: CompletionRequest, tokenizer: Any) -> list[int]:
     """Prompt ids of a completion request (text, or token ids; one prompt per request);
     APIError(400) for the fields this server does not support."""
-    for name, bad in (("echo", body.echo), ("logprobs", body.logprobs is not None),
-                      ("suffix", bool(body.suffix)), ("best_of", (body.best_of or 1) > 1)):
+    refuse_unknown(body)
+    for name, bad in (("echo", body.echo), ("suffix", bool(body.suffix)),
+                      ("best_of", (body.best_of or 1) > 1)):
         if bad:
             raise APIError(400, f"{name} is not supported by this server", name)
     p = body.prompt
     if isinstance(p, list) and p and isinstance(p[0], (str, list)):
         if len(p) != 1:
-            raise APIError(400, f"prompt holds {len(p)} prompts; send one per request",
-                           "prompt")
+            raise APIError(400, f"prompt holds {len(p)} prompts; send one per request "
+                           "(n gives several choices of one prompt)", "prompt")
         p = p[0]
     try:
         return tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
     except ValueError as e:  # e.g. a lone surrogate from a "\ud800" escape
         raise APIError(400, str(e), "prompt") from None
+
+
+def pick_model(model: str, opts: ServeOptions) -> tuple[int, str]:
+    """The request's `model` -> (adapter index, the id to answer with). Without
+    --lora-modules any name is served by the one model (as RWKV-Runner does); with them,
+    a name that is neither the base id nor an adapter is a 404 naming it."""
+    if model in opts.adapters:
+        return opts.adapters[model], model
+    if opts.adapters and model != opts.model_id:
+        raise APIError(404, f"the model {model!r} does not exist on this server: use "
+                       f"{', '.join([opts.model_id, *opts.adapters])}", "model",
+                       code="model_not_found")
+    return 0, opts.model_id
 
 
 def check_prompt_len(ids: list[int], param: str, opts: ServeOptions) -> None:
@@ -352,6 +620,37 @@ def check_prompt_len(ids: list[int], param: str, opts: ServeOptions) -> None:
 # --------------------------------------------------------------------------------------
 # engine events -> response bodies (one non-streaming, one server-sent-events builder)
 # --------------------------------------------------------------------------------------
+
+def _tok_text(tok: Any, t: int) -> tuple[str, list[int]]:
+    b = tok.decode_bytes([t])
+    return b.decode("utf-8", errors="replace"), list(b)
+
+
+def chat_logprobs(tok: Any, entries: Sequence[tuple[int, float, list]]) -> dict:
+    """Engine logprob entries -> a chat choice's `logprobs` object."""
+    def one(t: int, lp: float) -> dict:
+        text, b = _tok_text(tok, t)
+        return {"token": text, "logprob": lp, "bytes": b}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]}
+                        for t, lp, top in entries], "refusal": None}
+
+
+def completion_logprobs(tok: Any, entries: Sequence[tuple[int, float, list]],
+                        offset: int = 0) -> dict:
+    """Engine logprob entries -> a completion choice's `logprobs` object (text_offset
+    counts characters from `offset`)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                            "text_offset": []}
+    for t, lp, top in entries:
+        text, _ = _tok_text(tok, t)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({_tok_text(tok, a)[0]: b for a, b in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
 
 class Reply:
     """The response objects of one request: its id and creation time, and the chunk /
@@ -366,47 +665,87 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id}
 
     def chunk(self, text: str, reason: str | None, usage_only: bool = False,
-              role: bool = False) -> dict:
+              role: bool = False, index: int = 0, logprobs: dict | None = None,
+              tool_calls: list[dict] | None = None) -> dict:
         """A streamed piece (`role`: a chat stream's opening {"role": "assistant"})."""
         if not self.chat:
             return {**self._head("text_completion"), "choices": [] if usage_only else
-                    [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
+                    [{"index": index, "text": text, "logprobs": logprobs,
+                      "finish_reason": reason}]}
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else \
             ({"content": text} if text else {})
+        if tool_calls:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(tool_calls)]
         return {**self._head("chat.completion.chunk"), "choices": [] if usage_only else
-                [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                [{"index": index, "delta": delta, "logprobs": logprobs,
+                  "finish_reason": reason}]}
+
+    def choice(self, index: int, text: str | None, reason: str, logprobs: dict | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
+        """One choice of a whole (non-streaming) answer."""
+        if not self.chat:
+            return {"index": index, "text": text, "logprobs": logprobs,
+                    "finish_reason": reason}
+        msg: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            msg["tool_calls"] = tool_calls
+        return {"index": index, "message": msg, "logprobs": logprobs, "finish_reason": reason}
 
     def final(self, text: str, reason: str, usage: dict) -> dict:
-        """The whole answer of a non-streaming request."""
-        if not self.chat:
-            return {**self.chunk(text, reason), "usage": usage}
-        return {**self._head("chat.completion"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": reason}],
-                "usage": usage}
+        """The whole answer of a one-choice request without logprobs."""
+        return self.whole([self.choice(0, text, reason)], usage)
+
+    def whole(self, choices: list[dict], usage: dict) -> dict:
+        return {**self._head("chat.completion" if self.chat else "text_completion"),
+                "choices": choices, "usage": usage}
 
 
-def usage(h: Handle) -> dict:
-    return {"prompt_tokens": h.prompt_tokens, "completion_tokens": h.completion_tokens,
-            "total_tokens": h.prompt_tokens + h.completion_tokens}
+def usage(hs: Handle | Sequence[Handle]) -> dict:
+    hs = [hs] if isinstance(hs, Handle) else list(hs)
+    prompt, done = hs[0].prompt_tokens, sum(h.completion_tokens for h in hs)
+    return {"prompt_tokens": prompt, "completion_tokens": done,
+            "total_tokens": prompt + done}
 
 
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def submit(engine: Engine, ids: list[int], params: SamplingParams,
-           cache_at: list[int]) -> tuple[Handle, asyncio.Queue]:
-    """Queue a request on the engine; its events arrive on the returned asyncio queue (of
-    the running loop). QueueFull -> 429, a parameter the engine refuses -> 400."""
+@dataclass
+class Job:
+    """A request on the engine: its prompt, the n choices' parameters and constraints."""
+
+    ids: list[int]
+    params: list[SamplingParams]
+    cache_at: list[int]
+    grammar: str | None = None
+    adapter: int = 0
+
+
+def submit(engine: Engine, job: Job, tokenizer: Any = None
+           ) -> tuple[list[Handle], asyncio.Queue]:
+    """Queue a request's choices on the engine; their (choice index, event) pairs arrive on
+    the returned asyncio queue (of the running loop). QueueFull -> 429, a parameter the
+    engine refuses -> 400."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
-    def on_event(ev: Event) -> None:  # called on the engine thread
-        loop.call_soon_threadsafe(q.put_nowait, ev)
+    def on_event(i: int) -> Any:
+        def cb(ev: Event) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(q.put_nowait, (i, ev))
+        return cb
 
+    constraints = None
+    if job.grammar is not None:
+        from rwkvforge.grammar import new_constraint
+
+        constraints = [new_constraint(job.grammar, tokenizer, engine.vocab_size)
+                       for _ in job.params]
     try:
-        return engine.submit(ids, params, cache_at=cache_at, on_event=on_event), q
+        hs = engine.submit_group(job.ids, job.params, cache_at=job.cache_at,
+                                 on_events=[on_event(i) for i in range(len(job.params))],
+                                 constraints=constraints, adapter=job.adapter)
+        return hs, q
     except QueueFull as e:
         raise APIError(429, f"server busy: {e}; retry later", None,
                        "rate_limit_error", "queue_full") from None
@@ -417,76 +756,132 @@ def submit(engine: Engine, ids: list[int], params: SamplingParams,
         raise APIError(400, msg, param) from None
 
 
-async def collect(request: Request, h: Handle, q: asyncio.Queue,
-                  strip: LeadingSpaceStrip | None) -> tuple[str, str]:
-    """Wait for the whole answer -> (text, finish reason); cancel it if the client goes
-    away (499)."""
-    parts: list[str] = []
+@dataclass
+class Choice:
+    """What one choice has produced so far."""
+
+    text: str = ""
+    reason: str | None = None
+    logprobs: list = field(default_factory=list)
+
+
+async def collect(request: Request, hs: Sequence[Handle], q: asyncio.Queue,
+                  strip: bool) -> list[Choice]:
+    """Wait for every choice's whole answer; cancel them if the client goes away (499)."""
+    out = [Choice() for _ in hs]
+    strips = [LeadingSpaceStrip() if strip else None for _ in hs]
+    left = len(hs)
     last_check = time.monotonic()
     try:
-        while True:
+        while left:
             try:
-                ev = await asyncio.wait_for(q.get(), timeout=0.5)
+                i, ev = await asyncio.wait_for(q.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                ev = None
+                i, ev = None, None
             if time.monotonic() - last_check > 0.5:  # tokens may flow faster than that
                 last_check = time.monotonic()
                 if await request.is_disconnected():
-                    h.cancel()
                     raise APIError(499, "client disconnected")
             if ev is None:
                 continue
-            parts.append(strip(ev.text) if strip else ev.text)
+            c = out[i]
+            c.text += strips[i](ev.text) if strips[i] else ev.text
+            c.logprobs += ev.logprobs or []
             if ev.finish_reason is not None:
                 if ev.finish_reason == "error":
                     raise APIError(500, f"generation failed: {ev.error}", None,
                                    "server_error")
-                return "".join(parts), ev.finish_reason
+                c.reason = ev.finish_reason
+                left -= 1
+        return out
     finally:
-        if not h.done.is_set():
-            h.cancel()
+        for h in hs:
+            if not h.done.is_set():
+                h.cancel()
 
 
-async def stream_events(h: Handle, q: asyncio.Queue, reply: Reply, include_usage: bool,
-                        strip: LeadingSpaceStrip | None) -> AsyncIterator[str]:
-    """Server-sent events of one request: (a chat's role chunk,) text chunks, the finish
-    reason, (usage,) `data: [DONE]`. Stops the request when the client goes away."""
+def _reason(c: Choice, calls: list) -> str:
+    if calls:
+        return "tool_calls"
+    return "stop" if c.reason == "cancelled" else c.reason or "stop"
+
+
+async def stream_events(hs: Sequence[Handle], q: asyncio.Queue, reply: Reply,
+                        include_usage: bool, tok: Any, plan: ChatPlan | None,
+                        want_logprobs: bool) -> AsyncIterator[str]:
+    """Server-sent events of one request: (a chat's role chunk per choice,) text chunks
+    (`index` = the choice), each choice's finish reason, (usage,) `data: [DONE]`. With
+    tools the reply is held back and sent at its end (content and / or tool_calls in one
+    chunk). Stops the request when the client goes away."""
+    strips = [LeadingSpaceStrip() if reply.chat else None for _ in hs]
+    held = [Choice() for _ in hs]
+    tools = plan.tools if plan else ()
     try:
         if reply.chat:
-            yield sse(reply.chunk("", None, role=True))
-        while True:
-            ev: Event = await q.get()
-            text = strip(ev.text) if strip else ev.text
+            for i in range(len(hs)):
+                yield sse(reply.chunk("", None, role=True, index=i))
+        left = len(hs)
+        while left:
+            i, ev = await q.get()
+            text = strips[i](ev.text) if strips[i] else ev.text
             reason = ev.finish_reason
             if reason == "error":
                 yield sse(_error_body(f"generation failed: {ev.error}", "server_error",
                                       None, None))
-                break
-            if text or reason is not None:
-                yield sse(reply.chunk(text, reason if reason != "cancelled" else "stop"))
-            if reason is not None:
-                if include_usage:
-                    yield sse({**reply.chunk("", None, usage_only=True), "usage": usage(h)})
-                break
+                yield "data: [DONE]\n\n"
+                return
+            lp = None
+            if want_logprobs and ev.logprobs:
+                lp = chat_logprobs(tok, ev.logprobs) if reply.chat else \
+                    completion_logprobs(tok, ev.logprobs, len(held[i].text))
+            if tools:
+                held[i].text += text
+                held[i].logprobs += ev.logprobs or []
+                if reason is not None:
+                    content, calls = parse_tool_calls(held[i].text, tools)
+                    lp = chat_logprobs(tok, held[i].logprobs) if want_logprobs else None
+                    yield sse(reply.chunk(content or "", _reason(Choice(reason=reason),
+                                                                 calls),
+                                          index=i, logprobs=lp, tool_calls=calls))
+            elif text or reason is not None or lp:
+                held[i].text += text
+                yield sse(reply.chunk(text, None if reason is None else
+                                      _reason(Choice(reason=reason), []), index=i,
+                                      logprobs=lp))
+            left -= reason is not None
+        if include_usage:
+            yield sse({**reply.chunk("", None, usage_only=True), "usage": usage(hs)})
         yield "data: [DONE]\n\n"
     finally:  # client went away (or we finished): stop generating
-        if not h.done.is_set():
-            h.cancel()
+        for h in hs:
+            if not h.done.is_set():
+                h.cancel()
 
 
-async def respond(request: Request, engine: Engine, body: _Sampling, ids: list[int],
-                  params: SamplingParams, cache_at: list[int], reply: Reply) -> Any:
-    """Run one request on the engine and answer it, streamed or whole."""
-    h, q = submit(engine, ids, params, cache_at)
-    strip = LeadingSpaceStrip() if reply.chat else None
+async def respond(request: Request, engine: Engine, body: _Sampling, job: Job,
+                  reply: Reply, tok: Any, plan: ChatPlan | None = None) -> Any:
+    """Run one request (its n choices) on the engine and answer it, streamed or whole."""
+    hs, q = submit(engine, job, tok)
+    want_lp = job.params[0].logprobs is not None
     if body.stream:
         inc = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream_events(h, q, reply, inc, strip),
+        return StreamingResponse(stream_events(hs, q, reply, inc, tok, plan, want_lp),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
-    text, reason = await collect(request, h, q, strip)
-    return reply.final(text, reason, usage(h))
+    got = await collect(request, hs, q, strip=reply.chat)
+    choices = []
+    for i, c in enumerate(got):
+        lp = None
+        if want_lp:
+            lp = chat_logprobs(tok, c.logprobs) if reply.chat else \
+                completion_logprobs(tok, c.logprobs)
+        text: str | None = c.text
+        calls: list[dict] = []
+        if plan and plan.tools:
+            text, calls = parse_tool_calls(c.text, plan.tools)
+        choices.append(reply.choice(i, text, _reason(c, calls), lp, calls or None))
+    return reply.whole(choices, usage(hs))
 
 
 # --------------------------------------------------------------------------------------
@@ -565,26 +960,42 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
                 "running": engine.n_active, "waiting": engine.n_waiting,
                 "last_error": None if ok else repr(engine.error)}
 
+    def card(mid: str) -> dict:
+        return {"id": mid, "object": "model", "created": created, "owned_by": "rwkvforge",
+                "root": opts.model_id, "parent": None if mid == opts.model_id
+                else opts.model_id}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": opts.model_id, "object": "model",
-                                            "created": created, "owned_by": "rwkvforge"}]}
+        return {"object": "list", "data": [card(m) for m in [opts.model_id,
+                                                             *opts.adapters]]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str) -> dict:
+        if model_id != opts.model_id and model_id not in opts.adapters:
+            raise APIError(404, f"the model {model_id!r} does not exist on this server "
+                           "(GET /v1/models lists them)", "model", code="model_not_found")
+        return card(model_id)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        adapter, mid = pick_model(body.model, opts)
         ids = completion_prompt(body, tokenizer)
         check_prompt_len(ids, "prompt", opts)
-        params = sampling_params(body, opts, chat=False)
-        return await respond(request, engine, body, ids, params, [],
-                             Reply(opts.model_id, chat=False))
+        params = sampling_params(body, opts, chat=False, vocab_size=engine.vocab_size)
+        job = Job(ids, choice_params(params, body.n), [], adapter=adapter)
+        return await respond(request, engine, body, job, Reply(mid, chat=False), tokenizer)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
-        ids, ends = chat_prompt(body, tokenizer)
+        adapter, mid = pick_model(body.model, opts)
+        plan = chat_plan(body, tokenizer, engine.vocab_size)
+        ids, ends = chat_prompt(body, tokenizer, plan)
         check_prompt_len(ids, "messages", opts)
-        params = sampling_params(body, opts, chat=True)
-        return await respond(request, engine, body, ids, params, ends,
-                             Reply(opts.model_id, chat=True))
+        params = sampling_params(body, opts, chat=True, vocab_size=engine.vocab_size)
+        job = Job(ids, choice_params(params, body.n), ends, plan.grammar, adapter)
+        return await respond(request, engine, body, job, Reply(mid, chat=True), tokenizer,
+                             plan)
 
     return app
 
@@ -592,6 +1003,34 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
+
+def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
+    """`--lora-modules name=PATH ...` -> {name: path}, or the error message."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            return f"--lora-modules takes NAME=PATH entries, got {item!r}"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", name):
+            return f"--lora-modules: {name!r} is not a usable model name (letters, digits, " \
+                   "._:/-)"
+        if name in out:
+            return f"--lora-modules: {name!r} is given twice"
+        out[name] = path
+    return out
+
+
+def attach_adapters(model: Any, loras: dict[str, str]) -> dict[str, int]:
+    """Put the adapters on the model (adapter.MultiLora: base weights once, A / B per
+    adapter, applied per batch row); {name: row index}. ValueError for one that cannot
+    be served this way."""
+    if not loras:
+        return {}
+    from rwkvforge.adapter import MultiLora
+
+    multi = MultiLora(model)
+    return {name: multi.add(name, p) for name, p in loras.items()}
+
 
 def port_unavailable(host: str, port: int) -> str | None:
     """Why `host:port` cannot be listened on right now (None: it can), found by binding it
@@ -620,6 +1059,10 @@ def build_parser() -> argparse.ArgumentParser:
                                         "serve_api_key", "serve_max_batch", "serve_max_queue",
                                         "serve_max_tokens"])
     ap.add_argument("--adapter", default="", help="LoRA adapter folder merged in memory")
+    ap.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                    help="LoRA adapters served side by side over the one base model, chosen "
+                    "per request by `model` (vLLM's spelling); requests for different "
+                    "adapters share the decode batch")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="weights: auto = fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--model-id", default="", help="name shown by /v1/models "
@@ -656,6 +1099,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {s.serve_host}:{s.serve_port} ({why}): is another "
               "server running there? Pick another --serve-port.", file=sys.stderr)
         return 2
+    loras = parse_lora_modules(args.lora_modules)
+    if isinstance(loras, str):
+        print(f"error: {loras}", file=sys.stderr)
+        return 2
+    if loras and args.adapter:
+        print("error: --adapter (merged) and --lora-modules cannot be combined: serve the "
+              "merged adapter as one more --lora-modules entry", file=sys.stderr)
+        return 2
     try:
         path, is_demo = resolve_base_model(s.base_model, res.sources["BASE_MODEL"],
                                            say=lambda m: print(f"[rwkvforge] {m}",
@@ -663,6 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
         tok = get_tokenizer()
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
         set_fast_path(model, s.infer_fast, device)
+        adapters = attach_adapters(model, loras)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -675,6 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_queue=s.serve_max_queue, prefill_chunk=args.prefill_chunk,
                     device=device)
     opts = ServeOptions(model_id=args.model_id or Path(path).stem, api_key=s.serve_api_key,
+                        adapters=adapters,
                         max_tokens=s.serve_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         default_max_tokens=min(256, s.serve_max_tokens))
     app = create_app(engine, tok, opts)
@@ -682,7 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[rwkvforge] OpenAI-compatible API at http://{s.serve_host}:{s.serve_port}/v1 "
           f"(model id {opts.model_id!r}"
-          + (f", adapter {args.adapter} merged in memory" if args.adapter else "") + ")",
+          + (f", adapter {args.adapter} merged in memory" if args.adapter else "")
+          + (f", adapters {', '.join(adapters)}" if adapters else "") + ")",
           file=sys.stderr)
     uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=args.log_level)
     return 0
