@@ -116,7 +116,8 @@ class Ours:
 
     def engine_decode(self, n: int) -> float:
         """Single stream through generate.Engine: sampling and text included."""
-        from rwkvforge.generate import Engine, SamplingParams
+        from rwkvforge.generate import Engine
+        from rwkvforge.sampling import SamplingParams
         from rwkvforge.tokenizer import get_tokenizer
 
         self.model.infer_dtype = self.infer_dtype

@@ -20,27 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rwkvforge.generate import (
-    CHAT_DEFAULTS,
-    CHAT_STOP,
-    Engine,
-    PenaltyStateRef,
-    PrefixCache,
-    QueueFull,
-    SamplingParams,
-    TextStream,
-    apply_penalties,
-    chat_params,
-    count_token,
-    filter_probs_batch,
-    filter_probs_ref,
-    pick_ref,
-    sample_batch,
-    sample_ref,
-    sample_step,
-    state_cat,
-    state_clone,
-    state_select,
-)
+    CHAT_DEFAULTS, CHAT_STOP, Engine, PrefixCache, QueueFull, TextStream, chat_params, state_cat,
+    state_clone, state_select)
+from rwkvforge.sampling import (
+    PenaltyStateRef, SamplingParams, apply_penalties, count_token, filter_probs_batch,
+    filter_probs_ref, pick_ref, sample_batch, sample_ref, sample_step)
 
 V = 1000
 
@@ -357,7 +341,8 @@ def test_infer_serve_and_dashboard_resolve_the_same_chat_defaults():
     """One set of chat sampling defaults: what `rwkvforge infer` does without flags, what
     /v1/chat/completions does with no sampling fields and what the dashboard's Chat page
     starts with are the same values and the same end-of-reply rule."""
-    from rwkvforge import infer, serve
+    from rwkvforge import api as oa
+    from rwkvforge import infer
     from rwkvforge.dashboard import chat as dash
 
     keys = [f.name for f in dataclasses.fields(CHAT_DEFAULTS)] + ["stop"]
@@ -367,8 +352,8 @@ def test_infer_serve_and_dashboard_resolve_the_same_chat_defaults():
         return {k: getattr(p, k) for k in keys}
 
     cli = infer.sampling_params(infer.build_parser().parse_args([]), chat=True, seed=None)
-    api = serve.sampling_params(serve.ChatRequest(messages=[{"role": "user", "content": "hi"}]),
-                                serve.ServeOptions(), chat=True)
+    api = oa.sampling_params(oa.ChatRequest(messages=[{"role": "user", "content": "hi"}]),
+                             oa.ServeOptions(), chat=True)
     page = dash.sampling(dash.ChatRequest("", "hi"))
     assert pick(cli) == pick(api) == pick(page) == want
     # RWKV's chat demo values for World models (ChatRWKV API_DEMO_CHAT.py)

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from rwkvforge import infer
-from rwkvforge.generate import (CHAT_STOP, Engine, SamplingParams, chat_params, encode_chat_prompt,
-                                set_fast_path)
+from rwkvforge.generate import CHAT_STOP, Engine, chat_params, encode_chat_prompt, set_fast_path
+from rwkvforge.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

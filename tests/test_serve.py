@@ -21,25 +21,11 @@ import httpx
 import openai
 import pytest
 
-from rwkvforge.generate import (
-    CHAT_DEFAULTS,
-    CHAT_STOP,
-    Engine,
-    SamplingParams,
-    chat_params,
-    encode_chat_prompt,
-)
-from rwkvforge.serve import (
-    APIError,
-    ChatMessage,
-    ChatRequest,
-    CompletionRequest,
-    Reply,
-    ServeOptions,
-    chat_messages,
-    create_app,
-    sampling_params,
-)
+from rwkvforge.generate import CHAT_DEFAULTS, CHAT_STOP, Engine, chat_params, encode_chat_prompt
+from rwkvforge.sampling import SamplingParams
+from rwkvforge.api import (APIError, ChatMessage, ChatRequest, CompletionRequest, ServeOptions,
+                           chat_messages, sampling_params)
+from rwkvforge.serve import Reply, create_app
 
 
 def _free_port() -> int:

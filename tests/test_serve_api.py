@@ -22,8 +22,9 @@ import pytest
 import torch
 from test_serve import LiveServer
 
-from rwkvforge.generate import Engine, SamplingParams, chat_params, encode_chat_prompt
-from rwkvforge.serve import ChatMessage, ToolDef, chat_messages, parse_tool_calls
+from rwkvforge.generate import Engine, chat_params, encode_chat_prompt
+from rwkvforge.sampling import SamplingParams
+from rwkvforge.api import ChatMessage, ToolDef, chat_messages, parse_tool_calls
 from rwkvforge.tokenizer import token_table
 
 

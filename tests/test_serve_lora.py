@@ -25,7 +25,8 @@ from rwkvforge.adapter import (
     save_peft_adapter,
 )
 from rwkvforge.checkpoint import load_model
-from rwkvforge.generate import Engine, SamplingParams
+from rwkvforge.generate import Engine
+from rwkvforge.sampling import SamplingParams
 from rwkvforge.serve import attach_adapters, parse_lora_modules
 from rwkvforge.tokenizer import get_tokenizer
 

@@ -45,7 +45,8 @@ from rwkvforge.checkpoint import (CheckpointError, atomic_write_bytes, load_stat
                                   model_from_state_dict)
 from rwkvforge.data.loader import build_val_batches, load_meta, open_split
 from rwkvforge.data.records import dpo_hint, record_to_messages
-from rwkvforge.generate import CHAT_STOP, Engine, SamplingParams, encode_chat_prompt
+from rwkvforge.generate import CHAT_STOP, Engine, encode_chat_prompt
+from rwkvforge.sampling import SamplingParams
 from rwkvforge.loss import dpo_losses
 from rwkvforge.runtime import keep_freed_memory
 from rwkvforge.tokenizer import encode_chat, get_tokenizer

@@ -31,21 +31,9 @@ from rwkvforge import upstream
 from rwkvforge.adapter import load_with_adapter
 from rwkvforge.checkpoint import DTYPES
 from rwkvforge.generate import (
-    CHAT_DEFAULTS,
-    Engine,
-    LeadingSpaceStrip,
-    PrefixCache,
-    SamplingParams,
-    TextStream,
-    chat_params,
-    chat_turn,
-    count_token,
-    encode_chat_prompt,
-    request_generator,
-    resolve_device_dtype,
-    sample_step,
-    set_fast_path,
-)
+    CHAT_DEFAULTS, Engine, LeadingSpaceStrip, PrefixCache, TextStream, chat_params, chat_turn,
+    encode_chat_prompt, resolve_device_dtype, set_fast_path)
+from rwkvforge.sampling import SamplingParams, count_token, request_generator, sample_step
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.paths import workspace_root
 from rwkvforge.runtime import keep_freed_memory

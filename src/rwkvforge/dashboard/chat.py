@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rwkvforge.adapter import load_with_adapter
-from rwkvforge.generate import (CHAT_DEFAULTS, Engine, SamplingParams, chat_params, chat_turn,
-                                encode_chat_prompt)
+from rwkvforge.generate import CHAT_DEFAULTS, Engine, chat_params, chat_turn, encode_chat_prompt
+from rwkvforge.sampling import SamplingParams
 
 
 @dataclass
