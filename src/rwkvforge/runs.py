@@ -263,6 +263,28 @@ class RunFolder:
 
 
 
+def metrics_row(step: int, loss: float, lr: float, tps: float, mem_mb: float, epoch: float,
+                gnorm: float | None, dpo_stats: Any, val: float | None,
+                val_acc: float | None) -> dict[str, Any]:
+    """One metrics.jsonl line. DPO: this step's pairs' DPO loss alone, share ranked right,
+    mean margin (dpo_stats: sum of DPO losses, right-ordered pairs, margin sum, pairs)."""
+    row: dict[str, Any] = {"step": step, "loss": round(loss, 6), "lr": lr,
+                           "tokens_per_s": round(tps, 1), "mem_mb": round(mem_mb, 1),
+                           "time": round(time.time(), 3), "epoch": round(epoch, 4)}
+    if gnorm is not None:
+        row["grad_norm"] = round(gnorm, 6)
+    if dpo_stats is not None:
+        st = dpo_stats
+        row["dpo_loss"] = round(float(st[0] / st[3]), 6)
+        row["reward_acc"] = round(float(st[1] / st[3]), 4)
+        row["reward_margin"] = round(float(st[2] / st[3]), 6)
+    if val is not None:
+        row["val_loss"] = round(val, 6)
+        if val_acc is not None:
+            row["val_reward_acc"] = round(val_acc, 4)
+    return row
+
+
 def default_run_name(s: config.Settings) -> str:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{s.model_name}-{s.profile}-{stamp}"

@@ -48,7 +48,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -73,7 +73,7 @@ from rwkvforge.model.wkv import describe_impl
 from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
                             export_adapter, unwrap)
 from rwkvforge.runs import (RunFolder, RunLocked, default_run_name, final_adapter, git_sha,
-                            hardware_info, now_iso, package_versions, run_started)
+                            hardware_info, metrics_row, now_iso, package_versions, run_started)
 from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger("rwkvforge.train")
@@ -316,28 +316,6 @@ def init_wandb(s: cfgmod.Settings, run_dir: Path):
         raise TrainError(f"W&B could not start ({why}): run `wandb login` once, or set "
                          "WANDB_MODE=offline to log to the run folder only, or leave "
                          "WANDB_PROJECT empty.") from None
-
-
-def metrics_row(step: int, loss: float, lr: float, tps: float, mem_mb: float, epoch: float,
-                gnorm: float | None, dpo_stats: torch.Tensor | None, val: float | None,
-                val_acc: float | None) -> dict[str, Any]:
-    """One metrics.jsonl line. DPO: this step's pairs' DPO loss alone, share ranked right,
-    mean margin (dpo_stats: sum of DPO losses, right-ordered pairs, margin sum, pairs)."""
-    row: dict[str, Any] = {"step": step, "loss": round(loss, 6), "lr": lr,
-                           "tokens_per_s": round(tps, 1), "mem_mb": round(mem_mb, 1),
-                           "time": round(time.time(), 3), "epoch": round(epoch, 4)}
-    if gnorm is not None:
-        row["grad_norm"] = round(gnorm, 6)
-    if dpo_stats is not None:
-        st = dpo_stats
-        row["dpo_loss"] = round(float(st[0] / st[3]), 6)
-        row["reward_acc"] = round(float(st[1] / st[3]), 4)
-        row["reward_margin"] = round(float(st[2] / st[3]), 6)
-    if val is not None:
-        row["val_loss"] = round(val, 6)
-        if val_acc is not None:
-            row["val_reward_acc"] = round(val_acc, 4)
-    return row
 
 
 def micro_inputs(batch: dict, device: torch.device, world: int, dpo_ftx: float,
