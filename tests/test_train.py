@@ -23,7 +23,7 @@ import torch
 from rwkvforge import config as cfgmod
 from rwkvforge import loss as L
 from rwkvforge import train as T
-from rwkvforge.runs import RunFolder
+from rwkvforge.runs import RunFolder, run_started
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"ctx_len": 48, "micro_bsz": 2, "grad_accum": 1, "lora_r": 8, "lora_alpha": 16,
@@ -276,8 +276,14 @@ def test_setup_errors_are_train_errors(tiny_model_path, sft_prefix, tmp_path, ca
         assert rc == 2 and want in err and "Traceback" not in err, (extra, err)
         assert "--force" not in err
     assert not (tmp_path.parent / "escape").exists()
-    # the failed starts left at most a log: the names are free for a corrected run
-    assert all(p.name == "train.log" for d in tmp_path.glob("e*") for p in d.iterdir())
+    # the failed starts left their log and a status of stage "setup" saying why: the names
+    # are free for a corrected run
+    for d in tmp_path.glob("e*"):
+        assert {p.name for p in d.iterdir()} <= {"train.log", ".lock", "status.json"}
+        if (d / "status.json").is_file():
+            st = json.loads((d / "status.json").read_text())
+            assert st["state"] == "failed" and st["stage"] == "setup" and st["error"]
+        assert not run_started(d)
 
 
 def _train_cmd(model, prefix, runs, name, *extra):
