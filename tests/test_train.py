@@ -165,7 +165,10 @@ def test_run_folder_contract(tiny_model_path, sft_prefix, tmp_path):
     ad = read_adapter(run / "adapter")
     assert ad.config["r"] == 8 and ad.metadata["step"] == 4 and len(ad.factors) == 2 * 6
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "training 4 steps" in (run / "train.log").read_text()
+    log_text = (run / "train.log").read_text()
+    assert "training 4 steps" in log_text
+    assert "final train loss" in log_text and "validation " in log_text
+    assert f"Next: rwkvforge eval --run {run}" in log_text
     # an existing run folder is never overwritten without --resume
     rc = T.main(["--base-model", str(tiny_model_path), "--data-prefix", str(sft_prefix),
                  "--runs-dir", str(tmp_path), "--run-name", "contract", "--max-steps", "1"])
@@ -600,3 +603,14 @@ def test_wandb_not_logged_in_is_a_setup_failure_that_says_why(tiny_model_path, s
                        capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+
+
+def test_train_help_lists_training_flags_only(capsys):
+    """--help shows the settings that change a run; the server / dashboard / inference ones
+    are still accepted (every command reads every layer) but not listed."""
+    with pytest.raises(SystemExit):
+        T.build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--lora-r" in out and "--ctx-len" in out
+    assert "--serve-port" not in out and "--infer-fast" not in out
+    assert T.build_parser().parse_args(["--serve-port", "9000"]).set_serve_port == "9000"

@@ -409,10 +409,11 @@ def resolve(model: str | None = None, profile: str | None = None,
     return Resolved(settings=settings, sources=sources, files=files)
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None = None
-                       ) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser, only: Iterable[str] | None = None,
+                       hide: tuple[str, ...] = ()) -> None:
     """Add `--model`, `--profile` and one `--field-name` flag per setting (default None, so
-    only flags given on the command line override lower layers)."""
+    only flags given on the command line override lower layers). Settings whose name starts
+    with a `hide` prefix are accepted but left out of --help."""
     parser.add_argument("--model", help="model config name under configs/model/ or a .env path")
     parser.add_argument("--profile", help="profile name under configs/profile/ or a .env path")
     wanted = set(only) if only is not None else None
@@ -421,6 +422,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, only: Iterable[str] | No
             continue  # PROFILE is set by the profile file that --profile picks
         flag = "--" + f.name.replace("_", "-")
         help_ = f"{f.metadata['help']} [{f.name.upper()}]".replace("%", "%%")  # argparse
+        if f.name.startswith(hide) and hide:
+            help_ = argparse.SUPPRESS
         parser.add_argument(flag, dest=f"set_{f.name}", default=None, help=help_,
                             metavar=f.name.upper())
 

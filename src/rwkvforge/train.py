@@ -852,6 +852,13 @@ class Trainer:
             self.say(f"done: adapter {self.run_dir / 'adapter'}"
                      + (f", loss curve {png}" if png else "")
                      + f", peak memory {mon.peak_mb:,.0f} MB")
+            losses = ([f"final train loss {loss:.4f}"] if loss is not None else []) + (
+                [f"validation {self.val_start:.4f} -> {self.val_end:.4f}"]
+                if self.val_start is not None and self.val_end is not None else [])
+            run = shlex.quote(str(self.run_dir))
+            self.say(("; ".join(losses) + ". " if losses else "")
+                     + f"Next: rwkvforge eval --run {run}  (base vs tuned), then "
+                     f"rwkvforge merge --adapter {run}/adapter")
         if self.wandb is not None:
             self.wandb.finish()
         self.folder.close_log()
@@ -905,7 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "instead)")
     ap.add_argument("--force", action="store_true", help="start even when the memory "
                     "planner predicts the run will not fit (see `rwkvforge plan`)")
-    cfgmod.add_settings_flags(ap)
+    # the server / dashboard / inference settings exist in every layer but do not change a
+    # training run: accepted, not listed
+    cfgmod.add_settings_flags(ap, hide=("serve_", "dashboard_", "infer_"))
     return ap
 
 
