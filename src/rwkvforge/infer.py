@@ -153,16 +153,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "merged into the base model in memory")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="weight dtype: auto = fp16 on CUDA, fp32 on CPU")
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=256,
+                    help="the longest answer, in tokens (default %(default)s)")
     # sampling defaults: the chat ones (generate.CHAT_DEFAULTS), also for --raw
     d = CHAT_DEFAULTS
-    ap.add_argument("--temperature", type=float, default=d.temperature)
+    ap.add_argument("--temperature", type=float, default=d.temperature,
+                    help="sampling temperature (default %(default)s; 0 = greedy)")
     ap.add_argument("--top-p", type=float, default=d.top_p,
                     help="nucleus cut (default %(default)s, RWKV's chat default; 1 = off)")
-    ap.add_argument("--top-k", type=int, default=d.top_k)
-    ap.add_argument("--presence-penalty", type=float, default=d.alpha_presence)
-    ap.add_argument("--frequency-penalty", type=float, default=d.alpha_frequency)
-    ap.add_argument("--penalty-decay", type=float, default=d.alpha_decay)
+    ap.add_argument("--top-k", type=int, default=d.top_k,
+                    help="keep the k likeliest tokens (default %(default)s; 0 = off)")
+    ap.add_argument("--presence-penalty", type=float, default=d.alpha_presence,
+                    help="subtracted once from a token already in the answer "
+                    "(default %(default)s)")
+    ap.add_argument("--frequency-penalty", type=float, default=d.alpha_frequency,
+                    help="subtracted per (decaying) occurrence in the answer "
+                    "(default %(default)s)")
+    ap.add_argument("--penalty-decay", type=float, default=d.alpha_decay,
+                    help="per-token decay of the occurrence counts (default %(default)s)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     return ap
 

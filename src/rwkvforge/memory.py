@@ -50,6 +50,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
+
 from rwkvforge import config as cfgmod
 from rwkvforge import paths
 from rwkvforge.checkpoint import infer_config, load_state_dict
@@ -699,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 raise MemoryPlanError(f"model file {p} not found; give --size <size> "
                                       "(0.1b ... 7.2b) or --base-model X.pth.")
-        device = "cpu" if s.device == "cpu" else "cuda"  # auto: plan for the card
+        # auto: the card when torch sees one, else this CPU's memory (not a card it lacks)
+        device = ("cuda" if s.device == "cuda" or (s.device == "auto" and torch.cuda.is_available())
+                  else "cpu")
         vram = budget_bytes(s, device)
         pl = plan(cfg, s, vram, device=device)
         rows = fit_table(s, vram, device=device)
