@@ -163,6 +163,38 @@ def _compare(file_sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     return {"tensors": len(expected), "max_abs_weight_diff": worst, "exact": exact}
 
 
+def _check_gguf_read_back(file_sd, src, qtypes: dict[str, str], what: str) -> dict:
+    """Each tensor read back from the GGUF vs the source in BlinkDL layout: F32 / F16 / BF16
+    tensors must equal the source rounded to that type bit for bit; Q8_0 ones must be within
+    one quantisation step (max|w| / 127) of it. A name, order or transpose error fails here."""
+    from rwkvforge.gguf_file import blinkdl_to_gguf_name
+
+    missing = sorted(set(src) - set(file_sd))
+    if missing or set(file_sd) - set(src):
+        raise ExportError(f"{what}: read back with missing {missing[:4]} / extra "
+                          f"{sorted(set(file_sd) - set(src))[:4]} tensors.")
+    rnd = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    worst = 0.0
+    for k, v in src.items():
+        q = qtypes[blinkdl_to_gguf_name(k)]
+        got = file_sd[k].float()
+        if tuple(got.shape) != tuple(v.shape):
+            raise ExportError(f"{what}: {k} reads back as {tuple(got.shape)}, expected {tuple(v.shape)}.")
+        if q in rnd:
+            want = v.to(rnd[q]).float()
+            ok = torch.equal(got, want)
+            d = float((got - want).abs().max())
+        else:
+            d = float((got - v.float()).abs().max())
+            ok = d <= float(v.float().abs().max()) / 127
+        worst = max(worst, float((got - v.float()).abs().max()))
+        if not ok:
+            raise ExportError(f"{what}: {k} ({q}) reads back {d:.3g} away from the source: "
+                              "the GGUF mapping is wrong.")
+    return {"tensors": len(src), "max_abs_weight_diff": worst,
+            "rule": "F32/F16/BF16 bit-exact vs the source rounded; Q8_0 within max|w|/127"}
+
+
 # ----------------------------------------------------------------------------- formats
 def _export_gguf(sd, out: Path, dtype: str, verify: str, name: str, log) -> dict:
     from rwkvforge import gguf_file
@@ -184,7 +216,7 @@ def _export_gguf(sd, out: Path, dtype: str, verify: str, name: str, log) -> dict
             bad = [k for k in expected_q if qtypes.get(k) != expected_q[k]][:4]
             raise ExportError(f"GGUF read back with unexpected tensor types: {bad}")
         src = {k: v for k, v in sd.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")}
-        checks["read_back"] = _compare(file_sd, src, exact=False, what=str(out))
+        checks["read_back"] = _check_gguf_read_back(file_sd, src, qtypes, str(out))
         checks["read_back"]["qtypes"] = summary["qtypes"]
         tok = get_tokenizer()
         ids = tok.encode(PROBE_PROMPT)

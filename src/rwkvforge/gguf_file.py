@@ -170,6 +170,30 @@ def state_dict_from_gguf_tensors(t: dict[str, torch.Tensor], head_size: int) -> 
     return sd
 
 
+def blinkdl_to_gguf_name(key: str) -> str:
+    """The GGUF tensor a BlinkDL tensor is stored in (the fused lerp for att.x_*)."""
+    top = {"emb.weight": "token_embd.weight", "ln_out.weight": "output_norm.weight",
+           "ln_out.bias": "output_norm.bias", "head.weight": "output.weight",
+           "blocks.0.ln0.weight": "token_embd_norm.weight", "blocks.0.ln0.bias": "token_embd_norm.bias"}
+    if key in top:
+        return top[key]
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if not m:
+        raise GGUFError(f"{key}: not an RWKV-7 tensor name")
+    i, rest = m.groups()
+    table = {"ln1.weight": "attn_norm.weight", "ln1.bias": "attn_norm.bias",
+             "ln2.weight": "attn_norm_2.weight", "ln2.bias": "attn_norm_2.bias",
+             "att.ln_x.weight": "time_mix_ln.weight", "att.ln_x.bias": "time_mix_ln.bias",
+             "ffn.x_k": "channel_mix_lerp_k.weight", "ffn.key.weight": "channel_mix_key.weight",
+             "ffn.value.weight": "channel_mix_value.weight"}
+    if rest in table:
+        return f"blk.{i}.{table[rest]}"
+    if rest in {f"att.{n}" for n in LERP_ORDER}:
+        return f"blk.{i}.time_mix_lerp_fused.weight"
+    n = rest.removeprefix("att.").removesuffix(".weight")
+    return f"blk.{i}.time_mix_{n}.weight"
+
+
 def tensor_qtype(name: str, shape: tuple[int, ...], file_type: str):
     """The GGML type llama.cpp's converter gives tensor `name` in a file of `file_type`."""
     import gguf
