@@ -50,10 +50,21 @@ from pathlib import Path
 import torch
 
 from rwkvforge import paths, runs
-from rwkvforge.adapter import (MergeError, check_adapter_matches_base, merge_state_dict,
-                               read_adapter, resolve_adapter_path)
-from rwkvforge.checkpoint import (DTYPES, CheckpointError, atomic_output, atomic_write_bytes,
-                                  load_state_dict, model_from_state_dict)
+from rwkvforge.adapter import (
+    MergeError,
+    check_adapter_matches_base,
+    merge_state_dict,
+    read_adapter,
+    resolve_adapter_path,
+)
+from rwkvforge.checkpoint import (
+    DTYPES,
+    CheckpointError,
+    atomic_output,
+    atomic_write_bytes,
+    load_state_dict,
+    model_from_state_dict,
+)
 
 FORMATS = ("gguf", "hf", "ai00")
 DEFAULT_DTYPE = {"gguf": "f16", "hf": "bf16", "ai00": "fp16"}

@@ -41,8 +41,13 @@ from pathlib import Path
 
 import torch
 
-from rwkvforge.checkpoint import (CheckpointError, atomic_dir, conform_state_dict, infer_config,
-                                  validate_state_dict)
+from rwkvforge.checkpoint import (
+    CheckpointError,
+    atomic_dir,
+    conform_state_dict,
+    infer_config,
+    validate_state_dict,
+)
 
 HF_ARCHITECTURES = ("RWKV7ForCausalLM", "Rwkv7ForCausalLM")
 WEIGHTS = "model.safetensors"
