@@ -326,3 +326,29 @@ def test_llama_cpp_catches_a_consistent_but_wrong_mapping(base_path, tmp_path, l
     with pytest.raises(E.ExportError, match="llama.cpp disagrees"):
         E.export("gguf", base_path, out=tmp_path / "m.gguf", verify="require", log=lambda m: None)
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ----------------------------------------------------------------------------- with an adapter
+def test_export_merges_the_adapter_first(sd, base_path, tmp_path):
+    """--adapter: the exported model is base + adapter merged in fp32 (as merge --dtype fp32)."""
+    from rwkvforge import adapter as A
+    from rwkvforge import peft as rp
+    from rwkvforge.checkpoint import load_state_dict, model_from_state_dict
+
+    spec = rp.AdapterSpec(r=4, alpha=8.0)
+    pm = rp.apply_adapter(model_from_state_dict(sd), spec)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    cfg, tensors = rp.export_adapter(pm, spec)
+    A.save_adapter(tmp_path / "adapter", cfg, tensors)
+    E.export("hf", base_path, adapter=tmp_path / "adapter", out=tmp_path / "m-hf", dtype="fp32",
+             log=lambda m: None)
+    merged = A.merge_state_dict(sd, A.read_adapter(tmp_path / "adapter"), torch.float32, "fp32")
+    back = load_state_dict(tmp_path / "m-hf")
+    changed = [k for k in sd if not torch.equal(merged[k], sd[k])]
+    assert changed  # the adapter does something ...
+    for k in back:
+        assert torch.equal(back[k], merged[k]), k  # ... and the export is exactly the merge
