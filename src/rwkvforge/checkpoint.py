@@ -55,8 +55,14 @@ def _detect_family(keys: set[str]) -> str | None:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read and validate an RWKV-7 `.pth` (fp32 / bf16 / fp16) into a dict of CPU tensors."""
+    """Read and validate an RWKV-7 `.pth` (fp32 / bf16 / fp16) into a dict of CPU tensors.
+    A folder in the Hugging Face RWKV-7 layout (config.json + safetensors, fla-hub
+    `RWKV7ForCausalLM`) is read into the same BlinkDL names and shapes (rwkvforge.hf)."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from rwkvforge.hf import load_hf_folder
+
+        return load_hf_folder(path)
     if not path.is_file():
         hint = " Run `rwkvforge demo-model` to create the demo model." if "demo" in path.name else ""
         raise CheckpointError(f"{path}: model file not found.{hint}")

@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("rwkvforge.data.prepare", "JSONL -> binidx / SFT / DPO training data"),
     "train": ("rwkvforge.train", "LoRA / QLoRA training run"),
     "merge": ("rwkvforge.merge", "merge an adapter into its base model, verified"),
+    "export": ("rwkvforge.export", "export to GGUF (llama.cpp / Ollama), Hugging Face or ai00, verified"),
     "eval": ("rwkvforge.evaluate", "loss / perplexity and prompt checks, base vs tuned"),
     "infer": ("rwkvforge.infer", "one-shot prompt or interactive chat"),
     "serve": ("rwkvforge.serve", "OpenAI-compatible HTTP server"),

@@ -125,6 +125,8 @@ def resolve_base_model(base_model: str, source: str = "cli", root: Path | None =
             write_demo_model(p, *TINY_SHAPE)
         return p, True
     p = paths.resolve(base_model, source, root)
+    if p.is_dir() and (p / "config.json").is_file():
+        return p, False  # a Hugging Face RWKV-7 folder (checkpoint.load_state_dict reads it)
     if not p.is_file():
         raise CheckpointError(f"BASE_MODEL={base_model} (from {source}): model file not found "
                               f"at {p}. Put the .pth there or fix the path (--base-model "
