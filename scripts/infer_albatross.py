@@ -28,7 +28,7 @@ try:
 except ImportError:  # a plain checkout: use its src/
     sys.path.insert(0, str(ROOT / "src"))
 
-from rwkvforge.infer import main
+from rwkvforge.infer import main  # noqa: E402 - after the environment check above, on purpose
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -84,6 +84,7 @@ class SingleProcess:
 
     def wrap(self, loss_module: nn.Module, optimizer, model: nn.Module, micro_bsz: int,
              grad_accum: int) -> None:
+        del micro_bsz, grad_accum  # the interface: DeepSpeed's wrap configures the split
         self.module, self.optimizer, self.model = loss_module, optimizer, model
         self.params = [p for p in model.parameters() if p.requires_grad]
 
@@ -127,7 +128,7 @@ class SingleProcess:
         trainer_state.pt), COMPLETE last, renamed into place."""
         return write_checkpoint(run_dir, step, fill)
 
-    def load_checkpoint(self, ck: Path, st: dict) -> dict:
+    def load_checkpoint(self, ck: Path, st: dict) -> dict:  # noqa: ARG002 - the interface: DeepSpeed's load reads `ck`
         """Restore the optimiser and trainable weights from `ck`; the RNG state to resume."""
         load_trainable_state(self.model, st["trainable"])
         self.optimizer.load_state_dict(st["optimizer"])

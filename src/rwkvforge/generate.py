@@ -52,7 +52,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from rwkvforge.sampling import (SamplingParams, count_token, request_generator, sample_step, token_logprobs)
+from rwkvforge.sampling import (SamplingParams, count_token, request_generator, sample_step,
+                                token_logprobs)
 from rwkvforge.tokenizer import chat_segments
 
 
@@ -562,7 +563,7 @@ class Engine:
                         break
                 try:
                     self.step()
-                except BaseException as e:  # keep serving; fail only the requests in flight
+                except BaseException as e:  # noqa: BLE001 - keep serving; fail only the requests in flight
                     self.error = e
                     self._fail_all(f"{type(e).__name__}: {e}")
 

@@ -132,7 +132,7 @@ def problem(name: str) -> str | None:
     return _problems.get(name)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: ARG001 - the stage signature; no arguments yet
     for name in SOURCES:
         lib = load(name)
         print(f"{name}: {'loaded' if lib is not None else problem(name)}")

@@ -64,7 +64,10 @@ from rwkvforge.sampling import SamplingParams
 from rwkvforge.runtime import keep_freed_memory
 from rwkvforge.tokenizer import get_tokenizer
 
-from rwkvforge.api import (APIError, ChatPlan, ChatRequest, CompletionRequest, ServeOptions, SamplingRequest, error_body, chat_plan, chat_prompt, check_prompt_len, choice_params, completion_prompt, parse_tool_calls, pick_model, sampling_params)
+from rwkvforge.api import (APIError, ChatPlan, ChatRequest, CompletionRequest, SamplingRequest,
+                           ServeOptions, chat_plan, chat_prompt, check_prompt_len, choice_params,
+                           completion_prompt, error_body, parse_tool_calls, pick_model,
+                           sampling_params)
 
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 
@@ -410,7 +413,7 @@ async def respond(request: Request, engine: Engine, body: SamplingRequest, job: 
 # errors in the OpenAI shape
 # --------------------------------------------------------------------------------------
 
-async def _api_error(request: Request, e: APIError) -> JSONResponse:
+async def _api_error(request: Request, e: APIError) -> JSONResponse:  # noqa: ARG001 - FastAPI's handler signature
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status,
                         headers=headers)
@@ -458,7 +461,7 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
     `own_engine` (tests may drive an engine they started themselves)."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:  # noqa: ARG001 - FastAPI's lifespan signature
         if own_engine:
             engine.start()
         try:

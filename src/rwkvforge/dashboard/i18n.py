@@ -105,7 +105,7 @@ def check_catalogues() -> list[str]:
     return problems
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # noqa: ARG001 - the stage signature; no arguments yet
     problems = check_catalogues()
     for p in problems:
         print(f"i18n: {p}", file=sys.stderr)

@@ -85,7 +85,7 @@ class RWKV7Config:
         return 2 * self.vocab_size * C + self.n_layer * per + (self.n_layer - 1) * att_v + 4 * C
 
 
-def _call(x, module, keep=False):
+def _call(x, module, keep=False):  # noqa: ARG001 - checkpoint()'s keyword, unused by the plain call
     return module(x)
 
 

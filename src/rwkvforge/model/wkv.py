@@ -239,7 +239,7 @@ def _wkv7_native(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 
 @_wkv7_native.register_fake
-def _(r, w, k, v, a, b, s0, keep):
+def _(r, w, k, v, a, b, s0, keep):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
     B, T, H, N = r.shape
     f32 = torch.float32
     return (r.new_empty(B, T, H, N, dtype=f32), r.new_empty(B, H, N, N, dtype=f32),
@@ -269,7 +269,7 @@ def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: 
 
 
 @_wkv7_native_backward.register_fake
-def _(r, w, k, v, a, b, ckpt, dy, dS):
+def _(r, w, k, v, a, b, ckpt, dy, dS):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
     B, T, H, N = r.shape
     f32 = torch.float32
     return (*(r.new_empty(B, T, H, N, dtype=f32) for _ in range(6)),
