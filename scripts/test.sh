@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the test suite: bootstraps .venv with the dev extras when needed, installs the
 # system tools some tests use (shellcheck, chromium) from Debian's packages when missing
-# and possible, then runs pytest. Extra arguments go to pytest.
+# and possible, runs ruff, then pytest. Extra arguments go to pytest.
 #
 #   ./scripts/test.sh                 # everything (slow tests included), as CI runs it
 #   ./scripts/test.sh -m "not slow"   # the quick subset
@@ -35,5 +35,8 @@ apt_install clang clang  # the C kernels are also built and checked with clang
 [[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]] || apt_install fc-cjk-font-missing fonts-wqy-microhei
 
 PY="$(venv_python)"
+# lint first: the rules are [tool.ruff] in pyproject.toml (seconds; a finding stops the run)
+info "ruff check (pyproject.toml [tool.ruff])"
+"$PY" -m ruff check --quiet src tests bench notebooks scripts
 mkdir -p "$ROOT_DIR/.test-artifacts"
 exec "$PY" -m pytest "$@"

@@ -77,7 +77,7 @@ def package_versions() -> dict[str, str]:
                 "safetensors", "wandb"):
         try:
             out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
+        except metadata.PackageNotFoundError:  # noqa: PERF203 - a dozen names, once per run
             pass
     return out
 

@@ -170,7 +170,7 @@ def default_runs_dir() -> str:
         from rwkvforge.config import resolve
 
         return resolve(env={}).settings.runs_dir or "runs"
-    except Exception:  # a broken workspace.env must not take the dashboard down
+    except Exception:  # noqa: BLE001 - a broken workspace.env must not take the dashboard down
         return "runs"
 
 
@@ -546,7 +546,7 @@ def page_chat(runs_dir: Path | None) -> None:
                 if tuned != "none":
                     answers["tuned"] = C.answer(_engine(str(tuned_model),
                                                         str(adapter) if adapter else None), req)
-            except Exception as e:  # show the engine's own error to the user
+            except Exception as e:  # noqa: BLE001 - show the engine's own error to the user
                 ss["chat.error"] = f"{type(e).__name__}: {e}"
                 answers = {}
             else:

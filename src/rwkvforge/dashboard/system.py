@@ -45,7 +45,7 @@ def report() -> dict[str, Any]:
         rep = dict(doctor.collect())
         rep["source"] = "doctor"
         return rep
-    except Exception as e:  # the page must still render; say why it fell back
+    except Exception as e:  # noqa: BLE001 - the page must still render; say why it fell back
         rep = torch_report()
         rep["doctor_error"] = f"{type(e).__name__}: {e}"
         return rep
