@@ -12,6 +12,7 @@ was expected. Writes go to a temporary name in the same folder and are renamed i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from safetensors.torch import load_file
 
 from rwkvforge.model.rwkv7 import RWKV7, RWKV7Config
 
@@ -59,9 +61,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     A folder in the Hugging Face RWKV-7 layout (config.json + safetensors, fla-hub
     `RWKV7ForCausalLM`) is read into the same BlinkDL names and shapes (rwkvforge.hf)."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        from rwkvforge.hf import load_hf_folder
-
+    if is_hf_folder(path):
         return load_hf_folder(path)
     if not path.is_file():
         hint = " Run `rwkvforge demo-model` to create the demo model." if "demo" in path.name else ""
@@ -386,3 +386,99 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, fill) -> Path:
         fill(tmp)
         atomic_write_bytes(tmp / COMPLETE_MARKER, f"step {step}\n".encode())
     return final
+
+
+# ---- the Hugging Face RWKV-7 layout, read (fla-hub RWKV7ForCausalLM; the writer: hf.py) -----------
+HF_ARCHITECTURES = ("RWKV7ForCausalLM", "Rwkv7ForCausalLM")
+HF_WEIGHTS = "model.safetensors"
+HF_INDEX = "model.safetensors.index.json"
+HF_PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj",
+         "ln_x": "g_norm"}
+HF_LN = {"ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
+HF_LORA_SLOT = {"0": "lora.2.bias", "1": "lora.0.weight", "2": "lora.2.weight"}
+
+
+def blinkdl_name(name: str) -> tuple[str, bool]:
+    """(BlinkDL name, transposed) of an HF tensor name; CheckpointError when unknown."""
+    top = {"model.embeddings.weight": "emb.weight", "model.norm.weight": "ln_out.weight",
+           "model.norm.bias": "ln_out.bias", "lm_head.weight": "head.weight"}
+    if name in top:
+        return top[name], False
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+)\.(.+)", name)
+    if not m:
+        raise CheckpointError(f"HF tensor {name!r} is not part of an RWKV-7 model.")
+    i, part, rest = m.groups()
+    inv_ln = {v: k for k, v in HF_LN.items()}
+    if part in inv_ln:
+        return f"blocks.{i}.{inv_ln[part]}.{rest}", False
+    if part == "ffn":
+        return f"blocks.{i}.ffn.{rest}", False
+    if part != "attn":
+        raise CheckpointError(f"HF tensor {name!r} is not part of an RWKV-7 model.")
+    lm = re.fullmatch(r"([wvag])_lora\.(lora\.2\.bias|lora\.0\.weight|lora\.2\.weight)", rest)
+    if lm:
+        slot = {v: k for k, v in HF_LORA_SLOT.items()}[lm.group(2)]
+        return f"blocks.{i}.att.{lm.group(1)}{slot}", slot != "0"
+    head, _, tail = rest.partition(".")
+    inv_proj = {v: k for k, v in HF_PROJ.items()}
+    if head in inv_proj:
+        return f"blocks.{i}.att.{inv_proj[head]}.{tail}", False
+    return f"blocks.{i}.att.{rest}", False
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], source: str = "HF folder"
+                       ) -> dict[str, torch.Tensor]:
+    """HF names and shapes back to a validated BlinkDL state dict (vectors as (1,1,C))."""
+    sd = {}
+    for k, v in hf_sd.items():
+        name, transposed = blinkdl_name(k)
+        sd[name] = v.t().contiguous() if transposed else v
+    sd = validate_state_dict(sd, source=source)
+    return conform_state_dict(sd, infer_config(sd), source=source)
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def load_hf_folder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """An HF RWKV-7 folder as a validated BlinkDL state dict (tensors in the file's dtype)."""
+    p = Path(path)
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}/config.json: cannot be read ({e}).") from e
+    arch = cfg.get("architectures") or []
+    if cfg.get("model_type") != "rwkv7" and not set(arch) & set(HF_ARCHITECTURES):
+        raise CheckpointError(
+            f"{p}: config.json says model_type={cfg.get('model_type')!r}, architectures={arch}: "
+            "not an RWKV-7 model in the HF layout (fla-hub RWKV7ForCausalLM). rwkvforge imports "
+            "only RWKV-7; give a BlinkDL .pth or an fla-hub rwkv7 folder.")
+    if (p / HF_INDEX).is_file():
+        shards = sorted(set(json.loads((p / HF_INDEX).read_text())["weight_map"].values()))
+        files = [p / s for s in shards]
+    elif (p / HF_WEIGHTS).is_file():
+        files = [p / HF_WEIGHTS]
+    else:
+        found = sorted(x.name for x in p.iterdir())[:8]
+        raise CheckpointError(f"{p}: no {HF_WEIGHTS} (or {HF_INDEX}) in the folder (found: "
+                              f"{', '.join(found) or 'nothing'}). Only safetensors weights are "
+                              "read; convert .bin shards with transformers' save_pretrained.")
+    hf_sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: shard named in {HF_INDEX} is missing; download it again.")
+        try:
+            hf_sd.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{f}: cannot be read as safetensors ({e}); the file may be "
+                                  "truncated: download it again.") from e
+    sd = from_hf_state_dict(hf_sd, source=str(p))
+    mine = infer_config(sd)
+    for key, want in (("hidden_size", mine.n_embd), ("num_hidden_layers", mine.n_layer),
+                      ("vocab_size", mine.vocab_size)):
+        if key in cfg and int(cfg[key]) != want:
+            raise CheckpointError(f"{p}: config.json {key}={cfg[key]} but the weights have {want}; "
+                                  "the folder mixes two models.")
+    return sd

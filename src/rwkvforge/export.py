@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from rwkvforge import paths, runs
+from rwkvforge import gguf_file, hf, paths, runs
 from rwkvforge.adapter import (
     MergeError,
     check_adapter_matches_base,
@@ -59,12 +59,16 @@ from rwkvforge.adapter import (
 )
 from rwkvforge.checkpoint import (
     DTYPES,
+    infer_config,
+    HF_WEIGHTS,
     CheckpointError,
     atomic_output,
     atomic_write_bytes,
     load_state_dict,
     model_from_state_dict,
 )
+from rwkvforge.gguf_file import blinkdl_to_gguf_name
+from rwkvforge.tokenizer import get_tokenizer
 
 FORMATS = ("gguf", "hf", "ai00")
 DEFAULT_DTYPE = {"gguf": "f16", "hf": "bf16", "ai00": "fp16"}
@@ -178,8 +182,6 @@ def _check_gguf_read_back(file_sd, src, qtypes: dict[str, str], what: str) -> di
     """Each tensor read back from the GGUF vs the source in BlinkDL layout: F32 / F16 / BF16
     tensors must equal the source rounded to that type bit for bit; Q8_0 ones must be within
     one quantisation step (max|w| / 127) of it. A name, order or transpose error fails here."""
-    from rwkvforge.gguf_file import blinkdl_to_gguf_name
-
     missing = sorted(set(src) - set(file_sd))
     if missing or set(file_sd) - set(src):
         raise ExportError(f"{what}: read back with missing {missing[:4]} / extra "
@@ -208,9 +210,6 @@ def _check_gguf_read_back(file_sd, src, qtypes: dict[str, str], what: str) -> di
 
 # ----------------------------------------------------------------------------- formats
 def _export_gguf(sd, out: Path, dtype: str, verify: str, name: str, log) -> dict:
-    from rwkvforge import gguf_file
-    from rwkvforge.tokenizer import get_tokenizer
-
     if out.suffix != ".gguf":
         raise ExportError(f"--out {out}: a GGUF file must end in .gguf.")
     checks: dict = {}
@@ -301,18 +300,17 @@ def write_modelfile(gguf_path: Path) -> Path:
 
 
 def _export_hf(sd, out: Path, dtype: str, log) -> dict:
-    from rwkvforge import hf
 
     if out.exists() and not (out / "config.json").is_file():
         if not out.is_dir() or any(out.iterdir()):
             raise ExportError(f"--out {out}: exists and is not an HF model folder; pick a new folder.")
     tdt = DTYPES[dtype]
     hf.write_hf_folder(sd, out, tdt, metadata={"source": "rwkvforge export"})
-    back = hf.load_hf_folder(out)
+    back = load_state_dict(out)
     src = {k: v.to(tdt) for k, v in sd.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")}
     checks = {"read_back": _compare(back, src, exact=True, what=str(out))}
     log(f"[export] HF folder {out} read back: {checks['read_back']['tensors']} tensors equal the source in {dtype}")
-    return {"checks": checks, "sha256": _sha256(out / hf.WEIGHTS), "files": sorted(p.name for p in out.iterdir())}
+    return {"checks": checks, "sha256": _sha256(out / HF_WEIGHTS), "files": sorted(p.name for p in out.iterdir())}
 
 
 def _export_ai00(sd, out: Path, state: Path | None, log) -> dict:
@@ -330,8 +328,6 @@ def _export_ai00(sd, out: Path, state: Path | None, log) -> dict:
         sha = _sha256(tmp)
     files = [out.name]
     if state is not None:
-        from rwkvforge.checkpoint import infer_config
-
         cfg = infer_config(sd)
         st = ai00_state_dict(read_state_file(state, cfg.n_layer, cfg.n_head, cfg.head_size))
         sp = out.with_name(out.stem + ".state.st")

@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rwkvforge.tokenizer import token_table
 from rwkvforge.checkpoint import CheckpointError, atomic_output, infer_config
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")
@@ -213,8 +214,6 @@ def world_vocab(vocab_size: int) -> tuple[list[bytes], list[int]]:
     id 0 "<s>" (CONTROL), ids 1.. the token bytes escaped the way Python's repr() writes them
     (llama.cpp un-escapes them when it builds its trie), unused ids "[PAD<i>]" (UNUSED)."""
     import gguf
-
-    from rwkvforge.tokenizer import token_table
 
     table = token_table()
     if vocab_size < len([t for t in table if t]) + 1:
