@@ -95,7 +95,7 @@ class Settings:
                               "Empty: picked from the GPU.")
     device: str = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.",
                      choices=("auto", "cpu", "cuda"))
-    seed: int = _f(42, "Random seed for data order, init and sampling.", lo=0)
+    seed: int = _f(42, "Random seed for data order, init and sampling.", lo=0, hi=2**32 - 1)
     wandb_project: str = _f("", "Weights & Biases project; empty disables W&B logging.")
     serve_host: str = _f("127.0.0.1", "Server bind address. 0.0.0.0 exposes the model to "
                          "your network: set SERVE_API_KEY first.")
@@ -176,6 +176,9 @@ class Settings:
                          "memory for the 65536-way logits.", lo=16, group="train")
     save_every: int = _f(20, "Checkpoint every N steps (0 = only at the end).", lo=0,
                          group="train")
+    keep_checkpoints: int = _f(0, "Keep only the newest N checkpoints of a run (0 = keep "
+                               "all); the newest complete one is never removed.", lo=0,
+                               group="train")
     eval_every: int = _f(0, "Validation loss every N steps (0 = only at the end).", lo=0,
                          group="train")
     log_every: int = _f(1, "Metrics line every N steps.", lo=1, group="train")
