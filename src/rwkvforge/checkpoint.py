@@ -475,6 +475,10 @@ _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 "for the filesystem"}
 
 
+# what torch.save's zip writer says when a write comes up short (no errno attached)
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
 def disk_error(e: BaseException, where: str | os.PathLike | None = None) -> str | None:
     """What a failed write means when it is the disk's fault (full, quota, read-only), or
     None. Looks through the exception chain; torch.save's "PytorchStreamWriter failed
@@ -486,8 +490,7 @@ def disk_error(e: BaseException, where: str | os.PathLike | None = None) -> str 
         seen.add(id(x))
         if isinstance(x, OSError) and x.errno in _DISK_ERRNOS:
             return _DISK_ERRNOS[x.errno]
-        if isinstance(x, RuntimeError) and ("PytorchStreamWriter failed" in str(x)
-                                            or "file write failed" in str(x)):
+        if isinstance(x, RuntimeError) and any(m in str(x) for m in _TORCH_WRITE_FAILED):
             if where is None:
                 return "a write failed (is the disk full?)"
             free = free_bytes(where)
