@@ -276,8 +276,12 @@ def test_setup_errors_are_train_errors(tiny_model_path, sft_prefix, tmp_path, ca
         assert rc == 2 and want in err and "Traceback" not in err, (extra, err)
         assert "--force" not in err
     assert not (tmp_path.parent / "escape").exists()
-    # the failed starts left at most a log: the names are free for a corrected run
-    assert all(p.name == "train.log" for d in tmp_path.glob("e*") for p in d.iterdir())
+    # the failed starts left at most a log, the lock file and a setup status: the names are
+    # free for a corrected run
+    from rwkvforge.runs import run_started
+
+    assert all({p.name for p in d.iterdir()} <= {"train.log", ".lock", "status.json"}
+               and not run_started(d) for d in tmp_path.glob("e*"))
 
 
 def _train_cmd(model, prefix, runs, name, *extra):
