@@ -45,3 +45,51 @@ def sft_prefix(tmp_path_factory):
     from sample_data import prepare_sample
 
     return prepare_sample(tmp_path_factory, "bsl_sft", "sft", 0.1)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """mount_small(size) -> a folder on a real tmpfs of that size (a full disk is a real
+    ENOSPC there); unmounted after the test. Skips where this process may not mount (not
+    root / no CAP_SYS_ADMIN)."""
+    import subprocess
+
+    mounted = []
+
+    def mount_small(size: str = "2m"):
+        d = tmp_path / f"small-fs-{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs",
+                            str(d)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here to fill it (needs root): "
+                        f"{r.stderr.strip() or r.returncode}")
+        mounted.append(d)
+        return d
+
+    yield mount_small
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def fill_disk(folder) -> None:
+    """Write a filler file in `folder` until its filesystem has no space left."""
+    import errno
+    import os
+
+    with open(os.path.join(folder, "filler"), "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (64 << 10))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    # small writes may still fit in a last partial page: take those too
+    i = 0
+    while True:
+        try:
+            with open(os.path.join(folder, f"filler-{i}"), "wb") as f:
+                f.write(b"\0" * 4096)
+            i += 1
+        except OSError:  # noqa: PERF203 - fills the disk until it is full
+            break

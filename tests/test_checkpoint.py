@@ -208,3 +208,65 @@ def test_random_model_is_seeded_and_not_degenerate():
     assert "blocks.0.att.v0" not in a
     decay = torch.exp(-0.606531 * torch.sigmoid(a["blocks.0.att.w0"]))
     assert 0.5 < decay.min() and decay.max() < 1.0 and decay.std() > 0.01
+
+
+# ------------------------------------------------------------------ training checkpoints
+def _fill(files: dict[str, bytes]):
+    def fill(tmp):
+        for name, data in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_bytes(data)
+    return fill
+
+
+def test_checkpoint_checksums_name_the_changed_file(tmp_path):
+    """COMPLETE records each file's sha256 (sub-folders too); one flipped byte, or a missing
+    file, is named; a marker from before checksums ("step N") still counts as complete."""
+    ck = ckpt.write_checkpoint(tmp_path, 3, _fill({"a.bin": b"x" * 1000,
+                                                   "deepspeed/s.pt": b"y" * 10}))
+    assert ckpt.verify_checkpoint(ck) == 2
+    data = bytearray((ck / "a.bin").read_bytes())
+    data[500] ^= 0x01
+    (ck / "a.bin").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"a\.bin: checksum mismatch"):
+        ckpt.verify_checkpoint(ck)
+    (ck / "a.bin").unlink()
+    with pytest.raises(ckpt.CorruptCheckpoint, match=r"a\.bin: missing"):
+        ckpt.verify_checkpoint(ck)
+    (ck / "COMPLETE").write_text("step 3\n")  # an older checkpoint: nothing to verify
+    assert ckpt.verify_checkpoint(ck) == 0
+
+
+def test_keep_checkpoints_never_removes_the_newest_complete(tmp_path):
+    for step in (2, 4, 6, 8):
+        ckpt.write_checkpoint(tmp_path, step, _fill({"a": b"1"}))
+    (tmp_path / "checkpoints" / "step-3").mkdir()  # a crash's incomplete folder
+    (tmp_path / "checkpoints" / "step-10").mkdir()  # being written right now
+    assert ckpt.prune_checkpoints(tmp_path, 0) == []  # 0: keep all
+    ckpt.prune_checkpoints(tmp_path, 2)
+    assert [(s, ok) for s, _, ok in ckpt.checkpoint_dirs(tmp_path)] == \
+        [(6, True), (8, True), (10, False)]
+    ckpt.prune_checkpoints(tmp_path, 1)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-8"
+    assert [s for s, _, _ in ckpt.checkpoint_dirs(tmp_path)] == [8, 10]
+
+
+def test_full_disk_checkpoint_leaves_nothing_that_looks_complete(small_fs):
+    """A real full filesystem (a 1 MiB tmpfs): the write fails with ENOSPC, disk_error calls
+    it a full disk, and no step folder (or temporary one) is left."""
+    run = small_fs("1m")
+    big = torch.zeros(1 << 19)  # 2 MiB
+    with pytest.raises(BaseException) as ei:
+        ckpt.write_checkpoint(run, 2, lambda tmp: ckpt.save_trainer_state(tmp / "t.pt",
+                                                                           {"x": big}))
+    assert ckpt.disk_error(ei.value, run) == "the disk is full"
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_nan_in_a_model_file_names_the_tensor(tmp_path, small_sd):
+    sd = {k: v.clone() for k, v in small_sd.items()}
+    sd["blocks.1.att.key.weight"][3, 5] = float("nan")
+    path = save_pth(sd, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"tensor blocks\.1\.att\.key\.weight holds 1 "
+                                              r"NaN/Inf value"):
+        load_state_dict(path)

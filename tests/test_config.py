@@ -219,3 +219,14 @@ def test_configuration_reference_is_fresh(lang: str, name: str) -> None:
         f"docs/{name} is stale: run `rwkvforge config docs`")
     for f in config.fields(Settings):
         assert f"`{f.name.upper()}`" in page
+
+
+def test_non_ascii_serve_api_key_is_refused_at_start() -> None:
+    """A key with characters HTTP clients cannot send in a header could never authenticate
+    (every request got 401): it is refused when the settings are read, without echoing it."""
+    for bad in ("pässwörd-123", "密钥密钥密钥", "two words"):
+        with pytest.raises(ConfigError, match="printable ASCII") as ei:
+            resolve(env={"SERVE_API_KEY": bad}, root=ROOT)
+        assert bad not in str(ei.value)
+    assert resolve(env={"SERVE_API_KEY": "sk-A1b2_c3.D4"}, root=ROOT).settings.serve_api_key \
+        == "sk-A1b2_c3.D4"

@@ -749,3 +749,30 @@ def test_dpo_run_shows_its_reward_curves(tmp_path, tiny_model_path, monkeypatch,
     charts = [n for n in at._tree if getattr(n, "type", "") == "vega_lite_chart"]
     assert len(charts) == 6  # loss, tokens/s, lr, memory + the two DPO charts
     assert not untranslated(at, lang, data_values=["dpo-run"])
+
+
+def test_compare_page_reads_no_run_file_outside_the_workspace(tmp_path):
+    """The Compare page's readers (run_metrics, config_rows) refuse a config.json or
+    metrics.jsonl symlinked out of the workspace, like the Runs page."""
+    ws = tmp_path / "ws"
+    run = ws / "runs" / "sym"
+    run.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text('{"settings": {"serve_api_key": "leaked"}}')
+    (outside / "metrics.jsonl").write_text('{"step": 1, "loss": 42.0}\n')
+    (run / "config.json").symlink_to(outside / "config.json")
+    (run / "metrics.jsonl").symlink_to(outside / "metrics.jsonl")
+    assert R.run_metrics(run, ws) == [] and R.config_rows(run, ws) == []
+    inside = ws / "runs" / "ok"
+    inside.mkdir()
+    (inside / "config.json").write_text('{"settings": {"lr": 0.001}}')
+    (inside / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert R.run_metrics(inside, ws) == [{"step": 1, "loss": 2.0}]
+    assert R.config_rows(inside, ws) == [("LR", "0.001", "")]
+    import inspect
+
+    from rwkvforge.dashboard import app
+
+    src = inspect.getsource(app)
+    assert "R.read_metrics(" not in src  # every page goes through the checked readers

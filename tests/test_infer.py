@@ -241,3 +241,17 @@ def test_entry_script_moves_to_the_workspace_environment():
                          capture_output=True, text=True, timeout=300,
                          env={**env, "VENV_DIR": "/nonexistent"})
     assert out.returncode == 1 and "run ./scripts/bootstrap.sh first" in out.stderr
+
+
+def test_nan_base_model_is_named_not_an_empty_answer(tmp_path, capsys):
+    """A base whose weights hold NaN: infer exits 2 naming the tensor (it used to exit 0
+    with an empty answer)."""
+    from rwkvforge.checkpoint import save_pth
+    from rwkvforge.demo import make_random_model_sd
+
+    sd = make_random_model_sd(2, 64, head_size=32, seed=1, dim_ffn=192)
+    sd["blocks.1.att.output.weight"][:, 0] = float("inf")
+    base = save_pth(sd, tmp_path / "nan.pth")
+    rc = infer.main(["--base-model", str(base), "--prompt", "Hello"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tensor blocks.1.att.output.weight holds 64 NaN/Inf" in err

@@ -333,3 +333,18 @@ def test_plan_model_flag_names_a_config_layer_only(given, fix, capsys):
     assert memory.main(["--model", given, "--vram", "12GiB"]) == 2
     err = capsys.readouterr().err
     assert "configs/model/*.env" in err and fix in err
+
+
+def test_plan_says_how_much_disk_a_run_takes(capsys):
+    """`rwkvforge plan` estimates the run's disk: checkpoints (adapter + trainable weights +
+    AdamW's two fp32 moments = 16 B per trainable param) times how many are kept."""
+    assert memory.main(["--size", "0.1b", "--max-steps", "100", "--save-every", "20",
+                        "--keep-checkpoints", "2"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("disk: "))
+    assert "2 checkpoint(s)" in line and "KEEP_CHECKPOINTS=2" in line
+    per, kept, total = memory.run_disk_bytes(1_000_000, 100, 20, 0)
+    assert kept == 5 and per == 16_000_000 + (64 << 10)
+    assert total == 5 * per + 4_000_000 + (1 << 20)
+    assert memory.run_disk_bytes(1_000_000, 100, 20, 2)[1] == 2
+    assert memory.run_disk_bytes(1_000_000, 101, 20, 0)[1] == 6  # the last step is saved too

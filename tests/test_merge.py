@@ -419,3 +419,41 @@ def test_cli_adapter_that_is_missing_or_a_run_folder(base_path, lora_dir, tmp_pa
     assert rc == 0, err
     assert f"using the run's final adapter {run / 'adapter'}" in err
     assert "--base is required" not in err
+
+
+# ----------------------------------------------------------------------------- issue 28
+def _checkpoint_of(lora_dir: Path, run: Path) -> Path:
+    """A training checkpoint folder (COMPLETE with checksums) holding `lora_dir`'s adapter."""
+    import shutil
+
+    from rwkvforge.checkpoint import write_checkpoint
+
+    def fill(tmp):
+        for f in lora_dir.iterdir():
+            shutil.copy(f, tmp / f.name)
+    return write_checkpoint(run, 2, fill)
+
+
+def test_damaged_checkpoint_is_refused_naming_the_file(base_path, lora_dir, tmp_path):
+    ck = _checkpoint_of(lora_dir, tmp_path / "run")
+    w = ck / A.ADAPTER_WEIGHTS[0]
+    data = bytearray(w.read_bytes())
+    data[-100] ^= 0x08  # a flipped bit inside a tensor: still loads, silently different
+    w.write_bytes(bytes(data))
+    with pytest.raises(A.MergeError, match=rf"checkpoint step-2 is damaged: .*{w.name}: "
+                                           "checksum mismatch"):
+        M.merge(base_path, ck, tmp_path / "m.pth", "fp32", runtime_check=False)
+    assert not (tmp_path / "m.pth").exists()
+
+
+def test_full_disk_merge_says_how_much_space(base_path, lora_dir, small_fs):
+    """--out on a real 1 MiB tmpfs: the merged model does not fit; a MergeError (not the
+    torch "enforce fail" traceback) says so, with the space needed, and nothing is left."""
+    out = small_fs("1m") / "m.pth"
+    with pytest.raises(A.MergeError) as ei:
+        M.merge(base_path, lora_dir, out, "fp32", runtime_check=False)
+    msg = str(ei.value)
+    print(msg)
+    assert msg.startswith("the disk is full: writing the merged model")
+    assert "It needs about" in msg and "run the same merge command again" in msg
+    assert not [p.name for p in out.parent.iterdir() if p.suffix == ".pth"]

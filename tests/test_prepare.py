@@ -173,6 +173,9 @@ def test_not_utf8_and_oversize_lines(tmp_path):
 
 @pytest.mark.parametrize("data, hint", [
     ('{"text": "a"}\n'.encode("utf-16"), "looks like UTF-16"),
+    # no byte-order mark: every other byte NUL, which "decodes" as UTF-8
+    ('{"text": "a"}\n'.encode("utf-16-le"), "looks like UTF-16.*iconv -f utf-16le"),
+    ('{"text": "a"}\n'.encode("utf-16-be"), "looks like UTF-16.*iconv -f utf-16be"),
     (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff", "gzip-compressed"),
     ("Процедура Тест()\n".encode("utf-8"), "must be JSON Lines"),
 ])

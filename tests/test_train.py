@@ -614,3 +614,129 @@ def test_train_help_lists_training_flags_only(capsys):
     assert "--lora-r" in out and "--ctx-len" in out
     assert "--serve-port" not in out and "--infer-fast" not in out
     assert T.build_parser().parse_args(["--serve-port", "9000"]).set_serve_port == "9000"
+
+
+# ------------------------------------------------------------------ issue 28: 4, 5, 7, 9, 10
+def _flip_byte(path: Path, at: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    data[min(at, len(data) - 1)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_checkpoint_is_named_and_falls_back_only_when_asked(tiny_model_path, sft_prefix,
+                                                                     tmp_path, capsys):
+    """Flipped bytes in the newest checkpoint: --resume exits 2 naming the file (it used to
+    resume silently); --fallback-checkpoint resumes from the previous complete one. Stray
+    temp files a kill -9 left are gone after that start; KEEP_CHECKPOINTS prunes."""
+    run = tmp_path / "flipped"
+    res = resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=4, save_every=2,
+                   precision="fp32")
+    T.Trainer(res, run, root=ROOT, progress=False).run()
+    _flip_byte(run / "checkpoints" / "step-4" / "trainer_state.pt")
+    stray = [run / ".status.json.k9x2ab.tmp", run / "checkpoints" / "step-6.tmp"]
+    stray[0].write_text("{")
+    stray[1].mkdir()
+    capsys.readouterr()
+    assert T.main(["--resume", str(run), "--no-progress", "--max-steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step-4 is damaged" in err
+    assert "step-4/trainer_state.pt: checksum mismatch" in err
+    assert f"--resume {run} --fallback-checkpoint" in err
+    assert T.main(["--resume", str(run), "--no-progress", "--max-steps=6",
+                   "--fallback-checkpoint", "--keep-checkpoints=1"]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "step-2 at step 2" in err
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert not any(p.exists() for p in stray)
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-6"]
+    assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_full_disk_in_a_real_run_says_what_and_how_to_resume(tiny_model_path, sft_prefix,
+                                                             small_fs):
+    """A real training process whose RUNS_DIR is a small tmpfs that fills up (ENOSPC from the
+    kernel) between checkpoints: exit 2 with one line saying the disk is full, what was
+    being written, the space needed and free, and the resume command; no traceback. Freed,
+    the run resumes and finishes."""
+    runs = small_fs("8m")
+    run = runs / "full"
+    env = sub_env()
+    proc = subprocess.Popen(_train_cmd(tiny_model_path, sft_prefix, runs, "full",
+                                       "--max-steps=400", "--save-every=2", "--log-every=1000"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / "step-2" / "COMPLETE").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        from conftest import fill_disk
+
+        fill_disk(runs)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    line = next(x for x in err.splitlines() if x.startswith("train error:"))
+    assert "the disk is full: writing checkpoint step-" in line
+    assert "A checkpoint of this run needs about" in line and "is free there" in line
+    assert f"continue with: rwkvforge train --resume {run}" in line
+    print(line)  # the message as printed (docs/troubleshooting.md quotes it)
+    for p in runs.glob("filler*"):  # space is back
+        p.unlink()
+    r = subprocess.run([sys.executable, "-m", "rwkvforge.train", "--resume", str(run),
+                        "--no-progress", "--max-steps=4"], env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert not list(run.glob(".*.tmp")) and not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_bad_run_records_and_seed_are_errors_not_tracebacks(tiny_model_path, sft_prefix,
+                                                            tmp_path, capsys):
+    run = tmp_path / "badjson"
+    run.mkdir()
+    (run / "config.json").write_text('{"settings": {"lr": 1e-4,,}}')
+    assert T.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'config.json'}:1: not valid JSON" in err and "Traceback" not in err
+    bad = tmp_path / "bad-data"
+    Path(f"{bad}.meta.json").write_text("{not json")
+    assert T.main(["--base-model", str(tiny_model_path), "--data-prefix", str(bad),
+                   "--runs-dir", str(tmp_path), "--run-name", "m", "--no-progress"]) == 2
+    assert "prepared data: " in (err := capsys.readouterr().err) and "not valid JSON" in err
+    with pytest.raises(cfgmod.ConfigError, match="above the maximum 4294967295"):
+        cfgmod.coerce("SEED", "99999999999999999999999", "--seed")
+
+
+def test_nan_base_model_is_named_at_load_in_train(sft_prefix, tmp_path, capsys):
+    from rwkvforge.checkpoint import save_pth
+    from rwkvforge.demo import make_random_model_sd
+
+    sd = make_random_model_sd(2, 128, seed=0)
+    sd["blocks.0.ffn.value.weight"][0, :4] = float("nan")
+    base = save_pth(sd, tmp_path / "nan.pth")
+    assert T.main(["--base-model", str(base), "--data-prefix", str(sft_prefix),
+                   "--runs-dir", str(tmp_path), "--run-name", "nan", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "tensor blocks.0.ffn.value.weight holds 4 NaN/Inf value(s)" in err
+    assert "diverged" not in err
+
+
+def test_start_warns_lr_final_above_lr_and_says_the_disk_a_run_takes(tiny_model_path,
+                                                                    sft_prefix, tmp_path):
+    said = []
+    res = resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=10, save_every=2,
+                   keep_checkpoints=2, lr=1e-4, lr_final=1e-3)
+    tr = T.Trainer(res, tmp_path / "warn", root=ROOT, progress=False, say=said.append)
+    try:
+        tr.setup()
+    finally:
+        tr.folder.unlock()
+        tr.folder.close_log()
+    text = "\n".join(said)
+    assert "warning: LR_FINAL=0.001 is above LR=0.0001" in text
+    assert "disk: about" in text and "2 checkpoint(s) of ~" in text
+    assert "KEEP_CHECKPOINTS=2" in text

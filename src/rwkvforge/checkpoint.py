@@ -12,6 +12,8 @@ was expected. Writes go to a temporary name in the same folder and are renamed i
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
@@ -80,7 +82,22 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{str(e).splitlines()[0] if str(e) else ''}). The file may be truncated (an "
             f"interrupted download or copy) or not a .pth at all; download or generate it again."
         ) from e
-    return validate_state_dict(obj, source=str(path))
+    sd = validate_state_dict(obj, source=str(path))
+    check_finite_weights(sd, str(path))
+    return sd
+
+
+def check_finite_weights(sd: dict[str, torch.Tensor], source: str) -> None:
+    """A model whose weights hold NaN / Inf gives NaN losses and empty generations, which
+    look like a diverged run: name the first bad tensor at load instead."""
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CheckpointError(
+                f"{source}: tensor {k} holds {bad} NaN/Inf value(s) (of {v.numel()}): the "
+                f"model file is damaged (a broken conversion, download or merge), and "
+                f"training or generating from it gives NaN. Download or convert the model "
+                f"again.")
 
 
 def validate_state_dict(obj, source: str = "<state_dict>") -> dict[str, torch.Tensor]:
@@ -377,15 +394,132 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def complete_marker(folder: str | os.PathLike, step: int) -> bytes:
+    """The COMPLETE marker of a checkpoint folder: its step and the sha256 of every file in
+    it (sub-folders too, e.g. DeepSpeed's shards), verified on resume and merge."""
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): _file_sha256(p)
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
+    return (json.dumps({"step": step, "sha256": files}, indent=1) + "\n").encode()
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A complete checkpoint whose files do not match the checksums in its COMPLETE."""
+
+
+def verify_checkpoint(ck: str | os.PathLike) -> int:
+    """Check every file of checkpoint folder `ck` against the sha256 in its COMPLETE marker;
+    returns the number of files checked (0: a marker from before checksums, nothing to check).
+    Raises CorruptCheckpoint naming the first file that is missing or changed."""
+    ck = Path(ck)
+    raw = (ck / COMPLETE_MARKER).read_bytes()
+    try:
+        marker = json.loads(raw)
+    except ValueError:
+        if raw.startswith(b"step "):
+            return 0  # written before checksums were recorded: nothing to verify against
+        raise CorruptCheckpoint(f"{ck / COMPLETE_MARKER}: damaged (not the marker this tool "
+                                "writes); the checkpoint cannot be trusted.") from None
+    sums = marker.get("sha256") if isinstance(marker, dict) else None
+    if not isinstance(sums, dict):
+        raise CorruptCheckpoint(f"{ck / COMPLETE_MARKER}: damaged (no checksums); the "
+                                "checkpoint cannot be trusted.")
+    for name, want in sorted(sums.items()):
+        f = ck / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{f}: missing from the checkpoint (COMPLETE lists it).")
+        got = _file_sha256(f)
+        if got != want:
+            raise CorruptCheckpoint(f"{f}: checksum mismatch (sha256 {got[:12]}..., COMPLETE "
+                                    f"recorded {want[:12]}...): the file changed after it was "
+                                    "written (disk or copy damage).")
+    return len(sums)
+
+
 def write_checkpoint(run_dir: str | os.PathLike, step: int, fill) -> Path:
     """Create runs/<run>/checkpoints/step-N atomically: `fill(tmp_dir)` writes the files into
-    step-N.tmp, then COMPLETE is written (fsynced) and the folder renamed. A crash at any
-    point leaves no folder that looks complete."""
+    step-N.tmp, then COMPLETE (with each file's sha256) is written (fsynced) and the folder
+    renamed. A crash at any point leaves no folder that looks complete."""
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
     with atomic_dir(final) as tmp:
         fill(tmp)
-        atomic_write_bytes(tmp / COMPLETE_MARKER, f"step {step}\n".encode())
+        atomic_write_bytes(tmp / COMPLETE_MARKER, complete_marker(tmp, step))
     return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """KEEP_CHECKPOINTS: remove all but the newest `keep` complete checkpoints (0 keeps all;
+    the newest complete one is never removed). Incomplete folders older than the newest
+    complete one go too (left by a crash, never resumable). Returns what was removed."""
+    if keep <= 0:
+        return []
+    dirs = checkpoint_dirs(run_dir)
+    done = [p for _, p, ok in dirs if ok]
+    if not done:
+        return []
+    newest = done[-1]
+    drop = done[:-max(keep, 1)]
+    drop += [p for step, p, ok in dirs if not ok and p.name != newest.name
+             and step < int(_STEP_DIR_RE.match(newest.name).group(1))]
+    for p in drop:
+        shutil.rmtree(p, ignore_errors=True)
+    return drop
+
+
+# ------------------------------------------------------------------------------------ full disk
+_DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the disk is read-only", errno.EFBIG: "the file is too large "
+                "for the filesystem"}
+
+
+# what torch.save's zip writer says when a write comes up short (no errno attached)
+_TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def disk_error(e: BaseException, where: str | os.PathLike | None = None) -> str | None:
+    """What a failed write means when it is the disk's fault (full, quota, read-only), or
+    None. Looks through the exception chain; torch.save's "PytorchStreamWriter failed
+    writing" RuntimeError carries no errno: it counts as a full disk when `where`'s
+    filesystem has (almost) no space left."""
+    seen = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _DISK_ERRNOS:
+            return _DISK_ERRNOS[x.errno]
+        if isinstance(x, RuntimeError) and any(m in str(x) for m in _TORCH_WRITE_FAILED):
+            if where is None:
+                return "a write failed (is the disk full?)"
+            free = free_bytes(where)
+            return ("the disk is full" if free is not None and free < (16 << 20)
+                    else "a write failed (is the disk full?)")
+        x = x.__cause__ or x.__context__
+    return None
+
+
+def free_bytes(where: str | os.PathLike) -> int | None:
+    """Free bytes on the filesystem of `where` (its nearest existing parent)."""
+    p = Path(where)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def fmt_mb(n: float | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"
 
 
 # ---- the Hugging Face RWKV-7 layout, read (fla-hub RWKV7ForCausalLM; the writer: hf.py) -----------

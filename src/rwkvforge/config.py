@@ -95,12 +95,13 @@ class Settings:
                               "Empty: picked from the GPU.")
     device: str = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.",
                      choices=("auto", "cpu", "cuda"))
-    seed: int = _f(42, "Random seed for data order, init and sampling.", lo=0)
+    seed: int = _f(42, "Random seed for data order, init and sampling.", lo=0, hi=2**32 - 1)
     wandb_project: str = _f("", "Weights & Biases project; empty disables W&B logging.")
     serve_host: str = _f("127.0.0.1", "Server bind address. 0.0.0.0 exposes the model to "
                          "your network: set SERVE_API_KEY first.")
     serve_port: int = _f(8000, "OpenAI-compatible server port.", lo=1, hi=65535)
-    serve_api_key: str = _f("", "Bearer key required by the server; empty: no auth "
+    serve_api_key: str = _f("", "Bearer key required by the server (printable ASCII, no "
+                            "spaces); empty: no auth "
                             "(fine on 127.0.0.1). A secret: run records, logs and W&B only "
                             "say whether it is set.", secret=True)
     serve_max_batch: int = _f(16, "Streams decoded together by the server: more = higher "
@@ -176,6 +177,9 @@ class Settings:
                          "memory for the 65536-way logits.", lo=16, group="train")
     save_every: int = _f(20, "Checkpoint every N steps (0 = only at the end).", lo=0,
                          group="train")
+    keep_checkpoints: int = _f(0, "Keep only the newest N checkpoints of a run (0 = keep "
+                               "all); the newest complete one is never removed.", lo=0,
+                               group="train")
     eval_every: int = _f(0, "Validation loss every N steps (0 = only at the end).", lo=0,
                          group="train")
     log_every: int = _f(1, "Metrics line every N steps.", lo=1, group="train")
@@ -313,6 +317,14 @@ def coerce(key: str, raw: str, where: str) -> Any:
         opts = ", ".join(str(c) for c in meta["choices"])
         raise ConfigError(f"{where}: key {key}: {raw!r} is not one of {opts}."
                           f"{suggest(str(val), [str(c) for c in meta['choices']])}")
+    if key == "SERVE_API_KEY" and not all(33 <= ord(c) <= 126 for c in val):
+        # HTTP header values are bytes that servers read as latin-1 and most clients only
+        # send as ASCII: such a key could never authenticate (every request would get 401)
+        raise ConfigError(f"{where}: key {key}: the key must be printable ASCII without "
+                          "spaces (letters, digits, punctuation): HTTP clients cannot send "
+                          "other characters in the Authorization header, so no request "
+                          "could ever authenticate. Pick another key, e.g. the output of "
+                          "`openssl rand -hex 24`.")
     if meta.get("min") is not None and val < meta["min"]:
         raise ConfigError(f"{where}: key {key}: {val} is below the minimum {meta['min']}.")
     if meta.get("max") is not None and val > meta["max"]:

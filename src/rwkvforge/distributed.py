@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 from rwkvforge import config
-from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, fsync_dir,
-                                  load_trainer_state, save_trainer_state, write_checkpoint)
+from rwkvforge.checkpoint import (COMPLETE_MARKER, atomic_write_bytes, complete_marker,
+                                  fsync_dir, load_trainer_state, save_trainer_state,
+                                  write_checkpoint)
 from rwkvforge.peft import load_trainable_state, trainable_state
 
 
@@ -297,7 +298,7 @@ class DeepSpeedStrategy:
         dist.barrier()
         if self.rank == 0:
             fill(tmp)
-            atomic_write_bytes(tmp / COMPLETE_MARKER, f"step {step}\n".encode())
+            atomic_write_bytes(tmp / COMPLETE_MARKER, complete_marker(tmp, step))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

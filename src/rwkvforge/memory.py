@@ -659,6 +659,31 @@ def _cfg_from_pth(path: str):
     return infer_config(load_state_dict(path))
 
 
+# ----------------------------------------------------------------------------- disk
+def run_disk_bytes(n_trainable: int, total_steps: int, save_every: int, keep: int,
+                   optimizer: str = "adamw") -> tuple[int, int, int]:
+    """(bytes per checkpoint, checkpoints kept, bytes of the whole run) on disk. A checkpoint
+    holds the adapter (fp32) and trainer_state.pt (the trainable weights again and the
+    optimiser's two moments: fp32, or ~1 byte each for adamw8bit); the run adds the final
+    adapter and ~1 MB of logs. total_steps 0 (unknown): one checkpoint is counted."""
+    moments = 8 if optimizer == "adamw" else 2
+    per = (4 + 4 + moments) * n_trainable + (64 << 10)
+    made = -(-total_steps // save_every) if save_every and total_steps else 1
+    kept = min(made, keep) if keep else made
+    return per, kept, kept * per + 4 * n_trainable + (1 << 20)
+
+
+def disk_line(breakdown: Breakdown, s: Any) -> str:
+    """`rwkvforge plan`'s disk estimate of a run with these settings."""
+    n_train = breakdown.items.get("adapter", 0) // 4
+    per, kept, total = run_disk_bytes(n_train, s.max_steps, s.save_every,
+                                      s.keep_checkpoints, s.optimizer)
+    steps = (f"MAX_STEPS={s.max_steps}, SAVE_EVERY={s.save_every}" if s.max_steps else
+             "MAX_STEPS=0 (the count of checkpoints depends on the data; one counted)")
+    return (f"disk: about {fmt_bytes(total)} per run: {kept} checkpoint(s) of ~{fmt_bytes(per)} "
+            f"({steps}, KEEP_CHECKPOINTS={s.keep_checkpoints or 'all'}) + the final adapter")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="rwkvforge plan",
@@ -713,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"model": desc, "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else vars(cfg),
                           "profile": s.profile, "plan": pl.to_dict(), "fit_table": rows,
+                          "disk": disk_line(pl.breakdown, s),
                           "fit_table_settings": {"ctx_len": s.ctx_len, "micro_bsz": s.micro_bsz}},
                          indent=2))
         return 0
@@ -723,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
           f"OPTIMIZER={w.optimizer}, HEAD_CHUNK={w.head_chunk}, device {device}\n")
     print(pl.breakdown.table())
     print()
+    print(disk_line(pl.breakdown, s))
     if vram is None:
         print("no budget: give --vram (e.g. --vram 12GiB) to get a recommendation.")
     else:

@@ -52,8 +52,10 @@ from rwkvforge import runs, upstream
 from rwkvforge.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraFactor, MergeError,
                                apply_replacements, check_adapter_matches_base, merge_state_dict,
                                read_adapter, resolve_adapter_path, save_peft_adapter)
-from rwkvforge.checkpoint import (DTYPES, CheckpointError, atomic_output, atomic_write_bytes,
-                                  load_state_dict, model_from_state_dict, save_pth)
+from rwkvforge.checkpoint import (COMPLETE_MARKER, DTYPES, CheckpointError, CorruptCheckpoint,
+                                  atomic_output, atomic_write_bytes, disk_error, fmt_mb,
+                                  free_bytes, load_state_dict, model_from_state_dict, save_pth,
+                                  verify_checkpoint)
 
 # fp32 logit tolerance, relative to the logit scale. Merged vs unmerged fp32 differ only in
 # summation order (x (W + sBA)^T vs x W^T + s (x A^T) B^T): measured ~1e-6 relative on the test
@@ -298,6 +300,13 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
     if not base.is_file():
         raise MergeError(f"{base}: base model not found (pass --base-model with the .pth the adapter "
                          f"was trained on).")
+    ck = adapter_path if adapter_path.is_dir() else adapter_path.parent
+    if (ck / COMPLETE_MARKER).is_file():  # a training checkpoint: its files as written?
+        try:
+            verify_checkpoint(ck)
+        except CorruptCheckpoint as e:
+            raise MergeError(f"checkpoint {ck.name} is damaged: {e} Merge the previous "
+                             "checkpoint or the run's final adapter instead.") from None
     adapter = read_adapter(adapter_path, alpha=alpha, rank=rank)
     try:
         base_sd = load_state_dict(base)
@@ -327,6 +336,8 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
             f"weights from {base}, not into re-quantised ones")
 
     merged = merge_state_dict(base_sd, adapter, DTYPES[dtype_name], dtype_name)
+    need = sum(v.numel() * v.element_size() for v in merged.values())
+    need *= 2 if safetensors else 1
     log(f"[merge] merged in fp32, rounded once to {dtype_name}; verifying logits ...")
     adapter_dir = adapter.source if adapter.kind == "peft" else None
     report = {
@@ -386,23 +397,43 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp_out.unlink()
+        if not isinstance(e, MergeError) and disk_error(e, out.parent) is not None:
+            raise _disk_full(e, out, need) from e
         if isinstance(e, MergeError):
             report["passed"] = False
             report["error"] = str(e)
             atomic_write_bytes(failed_path, (json.dumps(report, indent=2) + "\n").encode())
         raise
     extras = {}
-    if safetensors:
-        st = save_safetensors(merged, out.with_suffix(".safetensors"),
-                              {"format": "pt", "source": "rwkvforge merge", "sha256_pth": report["sha256"]})
-        extras["safetensors"] = st.name
-    if export_adapter:
-        extras["peft_adapter"] = str(save_peft_adapter(adapter, export_adapter))
-    report["exports"] = extras
-    atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode())
+    try:
+        if safetensors:
+            st = save_safetensors(merged, out.with_suffix(".safetensors"),
+                                  {"format": "pt", "source": "rwkvforge merge",
+                                   "sha256_pth": report["sha256"]})
+            extras["safetensors"] = st.name
+        if export_adapter:
+            extras["peft_adapter"] = str(save_peft_adapter(adapter, export_adapter))
+        report["exports"] = extras
+        atomic_write_bytes(report_path, (json.dumps(report, indent=2) + "\n").encode())
+    except (OSError, RuntimeError) as e:
+        if disk_error(e, out.parent) is None:
+            raise
+        raise _disk_full(e, out, need, done=f"{out.name} was written, its report and "
+                         "exports were not") from e
     with contextlib.suppress(FileNotFoundError):
         failed_path.unlink()
     return MergeResult(out, report, report_path)
+
+
+def _disk_full(e: BaseException, out: Path, need: int,
+               done: str = "nothing was written") -> MergeError:
+    """A write of merge that failed for the disk's sake: what, how much space, what next."""
+    what = disk_error(e, out.parent) or "a write failed"
+    return MergeError(f"{what}: writing the merged model {out} failed ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0]}). It needs about {fmt_mb(need)}; "
+                      f"{fmt_mb(free_bytes(out.parent))} is free there. Free some space (or "
+                      f"pass --out on a disk with room), then run the same merge command "
+                      f"again ({done}).")
 
 
 def _pkg_version(name: str) -> str:

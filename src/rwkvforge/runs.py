@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -107,6 +108,15 @@ def hardware_info() -> dict[str, Any]:
 LOCK = ".lock"
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """train.log's handler: a line that cannot be written (a full disk) is dropped, not a
+    "--- Logging error ---" traceback on the console; the failing write that matters (a
+    checkpoint, the adapter) reports the full disk itself."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: ARG002
+        pass
+
+
 class RunLocked(RuntimeError):
     """Another process is writing this run folder; the message names its PID."""
 
@@ -144,6 +154,33 @@ class RunFolder:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
+    def clean_stray(self) -> list[Path]:
+        """Remove what a writer killed mid-write (kill -9, power loss) left: temporary files
+        of atomic writes (.status.json.*.tmp, .loss.png.tmp) and half-built folders
+        (adapter.tmp, checkpoints/step-N.tmp / .old). Only while holding the lock (no other
+        writer can be making them). Returns what was removed."""
+        if not self.enabled or (self._lock_fd is None and fcntl is not None):
+            return []
+        gone: list[Path] = []
+        cands = [p for p in self.path.glob(".*.tmp") if p.is_file()]
+        cands += [p for p in (self.path / "adapter.tmp", self.path / "adapter.old")
+                  if p.is_dir()]
+        ck = self.path / "checkpoints"
+        if ck.is_dir():
+            cands += [p for p in ck.iterdir() if p.name.endswith((".tmp", ".old"))
+                      and p.name.startswith("step-")]
+            cands += [p for p in ck.glob("step-*/.*.tmp") if p.is_file()]
+        for p in cands:
+            try:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                gone.append(p)
+            except OSError:  # noqa: PERF203 - a handful of stray files, once per start
+                pass
+        if gone:
+            log.info("removed %d temporary file(s) an interrupted write left: %s", len(gone),
+                     ", ".join(str(p.relative_to(self.path)) for p in gone[:5]))
+        return gone
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
@@ -153,7 +190,7 @@ class RunFolder:
         if not self.enabled:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        h = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        h = _QuietFileHandler(self.path / "train.log", encoding="utf-8")
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
                                          "%Y-%m-%d %H:%M:%S"))
         log.addHandler(h)

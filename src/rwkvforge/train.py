@@ -36,6 +36,7 @@ config instead (`--print-command` shows the command).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -57,8 +58,11 @@ from tqdm import tqdm
 from rwkvforge import config as cfgmod
 from rwkvforge import paths, upstream
 from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
-from rwkvforge.checkpoint import (CheckpointError, atomic_dir, latest_checkpoint, load_model,
-                                  load_trainer_state, save_trainer_state)
+from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir,
+                                  checkpoint_dirs, disk_error, fmt_mb, free_bytes,
+                                  latest_checkpoint, load_model,
+                                  load_trainer_state, prune_checkpoints, save_trainer_state,
+                                  verify_checkpoint)
 from rwkvforge.data.loader import build_loaders, load_meta
 from rwkvforge.data.prepare import SAMPLES, Options, PrepareError, stale_reason
 from rwkvforge.data.prepare import run as prepare_run
@@ -80,7 +84,7 @@ log = logging.getLogger("rwkvforge.train")
 
 # settings that may change when resuming (everything else must match the run's config.json)
 RESUME_MUTABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_every",
-                  "wandb_project", "device")
+                  "wandb_project", "device", "keep_checkpoints")
 
 
 class Stopped(KeyboardInterrupt):
@@ -156,7 +160,10 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
         data_file = (paths.resolve(s.data_file, src.get("DATA_FILE", "cli"), root)
                      if s.data_file else paths.sample_data_dir(root) / SAMPLES[s.data_type])
         prefix = root / "data" / "processed" / data_file.stem
-    _, meta = load_meta(prefix)
+    try:
+        _, meta = load_meta(prefix)
+    except ValueError as e:  # a meta.json that is not valid JSON / not ours
+        raise TrainError(f"prepared data: {e}") from None
     # a bare .bin is text binidx (RWKV-LM's make_data.py); one with a .mask but no meta is
     # an interrupted prepare (loader.open_split refuses it): prepare again
     have = meta is not None or (Path(f"{prefix}.bin").is_file()
@@ -380,13 +387,14 @@ class Trainer:
     def __init__(self, res: cfgmod.Resolved, run_dir: Path, *, resume: bool = False,
                  root: Path | None = None, progress: bool | None = None, force: bool = False,
                  on_micro_batch: Callable[[int, int, int], None] | None = None,
-                 say: Callable[[str], None] | None = None):
+                 say: Callable[[str], None] | None = None, fallback: bool = False):
         self.res = res
         self.settings = res.settings
         self.root = root or paths.workspace_root()
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.force = force
+        self.fallback = fallback  # --fallback-checkpoint: a damaged newest checkpoint is skipped
         self.on_micro_batch = on_micro_batch
         self.world = world_size()
         self.rank = rank()
@@ -420,6 +428,8 @@ class Trainer:
         self._bar = None
         self._events: list[str] = []
         self._dpo_stats = torch.zeros(4, dtype=torch.float64)
+        self._writing = "the run folder's files"  # what a write that fails was writing
+        self.checkpoint_mb = 0.0  # estimated size of one checkpoint
 
     def say(self, msg: str, level: int = logging.INFO) -> None:
         if not self.is_main:
@@ -438,6 +448,7 @@ class Trainer:
         self.strategy = make_strategy(s, self.device)
         self.folder.lock()  # before anything is written: one writer per run folder
         self.folder.open_log()
+        self.folder.clean_stray()  # temp files a kill -9 left (the lock is ours now)
         try:
             kernel, why = describe_impl(s.wkv_impl, self.device)
         except RuntimeError as e:
@@ -490,6 +501,12 @@ class Trainer:
         if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
             self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "
                      "steps: the learning rate never reaches LR; lower WARMUP_STEPS")
+        if s.lr_final > s.lr and s.lr_schedule != "constant":
+            self.say(f"warning: LR_FINAL={s.lr_final:g} is above LR={s.lr:g}: the "
+                     f"{s.lr_schedule} schedule will raise the learning rate towards the end "
+                     "instead of lowering it; set LR_FINAL below LR (e.g. LR/10)",
+                     logging.WARNING)
+        self._disk_note()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: lr_at(i, lr=s.lr, lr_final=s.lr_final,
                                             warmup=s.warmup_steps, total=total,
@@ -508,6 +525,43 @@ class Trainer:
             self._load_resume()
         if self.is_main:
             self.wandb = init_wandb(s, self.run_dir)
+
+    # ------------------------------------------------------------------ disk
+    def _disk_note(self) -> None:
+        """Say roughly how much disk the run takes (checkpoints + final adapter), and warn
+        when the run folder's filesystem has less free."""
+        from rwkvforge.memory import run_disk_bytes
+
+        s = self.settings
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        per, n_kept, total = run_disk_bytes(n_train, self.total_steps, s.save_every,
+                                            s.keep_checkpoints, s.optimizer)
+        self.checkpoint_mb = per / 2**20
+        free = free_bytes(self.run_dir)
+        self.say(f"disk: about {fmt_mb(total)} for this run ({n_kept} checkpoint(s) of "
+                 f"~{fmt_mb(per)} + the final adapter; KEEP_CHECKPOINTS="
+                 f"{s.keep_checkpoints or 'all'}), {fmt_mb(free)} free at {self.run_dir.parent}")
+        if free is not None and self.is_main and free < total:
+            self.say(f"warning: the run needs about {fmt_mb(total)} but only {fmt_mb(free)} "
+                     "is free: free space, or set KEEP_CHECKPOINTS=1 (or a larger SAVE_EVERY)",
+                     logging.WARNING)
+
+    def disk_message(self, e: BaseException) -> str | None:
+        """The message of a write that failed for the disk's sake (full, read-only), or
+        None: what happened, how much is needed and free, and the resume command."""
+        what = disk_error(e, self.run_dir)
+        if what is None:
+            return None
+        need = max(self.checkpoint_mb * 2**20, _last_checkpoint_bytes(self.run_dir))
+        free = free_bytes(self.run_dir)
+        resume = (f"rwkvforge train --resume {shlex.quote(str(self.run_dir))}"
+                  if latest_checkpoint(self.run_dir) is not None else
+                  "start the run again (it has no complete checkpoint yet)")
+        return (f"{what}: writing {self._writing} in {self.run_dir} failed at step "
+                f"{self.step} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                f". A checkpoint of this run needs about {fmt_mb(need)}; "
+                f"{fmt_mb(free)} is free there. Free some space (KEEP_CHECKPOINTS=N keeps "
+                f"only the newest N checkpoints), then continue with: {resume}")
 
     # ------------------------------------------------------------------ checkpoints
     def _export(self) -> tuple[dict, dict]:
@@ -535,12 +589,41 @@ class Trainer:
             save_adapter(tmp, *adapter)
             save_trainer_state(tmp / "trainer_state.pt", state)
 
+        self._writing = f"checkpoint step-{self.step}"
         path = self.strategy.save_checkpoint(self.run_dir, self.step, fill, state["rng"])
+        self._writing = "the run folder's files"
         self.say(f"checkpoint {path.relative_to(self.run_dir)}")
+        if self.is_main:
+            for old in prune_checkpoints(self.run_dir, self.settings.keep_checkpoints):
+                self.say(f"removed {old.relative_to(self.run_dir)} "
+                         f"(KEEP_CHECKPOINTS={self.settings.keep_checkpoints})")
         return path
 
+    def _verified_checkpoint(self) -> Path | None:
+        """The newest complete checkpoint whose files match the checksums in its COMPLETE.
+        A mismatch is an error naming the file; with --fallback-checkpoint the previous
+        complete checkpoint is tried instead."""
+        done = [p for _, p, ok in checkpoint_dirs(self.run_dir) if ok]
+        for ck in reversed(done):
+            try:
+                verify_checkpoint(ck)
+                return ck
+            except CorruptCheckpoint as e:  # noqa: PERF203 - a few checkpoints, once per resume
+                if not self.fallback:
+                    raise TrainError(
+                        f"--resume {self.run_dir}: checkpoint {ck.name} is damaged: {e} "
+                        f"Resume from the previous complete checkpoint with: rwkvforge train "
+                        f"--resume {shlex.quote(str(self.run_dir))} --fallback-checkpoint"
+                    ) from None
+                self.say(f"checkpoint {ck.name} is damaged ({e}); --fallback-checkpoint: "
+                         "trying the previous complete one", logging.WARNING)
+        if done and self.fallback:
+            raise TrainError(f"--resume {self.run_dir}: every complete checkpoint is damaged "
+                             "(see above); start a new run.")
+        return None
+
     def _load_resume(self) -> None:
-        ck = latest_checkpoint(self.run_dir)
+        ck = self._verified_checkpoint()
         if ck is None:
             raise TrainError(f"--resume {self.run_dir}: no complete checkpoint in "
                              f"{self.run_dir / 'checkpoints'} (a folder counts once it holds "
@@ -770,17 +853,23 @@ class Trainer:
             self._finish(loss, mon)
         except BaseException as e:
             self._close_bar(mon)
+            disk = None if isinstance(e, TrainError) else self.disk_message(e)
             if self.is_main:
                 msg = (f"stopped by {e.args[0]}" if isinstance(e, Stopped) else
                        "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else
-                       f"{type(e).__name__}: {e}")
-                self.folder.status("failed", self.step, self.total_steps, error=msg)
+                       disk or f"{type(e).__name__}: {e}")
+                # on a full disk these writes may fail too: the message above is what counts
+                with contextlib.suppress(OSError, RuntimeError):
+                    self.folder.status("failed", self.step, self.total_steps, error=msg)
                 log.error("run failed at step %d: %s", self.step, msg)
-                self.folder.plot_loss()
+                with contextlib.suppress(OSError, RuntimeError):
+                    self.folder.plot_loss()
             if self.wandb is not None:
                 self.wandb.finish(exit_code=1)
             self.folder.close_log()
             self.strategy.close(failed=True)
+            if disk is not None:
+                raise TrainError(disk) from e
             raise
         return TrainResult(self.run_dir, self.step, loss, self.val_start, self.val_end,
                            mon.peak_mb, self.micro_bsz, self.grad_accum)
@@ -841,6 +930,7 @@ class Trainer:
         """The final adapter, loss curve and status; then the processes shut down in order."""
         self._close_bar(mon)
         adapter = self._export()
+        self._writing = "the final adapter"
         if self.is_main:
             with atomic_dir(self.run_dir / "adapter") as d:
                 save_adapter(d, *adapter)
@@ -866,6 +956,13 @@ class Trainer:
 
 
 # =========================================================================== CLI
+def _last_checkpoint_bytes(run_dir: Path) -> int:
+    """Size of the newest complete checkpoint of a run (0 without one)."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return 0
+    return sum(p.stat().st_size for p in ck.rglob("*") if p.is_file())
+
 
 
 def resolve_for_resume(run_dir: Path, args: argparse.Namespace) -> cfgmod.Resolved:
@@ -874,8 +971,18 @@ def resolve_for_resume(run_dir: Path, args: argparse.Namespace) -> cfgmod.Resolv
     if not cfg_p.is_file():
         raise TrainError(f"--resume {run_dir}: no config.json there; is it a run folder "
                          "(runs/<run>)?")
-    saved = json.loads(cfg_p.read_text(encoding="utf-8"))
-    values = saved["settings"]
+    try:
+        saved = json.loads(cfg_p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TrainError(f"--resume {run_dir}: {cfg_p}:{e.lineno}: not valid JSON ({e.msg}); "
+                         "the run's settings cannot be read. Restore the file (the settings "
+                         "the run started with) or start a new run.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TrainError(f"--resume {run_dir}: {cfg_p} cannot be read ({e}).") from None
+    values = saved.get("settings") if isinstance(saved, dict) else None
+    if not isinstance(values, dict):
+        raise TrainError(f"--resume {run_dir}: {cfg_p} has no \"settings\" object: not the "
+                         "config.json a run writes. Restore it or start a new run.")
     known = {f.name for f in dataclasses.fields(cfgmod.Settings)} - set(cfgmod.SECRETS)
     values = {k: v for k, v in values.items() if k in known}  # secrets were never recorded
     sources = dict(saved.get("sources", {}))
@@ -910,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines "
                     "instead)")
+    ap.add_argument("--fallback-checkpoint", action="store_true", help="with --resume: when "
+                    "the newest checkpoint fails its checksums, resume from the previous "
+                    "complete one instead of stopping")
     ap.add_argument("--force", action="store_true", help="start even when the memory "
                     "planner predicts the run will not fit (see `rwkvforge plan`)")
     # the server / dashboard / inference settings exist in every layer but do not change a
@@ -964,7 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
         if pick_device(s.device).type == "cpu":
             keep_freed_memory()  # CPU: reuse freed activation memory (see runtime.py)
         trainer = Trainer(res, run_dir, resume=bool(args.resume), root=root,
-                          progress=False if args.no_progress else None, force=args.force)
+                          progress=False if args.no_progress else None, force=args.force,
+                          fallback=args.fallback_checkpoint)
         _stop_on_signals()
         try:
             trainer.run()
@@ -985,6 +1096,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(e, (CheckpointError, AdapterError)):
             print(f"train error: {e}", file=sys.stderr)
+            return 2
+        what = disk_error(e)
+        if what is not None:  # before the run's own handler (e.g. writing config.json)
+            where = getattr(e, "filename", None) or "the run folder"
+            print(f"train error: {what}: writing {where} failed ({e}). Free some space (or "
+                  "point RUNS_DIR at a writable disk with room), then run the same command "
+                  "again.", file=sys.stderr)
             return 2
         raise
 

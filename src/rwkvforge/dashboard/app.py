@@ -214,7 +214,7 @@ def curve(df: pd.DataFrame, columns: list[str]) -> None:
 
 
 def run_curves(run_dir: Path) -> None:
-    rows = R.read_metrics(run_dir / "metrics.jsonl")
+    rows = R.run_metrics(run_dir)
     df = metrics_frame(rows)
     if df.empty:
         st.info(tr("runs.no_metrics"))
@@ -378,7 +378,7 @@ def page_compare(runs_dir: Path | None) -> None:
                        horizontal=True)
     series = {}
     for r in picked:
-        df = metrics_frame(R.read_metrics(r.path / "metrics.jsonl"))
+        df = metrics_frame(R.run_metrics(r.path))
         if metric in df.columns and df[metric].notna().any():
             series[r.name] = df[metric]
     st.subheader(tr("compare.curves", metric=tr(f"metric.{metric}")))

@@ -269,9 +269,25 @@ def list_runs(runs_dir: Path | str, root: Path | None = None,
     return sorted(runs, key=lambda r: (r.started_at, r.name), reverse=True)
 
 
-def config_rows(run_dir: Path) -> list[tuple[str, str, str]]:
-    """(KEY, value, source) for every setting in config.json, in the file's order."""
-    cfg = read_json(run_dir / "config.json") or {}
+def run_file(run_dir: Path, name: str, root: Path | None = None) -> Path | None:
+    """runs/<run>/<name> when it resolves inside the workspace, else None: the one
+    containment check of every page that reads a run's files (a config.json or
+    metrics.jsonl symlinked out of the workspace is not read)."""
+    p = Path(run_dir) / name
+    return p if is_within(p, Path(root or workspace_root())) else None
+
+
+def run_metrics(run_dir: Path, root: Path | None = None) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl ([] when it is missing or outside the workspace)."""
+    p = run_file(run_dir, "metrics.jsonl", root)
+    return read_metrics(p) if p is not None else []
+
+
+def config_rows(run_dir: Path, root: Path | None = None) -> list[tuple[str, str, str]]:
+    """(KEY, value, source) for every setting in config.json, in the file's order ([] when it
+    is missing, unreadable or outside the workspace)."""
+    p = run_file(run_dir, CONFIG, root)
+    cfg = (read_json(p) if p is not None else None) or {}
     settings = _dict(cfg.get("settings"))
     sources = _dict(cfg.get("sources"))
     rows = []

@@ -200,6 +200,12 @@ def parse_line(raw: bytes, lineno: int) -> Any:
                              "joined with `cat`?): remove it, e.g. "
                              "`sed -i '2,$ s/^\\xEF\\xBB\\xBF//' in.jsonl`")
         line = line[1:]  # a UTF-8 byte-order mark
+    if "\x00" in line and line.count("\x00") * 3 > len(line):
+        # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL in every other
+        # byte (JSON never has a raw NUL): say so rather than "invalid JSON"
+        enc = "utf-16be" if raw[:1] == b"\x00" else "utf-16le"  # no BOM: name the order
+        raise ValueError("NUL bytes between the characters: " + UTF16_HINT.replace(
+            "utf-16 ", f"{enc} ") + "in.jsonl > out.jsonl`")
     if fast_json is not None:
         try:
             return fast_json(line)
@@ -221,14 +227,17 @@ def parse_line(raw: bytes, lineno: int) -> Any:
         raise ValueError("invalid JSON: nested too deeply for the parser") from None
 
 
+UTF16_HINT = ("the file looks like UTF-16 (Notepad's \"Unicode\", PowerShell's `>`): save it "
+              "as UTF-8, e.g. `iconv -f utf-16 -t utf-8 ")
+
+
 def encoding_hint(raw: bytes, lineno: int, files: str = "in.jsonl > out.jsonl") -> str:
     """What to do about a line (or a whole file: lineno 1) that is not UTF-8, for the usual
     causes; `files` is the iconv command's input and output."""
     if lineno == 1 and raw[:2] == b"\x1f\x8b":
         return "the file is gzip-compressed: decompress it first (`gunzip in.jsonl.gz`)"
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(raw) > 1 and raw.count(0) * 3 > len(raw)):
-        return ("the file looks like UTF-16 (Notepad's \"Unicode\", PowerShell's `>`): "
-                f"save it as UTF-8, e.g. `iconv -f utf-16 -t utf-8 {files}`")
+        return f"{UTF16_HINT}{files}`"
     return (f"save the file as UTF-8, e.g. `iconv -f cp1251 -t utf-8 {files}` "
             "(cp1251 is the usual Windows Cyrillic encoding)")
 
