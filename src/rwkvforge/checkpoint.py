@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -482,6 +483,31 @@ _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
 
 # what torch.save's zip writer says when a write comes up short (no errno attached)
 _TORCH_WRITE_FAILED = ("PytorchStreamWriter failed", "file write failed", "unexpected pos")
+
+
+def verified_checkpoint(run_dir: str | os.PathLike, fallback: bool = False,
+                        warn: Callable[[str], None] = print) -> Path | None:
+    """The newest complete checkpoint whose files match the checksums in its COMPLETE (None:
+    there is none). A mismatch raises CorruptCheckpoint naming the file and the way out; with
+    `fallback` (--fallback-checkpoint) the previous complete checkpoint is tried instead."""
+    run_dir = Path(run_dir)
+    done = [p for _, p, ok in checkpoint_dirs(run_dir) if ok]
+    for ck in reversed(done):
+        try:
+            verify_checkpoint(ck)
+            return ck
+        except CorruptCheckpoint as e:  # noqa: PERF203 - a few checkpoints, once per resume
+            if not fallback:
+                raise CorruptCheckpoint(
+                    f"checkpoint {ck.name} is damaged: {e} Resume from the previous complete "
+                    f"checkpoint with: rwkvforge train --resume {shlex.quote(str(run_dir))} "
+                    "--fallback-checkpoint") from None
+            warn(f"checkpoint {ck.name} is damaged ({e}); --fallback-checkpoint: trying the "
+                 "previous complete one")
+    if done and fallback:
+        raise CorruptCheckpoint("every complete checkpoint is damaged (see above); start a "
+                                "new run.")
+    return None
 
 
 def disk_error(e: BaseException, where: str | os.PathLike | None = None) -> str | None:

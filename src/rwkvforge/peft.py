@@ -128,6 +128,12 @@ class AdapterSpec:
     def scale(self) -> float:
         return self.alpha / self.r
 
+    def metadata(self, base_model, model_cfg, **extra) -> dict:
+        """What the adapter file records of how it was made (its safetensors header)."""
+        return {"base_model": str(base_model), "model": model_cfg.to_dict(), "quant": self.quant,
+                "peft_init": self.init, "use_dora": self.use_dora,
+                "train_parts": list(self.train_parts), "targets": list(self.targets), **extra}
+
 
 def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
     """Names of the Linears an adapter goes on, e.g. 'blocks.3.att.key'."""

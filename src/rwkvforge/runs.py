@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,10 @@ except ImportError:  # native Windows: no flock (WSL2 has it)
     fcntl = None
 
 from rwkvforge import config, paths
-from rwkvforge.checkpoint import atomic_write_bytes
+from rwkvforge.checkpoint import (atomic_write_bytes, disk_error, fmt_mb, free_bytes,
+                                  latest_checkpoint)
+from rwkvforge.data.loader import load_meta
+from rwkvforge.memory import run_disk_bytes
 
 log = logging.getLogger("rwkvforge.train")
 
@@ -198,6 +202,17 @@ class RunFolder:
         log.propagate = False  # console output goes through say() / the progress bar
         self._handler = h
 
+    def setup_failed(self, e: BaseException, status: bool = True) -> None:
+        """A start that failed before the run began: train.log says why (the dashboard shows
+        it: dashboard/runs.py SETUP_FAILED) and, with `status`, status.json of stage "setup",
+        which does not take the run name (run_started)."""
+        if not self.logging:
+            return
+        log.error("the run did not start: %s", e)
+        if status:
+            self.status("failed", 0, 0, error=f"the run did not start: {e}", stage="setup")
+        self.close_log()
+
     @property
     def logging(self) -> bool:
         """train.log is open (the run got far enough to have a log)."""
@@ -320,6 +335,63 @@ def metrics_row(step: int, loss: float, lr: float, tps: float, mem_mb: float, ep
         if val_acc is not None:
             row["val_reward_acc"] = round(val_acc, 4)
     return row
+
+
+def init_wandb(s: config.Settings, run_dir: Path):
+    """The W&B run for WANDB_PROJECT (None when unset)."""
+    if not s.wandb_project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise RunError("WANDB_PROJECT is set but wandb is not installed: install it with "
+                         "`.venv/bin/pip install -e '.[wandb]'` (the extra `wandb`; "
+                         "`./scripts/bootstrap.sh --dev` has it too), or leave WANDB_PROJECT "
+                         "empty.") from None
+    try:
+        return wandb.init(project=s.wandb_project, name=run_dir.name,
+                          id=run_dir.name.replace("/", "-"), resume="allow", dir=str(run_dir),
+                          config=config.public_settings(s))
+    except Exception as e:  # noqa: BLE001 - wandb raises many types (auth, network, usage)
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise RunError(f"W&B could not start ({why}): run `wandb login` once, or set "
+                         "WANDB_MODE=offline to log to the run folder only, or leave "
+                         "WANDB_PROJECT empty.") from None
+
+
+
+def config_record(res: config.Resolved, root: Path, *, model: dict, data: dict,
+                  training: dict) -> dict[str, Any]:
+    """config.json of a run: the resolved settings and sources (secrets only as set / not
+    set), the code and machine, and what the run was made of (model, data with its prepared
+    meta, training shape), with the command that started it."""
+    _, meta = load_meta(data["prefix"])
+    record = res.to_json()
+    record.update({
+        "git_sha": git_sha(root), "versions": package_versions(), "hardware": hardware_info(),
+        "model": model,
+        "data": {**data, "meta": {k: meta.get(k) for k in ("type", "source", "splits",
+                                                            "num_tokens", "sha256")
+                                  if k in meta} if meta else None},
+        "training": training,
+        "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
+        "started_at": now_iso(),
+    })
+    return record
+
+
+def final_lines(run_dir: Path, loss: float | None, val_start: float | None,
+                val_end: float | None, png: Path | None, peak_mb: float) -> list[str]:
+    """What a finished run says last: where its outputs are, its losses, the next commands."""
+    losses = ([f"final train loss {loss:.4f}"] if loss is not None else []) + (
+        [f"validation {val_start:.4f} -> {val_end:.4f}"]
+        if val_start is not None and val_end is not None else [])
+    run = shlex.quote(str(run_dir))
+    return [f"done: adapter {run_dir / FINAL_ADAPTER}" + (f", loss curve {png}" if png else "")
+            + f", peak memory {peak_mb:,.0f} MB",
+            ("; ".join(losses) + ". " if losses else "")
+            + f"Next: rwkvforge eval --run {run}  (base vs tuned), then "
+            f"rwkvforge merge --adapter {run}/adapter"]
 
 
 def default_run_name(s: config.Settings) -> str:
@@ -492,3 +564,50 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
+
+
+# ---- the disk a run takes ----------------------------------------------------------------
+def last_checkpoint_bytes(run_dir: Path) -> int:
+    """Size of the newest complete checkpoint of a run (0 without one)."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return 0
+    return sum(p.stat().st_size for p in ck.rglob("*") if p.is_file())
+
+
+def disk_plan(run_dir: Path, n_trainable: int, total_steps: int, s: config.Settings
+              ) -> tuple[float, list[tuple[str, int]]]:
+    """(MB of one checkpoint, the lines to say): roughly how much disk the run takes
+    (checkpoints + final adapter), and a warning when the run folder's filesystem has less
+    free."""
+    per, n_kept, total = run_disk_bytes(n_trainable, total_steps, s.save_every,
+                                        s.keep_checkpoints, s.optimizer)
+    free = free_bytes(run_dir)
+    notes = [(f"disk: about {fmt_mb(total)} for this run ({n_kept} checkpoint(s) of "
+              f"~{fmt_mb(per)} + the final adapter; KEEP_CHECKPOINTS="
+              f"{s.keep_checkpoints or 'all'}), {fmt_mb(free)} free at {run_dir.parent}",
+              logging.INFO)]
+    if free is not None and free < total:
+        notes.append((f"warning: the run needs about {fmt_mb(total)} but only {fmt_mb(free)} "
+                      "is free: free space, or set KEEP_CHECKPOINTS=1 (or a larger SAVE_EVERY)",
+                      logging.WARNING))
+    return per / 2**20, notes
+
+
+def disk_full_message(e: BaseException, run_dir: Path, writing: str, step: int,
+                      checkpoint_mb: float) -> str | None:
+    """The message of a write that failed for the disk's sake (full, read-only), or None:
+    what happened, how much is needed and free, and the resume command."""
+    what = disk_error(e, run_dir)
+    if what is None:
+        return None
+    need = max(checkpoint_mb * 2**20, last_checkpoint_bytes(run_dir))
+    free = free_bytes(run_dir)
+    resume = (f"rwkvforge train --resume {shlex.quote(str(run_dir))}"
+              if latest_checkpoint(run_dir) is not None else
+              "start the run again (it has no complete checkpoint yet)")
+    return (f"{what}: writing {writing} in {run_dir} failed at step {step} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). A checkpoint "
+            f"of this run needs about {fmt_mb(need)}; {fmt_mb(free)} is free there. Free some "
+            "space (KEEP_CHECKPOINTS=N keeps only the newest N checkpoints), then continue "
+            f"with: {resume}")

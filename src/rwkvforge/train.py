@@ -58,14 +58,11 @@ from tqdm import tqdm
 from rwkvforge import config as cfgmod
 from rwkvforge import paths, upstream
 from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
-from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir,
-                                  checkpoint_dirs, disk_error, fmt_mb, free_bytes,
-                                  latest_checkpoint, load_model,
-                                  load_trainer_state, prune_checkpoints, save_trainer_state,
-                                  verify_checkpoint)
-from rwkvforge.data.loader import build_loaders, load_meta
-from rwkvforge.data.prepare import SAMPLES, Options, PrepareError, stale_reason
-from rwkvforge.data.prepare import run as prepare_run
+from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir, disk_error,
+                                  load_model, load_trainer_state, prune_checkpoints,
+                                  save_trainer_state, verified_checkpoint)
+from rwkvforge.data.loader import build_loaders
+from rwkvforge.data.prepare import SAMPLES, DataInputError, PrepareError, prepared_data
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
                                    local_rank, make_strategy, rank, rng_state,
@@ -76,8 +73,9 @@ from rwkvforge.memory import MemoryPlanError, preflight_model
 from rwkvforge.model.wkv import describe_impl
 from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
                             export_adapter, unwrap)
-from rwkvforge.runs import (RunFolder, RunLocked, default_run_name, final_adapter, git_sha,
-                            hardware_info, metrics_row, now_iso, package_versions, run_started)
+from rwkvforge.runs import (RunError, RunFolder, RunLocked, config_record, default_run_name,
+                            disk_full_message, disk_plan, final_adapter, final_lines, init_wandb,
+                            metrics_row, run_started)
 from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger("rwkvforge.train")
@@ -150,44 +148,13 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
     s, src = res.settings, res.sources
     model_path, demo_model = resolve_base_model(s.base_model, src.get("BASE_MODEL", "cli"), root,
                                                 generate=prepare, say=say)
-    demo_data = not s.data_file and not s.data_prefix
-    data_file: Path | None = None
-    if s.data_prefix:
-        prefix = paths.resolve(s.data_prefix, src.get("DATA_PREFIX", "cli"), root)
-        if s.data_file:
-            data_file = paths.resolve(s.data_file, src.get("DATA_FILE", "cli"), root)
-    else:
-        data_file = (paths.resolve(s.data_file, src.get("DATA_FILE", "cli"), root)
-                     if s.data_file else paths.sample_data_dir(root) / SAMPLES[s.data_type])
-        prefix = root / "data" / "processed" / data_file.stem
     try:
-        _, meta = load_meta(prefix)
-    except ValueError as e:  # a meta.json that is not valid JSON / not ours
-        raise TrainError(f"prepared data: {e}") from None
-    # a bare .bin is text binidx (RWKV-LM's make_data.py); one with a .mask but no meta is
-    # an interrupted prepare (loader.open_split refuses it): prepare again
-    have = meta is not None or (Path(f"{prefix}.bin").is_file()
-                                and not Path(f"{prefix}.mask.idx").is_file())
-    if meta is not None and data_file is not None and prepare:
-        why = stale_reason(meta, data_file, s)
-        if why and resuming:
-            raise TrainError(f"prepared data {prefix} no longer matches {data_file} ({why}): a "
-                             "resumed run continues on the data it started with. Restore the "
-                             "file, or start a new run.")
-        if why:
-            say(f"prepared data {prefix} is out of date ({why}): preparing it again")
-            have = False
-    if not have and check_data:
-        if data_file is None or not prepare:
-            raise TrainError(f"no prepared data at {prefix} (.meta.json / .bin): run "
-                             f"`rwkvforge prepare` first (DATA_FILE={s.data_file or '-'}).")
-        if not data_file.exists():
-            raise TrainError(f"DATA_FILE {data_file} not found. Fix DATA_FILE, or leave it "
-                             "empty for the shipped sample.")
-        say(f"preparing {data_file} -> {prefix} ({s.data_type})")
-        prepare_run(Options.from_settings(s, input=data_file, output_prefix=prefix, workers=1,
-                                          progress=False), log=lambda *a: None)
-    return Inputs(model_path, prefix, data_file, demo_model, demo_data)
+        prefix, data_file = prepared_data(s, src, root, prepare=prepare, say=say,
+                                          check_data=check_data, resuming=resuming)
+    except DataInputError as e:
+        raise TrainError(str(e)) from None
+    return Inputs(model_path, prefix, data_file, demo_model,
+                  demo_data=not s.data_file and not s.data_prefix)
 
 
 # =========================================================================== model
@@ -303,28 +270,6 @@ def check_combination(s: cfgmod.Settings) -> None:
                          "(older cards).")
 
 
-def init_wandb(s: cfgmod.Settings, run_dir: Path):
-    """The W&B run for WANDB_PROJECT (None when unset)."""
-    if not s.wandb_project:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise TrainError("WANDB_PROJECT is set but wandb is not installed: install it with "
-                         "`.venv/bin/pip install -e '.[wandb]'` (the extra `wandb`; "
-                         "`./scripts/bootstrap.sh --dev` has it too), or leave WANDB_PROJECT "
-                         "empty.") from None
-    try:
-        return wandb.init(project=s.wandb_project, name=run_dir.name,
-                          id=run_dir.name.replace("/", "-"), resume="allow", dir=str(run_dir),
-                          config=cfgmod.public_settings(s))
-    except Exception as e:  # noqa: BLE001 - wandb raises many types (auth, network, usage)
-        why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise TrainError(f"W&B could not start ({why}): run `wandb login` once, or set "
-                         "WANDB_MODE=offline to log to the run folder only, or leave "
-                         "WANDB_PROJECT empty.") from None
-
-
 def micro_inputs(batch: dict, device: torch.device, world: int, dpo_ftx: float,
                  ref: torch.Tensor | None) -> Callable[[int, int], tuple]:
     """The loss module's arguments for rows a:b of a step's global batch, on the device
@@ -363,6 +308,74 @@ def demo_note(s: cfgmod.Settings, root: Path) -> str | None:
         return None
     return (f"DEMO RUN: training {' on '.join(what)}. Set {' and '.join(k for k, _ in unset)} "
             f"in configs/workspace.env (or {' / '.join(f for _, f in unset)}) for a real run.")
+
+
+@contextlib.contextmanager
+def as_train_error(*types: type[BaseException]):
+    """Errors of `types` from a library become TrainError: their message is for people."""
+    try:
+        yield
+    except types as e:
+        raise TrainError(str(e)) from None
+
+
+def schedule_warnings(s: cfgmod.Settings, total: int) -> list[str]:
+    """A learning-rate schedule that cannot do what the settings mean."""
+    out = []
+    if s.warmup_steps >= total > 0 and s.lr_schedule != "constant":
+        out.append(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {total} steps: the "
+                   "learning rate never reaches LR; lower WARMUP_STEPS")
+    if s.lr_final > s.lr and s.lr_schedule != "constant":
+        out.append(f"warning: LR_FINAL={s.lr_final:g} is above LR={s.lr:g}: the "
+                   f"{s.lr_schedule} schedule will raise the learning rate towards the end "
+                   "instead of lowering it; set LR_FINAL below LR (e.g. LR/10)")
+    return out
+
+
+def make_scheduler(optimizer, s: cfgmod.Settings, total: int):
+    """LambdaLR over `lr_at` (a multiplier of LR per optimiser step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_at(i, lr=s.lr, lr_final=s.lr_final, warmup=s.warmup_steps,
+                                   total=total, schedule=s.lr_schedule) / s.lr if s.lr else 0.0)
+
+
+def model_summary(s: cfgmod.Settings, path: Path, cfg, n_total: int, n_trainable: int,
+                  device: torch.device, seconds: float) -> str:
+    return (f"model {path} L{cfg.n_layer} C{cfg.n_embd} ({n_total / 1e6:.1f}M params, "
+            f"{n_trainable / 1e6:.3f}M trainable; {s.profile}: QUANT={s.quant} "
+            f"PRECISION={s.precision} r={s.lora_r} init={s.peft_init}"
+            f"{' dora' if s.use_dora else ''}) on {device} in {seconds:.1f}s")
+
+
+def step_line(step: int, total: int, loss: float, lr: float, tps: float, row: dict,
+              val: float | None) -> str:
+    """The console / log line of a logged step (DPO: with its reward accuracy and margin)."""
+    return (f"step {step}/{total} loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s"
+            + (f" reward acc {row['reward_acc']:.2f} margin {row['reward_margin']:.3f}"
+               if "reward_acc" in row else "")
+            + (f" val {val:.4f}" if val is not None else ""))
+
+
+def halved_split(micro_bsz: int, grad_accum: int, step: int, ctx_len: int,
+                 err: BaseException) -> tuple[int, int]:
+    """After a CUDA out-of-memory error: half the micro-batch, twice the accumulation (the
+    same effective batch); TrainError with the fixes when MICRO_BSZ is 1 already."""
+    if micro_bsz <= 1:
+        raise TrainError(
+            f"out of GPU memory at step {step} with MICRO_BSZ=1 (CTX_LEN={ctx_len}): lower "
+            "CTX_LEN, set GRAD_CP=1, use QUANT=nf4 or a smaller HEAD_CHUNK, or run `rwkvforge "
+            "plan` to pick a config. "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+    return micro_bsz // 2, grad_accum * 2
+
+
+def val_start_line(s: cfgmod.Settings, val: float, n_batches: int) -> str:
+    """The validation loss before training (DPO: at ln 2 while the model is its reference)."""
+    dpo = s.data_type == "dpo"
+    kind = ("SimPO " if s.dpo_loss == "simpo" else "DPO ") if dpo else ""
+    return (f"val {kind}loss before training: {val:.4f} ({n_batches} batches"
+            + (", ln 2 = 0.6931 while the model is its own reference)"
+               if dpo and s.dpo_loss == "sigmoid" else ")"))
 
 
 @dataclass
@@ -449,11 +462,8 @@ class Trainer:
         self.folder.lock()  # before anything is written: one writer per run folder
         self.folder.open_log()
         self.folder.clean_stray()  # temp files a kill -9 left (the lock is ours now)
-        try:
-            kernel, why = describe_impl(s.wkv_impl, self.device)
-        except RuntimeError as e:
-            raise TrainError(str(e)) from None
-        self.say(f"WKV kernel: {kernel} ({why})")
+        with as_train_error(RuntimeError):
+            self.say("WKV kernel: {} ({})".format(*describe_impl(s.wkv_impl, self.device)))
         note = demo_note(s, self.root)
         if note:
             self.say(note)
@@ -464,11 +474,9 @@ class Trainer:
         if not self.is_main:
             self.inputs = resolve_inputs(self.res, self.root, prepare=False,
                                          say=lambda m: None)
-        try:
+        with as_train_error(MemoryPlanError):  # a refusal says --force starts it anyway
             preflight_model(s, self.inputs.model_path, "cuda" if self.device.type == "cuda"
                             else "cpu", self.force, self.say)
-        except MemoryPlanError as e:  # a refusal says itself that --force starts it anyway
-            raise TrainError(str(e)) from None
         seed_everything(s.seed)
         t0 = time.time()
         self.model, self.spec, self.model_cfg = build_model(s, self.inputs.model_path,
@@ -477,12 +485,8 @@ class Trainer:
         self.n_trainable, self.n_total = count_parameters(self.model)
         self.weights_mb = sum(t.numel() * t.element_size() for t in
                               [*self.inner.parameters(), *self.inner.buffers()]) / 2**20
-        self.say(f"model {self.inputs.model_path} L{self.model_cfg.n_layer} "
-                 f"C{self.model_cfg.n_embd} ({self.n_total / 1e6:.1f}M params, "
-                 f"{self.n_trainable / 1e6:.3f}M trainable; {s.profile}: QUANT={s.quant} "
-                 f"PRECISION={s.precision} r={s.lora_r} init={s.peft_init}"
-                 f"{' dora' if s.use_dora else ''}) on {self.device} in "
-                 f"{time.time() - t0:.1f}s")
+        self.say(model_summary(s, self.inputs.model_path, self.model_cfg, self.n_total,
+                               self.n_trainable, self.device, time.time() - t0))
         if s.compile:
             compile_blocks(self.inner)
             self.say("COMPILE=1: the blocks are compiled during the first step (about a "
@@ -491,77 +495,32 @@ class Trainer:
         self.loss_module = LossModule(self.model, s.head_chunk, compute_dtype(s.precision),
                                       s.dpo_beta, s.dpo_loss, s.simpo_gamma)
         self.optimizer = make_optimizer(self.model, s)
-        try:
+        with as_train_error(ValueError):
             self.loader, self.val_batches = build_loaders(s, self.inputs.data_prefix,
                                                           self.micro_bsz, self.grad_accum,
                                                           self.world, self.say)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
         self.total_steps = total = s.max_steps or s.epochs * self.loader.steps_per_epoch
-        if s.warmup_steps >= self.total_steps > 0 and s.lr_schedule != "constant":
-            self.say(f"warning: WARMUP_STEPS={s.warmup_steps} >= the run's {self.total_steps} "
-                     "steps: the learning rate never reaches LR; lower WARMUP_STEPS")
-        if s.lr_final > s.lr and s.lr_schedule != "constant":
-            self.say(f"warning: LR_FINAL={s.lr_final:g} is above LR={s.lr:g}: the "
-                     f"{s.lr_schedule} schedule will raise the learning rate towards the end "
-                     "instead of lowering it; set LR_FINAL below LR (e.g. LR/10)",
-                     logging.WARNING)
-        self._disk_note()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: lr_at(i, lr=s.lr, lr_final=s.lr_final,
-                                            warmup=s.warmup_steps, total=total,
-                                            schedule=s.lr_schedule) / s.lr if s.lr else 0.0)
+        for warning in schedule_warnings(s, total):
+            self.say(warning, logging.WARNING)
+        if self.is_main:
+            n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            self.checkpoint_mb, notes = disk_plan(self.run_dir, n_train, self.total_steps, s)
+            for msg, level in notes:
+                self.say(msg, level)
+        self.scheduler = make_scheduler(self.optimizer, s, total)
         if self.dpo:
-            try:
+            with as_train_error(DpoReferenceError):
                 self.ref_train, self.ref_val = dpo_reference(
                     s, self.model, self.loader, self.val_batches, self.run_dir, self.device,
                     resume=self.resume, write=self.is_main, say=self.say)
-            except DpoReferenceError as e:
-                raise TrainError(str(e)) from None
         self.strategy.wrap(self.loss_module, self.optimizer, self.model, self.micro_bsz,
                            self.grad_accum)
         self.optimizer = self.strategy.optimizer
         if self.resume:
             self._load_resume()
         if self.is_main:
-            self.wandb = init_wandb(s, self.run_dir)
-
-    # ------------------------------------------------------------------ disk
-    def _disk_note(self) -> None:
-        """Say roughly how much disk the run takes (checkpoints + final adapter), and warn
-        when the run folder's filesystem has less free."""
-        from rwkvforge.memory import run_disk_bytes
-
-        s = self.settings
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        per, n_kept, total = run_disk_bytes(n_train, self.total_steps, s.save_every,
-                                            s.keep_checkpoints, s.optimizer)
-        self.checkpoint_mb = per / 2**20
-        free = free_bytes(self.run_dir)
-        self.say(f"disk: about {fmt_mb(total)} for this run ({n_kept} checkpoint(s) of "
-                 f"~{fmt_mb(per)} + the final adapter; KEEP_CHECKPOINTS="
-                 f"{s.keep_checkpoints or 'all'}), {fmt_mb(free)} free at {self.run_dir.parent}")
-        if free is not None and self.is_main and free < total:
-            self.say(f"warning: the run needs about {fmt_mb(total)} but only {fmt_mb(free)} "
-                     "is free: free space, or set KEEP_CHECKPOINTS=1 (or a larger SAVE_EVERY)",
-                     logging.WARNING)
-
-    def disk_message(self, e: BaseException) -> str | None:
-        """The message of a write that failed for the disk's sake (full, read-only), or
-        None: what happened, how much is needed and free, and the resume command."""
-        what = disk_error(e, self.run_dir)
-        if what is None:
-            return None
-        need = max(self.checkpoint_mb * 2**20, _last_checkpoint_bytes(self.run_dir))
-        free = free_bytes(self.run_dir)
-        resume = (f"rwkvforge train --resume {shlex.quote(str(self.run_dir))}"
-                  if latest_checkpoint(self.run_dir) is not None else
-                  "start the run again (it has no complete checkpoint yet)")
-        return (f"{what}: writing {self._writing} in {self.run_dir} failed at step "
-                f"{self.step} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                f". A checkpoint of this run needs about {fmt_mb(need)}; "
-                f"{fmt_mb(free)} is free there. Free some space (KEEP_CHECKPOINTS=N keeps "
-                f"only the newest N checkpoints), then continue with: {resume}")
+            with as_train_error(RunError):
+                self.wandb = init_wandb(s, self.run_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def _export(self) -> tuple[dict, dict]:
@@ -570,12 +529,9 @@ class Trainer:
         with self.strategy.gathered():
             cfg, tensors = export_adapter(self.model, self.spec)
         cfg["base_model_name_or_path"] = str(self.inputs.model_path)
-        meta = {"base_model": str(self.inputs.model_path), "model": self.model_cfg.to_dict(),
-                "quant": self.spec.quant, "peft_init": self.spec.init,
-                "use_dora": self.spec.use_dora, "train_parts": list(self.spec.train_parts),
-                "targets": list(self.spec.targets), "step": self.step,
-                "run": self.run_dir.name, "profile": self.settings.profile}
-        return cfg, tensors, meta
+        return cfg, tensors, self.spec.metadata(
+            self.inputs.model_path, self.model_cfg, step=self.step, run=self.run_dir.name,
+            profile=self.settings.profile)
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "total_steps": self.total_steps,
@@ -599,31 +555,12 @@ class Trainer:
                          f"(KEEP_CHECKPOINTS={self.settings.keep_checkpoints})")
         return path
 
-    def _verified_checkpoint(self) -> Path | None:
-        """The newest complete checkpoint whose files match the checksums in its COMPLETE.
-        A mismatch is an error naming the file; with --fallback-checkpoint the previous
-        complete checkpoint is tried instead."""
-        done = [p for _, p, ok in checkpoint_dirs(self.run_dir) if ok]
-        for ck in reversed(done):
-            try:
-                verify_checkpoint(ck)
-                return ck
-            except CorruptCheckpoint as e:  # noqa: PERF203 - a few checkpoints, once per resume
-                if not self.fallback:
-                    raise TrainError(
-                        f"--resume {self.run_dir}: checkpoint {ck.name} is damaged: {e} "
-                        f"Resume from the previous complete checkpoint with: rwkvforge train "
-                        f"--resume {shlex.quote(str(self.run_dir))} --fallback-checkpoint"
-                    ) from None
-                self.say(f"checkpoint {ck.name} is damaged ({e}); --fallback-checkpoint: "
-                         "trying the previous complete one", logging.WARNING)
-        if done and self.fallback:
-            raise TrainError(f"--resume {self.run_dir}: every complete checkpoint is damaged "
-                             "(see above); start a new run.")
-        return None
-
     def _load_resume(self) -> None:
-        ck = self._verified_checkpoint()
+        try:
+            ck = verified_checkpoint(self.run_dir, self.fallback, lambda m: self.say(
+                m, logging.WARNING))
+        except CorruptCheckpoint as e:
+            raise TrainError(f"--resume {self.run_dir}: {e}") from None
         if ck is None:
             raise TrainError(f"--resume {self.run_dir}: no complete checkpoint in "
                              f"{self.run_dir / 'checkpoints'} (a folder counts once it holds "
@@ -656,15 +593,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _backoff(self, err: BaseException) -> None:
-        if self.micro_bsz <= 1:
-            raise TrainError(
-                f"out of GPU memory at step {self.step + 1} with MICRO_BSZ=1 "
-                f"(CTX_LEN={self.settings.ctx_len}): lower CTX_LEN, set GRAD_CP=1, use "
-                f"QUANT=nf4 or a smaller HEAD_CHUNK, or run `rwkvforge plan` to pick a config. "
-                f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
         old = (self.micro_bsz, self.grad_accum)
-        self.micro_bsz //= 2
-        self.grad_accum *= 2
+        self.micro_bsz, self.grad_accum = halved_split(*old, self.step + 1,
+                                                       self.settings.ctx_len, err)
         self.strategy.set_split(self.micro_bsz, self.grad_accum)
         self.strategy.zero_grad()
         if self.device.type == "cuda":
@@ -744,15 +675,11 @@ class Trainer:
             if self.wandb is not None:
                 self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
                                step=self.step)
+        line = step_line(self.step, self.total_steps, loss, lr, tps, row, val)
         if self._bar is None:
-            self.say(f"step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.2e} "
-                     f"{tps:,.0f} tok/s"
-                     + (f" reward acc {row['reward_acc']:.2f} margin "
-                        f"{row['reward_margin']:.3f}" if self.dpo else "")
-                     + (f" val {val:.4f}" if val is not None else ""))
-        else:
-            log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", self.step, self.total_steps,
-                     loss, lr, tps, f" val {val:.4f}" if val is not None else "")
+            self.say(line)
+        else:  # the bar shows it; the log keeps it
+            log.info(line)
 
     def run(self) -> TrainResult:
         try:
@@ -765,14 +692,7 @@ class Trainer:
         try:
             self.setup()
         except BaseException as e:  # the run folder says why it never started
-            if self.folder.logging:
-                # the dashboard shows the reason (dashboard/runs.py: SETUP_FAILED); a status
-                # of stage "setup" does not take the run name (runs.run_started)
-                log.error("the run did not start: %s", e)
-                if not self.resume:
-                    self.folder.status("failed", 0, 0, error=f"the run did not start: {e}",
-                                       stage="setup")
-                self.folder.close_log()
+            self.folder.setup_failed(e, status=not self.resume)
             if self.wandb is not None:
                 self.wandb.finish(exit_code=1)
             raise
@@ -794,7 +714,7 @@ class Trainer:
                 self.folder.record_resume(self.settings, self.res.sources, RESUME_MUTABLE,
                                           self.step, self.total_steps, self.resumed_from)
             else:
-                self.folder.write_json("config.json", self._config_record())
+                self.folder.write_json("config.json", config_json(self))
             self.folder.status("running", self.step, self.total_steps,
                                val_loss_start=prev.get("val_loss_start"))
         release_freed_memory()  # setup transients (fp32 load, quantisation) back to the OS
@@ -803,12 +723,7 @@ class Trainer:
         try:  # from here a failure is recorded in status.json
             self.val_start = self._eval() if not self.resume else prev.get("val_loss_start")
             if self.val_start is not None and not self.resume:
-                ln2 = self.dpo and s.dpo_loss == "sigmoid"
-                kind = ("SimPO " if s.dpo_loss == "simpo" else "DPO ") if self.dpo else ""
-                self.say(f"val {kind}loss before training: {self.val_start:.4f} "
-                         f"({len(self.val_batches)} batches"
-                         + (", ln 2 = 0.6931 while the model is its own reference)"
-                            if ln2 else ")"))
+                self.say(val_start_line(s, self.val_start, len(self.val_batches)))
             if self.resume:
                 self._events.append("resumed")
             if self.progress:
@@ -816,8 +731,8 @@ class Trainer:
                                  dynamic_ncols=True, file=sys.stderr, desc="train")
             rows = (f"{self.rows_per_step} pairs ({2 * self.rows_per_step} sequences)"
                     if self.dpo else f"{self.rows_per_step} sequences")
-            self.say(f"training {self.total_steps} steps: {rows} x <= {s.ctx_len} tokens per "
-                     f"step, lr {s.lr:g} ({s.lr_schedule}), run folder {self.run_dir}")
+            self.say(f"training {self.total_steps} steps: {rows} x <= {s.ctx_len} tokens "
+                     f"per step, lr {s.lr:g} ({s.lr_schedule}), run folder {self.run_dir}")
             t_log, tok_log, tps = time.time(), 0, 0.0
             while self.step < self.total_steps:
                 batch = next(self.loader)
@@ -853,7 +768,8 @@ class Trainer:
             self._finish(loss, mon)
         except BaseException as e:
             self._close_bar(mon)
-            disk = None if isinstance(e, TrainError) else self.disk_message(e)
+            disk = None if isinstance(e, TrainError) else disk_full_message(
+                e, self.run_dir, self._writing, self.step, self.checkpoint_mb)
             if self.is_main:
                 msg = (f"stopped by {e.args[0]}" if isinstance(e, Stopped) else
                        "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else
@@ -896,36 +812,6 @@ class Trainer:
             self._bar.close()
             self._bar = None
 
-    def _config_record(self) -> dict:
-        """config.json: the resolved settings and sources, with what the run was made of."""
-        s = self.settings
-        _, data_meta = load_meta(self.inputs.data_prefix)
-        record = self.res.to_json()
-        record.update({
-            "git_sha": git_sha(self.root), "versions": package_versions(),
-            "hardware": hardware_info(),
-            "model": {"path": str(self.inputs.model_path), "demo": self.inputs.demo_model,
-                      **self.model_cfg.to_dict(), "params": self.n_total,
-                      "trainable_params": self.n_trainable,
-                      "weights_mb": round(self.weights_mb, 1)},
-            "data": {"prefix": str(self.inputs.data_prefix),
-                     "file": str(self.inputs.data_file) if self.inputs.data_file else None,
-                     "demo": self.inputs.demo_data,
-                     "train_examples": getattr(self.loader, "samples_per_epoch", None),
-                     "val_batches": len(self.val_batches),
-                     "meta": {k: data_meta.get(k) for k in ("type", "source", "splits",
-                                                            "num_tokens", "sha256")
-                              if k in data_meta} if data_meta else None},
-            "training": {"total_steps": self.total_steps, "world_size": self.world,
-                         "rows_per_step": self.rows_per_step,  # DPO: pairs of 2 sequences
-                         "tokens_per_step_max": self.rows_per_step * s.ctx_len
-                         * (2 if self.dpo else 1),
-                         "device": str(self.device)},
-            "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
-            "started_at": now_iso(),
-        })
-        return record
-
     def _finish(self, loss, mon: MemoryMonitor) -> None:
         """The final adapter, loss curve and status; then the processes shut down in order."""
         self._close_bar(mon)
@@ -939,32 +825,34 @@ class Trainer:
                                peak_mem_mb=round(mon.peak_mb, 1),
                                weights_mb=round(self.weights_mb, 1), final_loss=loss,
                                val_loss_start=self.val_start, val_loss_end=self.val_end)
-            self.say(f"done: adapter {self.run_dir / 'adapter'}"
-                     + (f", loss curve {png}" if png else "")
-                     + f", peak memory {mon.peak_mb:,.0f} MB")
-            losses = ([f"final train loss {loss:.4f}"] if loss is not None else []) + (
-                [f"validation {self.val_start:.4f} -> {self.val_end:.4f}"]
-                if self.val_start is not None and self.val_end is not None else [])
-            run = shlex.quote(str(self.run_dir))
-            self.say(("; ".join(losses) + ". " if losses else "")
-                     + f"Next: rwkvforge eval --run {run}  (base vs tuned), then "
-                     f"rwkvforge merge --adapter {run}/adapter")
+            for line in final_lines(self.run_dir, loss, self.val_start, self.val_end, png,
+                                    mon.peak_mb):
+                self.say(line)
         if self.wandb is not None:
             self.wandb.finish()
         self.folder.close_log()
         self.strategy.close()
 
 
+def config_json(tr: "Trainer") -> dict:
+    """A trainer's config.json (runs.config_record): what the run is made of."""
+    inp = tr.inputs
+    return config_record(
+        tr.res, tr.root,
+        model={"path": str(inp.model_path), "demo": inp.demo_model,
+               **tr.model_cfg.to_dict(), "params": tr.n_total,
+               "trainable_params": tr.n_trainable, "weights_mb": round(tr.weights_mb, 1)},
+        data={"prefix": str(inp.data_prefix), "demo": inp.demo_data,
+              "file": str(inp.data_file) if inp.data_file else None,
+              "train_examples": getattr(tr.loader, "samples_per_epoch", None),
+              "val_batches": len(tr.val_batches)},
+        training={"total_steps": tr.total_steps, "world_size": tr.world,
+                  "rows_per_step": tr.rows_per_step,  # DPO: pairs of 2 sequences
+                  "tokens_per_step_max": tr.rows_per_step * tr.settings.ctx_len
+                  * (2 if tr.dpo else 1), "device": str(tr.device)})
+
+
 # =========================================================================== CLI
-def _last_checkpoint_bytes(run_dir: Path) -> int:
-    """Size of the newest complete checkpoint of a run (0 without one)."""
-    ck = latest_checkpoint(run_dir)
-    if ck is None:
-        return 0
-    return sum(p.stat().st_size for p in ck.rglob("*") if p.is_file())
-
-
-
 def resolve_for_resume(run_dir: Path, args: argparse.Namespace) -> cfgmod.Resolved:
     """The run's own settings (config.json), with only RESUME_MUTABLE flags applied."""
     cfg_p = run_dir / "config.json"

@@ -74,7 +74,7 @@ from rwkvforge import paths
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, pool_worker_init,
                                    worker_block, worker_init)
-from rwkvforge.data.loader import magic_prime
+from rwkvforge.data.loader import load_meta, magic_prime
 from rwkvforge.data.records import LineResult, encoding_hint
 from rwkvforge.paths import sample_data_dir, workspace_root
 from rwkvforge.runtime import pid_alive
@@ -571,6 +571,57 @@ def stale_reason(meta: dict, data_file: Path, settings: cfg.Settings) -> str | N
 
 SETTING_FLAGS = ("data_file", "data_glob", "data_type", "data_prefix", "ctx_len", "val_fraction",
                  "seed", "micro_bsz", "grad_accum", "num_gpus")
+
+
+class DataInputError(ValueError):
+    """The data a run names cannot be used as it is; the message says what to do."""
+
+
+def prepared_data(s: cfg.Settings, sources: dict[str, str], root: Path, *, prepare: bool = True,
+                  say: Callable[[str], None] = print, check_data: bool = True,
+                  resuming: bool = False) -> tuple[Path, Path | None]:
+    """(prefix, DATA_FILE) of the prepared data a run trains on: DATA_PREFIX, or
+    data/processed/<name of DATA_FILE (the shipped sample when unset)>, prepared now when it
+    is missing or out of date (only with `prepare`). `check_data=False`: only name it.
+    `resuming`: data that no longer matches DATA_FILE is an error, not prepared again (a
+    resumed run continues on the data it started with)."""
+    data_file: Path | None = None
+    if s.data_prefix:
+        prefix = paths.resolve(s.data_prefix, sources.get("DATA_PREFIX", "cli"), root)
+        if s.data_file:
+            data_file = paths.resolve(s.data_file, sources.get("DATA_FILE", "cli"), root)
+    else:
+        data_file = (paths.resolve(s.data_file, sources.get("DATA_FILE", "cli"), root)
+                     if s.data_file else sample_data_dir(root) / SAMPLES[s.data_type])
+        prefix = root / "data" / "processed" / data_file.stem
+    try:
+        _, meta = load_meta(prefix)
+    except ValueError as e:  # a meta.json that is not valid JSON / not ours
+        raise DataInputError(f"prepared data: {e}") from None
+    # a bare .bin is text binidx (RWKV-LM's make_data.py); one with a .mask but no meta is
+    # an interrupted prepare (loader.open_split refuses it): prepare again
+    have = meta is not None or (Path(f"{prefix}.bin").is_file()
+                                and not Path(f"{prefix}.mask.idx").is_file())
+    if meta is not None and data_file is not None and prepare:
+        why = stale_reason(meta, data_file, s)
+        if why and resuming:
+            raise DataInputError(f"prepared data {prefix} no longer matches {data_file} "
+                                 f"({why}): a resumed run continues on the data it started "
+                                 "with. Restore the file, or start a new run.")
+        if why:
+            say(f"prepared data {prefix} is out of date ({why}): preparing it again")
+            have = False
+    if not have and check_data:
+        if data_file is None or not prepare:
+            raise DataInputError(f"no prepared data at {prefix} (.meta.json / .bin): run "
+                                 f"`rwkvforge prepare` first (DATA_FILE={s.data_file or '-'}).")
+        if not data_file.exists():
+            raise DataInputError(f"DATA_FILE {data_file} not found. Fix DATA_FILE, or leave "
+                                 "it empty for the shipped sample.")
+        say(f"preparing {data_file} -> {prefix} ({s.data_type})")
+        run(Options.from_settings(s, input=data_file, output_prefix=prefix, workers=1,
+                                  progress=False), log=lambda *a: None)
+    return prefix, data_file
 
 
 def build_parser() -> argparse.ArgumentParser:
