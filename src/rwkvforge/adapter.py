@@ -60,7 +60,7 @@ class NonFiniteError(MergeError):
     """Merged weights with NaN / Inf (a diverged adapter, or an fp16 overflow)."""
 
 
-# ----------------------------------------------------------------------------- adapter model
+# ---- adapter model -------------------------------------------------------------------------------
 @dataclass
 class LoraFactor:
     """The adapter on one Linear: W (out, in) += scale * B (out, r) @ A (r, in)."""
@@ -324,7 +324,7 @@ def _load_rwkv_peft_file(path: Path, alpha, rank) -> Adapter:
     return Adapter(str(path), "rwkv-peft", factors, {k: v.float() for k, v in other.items()}, cfg)
 
 
-# ----------------------------------------------------------------------------- checks
+# ---- checks --------------------------------------------------------------------------------------
 def check_adapter_matches_base(adapter: Adapter, base_sd: dict[str, torch.Tensor]) -> None:
     """Every adapted module and replaced tensor exists in the base with the right shape."""
     problems = []
@@ -372,7 +372,7 @@ def check_finite(sd: dict[str, torch.Tensor], what: str, dtype_name: str = "") -
                              f"Refusing to write it.")
 
 
-# ----------------------------------------------------------------------------- merge maths
+# ---- merge maths ---------------------------------------------------------------------------------
 def merge_reference(W: torch.Tensor, f: LoraFactor) -> torch.Tensor:
     """Slow, obviously-correct merge in float64: W + s * sum_k outer(B[:, k], A[k]), then for
     DoRA every row rescaled to its trained magnitude. Returns float64. For tests."""
@@ -420,7 +420,7 @@ def merge_state_dict(base_sd: dict[str, torch.Tensor], adapter: Adapter, dtype: 
     return out
 
 
-# ----------------------------------------------------------------------------- export
+# ---- export --------------------------------------------------------------------------------------
 def adapter_to_peft(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config dict, tensors) in PEFT layout for any loaded adapter (e.g. an RWKV-PEFT
     .pth): loads with `peft.PeftModel.from_pretrained` on an RWKV7 and in rwkvforge."""
@@ -496,7 +496,7 @@ def save_peft_adapter(adapter: Adapter, folder: str | os.PathLike) -> Path:
     return folder
 
 
-# ----------------------------------------------------------------------------- base + adapter
+# ---- base + adapter ------------------------------------------------------------------------------
 def load_with_adapter(base: str | os.PathLike | dict[str, torch.Tensor],
                       adapter: str | os.PathLike | None = None,
                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> RWKV7:
@@ -515,7 +515,7 @@ def load_with_adapter(base: str | os.PathLike | dict[str, torch.Tensor],
     return model_from_state_dict(merged, dtype=dtype, device=device, source=f"{where} + {adapter}")
 
 
-# ----------------------------------------------------------------------------- many adapters
+# ---- many adapters -------------------------------------------------------------------------------
 class RowLoraLinear(torch.nn.Module):
     """A base Linear shared by several adapters, each batch row with its own: y = x W^T
     (the base weight, held once) + scale_a * (x A_a^T) B_a^T for the rows of adapter a

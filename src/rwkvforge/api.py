@@ -21,9 +21,7 @@ from rwkvforge.generate import (
 from rwkvforge.sampling import SamplingParams
 from rwkvforge.tokenizer import ChatFormatError
 
-# --------------------------------------------------------------------------------------
-# request schemas (OpenAI fields + RWKV extras top_k / penalty_decay)
-# --------------------------------------------------------------------------------------
+# ---- request schemas (OpenAI fields + RWKV extras top_k / penalty_decay) -------------------------
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -159,9 +157,7 @@ class ServeOptions:
     default_max_tokens: int = 256
 
 
-# --------------------------------------------------------------------------------------
-# request -> prompt ids and sampling parameters (plain functions: tests call them directly)
-# --------------------------------------------------------------------------------------
+# ---- request -> prompt ids and sampling parameters (plain functions: tests call them directly) ----
 
 # request field -> SamplingParams field
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -261,7 +257,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
     return [replace(params, seed=(params.seed + i) % (1 << 63)) for i in range(n)]
 
 
-# ---- tools: the prompt format and the reply parser --------------------------------------
+# ---- tools: the prompt format and the reply parser -----------------------------------------------
 # rwkvforge's tool-call format (see docs/serve.md "Tools"): the tool list goes into the
 # system turn, a call is one line `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
 # in the assistant turn and a tool result is a user-side turn wrapped in

@@ -41,7 +41,7 @@ _IGNORED_KEYS = {"blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2"}
 _REQUIRED_MARKERS = ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w0", "head.weight")
 
 
-# ------------------------------------------------------------------------------------ loading
+# ---- loading -------------------------------------------------------------------------------------
 def _detect_family(keys: set[str]) -> str | None:
     """Name the model family of a non-RWKV-7 state dict, or None when it looks like RWKV-7."""
     if "blocks.0.att.r_k" in keys and "blocks.0.att.k_k" in keys:
@@ -227,7 +227,7 @@ def model_from_state_dict(sd, cfg: RWKV7Config | None = None, dtype=torch.float3
     return model.eval()
 
 
-# ------------------------------------------------------------------------------------ writing
+# ---- writing -------------------------------------------------------------------------------------
 def _umask_mode() -> int:
     """0o666 minus the process umask: what a plain open() would have given the file."""
     old = os.umask(0o022)
@@ -331,7 +331,7 @@ def atomic_dir(path: str | os.PathLike):
         shutil.rmtree(old, ignore_errors=True)
 
 
-# ------------------------------------------------------------------------------------ resume state
+# ---- resume state --------------------------------------------------------------------------------
 # The trainer state of a run's checkpoints/step-N/ (the adapter next to it: rwkvforge.adapter).
 #   save_trainer_state(path, state) / load_trainer_state(path)   (torch.save, weights_only)
 #   write_checkpoint(run_dir, step, fill) -> checkpoints/step-N (COMPLETE written last)
@@ -475,7 +475,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     return drop
 
 
-# ------------------------------------------------------------------------------------ full disk
+# ---- full disk -----------------------------------------------------------------------------------
 _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EROFS: "the disk is read-only", errno.EFBIG: "the file is too large "
                 "for the filesystem"}
@@ -548,7 +548,7 @@ def fmt_mb(n: float | None) -> str:
     return f"{n / 2**20:,.1f} MB" if n < 2**30 else f"{n / 2**30:,.2f} GB"
 
 
-# ---- the Hugging Face RWKV-7 layout, read (fla-hub RWKV7ForCausalLM; the writer: hf.py) -----------
+# ---- the Hugging Face RWKV-7 layout, read (fla-hub RWKV7ForCausalLM; the writer: hf.py) ----------
 HF_ARCHITECTURES = ("RWKV7ForCausalLM", "Rwkv7ForCausalLM")
 HF_WEIGHTS = "model.safetensors"
 HF_INDEX = "model.safetensors.index.json"

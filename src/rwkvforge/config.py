@@ -62,7 +62,7 @@ class Settings:
     """Every knob of the workspace. KEY in a .env file = the field name in upper case;
     CLI flag = `--field-name`."""
 
-    # ---- workspace -------------------------------------------------------------------
+    # ---- workspace -------------------------------------------------------------------------------
     base_model: str = _f("", "Base model .pth (BlinkDL layout). Empty: the embedded demo "
                          "model under models/base/ is generated and used.")
     data_file: str = _f("", "Training JSONL, or a folder of text files (DATA_TYPE=text: one "
@@ -114,7 +114,7 @@ class Settings:
     vram: str = _f("", "Memory budget for the planner, e.g. 12GiB. Empty: the detected "
                    "GPU's memory (or system RAM on CPU).")
 
-    # ---- model -----------------------------------------------------------------------
+    # ---- model -----------------------------------------------------------------------------------
     model_name: str = _f("rwkv7-tiny", "Display name of the model (set by model/*.env).",
                          group="model")
     ctx_len: int = _f(512, "Training context in tokens: longer = more memory, better "
@@ -124,7 +124,7 @@ class Settings:
                        "exact), chunked (matmul form), native (C, CPU) or fla.",
                        choices=("auto", "ref", "chunked", "native", "fla"), group="model")
 
-    # ---- profile: adapter + precision ------------------------------------------------
+    # ---- profile: adapter + precision ------------------------------------------------------------
     profile: str = _f("lora-bf16", "Profile name (set by profile/*.env).", group="profile")
     quant: str = _f("none", "Base weights: none, nf4 (4-bit, least memory, slower) or int8.",
                     choices=QUANTS, group="profile")
@@ -148,7 +148,7 @@ class Settings:
     use_dora: bool = _f(False, "DoRA (weight-decomposed LoRA): a bit better, ~20% slower.",
                         group="profile")
 
-    # ---- training --------------------------------------------------------------------
+    # ---- training --------------------------------------------------------------------------------
     micro_bsz: int = _f(1, "Sequences per forward pass: more = faster, more memory.", lo=1,
                         group="train")
     grad_accum: int = _f(1, "Micro-batches per optimiser step (effective batch = "

@@ -44,7 +44,7 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-# =========================================================================== RNG
+# ---- RNG -----------------------------------------------------------------------------------------
 def rng_state() -> dict:
     """Every random stream a step draws from (torch, Python, numpy, CUDA)."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# =========================================================================== one process
+# ---- one process ---------------------------------------------------------------------------------
 class SingleProcess:
     """Plain torch in one process: our optimiser, our checkpoint files."""
 
@@ -152,7 +152,7 @@ class SingleProcess:
         pass
 
 
-# =========================================================================== DeepSpeed
+# ---- DeepSpeed -----------------------------------------------------------------------------------
 class DeepSpeedError(RuntimeError):
     """A DeepSpeed checkpoint or setting we refuse; the message says what to do."""
 

@@ -58,7 +58,7 @@ class EvalError(ValueError):
     """Bad input: what was wrong, where (file:line), and what to do."""
 
 
-# ----------------------------------------------------------------------------- checks
+# ---- checks --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Check:
     prompt: str
@@ -123,7 +123,7 @@ def pass_rate(checks: list[Check], answers: list[str]) -> dict:
             "rate": (sum(results) / len(results)) if results else 0.0, "results": results}
 
 
-# ----------------------------------------------------------------------------- validation data
+# ---- validation data -----------------------------------------------------------------------------
 def _jsonl_rows(path: Path, ctx_len: int, tok) -> list[tuple[list[int], list[int]]]:
     """(ids, mask) per JSONL record: SFT records through the training chat encoding (mask on
     assistant replies), {"text": ...} records as plain text + end of document (mask all 1)."""
@@ -202,7 +202,7 @@ def val_batches(source: str | Path, ctx_len: int, micro_bsz: int, tok=None,
     return batches, desc
 
 
-# ----------------------------------------------------------------------------- loss
+# ---- loss ----------------------------------------------------------------------------------------
 @torch.no_grad()
 def row_losses(model, batch: dict[str, torch.Tensor], head_chunk: int = 256
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +272,7 @@ def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
                       "reward_margin": float(margin.mean())}}
 
 
-# ----------------------------------------------------------------------------- answers
+# ---- answers -------------------------------------------------------------------------------------
 def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: int = 16) -> list[str]:
     """Greedy answers, each prompt asked as one user turn in the World chat format."""
     eng = Engine(model, tok, max_batch=max_batch, cache_prompts=False)
@@ -287,7 +287,7 @@ def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: i
     return [h.result().strip() for h in handles]
 
 
-# ----------------------------------------------------------------------------- models
+# ---- models --------------------------------------------------------------------------------------
 def load_tuned(base_sd: dict[str, torch.Tensor], adapter: str | Path | None, tuned: str | Path | None):
     """(tuned RWKV7 in fp32, description)."""
     if tuned is not None:

@@ -89,7 +89,7 @@ class ExportError(ValueError):
     """Bad export input or a failed check (no output was written)."""
 
 
-# ----------------------------------------------------------------------------- ai00
+# ---- ai00 ----------------------------------------------------------------------------------------
 def ai00_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`sd` as ai00's converter writes it: rename, lower-case, fp16, transpose the named
     matrices (the first matching substring, last two dims)."""
@@ -127,7 +127,7 @@ def read_state_file(path: Path, n_layer: int, n_head: int, head_size: int) -> di
     return obj
 
 
-# ----------------------------------------------------------------------------- checks
+# ---- checks --------------------------------------------------------------------------------------
 @torch.no_grad()
 def logits_of(sd: dict[str, torch.Tensor], ids: list[int]) -> torch.Tensor:
     model = model_from_state_dict(sd, dtype=torch.float32)
@@ -208,7 +208,7 @@ def _check_gguf_read_back(file_sd, src, qtypes: dict[str, str], what: str) -> di
             "rule": "F32/F16/BF16 bit-exact vs the source rounded; Q8_0 within max|w|/127"}
 
 
-# ----------------------------------------------------------------------------- formats
+# ---- formats -------------------------------------------------------------------------------------
 def _export_gguf(sd, out: Path, dtype: str, verify: str, name: str, log) -> dict:
     if out.suffix != ".gguf":
         raise ExportError(f"--out {out}: a GGUF file must end in .gguf.")
@@ -338,7 +338,7 @@ def _export_ai00(sd, out: Path, state: Path | None, log) -> dict:
     return {"checks": checks, "sha256": sha, "files": files}
 
 
-# ----------------------------------------------------------------------------- the stage
+# ---- the stage -----------------------------------------------------------------------------------
 def default_out(fmt: str, dtype: str, adapter: Path | None, base: Path) -> Path:
     ext = {"gguf": ".gguf", "hf": "-hf", "ai00": ".st"}[fmt]
     run_dir = runs.run_of(adapter) if adapter else None

@@ -57,7 +57,7 @@ from rwkvforge.sampling import (SamplingParams, count_token, request_generator, 
 from rwkvforge.tokenizer import chat_segments
 
 
-# ---- inference setup: device, dtype, fast path ----------------------------------------------
+# ---- inference setup: device, dtype, fast path ---------------------------------------------------
 FAST_PATHS = {"none": None, "int8": torch.int8, "bf16": torch.bfloat16}
 
 
@@ -84,9 +84,7 @@ def set_fast_path(model: Any, fast: str, device: str) -> None:
         fast = "none"
     model.infer_dtype = FAST_PATHS[fast]
 
-# --------------------------------------------------------------------------------------
-# Text: incremental UTF-8 + stop strings
-# --------------------------------------------------------------------------------------
+# ---- Text: incremental UTF-8 + stop strings ------------------------------------------------------
 
 class TextStream:
     """Turns token bytes into text safe to show now.
@@ -140,9 +138,7 @@ class TextStream:
         return tail + self._emit(rest)
 
 
-# --------------------------------------------------------------------------------------
-# RNN state helpers (any nesting of lists / tuples of tensors with batch on dim 0)
-# --------------------------------------------------------------------------------------
+# ---- RNN state helpers (any nesting of lists / tuples of tensors with batch on dim 0) ------------
 
 def state_map(fn: Callable[..., torch.Tensor], *states: Any) -> Any:
     s0 = states[0]
@@ -176,9 +172,7 @@ def state_nbytes(state: Any) -> int:
     return total
 
 
-# --------------------------------------------------------------------------------------
-# Prefix-state cache
-# --------------------------------------------------------------------------------------
+# ---- Prefix-state cache --------------------------------------------------------------------------
 
 class PrefixCache:
     """LRU map from a token prefix to (state after it, logits of its last token).
@@ -236,9 +230,7 @@ class PrefixCache:
         return len(best) - 1, state_clone(st), lg.clone()
 
 
-# --------------------------------------------------------------------------------------
-# Chat prompts (World format)
-# --------------------------------------------------------------------------------------
+# ---- Chat prompts (World format) -----------------------------------------------------------------
 
 # A World-format assistant turn ends with a blank line ("\n\n" never occurs inside a turn:
 # tokenizer.clean_turn collapses it), so generation of a chat reply stops there.
@@ -308,9 +300,7 @@ class LeadingSpaceStrip:
         return text
 
 
-# --------------------------------------------------------------------------------------
-# Requests and the engine
-# --------------------------------------------------------------------------------------
+# ---- Requests and the engine ---------------------------------------------------------------------
 
 class QueueFull(RuntimeError):
     """The engine's waiting queue is at its bound; try again later (HTTP 429)."""
@@ -457,7 +447,7 @@ class Engine:
         self.error: BaseException | None = None
         self.stats = {"steps": 0, "decode_tokens": 0, "prefill_tokens": 0}
 
-    # ---- public API -------------------------------------------------------------------
+    # ---- public API ------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                cache_at: Sequence[int] = (), on_event: Callable[[Event], None] | None = None,
                constraint: Constraint | None = None, adapter: int = 0) -> Handle:
@@ -552,7 +542,7 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
-    # ---- the loop -----------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------------
     def _loop(self) -> None:
         with torch.inference_mode():
             while True:
@@ -619,7 +609,7 @@ class Engine:
             self._leave([i for i, (r, _) in enumerate(self._decoding) if r.cancelled],
                         "cancelled")
 
-    # ---- prefill ------------------------------------------------------------------------
+    # ---- prefill ---------------------------------------------------------------------------------
     def _prefill(self) -> None:
         """Feed up to `prefill_chunk` prompt tokens in this step, oldest request first (a
         long prompt takes several steps; several short ones share one step)."""
@@ -661,7 +651,7 @@ class Engine:
                 self.cache.put(ids[:end], req.state, req.logits, req.adapter)
         return n
 
-    # ---- decode -------------------------------------------------------------------------
+    # ---- decode ----------------------------------------------------------------------------------
     def _join(self, req: Request, h: Handle) -> None:
         """Prefill finished: sample the first token from the prompt's logits and add the
         stream to the decode batch (or finish it right away)."""

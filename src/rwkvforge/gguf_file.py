@@ -93,7 +93,7 @@ class GGUFError(CheckpointError):
     """A model that cannot be written as, or read from, GGUF (the message says why)."""
 
 
-# ------------------------------------------------------------------------------------ names
+# ---- names ---------------------------------------------------------------------------------------
 def gguf_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The BlinkDL state dict as llama.cpp's RWKV-7 tensors (fp32, GGUF names and shapes in
     numpy / PyTorch order; ggml's ne order is the reverse)."""
@@ -208,7 +208,7 @@ def tensor_qtype(name: str, shape: tuple[int, ...], file_type: str):
     return {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[file_type]
 
 
-# ------------------------------------------------------------------------------------ vocab
+# ---- vocab ---------------------------------------------------------------------------------------
 def world_vocab(vocab_size: int) -> tuple[list[bytes], list[int]]:
     """The World vocabulary as llama.cpp's converter lists it (`_set_vocab_rwkv_world`):
     id 0 "<s>" (CONTROL), ids 1.. the token bytes escaped the way Python's repr() writes them
@@ -231,7 +231,7 @@ def world_vocab(vocab_size: int) -> tuple[list[bytes], list[int]]:
     return tokens, types
 
 
-# ------------------------------------------------------------------------------------ write
+# ---- write ---------------------------------------------------------------------------------------
 def write_gguf(sd: dict[str, torch.Tensor], path: str | os.PathLike, file_type: str = "f16",
                name: str = "rwkvforge model", progress: bool = False) -> dict:
     """Write `sd` (BlinkDL RWKV-7) as an RWKV-7 GGUF of `file_type`, atomically. Returns a
@@ -284,7 +284,7 @@ def write_gguf(sd: dict[str, torch.Tensor], path: str | os.PathLike, file_type: 
     return {"tensors": len(tensors), "qtypes": used, "bytes": path.stat().st_size}
 
 
-# ------------------------------------------------------------------------------------ read
+# ---- read ----------------------------------------------------------------------------------------
 def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     """(metadata, tensors dequantised to fp32 in numpy order, tensor -> GGML type name)."""
     import gguf
@@ -320,7 +320,7 @@ def read_gguf_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state_dict_from_gguf_tensors(tensors, int(meta["rwkv7.wkv.head_size"]))
 
 
-# ------------------------------------------------------------------------------------ runtime
+# ---- runtime -------------------------------------------------------------------------------------
 def cache_dir() -> Path:
     """The user's cache folder for rwkvforge (XDG_CACHE_HOME or ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

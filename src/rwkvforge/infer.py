@@ -44,9 +44,7 @@ class InferError(RuntimeError):
     """A problem the user can fix (missing file, unavailable back-end); printed, exit 2."""
 
 
-# --------------------------------------------------------------------------------------
-# back-ends: each gives forward(ids, state) -> (logits (V,), state)
-# --------------------------------------------------------------------------------------
+# ---- back-ends: each gives forward(ids, state) -> (logits (V,), state) ---------------------------
 
 class BuiltinRunner:
     """This package's RWKV7 through generate.Engine (prefix cache, batching)."""
@@ -135,9 +133,7 @@ def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, 
     raise InferError(f"unknown INFER_BACKEND {backend!r}: use builtin, rwkv or albatross")
 
 
-# --------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------
+# ---- CLI -----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rwkvforge infer", description=__doc__.split("\n\n")[0],

@@ -381,7 +381,7 @@ def compute_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-# ---- DPO: the reference log-probs of a run -------------------------------------------------
+# ---- DPO: the reference log-probs of a run -------------------------------------------------------
 class DpoReferenceError(ValueError):
     """A run's kept reference log-probs cannot be used; the message says why and what to do."""
 

@@ -114,7 +114,7 @@ class MemoryPlanError(ValueError):
         self.breakdown = breakdown
 
 
-# ----------------------------------------------------------------------------- shapes
+# ---- shapes --------------------------------------------------------------------------------------
 def blinkdl_lora_dims(n_embd: int) -> dict[str, int]:
     """Ranks of RWKV-7's small decay / in-context-rate / value / gate projections as BlinkDL's
     RWKV-v7/train_temp/src/model.py suggests them: max(32, round(f(C) / 32) * 32)."""
@@ -142,7 +142,7 @@ def normalize_size(name: str) -> str | None:
     return m.group(1) + "b" if m and m.group(1) + "b" in SIZES else None
 
 
-# ----------------------------------------------------------------------------- workload
+# ---- workload ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Workload:
     """The settings that decide memory (a subset of config.Settings)."""
@@ -197,7 +197,7 @@ class Workload:
             raise MemoryPlanError("CTX_LEN, MICRO_BSZ, LORA_R and HEAD_CHUNK must be >= 1.")
 
 
-# ----------------------------------------------------------------------------- breakdown
+# ---- breakdown -----------------------------------------------------------------------------------
 @dataclass
 class Breakdown:
     """Predicted peak memory, by component (bytes)."""
@@ -295,7 +295,7 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
     parts = set(w.train_parts)
     notes: dict[str, str] = {}
 
-    # ---- base weights
+    # ---- base weights ----------------------------------------------------------------------------
     lin_params = {t: i * o for t, (i, o) in shapes.items()}
     q_params = sum(lin_params[t] for t in targets) * L if w.quant != "none" else 0
     q_rows = sum(shapes[t][1] for t in targets) * L if w.quant != "none" else 0
@@ -319,7 +319,7 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
     notes["base_weights"] = (f"{total_params / 1e9:.2f}B params; " + (qnote + "; rest " if qnote
                              else "") + f"{w.precision}")
 
-    # ---- adapter, gradients, optimizer
+    # ---- adapter, gradients, optimizer -----------------------------------------------------------
     r = w.lora_r
     lora_tensors = []  # element counts of every trainable tensor
     for t in targets:
@@ -340,7 +340,7 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
         items["optimizer"] = sum(2 * n if n >= ADAM8_MIN_NUMEL else 8 * n for n in trainable)
         notes["optimizer"] = "AdamW8bit: two uint8 moments, 2 B/param"
 
-    # ---- activations
+    # ---- activations -----------------------------------------------------------------------------
     impl = w.wkv_impl
     if impl == "auto":  # what model/wkv.py picks: fla on CUDA, the C kernel on CPU
         if device == "cuda":
@@ -367,7 +367,7 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
     if w.data_type == "dpo":
         notes["activations"] += f"; DPO: {w.micro_bsz} pairs = {B} sequences"
 
-    # ---- head + cross-entropy, one chunk at a time (train.py computes its gradient in the
+    # ---- head + cross-entropy, one chunk at a time (train.py computes its gradient in the --------
     # forward): fp32 logits + fp32 softmax/gradient + the gradient in the compute dtype, and
     # logsumexp's fp32 temporary; a trainable head is also cast to the compute dtype
     hc = min(w.head_chunk, T if w.data_type == "dpo" else B * T)  # DPO: one row at a time
@@ -387,10 +387,10 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
     items["head_ce"] = hc * V * per + (V * C * cb if "head" in parts and cb != 4 else 0)
     notes["head_ce"] = f"{hc} tokens x {V} vocab x {per} B"
 
-    # ---- WKV state: returned per layer (att_shift, S, ffn_shift), fp32
+    # ---- WKV state: returned per layer (att_shift, S, ffn_shift), fp32 ---------------------------
     items["wkv_state"] = L * B * (H * N * N + 2 * C) * 4
 
-    # ---- transient: a dequantised copy of the largest quantised Linear (forward and backward
+    # ---- transient: a dequantised copy of the largest quantised Linear (forward and backward -----
     # each make one), DoRA's full-size B@A and norm
     biggest = max((lin_params[t] for t in targets), default=0)
     tr = 0
@@ -420,7 +420,7 @@ def _fla_installed() -> bool:
     return importlib.util.find_spec("fla") is not None
 
 
-# ----------------------------------------------------------------------------- planning
+# ---- planning ------------------------------------------------------------------------------------
 @dataclass
 class Plan:
     breakdown: Breakdown
@@ -562,7 +562,7 @@ def published_comparison(settings: Any, device: str = "cuda") -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- budget / preflight
+# ---- budget / preflight --------------------------------------------------------------------------
 _UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": KiB, "mib": MiB, "gib": GiB, "tib": 1 << 40,
           "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
@@ -643,7 +643,7 @@ def preflight_model(settings: Any, model_path, device: str, force: bool,
         say(f"warning: --force: {bd.warning(budget)}")
 
 
-# ----------------------------------------------------------------------------- CLI
+# ---- CLI -----------------------------------------------------------------------------------------
 def _check_model_flag(model: str | None) -> None:
     """`--model` names a configs/model/*.env layer, as for every command; a size given there
     is a mistake with a one-flag fix (a file: config.check_model_layer)."""
@@ -659,7 +659,7 @@ def _cfg_from_pth(path: str):
     return infer_config(load_state_dict(path))
 
 
-# ----------------------------------------------------------------------------- disk
+# ---- disk ----------------------------------------------------------------------------------------
 def run_disk_bytes(n_trainable: int, total_steps: int, save_every: int, keep: int,
                    optimizer: str = "adamw") -> tuple[int, int, int]:
     """(bytes per checkpoint, checkpoints kept, bytes of the whole run) on disk. A checkpoint

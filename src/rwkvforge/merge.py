@@ -80,7 +80,7 @@ class VerificationError(MergeError):
     """The merged model does not behave like base + adapter (no output was written)."""
 
 
-# ----------------------------------------------------------------------------- outputs
+# ---- outputs -------------------------------------------------------------------------------------
 
 def save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """The merged model as safetensors (same BlinkDL keys and dtype as the .pth), atomically."""
@@ -89,7 +89,7 @@ def save_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict[str
     return path
 
 
-# ----------------------------------------------------------------------------- verification
+# ---- verification --------------------------------------------------------------------------------
 def probe_batch(vocab_size: int, shape=PROBE_SHAPE, seed: int = PROBE_SEED) -> torch.Tensor:
     """The fixed probe: token ids drawn from a seeded generator (never token 0)."""
     g = torch.Generator().manual_seed(seed)
@@ -245,7 +245,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- the stage
+# ---- the stage -----------------------------------------------------------------------------------
 @dataclass
 class MergeResult:
     output: Path | None

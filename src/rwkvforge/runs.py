@@ -414,7 +414,7 @@ def run_started(run_dir: Path) -> bool:
     return False
 
 
-# ============================================================================ readers
+# ---- readers -------------------------------------------------------------------------------------
 CONFIG, FINAL_ADAPTER, MERGED = "config.json", "adapter", "merged"
 
 
@@ -566,7 +566,7 @@ if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
 
 
-# ---- the disk a run takes ----------------------------------------------------------------
+# ---- the disk a run takes ------------------------------------------------------------------------
 def last_checkpoint_bytes(run_dir: Path) -> int:
     """Size of the newest complete checkpoint of a run (0 without one)."""
     ck = latest_checkpoint(run_dir)

@@ -21,9 +21,7 @@ _NO_FREQ_TEXT = " \t0123456789"
 _TOPP_CANDIDATES = 512
 
 
-# --------------------------------------------------------------------------------------
-# Sampling parameters
-# --------------------------------------------------------------------------------------
+# ---- Sampling parameters -------------------------------------------------------------------------
 
 @dataclass
 class SamplingParams:
@@ -110,9 +108,7 @@ def token_occurrence_weights(tokenizer: Any, vocab_size: int) -> torch.Tensor:
     return w
 
 
-# --------------------------------------------------------------------------------------
-# Reference sampler: one row, written for clarity (tests compare the fast path to it)
-# --------------------------------------------------------------------------------------
+# ---- Reference sampler: one row, written for clarity (tests compare the fast path to it) ---------
 
 def filter_probs_ref(logits: torch.Tensor, temperature: float, top_p: float,
                      top_k: int, min_p: float = 0.0) -> torch.Tensor:
@@ -186,9 +182,7 @@ class PenaltyStateRef:
         self.occurrence[token] = self.occurrence.get(token, 0.0) + float(self.weights[token])
 
 
-# --------------------------------------------------------------------------------------
-# Fast path: a batch of rows, each with its own parameters
-# --------------------------------------------------------------------------------------
+# ---- Fast path: a batch of rows, each with its own parameters ------------------------------------
 
 def filter_probs_batch(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                        top_k: torch.Tensor, min_p: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,9 +274,7 @@ def apply_penalties(logits: torch.Tensor, occurrence: torch.Tensor, seen: torch.
     return out
 
 
-# --------------------------------------------------------------------------------------
-# One sampling step: the engine's batch and infer.LoopRunner's single stream both use it
-# --------------------------------------------------------------------------------------
+# ---- One sampling step: the engine's batch and infer.LoopRunner's single stream both use it ------
 
 _WEIGHTS_CACHE: dict[tuple[int, int], torch.Tensor] = {}  # (id(tokenizer), V) -> weights
 

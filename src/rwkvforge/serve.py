@@ -72,9 +72,7 @@ from rwkvforge.api import (APIError, ChatPlan, ChatRequest, CompletionRequest, S
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 
 
-# --------------------------------------------------------------------------------------
-# the app
-# --------------------------------------------------------------------------------------
+# ---- the app -------------------------------------------------------------------------------------
 
 _API_DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
@@ -142,9 +140,7 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replayed
 
 
-# --------------------------------------------------------------------------------------
-# engine events -> response bodies (one non-streaming, one server-sent-events builder)
-# --------------------------------------------------------------------------------------
+# ---- engine events -> response bodies (one non-streaming, one server-sent-events builder) --------
 
 def _tok_text(tok: Any, t: int) -> tuple[str, list[int]]:
     b = tok.decode_bytes([t])
@@ -409,9 +405,7 @@ async def respond(request: Request, engine: Engine, body: SamplingRequest, job: 
     return reply.whole(choices, usage(hs))
 
 
-# --------------------------------------------------------------------------------------
-# errors in the OpenAI shape
-# --------------------------------------------------------------------------------------
+# ---- errors in the OpenAI shape ------------------------------------------------------------------
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:  # noqa: ARG001 - FastAPI's handler signature
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
@@ -451,9 +445,7 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
                         e.status_code, headers=getattr(e, "headers", None))
 
 
-# --------------------------------------------------------------------------------------
-# the app: route wiring only
-# --------------------------------------------------------------------------------------
+# ---- the app: route wiring only ------------------------------------------------------------------
 
 def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
                own_engine: bool = True) -> FastAPI:
@@ -525,9 +517,7 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
     return app
 
 
-# --------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------
+# ---- CLI -----------------------------------------------------------------------------------------
 
 def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
     """`--lora-modules name=PATH ...` -> {name: path}, or the error message."""

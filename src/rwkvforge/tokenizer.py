@@ -76,9 +76,7 @@ class ChatFormatError(ValueError):
     """A chat conversation that breaks the expected shape; the message names the message."""
 
 
-# ---------------------------------------------------------------------------------------
-# vocabulary files
-# ---------------------------------------------------------------------------------------
+# ---- vocabulary files ----------------------------------------------------------------------------
 
 def _package_dir(name: str) -> Path | None:
     """Folder of an installed package, found without importing it."""
@@ -133,9 +131,7 @@ def _load_reference_module() -> Any:
     return mod
 
 
-# ---------------------------------------------------------------------------------------
-# the native (C) encoder
-# ---------------------------------------------------------------------------------------
+# ---- the native (C) encoder ----------------------------------------------------------------------
 
 def native_status() -> str:
     """One line: the native encoder in use, or why not."""
@@ -197,9 +193,7 @@ class _NativeEncoder:
         return bool(ok), empty.value
 
 
-# ---------------------------------------------------------------------------------------
-# the tokenizer
-# ---------------------------------------------------------------------------------------
+# ---- the tokenizer -------------------------------------------------------------------------------
 
 def surrogate_error(text: str, exc: UnicodeEncodeError) -> TokenizerInputError:
     """The error for `text`, whose UTF-8 encoding failed with `exc` (a lone surrogate)."""
@@ -479,9 +473,7 @@ def get_tokenizer(backend: str = "auto") -> Tokenizer:
     return Tokenizer(backend)
 
 
-# ---------------------------------------------------------------------------------------
-# chat format
-# ---------------------------------------------------------------------------------------
+# ---- chat format ---------------------------------------------------------------------------------
 
 def clean_turn(text: str) -> str:
     """Turn content as the World format needs it: LF line ends, no blank lines, stripped."""

@@ -103,7 +103,7 @@ class TrainError(RuntimeError):
     """A problem a person can fix; the message says what and how."""
 
 
-# =========================================================================== schedule
+# ---- schedule ------------------------------------------------------------------------------------
 def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int,
           schedule: str) -> float:
     """Learning rate of optimiser step `step` (0-based) of `total`.
@@ -127,7 +127,7 @@ def lr_at(step: int, *, lr: float, lr_final: float, warmup: int, total: int,
     raise TrainError(f"LR_SCHEDULE={schedule!r}: expected cosine, wsd or constant.")
 
 
-# =========================================================================== inputs
+# ---- inputs --------------------------------------------------------------------------------------
 @dataclass
 class Inputs:
     """Resolved model and data locations (demo defaults filled in)."""
@@ -157,7 +157,7 @@ def resolve_inputs(res: cfgmod.Resolved, root: Path, prepare: bool = True,
                   demo_data=not s.data_file and not s.data_prefix)
 
 
-# =========================================================================== model
+# ---- model ---------------------------------------------------------------------------------------
 def pick_device(setting: str, local_rank: int = 0) -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -244,7 +244,7 @@ def make_optimizer(model: nn.Module, s: cfgmod.Settings):
                              fused=fused or None)
 
 
-# =========================================================================== trainer parts
+# ---- trainer parts -------------------------------------------------------------------------------
 def check_combination(s: cfgmod.Settings) -> None:
     """Settings that cannot go together; checked before DeepSpeed's launcher starts too."""
     if s.compile and s.deepspeed_stage > 0:
@@ -390,7 +390,7 @@ class TrainResult:
     grad_accum: int
 
 
-# =========================================================================== trainer
+# ---- trainer -------------------------------------------------------------------------------------
 class Trainer:
     """One training run: `setup()` builds everything, `run()` trains, checkpoints and writes
     the final adapter. `on_micro_batch(step, index, micro_bsz)` is called before every
@@ -453,7 +453,7 @@ class Trainer:
         else:
             self._say(msg)
 
-    # ------------------------------------------------------------------ setup
+    # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
         s = self.settings
         self.device = pick_device(s.device, local_rank())
@@ -522,7 +522,7 @@ class Trainer:
             with as_train_error(RunError):
                 self.wandb = init_wandb(s, self.run_dir)
 
-    # ------------------------------------------------------------------ checkpoints
+    # ---- checkpoints -----------------------------------------------------------------------------
     def _export(self) -> tuple[dict, dict]:
         """(adapter config, tensors) of the adapter as it is now; every rank calls it (ZeRO-3
         gathers the shards)."""
@@ -591,7 +591,7 @@ class Trainer:
         self.say(f"resumed from {ck} at step {self.step} (micro_bsz {self.micro_bsz}, "
                  f"grad_accum {self.grad_accum})")
 
-    # ------------------------------------------------------------------ one step
+    # ---- one step --------------------------------------------------------------------------------
     def _backoff(self, err: BaseException) -> None:
         old = (self.micro_bsz, self.grad_accum)
         self.micro_bsz, self.grad_accum = halved_split(*old, self.step + 1,
@@ -648,7 +648,7 @@ class Trainer:
                 self._dpo_stats = t[1:]
         return loss, gnorm
 
-    # ------------------------------------------------------------------ loop
+    # ---- loop ------------------------------------------------------------------------------------
     def _eval(self) -> float | None:
         """Validation loss on rank 0 (None elsewhere). Under ZeRO-3 every rank joins the
         forward passes (they gather the sharded weights together)."""
@@ -852,7 +852,7 @@ def config_json(tr: "Trainer") -> dict:
                   * (2 if tr.dpo else 1), "device": str(tr.device)})
 
 
-# =========================================================================== CLI
+# ---- CLI -----------------------------------------------------------------------------------------
 def resolve_for_resume(run_dir: Path, args: argparse.Namespace) -> cfgmod.Resolved:
     """The run's own settings (config.json), with only RESUME_MUTABLE flags applied."""
     cfg_p = run_dir / "config.json"

@@ -45,7 +45,7 @@ class UpstreamError(RuntimeError):
 Forward = Callable[[list[int], Any], tuple[torch.Tensor, Any]]
 
 
-# =========================================================================== RWKV-PEFT
+# ---- RWKV-PEFT -----------------------------------------------------------------------------------
 def rwkv_peft_dir(root: Path) -> Path:
     return root / "third_party" / "RWKV-PEFT"
 
@@ -159,7 +159,7 @@ def run_rwkv_peft(s: config.Settings, checkout: Path, model_path: Path, data_pre
 
 
 
-# =========================================================================== rwkv pip package
+# ---- rwkv pip package ----------------------------------------------------------------------------
 def rwkv_pip_forward(model_path: Path, device: str, dtype: str) -> Forward:
     """forward(ids, state) -> (logits (V,), state) of `model_path` run by the `rwkv` pip
     package (strategy "cpu fp32" / "cuda <dtype>"), in this process."""
@@ -235,7 +235,7 @@ def run_rwkv_pip(model_path: Path, idx: torch.Tensor, timeout: float = 900) -> t
         return torch.load(out, weights_only=True)
 
 
-# =========================================================================== Albatross
+# ---- Albatross -----------------------------------------------------------------------------------
 def albatross_dir(root: Path) -> Path:
     return root / "third_party" / "Albatross"
 

@@ -38,7 +38,7 @@ MAX_POINTS = 2000  # per curve
 ss = st.session_state
 
 
-# ---- state and text helpers ------------------------------------------------------------
+# ---- state and text helpers ----------------------------------------------------------------------
 
 def lang() -> str:
     return ss.get("lang", "en")
@@ -141,7 +141,7 @@ def refuse(err: R.PathRefused) -> None:
     st.error(tr("error.outside", path=err.path, root=err.root))
 
 
-# ---- sidebar -----------------------------------------------------------------------------
+# ---- sidebar -------------------------------------------------------------------------------------
 
 def sidebar() -> tuple[str, Path | None]:
     """Language switch, page choice and the runs folder. Returns (page, runs_dir)."""
@@ -174,7 +174,7 @@ def default_runs_dir() -> str:
         return "runs"
 
 
-# ---- Runs page -----------------------------------------------------------------------------
+# ---- Runs page -----------------------------------------------------------------------------------
 
 def runs_table(runs: list[R.RunInfo]) -> pd.DataFrame:
     return pd.DataFrame({
@@ -356,7 +356,7 @@ def page_runs(runs_dir: Path | None) -> None:
     body()
 
 
-# ---- Compare page ---------------------------------------------------------------------------
+# ---- Compare page --------------------------------------------------------------------------------
 
 def page_compare(runs_dir: Path | None) -> None:
     st.header(tr("page.compare"))
@@ -407,7 +407,7 @@ def page_compare(runs_dir: Path | None) -> None:
         st.dataframe(frame, width="stretch")
 
 
-# ---- Data page ------------------------------------------------------------------------------
+# ---- Data page -----------------------------------------------------------------------------------
 
 def page_data() -> None:
     from rwkvforge.dashboard import datasets as D
@@ -474,7 +474,7 @@ def page_data() -> None:
                 unsafe_allow_html=True)
 
 
-# ---- Chat page ------------------------------------------------------------------------------
+# ---- Chat page -----------------------------------------------------------------------------------
 
 @st.cache_resource(max_entries=2, show_spinner=False)
 def _engine(model_path: str, adapter: str | None):
@@ -576,7 +576,7 @@ def page_chat(runs_dir: Path | None) -> None:
                 st.caption(tr("chat.no_tuned"))
 
 
-# ---- System page ----------------------------------------------------------------------------
+# ---- System page ---------------------------------------------------------------------------------
 
 @st.cache_data(ttl=60, show_spinner=False)
 def _system_report() -> dict[str, Any]:
@@ -636,7 +636,7 @@ def flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
-# ---- main -----------------------------------------------------------------------------------
+# ---- main ----------------------------------------------------------------------------------------
 
 def sync_widget_values() -> None:
     """Copy widget values (changed by the user before this rerun) to their plain keys first,

@@ -59,9 +59,7 @@ META_SUFFIX = ".meta.json"
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
-# ---------------------------------------------------------------------------------------
-# magic prime (RWKV-LM)
-# ---------------------------------------------------------------------------------------
+# ---- magic prime (RWKV-LM) -----------------------------------------------------------------------
 
 def is_prime(n: int) -> bool:
     if n <= 3:
@@ -105,9 +103,7 @@ def too_small_text(num_tokens: int, ctx_len: int, where: str) -> ValueError:
         f"--repeat {math.ceil(need / max(num_tokens, 1))} in rwkvforge prepare).")
 
 
-# ---------------------------------------------------------------------------------------
-# prepared data
-# ---------------------------------------------------------------------------------------
+# ---- prepared data -------------------------------------------------------------------------------
 
 def meta_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}{META_SUFFIX}")
@@ -179,9 +175,7 @@ def open_split(prefix_or_meta: str | Path, split: str = "train") -> Split | None
     return Split(base / info["prefix"], meta["type"], mask)
 
 
-# ---------------------------------------------------------------------------------------
-# batch assembly
-# ---------------------------------------------------------------------------------------
+# ---- batch assembly ------------------------------------------------------------------------------
 
 def _rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray]], T: int | None,
                    prefix: str = "") -> dict[str, torch.Tensor]:
@@ -457,9 +451,7 @@ def pair_batches(split: Split, pairs: Any, ctx_len: int, micro_bsz: int
         yield _pair_batch(split, order[b:b + micro_bsz], ctx_len, "longest")
 
 
-# ---------------------------------------------------------------------------------------
-# entry points
-# ---------------------------------------------------------------------------------------
+# ---- entry points --------------------------------------------------------------------------------
 
 def build_train_loader(prefix_or_meta: str | Path, ctx_len: int, micro_bsz: int,
                        seed: int = 0, *, rank: int = 0, world_size: int = 1,

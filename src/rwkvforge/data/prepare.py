@@ -89,9 +89,7 @@ class PrepareError(Exception):
     """A problem with the input or options; the message says what to do."""
 
 
-# ---------------------------------------------------------------------------------------
-# the progress bar
-# ---------------------------------------------------------------------------------------
+# ---- the progress bar ----------------------------------------------------------------------------
 
 class _NoBar:
     def update(self, n: int) -> None:
@@ -110,9 +108,7 @@ def _progress(total: int, enabled: bool):
                 file=sys.stderr)
 
 
-# ---------------------------------------------------------------------------------------
-# the run
-# ---------------------------------------------------------------------------------------
+# ---- the run -------------------------------------------------------------------------------------
 
 @dataclass
 class Options:
@@ -538,9 +534,7 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
     log(f"  wrote {prefix}.meta.json in {meta['seconds']:.1f} s")
 
 
-# ---------------------------------------------------------------------------------------
-# is prepared data still current
-# ---------------------------------------------------------------------------------------
+# ---- is prepared data still current --------------------------------------------------------------
 
 def stale_reason(meta: dict, data_file: Path, settings: cfg.Settings) -> str | None:
     """Why prepared data (its meta) no longer matches DATA_FILE / the settings (None: it
@@ -565,9 +559,7 @@ def stale_reason(meta: dict, data_file: Path, settings: cfg.Settings) -> str | N
     return None
 
 
-# ---------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------
 
 SETTING_FLAGS = ("data_file", "data_glob", "data_type", "data_prefix", "ctx_len", "val_fraction",
                  "seed", "micro_bsz", "grad_accum", "num_gpus")

@@ -266,7 +266,7 @@ class RWKV7(nn.Module):
         self._lowp: dict[tuple, tuple] = {}  # (id(weight), kind) -> (weight, version, copies)
         self._consts: dict[int, tuple] = {}  # layer -> (param versions, small tensors for step)
 
-    # ----------------------------------------------------------------------------- state
+    # ---- state -----------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device=None) -> State:
         cfg = self.config
         device = device if device is not None else self.emb.weight.device
@@ -280,7 +280,7 @@ class RWKV7(nn.Module):
             for _ in range(cfg.n_layer)
         ]
 
-    # ----------------------------------------------------------------------------- sequence
+    # ---- sequence --------------------------------------------------------------------------------
     def forward_hidden(self, idx: torch.Tensor, state: State | None = None):
         """idx (B,T) long -> (hidden (B,T,C) after ln_out, new state)."""
         if self.wkv_impl not in WKV_IMPLS:
@@ -313,7 +313,7 @@ class RWKV7(nn.Module):
             h = h[:, -1]
         return self._lin(h, self.head).float(), state
 
-    # ----------------------------------------------------------------------------- fast matmuls
+    # ---- fast matmuls ----------------------------------------------------------------------------
     def _step_consts(self, block: Block, dtype: torch.dtype) -> dict:
         """Per-layer small tensors reshaped for `step` (flat (C,) vectors, the six mixing
         vectors stacked), cached and rebuilt whenever a parameter of the layer changes."""
@@ -397,7 +397,7 @@ class RWKV7(nn.Module):
         self._consts.clear()
         return super().train(mode)
 
-    # ----------------------------------------------------------------------------- decode
+    # ---- decode ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, idx: torch.Tensor, state: State):
         """One decoding step: idx (B,) long, state -> (logits (B,V) fp32, new state).
