@@ -15,11 +15,11 @@ from typing import Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
-from rwkvforge.generate import (
-    CHAT_DEFAULTS, chat_params,
-    encode_chat_prompt)
+from rwkvforge import grammar as gm
+from rwkvforge.generate import CHAT_DEFAULTS, chat_params, encode_chat_prompt
 from rwkvforge.sampling import SamplingParams
 from rwkvforge.tokenizer import ChatFormatError
+
 
 # ---- request schemas (OpenAI fields + RWKV extras top_k / penalty_decay) -------------------------
 
@@ -378,8 +378,6 @@ class ChatPlan:
 def chat_plan(body: ChatRequest, tokenizer: Any, vocab_size: int) -> ChatPlan:
     """response_format / tools / tool_choice -> ChatPlan; APIError(400) naming the field
     for what cannot be honoured."""
-    from rwkvforge import grammar as gm
-
     tools = tuple(body.tools or ())
     choice = body.tool_choice
     if choice is not None and not tools:

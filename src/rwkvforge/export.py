@@ -69,6 +69,8 @@ from rwkvforge.checkpoint import (
 )
 from rwkvforge.gguf_file import blinkdl_to_gguf_name
 from rwkvforge.tokenizer import get_tokenizer
+from rwkvforge import config
+from rwkvforge.demo import resolve_base_model
 
 FORMATS = ("gguf", "hf", "ai00")
 DEFAULT_DTYPE = {"gguf": "f16", "hf": "bf16", "ai00": "fp16"}
@@ -445,9 +447,6 @@ def main(argv: list[str] | None = None) -> int:
         base = str(trained_on) if trained_on else None
     try:
         if base is None:
-            from rwkvforge import config
-            from rwkvforge.demo import resolve_base_model
-
             res = config.resolve()
             base = str(resolve_base_model(res.settings.base_model, res.sources["BASE_MODEL"],
                                           say=log)[0])

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from rwkvforge.generate import Constraint
+from rwkvforge.tokenizer import token_table
 
 # separators of the JSON we generate: one line, readable
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -51,8 +52,6 @@ class _WorldTokens:
     bytes -> ids encoder."""
 
     def __init__(self, tokenizer: Any, vocab_size: int):
-        from rwkvforge.tokenizer import token_table
-
         table = list(token_table())
         self.tokens = (table + [b""] * vocab_size)[:vocab_size]
         self.eos_token_id = 0

@@ -57,6 +57,7 @@ from rwkvforge import paths
 from rwkvforge.checkpoint import infer_config, load_state_dict
 from rwkvforge.config import LORA_TARGETS, OPTIMIZERS, QUANTS
 from rwkvforge.model.rwkv7 import RWKV7Config
+from rwkvforge import native
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -346,8 +347,6 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
         if device == "cuda":
             impl = "fla" if _fla_installed() else "chunked"
         else:
-            from rwkvforge import native
-
             impl = "native" if native.available("wkv_cpu") else "chunked"
     wkv_c = (ACT_WKV_FLA if impl == "fla" else ACT_WKV_NATIVE[w.precision]
              if impl == "native" else ACT_WKV_CHUNKED[w.precision])
@@ -380,8 +379,6 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
         # them in place. CUDA keeps the older, larger figure above until it is measured on a GPU.
         per = 4 if cb == 4 else cb + 4
         if w.precision == "bf16" and V % 32 == 0:
-            from rwkvforge import native
-
             if native.available("softmax_cpu"):
                 per = cb
     items["head_ce"] = hc * V * per + (V * C * cb if "head" in parts and cb != 4 else 0)

@@ -55,13 +55,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvforge import config as cfgmod
-from rwkvforge.adapter import load_with_adapter
+from rwkvforge.adapter import MultiLora, load_with_adapter
 from rwkvforge.checkpoint import DTYPES
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.generate import (
     Engine, Event, Handle, LeadingSpaceStrip, QueueFull, resolve_device_dtype, set_fast_path)
-from rwkvforge.sampling import SamplingParams
+from rwkvforge.grammar import new_constraint
 from rwkvforge.runtime import keep_freed_memory
+from rwkvforge.sampling import SamplingParams
 from rwkvforge.tokenizer import get_tokenizer
 
 from rwkvforge.api import (APIError, ChatPlan, ChatRequest, CompletionRequest, SamplingRequest,
@@ -258,8 +259,6 @@ def submit(engine: Engine, job: Job, tokenizer: Any = None
 
     constraints = None
     if job.grammar is not None:
-        from rwkvforge.grammar import new_constraint
-
         constraints = [new_constraint(job.grammar, tokenizer, engine.vocab_size)
                        for _ in job.params]
     try:
@@ -541,8 +540,6 @@ def attach_adapters(model: Any, loras: dict[str, str]) -> dict[str, int]:
     be served this way."""
     if not loras:
         return {}
-    from rwkvforge.adapter import MultiLora
-
     multi = MultiLora(model)
     return {name: multi.add(name, p) for name, p in loras.items()}
 
@@ -564,8 +561,6 @@ def port_unavailable(host: str, port: int) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rwkvforge import config as cfgmod
-
     ap = argparse.ArgumentParser(prog="rwkvforge serve", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
