@@ -225,30 +225,30 @@ def _load_peft_folder(folder: Path, alpha, rank) -> Adapter:
         raise MergeError(f"{folder}: no {ADAPTER_CONFIG}; not a PEFT adapter folder. For a "
                          f"training run pass runs/<run>/adapter (written when training ends).")
     try:
-        cfg = json.loads(cfg_path.read_text())
+        peft_cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise MergeError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg}).") from e
     wpath = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
     if wpath is None:
         raise MergeError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)} next to {ADAPTER_CONFIG}.")
     tensors, meta = _read_tensors(wpath)
-    ad = adapter_from_peft(cfg, tensors, alpha, rank, str(folder), str(cfg_path), str(wpath))
+    ad = adapter_from_peft(peft_cfg, tensors, alpha, rank, str(folder), str(cfg_path), str(wpath))
     ad.metadata = meta
     return ad
 
 
-def adapter_from_peft(cfg: dict, tensors: dict[str, torch.Tensor], alpha=None, rank=None,
+def adapter_from_peft(peft_cfg: dict, tensors: dict[str, torch.Tensor], alpha=None, rank=None,
                       source: str = "adapter", cfg_name: str = ADAPTER_CONFIG,
                       weights_name: str = "adapter weights") -> Adapter:
     """An Adapter from a PEFT LoraConfig dict and its tensors (the contents of a PEFT folder,
     e.g. straight from `peft.export_adapter`). `cfg_name` / `weights_name` name them in
     errors."""
     cfg_path, wpath, src = cfg_name, weights_name, source
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
+    ptype = str(peft_cfg.get("peft_type", "LORA")).upper()
     if ptype != "LORA":
         raise MergeError(f"{cfg_path}: peft_type={ptype}; only LORA adapters (LoRA, rsLoRA, "
                          f"DoRA) can be merged here.")
-    init = cfg.get("init_lora_weights", True)
+    init = peft_cfg.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().split("_")[0] in ("pissa", "olora", "corda", "loftq"):
         raise MergeError(
             f"{cfg_path}: init_lora_weights={init!r}: this adapter was trained on a *modified* "
@@ -256,26 +256,26 @@ def adapter_from_peft(cfg: dict, tensors: dict[str, torch.Tensor], alpha=None, r
             f"wrong. Export it converted to a plain LoRA (peft: save_pretrained(..., "
             f"path_initial_model_for_weight_conversion=<initial adapter>); rwkvforge train does "
             f"this for PEFT_INIT=pissa) and merge that.")
-    if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        raise MergeError(f"{cfg_path}: bias={cfg.get('bias')!r} lora_bias={cfg.get('lora_bias')}: "
+    if peft_cfg.get("bias", "none") != "none" or peft_cfg.get("lora_bias"):
+        raise MergeError(f"{cfg_path}: bias={peft_cfg.get('bias')!r} lora_bias={peft_cfg.get('lora_bias')}: "
                          f"RWKV-7 Linears have no bias; only bias='none' adapters are supported.")
-    if cfg.get("layer_replication"):
+    if peft_cfg.get("layer_replication"):
         raise MergeError(f"{cfg_path}: layer_replication is not supported.")
-    r_cfg = int(cfg.get("r", 0))
-    a_cfg = float(cfg.get("lora_alpha", r_cfg))
-    if alpha is not None and float(alpha) != a_cfg and not cfg.get("alpha_pattern"):
+    r_cfg = int(peft_cfg.get("r", 0))
+    a_cfg = float(peft_cfg.get("lora_alpha", r_cfg))
+    if alpha is not None and float(alpha) != a_cfg and not peft_cfg.get("alpha_pattern"):
         raise MergeError(f"--alpha {alpha} disagrees with {cfg_path} (lora_alpha={a_cfg}); a "
                          f"wrong alpha silently scales the adapter. Drop --alpha.")
-    if rank is not None and int(rank) != r_cfg and not cfg.get("rank_pattern"):
+    if rank is not None and int(rank) != r_cfg and not peft_cfg.get("rank_pattern"):
         raise MergeError(f"--rank {rank} disagrees with {cfg_path} (r={r_cfg}). Drop --rank.")
-    rslora = bool(cfg.get("use_rslora", False))
+    rslora = bool(peft_cfg.get("use_rslora", False))
     parts, other = _collect(tensors, f"{wpath}")
     if not parts:
         raise MergeError(f"{wpath}: no lora_A / lora_B tensors found.")
     factors = {}
     for mod, slot in parts.items():
-        r_mod = int(_pattern_value(cfg.get("rank_pattern"), mod, r_cfg))
-        a_mod = float(_pattern_value(cfg.get("alpha_pattern"), mod, a_cfg))
+        r_mod = int(_pattern_value(peft_cfg.get("rank_pattern"), mod, r_cfg))
+        a_mod = float(_pattern_value(peft_cfg.get("alpha_pattern"), mod, a_cfg))
         A, B = slot["A"].float(), slot["B"].float()
         if A.shape[0] != r_mod or B.shape[1] != r_mod:
             raise MergeError(f"{wpath}: {mod}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} "
@@ -285,10 +285,10 @@ def adapter_from_peft(cfg: dict, tensors: dict[str, torch.Tensor], alpha=None, r
         factors[mod + ".weight"] = LoraFactor(A, B, lora_scale(a_mod, r_mod, rslora),
                                               None if mag is None else mag.float())
     notes = []
-    if cfg.get("fan_in_fan_out"):
+    if peft_cfg.get("fan_in_fan_out"):
         notes.append("fan_in_fan_out=true in the config is ignored for nn.Linear targets "
                      "(peft does the same), so the factors are used as W += s B A.")
-    return Adapter(src, "peft", factors, {k: v.float() for k, v in other.items()}, cfg, notes)
+    return Adapter(src, "peft", factors, {k: v.float() for k, v in other.items()}, peft_cfg, notes)
 
 
 def _load_rwkv_peft_file(path: Path, alpha, rank) -> Adapter:
@@ -319,9 +319,9 @@ def _load_rwkv_peft_file(path: Path, alpha, rank) -> Adapter:
                              f"{tuple(A.shape)} (B is (out, r), A is (r, in)).")
         mag = slot.get("M")
         factors[mod + ".weight"] = LoraFactor(A, B, lora_scale(alpha, r), None if mag is None else mag.float())
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": float(alpha), "use_rslora": False,
+    peft_cfg = {"peft_type": "LORA", "r": r, "lora_alpha": float(alpha), "use_rslora": False,
            "source_format": "rwkv-peft"}
-    return Adapter(str(path), "rwkv-peft", factors, {k: v.float() for k, v in other.items()}, cfg)
+    return Adapter(str(path), "rwkv-peft", factors, {k: v.float() for k, v in other.items()}, peft_cfg)
 
 
 # ---- checks --------------------------------------------------------------------------------------
@@ -435,7 +435,7 @@ def adapter_to_peft(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
               for m in mods}
     alpha = alphas[mods[0]]
     targets = sorted({re.sub(r"^blocks\.\d+\.", "", m) for m in mods})
-    cfg = LoraConfig(
+    peft_cfg = LoraConfig(
         r=r, lora_alpha=alpha, use_rslora=rslora, lora_dropout=0.0, bias="none",
         use_dora=adapter.use_dora,
         target_modules=target_regex(targets),
@@ -453,7 +453,7 @@ def adapter_to_peft(adapter: Adapter) -> tuple[dict, dict[str, torch.Tensor]]:
             tensors[f"{PEFT_PREFIX}{m}.lora_magnitude_vector"] = f.magnitude.contiguous()
     for k, v in adapter.replacements.items():
         tensors[PEFT_PREFIX + k] = v.contiguous()
-    return peft_config_dict(cfg), tensors
+    return peft_config_dict(peft_cfg), tensors
 
 
 def target_regex(targets) -> str:
@@ -464,10 +464,10 @@ def target_regex(targets) -> str:
 
 def peft_config_dict(lora_config) -> dict:
     """A peft LoraConfig as the JSON object of adapter_config.json (sets as sorted lists)."""
-    cfg = lora_config.to_dict()
-    cfg["peft_type"] = "LORA"
-    cfg["task_type"] = None
-    return json.loads(json.dumps(cfg, default=sorted))
+    peft_cfg = lora_config.to_dict()
+    peft_cfg["peft_type"] = "LORA"
+    peft_cfg["task_type"] = None
+    return json.loads(json.dumps(peft_cfg, default=sorted))
 
 
 def save_adapter(folder: str | os.PathLike, adapter_config: dict, tensors: dict[str, torch.Tensor],
@@ -481,9 +481,9 @@ def save_adapter(folder: str | os.PathLike, adapter_config: dict, tensors: dict[
         meta[_META_KEY] = json.dumps(metadata, sort_keys=True, default=str)
     blob = st_save({k: compact_cpu(v) for k, v in tensors.items()}, metadata=meta)
     atomic_write_bytes(folder / ADAPTER_WEIGHTS[0], blob)
-    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter_config.items()}
+    peft_cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter_config.items()}
     atomic_write_bytes(folder / ADAPTER_CONFIG,
-                       (json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n").encode())
+                       (json.dumps(peft_cfg, indent=2, sort_keys=True, default=str) + "\n").encode())
     return folder
 
 

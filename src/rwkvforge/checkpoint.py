@@ -606,13 +606,13 @@ def load_hf_folder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """An HF RWKV-7 folder as a validated BlinkDL state dict (tensors in the file's dtype)."""
     p = Path(path)
     try:
-        cfg = json.loads((p / "config.json").read_text())
+        hf_config = json.loads((p / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{p}/config.json: cannot be read ({e}).") from e
-    arch = cfg.get("architectures") or []
-    if cfg.get("model_type") != "rwkv7" and not set(arch) & set(HF_ARCHITECTURES):
+    arch = hf_config.get("architectures") or []
+    if hf_config.get("model_type") != "rwkv7" and not set(arch) & set(HF_ARCHITECTURES):
         raise CheckpointError(
-            f"{p}: config.json says model_type={cfg.get('model_type')!r}, architectures={arch}: "
+            f"{p}: config.json says model_type={hf_config.get('model_type')!r}, architectures={arch}: "
             "not an RWKV-7 model in the HF layout (fla-hub RWKV7ForCausalLM). rwkvforge imports "
             "only RWKV-7; give a BlinkDL .pth or an fla-hub rwkv7 folder.")
     if (p / HF_INDEX).is_file():
@@ -638,7 +638,7 @@ def load_hf_folder(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     mine = infer_config(sd)
     for key, want in (("hidden_size", mine.n_embd), ("num_hidden_layers", mine.n_layer),
                       ("vocab_size", mine.vocab_size)):
-        if key in cfg and int(cfg[key]) != want:
-            raise CheckpointError(f"{p}: config.json {key}={cfg[key]} but the weights have {want}; "
+        if key in hf_config and int(hf_config[key]) != want:
+            raise CheckpointError(f"{p}: config.json {key}={hf_config[key]} but the weights have {want}; "
                                   "the folder mixes two models.")
     return sd

@@ -454,17 +454,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run}: no such run folder.", file=sys.stderr)
         return 2
     try:
-        cfg = runs.run_config(run, strict=True)
+        record = runs.run_config(run, strict=True)
     except runs.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = runs.run_settings(cfg)
-    base = args.base or runs.run_base_model(cfg)
+    settings = runs.run_settings(record)
+    base = args.base or runs.run_base_model(record)
     if base is None:
         print("error: --base-model is required (the run has no config.json naming its model).", file=sys.stderr)
         return 2
     adapter = None if args.tuned else (args.adapter or runs.final_adapter(run))
-    val = args.val or runs.run_data_prefix(cfg) or paths.sample_data_dir() / "bsl_sft.jsonl"
+    val = args.val or runs.run_data_prefix(record) or paths.sample_data_dir() / "bsl_sft.jsonl"
     checks = None
     if not args.no_checks:
         checks = args.checks or paths.sample_data_dir() / "bsl_checks.jsonl"

@@ -298,7 +298,7 @@ def lora_tensors(peft_model) -> dict[str, torch.Tensor]:
 def export_adapter(peft_model, spec: AdapterSpec) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config dict, tensors) in PEFT layout, applying to the ORIGINAL base weights
     (PiSSA converted to a rank-2r LoRA), TRAIN_PARTS included as whole tensors."""
-    cfg = lora_config(spec, init_override=True)
+    peft_cfg = lora_config(spec, init_override=True)
     tensors = lora_tensors(peft_model)
     if spec.init == "pissa":
         init = getattr(peft_model, "_rwkvforge_pissa_init", None)
@@ -306,14 +306,14 @@ def export_adapter(peft_model, spec: AdapterSpec) -> tuple[dict, dict[str, torch
             raise AdapterError("PiSSA model without its initial A0/B0: build it with "
                                "apply_adapter().")
         tensors = _pissa_to_lora(tensors, init)
-        cfg = lora_config(AdapterSpec(**{**spec.__dict__, "r": 2 * spec.r,
+        peft_cfg = lora_config(AdapterSpec(**{**spec.__dict__, "r": 2 * spec.r,
                                          "alpha": 2 * spec.alpha, "init": "default"}),
                           init_override=True)
     base = unwrap(peft_model)
     for n, p in base.named_parameters():
         if p.requires_grad and "lora_" not in n:
             tensors[PEFT_PREFIX + _blink_name(n)] = p.detach().float().contiguous().clone()
-    return peft_config_dict(cfg), tensors
+    return peft_config_dict(peft_cfg), tensors
 
 
 def _pissa_to_lora(cur: dict[str, torch.Tensor], init: dict[str, torch.Tensor]

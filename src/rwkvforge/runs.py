@@ -247,19 +247,19 @@ class RunFolder:
         """config.json keeps what a resume changed (the `mutable` settings, such as a longer
         MAX_STEPS), so that the next --resume continues with it."""
         path = self.path / "config.json"
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
         new = config.public_settings(settings)
-        changed = {k: [cfg["settings"].get(k), new[k]] for k in mutable
-                   if cfg["settings"].get(k) != new[k]}
+        changed = {k: [record["settings"].get(k), new[k]] for k in mutable
+                   if record["settings"].get(k) != new[k]}
         for k in changed:
-            cfg["settings"][k] = new[k]
-            cfg.setdefault("sources", {})[k.upper()] = sources.get(k.upper(), "cli (resume)")
-        cfg.setdefault("training", {})["total_steps"] = total_steps
-        cfg.setdefault("resumes", []).append({
+            record["settings"][k] = new[k]
+            record.setdefault("sources", {})[k.upper()] = sources.get(k.upper(), "cli (resume)")
+        record.setdefault("training", {})["total_steps"] = total_steps
+        record.setdefault("resumes", []).append({
             "step": step, "from": str(resumed_from), "changed": changed,
             "command": [sys.executable, "-m", "rwkvforge.train", *sys.argv[1:]],
             "at": now_iso()})
-        self.write_json("config.json", cfg)
+        self.write_json("config.json", record)
 
     def append_metrics(self, row: dict) -> None:
         if not self.enabled:
@@ -500,29 +500,29 @@ def run_config(run_dir: Path | None, strict: bool = False) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG
     if strict:
         try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise RunError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        return cfg if isinstance(cfg, dict) else {}
+        return record if isinstance(record, dict) else {}
     return read_json(path) or {}
 
 
-def run_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+def run_settings(record: dict[str, Any]) -> dict[str, Any]:
     """The resolved settings (lower-case keys) of a run's config.json."""
-    s = cfg.get("settings")
+    s = record.get("settings")
     return s if isinstance(s, dict) else {}
 
 
-def run_base_model(cfg: dict[str, Any]) -> Path | None:
+def run_base_model(record: dict[str, Any]) -> Path | None:
     """The base model .pth a run trained on (config.json -> model.path)."""
-    model = cfg.get("model")
+    model = record.get("model")
     path = model.get("path") if isinstance(model, dict) else None
     return Path(path) if path else None
 
 
-def run_data_prefix(cfg: dict[str, Any]) -> Path | None:
+def run_data_prefix(record: dict[str, Any]) -> Path | None:
     """The prepared data prefix a run trained on (config.json -> data.prefix)."""
-    data = cfg.get("data")
+    data = record.get("data")
     prefix = data.get("prefix") if isinstance(data, dict) else None
     return Path(prefix) if prefix else None
 

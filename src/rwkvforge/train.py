@@ -201,8 +201,8 @@ def compile_blocks(model: nn.Module) -> None:
     # every block shares Block.forward's code object, and dynamo caches per code object with
     # a guard on the block: without room for one entry per block (and layer 0's own), the
     # blocks past the default limit of 8 silently run eager
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, 2 * len(model.blocks) + 8)
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(model.blocks) + 8)
     for block in model.blocks:
         eager = block.forward
         compiled = torch.compile(eager)
@@ -527,9 +527,9 @@ class Trainer:
         """(adapter config, tensors) of the adapter as it is now; every rank calls it (ZeRO-3
         gathers the shards)."""
         with self.strategy.gathered():
-            cfg, tensors = export_adapter(self.model, self.spec)
-        cfg["base_model_name_or_path"] = str(self.inputs.model_path)
-        return cfg, tensors, self.spec.metadata(
+            peft_cfg, tensors = export_adapter(self.model, self.spec)
+        peft_cfg["base_model_name_or_path"] = str(self.inputs.model_path)
+        return peft_cfg, tensors, self.spec.metadata(
             self.inputs.model_path, self.model_cfg, step=self.step, run=self.run_dir.name,
             profile=self.settings.profile)
 

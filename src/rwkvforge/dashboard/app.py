@@ -290,19 +290,19 @@ def config_tab(run_dir: Path) -> None:
     if not rows:
         st.info(tr("runs.bad_config") if path.is_file() else tr("runs.no_config"))
         return
-    cfg = R.read_json(path) or {}
-    files = cfg.get("files")
+    record = R.read_json(path) or {}
+    files = record.get("files")
     st.caption(tr("runs.config_caption"))
     st.dataframe(pd.DataFrame(rows, columns=[tr("col.key"), tr("col.value"),
                                              tr("col.source")]),
                  hide_index=True, width="stretch")
     facts = [
-        (tr("fact.git_sha"), str(cfg.get("git_sha", ""))),
-        (tr("fact.started"), str(cfg.get("started_at", ""))),
-        (tr("fact.model"), json.dumps(cfg.get("model", {}), ensure_ascii=False)),
-        (tr("fact.data"), json.dumps(cfg.get("data", {}), ensure_ascii=False)),
-        (tr("fact.hardware"), json.dumps(cfg.get("hardware", {}), ensure_ascii=False)),
-        (tr("fact.versions"), json.dumps(cfg.get("versions", {}), ensure_ascii=False)),
+        (tr("fact.git_sha"), str(record.get("git_sha", ""))),
+        (tr("fact.started"), str(record.get("started_at", ""))),
+        (tr("fact.model"), json.dumps(record.get("model", {}), ensure_ascii=False)),
+        (tr("fact.data"), json.dumps(record.get("data", {}), ensure_ascii=False)),
+        (tr("fact.hardware"), json.dumps(record.get("hardware", {}), ensure_ascii=False)),
+        (tr("fact.versions"), json.dumps(record.get("versions", {}), ensure_ascii=False)),
         (tr("fact.files"), ", ".join(str(f) for f in files) if isinstance(files, list)
          else str(files or "")),
     ]

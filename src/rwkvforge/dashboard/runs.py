@@ -170,9 +170,9 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
 
     status = read("status.json")
     st = status or {}
-    cfg = read(CONFIG) or {}
-    settings = _dict(cfg.get("settings"))
-    model = _dict(cfg.get("model"))
+    record = read(CONFIG) or {}
+    settings = _dict(record.get("settings"))
+    model = _dict(record.get("model"))
     cks = list_checkpoints(run_dir, root)
     mp = inside("metrics.jsonl")
     metrics = read_metrics(mp) if mp is not None else []
@@ -181,7 +181,7 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
     steps = [_int(r["step"]) for r in rows]
     error = st.get("error")
     log = inside("train.log")
-    if status is None and not cfg and log is not None and log.is_file():
+    if status is None and not record and log is not None and log.is_file():
         # only a log: a run still setting up (loading, preparing), or a start that failed
         # before training began (train logs why: "the run did not start: ...")
         why = _setup_failure(log)
@@ -204,7 +204,7 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
         max_steps=_int(st.get("max_steps")) or _int(settings.get("max_steps")) or 0,
         best_loss=min(losses) if losses else None,
         last_loss=losses[-1] if losses else None,
-        started_at=str(cfg.get("started_at", "")),
+        started_at=str(record.get("started_at", "")),
         updated=_finite(st.get("updated")),
         error=str(error) if error is not None else None,
         pid=_int(st.get("pid")),
@@ -287,9 +287,9 @@ def config_rows(run_dir: Path, root: Path | None = None) -> list[tuple[str, str,
     """(KEY, value, source) for every setting in config.json, in the file's order ([] when it
     is missing, unreadable or outside the workspace)."""
     p = run_file(run_dir, CONFIG, root)
-    cfg = (read_json(p) if p is not None else None) or {}
-    settings = _dict(cfg.get("settings"))
-    sources = _dict(cfg.get("sources"))
+    record = (read_json(p) if p is not None else None) or {}
+    settings = _dict(record.get("settings"))
+    sources = _dict(record.get("sources"))
     rows = []
     for k, v in settings.items():
         key = str(k).upper()

@@ -69,7 +69,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from rwkvforge import config as cfg
+from rwkvforge import config as cfgmod
 from rwkvforge import paths
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, pool_worker_init,
@@ -130,7 +130,7 @@ class Options:
     glob: str = "**/*"  # the files of a folder input
 
     @classmethod
-    def from_settings(cls, settings: cfg.Settings, *, input: Path, output_prefix: Path,
+    def from_settings(cls, settings: cfgmod.Settings, *, input: Path, output_prefix: Path,
                       **run: Any) -> Options:
         """Options to prepare `input` into `output_prefix` as the settings say (DATA_TYPE,
         CTX_LEN, SEED, VAL_FRACTION, DATA_GLOB and MICRO_BSZ / GRAD_ACCUM / NUM_GPUS for the
@@ -536,7 +536,7 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
 
 # ---- is prepared data still current --------------------------------------------------------------
 
-def stale_reason(meta: dict, data_file: Path, settings: cfg.Settings) -> str | None:
+def stale_reason(meta: dict, data_file: Path, settings: cfgmod.Settings) -> str | None:
     """Why prepared data (its meta) no longer matches DATA_FILE / the settings (None: it
     matches)."""
     src = meta.get("source") or {}
@@ -569,7 +569,7 @@ class DataInputError(ValueError):
     """The data a run names cannot be used as it is; the message says what to do."""
 
 
-def prepared_data(s: cfg.Settings, sources: dict[str, str], root: Path, *, prepare: bool = True,
+def prepared_data(s: cfgmod.Settings, sources: dict[str, str], root: Path, *, prepare: bool = True,
                   say: Callable[[str], None] = print, check_data: bool = True,
                   resuming: bool = False) -> tuple[Path, Path | None]:
     """(prefix, DATA_FILE) of the prepared data a run trains on: DATA_PREFIX, or
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text, sft or dpo [DATA_TYPE]")
     ap.add_argument("--output-prefix", dest="set_data_prefix", metavar="PREFIX",
                     help="output prefix, e.g. data/processed/name [DATA_PREFIX]")
-    cfg.add_settings_flags(ap, only=SETTING_FLAGS)
+    cfgmod.add_settings_flags(ap, only=SETTING_FLAGS)
     ap.add_argument("--repeat", type=int, default=1, help="write the train documents N times "
                     "(epochs baked into the file, like make_data.py) [1]")
     ap.add_argument("--shuffle", action="store_true",
@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
-    res = cfg.resolve_for_training(args)  # the CTX_LEN / MICRO_BSZ train will use
+    res = cfgmod.resolve_for_training(args)  # the CTX_LEN / MICRO_BSZ train will use
     s, src = res.settings, res.sources
     if s.data_file:
         inp = paths.resolve(s.data_file, src["DATA_FILE"])
@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                     "DATA_FILE)" if opts.input.parent == sample_data_dir() else "")
             raise PrepareError(f"{opts.input}: input file not found{hint}")
         run(opts)
-    except cfg.ConfigError as e:
+    except cfgmod.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except PrepareError as e:
