@@ -17,30 +17,13 @@ first step's loss is printed for both as a check that they train the same model 
 tokens. Our side runs twice by default (--compile both): eager, and with COMPILE=1
 (train.compile_blocks; its first, untimed step includes the compile, printed).
 
-MFU = achieved model FLOP/s / measured peak. Model FLOPs per token for LoRA with frozen base
-weights = 2 N (forward) + 2 N (gradient w.r.t. activations; frozen weights need no weight
-gradient) over the N weights used per token (block matmuls, small projections and the
-65536-way head), plus the WKV recurrence and the adapters.
-
-The peak is what bf16 matmuls reach on this machine with the same thread count. On this
-shared 2-core VM that is not one number: a 1 s loop of 2048 x 2048 matmuls sustained anywhere
-from ~650 to ~2200 GFLOP/s on 2026-11-22, in stretches from under a second to minutes at
-either level, and single matmuls reached ~2500. So our worker runs a window of 2048^2
-matmuls as long as a step right before the first timed step and right after each one, and
-each timed step gets three figures, each printed as the median over the steps:
-  1. against the rate sustained over the higher of its two windows (the target's figure:
-     what a matmul-only workload got from the machine for as long, at that moment);
-  2. against the fastest single matmul in those two windows;
-  3. against the fastest single matmul anywhere in the run (these windows plus square
-     1024-3072 probes before and after our runs). Printed beside it: the same scale applied
-     to the windows themselves, i.e. what a pure matmul loop would score, which shows how
-     far a burst sets that bar above anything sustained.
-A step's non-matmul work (the WKV recurrence, the fused element-wise kernels, ~0.2-0.35 s
-of a 0.5-1 s step here) does not speed up when the matmuls do, so every MFU figure is lower
-while the machine is in a fast phase: compare runs by the windows' rates they print.
-
-Targets (issue 5): >= 5x rwkvtune's tokens/s, MFU >= 40%. A busy machine (see the load
-average printed) lowers every number.
+MFU = achieved model FLOP/s / the bf16 matmul rate this machine sustains at that moment: model
+FLOPs per token are 2N forward + 2N for the activation gradients (frozen base weights need no
+weight gradient) over the N weights a token uses, plus the WKV recurrence and the adapters.
+A shared VM's matmul rate drifts, so the worker measures it in windows around every timed step
+and prints three figures (sustained window, fastest matmul in the window, fastest in the run);
+why, and the measured drift, are in docs/memory.md ("Measuring MFU on a shared CPU").
+Targets (issue 5): >= 5x rwkvtune's tokens/s, MFU >= 40%.
 """
 
 from __future__ import annotations
