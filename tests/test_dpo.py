@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from sample_data import prepare_sample
 from rwkvforge import config as cfgmod
 from rwkvforge import loss as L
+from rwkvforge import dpo as D
 from rwkvforge import train as T
 from rwkvforge import upstream as U
 
@@ -55,7 +56,7 @@ def margin_tolerance(run_dir: Path, loss: str = "sigmoid") -> float:
     move them by a few ulps. So: 8 ulps of the largest log-prob, times beta; not relative.
     SimPO keeps no reference file: its log-probs are bounded by CTX_LEN (160) x ~12.5 nats
     (the random model is near uniform over 65536 tokens, ln 65536 = 11.1) = 2e3."""
-    ref = torch.load(run_dir / L.REFERENCE, weights_only=True)["train"] \
+    ref = torch.load(run_dir / D.REFERENCE, weights_only=True)["train"] \
         if loss == "sigmoid" else torch.tensor([FAST["ctx_len"] * 12.5])
     return 8 * float(ref[~ref.isnan()].abs().max()) * 2.0 ** -23 * FAST_BETA
 
@@ -136,7 +137,7 @@ def test_dpo_run_learns_the_preference(tiny_model_path, dpo_prefix, tmp_path):
     assert sum(r["reward_acc"] for r in rows[-4:]) / 4 > 0.5
     assert rows[-1]["val_reward_acc"] >= 0.5 and rows[-1]["val_loss"] == pytest.approx(
         out.val_loss_end, abs=1e-6)
-    ref = torch.load(run / L.REFERENCE, weights_only=True)
+    ref = torch.load(run / D.REFERENCE, weights_only=True)
     assert ref["train"].dtype == torch.float64 and (ref["train"][~ref["train"].isnan()] < 0).all()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert "DPO: reference log-probs of" in (run / "train.log").read_text()
@@ -149,7 +150,7 @@ def test_simpo_run_needs_no_reference_and_learns(tiny_model_path, dpo_prefix, tm
     out = T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=12, lr=3e-3,
                              micro_bsz=4, dpo_loss="simpo", dpo_beta=2.0, simpo_gamma=0.5),
                     run, root=ROOT, progress=False).run()
-    assert not (run / L.REFERENCE).exists()
+    assert not (run / D.REFERENCE).exists()
     log = (run / "train.log").read_text()
     assert "no reference model" in log and "reference log-probs" not in log
     rows = metrics(run)
@@ -234,7 +235,7 @@ def test_dpo_resume_reuses_the_reference_and_continues_exactly(tiny_model_path, 
     assert [r["loss"] for r in got] == [r["loss"] for r in want]
     assert [r["reward_margin"] for r in got] == [r["reward_margin"] for r in want]
 
-    (run / L.REFERENCE).unlink()
+    (run / D.REFERENCE).unlink()
     with pytest.raises(T.TrainError, match="reference_logps.pt is missing"):
         T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, **{**kw, "max_steps": 6}),
                   run, root=ROOT, progress=False, resume=True).run()

@@ -211,7 +211,7 @@ def test_eval_of_a_dpo_run_measures_the_preference(tiny_model_path, tmp_path, ca
     from rwkvforge import config as cfgmod
     from rwkvforge import paths
     from rwkvforge import train as T
-    from rwkvforge.loss import REFERENCE
+    from rwkvforge.dpo import REFERENCE
 
     cli = {"base_model": str(tiny_model_path), "data_type": "dpo", "runs_dir": str(tmp_path),
            "data_file": str(paths.sample_data_dir() / "bsl_dpo.jsonl"),

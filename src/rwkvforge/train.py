@@ -67,15 +67,16 @@ from rwkvforge.demo import resolve_base_model
 from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
                                    local_rank, make_strategy, rank, rng_state,
                                    seed_everything, set_rng_state, world_size)
-from rwkvforge.loss import (DpoReferenceError, LossModule, autocast_ctx, compute_dtype,
-                            dpo_reference, evaluate_dpo, evaluate_loss, pair_rows)
+from rwkvforge.dpo import DpoReferenceError, dpo_reference
+from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dpo, evaluate_loss,
+                            pair_rows)
 from rwkvforge.memory import MemoryPlanError, preflight_model
 from rwkvforge.model.wkv import describe_impl
 from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
                             export_adapter, unwrap)
-from rwkvforge.runs import (RunError, RunFolder, RunLocked, config_record, default_run_name,
-                            disk_full_message, disk_plan, final_adapter, final_lines, init_wandb,
-                            metrics_row, run_started)
+from rwkvforge.runs import (RunError, RunFolder, RunLocked, config_record,
+                            default_run_name, disk_full_message, disk_plan,
+                            final_adapter, final_lines, init_wandb, metrics_row, run_started)
 from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger("rwkvforge.train")
