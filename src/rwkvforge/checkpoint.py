@@ -395,7 +395,8 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB blocks (checkpoint checksums, merge and export reports)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -407,7 +408,7 @@ def complete_marker(folder: str | os.PathLike, step: int) -> bytes:
     """The COMPLETE marker of a checkpoint folder: its step and the sha256 of every file in
     it (sub-folders too, e.g. DeepSpeed's shards), verified on resume and merge."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): _file_sha256(p)
+    files = {p.relative_to(folder).as_posix(): file_sha256(p)
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE_MARKER}
     return (json.dumps({"step": step, "sha256": files}, indent=1) + "\n").encode()
 
@@ -437,7 +438,7 @@ def verify_checkpoint(ck: str | os.PathLike) -> int:
         f = ck / name
         if not f.is_file():
             raise CorruptCheckpoint(f"{f}: missing from the checkpoint (COMPLETE lists it).")
-        got = _file_sha256(f)
+        got = file_sha256(f)
         if got != want:
             raise CorruptCheckpoint(f"{f}: checksum mismatch (sha256 {got[:12]}..., COMPLETE "
                                     f"recorded {want[:12]}...): the file changed after it was "
@@ -558,10 +559,13 @@ HF_LN = {"ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm"}
 HF_LORA_SLOT = {"0": "lora.2.bias", "1": "lora.0.weight", "2": "lora.2.weight"}
 
 
+HF_TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
+          "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
+
+
 def blinkdl_name(name: str) -> tuple[str, bool]:
     """(BlinkDL name, transposed) of an HF tensor name; CheckpointError when unknown."""
-    top = {"model.embeddings.weight": "emb.weight", "model.norm.weight": "ln_out.weight",
-           "model.norm.bias": "ln_out.bias", "lm_head.weight": "head.weight"}
+    top = {v: k for k, v in HF_TOP.items()}
     if name in top:
         return top[name], False
     m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+)\.(.+)", name)

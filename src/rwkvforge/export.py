@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -59,6 +58,7 @@ from rwkvforge.adapter import (
 )
 from rwkvforge.checkpoint import (
     DTYPES,
+    file_sha256,
     infer_config,
     HF_WEIGHTS,
     CheckpointError,
@@ -152,14 +152,6 @@ def greedy(sd: dict[str, torch.Tensor], ids: list[int], n_new: int) -> tuple[lis
         logits, state = model(torch.tensor([[t]]), state)[:2]
         last = logits[0, -1].float()
     return out, torch.stack(rows)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _compare(file_sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], exact: bool,
@@ -268,7 +260,7 @@ def _export_gguf(sd, out: Path, dtype: str, verify: str, name: str, log) -> dict
                 f" over {N_NEW} tokens; tokenizer {'matches' if c['tokenizer_matches'] else 'DIFFERS'}")
             if not c["passed"]:
                 raise ExportError(f"llama.cpp disagrees with rwkvforge on {out.name}: {json.dumps(c)[:600]}")
-        sha = _sha256(tmp)
+        sha = file_sha256(tmp)
         os.replace(tmp, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -312,7 +304,7 @@ def _export_hf(sd, out: Path, dtype: str, log) -> dict:
     src = {k: v.to(tdt) for k, v in sd.items() if k not in ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")}
     checks = {"read_back": _compare(back, src, exact=True, what=str(out))}
     log(f"[export] HF folder {out} read back: {checks['read_back']['tensors']} tensors equal the source in {dtype}")
-    return {"checks": checks, "sha256": _sha256(out / HF_WEIGHTS), "files": sorted(p.name for p in out.iterdir())}
+    return {"checks": checks, "sha256": file_sha256(out / HF_WEIGHTS), "files": sorted(p.name for p in out.iterdir())}
 
 
 def _export_ai00(sd, out: Path, state: Path | None, log) -> dict:
@@ -327,7 +319,7 @@ def _export_ai00(sd, out: Path, state: Path | None, log) -> dict:
         checks = {"read_back": _compare(back, want, exact=True, what=str(out)),
                   "layout": AI00_CONVERTER,
                   "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in back.values()})}
-        sha = _sha256(tmp)
+        sha = file_sha256(tmp)
     files = [out.name]
     if state is not None:
         cfg = infer_config(sd)
@@ -388,7 +380,7 @@ def export(fmt: str, base: str | os.PathLike, adapter: str | os.PathLike | None 
     if fmt == "gguf":
         import gguf
 
-        report["versions"]["gguf"] = getattr(gguf, "__version__", None) or _pkg_version("gguf")
+        report["versions"]["gguf"] = getattr(gguf, "__version__", None) or (runs.package_version("gguf") or "?")
         res = _export_gguf(sd, out, dtype, verify, name, log)
     elif fmt == "hf":
         res = _export_hf(sd, out, dtype, log)
@@ -402,15 +394,6 @@ def export(fmt: str, base: str | os.PathLike, adapter: str | os.PathLike | None 
     atomic_write_bytes(rp, (json.dumps(report, indent=2) + "\n").encode())
     report["report_path"] = str(rp)
     return report
-
-
-def _pkg_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,18 +41,16 @@ from pathlib import Path
 
 import torch
 
+from rwkvforge.checkpoint import (HF_LN, HF_LORA_SLOT, HF_PROJ, HF_TOP, HF_WEIGHTS,
+                                  CheckpointError, atomic_dir, infer_config)
 from rwkvforge.gguf_file import CHAT_TEMPLATE
 from rwkvforge.tokenizer import VOCAB_NAME, vocab_path
-from rwkvforge.checkpoint import (HF_LN, HF_LORA_SLOT, HF_PROJ, HF_WEIGHTS, CheckpointError,
-                                  atomic_dir, infer_config)
 
 def hf_name(name: str) -> tuple[str | None, bool]:
     """(HF name, transposed) of a BlinkDL tensor name; (None, False) for layer 0's unused
     v0/v1/v2."""
-    top = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
-           "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
-    if name in top:
-        return top[name], False
+    if name in HF_TOP:
+        return HF_TOP[name], False
     m = re.fullmatch(r"blocks\.(\d+)\.(att|ffn|ln0|ln1|ln2)\.(.+)", name)
     if not m:
         raise CheckpointError(f"tensor {name!r} has no place in the HF RWKV-7 layout.")

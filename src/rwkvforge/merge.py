@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -42,7 +41,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -53,6 +51,7 @@ from rwkvforge.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraFac
                                apply_replacements, check_adapter_matches_base, merge_state_dict,
                                read_adapter, resolve_adapter_path, save_peft_adapter)
 from rwkvforge.checkpoint import (COMPLETE_MARKER, DTYPES, CheckpointError, CorruptCheckpoint,
+                                  file_sha256,
                                   atomic_output, atomic_write_bytes, disk_error, fmt_mb,
                                   free_bytes, load_state_dict, model_from_state_dict, save_pth,
                                   verify_checkpoint)
@@ -229,20 +228,7 @@ def verify_merge(base_sd, adapter: Adapter, merged_sd, dtype_name: str,
 
 
 def _peft_version() -> str:
-    try:
-        import peft
-
-        return peft.__version__
-    except Exception:  # noqa: BLE001
-        return "?"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return runs.package_version("peft") or "?"
 
 
 # ---- the stage -----------------------------------------------------------------------------------
@@ -377,7 +363,7 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
             rscale = max(1.0, float(ours.abs().max()))
             rdiff = float((theirs - ours).abs().max()) if theirs.shape == ours.shape else float("inf")
             checks["rwkv_pip"] = {
-                "package": f"rwkv {_pkg_version('rwkv')}", "env": "RWKV_V7_ON=1",
+                "package": f"rwkv {runs.package_version('rwkv') or '?'}", "env": "RWKV_V7_ON=1",
                 "strategy": "cpu fp32", "max_abs_diff_vs_ours": rdiff,
                 "tolerance": RUNTIME_TOL * rscale,
                 "tolerance_rule": f"{RUNTIME_TOL:g} x max(1, max|logit|)",
@@ -391,7 +377,7 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
         else:
             checks["rwkv_pip"] = {"skipped": True}
         report["passed"] = True
-        report["sha256"] = _sha256(tmp_out)
+        report["sha256"] = file_sha256(tmp_out)
         report["seconds"] = round(time.time() - t0, 2)
         os.replace(tmp_out, out)
     except BaseException as e:
@@ -434,13 +420,6 @@ def _disk_full(e: BaseException, out: Path, need: int,
                       f"{fmt_mb(free_bytes(out.parent))} is free there. Free some space (or "
                       f"pass --out on a disk with room), then run the same merge command "
                       f"again ({done}).")
-
-
-def _pkg_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,14 +76,22 @@ def git_sha(root: Path) -> str:
         return "unknown"
 
 
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution (None: not installed)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def package_versions() -> dict[str, str]:
+    """Python and the packages a run record names (those installed)."""
     out = {"python": platform.python_version()}
     for pkg in ("rwkvforge", "torch", "peft", "bitsandbytes", "deepspeed", "numpy",
                 "safetensors", "wandb"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:  # noqa: PERF203 - a dozen names, once per run
-            pass
+        v = package_version(pkg)
+        if v is not None:
+            out[pkg] = v
     return out
 
 
