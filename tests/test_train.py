@@ -740,3 +740,60 @@ def test_start_warns_lr_final_above_lr_and_says_the_disk_a_run_takes(tiny_model_
     assert "warning: LR_FINAL=0.001 is above LR=0.0001" in text
     assert "disk: about" in text and "2 checkpoint(s) of ~" in text
     assert "KEEP_CHECKPOINTS=2" in text
+
+
+@pytest.mark.slow
+def test_random_kill_9s_then_resumes_end_bit_identical(tiny_model_path, sft_prefix, tmp_path):
+    """Fault injection with real processes: kill -9 at seeded random moments of a short fp32
+    run (each followed by --resume), the last one in the end-of-run window (after the final
+    checkpoint, while the final outputs are written); the run still ends with the losses and
+    the adapter of an uninterrupted run, bit for bit."""
+    import random
+
+    from rwkvforge.adapter import read_adapter
+
+    extra = ("--max-steps=6", "--save-every=1", "--lora-dropout=0.1")  # dropout: RNG matters
+    env = sub_env()
+    full = subprocess.run(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "full", *extra),
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert full.returncode == 0, full.stderr[-3000:]
+    run = tmp_path / "faults"
+    rng = random.Random(20261207)
+    resume = [sys.executable, "-m", "rwkvforge.train", "--no-progress", "--resume", str(run)]
+    cmd = _train_cmd(tiny_model_path, sft_prefix, tmp_path, "faults", *extra)
+    kills = 0
+    for attempt in range(4):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        cmd = resume
+        try:
+            deadline = time.time() + 600
+            if attempt < 3:  # a random moment once the run is training
+                while not (run / "metrics.jsonl").is_file() and proc.poll() is None:
+                    assert time.time() < deadline
+                    time.sleep(0.02)
+                time.sleep(rng.uniform(0.0, 1.5))
+            else:  # the end-of-run window: right after the final checkpoint is complete
+                while not (run / "checkpoints" / "step-6" / "COMPLETE").exists() \
+                        and proc.poll() is None:
+                    assert time.time() < deadline
+                    time.sleep(0.005)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert kills >= 2, "the runs ended before the faults could be injected"
+    r = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(run.rglob("*.tmp")) and not list(run.rglob(".*.tmp"))
+    got, want = metrics(run), metrics(tmp_path / "full")
+    assert [x["step"] for x in got] == list(range(1, 7))
+    assert [x["loss"] for x in got] == [x["loss"] for x in want]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    a, b = read_adapter(run / "adapter"), read_adapter(tmp_path / "full" / "adapter")
+    assert a.factors.keys() == b.factors.keys()
+    assert all(torch.equal(a.factors[k].A, b.factors[k].A)
+               and torch.equal(a.factors[k].B, b.factors[k].B) for k in b.factors)
