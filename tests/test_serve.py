@@ -14,6 +14,7 @@ import gc
 import json
 import socket
 import threading
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -273,6 +274,7 @@ def test_queue_full_answers_429(parts):
                 else:
                     r.read()
                     assert r.json()["error"]["code"] == "queue_full"
+                    assert r.headers["retry-after"] == "1"  # when to try again
                 return r.status_code
 
         with ThreadPoolExecutor(6) as ex:
@@ -580,3 +582,53 @@ def test_a_busy_port_is_found_before_the_model_loads():
         port = sock.getsockname()[1]
         assert "in use" in port_unavailable("127.0.0.1", port)
     assert port_unavailable("127.0.0.1", _free_port()) is None
+
+
+@pytest.mark.slow
+def test_sigterm_drains_open_streams_for_a_bounded_time(tiny_model_path):
+    """A real `rwkvforge serve` process: SIGTERM stops it while a long stream is open; the
+    stream may run on for --drain-seconds, then the server closes it and exits (it used to wait
+    for every stream, however long)."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RWKVFORGE_", "SERVE_"))}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, "-m", "rwkvforge.serve", "--base-model",
+                             str(tiny_model_path), "--serve-port", str(port),
+                             "--drain-seconds", "2", "--serve-max-tokens", "200000",
+                             "--log-level", "warning"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:  # wait for the model to load
+            try:
+                if httpx.get(base + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.5)
+        body = {"model": "x", "prompt": "long", "max_tokens": 200000, "temperature": 1.0,
+                "stream": True}
+        chunks, t_term = 0, None
+        try:
+            with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        chunks += 1
+                    if chunks == 3 and t_term is None:
+                        proc.send_signal(signal.SIGTERM)
+                        t_term = time.time()
+        except httpx.HTTPError:
+            pass  # the server closed the stream after the drain time: expected
+        proc.wait(timeout=60)
+        assert t_term is not None and chunks > 3  # the stream kept going after SIGTERM ...
+        assert time.time() - t_term < 30  # ... for a bounded time, then the server exited
+    finally:
+        if proc.poll() is None:
+            proc.kill()

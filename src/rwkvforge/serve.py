@@ -70,6 +70,8 @@ from rwkvforge.api import (APIError, ChatPlan, ChatRequest, CompletionRequest, S
                            completion_prompt, error_body, parse_tool_calls, pick_model,
                            sampling_params)
 
+RETRY_AFTER_S = 1  # a 429 says when to try again (the queue drains in about a decode step)
+DRAIN_S = 30  # SIGTERM: open streams get this long to finish, then the server closes
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 
 
@@ -407,7 +409,8 @@ async def respond(request: Request, engine: Engine, body: SamplingRequest, job: 
 # ---- errors in the OpenAI shape ------------------------------------------------------------------
 
 async def _api_error(request: Request, e: APIError) -> JSONResponse:  # noqa: ARG001 - FastAPI's handler signature
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    headers = ({"WWW-Authenticate": "Bearer"} if e.status == 401 else
+               {"Retry-After": str(RETRY_AFTER_S)} if e.status == 429 else None)
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), e.status,
                         headers=headers)
 
@@ -581,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-chunk", type=int, default=256,
                     help="prompt tokens fed per engine step: smaller = running streams "
                     "stall less, long prompts take longer")
+    ap.add_argument("--drain-seconds", type=float, default=DRAIN_S,
+                    help="on SIGTERM / Ctrl-C: how long open streams may finish before the "
+                    "server closes them (default %(default)s)")
     ap.add_argument("--log-level", default="info",
                     choices=("critical", "error", "warning", "info", "debug"))
     return ap
@@ -648,7 +654,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f", adapter {args.adapter} merged in memory" if args.adapter else "")
           + (f", adapters {', '.join(adapters)}" if adapters else "") + ")",
           file=sys.stderr)
-    uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=args.log_level)
+    # SIGTERM / Ctrl-C: stop accepting, let open streams finish for up to DRAIN_S, then close;
+    # an idle keep-alive connection is closed after 5 s
+    uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_seconds, timeout_keep_alive=5)
     return 0
 
 
