@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from rwkvforge import config as cfgmod
+from rwkvforge.checkpoint import complete_marker
 from rwkvforge import distributed
 from rwkvforge.distributed import (DeepSpeedStrategy, SingleProcess, make_strategy,
                                    weights_only_load)
@@ -124,6 +125,13 @@ def test_deepspeed_resume_reads_its_checkpoint_weights_only(tiny_model_path, sft
     sd = weights_only_load(str(target))
     sd["planted"] = _Planted(str(marker))
     torch.save(sd, target)
+    # first line of defence: the file no longer matches the checksum its COMPLETE recorded
+    r = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0 and "checksum mismatch" in r.stderr, r.stderr[-3000:]
+    assert not marker.exists()
+    # second: with the checksum forged too, DeepSpeed's loader still builds no object
+    ck = run / "checkpoints" / "step-2"
+    (ck / "COMPLETE").write_bytes(complete_marker(ck, 2))
     r = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode != 0
     assert "weights_only=True" in r.stderr and "refuses" in r.stderr, r.stderr[-3000:]
