@@ -577,30 +577,31 @@ def test_one_writer_per_run_folder(tiny_model_path, sft_prefix, tmp_path):
 
 
 def test_wandb_not_logged_in_is_a_setup_failure_that_says_why(tiny_model_path, sft_prefix,
-                                                              tmp_path, monkeypatch, capsys):
+                                                              tmp_path):
     """Real wandb, online, with no API key (a fresh HOME): the start fails with the fix in the
-    message, train.log and status.json say why, and the run name is free for the next try."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("WANDB_MODE", "online")
-    for k in ("WANDB_API_KEY", "WANDB_DIR"):
-        monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # no tty: wandb must not prompt
+    message, train.log and status.json say why, and the run name is free for the next try.
+    Each attempt is a fresh process: wandb keeps its mode per process."""
     args = ["--base-model", str(tiny_model_path), "--data-prefix", str(sft_prefix),
             "--runs-dir", str(tmp_path), "--run-name", "wb", "--max-steps", "1",
             "--no-progress", "--wandb-project", "rwkvforge-test", "--ctx-len", "48"]
-    assert T.main(args) == 2
-    err = capsys.readouterr().err
-    assert "W&B could not start" in err and "wandb login" in err and "WANDB_MODE=offline" in err
+
+    def train(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "rwkvforge.train", *args],
+                              env=sub_env(WANDB_MODE=mode, WANDB_SILENT="true",
+                                          HOME=str(tmp_path / "home")),
+                              capture_output=True, text=True, timeout=600,
+                              stdin=subprocess.DEVNULL)
+
+    r = train("online")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "W&B could not start" in r.stderr and "wandb login" in r.stderr
+    assert "WANDB_MODE=offline" in r.stderr and "Traceback" not in r.stderr
     run = tmp_path / "wb"
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "failed" and "wandb login" in st["error"]
     assert "the run did not start" in (run / "train.log").read_text()
-    # the same name starts again (offline now, in a fresh process: wandb keeps its mode per
-    # process) instead of "already exists"
-    r = subprocess.run([sys.executable, "-m", "rwkvforge.train", *args],
-                       env=sub_env(WANDB_MODE="offline", WANDB_SILENT="true",
-                                   HOME=str(tmp_path / "home")),
-                       capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    # the same name starts again (offline now) instead of "already exists"
+    r = train("offline")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
