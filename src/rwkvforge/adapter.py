@@ -298,7 +298,7 @@ def _load_rwkv_peft_file(path: Path, alpha, rank) -> Adapter:
         keys = ", ".join(sorted(tensors)[:4])
         raise MergeError(f"{path}: no LoRA tensors (keys like blocks.0.att.receptance.lora_A); "
                          f"found {len(tensors)} keys ({keys} ...). Is this a full model? "
-                         f"Pass it as --base, not --adapter.")
+                         f"Pass it as --base-model, not --adapter.")
     ranks = {int(s["A"].shape[0]) for s in parts.values()}
     if len(ranks) != 1:
         raise MergeError(f"{path}: LoRA factors with different ranks {sorted(ranks)}; RWKV-PEFT "
