@@ -524,9 +524,9 @@ class Trainer:
                 self.wandb = init_wandb(s, self.run_dir)
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def _export(self) -> tuple[dict, dict]:
-        """(adapter config, tensors) of the adapter as it is now; every rank calls it (ZeRO-3
-        gathers the shards)."""
+    def _export(self) -> tuple[dict, dict, dict]:
+        """(adapter config, tensors, metadata) of the adapter as it is now; every rank calls it
+        (ZeRO-3 gathers the shards)."""
         with self.strategy.gathered():
             peft_cfg, tensors = export_adapter(self.model, self.spec)
         peft_cfg["base_model_name_or_path"] = str(self.inputs.model_path)
