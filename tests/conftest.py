@@ -26,6 +26,16 @@ def tiny_model(tiny_model_path):
     return load_model(tiny_model_path)
 
 
+@pytest.fixture(scope="module")
+def parts(tiny_model_path):
+    """(fp32 RWKV7 loaded from `tiny_model_path`, the World tokenizer), one per test module:
+    the server tests run engines over it (do not modify it)."""
+    from rwkvforge.checkpoint import load_model
+    from rwkvforge.tokenizer import get_tokenizer
+
+    return load_model(tiny_model_path), get_tokenizer()
+
+
 @pytest.fixture
 def one_torch_thread():
     """The CI machine has 2 cores shared by several processes: one torch thread each

@@ -71,14 +71,6 @@ class LiveServer:
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_path):
-    from rwkvforge.checkpoint import load_model
-    from rwkvforge.tokenizer import get_tokenizer
-
-    return load_model(tiny_model_path), get_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def srv(parts):
     model, tok = parts
     with LiveServer(model, tok, max_tokens=2048, max_prompt_tokens=200) as s:

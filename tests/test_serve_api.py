@@ -29,14 +29,6 @@ from rwkvforge.tokenizer import token_table
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_model_path):
-    from rwkvforge.checkpoint import load_model
-    from rwkvforge.tokenizer import get_tokenizer
-
-    return load_model(tiny_model_path), get_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def srv(parts):
     model, tok = parts
     with LiveServer(model, tok, max_tokens=2048, max_prompt_tokens=400) as s:

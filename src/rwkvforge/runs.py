@@ -244,10 +244,7 @@ class RunFolder:
 
     def read_status(self) -> dict:
         """status.json, or {} when it is missing or unreadable."""
-        try:
-            return json.loads((self.path / "status.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
+        return read_json(self.path / "status.json") or {}
 
     def record_resume(self, settings: config.Settings, sources: dict[str, str],
                       mutable: tuple[str, ...], step: int, total_steps: int,

@@ -504,8 +504,8 @@ class Trainer:
         for warning in schedule_warnings(s, total):
             self.say(warning, logging.WARNING)
         if self.is_main:
-            n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            self.checkpoint_mb, notes = disk_plan(self.run_dir, n_train, self.total_steps, s)
+            self.checkpoint_mb, notes = disk_plan(self.run_dir, self.n_trainable,
+                                                  self.total_steps, s)
             for msg, level in notes:
                 self.say(msg, level)
         self.scheduler = make_scheduler(self.optimizer, s, total)
