@@ -333,15 +333,33 @@ def test_tool_prompt_rendering_and_reply_parsing():
             ChatMessage(role="user", content="Thanks")]
     turns = chat_messages(msgs, tools)
     assert [t["role"] for t in turns] == ["system", "user", "assistant", "user"]
-    assert turns[0]["content"].startswith("# Tools\n") and '"get_weather"' in turns[0]["content"]
-    assert turns[2]["content"] == ('<tool_call>{"name": "get_weather", "arguments": '
-                                   '{"city": "Oslo", "unit": "celsius"}}</tool_call>')
-    assert turns[3]["content"] == "<tool_response>\n-3 C\n</tool_response>\nThanks"
+    # the G1 template's tool section, call block and tool output (RWKV7-G1x-templates.txt)
+    system = turns[0]["content"]
+    assert system.startswith("### `get_weather`\n**Description:** Current weather in a city\n"
+                             "**Parameters:**\n```json\n{\n")
+    assert json.loads(system.split("```json\n")[1].split("\n```")[0]) == \
+        WEATHER["function"]["parameters"]
+    call = turns[2]["content"]
+    assert call.startswith("**Tool Call:**\n```json\n{\n  \"name\": \"get_weather\",")
+    assert call.endswith("\n```")
+    assert json.loads(call[len("**Tool Call:**\n```json\n"):-4]) == {
+        "name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}
+    assert turns[3]["content"] == "### Tool Output\n```\n-3 C\n```\nThanks"
+    json_out = chat_messages(msgs[:2] + [ChatMessage(role="tool", tool_call_id="call_1",
+                                                     content='{"t": -3}')], tools)
+    assert json_out[-1]["content"] == '### Tool Output\n```json\n{"t": -3}\n```'
+    # what the server writes for a call is what it parses back
+    (back,) = parse_tool_calls(call, tools)[1]
+    assert json.loads(back["function"]["arguments"]) == {"city": "Oslo", "unit": "celsius"}
     content, calls = parse_tool_calls(
-        'Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}'
-        '</tool_call>\n<tool_call>{"name": "nope", "arguments": {}}</tool_call>', tools)
-    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Rome"}]
-    assert content.startswith("Let me check.") and "nope" in content
+        'Let me check.\n**Tool Call:**\n```json\n{"name": "get_weather", "arguments": '
+        '{"city": "Rome"}}\n```\n**Tool Call:**\n```json\n{"name": "nope", "arguments": {}}'
+        '\n```\n<tool_call>{"name": "get_weather", "arguments": {"city": "Bern"}}</tool_call>',
+        tools)
+    # the G1 block and the older Hermes-style tag both parse; an unknown tool stays text
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"city": "Rome"},
+                                                                         {"city": "Bern"}]
+    assert content.startswith("Let me check.") and "nope" in content and "Bern" not in content
     assert parse_tool_calls("plain text", tools) == ("plain text", [])
 
 

@@ -258,22 +258,33 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 # ---- tools: the prompt format and the reply parser -----------------------------------------------
-# rwkvforge's tool-call format (see docs/serve.md "Tools"): the tool list goes into the
-# system turn, a call is one line `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
-# in the assistant turn and a tool result is a user-side turn wrapped in
-# <tool_response>...</tool_response>. Modelled on the Hermes / Qwen tags inside RWKV's World
-# roles; NOT checked against BlinkDL's own G1 template (not reachable when this was built).
+# The tool-call format of BlinkDL's RWKV-7 G1 models (RWKV-LM, RWKV-v7/RWKV7-G1x-templates.txt:
+# "lots of function call formats were trained"; this is the one its tool-use samples show),
+# inside the World roles every rwkvforge chat uses (see docs/api.md "Tools"):
+# - each tool is a section of the system turn: "### `name`", "**Description:** ...",
+#   "**Parameters:**" and its JSON schema in a ```json block;
+# - a call is "**Tool Call:**" and a ```json block holding {"name": ..., "arguments": {...}};
+# - a tool's result is a user-side turn "### Tool Output" and its text in a ``` block.
+# Replies are also searched for Hermes-style <tool_call>{...}</tool_call> blocks, the format
+# rwkvforge used before (a model tuned on it keeps working).
 
-TOOL_CALL_RE = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+TOOL_CALL_RES = (
+    re.compile(r"\*\*Tool Call:\*\*[ \t]*\n```(?:json)?[ \t]*\n(\{.*?\})\s*\n```", re.S),
+    re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S))
 
 
 def tools_system_text(tools: Sequence[ToolDef]) -> str:
-    lines = "\n".join(json.dumps(t.model_dump(exclude_none=True), ensure_ascii=False)
-                      for t in tools)
-    return ("# Tools\nYou may call one or more of these functions. Each is described by a "
-            f"JSON object:\n<tools>\n{lines}\n</tools>\nTo call a function, reply with one "
-            "line per call: <tool_call>{\"name\": <function name>, \"arguments\": "
-            "<arguments as a JSON object>}</tool_call>")
+    sections = []
+    for t in tools:
+        fn = t.function
+        params = fn.parameters if fn.parameters is not None else {
+            "type": "object", "properties": {}}
+        sections.append("\n".join(
+            [f"### `{fn.name}`"]
+            + ([f"**Description:** {fn.description}"] if fn.description else [])
+            + ["**Parameters:**", "```json", json.dumps(params, ensure_ascii=False, indent=2),
+               "```"]))
+    return "\n".join(sections)
 
 
 def tool_call_text(tc: ToolCall) -> str:
@@ -282,8 +293,18 @@ def tool_call_text(tc: ToolCall) -> str:
     except ValueError:
         raise APIError(400, f"tool call {tc.function.name}: arguments is not JSON",
                        "messages") from None
-    return "<tool_call>" + json.dumps({"name": tc.function.name, "arguments": args},
-                                      ensure_ascii=False) + "</tool_call>"
+    return (gm.TOOL_CALL_HEAD + json.dumps({"name": tc.function.name, "arguments": args},
+                                        ensure_ascii=False, indent=2) + gm.TOOL_CALL_TAIL)
+
+
+def tool_output_text(content: str) -> str:
+    """A tool's result as the G1 samples show it: a ```json block when it is JSON."""
+    try:
+        json.loads(content)
+        fence = "```json"
+    except ValueError:
+        fence = "```"
+    return f"### Tool Output\n{fence}\n{content}\n```"
 
 
 def parse_tool_calls(text: str, tools: Sequence[ToolDef]) -> tuple[str | None, list[dict]]:
@@ -293,7 +314,11 @@ def parse_tool_calls(text: str, tools: Sequence[ToolDef]) -> tuple[str | None, l
     calls: list[dict] = []
     rest: list[str] = []
     pos = 0
-    for m in TOOL_CALL_RE.finditer(text):
+    found = sorted((m for r in TOOL_CALL_RES for m in r.finditer(text)),
+                   key=lambda m: m.start())
+    for m in found:
+        if m.start() < pos:  # inside a block already taken
+            continue
         try:
             obj = json.loads(m.group(1))
         except ValueError:
@@ -315,7 +340,7 @@ def chat_messages(messages: Sequence[ChatMessage],
                   tools: Sequence[ToolDef] = ()) -> list[dict[str, str]]:
     """OpenAI chat messages -> the World format's {role, content} turns: "developer" is
     "system", content parts are joined by newlines, an assistant's tool_calls become
-    <tool_call> lines, a "tool" message a user-side <tool_response> turn, `tools` (when
+    G1 "**Tool Call:**" blocks, a "tool" message a user-side "### Tool Output" turn, `tools` (when
     sent) are described at the end of the system turn, consecutive turns of one speaker
     are merged. Raises APIError(400) naming the client's own message index (before
     merging) when the order cannot be written as [system] user, assistant, ..., user."""
@@ -335,7 +360,7 @@ def chat_messages(messages: Sequence[ChatMessage],
             "\n".join(part.text for part in m.content)
         role = {"developer": "system", "tool": "user"}.get(m.role, m.role)
         if m.role == "tool":
-            text = f"<tool_response>\n{text}\n</tool_response>"
+            text = tool_output_text(text)
         if m.tool_calls:
             text = "\n".join([text] * bool(text.strip()) +
                              [tool_call_text(tc) for tc in m.tool_calls])

@@ -14,7 +14,7 @@ only when the text so far is complete.
   newlines), so the reply is one line of JSON and can never hold the chat's end-of-turn
   blank line. Unsupported schema keywords are an error (`GrammarError`), never ignored.
 * `tool_call_grammar(tools, name, parallel)`: one (or, with `parallel`, one or more)
-  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks whose arguments follow
+  G1 `**Tool Call:**` blocks (TOOL_CALL_HEAD ... TOOL_CALL_TAIL) whose arguments follow
   the named tool's `parameters` schema (used for tool_choice "required" or a named tool).
 """
 
@@ -87,9 +87,16 @@ def json_grammar(schema: dict | None) -> str:
     return _llg().LLMatcher.grammar_from_lark(f'start: " "? body\nbody: %json {body}')
 
 
+# a G1 tool call block (RWKV-LM's RWKV7-G1x-templates.txt), around its JSON object; api.py
+# writes and parses the same text
+TOOL_CALL_HEAD = "**Tool Call:**\n```json\n"
+TOOL_CALL_TAIL = "\n```"
+
+
 def tool_call_grammar(tools: Sequence[dict], name: str | None, parallel: bool) -> str:
-    """Lark grammar: `<tool_call>{"name": "<tool>", "arguments": <args>}</tool_call>`
-    (one, or one or more separated by a newline with `parallel`), for the tool `name`
+    """Lark grammar: a G1 call block, "**Tool Call:**", a ```json line, {"name": "<tool>",
+    "arguments": <args>} and a closing ``` line (one, or one or more separated by a newline
+    with `parallel`), for the tool `name`
     (None: any of `tools`); each tool's arguments follow its `parameters` schema."""
     alts = []
     for i, t in enumerate(tools):
@@ -109,7 +116,7 @@ def tool_call_grammar(tools: Sequence[dict], name: str | None, parallel: bool) -
     start = '" "? call ("\\n" call)*' if parallel else '" "? call'
     lark = "\n".join([
         f"start: {start}",
-        "call: \"<tool_call>\" body \"</tool_call>\"",
+        f"call: {json.dumps(TOOL_CALL_HEAD)} body {json.dumps(TOOL_CALL_TAIL)}",
         f"body: {one}",
         *rules])
     return _llg().LLMatcher.grammar_from_lark(lark)
