@@ -38,8 +38,11 @@ def _free_port() -> int:
 class LiveServer:
     """uvicorn serving create_app(...) on 127.0.0.1:<free port> in a daemon thread."""
 
-    def __init__(self, model, tok, *, max_batch=8, max_queue=64, **opts):
+    def __init__(self, model, tok, *, max_batch=8, max_queue=64, header_timeout=None,
+                 **opts):
         import uvicorn
+
+        from rwkvforge.serve import HEADER_TIMEOUT_S, uvicorn_config
 
         self.engine = Engine(model, tok, max_batch=max_batch, max_queue=max_queue,
                              prefill_chunk=32)
@@ -47,8 +50,8 @@ class LiveServer:
         app = create_app(self.engine, tok, self.opts)
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                             lifespan="on")
+        cfg = uvicorn_config(app, "127.0.0.1", self.port, log_level="warning", lifespan="on",
+                             header_timeout=header_timeout or HEADER_TIMEOUT_S)
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -574,6 +577,38 @@ def test_a_busy_port_is_found_before_the_model_loads():
         port = sock.getsockname()[1]
         assert "in use" in port_unavailable("127.0.0.1", port)
     assert port_unavailable("127.0.0.1", _free_port()) is None
+
+
+def test_half_sent_request_heads_time_out(parts):
+    """A client that opens a connection and drips a request head (or sends nothing) is
+    disconnected after --header-timeout; a prompt client on the same server is served, and a
+    keep-alive connection gets a fresh deadline for its next request."""
+    model, tok = parts
+    with LiveServer(model, tok, header_timeout=1.0) as s:
+        def closed_after(payloads: list[bytes], gap: float) -> float:
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+                t0 = time.time()
+                try:
+                    for p in payloads:
+                        c.sendall(p)
+                        time.sleep(gap)
+                    while c.recv(4096):  # until the server closes it
+                        pass
+                except (ConnectionResetError, BrokenPipeError):
+                    pass
+                return time.time() - t0
+
+        # dripping one header line every 0.3 s never completes the head: closed at ~1 s
+        drip = [b"GET /health HTTP/1.1\r\n"] + [b"X-Slow: %d\r\n" % i for i in range(20)]
+        took = closed_after(drip, 0.3)
+        assert 0.8 < took < 4, took
+        assert 0.8 < closed_after([], 0) < 4  # nothing sent at all
+        # a whole request is answered, and the same connection may send a second one
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            for _ in range(2):
+                c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        assert httpx.get(s.base + "/health").status_code == 200
 
 
 @pytest.mark.slow

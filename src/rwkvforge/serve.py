@@ -71,6 +71,7 @@ from rwkvforge.api import (APIError, ChatPlan, ChatRequest, CompletionRequest, S
                            sampling_params)
 
 RETRY_AFTER_S = 1  # a 429 says when to try again (the queue drains in about a decode step)
+HEADER_TIMEOUT_S = 10  # a connection must send a whole request head within this
 DRAIN_S = 30  # SIGTERM: open streams get this long to finish, then the server closes
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
 
@@ -587,14 +588,80 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain-seconds", type=float, default=DRAIN_S,
                     help="on SIGTERM / Ctrl-C: how long open streams may finish before the "
                     "server closes them (default %(default)s)")
+    ap.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                    help="seconds a client has to send a whole request head (request line "
+                    "and headers); slower connections are closed (default %(default)s)")
     ap.add_argument("--log-level", default="info",
                     choices=("critical", "error", "warning", "info", "debug"))
     return ap
 
 
+# ---- uvicorn: the one configuration main() and the tests run ------------------------------------
+def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with a deadline for each request head: from the moment a
+    connection opens (or its previous response ends) the client has `seconds` to send the
+    request line and every header, however it drips them; otherwise the connection is
+    closed. uvicorn itself never times out a half-sent head (its keep-alive timer stops at
+    the first byte), so a few slow clients could hold every connection slot."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineH11(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(seconds, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()  # still no complete request head
+
+        def connection_made(self, transport):  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state is not h11.IDLE:  # the head arrived (or h11 failed)
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm()  # the next request on this keep-alive connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineH11
+
+
+def uvicorn_config(app: FastAPI, host: str, port: int, *, log_level: str = "info",
+                   drain_seconds: float = DRAIN_S, header_timeout: float = HEADER_TIMEOUT_S,
+                   **kw: Any):
+    """SIGTERM / Ctrl-C: stop accepting, let open streams finish for up to `drain_seconds`,
+    then close; an idle keep-alive connection is closed after 5 s; a request head must
+    arrive within `header_timeout` (header_timeout_protocol)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=drain_seconds, timeout_keep_alive=5,
+                          http=header_timeout_protocol(header_timeout), **kw)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if not args.header_timeout > 0:
+        ap.error(f"--header-timeout must be > 0 seconds, got {args.header_timeout}")
     for flag in ("max_prompt_tokens", "prefill_chunk"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -654,10 +721,9 @@ def main(argv: list[str] | None = None) -> int:
           + (f", adapter {args.adapter} merged in memory" if args.adapter else "")
           + (f", adapters {', '.join(adapters)}" if adapters else "") + ")",
           file=sys.stderr)
-    # SIGTERM / Ctrl-C: stop accepting, let open streams finish for up to DRAIN_S, then close;
-    # an idle keep-alive connection is closed after 5 s
-    uvicorn.run(app, host=s.serve_host, port=s.serve_port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_seconds, timeout_keep_alive=5)
+    uvicorn.Server(uvicorn_config(app, s.serve_host, s.serve_port, log_level=args.log_level,
+                                  drain_seconds=args.drain_seconds,
+                                  header_timeout=args.header_timeout)).run()
     return 0
 
 
