@@ -87,7 +87,8 @@ def test_check_finite_names_the_tensor_and_the_fix():
 # ----------------------------------------------------------------------------- writer + reader
 def test_written_folder_reads_back_exactly(base_sd, lora_dir):
     cfg, tensors = _peft_tensors(base_sd)
-    assert sorted(p.name for p in lora_dir.iterdir()) == [A.ADAPTER_CONFIG, A.ADAPTER_WEIGHTS[0]]
+    assert sorted(p.name for p in lora_dir.iterdir()) == [A.CHECKSUMS, A.ADAPTER_CONFIG,
+                                                          A.ADAPTER_WEIGHTS[0]]
     ad = A.read_adapter(lora_dir)
     assert ad.kind == "peft" and ad.metadata == {"step": 7} and ad.config["r"] == R
     assert len(ad.factors) == LAYERS * len(TARGETS)
@@ -96,6 +97,39 @@ def test_written_folder_reads_back_exactly(base_sd, lora_dir):
         assert torch.equal(f.A, tensors[pre + ".lora_A.weight"])
         assert torch.equal(f.B, tensors[pre + ".lora_B.weight"])
     assert set(ad.replacements) == {"blocks.1.ln1.weight"}
+
+
+def test_adapter_checksums_are_checked(lora_dir, tmp_path):
+    """save_adapter writes SHA256SUMS of the weights (what coreutils' `sha256sum -c` reads); a
+    flipped byte or a missing file is refused naming the file; a hand-edited config is not
+    checked; without SHA256SUMS (an adapter from peft itself) the folder loads unchecked."""
+    import shutil
+    import subprocess
+
+    d = tmp_path / "a"
+    shutil.copytree(lora_dir, d)
+    assert A.verify_checksums(d) == 1
+    if shutil.which("sha256sum"):
+        subprocess.run(["sha256sum", "--quiet", "-c", A.CHECKSUMS], cwd=d, check=True)
+    w = d / A.ADAPTER_WEIGHTS[0]
+    blob = bytearray(w.read_bytes())
+    blob[-3] ^= 0x10  # inside the last tensor's data: still a readable safetensors file
+    w.write_bytes(bytes(blob))
+    with pytest.raises(A.MergeError, match=r"adapter_model.safetensors: checksum mismatch"):
+        A.read_adapter(d)
+    (d / A.CHECKSUMS).unlink()
+    assert A.read_adapter(d).config["r"] == R  # unchecked, as peft's own folders are
+    shutil.rmtree(d)
+    shutil.copytree(lora_dir, d)
+    (d / A.ADAPTER_CONFIG).write_text((d / A.ADAPTER_CONFIG).read_text().replace('"r": ', '"r":  '))
+    assert A.read_adapter(d).config["r"] == R
+    (d / A.ADAPTER_WEIGHTS[0]).unlink()
+    (d / A.ADAPTER_WEIGHTS[1]).write_bytes(b"")  # a folder holding only the other weights name
+    with pytest.raises(A.MergeError, match=r"adapter_model.safetensors: missing"):
+        A.verify_checksums(d)
+    (d / A.CHECKSUMS).write_text("not a checksum line\n")
+    with pytest.raises(A.MergeError, match=r"SHA256SUMS:1: not a `sha256sum` line"):
+        A.read_adapter(d)
 
 
 def test_peft_export_of_a_read_adapter_is_the_same_adapter(lora_dir, tmp_path):
@@ -146,6 +180,7 @@ def test_other_targets_refused(base_sd, lora_dir, tmp_path):
     t["base_model.model.blocks.0.att.gate.lora_A.weight"] = torch.zeros(R, EMBD)
     t["base_model.model.blocks.0.att.gate.lora_B.weight"] = torch.zeros(EMBD, R)
     save_file(t, str(d / A.ADAPTER_WEIGHTS[0]))
+    (d / A.CHECKSUMS).unlink()  # changed on purpose
     with pytest.raises(A.MergeError, match="blocks.0.att.gate: no such weight"):
         A.check_adapter_matches_base(A.read_adapter(d), base_sd)
 

@@ -270,7 +270,7 @@ def test_outputs_that_would_destroy_inputs_or_other_files_are_refused(base_path,
     for _ in range(2):
         M.merge(base, lora_dir, out, "fp32", export_adapter=exp, runtime_check=False,
                 log=lambda m: None)
-    assert sorted(p.name for p in exp.iterdir()) == ["adapter_config.json",
+    assert sorted(p.name for p in exp.iterdir()) == ["SHA256SUMS", "adapter_config.json",
                                                      "adapter_model.safetensors"]
     M.merge(base, lora_dir, tmp_path / "m16.pth", "bf16", runtime_check=False,
             log=lambda m: None)

@@ -39,6 +39,7 @@ from rwkvforge.checkpoint import (
     atomic_dir,
     atomic_write_bytes,
     compact_cpu,
+    file_sha256,
     load_model,
     load_state_dict,
     model_from_state_dict,
@@ -50,6 +51,10 @@ _STRIP_PREFIXES = ("base_model.model.", "_forward_module.", "module.", "model.")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # [0] is what we write
 _META_KEY = "rwkvforge"  # safetensors header entry holding the run's JSON metadata
+# beside the adapter weights: their sha256 in `sha256sum` format (`sha256sum -c SHA256SUMS` in
+# the folder checks it too); read_adapter verifies it when the file is there. The config is
+# not listed: it is JSON that people edit by hand, and it is validated when read.
+CHECKSUMS = "SHA256SUMS"
 
 
 class MergeError(ValueError):
@@ -231,7 +236,8 @@ def _load_peft_folder(folder: Path, alpha, rank) -> Adapter:
     wpath = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
     if wpath is None:
         raise MergeError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)} next to {ADAPTER_CONFIG}.")
-    tensors, meta = _read_tensors(wpath)
+    tensors, meta = _read_tensors(wpath)  # (unreadable bytes: that error says more)
+    verify_checksums(folder)
     ad = adapter_from_peft(peft_cfg, tensors, alpha, rank, str(folder), str(cfg_path), str(wpath))
     ad.metadata = meta
     return ad
@@ -484,7 +490,42 @@ def save_adapter(folder: str | os.PathLike, adapter_config: dict, tensors: dict[
     peft_cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter_config.items()}
     atomic_write_bytes(folder / ADAPTER_CONFIG,
                        (json.dumps(peft_cfg, indent=2, sort_keys=True, default=str) + "\n").encode())
+    name = ADAPTER_WEIGHTS[0]
+    atomic_write_bytes(folder / CHECKSUMS, f"{file_sha256(folder / name)}  {name}\n".encode())
     return folder
+
+
+def verify_checksums(folder: str | os.PathLike) -> int:
+    """Check the files `folder/SHA256SUMS` lists (written by save_adapter); returns how many
+    were checked (0: no SHA256SUMS, e.g. an adapter from peft itself). MergeError naming the
+    file on a mismatch or a missing file."""
+    folder = Path(folder)
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        return 0
+    n = 0
+    for lineno, line in enumerate(sums.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        name = name.lstrip("*")
+        if not sep or len(digest) != 64 or not name or "/" in name or name.startswith("."):
+            raise MergeError(f"{sums}:{lineno}: not a `sha256sum` line ({line[:80]!r}); "
+                             f"delete {CHECKSUMS} to load the adapter unchecked.")
+        f = folder / name
+        if not f.is_file():
+            raise MergeError(f"{f}: missing ({CHECKSUMS} lists it); the adapter folder is "
+                             "incomplete: copy it again, or re-export it from the run's last "
+                             "checkpoint (rwkvforge train --resume).")
+        got = file_sha256(f)
+        if got != digest.lower():
+            raise MergeError(f"{f}: checksum mismatch (sha256 {got[:12]}..., {CHECKSUMS} says "
+                             f"{digest[:12]}...): the file was changed or damaged after it "
+                             "was written. Copy the adapter again, or re-export it from the "
+                             f"run's last checkpoint (if you changed it on purpose, delete "
+                             f"{CHECKSUMS}).")
+        n += 1
+    return n
 
 
 def save_peft_adapter(adapter: Adapter, folder: str | os.PathLike) -> Path:

@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import save_file
 
 from rwkvforge import runs, upstream
-from rwkvforge.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter, LoraFactor, MergeError,
+from rwkvforge.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKSUMS, Adapter, LoraFactor, MergeError,
                                apply_replacements, check_adapter_matches_base, merge_state_dict,
                                read_adapter, resolve_adapter_path, save_peft_adapter)
 from rwkvforge.checkpoint import (COMPLETE_MARKER, DTYPES, CheckpointError, CorruptCheckpoint,
@@ -239,7 +239,7 @@ class MergeResult:
     report_path: Path
 
 
-ADAPTER_FOLDER_FILES = {ADAPTER_CONFIG, *ADAPTER_WEIGHTS, "README.md"}
+ADAPTER_FOLDER_FILES = {ADAPTER_CONFIG, *ADAPTER_WEIGHTS, CHECKSUMS, "README.md"}
 
 
 def _same_file(a: Path, b: Path) -> bool:
