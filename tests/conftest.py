@@ -59,18 +59,19 @@ def sft_prefix(tmp_path_factory):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """mount_small(size) -> a folder on a real tmpfs of that size (a full disk is a real
-    ENOSPC there); unmounted after the test. Skips where this process may not mount (not
+    """mount_small(size, readonly=False) -> a folder on a real tmpfs of that size (a full
+    disk is a real ENOSPC there; a read-only one a real EROFS); unmounted after the test. Skips where this process may not mount (not
     root / no CAP_SYS_ADMIN)."""
     import subprocess
 
     mounted = []
 
-    def mount_small(size: str = "2m"):
+    def mount_small(size: str = "2m", readonly: bool = False):
         d = tmp_path / f"small-fs-{len(mounted)}"
         d.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0777", "tmpfs",
-                            str(d)], capture_output=True, text=True)
+        opts = f"size={size},mode=0777" + (",ro" if readonly else "")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here to fill it (needs root): "
                         f"{r.stderr.strip() or r.returncode}")

@@ -446,6 +446,24 @@ def test_damaged_checkpoint_is_refused_naming_the_file(base_path, lora_dir, tmp_
     assert not (tmp_path / "m.pth").exists()
 
 
+def test_read_only_disk_merge_says_so(base_path, lora_dir, small_fs):
+    """--out on a real read-only filesystem: refused before any merging, naming the folder;
+    and a disk that turns read-only between that check and the write (EROFS from the
+    kernel) gives one MergeError saying so and what to do, not "free some space" and not
+    the clean-up's own OSError."""
+    ro = small_fs("1m", readonly=True)
+    logs = []
+    with pytest.raises(A.MergeError, match=rf"--out: {ro} is not writable"):
+        M.merge(base_path, lora_dir, ro / "sub" / "m.pth", "fp32", runtime_check=False,
+                log=logs.append)
+    assert not logs  # refused before reading anything
+    err = OSError(30, "Read-only file system", str(ro / "m.pth"))
+    msg = str(M._disk_full(err, ro / "m.pth", 1 << 20))
+    print(msg)
+    assert msg.startswith("the disk is read-only: writing the merged model")
+    assert "Pass --out on a writable disk" in msg and "Free some space" not in msg
+
+
 def test_full_disk_merge_says_how_much_space(base_path, lora_dir, small_fs):
     """--out on a real 1 MiB tmpfs: the merged model does not fit; a MergeError (not the
     torch "enforce fail" traceback) says so, with the space needed, and nothing is left."""

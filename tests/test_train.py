@@ -695,6 +695,20 @@ def test_full_disk_in_a_real_run_says_what_and_how_to_resume(tiny_model_path, sf
     assert not list(run.glob(".*.tmp")) and not list((run / "checkpoints").glob("*.tmp"))
 
 
+def test_read_only_runs_dir_is_one_clear_error(tiny_model_path, sft_prefix, small_fs,
+                                                capsys):
+    """RUNS_DIR on a real read-only filesystem (EROFS from the kernel): exit 2 with one line
+    saying the disk is read-only, where, and to pick a writable RUNS_DIR; no traceback."""
+    runs = small_fs("1m", readonly=True)
+    assert T.main(["--base-model", str(tiny_model_path), "--data-prefix", str(sft_prefix),
+                   "--runs-dir", str(runs), "--run-name", "ro", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert "Traceback" not in err
+    line = next(x for x in err.splitlines() if "read-only" in x)
+    assert str(runs) in line and "RUNS_DIR" in line
+
+
 def test_bad_run_records_and_seed_are_errors_not_tracebacks(tiny_model_path, sft_prefix,
                                                             tmp_path, capsys):
     run = tmp_path / "badjson"

@@ -477,8 +477,9 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
 
 
 # ---- full disk -----------------------------------------------------------------------------------
+READ_ONLY = "the disk is read-only"  # disk_error's words for EROFS (callers say what to do)
 _DISK_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EROFS: "the disk is read-only", errno.EFBIG: "the file is too large "
+                errno.EROFS: READ_ONLY, errno.EFBIG: "the file is too large "
                 "for the filesystem"}
 
 

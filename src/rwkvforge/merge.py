@@ -51,7 +51,7 @@ from rwkvforge.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKSUMS, Adapt
                                apply_replacements, check_adapter_matches_base, merge_state_dict,
                                read_adapter, resolve_adapter_path, save_peft_adapter)
 from rwkvforge.checkpoint import (COMPLETE_MARKER, DTYPES, CheckpointError, CorruptCheckpoint,
-                                  file_sha256,
+                                  READ_ONLY, file_sha256,
                                   atomic_output, atomic_write_bytes, disk_error, fmt_mb,
                                   free_bytes, load_state_dict, model_from_state_dict, save_pth,
                                   verify_checkpoint)
@@ -251,7 +251,15 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _check_outputs(out: Path, base: Path, adapter_path: Path,
                    export_adapter: str | os.PathLike | None) -> None:
-    """Refuse outputs that would destroy an input or a folder that is not an adapter's."""
+    """Refuse outputs that would destroy an input or a folder that is not an adapter's, and
+    a folder this process cannot write (a read-only disk: said before minutes of merging)."""
+    for what, folder in (("--out", out.parent), ("--export-adapter", export_adapter)):
+        folder = Path(folder) if folder else None
+        while folder is not None and not folder.exists() and folder.parent != folder:
+            folder = folder.parent  # the nearest existing folder is where it gets created
+        if folder is not None and folder.is_dir() and not os.access(folder, os.W_OK):
+            raise MergeError(f"{what}: {folder} is not writable (a read-only disk, or no write "
+                             "permission): pick a writable folder.")
     inputs = [base, adapter_path] + ([adapter_path / n for n in ADAPTER_WEIGHTS]
                                      if adapter_path.is_dir() else [])
     if any(_same_file(out, p) for p in inputs):
@@ -381,7 +389,7 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
         report["seconds"] = round(time.time() - t0, 2)
         os.replace(tmp_out, out)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # (on a read-only disk this fails too)
             tmp_out.unlink()
         if not isinstance(e, MergeError) and disk_error(e, out.parent) is not None:
             raise _disk_full(e, out, need) from e
@@ -415,8 +423,12 @@ def _disk_full(e: BaseException, out: Path, need: int,
                done: str = "nothing was written") -> MergeError:
     """A write of merge that failed for the disk's sake: what, how much space, what next."""
     what = disk_error(e, out.parent) or "a write failed"
-    return MergeError(f"{what}: writing the merged model {out} failed ({type(e).__name__}: "
-                      f"{(str(e).splitlines() or [''])[0]}). It needs about {fmt_mb(need)}; "
+    head = (f"{what}: writing the merged model {out} failed ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0]}).")
+    if what == READ_ONLY:
+        return MergeError(f"{head} Pass --out on a writable disk (or remount this one "
+                          f"read-write), then run the same merge command again ({done}).")
+    return MergeError(f"{head} It needs about {fmt_mb(need)}; "
                       f"{fmt_mb(free_bytes(out.parent))} is free there. Free some space (or "
                       f"pass --out on a disk with room), then run the same merge command "
                       f"again ({done}).")

@@ -43,7 +43,7 @@ except ImportError:  # native Windows: no flock (WSL2 has it)
     fcntl = None
 
 from rwkvforge import config, paths
-from rwkvforge.checkpoint import (atomic_write_bytes, disk_error, fmt_mb, free_bytes,
+from rwkvforge.checkpoint import (READ_ONLY, atomic_write_bytes, disk_error, fmt_mb, free_bytes,
                                   latest_checkpoint)
 from rwkvforge.data.loader import load_meta
 from rwkvforge.memory import run_disk_bytes
@@ -599,6 +599,19 @@ def disk_plan(run_dir: Path, n_trainable: int, total_steps: int, s: config.Setti
     return per / 2**20, notes
 
 
+def start_disk_message(e: BaseException) -> str | None:
+    """The message of a write before training started (the run folder, config.json) that
+    failed for the disk's sake, or None."""
+    what = disk_error(e)
+    if what is None:
+        return None
+    where = getattr(e, "filename", None) or "the run folder"
+    fix = ("Point RUNS_DIR at a writable disk (or remount this one read-write)"
+           if what == READ_ONLY else
+           "Free some space (or point RUNS_DIR at a writable disk with room)")
+    return f"{what}: writing {where} failed ({e}). {fix}, then run the same command again."
+
+
 def disk_full_message(e: BaseException, run_dir: Path, writing: str, step: int,
                       checkpoint_mb: float) -> str | None:
     """The message of a write that failed for the disk's sake (full, read-only), or None:
@@ -611,8 +624,12 @@ def disk_full_message(e: BaseException, run_dir: Path, writing: str, step: int,
     resume = (f"rwkvforge train --resume {shlex.quote(str(run_dir))}"
               if latest_checkpoint(run_dir) is not None else
               "start the run again (it has no complete checkpoint yet)")
-    return (f"{what}: writing {writing} in {run_dir} failed at step {step} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). A checkpoint "
+    head = (f"{what}: writing {writing} in {run_dir} failed at step {step} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).")
+    if what == READ_ONLY:
+        return (f"{head} Remount that disk read-write (or copy the run folder to a writable "
+                f"disk and resume it from there), then continue with: {resume}")
+    return (f"{head} A checkpoint "
             f"of this run needs about {fmt_mb(need)}; {fmt_mb(free)} is free there. Free some "
             "space (KEEP_CHECKPOINTS=N keeps only the newest N checkpoints), then continue "
             f"with: {resume}")

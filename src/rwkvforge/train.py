@@ -58,7 +58,7 @@ from tqdm import tqdm
 from rwkvforge import config as cfgmod
 from rwkvforge import paths, upstream
 from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
-from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir, disk_error,
+from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir,
                                   load_model, load_trainer_state, prune_checkpoints,
                                   save_trainer_state, verified_checkpoint)
 from rwkvforge.data.loader import build_loaders
@@ -76,7 +76,8 @@ from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_para
                             export_adapter, unwrap)
 from rwkvforge.runs import (RunError, RunFolder, RunLocked, config_record,
                             default_run_name, disk_full_message, disk_plan,
-                            final_adapter, final_lines, init_wandb, metrics_row, run_started)
+                            final_adapter, final_lines, init_wandb, metrics_row, run_started,
+                            start_disk_message)
 from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
 
 log = logging.getLogger("rwkvforge.train")
@@ -986,12 +987,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, (CheckpointError, AdapterError)):
             print(f"train error: {e}", file=sys.stderr)
             return 2
-        what = disk_error(e)
-        if what is not None:  # before the run's own handler (e.g. writing config.json)
-            where = getattr(e, "filename", None) or "the run folder"
-            print(f"train error: {what}: writing {where} failed ({e}). Free some space (or "
-                  "point RUNS_DIR at a writable disk with room), then run the same command "
-                  "again.", file=sys.stderr)
+        msg = start_disk_message(e)
+        if msg is not None:  # before the run's own handler (e.g. writing config.json)
+            print(f"train error: {msg}", file=sys.stderr)
             return 2
         raise
 
