@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 import torch
@@ -57,7 +58,8 @@ def adapters(tiny_model_path, tmp_path_factory):
 def _server(tiny_model_path, loras: dict[str, str]) -> LiveServer:
     model = load_model(tiny_model_path)
     s = LiveServer(model, get_tokenizer(), max_batch=8)
-    s.opts.adapters = attach_adapters(model, loras)
+    multi = attach_adapters(model, loras)
+    s.opts.adapters = multi.names if multi is not None else {}
     return s
 
 
@@ -94,6 +96,81 @@ def test_each_request_gets_its_adapters_tokens(tiny_model_path, adapters):
         with pytest.raises(openai.NotFoundError) as e:
             c.completions.create(model="gamma", prompt="hi", max_tokens=1)
         assert "gamma" in str(e.value) and "alpha" in str(e.value)
+
+
+def test_adapters_load_and_unload_while_serving(tiny_model_path, adapters):
+    """--allow-runtime-lora: POST /v1/load_lora_adapter adds an adapter to a running server
+    (listed, served with the same tokens as when given at start, while other requests keep
+    decoding); /v1/unload_lora_adapter takes it away (404 afterwards); bad input is a 400 /
+    404 / 409 naming the field; without the API key the routes answer 401."""
+    model = load_model(tiny_model_path)
+    multi = attach_adapters(model, {"alpha": adapters["alpha"]}, runtime=True)
+    with _server(tiny_model_path, {"beta": adapters["beta"]}) as ref:
+        want_beta = {p: _greedy(ref.client(), "beta", p) for p in PROMPTS}
+    with LiveServer(model, get_tokenizer(), max_batch=8, api_key="k",
+                    adapters=multi.names, lora_updates=multi) as s:
+        c = s.client("k")
+        auth = {"Authorization": "Bearer k"}
+        with ThreadPoolExecutor(4) as ex:  # alpha keeps decoding while beta is loaded
+            busy = [ex.submit(_greedy, c, "alpha", p) for p in PROMPTS * 2]
+            r = httpx.post(s.base + "/v1/load_lora_adapter", headers=auth,
+                           json={"lora_name": "beta", "lora_path": adapters["beta"]})
+            assert r.status_code == 200, r.text
+            alpha = [f.result() for f in busy]
+        assert len(set(alpha)) >= 1 and [m.id for m in c.models.list()] == [
+            "tiny-test", "alpha", "beta"]
+        assert {p: _greedy(c, "beta", p) for p in PROMPTS} == want_beta
+        bad = [({"lora_name": "beta", "lora_path": adapters["beta"]}, 409, "lora_name"),
+               ({"lora_name": "gamma", "lora_path": "/nonexistent/x"}, 400, "lora_path"),
+               ({"lora_name": "no spaces", "lora_path": adapters["beta"]}, 422, "lora_name")]
+        for body, code, param in bad:
+            r = httpx.post(s.base + "/v1/load_lora_adapter", headers=auth, json=body)
+            assert r.status_code == code, r.text
+            if param:
+                assert r.json()["error"]["param"] == param
+        assert httpx.post(s.base + "/v1/load_lora_adapter", json={
+            "lora_name": "x", "lora_path": adapters["beta"]}).status_code == 401
+        r = httpx.post(s.base + "/v1/unload_lora_adapter", headers=auth,
+                       json={"lora_name": "beta"})
+        assert r.status_code == 200, r.text
+        assert [m.id for m in c.models.list()] == ["tiny-test", "alpha"]
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="beta", prompt="hi", max_tokens=1)
+        assert httpx.post(s.base + "/v1/unload_lora_adapter", headers=auth,
+                          json={"lora_name": "beta"}).status_code == 404
+        assert not any(2 in w.factors for w in multi.wrapped.values())
+        # loaded again: a fresh row index, same tokens
+        r = httpx.post(s.base + "/v1/load_lora_adapter", headers=auth,
+                       json={"lora_name": "beta", "lora_path": adapters["beta"]})
+        assert r.json()["index"] == 3
+        assert {p: _greedy(c, "beta", p) for p in PROMPTS} == want_beta
+
+
+def test_an_adapter_in_use_is_not_unloaded(tiny_model_path, adapters):
+    model = load_model(tiny_model_path)
+    multi = attach_adapters(model, {"alpha": adapters["alpha"]}, runtime=True)
+    with LiveServer(model, get_tokenizer(), max_batch=8, adapters=multi.names,
+                    lora_updates=multi, max_tokens=100000) as s:
+        # a stream that cannot end by itself soon: the end-of-text token is banned
+        with httpx.stream("POST", s.base + "/v1/completions", json={
+                "model": "alpha", "prompt": "long", "max_tokens": 100000, "stream": True,
+                "temperature": 1.0, "logit_bias": {"0": -100}}, timeout=60) as stream:
+            lines = stream.iter_lines()  # (kept: a dropped iterator closes the stream)
+            assert '"choices"' in next(lines)
+            r = httpx.post(s.base + "/v1/unload_lora_adapter", json={"lora_name": "alpha"})
+            assert r.status_code == 409 and "still run" in r.json()["error"]["message"]
+        assert "alpha" in multi.names  # the refused unload left it served
+
+
+def test_runtime_lora_needs_an_api_key(tiny_model_path, capsys, monkeypatch):
+    from test_serve import _free_port
+
+    from rwkvforge.serve import main
+
+    monkeypatch.delenv("SERVE_API_KEY", raising=False)
+    assert main(["--base-model", str(tiny_model_path), "--allow-runtime-lora",
+                 "--serve-port", str(_free_port())]) == 2
+    assert "--allow-runtime-lora needs SERVE_API_KEY" in capsys.readouterr().err
 
 
 def test_base_weights_are_held_once(tiny_model_path, adapters):

@@ -607,6 +607,7 @@ class MultiLora:
         self.ref = _RowsRef()
         self.names: dict[str, int] = {}
         self.wrapped: dict[str, RowLoraLinear] = {}
+        self._last = 0  # row indices are never reused (the prefix cache keys states by them)
         model.rows_adapters = self.rows  # the engine's hook (generate.Engine._rows)
 
     def rows(self, adapters: list[int]) -> "_RowsCtx":
@@ -615,7 +616,12 @@ class MultiLora:
     def add(self, name: str, path: str | os.PathLike) -> int:
         """Read the adapter at `path` and serve it as `name`; returns its row index (1, 2,
         ...). Refuses (ValueError) an adapter this path cannot apply per row: DoRA
-        magnitudes or fully trained tensors (train_parts) — serve those merged (--adapter)."""
+        magnitudes or fully trained tensors (train_parts) — serve those merged (--adapter).
+        Everything is checked before anything is installed, and `name` is registered last:
+        a running engine never sees half an adapter (serve's load route calls this while it
+        decodes)."""
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already served")
         ad = read_adapter(path)
         if ad.use_dora:
             raise ValueError(f"adapter {name} ({path}) is DoRA: per-row serving supports "
@@ -625,7 +631,7 @@ class MultiLora:
                              f"({', '.join(sorted(ad.replacements)[:3])}...): serve it "
                              "merged with --adapter")
         modules = dict(self.model.named_modules())
-        idx = len(self.names) + 1
+        todo = []
         for key, f in ad.factors.items():
             mname = key[: -len(".weight")] if key.endswith(".weight") else key
             mod = self.wrapped.get(mname) or modules.get(mname)
@@ -638,6 +644,9 @@ class MultiLora:
                 raise ValueError(f"adapter {name} ({path}): {key} has A {tuple(f.A.shape)} / "
                                  f"B {tuple(f.B.shape)}, the base Linear is "
                                  f"({out_f}, {in_f})")
+            todo.append((mname, lin, f))
+        idx = self._last + 1
+        for mname, lin, f in todo:
             if mname not in self.wrapped:
                 w = RowLoraLinear(lin, self)
                 parent, _, child = mname.rpartition(".")
@@ -646,7 +655,17 @@ class MultiLora:
             dt = torch.float32 if lin.weight.dtype == torch.float32 else lin.weight.dtype
             self.wrapped[mname].factors[idx] = (f.A.to(lin.weight.device, dt),
                                                 f.B.to(lin.weight.device, dt), float(f.scale))
+        self._last = idx
         self.names[name] = idx
+        return idx
+
+    def remove(self, name: str) -> int:
+        """Stop serving `name` (KeyError if it is not served); returns its row index. Its
+        factors leave every Linear (the wrappers stay). The caller makes sure no request
+        still runs with it (serve's unload route)."""
+        idx = self.names.pop(name)
+        for w in self.wrapped.values():
+            w.factors.pop(idx, None)
         return idx
 
 

@@ -151,6 +151,9 @@ class ServeOptions:
     # --lora-modules: served adapter name -> the engine's adapter index (1, 2, ...); with
     # any, `model` must be the base id or one of these names (404 otherwise)
     adapters: dict[str, int] = field(default_factory=dict)
+    # --allow-runtime-lora: the adapter.MultiLora behind `adapters` (whose `names` is that
+    # same dict), for the load / unload routes; None = the routes are off
+    lora_updates: Any = None
     api_key: str = ""
     max_tokens: int = 2048  # cap on a request's max_tokens
     max_prompt_tokens: int = 8192

@@ -505,6 +505,12 @@ class Engine:
     def idle(self) -> bool:
         return not (self._waiting or self._prefilling or self._decoding)
 
+    def adapter_users(self, adapter: int) -> int:
+        """Requests waiting or running with `adapter` (serve's unload route needs 0)."""
+        with self._cv:
+            return sum(r.adapter == adapter
+                       for r, _ in (*self._waiting, *self._prefilling, *self._decoding))
+
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                  on_text: Callable[[str], None] | None = None,
                  cache_at: Sequence[int] = ()) -> Handle:

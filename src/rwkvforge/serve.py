@@ -52,6 +52,7 @@ from typing import Any, AsyncIterator, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvforge import config as cfgmod
@@ -71,6 +72,7 @@ from rwkvforge.api import (APIError, ChatPlan, ChatRequest, CompletionRequest, S
                            sampling_params)
 
 RETRY_AFTER_S = 1  # a 429 says when to try again (the queue drains in about a decode step)
+LORA_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}"  # a served adapter's name
 HEADER_TIMEOUT_S = 10  # a connection must send a whole request head within this
 DRAIN_S = 30  # SIGTERM: open streams get this long to finish, then the server closes
 MAX_BODY_BYTES = 8 << 20  # a request body larger than this is refused (413)
@@ -497,6 +499,9 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
                            "(GET /v1/models lists them)", "model", code="model_not_found")
         return card(model_id)
 
+    if opts.lora_updates is not None:
+        add_lora_routes(app, engine, opts)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         adapter, mid = pick_model(body.model, opts)
@@ -520,6 +525,56 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
     return app
 
 
+# ---- adapters added / removed at run time (--allow-runtime-lora; vLLM's routes) -------------------
+class LoadLora(BaseModel):
+    lora_name: str = Field(pattern=f"^{LORA_NAME_RE}$", max_length=128)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLora(BaseModel):
+    lora_name: str = Field(max_length=128)
+
+
+def add_lora_routes(app: FastAPI, engine: Engine, opts: ServeOptions) -> None:
+    """POST /v1/load_lora_adapter {"lora_name", "lora_path"} and POST
+    /v1/unload_lora_adapter {"lora_name"} (vLLM's names and fields). The server only offers
+    them with an API key (main refuses --allow-runtime-lora without one), so they are
+    authenticated like every /v1 route. Loading reads the adapter off the event loop while
+    the engine keeps decoding; the name becomes usable only once it is whole. Unloading
+    first takes the name away (new requests get 404), then refuses with 409 while requests
+    admitted before still run with it."""
+    multi = opts.lora_updates
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(body: LoadLora) -> dict:
+        if body.lora_name == opts.model_id or body.lora_name in opts.adapters:
+            raise APIError(409, f"a model named {body.lora_name!r} is already served; "
+                           "unload it first or pick another name", "lora_name")
+        try:
+            idx = await asyncio.to_thread(multi.add, body.lora_name, body.lora_path)
+        except (ValueError, FileNotFoundError) as e:  # MergeError is a ValueError
+            raise APIError(400, f"cannot serve {body.lora_path} as {body.lora_name!r}: {e}",
+                           "lora_path") from None
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "loaded",
+                "index": idx}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(body: UnloadLora) -> dict:
+        idx = opts.adapters.get(body.lora_name)
+        if idx is None:
+            raise APIError(404, f"no adapter named {body.lora_name!r} is served "
+                           "(GET /v1/models lists them)", "lora_name", code="model_not_found")
+        del opts.adapters[body.lora_name]  # no new request can pick it from here on
+        users = engine.adapter_users(idx)
+        if users:
+            opts.adapters[body.lora_name] = idx
+            raise APIError(409, f"{users} request(s) still run with {body.lora_name!r}; "
+                           "retry when they have finished", "lora_name")
+        opts.adapters[body.lora_name] = idx  # remove() takes it out of that same dict
+        multi.remove(body.lora_name)
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
+
+
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
@@ -529,7 +584,7 @@ def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
             return f"--lora-modules takes NAME=PATH entries, got {item!r}"
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", name):
+        if not re.fullmatch(LORA_NAME_RE, name):
             return f"--lora-modules: {name!r} is not a usable model name (letters, digits, " \
                    "._:/-)"
         if name in out:
@@ -538,14 +593,18 @@ def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
     return out
 
 
-def attach_adapters(model: Any, loras: dict[str, str]) -> dict[str, int]:
+def attach_adapters(model: Any, loras: dict[str, str], runtime: bool = False
+                    ) -> MultiLora | None:
     """Put the adapters on the model (adapter.MultiLora: base weights once, A / B per
-    adapter, applied per batch row); {name: row index}. ValueError for one that cannot
+    adapter, applied per batch row; its `names` maps name -> row index). None when there
+    are none and none may be added at run time (`runtime`). ValueError for one that cannot
     be served this way."""
-    if not loras:
-        return {}
+    if not loras and not runtime:
+        return None
     multi = MultiLora(model)
-    return {name: multi.add(name, p) for name, p in loras.items()}
+    for name, p in loras.items():
+        multi.add(name, p)
+    return multi
 
 
 def port_unavailable(host: str, port: int) -> str | None:
@@ -577,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LoRA adapters served side by side over the one base model, chosen "
                     "per request by `model` (vLLM's spelling); requests for different "
                     "adapters share the decode batch")
+    ap.add_argument("--allow-runtime-lora", action="store_true",
+                    help="offer POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                    "(vLLM's routes) to add and remove --lora-modules adapters while serving; "
+                    "needs SERVE_API_KEY (the routes read files on this machine)")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="weights: auto = fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--model-id", default="", help="name shown by /v1/models "
@@ -682,6 +745,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot listen on {s.serve_host}:{s.serve_port} ({why}): is another "
               "server running there? Pick another --serve-port.", file=sys.stderr)
         return 2
+    if args.allow_runtime_lora and not s.serve_api_key:
+        print("error: --allow-runtime-lora needs SERVE_API_KEY: its routes load files from "
+              "this machine, so only a client holding the key may call them", file=sys.stderr)
+        return 2
     loras = parse_lora_modules(args.lora_modules)
     if isinstance(loras, str):
         print(f"error: {loras}", file=sys.stderr)
@@ -697,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         tok = get_tokenizer()
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
         set_fast_path(model, s.infer_fast, device)
-        adapters = attach_adapters(model, loras)
+        multi = attach_adapters(model, loras, runtime=args.allow_runtime_lora)
+        adapters = multi.names if multi is not None else {}
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -711,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
                     device=device)
     opts = ServeOptions(model_id=args.model_id or Path(path).stem, api_key=s.serve_api_key,
                         adapters=adapters,
+                        lora_updates=multi if args.allow_runtime_lora else None,
                         max_tokens=s.serve_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                         default_max_tokens=min(256, s.serve_max_tokens))
     app = create_app(engine, tok, opts)
