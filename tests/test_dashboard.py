@@ -614,6 +614,27 @@ def test_failed_runs_show_their_reason_never_none(workspace, tmp_path, monkeypat
         assert [m.proto.body for m in at.metric][1:3] == ["—", "—"]  # best / last loss
 
 
+def test_reason_of_a_failed_run_comes_from_the_end_of_its_log(tmp_path) -> None:
+    """status.json without an error: the ERROR the trainer logged as the run ended is the
+    reason; one from an earlier attempt (records after it: the run was resumed, then
+    killed) is not."""
+    runs = tmp_path / "ws" / "runs"
+    log = ("2026-12-07 09:00:00 INFO step 1/4 loss 2.0\n"
+           "2026-12-07 09:00:05 ERROR run failed at step 1: OSError: [Errno 28] No space left\n"
+           "2026-12-07 09:00:05 INFO loss plot written\n")
+    later = "".join(f"2026-12-07 10:00:0{i} INFO step {i}/4 loss 1.5\n" for i in range(1, 4))
+    for name, text in (("ended", log), ("resumed-then-killed", log + later)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "status.json").write_text(json.dumps(
+            {"state": "running", "pid": 2**22 + 12345, "updated": 0, "error": None}))
+        (runs / name / "train.log").write_text(text)
+    got = {r.name: r for r in R.list_runs(runs, tmp_path / "ws")}
+    assert got["ended"].status == "failed"
+    assert got["ended"].error == "run failed at step 1: OSError: [Errno 28] No space left"
+    assert got["resumed-then-killed"].status == "failed"
+    assert got["resumed-then-killed"].error is None
+
+
 def test_step_axes_have_whole_ticks_and_legends_keep_long_names(workspace, tmp_path,
                                                                  monkeypatch) -> None:
     """Vega-Lite spec of the curves: the step axis ticks only at integers (a 3-step run had

@@ -192,8 +192,9 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
         else:
             error = "starting: loading the model / preparing the data (see train.log)"
     status_now = classify(status, cks, now)
-    if status_now == "failed" and not error and log is not None and log.is_file():
-        error = _last_logged_error(log)  # e.g. killed mid-run: status.json still "running"
+    if status_now in ("failed", "resumable") and not error and log is not None \
+            and log.is_file():  # status.json without the reason (e.g. a full disk stopped
+        error = _last_logged_error(log)  # its last write): the trainer also logs it
     adapter = inside(f"{FINAL_ADAPTER}/{ADAPTER_CONFIG}")
     merged_dir = inside(MERGED)
     info = RunInfo(
