@@ -1,6 +1,8 @@
-"""Dashboard: every page in both languages (Streamlit AppTest) on run folders made by a real
-short training run, translation catalogues, language switch keeping page state, refusal of
-paths outside the workspace, and the read-only run-folder reader.
+"""Dashboard: every page in every language (English, Chinese, Russian; Streamlit AppTest) on run
+folders made by a real short training run, complete translation catalogues, the language
+switch keeping page state and the marked choices, a failed run's reason, chart axes and
+legends, refusal of paths outside the workspace, and the read-only run-folder reader.
+tests/test_dashboard_browser.py checks the same in a real Chromium.
 
     cd /work/main && python -m pytest tests/test_dashboard.py -q
 """

@@ -4,7 +4,8 @@ runs. Visits every page in English, Chinese and Russian and checks the visible t
 that the page and data-split choices stay marked after each language switch, that the System
 page's checks table shows every fix whole and translated, and that the Compare legend and
 step axis show whole run names and whole steps. Every screenshot is kept under the test's tmp
-folder and in .test-artifacts/dashboard/ (git-ignored; CI keeps it as the test artefact).
+folder and in .test-artifacts/dashboard/ (git-ignored), the folder of test artefacts that
+scripts/test.sh makes; a failing check also leaves failure-<test>.png there.
 
     apt-get install -y chromium        # /usr/bin/chromium; the test skips without it
     python -m pytest tests/test_dashboard_browser.py -q -m browser
