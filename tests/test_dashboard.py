@@ -1,6 +1,8 @@
-"""Dashboard: every page in both languages (Streamlit AppTest) on run folders made by a real
-short training run, translation catalogues, language switch keeping page state, refusal of
-paths outside the workspace, and the read-only run-folder reader.
+"""Dashboard: every page in every language (English, Chinese, Russian; Streamlit AppTest) on run
+folders made by a real short training run, complete translation catalogues, the language
+switch keeping page state and the marked choices, a failed run's reason, chart axes and
+legends, refusal of paths outside the workspace, and the read-only run-folder reader.
+tests/test_dashboard_browser.py checks the same in a real Chromium.
 
     cd /work/main && python -m pytest tests/test_dashboard.py -q
 """
@@ -25,7 +27,9 @@ from rwkvforge.dashboard import runs as R
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "src" / "rwkvforge" / "dashboard" / "app.py"
 PAGES = ("runs", "compare", "data", "chat", "system")
-LANGS = ("en", "zh-CN")
+LANGS = ("en", "zh-CN")  # tests that train a run of their own per language
+ALL_LANGS = i18n.LANGS  # every language of the switch: each has a complete catalogue
+SCRIPTS = {"zh-CN": "[\u4e00-\u9fff]", "ru": "[а-яА-ЯёЁ]"}  # the script of a translation
 # widgets whose options are translated labels (the others list data: runs, files, models)
 TRANSLATED_OPTIONS = {"w.lang", "w.page", "w.compare.metric", "w.data.split", "w.chat.tuned"}
 PROSE = {"markdown", "caption", "header", "subheader", "title", "info", "warning", "error",
@@ -107,7 +111,7 @@ def visible_texts(at) -> list[tuple[str, str]]:
             out.append((typ, proto.label))
         elif typ in ("tab", "expander"):
             out.append((typ, proto.label))
-        elif typ == "dataframe":
+        elif typ in ("dataframe", "table"):
             df = node.value
             out += [("dataframe header", str(c)) for c in df.columns]
             if df.index.name:
@@ -126,9 +130,7 @@ def visible_texts(at) -> list[tuple[str, str]]:
 
 
 def _templates(lang: str) -> list[re.Pattern[str]]:
-    cat = dict(i18n.catalogue("en")) if lang not in i18n.FULL_LANGS else {}
-    cat.update(i18n.catalogue(lang))
-    return [i18n.template_regex(v) for v in cat.values()]
+    return [i18n.template_regex(v) for v in i18n.catalogue(lang).values()]
 
 
 def _clean(text: str) -> str:
@@ -149,6 +151,13 @@ def untranslated(at, lang: str, data_values: Iterable[str] = ()) -> list[tuple[s
     return bad
 
 
+def cell_texts(table) -> set[str]:
+    """What the browser writes in a table's cells: a missing value is the placeholder."""
+    return {str(v) for v in table.value.astype(object).where(table.value.notna(),
+                                                             table.proto.placeholder or
+                                                             "None").to_numpy().ravel()}
+
+
 def prose(at) -> list[str]:
     return [_clean(s) for w, s in visible_texts(at)]
 
@@ -156,18 +165,23 @@ def prose(at) -> list[str]:
 # ---- catalogues ---------------------------------------------------------------------------
 
 def test_catalogues_consistent() -> None:
+    """Every catalogue offered by the language switch has every key of the English one (the
+    healthcheck texts included), no other key, and the same placeholders in each text."""
     assert i18n.check_catalogues() == []
-    en, zh, ru = (i18n.catalogue(x) for x in ("en", "zh-CN", "ru"))
-    assert set(en) == set(zh) and len(en) > 100
-    assert ru["welcome"] != en["welcome"] and re.search("[а-яА-Я]", ru["welcome"])
-    # a template that is only placeholders would match any string and hide hard-coded text
-    for lang, cat in (("en", en), ("zh-CN", zh)):
+    en = i18n.catalogue("en")
+    assert len(en) > 200 and set(ALL_LANGS) == {"en", *SCRIPTS}
+    for lang in ALL_LANGS:
+        cat = i18n.catalogue(lang)
+        assert set(cat) == set(en), f"{lang}: {sorted(set(en) ^ set(cat))}"
         for k, v in cat.items():
+            assert i18n.placeholders(v) == i18n.placeholders(en[k]), f"{lang}:{k}"
+            # a template that is only placeholders would match any string and hide
+            # hard-coded text
             literal = re.sub(r"\{[^}]*\}", "", v)
             assert any(ch.isalpha() for ch in literal), f"{lang}:{k} has no literal text"
-    # Chinese really is Chinese: most values contain CJK characters
-    cjk = sum(bool(re.search("[\u4e00-\u9fff]", v)) for v in zh.values())
-    assert cjk > 0.8 * len(zh)
+        if lang in SCRIPTS:  # a translation really is one: most values are in its script
+            native = sum(bool(re.search(SCRIPTS[lang], v)) for v in cat.values())
+            assert native > 0.8 * len(cat), f"{lang}: only {native} of {len(cat)} translated"
 
 
 def test_catalogue_check_catches_differences(monkeypatch) -> None:
@@ -180,14 +194,21 @@ def test_catalogue_check_catches_differences(monkeypatch) -> None:
             cat.pop("doctor.gpu.none.fix")  # a healthcheck text (English from doctor.TEXTS)
             cat["only.in.zh"] = "多余"
             cat["runs.count"] = "共 {n} 次运行"  # lost {path}
+        if lang == "ru":
+            cat.pop("system.findings")
+            cat.pop("doctor.disk.ok.message")
         return cat
 
     monkeypatch.setattr(i18n, "catalogue", broken)
     problems = "\n".join(i18n.check_catalogues())
     assert "'page.runs' missing from zh-CN.json" in problems
     assert "'doctor.gpu.none.fix' missing from zh-CN.json" in problems
-    assert "'only.in.zh' missing from en.json" in problems
+    assert "'only.in.zh' missing from en.json (it is in zh-CN.json)" in problems
     assert "'runs.count': placeholders differ" in problems
+    assert "'system.findings' missing from ru.json" in problems
+    assert "'doctor.disk.ok.message' missing from ru.json" in problems
+    with pytest.raises(KeyError, match="'system.findings' missing from .*ru.json"):
+        i18n.t("ru", "system.findings")  # no silent English in a Russian page
 
 
 def test_text_check_flags_hard_coded_strings() -> None:
@@ -214,7 +235,7 @@ def _run_names(workspace: Path) -> list[str]:
     return [r.name for r in R.list_runs(workspace / "runs", workspace)]
 
 
-@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("lang", ALL_LANGS)
 @pytest.mark.parametrize("page", PAGES)
 def test_page_renders_only_catalogue_text(app, workspace, page, lang) -> None:
     at = goto(app, page=page, lang=lang)
@@ -381,35 +402,41 @@ def test_system_page_shows_healthcheck(app) -> None:
     from rwkvforge import doctor
 
     at = goto(app, page="system", lang="en")
-    checks = next(d.value for d in at.dataframe if "Check" in d.value.columns)
-    ids = {f["id"] for f in doctor.collect()["findings"]}
-    assert set(checks["Check"]) == ids
+    checks = at.table[0].value  # a table whose cells wrap: a long fix is never cut
+    findings = doctor.collect()["findings"]
+    assert len(checks) == len(findings) and not at.dataframe[0].value.empty
     gpu = next(d.value for d in at.dataframe
                if "Key" in d.value.columns and any(str(k).startswith("available")
                                                     for k in d.value["Key"]))
     assert len(gpu) > 0
+    # nothing reads "None": a value the healthcheck could not find is shown as a dash
+    for d in at.dataframe:
+        assert "None" not in cell_texts(d)
 
 
-@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("lang", ALL_LANGS)
 def test_system_page_shows_findings_in_page_language(app, lang) -> None:
-    """Message and fix of each check on this machine are the page language's catalogue text
-    ("doctor.<key>.*") filled with the finding's values; in Chinese, no English left."""
+    """Check name, message and fix of each check on this machine are the page language's
+    catalogue text ("check.<group>", "doctor.<key>.*") filled with the finding's values, a
+    check with nothing to fix says so; in Chinese and Russian, no English left."""
     from rwkvforge import doctor
 
     at = goto(app, page="system", lang=lang)
     col = {c: i18n.t(lang, f"col.{c}") for c in ("check", "message", "fix")}
-    table = next(d.value for d in at.dataframe if col["message"] in d.value.columns)
+    table = next(d.value for d in at.table if col["message"] in d.value.columns)
     findings = doctor.collect()["findings"]
-    assert list(table[col["check"]]) == [f["id"] for f in findings]
+    assert list(table[col["check"]]) == [i18n.t(lang, f"check.{f['key'].split('.')[0]}")
+                                         for f in findings]
     cat = i18n.catalogue(lang)
     for f, message, fix in zip(findings, table[col["message"]], table[col["fix"]]):
         assert i18n.template_regex(cat[f"doctor.{f['key']}.message"]).fullmatch(message)
         if f["fix"]:
             assert i18n.template_regex(cat[f"doctor.{f['key']}.fix"]).fullmatch(fix)
         else:
-            assert fix == ""
-        if lang == "zh-CN":
-            assert re.search("[\u4e00-\u9fff]", message) and message != f["message"]
+            assert fix == i18n.t(lang, "system.no_fix")
+        assert not fix.startswith("doctor.") and not message.startswith("doctor.")
+        if lang in SCRIPTS:
+            assert re.search(SCRIPTS[lang], message) and message != f["message"]
         else:
             assert message == f["message"] or f["id"] == "disk"  # free space may have moved
 
@@ -474,10 +501,38 @@ def test_language_switch_keeps_page_state(app) -> None:
     assert at.selectbox(key="w.runs.selected").value == "run-b"
 
 
-def test_russian_shows_russian_welcome(app) -> None:
-    at = goto(app, page="runs", lang="ru")
+def test_choices_stay_marked_across_a_language_switch(app) -> None:
+    """The browser shows a radio / selectbox choice by its label. After a switch the labels
+    are new, so the app sends the same option again under its new label (set_value): before,
+    the browser kept the old label and no page option (nor the data split) looked selected.
+    tests/test_dashboard_browser.py checks the marks in Chromium."""
+    at = goto(app, page="data", lang="en")
+    at.radio(key="w.data.split").set_value("val").run()
+    for lang in ("zh-CN", "ru", "en"):
+        goto(at, lang=lang)
+        for key, option, label in (("w.page", "data", "page.data"),
+                                   ("w.data.split", "val", "data.split.val")):
+            w = at.radio(key=key)
+            assert w.value == option, (lang, key)
+            assert w.proto.set_value and w.proto.raw_value == i18n.t(lang, label), (lang, key)
+            assert list(w.proto.options)[list(w.options).index(w.proto.raw_value)] == \
+                i18n.t(lang, label)
+        at.run()  # a rerun without a switch leaves the browser's choice alone
+        assert not at.radio(key="w.page").proto.set_value
+
+
+def test_russian_pages_are_russian(app) -> None:
+    """Russian is a whole language, not a welcome box: every page's interface text is from
+    ru.json (test_page_renders_only_catalogue_text), and no English catalogue text is left."""
+    english = {_clean(v) for k, v in i18n.catalogue("en").items()
+               if v != i18n.catalogue("ru")[k] and not i18n.placeholders(v)}
+    for page in PAGES:
+        at = goto(app, page=page, lang="ru")
+        texts = prose(at)
+        assert i18n.t("ru", f"page.{page}") in texts
+        assert not english & set(texts), f"{page}: English left: {english & set(texts)}"
+    at = goto(app, page="runs")
     assert i18n.catalogue("ru")["welcome"] in prose(at)
-    assert untranslated(at, "ru", data_values=["run-a", "run-b"]) == []
 
 
 # ---- safety ------------------------------------------------------------------------------
@@ -512,6 +567,99 @@ def test_dashboard_never_writes_run_folders(app, workspace) -> None:
     for page in PAGES:
         goto(app, page=page, lang="en")
     assert snapshot() == before
+
+
+def _copy_run(workspace: Path, ws: Path, name: str, **status: Any) -> Path:
+    run = ws / "runs" / name
+    shutil.copytree(workspace / "runs" / "run-a", run)
+    if status:
+        st_path = run / "status.json"
+        st_path.write_text(json.dumps({**json.loads(st_path.read_text()), **status}))
+    return run
+
+
+def test_failed_runs_show_their_reason_never_none(workspace, tmp_path, monkeypatch) -> None:
+    """A failed run shows why: status.json's error, else the ERROR line the trainer logged,
+    else a sentence that no reason was recorded (a killed process). Missing values in the
+    tables are a dash, never "None"."""
+    from streamlit.testing.v1 import AppTest
+
+    ws = tmp_path / "ws"
+    dead = 2**22 + 12345  # no such process
+    killed = _copy_run(workspace, ws, "killed", state="running", pid=dead, error=None)
+    crashed = _copy_run(workspace, ws, "crashed", state="failed", pid=dead, error=None)
+    _copy_run(workspace, ws, "oom", state="failed", pid=dead, error="CUDA out of memory")
+    for run in (killed, crashed, ws / "runs" / "oom"):
+        shutil.rmtree(run / "checkpoints")  # nothing to resume from: failed
+        (run / "metrics.jsonl").unlink()  # died before the first step: no loss yet
+    with open(crashed / "train.log", "a", encoding="utf-8") as f:
+        f.write("2026-12-07 09:00:00 ERROR run failed at step 2: RuntimeError: boom\n")
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(ws))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    table = at.dataframe[0]
+    assert set(table.value["Status"]) == {"failed"}
+    assert table.value["Best loss"].isna().all() and table.proto.placeholder == "—"
+    for name, reason in (("killed", None), ("crashed", "run failed at step 2: RuntimeError: boom"),
+                         ("oom", "CUDA out of memory")):
+        at.selectbox(key="w.runs.selected").set_value(name).run()
+        assert i18n.t("en", "runs.is_failed") in [e.value for e in at.error]
+        codes = [c.value for c in at.code]
+        assert "None" not in codes
+        if reason is None:
+            assert i18n.t("en", "runs.no_reason") in prose(at)
+        else:
+            assert codes[0] == reason and i18n.t("en", "runs.no_reason") not in prose(at)
+        for d in at.dataframe:
+            assert d.proto.placeholder == "—"
+            assert "None" not in cell_texts(d)
+        assert [m.proto.body for m in at.metric][1:3] == ["—", "—"]  # best / last loss
+
+
+def test_reason_of_a_failed_run_comes_from_the_end_of_its_log(tmp_path) -> None:
+    """status.json without an error: the ERROR the trainer logged as the run ended is the
+    reason; one from an earlier attempt (records after it: the run was resumed, then
+    killed) is not."""
+    runs = tmp_path / "ws" / "runs"
+    log = ("2026-12-07 09:00:00 INFO step 1/4 loss 2.0\n"
+           "2026-12-07 09:00:05 ERROR run failed at step 1: OSError: [Errno 28] No space left\n"
+           "2026-12-07 09:00:05 INFO loss plot written\n")
+    later = "".join(f"2026-12-07 10:00:0{i} INFO step {i}/4 loss 1.5\n" for i in range(1, 4))
+    for name, text in (("ended", log), ("resumed-then-killed", log + later)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "status.json").write_text(json.dumps(
+            {"state": "running", "pid": 2**22 + 12345, "updated": 0, "error": None}))
+        (runs / name / "train.log").write_text(text)
+    got = {r.name: r for r in R.list_runs(runs, tmp_path / "ws")}
+    assert got["ended"].status == "failed"
+    assert got["ended"].error == "run failed at step 1: OSError: [Errno 28] No space left"
+    assert got["resumed-then-killed"].status == "failed"
+    assert got["resumed-then-killed"].error is None
+
+
+def test_step_axes_have_whole_ticks_and_legends_keep_long_names(workspace, tmp_path,
+                                                                 monkeypatch) -> None:
+    """Vega-Lite spec of the curves: the step axis ticks only at integers (a 3-step run had
+    0.5 steps), and the legend never cuts a run name (Vega's default cut at 160 px left ~24
+    characters). tests/test_dashboard_browser.py reads the drawn legend in Chromium."""
+    from streamlit.testing.v1 import AppTest
+
+    ws = tmp_path / "ws"
+    names = [f"sft-qwen-style-lora-r16-lr{lr}-ctx1024-bsl-dataset-v2" for lr in ("1e-4", "3e-4")]
+    for name in names:
+        _copy_run(workspace, ws, name)
+    monkeypatch.setenv("RWKVFORGE_ROOT", str(ws))
+    at = goto(AppTest.from_file(str(APP), default_timeout=60).run(), page="compare", lang="en")
+    specs = [json.loads(n.proto.spec) for n in at._tree
+             if getattr(n, "type", "") == "vega_lite_chart"]
+    at = goto(at, page="runs")
+    specs += [json.loads(n.proto.spec) for n in at._tree
+              if getattr(n, "type", "") == "vega_lite_chart"]
+    assert len(specs) >= 4
+    for spec in specs:
+        enc = spec["encoding"]
+        assert enc["x"]["axis"]["format"] == "d" and enc["x"]["axis"]["tickMinStep"] == 1
+        assert enc["color"]["legend"]["labelLimit"] == 0
 
 
 # ---- reader units --------------------------------------------------------------------------

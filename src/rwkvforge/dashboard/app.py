@@ -1,5 +1,5 @@
 """The rwkvforge dashboard (Streamlit): Runs, Compare, Data, Chat and System pages, in
-English or Chinese (Russian welcome) with one switch in the sidebar.
+English, Chinese or Russian with one switch in the sidebar.
 
 It only reads: run folders, prepared data and models inside the workspace root
 (RWKVFORGE_ROOT, see rwkvforge.paths); any other path is refused with a visible message.
@@ -35,6 +35,7 @@ SYSTEM_SECTIONS = ("gpu", "torch", "memory", "python", "bitsandbytes", "os", "di
 REFRESH_S = 2.0  # live-curve refresh period while a run is running
 IDLE_REFRESH_S = 10.0  # the Runs page's look for a newly started run while none is running
 MAX_POINTS = 2000  # per curve
+NONE = "—"  # a missing value in a table (st.dataframe would write "None")
 ss = st.session_state
 
 
@@ -68,7 +69,15 @@ def persisted(widget: Callable[..., Any], key: str, default: Any,
         for k in (key, wkey):
             if k in ss and not lo <= ss[k] <= hi:
                 ss[k] = lo
-    if wkey not in ss:
+    # The browser keeps a choice widget's value as the label it showed. When the labels change
+    # (a language switch), the value is sent again, so the browser marks the same option in its
+    # new label (without this, a radio / selectbox showed no option selected after a switch).
+    fmt = kwargs.get("format_func")
+    labels = [str(fmt(o)) for o in options] if fmt is not None and options is not None else None
+    relabelled = labels is not None and ss.get(f"shown.{key}", labels) != labels
+    if labels is not None:
+        ss[f"shown.{key}"] = labels
+    if wkey not in ss or relabelled:
         ss[wkey] = ss[key]
     elif options is not None and widget is st.multiselect:
         ss[wkey] = [v for v in ss[wkey] if v in options]
@@ -81,10 +90,18 @@ def persisted(widget: Callable[..., Any], key: str, default: Any,
 
 def fmt_num(x: Any, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
+        return NONE
     if isinstance(x, float):
         return f"{x:.{digits}g}"
     return str(x)
+
+
+def shown(x: Any) -> str:
+    """A value read from a run's files as table text: "—" for a missing one (null in the
+    JSON, or no key), never the word None."""
+    if x is None or x == "":
+        return NONE
+    return x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)
 
 
 def rel(path: Path | str) -> str:
@@ -106,10 +123,15 @@ def line_chart(df: pd.DataFrame, y_title: str, series_title: str, height: int = 
     long = (df.rename_axis("x").reset_index()
             .melt(id_vars="x", var_name="series", value_name="y").dropna())
     chart = alt.Chart(long).mark_line(point=len(df) < 50).encode(
-        x=alt.X("x:Q", title=step),
+        # steps are whole numbers: ticks only at integers (a 3-step run had 0.5, 1.5 ...)
+        x=alt.X("x:Q", title=step, axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("y:Q", title=y_title, scale=alt.Scale(zero=False)),
-        color=alt.Color("series:N", title=series_title, legend=alt.Legend(orient="bottom")),
-        tooltip=[alt.Tooltip("x:Q", title=step), alt.Tooltip("series:N", title=series_title),
+        # one name per line, never cut (Vega's default cuts legend labels at 160 px, which
+        # left ~24 characters of a run name): labelLimit 0 is "no limit"
+        color=alt.Color("series:N", title=series_title,
+                        legend=alt.Legend(orient="bottom", columns=1, labelLimit=0)),
+        tooltip=[alt.Tooltip("x:Q", title=step, format="d"),
+                 alt.Tooltip("series:N", title=series_title),
                  alt.Tooltip("y:Q", title=y_title, format=".5g")],
     ).properties(height=height)
     st.altair_chart(chart, width="stretch")
@@ -180,14 +202,14 @@ def runs_table(runs: list[R.RunInfo]) -> pd.DataFrame:
     return pd.DataFrame({
         tr("col.run"): [r.name for r in runs],
         tr("col.status"): [status_label(r.status) for r in runs],
-        tr("col.profile"): [r.profile for r in runs],
-        tr("col.model"): [r.model for r in runs],
+        tr("col.profile"): [shown(r.profile) for r in runs],
+        tr("col.model"): [shown(r.model) for r in runs],
         tr("col.steps"): [f"{r.step}/{r.max_steps}" if r.max_steps else str(r.step)
                           for r in runs],
         tr("col.best_loss"): [r.best_loss for r in runs],
         tr("col.last_loss"): [r.last_loss for r in runs],
         tr("col.checkpoints"): [sum(c.complete for c in r.checkpoints) for r in runs],
-        tr("col.started"): [r.started_at for r in runs],
+        tr("col.started"): [shown(r.started_at) for r in runs],
     })
 
 
@@ -249,6 +271,8 @@ def run_detail(run: R.RunInfo) -> None:
                       command=f"rwkvforge train --resume {shlex.quote(rel(run.path))}"))
     elif run.status == "failed":
         st.error(tr("runs.is_failed"))
+        if not run.error:  # nothing in status.json nor at the end of train.log
+            st.caption(tr("runs.no_reason"))
     elif run.status == "finished":
         st.success(tr("runs.is_finished", step=run.step))
     else:
@@ -295,19 +319,19 @@ def config_tab(run_dir: Path) -> None:
     st.caption(tr("runs.config_caption"))
     st.dataframe(pd.DataFrame(rows, columns=[tr("col.key"), tr("col.value"),
                                              tr("col.source")]),
-                 hide_index=True, width="stretch")
+                 hide_index=True, width="stretch", placeholder=NONE)
     facts = [
-        (tr("fact.git_sha"), str(record.get("git_sha", ""))),
-        (tr("fact.started"), str(record.get("started_at", ""))),
-        (tr("fact.model"), json.dumps(record.get("model", {}), ensure_ascii=False)),
-        (tr("fact.data"), json.dumps(record.get("data", {}), ensure_ascii=False)),
-        (tr("fact.hardware"), json.dumps(record.get("hardware", {}), ensure_ascii=False)),
-        (tr("fact.versions"), json.dumps(record.get("versions", {}), ensure_ascii=False)),
+        (tr("fact.git_sha"), shown(record.get("git_sha"))),
+        (tr("fact.started"), shown(record.get("started_at"))),
+        (tr("fact.model"), shown(record.get("model"))),
+        (tr("fact.data"), shown(record.get("data"))),
+        (tr("fact.hardware"), shown(record.get("hardware"))),
+        (tr("fact.versions"), shown(record.get("versions"))),
         (tr("fact.files"), ", ".join(str(f) for f in files) if isinstance(files, list)
-         else str(files or "")),
+         else shown(files)),
     ]
     st.dataframe(pd.DataFrame(facts, columns=[tr("col.key"), tr("col.value")]),
-                 hide_index=True, width="stretch")
+                 hide_index=True, width="stretch", placeholder=NONE)
 
 
 def checkpoints_tab(run: R.RunInfo) -> None:
@@ -321,7 +345,7 @@ def checkpoints_tab(run: R.RunInfo) -> None:
             tr("col.path"): [rel(c.path) for c in run.checkpoints],
             tr("col.time"): [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.mtime))
                              for c in run.checkpoints],
-        }), hide_index=True, width="stretch")
+        }), hide_index=True, width="stretch", placeholder=NONE)
     if run.has_adapter:
         st.caption(tr("runs.adapter_at", path=rel(run.path / "adapter")))
     for p in run.merged:
@@ -347,7 +371,7 @@ def page_runs(runs_dir: Path | None) -> None:
             st.info(tr("runs.none", path=rel(runs_dir)))
             return
         st.caption(tr("runs.count", n=len(runs), path=rel(runs_dir)))
-        st.dataframe(runs_table(runs), hide_index=True, width="stretch")
+        st.dataframe(runs_table(runs), hide_index=True, width="stretch", placeholder=NONE)
         names = [r.name for r in runs]
         name = persisted(st.selectbox, "runs.selected", names[0], options=names,
                          label=tr("runs.pick"))
@@ -389,7 +413,7 @@ def page_compare(runs_dir: Path | None) -> None:
         st.caption(tr("runs.no_metric"))
 
     st.subheader(tr("compare.summary"))
-    st.dataframe(runs_table(picked), hide_index=True, width="stretch")
+    st.dataframe(runs_table(picked), hide_index=True, width="stretch", placeholder=NONE)
 
     st.subheader(tr("compare.configs"))
     only_diff = persisted(st.checkbox, "compare.only_diff", True, label=tr("compare.only_diff"))
@@ -404,7 +428,7 @@ def page_compare(runs_dir: Path | None) -> None:
         st.caption(tr("compare.same"))
     else:
         frame.index.name = tr("col.key")
-        st.dataframe(frame, width="stretch")
+        st.dataframe(frame, width="stretch", placeholder=NONE)
 
 
 # ---- Data page -----------------------------------------------------------------------------------
@@ -606,19 +630,36 @@ def page_system() -> None:
                                                                                   "block")}
         st.caption(tr("system.counts", ok=counts["ok"], warn=counts["warn"],
                       block=counts["block"]))
-        st.dataframe(pd.DataFrame({
+        # st.table, not st.dataframe: its cells wrap, so a long fix is read in full (the
+        # grid of st.dataframe cut it at the column's edge)
+        st.table(pd.DataFrame({
             tr("col.level"): [tr(f"level.{f.get('level', 'warn')}") for f in findings],
-            tr("col.check"): [str(f.get("id", "")) for f in findings],
+            tr("col.check"): [check_name(f) for f in findings],
             tr("col.message"): [S.finding_text(f, "message", lang()) for f in findings],
-            tr("col.fix"): [S.finding_text(f, "fix", lang()) for f in findings],
-        }), hide_index=True, width="stretch")
+            tr("col.fix"): [S.finding_text(f, "fix", lang()) or tr("system.no_fix")
+                            for f in findings],
+        }), hide_index=True)
     for section in SYSTEM_SECTIONS:
         data = rep.get(section)
         if data in (None, {}, []):
             continue
         st.subheader(tr(f"system.{section}"))
         st.dataframe(pd.DataFrame(flatten(data), columns=[tr("col.key"), tr("col.value")]),
-                     hide_index=True, width="stretch")
+                     hide_index=True, width="stretch", placeholder=NONE)
+
+
+def check_name(finding: dict[str, Any]) -> str:
+    """A healthcheck finding's check in the page language: "check.<group>" of its text key
+    ("wkv_cpu.native" -> check.wkv_cpu), with the device number of a per-GPU check ("gpu1");
+    its id when the catalogue has no name for it (a check newer than the catalogue)."""
+    fid, key = str(finding.get("id", "")), finding.get("key")
+    group = key.partition(".")[0] if isinstance(key, str) else fid
+    try:
+        name = tr(f"check.{group}")
+    except KeyError:
+        return fid
+    index = re.match(r"gpu(\d+)", fid)
+    return tr("check.gpu_n", name=name, i=index.group(1)) if index else name
 
 
 def flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -631,7 +672,8 @@ def flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
         for i, v in enumerate(data):
             rows += flatten(v, f"{prefix}[{i}]")
     else:
-        text = json.dumps(data, ensure_ascii=False) if isinstance(data, list) else str(data)
+        text = (NONE if data is None else json.dumps(data, ensure_ascii=False)
+                if isinstance(data, list) else str(data))
         rows.append((prefix or "-", text))
     return rows
 

@@ -1,12 +1,13 @@
 """Translation catalogues of the dashboard: one flat JSON object per language in i18n/.
 
 Every string the dashboard shows comes from here: `t(lang, "runs.title")`, with `{name}`
-placeholders filled by `str.format`. en and zh-CN are complete and must have the same keys;
-ru carries the welcome text only and falls back to English for the rest.
+placeholders filled by `str.format`. Every catalogue is complete: it has exactly the keys of
+the English one, with the same placeholders (check_catalogues; tests/test_dashboard.py). A
+language is offered only with a complete catalogue: there is no silent fallback to English.
 
 The healthcheck's finding texts ("doctor.<key>.message" / ".fix") are written once, in English,
 in rwkvforge.doctor.TEXTS (the CLI prints them): the English catalogue adds them to en.json,
-which therefore does not repeat them; zh-CN.json translates them like any other key.
+which therefore does not repeat them; zh-CN.json and ru.json translate them like any other key.
 
     python -m rwkvforge.dashboard.i18n      # checks the catalogues, prints key counts
 """
@@ -21,9 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 
 CATALOGUE_DIR = Path(__file__).resolve().parent / "i18n"
-LANGS = ("en", "zh-CN", "ru")
-FULL_LANGS = ("en", "zh-CN")  # complete catalogues; their key sets must be identical
-FALLBACK = "en"
+LANGS = ("en", "zh-CN", "ru")  # the language switch's options; each catalogue is complete
+REFERENCE = "en"  # the catalogue every other one must match key for key
 
 
 class CatalogueError(ValueError):
@@ -61,15 +61,11 @@ def _with_doctor_texts(data: dict[str, str], path: Path) -> dict[str, str]:
 
 
 def t(lang: str, key: str, /, **kwargs: object) -> str:
-    """The text of `key` in `lang` (English when `lang` lacks it), formatted with kwargs."""
+    """The text of `key` in `lang`, formatted with kwargs."""
     cat = catalogue(lang)
-    if key in cat:
-        text = cat[key]
-    elif lang not in FULL_LANGS and key in catalogue(FALLBACK):
-        text = catalogue(FALLBACK)[key]
-    else:
+    if key not in cat:
         raise KeyError(f"translation key {key!r} missing from {CATALOGUE_DIR / (lang + '.json')}")
-    return text.format(**kwargs) if kwargs else text
+    return cat[key].format(**kwargs) if kwargs else cat[key]
 
 
 def placeholders(text: str) -> set[str]:
@@ -89,19 +85,19 @@ def template_regex(text: str) -> re.Pattern[str]:
 def check_catalogues() -> list[str]:
     """Problems with the catalogues (empty when they are consistent)."""
     problems = []
-    en, zh = catalogue("en"), catalogue("zh-CN")
-    for a, b, name_b in ((en, zh, "zh-CN"), (zh, en, "en")):
-        for k in sorted(set(a) - set(b)):
-            problems.append(f"key {k!r} missing from {name_b}.json")
-    for k in sorted(set(en) & set(zh)):
-        if placeholders(en[k]) != placeholders(zh[k]):
-            problems.append(f"key {k!r}: placeholders differ: en {sorted(placeholders(en[k]))}"
-                            f" vs zh-CN {sorted(placeholders(zh[k]))}")
-    ru = catalogue("ru")
-    for k in sorted(set(ru) - set(en)):
-        problems.append(f"key {k!r} in ru.json is not an English key")
-    if "welcome" not in ru:
-        problems.append("ru.json lacks the 'welcome' text")
+    ref = catalogue(REFERENCE)
+    for lang in LANGS:
+        if lang == REFERENCE:
+            continue
+        cat = catalogue(lang)
+        problems += [f"key {k!r} missing from {lang}.json" for k in sorted(set(ref) - set(cat))]
+        problems += [f"key {k!r} missing from {REFERENCE}.json (it is in {lang}.json)"
+                     for k in sorted(set(cat) - set(ref))]
+        for k in sorted(set(ref) & set(cat)):
+            if placeholders(ref[k]) != placeholders(cat[k]):
+                problems.append(f"key {k!r}: placeholders differ: {REFERENCE} "
+                                f"{sorted(placeholders(ref[k]))} vs {lang} "
+                                f"{sorted(placeholders(cat[k]))}")
     return problems
 
 

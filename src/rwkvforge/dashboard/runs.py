@@ -191,12 +191,16 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
             error = why or "stopped before training began (see train.log)"
         else:
             error = "starting: loading the model / preparing the data (see train.log)"
+    status_now = classify(status, cks, now)
+    if status_now in ("failed", "resumable") and not error and log is not None \
+            and log.is_file():  # status.json without the reason (e.g. a full disk stopped
+        error = _last_logged_error(log)  # its last write): the trainer also logs it
     adapter = inside(f"{FINAL_ADAPTER}/{ADAPTER_CONFIG}")
     merged_dir = inside(MERGED)
     info = RunInfo(
         name=run_dir.name,
         path=run_dir,
-        status=classify(status, cks, now),
+        status=status_now,
         state=st.get("state") if isinstance(st.get("state"), str) else None,
         profile=str(settings.get("profile", "")),
         model=str(settings.get("model_name") or Path(str(model.get("path", ""))).name),
@@ -206,7 +210,7 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
         last_loss=losses[-1] if losses else None,
         started_at=str(record.get("started_at", "")),
         updated=_finite(st.get("updated")),
-        error=str(error) if error is not None else None,
+        error=str(error) if error not in (None, "") else None,
         pid=_int(st.get("pid")),
         checkpoints=cks,
         has_adapter=adapter is not None and adapter.is_file(),
@@ -237,6 +241,22 @@ def _setup_failure(log: Path) -> str | None:
 
 
 _LOG_RECORD = re.compile(r"\n\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")  # train.log's record start
+_LOG_LEVEL = re.compile(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ([A-Z]+) (.*)$")
+
+
+def _last_logged_error(log: Path) -> str | None:
+    """The message of an ERROR record among the last 3 records of a run's train.log (the
+    trainer logs one as its run fails; one further up belongs to an earlier attempt that was
+    resumed). None when there is none, e.g. the process was killed."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 8192, 0))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    last = _LOG_LEVEL.findall(tail)[-3:]
+    errors = [msg.strip() for level, msg in last if level == "ERROR" and msg.strip()]
+    return errors[-1] if errors else None
 
 
 def is_run_dir(d: Path) -> bool:
@@ -293,7 +313,8 @@ def config_rows(run_dir: Path, root: Path | None = None) -> list[tuple[str, str,
     rows = []
     for k, v in settings.items():
         key = str(k).upper()
-        shown = json.dumps(v, ensure_ascii=False) if isinstance(v, (str, list, dict)) else str(v)
+        shown = ("—" if v is None else  # unset, as the Runs table shows it (not "None")
+                 json.dumps(v, ensure_ascii=False) if isinstance(v, (str, list, dict)) else str(v))
         rows.append((key, shown, str(sources.get(key, ""))))
     return rows
 
