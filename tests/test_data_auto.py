@@ -307,3 +307,30 @@ def test_json_array_records_are_named_by_number(tmp_path):
         P.run(P.Options(input=bad, prefix=tmp_path / "f", data_type="auto", workers=1,
                         progress=False), log=quiet)
     assert D.main([str(arr)]) == 0
+
+
+@pytest.mark.parametrize("data, hint", [
+    ('{"text": "a"}\n'.encode("utf-16"), "looks like UTF-16"),
+    (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff", "gzip-compressed"),
+    ("Процедура Тест()\n".encode("utf-8"), "must be JSON Lines"),
+])
+def test_auto_on_a_file_that_is_not_json_lines_keeps_its_hint(tmp_path, data, hint):
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(data)
+    with pytest.raises(P.PrepareError, match=hint):
+        P.run(P.Options(input=src, prefix=tmp_path / "d", data_type="auto", workers=1,
+                        progress=False), log=quiet)
+
+
+def test_alpaca_history_is_the_earlier_turns():
+    tok = get_tokenizer()
+    rec = {"instruction": "И ещё?", "output": "Всё.", "history": [["Привет", "Здравствуйте"]]}
+    [(ids, mask)] = R.process_record(rec, "sft", tok)
+    want = encode_chat([{"role": "user", "content": "Привет"},
+                        {"role": "assistant", "content": "Здравствуйте"},
+                        {"role": "user", "content": "И ещё?"},
+                        {"role": "assistant", "content": "Всё."}])
+    assert np.frombuffer(ids, np.uint16).tolist() == want[0]
+    assert np.frombuffer(mask, np.uint8).tolist() == want[1]
+    r = R.process_line(json.dumps({**rec, "history": [["only one"]]}).encode(), 2, "sft", tok)
+    assert "field 'history'[0] is not a [instruction, response] pair" in r.error

@@ -188,15 +188,16 @@ def _listing(variants: Counter) -> str:
 
 def auto_type(sh: Shapes) -> tuple[str, str]:
     """(data type, the one line saying why) for DATA_TYPE=auto; DataShapeError for a file of
-    no known shape or of several kinds (with the count of each)."""
+    no known shape or of several kinds (with the count of each). A file with no JSON object
+    at all is ("text", ""): prepare's per-line errors then say what the file is instead."""
     kinds, variants = sh.kinds(), sh.variants()
     unknown = variants.get(None, 0)
+    if not kinds and not unknown:  # no JSON object at all (or no record): each line's own
+        return "text", ""  # error names the cause (UTF-16, gzip, not JSON Lines, ...)
     if not kinds:
         raise DataShapeError(
-            f"{sh.path}: none of its {sh.records} records has a known shape"
-            + (f" (keys seen: {', '.join(sh.keys_of(lambda p: not p)) or 'none'})"
-               if unknown else f" ({sh.invalid} are not JSON objects)")
-            + f": expected {KNOWN_SHAPES}.")
+            f"{sh.path}: none of its {sh.records} records has a known shape (keys seen: "
+            f"{', '.join(sh.keys_of(lambda p: not p)) or 'none'}): expected {KNOWN_SHAPES}.")
     if len(kinds) > 1:
         parts = []
         for kind, n in kinds.most_common():

@@ -375,7 +375,8 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
             kind, why = auto_type(shapes)
         except DataShapeError as e:
             raise PrepareError(str(e)) from None
-        log(why)
+        if why:
+            log(why)
         opts = dataclasses.replace(opts, data_type=kind)
         detected["shapes"] = {v: n for v, n in shapes.variants().items() if v}
     has_mask = opts.data_type in ("sft", "dpo")
@@ -698,7 +699,7 @@ def detect_type(res: cfgmod.Resolved, root: Path, say: Callable[[str], None] | N
             kind, why = auto_type(scan(data_file))
         except DataShapeError as e:
             raise PrepareError(str(e)) from None
-    if kind is None:
+    if kind is None or not why:  # nothing to go by: prepare names the problem
         return res
     say(why)
     return cfgmod.Resolved(settings=dataclasses.replace(s, data_type=kind),

@@ -205,13 +205,31 @@ def record_to_turns(rec: dict) -> tuple[list[dict[str, str]], list[bool]]:
             raise ValueError(f"field 'input' is {_typename(extra)}, expected a string")
         if extra and extra.strip():
             user = f"{user}\n{extra}"
-        msgs = head + [{"role": "user", "content": user},
-                       {"role": "assistant", "content": _need_str(rec, "output")}]
+        msgs = head + _alpaca_history(rec.get("history")) + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _need_str(rec, "output")}]
     else:
         raise ValueError("no SFT fields: expected 'messages', 'conversations' (ShareGPT), "
                          "'prompt' + 'response', or 'instruction' + 'output' (found keys: "
                          f"{', '.join(sorted(rec)) or 'none'})")
     return msgs, [True] * len(msgs)
+
+
+def _alpaca_history(history: Any) -> list[dict[str, str]]:
+    """LLaMA-Factory's Alpaca "history": [[instruction, response], ...], the earlier turns
+    (trained like the last one, as LLaMA-Factory does by default)."""
+    if history is None:
+        return []
+    turns = []
+    for i, pair in enumerate(history if isinstance(history, list) else [None]):
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)):
+            raise ValueError(f"field 'history'{f'[{i}]' if isinstance(history, list) else ''} "
+                             "is not a [instruction, response] pair of strings: history is "
+                             "[[\"q1\", \"a1\"], [\"q2\", \"a2\"], ...]")
+        turns += [{"role": "user", "content": pair[0]},
+                  {"role": "assistant", "content": pair[1]}]
+    return turns
 
 
 def record_to_messages(rec: dict) -> list[dict[str, str]]:
