@@ -65,7 +65,7 @@ def openai_parts_rows(n: int = 30) -> list[dict]:
         for i in range(n)]
 
 
-# ---- no type given: detected, prepared and trained -------------------------------------------
+# ---- no type given: detected, prepared and trained -----------------------------------------------
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, rows, kind, why", [
@@ -208,7 +208,7 @@ def test_content_parts_read_as_serve_reads_them():
     assert R.normalize_turns(sharegpt, "conversations")[0] == turns
 
 
-# ---- refusals: a mixed file, an explicit type that does not fit -----------------------------------
+# ---- refusals: a mixed file, an explicit type that does not fit ----------------------------------
 
 def test_mixed_file_is_refused_with_counts_per_kind(tmp_path, tiny_model_path, capsys):
     rows = text_rows(10) + alpaca_rows(25) + sharegpt_rows(5)

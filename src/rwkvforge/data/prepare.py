@@ -5,13 +5,17 @@
     ./scripts/prepare_binidx.sh --type sft          # DATA_FILE / DATA_TYPE / ... from configs
     python -m rwkvforge.data.prepare --help
 
-Input: one JSON object per line (UTF-8; blank lines are skipped, as in RWKV-LM):
+Input: one JSON object per line (UTF-8; blank lines are skipped, as in RWKV-LM), or one JSON
+array of them (a file starting with "["; record k is read as line k), or a folder (text):
   text  {"text": "..."}
-  sft   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]},
-        {"prompt": "...", "response": "..."} or Alpaca {"instruction", "input"?, "output"}
-        (optional "system" string on the last two)
+  sft   {"messages": [{"role": "system"|"user"|"assistant", "content": str | text parts,
+        "weight"?: 0|1}, ...]}, ShareGPT {"conversations": [{"from": "human"|"gpt"|"system",
+        "value": "..."}, ...]}, {"prompt": "...", "response"|"completion": "..."} or Alpaca
+        {"instruction", "input"?, "output", "history"?} (optional "system" string on all)
   dpo   {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
         (optional "system" string, as for SFT)
+--type auto (DATA_TYPE=auto, the default) picks the type from the records' keys and says so in
+one line, or refuses a file that mixes kinds (data/detect.py; every shape: docs/data.md).
 
 Outputs, for `--output-prefix P`:
   P.bin / P.idx            train token ids: MMIDIDX v1 binidx, uint16 (see data/binidx.py).

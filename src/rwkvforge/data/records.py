@@ -1,7 +1,8 @@
 """What one JSONL line means: its bytes -> a JSON value -> the token ids (and, for sft / dpo,
-the loss mask) of one document, or the reason the line is rejected. The accepted shapes of
-each --type are listed in data/prepare.py; data/blocks.py runs this per line in the worker
-processes.
+the loss mask) of one document, or the reason the line is rejected; and which shape a record
+has from its keys alone (record_variant: what DATA_TYPE=auto goes by, in data/detect.py). The
+accepted shapes of each --type are listed in data/prepare.py; data/blocks.py runs this per
+line in the worker processes.
 
 Rule: every problem with a line is a ValueError (ChatFormatError and TokenizerInputError are
 ValueErrors too) whose message says what is wrong and what to do; process_line turns it into
@@ -116,7 +117,7 @@ def fits(keys: Any, data_type: str) -> bool:
     return KIND_OF_VARIANT.get(record_variant(keys) or "") == "sft"
 
 
-# ---- turns: OpenAI messages, ShareGPT conversations -----------------------------------------------
+# ---- turns: OpenAI messages, ShareGPT conversations ----------------------------------------------
 
 ROLE_NAMES = {  # OpenAI roles and the ShareGPT "from" names -> World chat roles
     "system": "system", "developer": "system", "user": "user", "human": "user",
