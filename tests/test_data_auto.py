@@ -334,3 +334,16 @@ def test_alpaca_history_is_the_earlier_turns():
     assert np.frombuffer(mask, np.uint8).tolist() == want[1]
     r = R.process_line(json.dumps({**rec, "history": [["only one"]]}).encode(), 2, "sft", tok)
     assert "field 'history'[0] is not a [instruction, response] pair" in r.error
+
+
+def test_train_with_an_explicit_type_that_does_not_fit_says_it_once(tiny_model_path, tmp_path,
+                                                                    capsys):
+    src = write_jsonl(tmp_path / "corpus.jsonl", text_rows(120))
+    rc = T.main(["--base-model", str(tiny_model_path), "--data-file", str(src),
+                 "--data-type", "sft", "--data-prefix", str(tmp_path / "p"),
+                 "--runs-dir", str(tmp_path / "runs"), "--run-name", "r", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.count("have no SFT fields") == 1 and f"{src}:2" not in err
+    assert (f"120 of 120 records in {src} have no SFT fields (keys seen: text) - set "
+            "DATA_TYPE=text or auto") in err

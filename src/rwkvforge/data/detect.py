@@ -142,8 +142,7 @@ class Shapes:
 
 
 def _keys_of(raw: bytes, number: int) -> frozenset | None:
-    """The shape keys of one record (None: not a JSON object); all its keys when it has no
-    shape key (for the "keys seen" of an error)."""
+    """The shape keys present in one record (None: it is not a JSON object)."""
     if _decode_keys is not None:
         try:
             rec = _decode_keys(raw)
