@@ -14,12 +14,16 @@ checks stay the single place that says what is wrong with a record.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
+import numpy as np
+
+from rwkvforge.data.blocks import block_size_for, iter_blocks
 from rwkvforge.data.records import (FAST_JSON_ERRORS, KIND_OF_VARIANT, SHAPE_KEYS, VARIANTS,
                                     encoding_hint, fits, parse_line, record_variant)
 
@@ -29,8 +33,9 @@ try:  # decode only the shape keys of a line, their values left as raw bytes: a 
     _KeysOnly = _msgspec.defstruct("_KeysOnly", [(k, _msgspec.Raw, _msgspec.Raw())
                                                  for k in SHAPE_KEYS])  # empty: absent
     _decode_keys = _msgspec.json.Decoder(_KeysOnly).decode
+    _decode_lines = _msgspec.json.Decoder(_KeysOnly).decode_lines
 except ImportError:  # pragma: no cover - msgspec missing
-    _decode_keys = None
+    _decode_keys = _decode_lines = None
 
 TYPES = ("text", "sft", "dpo")
 KNOWN_SHAPES = ('{"text"}, OpenAI {"messages"}, ShareGPT {"conversations"}, {"prompt", '
@@ -87,20 +92,6 @@ def json_array_to_jsonl(src: Path, out: Path) -> int:
     return len(items)
 
 
-def iter_raw_records(path: Path, jsonl: bool = False) -> Iterator[tuple[int, bytes]]:
-    """(record number, its JSON bytes) of a JSONL file (numbered by line; blank lines
-    skipped) or of a JSON-array file (numbered from 1). `jsonl`: JSONL whatever it starts
-    with."""
-    if not jsonl and is_json_array(path):
-        for k, item in enumerate(load_json_array(path), start=1):
-            yield k, json.dumps(item).encode("utf-8")
-        return
-    with open(path, "rb") as f:
-        for k, raw in enumerate(f, start=1):
-            if raw.strip():
-                yield k, raw.rstrip(b"\r\n")
-
-
 # ---- the scan ------------------------------------------------------------------------------------
 
 @dataclass
@@ -113,6 +104,31 @@ class Shapes:
     patterns: Counter = field(default_factory=Counter)  # frozenset of shape keys -> records
     first: dict = field(default_factory=dict)  # pattern -> number of its first record
     other_keys: Counter = field(default_factory=Counter)  # keys of records of no known shape
+    sampled: int = 0  # records whose other_keys were read
+
+    def add(self, number: int, keys: frozenset | None, all_keys: Callable[[], Any]) -> None:
+        """Count record `number` with these shape keys (None: not a JSON object);
+        `all_keys()` gives every key of a record without a shape key (for "keys seen")."""
+        self.records += 1
+        if keys is None:
+            self.invalid += 1
+            return
+        self.patterns[keys] += 1
+        if keys not in self.first:
+            self.first[keys] = number
+        if not keys and self.sampled < MAX_KEYS_SAMPLED:
+            self.sampled += 1
+            self.other_keys.update(list(all_keys()))  # the keys (a dict's values are no counts)
+
+    def merge(self, part: Shapes) -> None:
+        """Add the counts of a later part of the same file."""
+        self.records += part.records
+        self.invalid += part.invalid
+        self.patterns.update(part.patterns)
+        for p, k in part.first.items():
+            self.first.setdefault(p, k)
+        self.other_keys.update(part.other_keys)
+        self.sampled += part.sampled
 
     def count(self, test) -> int:
         return sum(n for p, n in self.patterns.items() if test(p))
@@ -156,27 +172,86 @@ def _keys_of(raw: bytes, number: int) -> frozenset | None:
     return frozenset(k for k in SHAPE_KEYS if k in rec) if isinstance(rec, dict) else None
 
 
-def scan(path: Path, array: Path | None = None) -> Shapes:
-    """Read the keys of every record of a JSONL or JSON-array file. `array`: `path` is the
-    JSONL that json_array_to_jsonl made of that file (named in messages, by record)."""
-    sh = Shapes(array or path, unit="record" if array or is_json_array(path) else "line")
-    sampled = 0
-    for number, raw in iter_raw_records(path, jsonl=array is not None):
-        sh.records += 1
-        keys = _keys_of(raw, number)
-        if keys is None:
-            sh.invalid += 1
-            continue
-        sh.patterns[keys] += 1
-        sh.first.setdefault(keys, number)
-        if not keys and sampled < MAX_KEYS_SAMPLED:  # no shape key: name what it has
-            sampled += 1
-            try:
-                rec = parse_line(raw, number)
-            except ValueError:
-                continue
-            sh.other_keys.update(rec)
+def _all_keys(raw: bytes, number: int) -> Callable[[], Any]:
+    def keys() -> Any:
+        try:
+            rec = parse_line(raw, number)
+        except ValueError:
+            return ()
+        return rec if isinstance(rec, dict) else ()
+    return keys
+
+
+def _one_object_per_line(data: bytes) -> list | None:
+    """The shape-key structs of a block's lines in ONE msgspec call, or None (then each line
+    is read alone). Taken only when every line starts with "{" and ends with "}" and the
+    decoder finds as many objects as there are lines, so record k is line k (the argument of
+    blocks._block_texts_at_once)."""
+    if _decode_lines is None or not data or data[0] != 123:
+        return None
+    buf = np.frombuffer(data, np.uint8)
+    nl = np.flatnonzero(buf == 10)
+    before = nl - 1
+    before[buf[before] == 13] -= 1  # CRLF
+    after = nl + 1
+    if (not (buf[before] == 125).all() or not (buf[after[after < len(buf)]] == 123).all()
+            or (data[-1] != 10 and data.rstrip()[-1:] != b"}")):
+        return None
+    try:
+        recs = _decode_lines(data)
+    except FAST_JSON_ERRORS:
+        return None
+    return recs if len(recs) == len(nl) + (data[-1] != 10) else None
+
+
+def _scan_block(task: tuple[int, bytes]) -> Shapes:
+    """The Shapes of one block of whole JSONL lines, its first line numbered task[0]."""
+    first, data = task
+    part = Shapes(Path())
+    recs = _one_object_per_line(data)
+    if recs is not None:
+        pats = [frozenset(k for k in SHAPE_KEYS if len(getattr(r, k))) for r in recs]
+        if all(pats):  # records of no known shape are read line by line (their keys named)
+            for i, p in enumerate(pats):
+                part.add(first + i, p, tuple)
+            return part
+    for i, raw in enumerate(data.split(b"\n")):
+        if raw.strip():
+            part.add(first + i, _keys_of(raw, first + i), _all_keys(raw, first + i))
+    return part
+
+
+def scan(path: Path, array: Path | None = None, workers: int = 1) -> Shapes:
+    """Read the keys of every record of a JSONL or JSON-array file, in `workers` processes
+    (a JSONL file). `array`: `path` is the JSONL that json_array_to_jsonl made of that file
+    (named in messages, by record)."""
+    if array is None and is_json_array(path):
+        sh = Shapes(path, unit="record")
+        for k, rec in enumerate(load_json_array(path), start=1):
+            keys = frozenset(x for x in SHAPE_KEYS if x in rec) if isinstance(rec, dict) \
+                else None
+            sh.add(k, keys, lambda rec=rec: rec)
+        return sh
+    sh = Shapes(array or path, unit="record" if array else "line")
+    size = path.stat().st_size
+    tasks = ((first, data) for first, data, _ in iter_blocks(
+        path, 1 << 62, _NoHash(), _NoHash(), block_size_for(size, workers)))
+    if workers > 1 and size > (4 << 20):
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(workers) as pool:
+            for part in pool.imap(_scan_block, tasks):
+                sh.merge(part)
+    else:
+        for part in map(_scan_block, tasks):
+            sh.merge(part)
     return sh
+
+
+class _NoHash:
+    """iter_blocks' hasher and progress bar, unused by a scan."""
+
+    def update(self, _data: Any) -> None:
+        pass
 
 
 # ---- deciding ------------------------------------------------------------------------------------
