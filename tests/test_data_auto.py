@@ -93,6 +93,7 @@ def test_each_format_trains_with_no_type_given(name, rows, kind, why, tiny_model
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["settings"]["data_type"] == kind
     assert cfg["sources"]["DATA_TYPE"] == f"auto ({line})"
+    assert line in (run / "train.log").read_text(encoding="utf-8")
     meta = json.loads(Path(f"{prefix}.meta.json").read_text())
     assert meta["type"] == kind and meta["source"]["sha256"] == hashlib.sha256(
         src.read_bytes()).hexdigest()

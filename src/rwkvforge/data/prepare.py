@@ -627,6 +627,9 @@ def prepared_data(s: cfgmod.Settings, sources: dict[str, str], root: Path, *, pr
     `resuming`: data that no longer matches DATA_FILE is an error, not prepared again (a
     resumed run continues on the data it started with)."""
     prefix, data_file, meta = _data_paths(s, sources, root)
+    chosen = sources.get("DATA_TYPE", "")
+    if prepare and chosen.startswith(AUTO_SOURCE):  # detect_type's line, in the run's log
+        say(chosen[len(AUTO_SOURCE):-1])
     # a bare .bin is text binidx (RWKV-LM's make_data.py); one with a .mask but no meta is
     # an interrupted prepare (loader.open_split refuses it): prepare again
     have = meta is not None or (Path(f"{prefix}.bin").is_file()
@@ -673,17 +676,20 @@ def _data_paths(s: cfgmod.Settings, sources: dict[str, str], root: Path
     return prefix, data_file, meta
 
 
+AUTO_SOURCE = "auto ("  # the source of a DATA_TYPE detect_type chose: "auto (<why>)"
+
+
 def detect_type(res: cfgmod.Resolved, root: Path, say: Callable[[str], None] | None = None
                 ) -> cfgmod.Resolved:
-    """`res` with DATA_TYPE=auto replaced by the type of the data (said in one line; its
-    source names the reason): the type of prepared data that still matches DATA_FILE, else
-    what a scan of DATA_FILE's records finds (a folder: text). Other DATA_TYPEs, and data
-    that cannot be found (prepared_data then says what is missing), are returned as they are.
-    PrepareError: the file mixes kinds of records or has none of a known shape."""
+    """`res` with DATA_TYPE=auto replaced by the type of the data, its source the one line
+    saying why (prepared_data says it again in the run's log; `say` gets it now): the type
+    of prepared data that still matches DATA_FILE, else what a scan of DATA_FILE's records
+    finds (a folder: text). Other DATA_TYPEs, and data that cannot be found (prepared_data
+    then says what is missing), are returned as they are. PrepareError: the file mixes kinds
+    of records or has none of a known shape."""
     s = res.settings
     if s.data_type != "auto":
         return res
-    say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     try:
         prefix, data_file, meta = _data_paths(s, res.sources, root)
     except DataInputError:
@@ -705,9 +711,10 @@ def detect_type(res: cfgmod.Resolved, root: Path, say: Callable[[str], None] | N
             raise PrepareError(str(e)) from None
     if kind is None or not why:  # nothing to go by: prepare names the problem
         return res
-    say(why)
+    if say is not None:
+        say(why)
     return cfgmod.Resolved(settings=dataclasses.replace(s, data_type=kind),
-                           sources={**res.sources, "DATA_TYPE": f"auto ({why})"},
+                           sources={**res.sources, "DATA_TYPE": f"{AUTO_SOURCE}{why})"},
                            files=res.files)
 
 
