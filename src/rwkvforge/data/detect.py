@@ -14,7 +14,6 @@ checks stay the single place that says what is wrong with a record.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rwkvforge.data.blocks import block_size_for, iter_blocks
+from rwkvforge.data.blocks import iter_blocks
 from rwkvforge.data.records import (FAST_JSON_ERRORS, KIND_OF_VARIANT, SHAPE_KEYS, VARIANTS,
                                     encoding_hint, fits, parse_line, record_variant)
 
@@ -221,10 +220,13 @@ def _scan_block(task: tuple[int, bytes]) -> Shapes:
     return part
 
 
-def scan(path: Path, array: Path | None = None, workers: int = 1) -> Shapes:
-    """Read the keys of every record of a JSONL or JSON-array file, in `workers` processes
-    (a JSONL file). `array`: `path` is the JSONL that json_array_to_jsonl made of that file
-    (named in messages, by record)."""
+def scan(path: Path, array: Path | None = None) -> Shapes:
+    """Read the keys of every record of a JSONL or JSON-array file. `array`: `path` is the
+    JSONL that json_array_to_jsonl made of that file (named in messages, by record).
+
+    One process: a scan ran at 4-5x the speed of a one-worker prepare (bench/detect_bench.py
+    on the 2-core CI VM); handing its blocks to worker processes measured slower there (the
+    blocks' transfer costs more than reading their keys)."""
     if array is None and is_json_array(path):
         sh = Shapes(path, unit="record")
         for k, rec in enumerate(load_json_array(path), start=1):
@@ -233,17 +235,8 @@ def scan(path: Path, array: Path | None = None, workers: int = 1) -> Shapes:
             sh.add(k, keys, lambda rec=rec: rec)
         return sh
     sh = Shapes(array or path, unit="record" if array else "line")
-    size = path.stat().st_size
-    tasks = ((first, data) for first, data, _ in iter_blocks(
-        path, 1 << 62, _NoHash(), _NoHash(), block_size_for(size, workers)))
-    if workers > 1 and size > (4 << 20):
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers) as pool:
-            for part in pool.imap(_scan_block, tasks):
-                sh.merge(part)
-    else:
-        for part in map(_scan_block, tasks):
-            sh.merge(part)
+    for first, data, _ in iter_blocks(path, 1 << 62, _NoHash(), _NoHash(), 1 << 20):
+        sh.merge(_scan_block((first, data)))
     return sh
 
 

@@ -374,7 +374,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
     shapes = None
     detected: dict[str, Any] = {"data_type": opts.data_type}
     if opts.data_type == "auto":  # one scan of the keys picks the type, or refuses the file
-        shapes = scan(src, array, opts.workers)
+        shapes = scan(src, array)
         try:
             kind, why = auto_type(shapes)
         except DataShapeError as e:
@@ -438,7 +438,7 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
         errors.sort(key=lambda r: r.lineno)
         if errors and not folder and (not opts.skip_invalid or not doc_first_item):
             # records of another shape: one summarised error, not one line per record
-            mis = mismatch_error(shapes or scan(src, array, opts.workers), opts.data_type)
+            mis = mismatch_error(shapes or scan(src, array), opts.data_type)
             if mis is not None:
                 more = (f" ({len(errors) - mis[0]} other {unit}(s) invalid too)"
                         if len(errors) > mis[0] else "")
