@@ -188,12 +188,17 @@ def test_wrong_file_kinds_get_their_own_hint(tmp_path, data, hint):
 
 
 def test_all_lines_rejected_says_why(tmp_path):
-    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "plain text, not a chat"}] * 3)
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": "plain text, not a chat"}] * 3)
     with pytest.raises(P.PrepareError) as ei:
         P.run(opts(tmp_path, src, "sft", skip_invalid=True), log=quiet)
     msg = str(ei.value)
     assert "no valid documents (3 rejected)" in msg
-    assert f"{src}:3: no SFT fields" in msg and "found keys: text" in msg
+    assert f"{src}:3: field 'messages' is str, expected a list" in msg
+    # records of another type: one summarised line instead (tests/test_data_auto.py)
+    src = write_jsonl(tmp_path / "c.jsonl", [{"text": "plain text, not a chat"}] * 3)
+    with pytest.raises(P.PrepareError, match="^3 of 3 records in .* have no SFT fields "
+                       r"\(keys seen: text\) - set DATA_TYPE=text or auto; nothing was"):
+        P.run(opts(tmp_path, src, "sft", skip_invalid=True), log=quiet)
 
 
 def test_bad_inputs_and_options_are_named(tmp_path):

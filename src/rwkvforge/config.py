@@ -38,7 +38,7 @@ SHELL_CHARS = re.compile(r"[$`;|&<>(){}\\]")
 
 
 # The allowed values of the settings other modules check too: defined here once.
-DATA_TYPES = ("text", "sft", "dpo")
+DATA_TYPES = ("auto", "text", "sft", "dpo")
 QUANTS = ("none", "nf4", "int8")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -69,8 +69,9 @@ class Settings:
                         "file = one document). Empty: the shipped sample data/samples/.")
     data_glob: str = _f("**/*", "Which files of a DATA_FILE folder to read, e.g. **/*.bsl "
                         "(hidden files and folders are skipped).")
-    data_type: str = _f("sft", "How DATA_FILE is read: text (binidx, plain LM), sft "
-                        "(chat, prompt masked out of the loss) or dpo.",
+    data_type: str = _f("auto", "How DATA_FILE is read: auto (from the records' keys; a file "
+                        "mixing kinds is refused), text (binidx, plain LM), sft (chat, prompt "
+                        "masked out of the loss) or dpo (preference pairs).",
                         choices=DATA_TYPES)
     data_prefix: str = _f("", "Prepared data prefix (<prefix>.bin/.idx). Empty: "
                           "data/processed/<name of DATA_FILE>.")

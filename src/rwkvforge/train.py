@@ -62,7 +62,7 @@ from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir
                                   load_model, load_trainer_state, prune_checkpoints,
                                   save_trainer_state, verified_checkpoint)
 from rwkvforge.data.loader import build_loaders
-from rwkvforge.data.prepare import SAMPLES, DataInputError, PrepareError, prepared_data
+from rwkvforge.data.prepare import SAMPLES, DataInputError, PrepareError, detect_type, prepared_data
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
                                    local_rank, make_strategy, rank, rng_state,
@@ -932,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
             res = resolve_for_resume(run_dir, args)
         else:
             # with no base model: the demo model's recommended settings layer too
-            res = cfgmod.resolve_for_training(args, root)
+            res = detect_type(cfgmod.resolve_for_training(args, root), root)
             s = res.settings
             runs = paths.resolve(s.runs_dir, res.sources.get("RUNS_DIR", "default"), root)
             name = s.run_name or default_run_name(s)

@@ -5,13 +5,17 @@
     ./scripts/prepare_binidx.sh --type sft          # DATA_FILE / DATA_TYPE / ... from configs
     python -m rwkvforge.data.prepare --help
 
-Input: one JSON object per line (UTF-8; blank lines are skipped, as in RWKV-LM):
+Input: one JSON object per line (UTF-8; blank lines are skipped, as in RWKV-LM), or one JSON
+array of them (a file starting with "["; record k is read as line k), or a folder (text):
   text  {"text": "..."}
-  sft   {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]},
-        {"prompt": "...", "response": "..."} or Alpaca {"instruction", "input"?, "output"}
-        (optional "system" string on the last two)
+  sft   {"messages": [{"role": "system"|"user"|"assistant", "content": str | text parts,
+        "weight"?: 0|1}, ...]}, ShareGPT {"conversations": [{"from": "human"|"gpt"|"system",
+        "value": "..."}, ...]}, {"prompt": "...", "response"|"completion": "..."} or Alpaca
+        {"instruction", "input"?, "output", "history"?} (optional "system" string on all)
   dpo   {"prompt": str | messages, "chosen": str | messages, "rejected": str | messages}
         (optional "system" string, as for SFT)
+--type auto (DATA_TYPE=auto, the default) picks the type from the records' keys and says so in
+one line, or refuses a file that mixes kinds (data/detect.py; every shape: docs/data.md).
 
 Outputs, for `--output-prefix P`:
   P.bin / P.idx            train token ids: MMIDIDX v1 binidx, uint16 (see data/binidx.py).
@@ -51,6 +55,7 @@ terminal for inputs over a few MB.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import glob
 import hashlib
@@ -75,12 +80,16 @@ from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, pool_worker_init,
                                    worker_block, worker_init)
 from rwkvforge.data.loader import load_meta, magic_prime
+from rwkvforge.data.detect import (DataShapeError, auto_type, is_json_array, json_array_to_jsonl,
+                                   mismatch_error, scan)
 from rwkvforge.data.records import LineResult, encoding_hint
 from rwkvforge.paths import sample_data_dir, workspace_root
 from rwkvforge.runtime import pid_alive
 from rwkvforge.tokenizer import VOCAB_NAME
 
-SAMPLES = {"text": "bsl_code.jsonl", "sft": "bsl_sft.jsonl", "dpo": "bsl_dpo.jsonl"}
+# the shipped sample read for each DATA_TYPE when DATA_FILE is empty (auto: the SFT one)
+SAMPLES = {"auto": "bsl_sft.jsonl", "text": "bsl_code.jsonl", "sft": "bsl_sft.jsonl",
+           "dpo": "bsl_dpo.jsonl"}
 MAX_ERRORS_SHOWN = 20
 META_FORMAT = "rwkvforge-data/1"
 
@@ -309,13 +318,13 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     (nothing written) on invalid input without skip_invalid."""
     t0 = time.time()
     src = opts.input
-    if src.is_dir() and opts.data_type != "text":
+    if src.is_dir() and opts.data_type not in ("text", "auto"):
         raise PrepareError(f"{src} is a folder: a folder is read as text documents (one per "
                            f"file, --type text); {opts.data_type} data is one JSONL file")
     if not src.is_dir() and not src.is_file():
         raise PrepareError(f"{src}: input file not found")
     if opts.data_type not in SAMPLES:
-        raise PrepareError(f"unknown --type {opts.data_type!r}: use text, sft or dpo")
+        raise PrepareError(f"unknown --type {opts.data_type!r}: use auto, text, sft or dpo")
     if opts.repeat < 1:
         raise PrepareError(f"--repeat must be >= 1, got {opts.repeat}")
     if not 0 <= opts.val_fraction < 1:
@@ -327,24 +336,53 @@ def run(opts: Options, log=print) -> dict[str, Any]:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(prefix)
     if src.is_dir():  # one document per file, through a JSONL of them
+        if opts.data_type == "auto":
+            log(f"DATA_TYPE=auto -> text: {src} is a folder (one document per file)")
+            opts = dataclasses.replace(opts, data_type="text")
         jsonl = prefix.with_name(f"{prefix.name}.folder.jsonl.tmp-{os.getpid()}")
         try:
             return _run(opts, jsonl, log, t0, folder=_folder_to_jsonl(src, opts.glob, jsonl))
         finally:
             jsonl.unlink(missing_ok=True)
+    if is_json_array(src):  # [{...}, {...}]: record k becomes line k of a JSONL
+        jsonl = prefix.with_name(f"{prefix.name}.array.jsonl.tmp-{os.getpid()}")
+        try:
+            try:
+                json_array_to_jsonl(src, jsonl)
+            except DataShapeError as e:
+                raise PrepareError(str(e)) from None
+            return _run(opts, jsonl, log, t0, array=src)
+        finally:
+            jsonl.unlink(missing_ok=True)
     return _run(opts, src, log, t0)
 
 
-def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = None
-         ) -> dict[str, Any]:
-    """run() on the JSONL `src`, which `folder` made from a folder's files when given."""
+def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = None,
+         array: Path | None = None) -> dict[str, Any]:
+    """run() on the JSONL `src`, which `folder` made from a folder's files, or
+    json_array_to_jsonl from the JSON-array file `array`, when given."""
     prefix = opts.prefix
     names = folder.names if folder else None
-    shown_src = folder.path if folder else src
+    shown_src = folder.path if folder else array or src
+    unit = "file" if folder else "record" if array else "line"
 
     def where(lineno: int) -> str:  # how an error names its place
+        if array:
+            return f"{array}: record {lineno}"
         return str(shown_src / names[lineno - 1]) if names else f"{src}:{lineno}"
 
+    shapes = None
+    detected: dict[str, Any] = {"data_type": opts.data_type}
+    if opts.data_type == "auto":  # one scan of the keys picks the type, or refuses the file
+        shapes = scan(src, array)
+        try:
+            kind, why = auto_type(shapes)
+        except DataShapeError as e:
+            raise PrepareError(str(e)) from None
+        if why:
+            log(why)
+        opts = dataclasses.replace(opts, data_type=kind)
+        detected["shapes"] = {v: n for v, n in shapes.variants().items() if v}
     has_mask = opts.data_type in ("sft", "dpo")
     stage_prefix = prefix.with_name(f"{prefix.name}.staging-{os.getpid()}")
     stage_ids = BinIdxWriter(stage_prefix, np.uint16)
@@ -398,9 +436,16 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
                 pool.join()
             bar.close()
         errors.sort(key=lambda r: r.lineno)
+        if errors and not folder and (not opts.skip_invalid or not doc_first_item):
+            # records of another shape: one summarised error, not one line per record
+            mis = mismatch_error(shapes or scan(src, array), opts.data_type)
+            if mis is not None:
+                more = (f" ({len(errors) - mis[0]} other {unit}(s) invalid too)"
+                        if len(errors) > mis[0] else "")
+                raise PrepareError(f"{mis[1]}{more}; nothing was written")
         if errors and not opts.skip_invalid:
             raise PrepareError(
-                f"{len(errors)} invalid {'file' if names else 'line'}(s) in {shown_src}; "
+                f"{len(errors)} invalid {unit}(s) in {shown_src}; "
                 f"nothing was written{_first_errors(where, errors)}\n"
                 f"Fix them, or pass --skip-invalid to skip them (they are listed in "
                 f"{prefix}.rejects.jsonl).")
@@ -426,7 +471,10 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
         rejects_file = Path(f"{prefix}.rejects.jsonl")
         meta: dict[str, Any] = {
             "format": META_FORMAT, "type": opts.data_type, "tokenizer": VOCAB_NAME,
-            "source": {"path": str(shown_src), "sha256": hasher.hexdigest(), "bytes": size,
+            "type_from": detected,  # DATA_TYPE as given; with auto, the shapes it saw
+            "source": {"path": str(shown_src), "bytes": array.stat().st_size if array else size,
+                       "sha256": (hashlib.sha256(array.read_bytes()) if array else hasher
+                                  ).hexdigest(),
                        **({"files": len(names), "glob": opts.glob, "empty_files": folder.empty}
                           if folder else {})},
             "options": {"repeat": opts.repeat, "shuffle": opts.shuffle, "seed": opts.seed,
@@ -454,8 +502,9 @@ def _run(opts: Options, src: Path, log, t0: float, folder: FolderInput | None = 
             _remove_dataset(stale)
         if errors:
             _atomic_write_text(rejects_file, "".join(
-                json.dumps({"file": where(e.lineno) if names else str(src),
-                            "line": None if names else e.lineno, "reason": e.error,
+                json.dumps({"file": where(e.lineno) if names else str(shown_src),
+                            "line": None if names or array else e.lineno,
+                            **({"record": e.lineno} if array else {}), "reason": e.error,
                             "content": raw_lines.get(e.lineno, "")}, ensure_ascii=False)
                 + "\n" for e in errors))
         else:
@@ -541,7 +590,7 @@ def stale_reason(meta: dict, data_file: Path, settings: cfgmod.Settings) -> str 
     matches)."""
     src = meta.get("source") or {}
     opts = meta.get("options") or {}
-    if meta.get("type") != settings.data_type:
+    if settings.data_type != "auto" and meta.get("type") != settings.data_type:
         return f"type {meta.get('type')} != DATA_TYPE {settings.data_type}"
     if "val_fraction" in opts and float(opts["val_fraction"]) != float(settings.val_fraction):
         return f"VAL_FRACTION {opts['val_fraction']} -> {settings.val_fraction}"
@@ -577,19 +626,10 @@ def prepared_data(s: cfgmod.Settings, sources: dict[str, str], root: Path, *, pr
     is missing or out of date (only with `prepare`). `check_data=False`: only name it.
     `resuming`: data that no longer matches DATA_FILE is an error, not prepared again (a
     resumed run continues on the data it started with)."""
-    data_file: Path | None = None
-    if s.data_prefix:
-        prefix = paths.resolve(s.data_prefix, sources.get("DATA_PREFIX", "cli"), root)
-        if s.data_file:
-            data_file = paths.resolve(s.data_file, sources.get("DATA_FILE", "cli"), root)
-    else:
-        data_file = (paths.resolve(s.data_file, sources.get("DATA_FILE", "cli"), root)
-                     if s.data_file else sample_data_dir(root) / SAMPLES[s.data_type])
-        prefix = root / "data" / "processed" / data_file.stem
-    try:
-        _, meta = load_meta(prefix)
-    except ValueError as e:  # a meta.json that is not valid JSON / not ours
-        raise DataInputError(f"prepared data: {e}") from None
+    prefix, data_file, meta = _data_paths(s, sources, root)
+    chosen = sources.get("DATA_TYPE", "")
+    if prepare and chosen.startswith(AUTO_SOURCE):  # detect_type's line, in the run's log
+        say(chosen[len(AUTO_SOURCE):-1])
     # a bare .bin is text binidx (RWKV-LM's make_data.py); one with a .mask but no meta is
     # an interrupted prepare (loader.open_split refuses it): prepare again
     have = meta is not None or (Path(f"{prefix}.bin").is_file()
@@ -612,8 +652,70 @@ def prepared_data(s: cfgmod.Settings, sources: dict[str, str], root: Path, *, pr
                                  "it empty for the shipped sample.")
         say(f"preparing {data_file} -> {prefix} ({s.data_type})")
         run(Options.from_settings(s, input=data_file, output_prefix=prefix, workers=1,
-                                  progress=False), log=lambda *a: None)
+                                  progress=False),
+            log=lambda m: say(m) if m.startswith("DATA_TYPE=auto") else None)
     return prefix, data_file
+
+
+def _data_paths(s: cfgmod.Settings, sources: dict[str, str], root: Path
+                ) -> tuple[Path, Path | None, dict | None]:
+    """(prefix, DATA_FILE, the prefix's meta or None) as prepared_data names them."""
+    data_file: Path | None = None
+    if s.data_prefix:
+        prefix = paths.resolve(s.data_prefix, sources.get("DATA_PREFIX", "cli"), root)
+        if s.data_file:
+            data_file = paths.resolve(s.data_file, sources.get("DATA_FILE", "cli"), root)
+    else:
+        data_file = (paths.resolve(s.data_file, sources.get("DATA_FILE", "cli"), root)
+                     if s.data_file else sample_data_dir(root) / SAMPLES[s.data_type])
+        prefix = root / "data" / "processed" / data_file.stem
+    try:
+        _, meta = load_meta(prefix)
+    except ValueError as e:  # a meta.json that is not valid JSON / not ours
+        raise DataInputError(f"prepared data: {e}") from None
+    return prefix, data_file, meta
+
+
+AUTO_SOURCE = "auto ("  # the source of a DATA_TYPE detect_type chose: "auto (<why>)"
+
+
+def detect_type(res: cfgmod.Resolved, root: Path, say: Callable[[str], None] | None = None
+                ) -> cfgmod.Resolved:
+    """`res` with DATA_TYPE=auto replaced by the type of the data, its source the one line
+    saying why (prepared_data says it again in the run's log; `say` gets it now): the type
+    of prepared data that still matches DATA_FILE, else what a scan of DATA_FILE's records
+    finds (a folder: text). Other DATA_TYPEs, and data that cannot be found (prepared_data
+    then says what is missing), are returned as they are. PrepareError: the file mixes kinds
+    of records or has none of a known shape."""
+    s = res.settings
+    if s.data_type != "auto":
+        return res
+    try:
+        prefix, data_file, meta = _data_paths(s, res.sources, root)
+    except DataInputError:
+        return res
+    kind = why = None
+    if meta is not None and meta.get("type") in SAMPLES and (data_file is None or stale_reason(
+            meta, data_file, dataclasses.replace(s, data_type=meta["type"])) is None):
+        kind = meta["type"]
+        why = f"DATA_TYPE=auto -> {kind}: as prepared in {prefix}.meta.json"
+    elif data_file is None:
+        if Path(f"{prefix}.bin").is_file() and not Path(f"{prefix}.mask.idx").is_file():
+            kind, why = "text", f"DATA_TYPE=auto -> text: {prefix}.bin is plain binidx"
+    elif data_file.is_dir():
+        kind, why = "text", f"DATA_TYPE=auto -> text: {data_file} is a folder"
+    elif data_file.is_file():
+        try:
+            kind, why = auto_type(scan(data_file))
+        except DataShapeError as e:
+            raise PrepareError(str(e)) from None
+    if kind is None or not why:  # nothing to go by: prepare names the problem
+        return res
+    if say is not None:
+        say(why)
+    return cfgmod.Resolved(settings=dataclasses.replace(s, data_type=kind),
+                           sources={**res.sources, "DATA_TYPE": f"{AUTO_SOURCE}{why})"},
+                           files=res.files)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,8 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--input", dest="set_data_file", metavar="X.jsonl|DIR",
                     help="input JSONL, or a folder of text files read one document per file "
                     "(--type text; which files: --data-glob) [DATA_FILE]")
-    ap.add_argument("--type", dest="set_data_type", choices=("text", "sft", "dpo"),
-                    help="text, sft or dpo [DATA_TYPE]")
+    ap.add_argument("--type", dest="set_data_type", choices=tuple(SAMPLES),
+                    help="auto (from the records' keys), text, sft or dpo [DATA_TYPE]")
     ap.add_argument("--output-prefix", dest="set_data_prefix", metavar="PREFIX",
                     help="output prefix, e.g. data/processed/name [DATA_PREFIX]")
     cfgmod.add_settings_flags(ap, only=SETTING_FLAGS)

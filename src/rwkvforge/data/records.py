@@ -1,7 +1,8 @@
 """What one JSONL line means: its bytes -> a JSON value -> the token ids (and, for sft / dpo,
-the loss mask) of one document, or the reason the line is rejected. The accepted shapes of
-each --type are listed in data/prepare.py; data/blocks.py runs this per line in the worker
-processes.
+the loss mask) of one document, or the reason the line is rejected; and which shape a record
+has from its keys alone (record_variant: what DATA_TYPE=auto goes by, in data/detect.py). The
+accepted shapes of each --type are listed in data/prepare.py; data/blocks.py runs this per
+line in the worker processes.
 
 Rule: every problem with a line is a ValueError (ChatFormatError and TokenizerInputError are
 ValueErrors too) whose message says what is wrong and what to do; process_line turns it into
@@ -70,33 +71,171 @@ def record_text(rec: Any) -> str:
     return text
 
 
-def record_to_messages(rec: dict) -> list[dict[str, str]]:
-    """An SFT record in any supported shape -> World chat messages."""
+# ---- the record shapes ---------------------------------------------------------------------------
+
+# What a record is, from its keys alone (no value is read): "text", "sft" or "dpo", and which
+# SFT variant. A preference pair wins over SFT keys (its "prompt" is not a prompt-response),
+# SFT keys win over "text" (some chat datasets carry a rendered "text" beside the turns).
+VARIANTS = {  # variant -> how the one-line detection summary names it
+    "text": '{"text"} documents',
+    "messages": "OpenAI messages",
+    "conversations": "ShareGPT conversations",
+    "prompt-response": "prompt/response pairs",
+    "alpaca": "Alpaca instruction/output",
+    "dpo": "prompt/chosen/rejected pairs",
+}
+KIND_OF_VARIANT = {"text": "text", "messages": "sft", "conversations": "sft",
+                   "prompt-response": "sft", "alpaca": "sft", "dpo": "dpo"}
+SHAPE_KEYS = ("text", "messages", "conversations", "prompt", "response", "completion",
+              "instruction", "output", "chosen", "rejected")
+
+
+def record_variant(keys: Any) -> str | None:
+    """The shape of a record with these top-level keys (a VARIANTS key), or None when it has
+    none of them. Decides from key presence only: what a value holds is checked later."""
+    if "chosen" in keys and "rejected" in keys:
+        return "dpo"
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "conversations"
+    if "prompt" in keys and ("response" in keys or "completion" in keys):
+        return "prompt-response"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def fits(keys: Any, data_type: str) -> bool:
+    """Whether a record with these keys can be read as `data_type` (text, sft or dpo)."""
+    if data_type == "text":
+        return "text" in keys
+    if data_type == "dpo":
+        return "chosen" in keys and "rejected" in keys
+    return KIND_OF_VARIANT.get(record_variant(keys) or "") == "sft"
+
+
+# ---- turns: OpenAI messages, ShareGPT conversations ----------------------------------------------
+
+ROLE_NAMES = {  # OpenAI roles and the ShareGPT "from" names -> World chat roles
+    "system": "system", "developer": "system", "user": "user", "human": "user",
+    "assistant": "assistant", "gpt": "assistant", "model": "assistant", "bot": "assistant",
+    "chatgpt": "assistant",
+}
+
+
+def _content_text(v: Any, where: str) -> Any:
+    """A turn's content: a string, or OpenAI content parts [{"type": "text", "text": ...}]
+    joined by newlines (what serve does with them); anything else is returned as it is, for
+    check_messages to name."""
+    if not isinstance(v, list):
+        return v
+    texts = []
+    for j, part in enumerate(v):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"a {kind!r} part" if kind else f"{_typename(part)}"
+            raise ValueError(f"{where}[{j}] is {what}: only text parts "
+                             '{"type": "text", "text": "..."} can be trained')
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def normalize_turns(turns: Any, key: str) -> tuple[list[dict], list[bool]]:
+    """OpenAI messages ({role, content: str | text parts, weight?}) or ShareGPT turns
+    ({from, value, weight?}) -> (World chat messages, trained flag per message).
+
+    `weight` (0 or 1, as in OpenAI fine-tuning files) on an assistant turn decides whether it
+    is trained; 0 on another turn changes nothing (those are never trained)."""
+    if not isinstance(turns, list):
+        raise ValueError(f"field '{key}' is {_typename(turns)}, expected a list")
+    msgs: list[dict] = []
+    trained: list[bool] = []
+    for i, t in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(t, dict):
+            msgs.append(t)  # check_messages names it
+            trained.append(True)
+            continue
+        name_key, text_key = ("from", "value") if "role" not in t and "from" in t else \
+            ("role", "content")
+        name = t.get(name_key)
+        role = ROLE_NAMES.get(name.lower(), name) if isinstance(name, str) else name
+        if isinstance(name, str) and role not in ("system", "user", "assistant"):
+            raise ValueError(f"{where}.{name_key} is {name!r}: use "
+                             + ("human, gpt or system" if name_key == "from" else
+                                "system, user or assistant")
+                             + " (tool and function turns are not trained here)")
+        weight = t.get("weight", 1)
+        if weight not in (0, 1):
+            raise ValueError(f"{where}.weight is {weight!r}: use 0 (not trained) or 1")
+        if weight == 1 and "weight" in t and role != "assistant":
+            raise ValueError(f"{where}.weight is 1 on a {role} turn: only assistant turns are "
+                             "trained; remove the weight")
+        msgs.append({"role": role, "content": _content_text(t.get(text_key),
+                                                            f"{where}.{text_key}")})
+        trained.append(bool(weight))
+    return msgs, trained
+
+
+def record_to_turns(rec: dict) -> tuple[list[dict[str, str]], list[bool]]:
+    """An SFT record in any supported shape -> (World chat messages, trained flag per
+    message: False for a `weight: 0` turn)."""
     system = rec.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError(f"field 'system' is {_typename(system)}, expected a string")
     head = [{"role": "system", "content": system}] if system and system.strip() else []
-    if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list):
-            raise ValueError(f"field 'messages' is {_typename(msgs)}, expected a list")
+    key = "messages" if "messages" in rec else "conversations" if "conversations" in rec \
+        else None
+    if key is not None:
+        msgs, trained = normalize_turns(rec[key], key)
         if head and msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
-            raise ValueError("both a top-level 'system' field and a system message: keep one")
-        return head + msgs
-    if "prompt" in rec or "response" in rec:
-        return head + [{"role": "user", "content": _need_str(rec, "prompt")},
-                       {"role": "assistant", "content": _need_str(rec, "response")}]
-    if "instruction" in rec or "output" in rec:
+            raise ValueError(f"both a top-level 'system' field and a system turn in '{key}': "
+                             "keep one")
+        return head + msgs, [True] * len(head) + trained
+    if "prompt" in rec or "response" in rec or "completion" in rec:
+        answer = "completion" if "completion" in rec and "response" not in rec else "response"
+        msgs = head + [{"role": "user", "content": _need_str(rec, "prompt")},
+                       {"role": "assistant", "content": _need_str(rec, answer)}]
+    elif "instruction" in rec or "output" in rec:
         user = _need_str(rec, "instruction")
         extra = rec.get("input")
         if extra is not None and not isinstance(extra, str):
             raise ValueError(f"field 'input' is {_typename(extra)}, expected a string")
         if extra and extra.strip():
             user = f"{user}\n{extra}"
-        return head + [{"role": "user", "content": user},
-                       {"role": "assistant", "content": _need_str(rec, "output")}]
-    raise ValueError("no SFT fields: expected 'messages', 'prompt' + 'response', or "
-                     f"'instruction' + 'output' (found keys: {', '.join(sorted(rec)) or 'none'})")
+        msgs = head + _alpaca_history(rec.get("history")) + [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": _need_str(rec, "output")}]
+    else:
+        raise ValueError("no SFT fields: expected 'messages', 'conversations' (ShareGPT), "
+                         "'prompt' + 'response', or 'instruction' + 'output' (found keys: "
+                         f"{', '.join(sorted(rec)) or 'none'})")
+    return msgs, [True] * len(msgs)
+
+
+def _alpaca_history(history: Any) -> list[dict[str, str]]:
+    """LLaMA-Factory's Alpaca "history": [[instruction, response], ...], the earlier turns
+    (trained like the last one, as LLaMA-Factory does by default)."""
+    if history is None:
+        return []
+    turns = []
+    for i, pair in enumerate(history if isinstance(history, list) else [None]):
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(x, str) for x in pair)):
+            raise ValueError(f"field 'history'{f'[{i}]' if isinstance(history, list) else ''} "
+                             "is not a [instruction, response] pair of strings: history is "
+                             "[[\"q1\", \"a1\"], [\"q2\", \"a2\"], ...]")
+        turns += [{"role": "user", "content": pair[0]},
+                  {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
+def record_to_messages(rec: dict) -> list[dict[str, str]]:
+    """An SFT record in any supported shape -> World chat messages."""
+    return record_to_turns(rec)[0]
 
 
 def dpo_hint(rec: Any) -> str:
@@ -112,6 +251,7 @@ def _dpo_side(rec: dict, key: str, role: str, prompt: list | None = None) -> lis
     if isinstance(v, str):
         return [{"role": role, "content": v}]
     if isinstance(v, list):
+        v = normalize_turns(v, key)[0]  # ShareGPT turns, content parts; weights unused
         if prompt is not None and len(v) > len(prompt) and v[:len(prompt)] == prompt:
             v = v[len(prompt):]  # chosen / rejected repeating the prompt turns
         return v
@@ -151,10 +291,15 @@ def process_record(rec: Any, data_type: str, tok) -> list[tuple[bytes, bytes | N
         return [(arr.tobytes(), None)]
     if data_type == "sft":
         try:
-            msgs = record_to_messages(rec)
+            msgs, trained = record_to_turns(rec)
         except ValueError as e:
             raise ValueError(f"{e}{dpo_hint(rec)}") from None
-        return [_encode_segments(chat_segments(msgs), tok)]
+        segs = chat_segments(msgs)  # one segment per message
+        segs = [(text, on and keep) for (text, on), keep in zip(segs, trained)]
+        if not any(on for _, on in segs):
+            raise ValueError("every assistant turn has weight 0: the example trains nothing; "
+                             "set weight 1 on a turn, or drop the example")
+        return [_encode_segments(segs, tok)]
     if data_type == "dpo":
         prompt = _dpo_side(rec, "prompt", "user")
         system = rec.get("system")
