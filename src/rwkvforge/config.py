@@ -152,7 +152,7 @@ class Settings:
     micro_bsz: int = _f(1, "Sequences per forward pass: more = faster, more memory.", lo=1,
                         group="train")
     grad_accum: int = _f(1, "Micro-batches per optimiser step (effective batch = "
-                         "MICRO_BSZ x GRAD_ACCUM x GPUs).", lo=1, group="train")
+                         "MICRO_BSZ x GRAD_ACCUM x NUM_GPUS x NUM_NODES).", lo=1, group="train")
     lr: float = _f(1e-4, "Peak learning rate.", lo=0.0, hi=1.0, group="train")
     lr_final: float = _f(1e-5, "Learning rate at the end of the schedule.", lo=0.0, hi=1.0,
                          group="train")
