@@ -48,6 +48,11 @@ def test_zero_config_follows_the_settings_and_the_split(monkeypatch):
         assert zero["stage"] == stage
         assert ("offload_optimizer" in zero) == bool(offload)
         assert ("offload_param" in zero) == (stage == 3 and bool(offload))
+        # the gradient reduce bucket (DeepSpeed allocates it whole, 5e8 elements by default):
+        # the trainable parameters' size once they are known
+        assert "reduce_bucket_size" not in zero
+        ds.params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+        assert ds.ds_config(2, 3)["zero_optimization"]["reduce_bucket_size"] == 17
 
 
 @pytest.mark.slow

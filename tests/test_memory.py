@@ -348,3 +348,122 @@ def test_plan_says_how_much_disk_a_run_takes(capsys):
     assert total == 5 * per + 4_000_000 + (1 << 20)
     assert memory.run_disk_bytes(1_000_000, 100, 20, 2)[1] == 2
     assert memory.run_disk_bytes(1_000_000, 101, 20, 0)[1] == 6  # the last step is saved too
+
+
+# ----------------------------------------------------------------------------- several GPUs / nodes
+def _counted_module(cfg) -> torch.nn.Module:
+    """The real RWKV7 module of `cfg` at no memory cost: built on the meta device, then every
+    parameter given a one-element storage of its own, expanded to its shape (DeepSpeed's
+    counter tells parameters apart by their storage address and reads their numel)."""
+    from rwkvforge.model.rwkv7 import RWKV7
+
+    with torch.device("meta"):
+        model = RWKV7(cfg)
+    for mod in model.modules():
+        for k, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[k] = torch.nn.Parameter(torch.zeros(1).expand(p.shape))
+    return model
+
+
+@pytest.mark.parametrize("size", ["1.5b", "7.2b", "13.3b"])
+def test_zero3_per_gpu_model_states_against_deepspeeds_estimator(size, capsys):
+    """The planner's ZeRO-3 per-GPU model states (LoRA r32 on the six block Linears, bf16
+    frozen base, fp32 adapter + AdamW) for 1 x 1, 1 x 8, 2 x 8 and 4 x 8 GPUs, against
+    deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs_all_live on the real
+    module (parameters and largest layer counted by DeepSpeed, GPU column):
+    - DeepSpeed's count of all parameters and of the largest layer == the planner's;
+    - ZeRO-3 + offload (parameters and optimiser in CPU RAM): == DeepSpeed's
+      offload_param=cpu, offload_optimizer=cpu figure (4 B x the largest layer);
+    - ZeRO-3 without offload: == DeepSpeed's offload_param=none, offload_optimizer=none figure
+      for the base module fully trained (18 B per parameter over the ranks + 4 B x the
+      largest layer), less the 16 B a frozen base parameter does not carry (gradient,
+      optimiser states), plus the n LoRA parameters the base module lacks at 20 B each (fp32
+      parameter, ZeRO's fp32 partition copy, gradient, two AdamW moments), over the ranks;
+      and it lies between DeepSpeed's offload_optimizer=cpu figure (2 B per parameter
+      resident) and its no-offload one. Equal to within DeepSpeed's int() rounding and our
+      per-component ceil (bytes), and its printed 2 decimals."""
+    from deepspeed.runtime.zero.stage3 import (estimate_zero3_model_states_mem_needs,
+                                               estimate_zero3_model_states_mem_needs_all_live,
+                                               model_to_params)
+
+    cfg = memory.size_config(size)
+    module = _counted_module(cfg)
+    total, largest = model_to_params(module)
+    assert (total, largest) == memory.param_counts(cfg)
+    w = Workload(quant="none", precision="bf16", lora_r=32)
+    n_train = estimate(cfg, w).items["adapter"] // 4  # LoRA parameters, not in the module
+    for nodes, gpus in ((1, 1), (1, 8), (2, 8), (4, 8)):
+        W = nodes * gpus
+        capsys.readouterr()
+        estimate_zero3_model_states_mem_needs_all_live(module, num_gpus_per_node=gpus,
+                                                       num_nodes=nodes)
+        printed = capsys.readouterr().out
+        rows = {}  # (offload_param, offload_optimizer) -> GB per GPU, zero_init=1 rows
+        for m in re.finditer(r"\|\s*([\d.]+)GB \| offload_param=(\S+), offload_optimizer="
+                             r"(\S+), zero_init=1", printed):
+            rows[("cpu" in m.group(2), "cpu" in m.group(3))] = float(m.group(1))
+        assert len(rows) == 3, printed
+
+        def ds(off_opt: bool, off_param: bool) -> int:
+            return estimate_zero3_model_states_mem_needs(
+                total, largest, gpus, nodes, cpu_offload=off_opt, cpu_offload_params=off_param,
+                zero_init=True)[1]
+
+        ours_off = memory.model_states(memory.zero_estimate(cfg, w, 3, True, nodes, gpus)[0])
+        assert ours_off == ds(True, True)
+        assert ours_off / 2**30 == pytest.approx(rows[(True, True)], abs=0.005)
+        ours = memory.model_states(memory.zero_estimate(cfg, w, 3, False, nodes, gpus)[0])
+        expect = ds(False, False) - 16 * total / W + 20 * n_train / W
+        assert ours == pytest.approx(expect, abs=4 + 4 * 3)  # int() and ceil per component
+        assert ds(True, False) < ours < ds(False, False)
+        assert rows[(False, True)] < ours / 2**30 < rows[(False, False)]  # (param, optim)
+
+
+def test_zero_sharding_divides_over_every_rank_of_every_node():
+    """Per GPU: ZeRO-3 shards the frozen base over nodes x GPUs (2 x 4 == 1 x 8), ZeRO-2 keeps
+    it whole; adding nodes never raises the figure; offload moves states to CPU RAM, which each
+    node holds for its own ranks only."""
+    cfg = memory.size_config("7.2b")
+    w = Workload(quant="none", precision="bf16", ctx_len=1024, grad_cp=True)
+    one = memory.estimate(cfg, w)
+    z3 = {n: memory.zero_estimate(cfg, w, 3, False, n, 4)[0] for n in (1, 2, 4)}
+    assert z3[2].items["base_weights"] == memory.zero_estimate(cfg, w, 3, False, 1, 8)[0].items[
+        "base_weights"] == -(-one.items["base_weights"] // 8)
+    assert z3[1].total > z3[2].total > z3[4].total
+    z2 = memory.zero_estimate(cfg, w, 2, False, 2, 4)[0]
+    assert z2.items["base_weights"] == one.items["base_weights"]
+    assert z2.items["optimizer"] == -(-one.items["optimizer"] // 8)
+    assert z2.items["activations"] == one.items["activations"]
+    bd, cpu = memory.zero_estimate(cfg, w, 3, True, 2, 4)
+    assert bd.items["base_weights"] == bd.items["optimizer"] == 0
+    _, cpu1 = memory.zero_estimate(cfg, w, 3, True, 1, 4)
+    assert cpu == pytest.approx(cpu1 / 2, rel=1e-6)  # two nodes: each holds half
+
+
+def test_plan_num_nodes_finds_the_smallest_cluster(capsys):
+    """`plan --num-nodes N --num-gpus G`: per-GPU totals for ZeRO-2 / 3 with and without
+    offload, and the smallest cluster that fits; the JSON agrees with the planner."""
+    argv = ["--size", "13.3b", "--num-nodes", "2", "--num-gpus", "8", "--vram", "24GiB",
+            "--ctx-len", "1024", "--grad-cp", "1", "--device", "cuda"]
+    assert memory.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "DeepSpeed over 2 node(s) x 8 GPU(s) = 16 ranks" in out
+    assert memory.main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["cluster"]["zero"]
+    by = {(r["stage"], r["offload"]): r for r in rows}
+    cfg = memory.size_config("13.3b")
+    w = Workload(quant="none", precision="bf16", ctx_len=1024, grad_cp=True)
+    z3 = by[(3, False)]
+    assert z3["total"] == memory.zero_estimate(cfg, w, 3, False, 2, 8)[0].total
+    # the reported smallest cluster fits and one GPU fewer does not
+    n, g = z3["min_nodes"], z3["min_gpus"]
+    ranks = n * g
+    assert memory.zero_estimate(cfg, w, 3, False, 1, ranks)[0].total <= 24 * GiB
+    below = ranks - 1 if n == 1 else (n - 1) * 8
+    assert memory.zero_estimate(cfg, w, 3, False, 1, below)[0].total > 24 * GiB
+    assert by[(2, False)]["min_nodes"] is None  # the whole bf16 base on each GPU: 25 GiB
+    assert "none up to 1024 nodes" in out
+    qlora = memory.main([*argv, "--quant", "nf4", "--json"])
+    rows = json.loads(capsys.readouterr().out)["cluster"]["zero"]
+    assert qlora == 0 and all("refused" in r for r in rows if r["stage"] == 3)

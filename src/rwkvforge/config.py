@@ -153,7 +153,7 @@ class Settings:
     micro_bsz: int = _f(1, "Sequences per forward pass: more = faster, more memory.", lo=1,
                         group="train")
     grad_accum: int = _f(1, "Micro-batches per optimiser step (effective batch = "
-                         "MICRO_BSZ x GRAD_ACCUM x GPUs).", lo=1, group="train")
+                         "MICRO_BSZ x GRAD_ACCUM x NUM_GPUS x NUM_NODES).", lo=1, group="train")
     lr: float = _f(1e-4, "Peak learning rate.", lo=0.0, hi=1.0, group="train")
     lr_final: float = _f(1e-5, "Learning rate at the end of the schedule.", lo=0.0, hi=1.0,
                          group="train")
@@ -188,7 +188,25 @@ class Settings:
                               choices=(0, 1, 2, 3), group="train")
     deepspeed_offload: bool = _f(False, "ZeRO CPU offload of optimiser states: less VRAM, "
                                  "slower steps.", group="train")
-    num_gpus: int = _f(1, "Processes for DeepSpeed (one per GPU).", lo=1, group="train")
+    num_gpus: int = _f(1, "Processes for DeepSpeed (one per GPU) on each node.", lo=1,
+                       group="train")
+    num_nodes: int = _f(1, "Machines in the run (NUM_NODES > 1 needs DEEPSPEED_STAGE 2 / 3): "
+                        "run `rwkvforge train` on each with its own NODE_RANK, or once with "
+                        "HOSTFILE. RUNS_DIR must be the same shared folder on every node "
+                        "(docs/multinode.md).", lo=1, hi=4096, group="train")
+    node_rank: int = _f(0, "This machine's index, 0 ... NUM_NODES-1; node 0 is the one at "
+                        "MASTER_ADDR and writes the run folder.", lo=0, group="train")
+    master_addr: str = _f("", "NUM_NODES > 1: the address of node 0 that every node can reach "
+                          "(e.g. 10.0.0.1). Empty: required with NUM_NODES > 1; with HOSTFILE "
+                          "the first host of the file.", group="train")
+    master_port: int = _f(29500, "NUM_NODES > 1: TCP port on MASTER_ADDR for the rendezvous "
+                          "(torch.distributed's store); open it to the other nodes (gloo / "
+                          "NCCL then also connect between all nodes on ephemeral ports).",
+                          lo=1, hi=65535, group="train")
+    hostfile: str = _f("", "DeepSpeed hostfile (one `host slots=N` line per node): start all "
+                       "nodes from this one with DeepSpeed's launcher over pdsh / ssh "
+                       "(passwordless ssh, the same paths on every node). Empty: start "
+                       "`rwkvforge train` on each node yourself.", group="train")
     dpo_beta: float = _f(0.1, "DATA_TYPE=dpo: the DPO temperature beta (larger = stay closer "
                          "to the starting model).", lo=1e-6, hi=100.0, group="train")
     dpo_ftx: float = _f(0.0, "DATA_TYPE=dpo: weight of an added cross-entropy loss on the "

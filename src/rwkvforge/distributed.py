@@ -6,7 +6,11 @@ save / load, the gathered adapter export, the micro-batch split, and an ordered 
     strategy = make_strategy(settings, device)      # in train.Trainer.setup
     strategy.wrap(loss_module, optimizer, model, micro_bsz, grad_accum)
 
-`launch` re-runs `rwkvforge train` under torch.distributed.run with NUM_GPUS processes.
+`launch` re-runs `rwkvforge train` under an existing launcher (none of our own):
+torch.distributed.run with NUM_GPUS processes on one node, or on each of NUM_NODES nodes
+(its static rendezvous at MASTER_ADDR:MASTER_PORT, this node being NODE_RANK), or DeepSpeed's
+multi-node runner over pdsh / ssh when HOSTFILE is set. Global rank 0 alone writes the run
+folder, which every node must see (shared storage): `check_shared_folder` proves it at start.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import contextlib
 import os
 import random
 import shutil
+import secrets
+import shlex
 import socket
 import subprocess
 import sys
@@ -204,7 +210,8 @@ class DeepSpeedStrategy:
     (gather, barrier, save) need all of them. Checkpoints hold DeepSpeed's sharded state
     under step-N/deepspeed/, read back by its own loader through `weights_only_load`."""
 
-    def __init__(self, settings: config.Settings, device: torch.device):
+    def __init__(self, settings: config.Settings, device: torch.device,
+                 run_dir: Path | None = None):
         self.settings = settings
         self.device = device
         self.world = world_size()
@@ -213,10 +220,16 @@ class DeepSpeedStrategy:
         self.optimizer = None
         self.params: list[nn.Parameter] = []
         init_process_group(device)
+        if run_dir is not None and self.world > 1:
+            check_shared_folder(Path(run_dir), self.rank, self.world)
 
     def ds_config(self, micro_bsz: int, grad_accum: int) -> dict[str, Any]:
         s = self.settings
         zero: dict[str, Any] = {"stage": s.deepspeed_stage}
+        if self.params:
+            # DeepSpeed allocates its gradient reduce bucket whole (default 5e8 elements: 2 GB
+            # in fp32 on every GPU); the adapter's gradients need only their own size
+            zero["reduce_bucket_size"] = min(sum(p.numel() for p in self.params), 500_000_000)
         if s.deepspeed_offload:
             zero["offload_optimizer"] = {"device": "cpu"}
             if s.deepspeed_stage == 3:
@@ -361,24 +374,122 @@ class DeepSpeedStrategy:
         dist.destroy_process_group()
 
 
-def make_strategy(settings: config.Settings, device: torch.device):
+# ---- several nodes ------------------------------------------------------------------------------
+SHARED_MARKER = ".shared-check"
+# the cluster's addresses may change between a run and its resume (a node replaced)
+RESUME_CLUSTER = ("node_rank", "master_addr", "master_port", "hostfile")
+
+
+def check_shared_folder(run_dir: Path, rank_: int, world: int) -> None:
+    """Every rank must see the run folder rank 0 writes (checkpoint shards, per-rank RNG files
+    and resume all read it): rank 0 writes a marker holding a random token, every rank reads
+    it back, and all ranks learn who could not. ConfigError on every rank when one cannot, so
+    no rank waits alone in a later collective."""
+    import torch.distributed as dist
+
+    marker = run_dir / f"{SHARED_MARKER}.{os.getpid()}" if rank_ == 0 else None
+    token = [None, None]
+    if rank_ == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        token = [secrets.token_hex(16), marker.name]
+        atomic_write_bytes(marker, token[0].encode())
+    dist.broadcast_object_list(token, src=0)
+    try:
+        seen = (run_dir / token[1]).read_bytes().decode() == token[0]
+    except OSError:
+        seen = False
+    everyone = [None] * world
+    dist.all_gather_object(everyone, (seen, socket.gethostname()))
+    if rank_ == 0:
+        with contextlib.suppress(OSError):
+            marker.unlink()
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(everyone) if not ok]
+    if blind:
+        raise config.ConfigError(
+            f"the run folder {run_dir} is not shared: {', '.join(blind)} cannot see the "
+            f"file global rank 0 wrote there ({token[1]}). Multi-node runs keep one run "
+            "folder that every node reads and writes (checkpoint shards, resume): put RUNS_DIR "
+            "on shared storage (NFS, a cluster file system) mounted at the same path on every "
+            "node, and give every node the same RUNS_DIR and --run-name.")
+
+
+def check_cluster(settings: config.Settings, argv: list[str]) -> None:
+    """The multi-node settings `launch` needs, checked before any process starts."""
+    s = settings
+    if s.num_nodes > 1 and s.deepspeed_stage == 0:
+        raise config.ConfigError(f"NUM_NODES={s.num_nodes} but DEEPSPEED_STAGE=0: multi-node "
+                                 "training runs through DeepSpeed; set DEEPSPEED_STAGE=2 (or 3).")
+    if s.hostfile:
+        if not Path(s.hostfile).expanduser().is_file():
+            raise config.ConfigError(f"HOSTFILE={s.hostfile}: no such file. It lists one "
+                                     "`hostname slots=GPUS` line per node (DeepSpeed's format).")
+        return
+    if s.num_nodes == 1:
+        return
+    if s.node_rank >= s.num_nodes:
+        raise config.ConfigError(f"NODE_RANK={s.node_rank} with NUM_NODES={s.num_nodes}: node "
+                                 f"ranks are 0 ... {s.num_nodes - 1}, one per node.")
+    if not s.master_addr:
+        raise config.ConfigError(f"NUM_NODES={s.num_nodes}: set MASTER_ADDR (--master-addr) to "
+                                 "node 0's address, the same on every node.")
+    named = "--resume" in argv or any(a == "--run-name" or a.startswith(("--run-name=",
+                                                                          "--resume="))
+                                      for a in argv)
+    if not (named or s.run_name):
+        raise config.ConfigError(f"NUM_NODES={s.num_nodes}: give every node the same "
+                                 "--run-name (the default name holds each node's own start "
+                                 "time, so the nodes would not agree on the run folder).")
+
+
+def launch_command(settings: config.Settings, argv: list[str], run_name: str) -> list[str]:
+    """The launcher command that runs `rwkvforge train argv` as NUM_NODES x NUM_GPUS
+    processes (see the module docstring); `--print-command` is not passed on."""
+    s = settings
+    check_cluster(s, argv)
+    fwd = [a for a in argv if a not in ("--print-command", "--print-cmd")]
+    if "--resume" not in fwd and not any(a.startswith(("--resume=", "--run-name="))
+                                         for a in fwd) and "--run-name" not in fwd:
+        fwd += ["--run-name", run_name]
+    if s.hostfile:  # DeepSpeed's runner: pdsh / ssh into every host, its launch.py there
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner",
+               "--hostfile", str(Path(s.hostfile).expanduser().resolve()),
+               "--num_nodes", str(s.num_nodes), "--num_gpus", str(s.num_gpus),
+               "--master_port", str(s.master_port)]
+        if s.master_addr:
+            cmd += ["--master_addr", s.master_addr]
+        return [*cmd, "--no_local_rank", "--module", "rwkvforge.train", *fwd]
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if s.num_nodes > 1:  # static rendezvous: node 0 hosts the store at MASTER_ADDR:PORT
+        cmd += ["--nnodes", str(s.num_nodes), "--node_rank", str(s.node_rank),
+                "--master_addr", s.master_addr, "--master_port", str(s.master_port)]
+    else:
+        cmd += ["--standalone"]
+    return [*cmd, "--nproc_per_node", str(s.num_gpus), "-m", "rwkvforge.train", *fwd]
+
+
+def make_strategy(settings: config.Settings, device: torch.device,
+                  run_dir: Path | None = None):
     """DeepSpeed for DEEPSPEED_STAGE > 0, else plain torch (which refuses more than one
-    process: multi-GPU training runs through DeepSpeed)."""
+    process: multi-GPU training runs through DeepSpeed). With `run_dir`, several processes
+    first prove they all see that folder (check_shared_folder)."""
     if settings.deepspeed_stage > 0:
-        return DeepSpeedStrategy(settings, device)
+        return DeepSpeedStrategy(settings, device, run_dir)
     if world_size() > 1:
         raise config.ConfigError(f"{world_size()} processes but DEEPSPEED_STAGE=0: multi-GPU "
                                  "training runs through DeepSpeed; set DEEPSPEED_STAGE=2.")
     return SingleProcess(device)
 
 
-def launch(settings: config.Settings, argv: list[str], run_name: str) -> int:
-    """Re-run `rwkvforge train argv` under torch.distributed.run with NUM_GPUS processes;
-    the launcher's exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(settings.num_gpus), "-m", "rwkvforge.train", *argv]
-    if "--run-name" not in argv and not any(a.startswith("--run-name=") for a in argv):
-        cmd += ["--run-name", run_name]
-    print(f"launching {settings.num_gpus} DeepSpeed processes: {' '.join(cmd)}",
-          file=sys.stderr)
+def launch(settings: config.Settings, argv: list[str], run_name: str,
+           print_only: bool = False) -> int:
+    """Re-run `rwkvforge train argv` under the launcher `launch_command` picks; its exit code.
+    `print_only` (--print-command): print the command, start nothing."""
+    cmd = launch_command(settings, argv, run_name)
+    if print_only:
+        print(shlex.join(cmd))
+        return 0
+    where = (f"on each of {settings.num_nodes} nodes (HOSTFILE {settings.hostfile})"
+             if settings.hostfile else f"on node {settings.node_rank} of {settings.num_nodes}"
+             if settings.num_nodes > 1 else "on this machine")
+    print(f"launching {settings.num_gpus} DeepSpeed process(es) {where}: {shlex.join(cmd)}", file=sys.stderr)
     return subprocess.run(cmd, check=False).returncode

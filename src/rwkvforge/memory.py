@@ -3,6 +3,7 @@ a configuration that fits the card.
 
     rwkvforge plan --model 1.5b --profile qlora-nf4 --ctx-len 1024 --vram 12GiB
     rwkvforge plan --model models/base/rwkv7-g1-2.9b.pth --ctx-len 4096 --vram 16GB --json
+    rwkvforge plan --size 13.3b --num-nodes 2 --num-gpus 8 --vram 80GiB   # ZeRO-2 / 3 per GPU
     python -m rwkvforge.memory --model 0.4b --micro-bsz 4 --vram 12000MiB
 
 `--model` is a size name (0.1b, 0.4b, 1.5b, 2.9b, 7.2b), a BlinkDL `.pth` (its shape is
@@ -68,7 +69,7 @@ PROFILES = {  # the profile presets compared in the fit table: only the base-wei
 }
 # rwkv7-g1 shapes (n_layer, n_embd); everything else follows BlinkDL's formulas below
 SIZES = {"0.1b": (12, 768), "0.4b": (24, 1024), "1.5b": (24, 2048), "2.9b": (32, 2560),
-         "7.2b": (32, 4096)}
+         "7.2b": (32, 4096), "13.3b": (61, 4096)}
 VOCAB = 65536
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -251,6 +252,9 @@ LABELS = {
     "wkv_state": "WKV state",
     "transient": "dequant / DoRA workspace",
     "runtime": "math-library buffers",
+    "zero_master": "ZeRO fp32 partition copy",
+    "zero_gathered": "ZeRO-3 gathered layer",
+    "zero_bucket": "ZeRO gradient reduce bucket",
     "cuda_context": "CUDA context (+cuBLAS)",
     "allocator_slack": "allocator slack",
 }
@@ -274,8 +278,10 @@ def _linear_shapes(cfg) -> dict[str, tuple[int, int]]:
 def _small_params_per_layer(cfg) -> dict[str, int]:
     """Non-Linear parameters of one block by TRAIN_PARTS group (layer > 0)."""
     C = cfg.n_embd
+    # mixes, w0/a0/v0, lora pairs, k_k/k_a, r_k, ffn.x_k (the count DeepSpeed's estimator makes
+    # of the real module: tests/test_memory.py)
     time = (6 * C + 3 * C + 2 * C * (cfg.d_decay + cfg.d_aaa + cfg.d_gate) + 2 * C * cfg.d_mv
-            + C + 2 * C + cfg.n_head * cfg.head_size + C)  # mixes, w0/a0/v0, lora pairs, k_k/k_a, r_k, ffn.x_k
+            + 2 * C + cfg.n_head * cfg.head_size + C)
     ln = 2 * 2 * C + 2 * C  # ln1, ln2, att.ln_x (weight + bias)
     return {"time": time, "ln": ln}
 
@@ -415,6 +421,132 @@ def _fla_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("fla") is not None
+
+
+# ---- several GPUs and nodes: ZeRO sharding -------------------------------------------------------
+ZERO_GATHER_BYTES = 4  # DeepSpeed's estimator: 4 B per parameter of the largest layer, gathered
+# the ZeRO options `plan` compares: (DEEPSPEED_STAGE, DEEPSPEED_OFFLOAD)
+ZERO_OPTIONS = ((2, False), (2, True), (3, False), (3, True))
+MODEL_STATES = ("base_weights", "adapter", "gradients", "optimizer", "zero_master",
+                "zero_gathered")
+
+
+def param_counts(cfg) -> tuple[int, int]:
+    """(all parameters, the largest module's own parameters), counted as DeepSpeed's
+    estimator counts a live model (deepspeed.runtime.zero.stage3.model_to_params): the
+    embedding / head (V x C) is the largest module of every RWKV-7 shape here."""
+    C, F, V, L = cfg.n_embd, cfg.dim_ffn, cfg.vocab_size, cfg.n_layer
+    small = _small_params_per_layer(cfg)
+    lin = sum(i * o for i, o in _linear_shapes(cfg).values())
+    total = 2 * V * C + L * (lin + small["time"] + small["ln"]) - (2 * C * cfg.d_mv + C) + 4 * C
+    att_own = small["time"] - C  # the att module's own parameters (ffn.x_k is ffn's)
+    return total, max(V * C, C * F, att_own)
+
+
+def zero_estimate(cfg, settings: Any, stage: int, offload: bool, nodes: int = 1,
+                  gpus: int = 1, device: str = "cuda") -> tuple[Breakdown, int]:
+    """(per-GPU breakdown of one rank, bytes each node keeps in CPU RAM for offload) of a
+    DeepSpeed run over W = nodes x gpus ranks (data parallel: activations as one process).
+    ZeRO-1/2 shard the optimiser states and their fp32 partition copy (ZeRO-2 the gradients
+    too) over W; ZeRO-3 also the parameters, frozen base weights included, and holds the
+    layer it computes gathered (DeepSpeed's allowance: 4 B per parameter of the largest
+    layer). OFFLOAD moves the optimiser states and partition copy (ZeRO-3: the parameters
+    too) to CPU RAM. Gradients pass through a reduce bucket of the trainable size
+    (distributed.ds_config sets it)."""
+    if stage not in (1, 2, 3):
+        raise MemoryPlanError(f"DEEPSPEED_STAGE={stage}: ZeRO sharding is stage 1, 2 or 3.")
+    if nodes < 1 or gpus < 1:
+        raise MemoryPlanError(f"--num-nodes {nodes} --num-gpus {gpus}: both must be >= 1.")
+    bd = estimate(cfg, settings, device=device)
+    W = nodes * gpus
+    items, notes = dict(bd.items), dict(bd.notes)
+    n_train = items["adapter"] // 4
+    shard = (lambda b: 0) if offload else (lambda b: -(-b // W))
+    cpu = 0
+    if offload:  # cpu: the offloaded bytes of all W ranks together
+        cpu += items["optimizer"] + 4 * n_train
+    items["optimizer"] = shard(items["optimizer"])
+    items["zero_master"] = shard(4 * n_train)
+    if stage >= 2:
+        if offload:
+            cpu += 4 * n_train
+        items["gradients"] = shard(items["gradients"])
+    items["zero_bucket"] = 4 * n_train if stage >= 2 else 0
+    if stage == 3:
+        if offload:
+            cpu += items["base_weights"] + items["adapter"]
+        items["base_weights"] = shard(items["base_weights"])
+        items["adapter"] = shard(items["adapter"])
+        items["zero_gathered"] = ZERO_GATHER_BYTES * param_counts(cfg)[1]
+        notes["zero_gathered"] = "DeepSpeed's allowance: 4 B x the largest layer's parameters"
+    where = "in CPU RAM" if offload else f"/ {W} ranks"
+    notes["optimizer"] = f"{notes.get('optimizer', '')}; {where}"
+    if stage == 3:
+        notes["base_weights"] = f"{notes['base_weights']}; {where}"
+    cpu_node = cpu * gpus // W  # each node holds its own ranks' shards of what is offloaded
+    bd = Breakdown(items=items, overhead=bd.overhead, notes=notes, workload=bd.workload,
+                   device=device)
+    if device == "cuda":
+        dynamic = items["activations"] + items["head_ce"] + items["transient"]
+        bd.overhead["allocator_slack"] = int(ALLOCATOR_SLACK * dynamic)
+    return bd, cpu_node
+
+
+def model_states(bd: Breakdown) -> int:
+    """The model states of a breakdown (parameters, gradients, optimiser states and ZeRO's
+    copies and gathered layer): what DeepSpeed's memory estimators count."""
+    return sum(bd.items.get(k, 0) for k in MODEL_STATES)
+
+
+def cluster_table(cfg, settings: Any, vram_bytes: int | None, nodes: int, gpus: int,
+                  device: str = "cuda", max_nodes: int = 1024) -> list[dict]:
+    """Per ZeRO option: the per-GPU total on `nodes` x `gpus`, the CPU RAM a node keeps for
+    offload, and the smallest cluster on which the run fits `vram_bytes`: min_gpus GPUs of
+    one node, or min_nodes whole nodes of `gpus` GPUs (None: not on any cluster up to
+    max_nodes nodes)."""
+    w = Workload.from_any(settings)
+    rows = []
+    for stage, off in ZERO_OPTIONS:
+        row: dict[str, Any] = {"stage": stage, "offload": off}
+        if stage == 3 and w.quant != "none":
+            row["refused"] = "ZeRO-3 cannot shard 4-/8-bit base weights (train refuses it)"
+            rows.append(row)
+            continue
+        bd, cpu = zero_estimate(cfg, w, stage, off, nodes, gpus, device)
+        row.update(total=bd.total, model_states=model_states(bd), cpu_per_node=cpu,
+                   fits=bd.fits(vram_bytes), min_nodes=None, min_gpus=None)
+        if vram_bytes is not None:
+            def ok(ranks: int, stage=stage, off=off) -> bool:
+                return zero_estimate(cfg, w, stage, off, 1, ranks, device)[0].total <= vram_bytes
+            if ok(max_nodes * gpus):
+                lo, hi = 1, max_nodes * gpus  # the per-GPU total falls as ranks are added
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+                # whole nodes of `gpus` GPUs, or part of one node
+                row["min_nodes"], row["min_gpus"] = ((1, lo) if lo <= gpus
+                                                     else (-(-lo // gpus), gpus))
+        rows.append(row)
+    return rows
+
+
+def format_cluster_table(rows: list[dict], vram_bytes: int | None, nodes: int,
+                         gpus: int) -> str:
+    lines = [f"{'ZeRO':<16} {f'per GPU on {nodes}x{gpus}':>18} {'model states':>13} "
+             f"{'CPU RAM/node':>13}  smallest cluster (up to {gpus} GPU(s) per node)"]
+    for r in rows:
+        name = f"ZeRO-{r['stage']}" + (" + offload" if r["offload"] else "")
+        if "refused" in r:
+            lines.append(f"{name:<16} {r['refused']}")
+            continue
+        mark = "" if vram_bytes is None else (" ok" if r["fits"] else " --")
+        small = ("(give --vram)" if vram_bytes is None else "none up to 1024 nodes: the "
+                 "unsharded part alone exceeds the budget" if r["min_nodes"] is None
+                 else f"{r['min_nodes']} node(s) x {r['min_gpus']} GPU(s)")
+        lines.append(f"{name:<16} {fmt_bytes(r['total']) + mark:>18} "
+                     f"{fmt_bytes(r['model_states']):>13} {fmt_bytes(r['cpu_per_node']):>13}  "
+                     f"{small}")
+    return "\n".join(lines)
 
 
 # ---- planning ------------------------------------------------------------------------------------
@@ -729,6 +861,9 @@ def main(argv: list[str] | None = None) -> int:
         vram = budget_bytes(s, device)
         pl = plan(cfg, s, vram, device=device)
         rows = fit_table(s, vram, device=device)
+        multi = s.num_nodes > 1 or s.num_gpus > 1 or s.deepspeed_stage > 0
+        cluster = (cluster_table(cfg, s, vram, s.num_nodes, s.num_gpus, device) if multi
+                   else None)
     except (MemoryPlanError, cfgmod.ConfigError, ValueError) as e:
         print(f"rwkvforge plan: {e}", file=sys.stderr)
         return 2
@@ -736,7 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"model": desc, "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else vars(cfg),
                           "profile": s.profile, "plan": pl.to_dict(), "fit_table": rows,
                           "disk": disk_line(pl.breakdown, s),
-                          "fit_table_settings": {"ctx_len": s.ctx_len, "micro_bsz": s.micro_bsz}},
+                          "fit_table_settings": {"ctx_len": s.ctx_len, "micro_bsz": s.micro_bsz},
+                          "cluster": None if cluster is None else {
+                              "num_nodes": s.num_nodes, "num_gpus": s.num_gpus,
+                              "zero": cluster}},
                          indent=2))
         return 0
     w = pl.breakdown.workload
@@ -760,6 +898,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nper model size at CTX_LEN={w.ctx_len}, MICRO_BSZ={w.micro_bsz} (total predicted"
           + ("" if vram is None else f"; ok = fits {fmt_bytes(vram)}") + "):")
     print(format_fit_table(rows, vram))
+    if cluster is not None:
+        print(f"\nDeepSpeed over {s.num_nodes} node(s) x {s.num_gpus} GPU(s) = "
+              f"{s.num_nodes * s.num_gpus} ranks, per GPU (data parallel: each rank runs "
+              f"MICRO_BSZ={w.micro_bsz} x CTX_LEN={w.ctx_len}; the model states are sharded):")
+        print(format_cluster_table(cluster, vram, s.num_nodes, s.num_gpus))
     return 0
 
 

@@ -66,7 +66,7 @@ from rwkvforge.data.prepare import SAMPLES, DataInputError, PrepareError, detect
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProcess, launch,
                                    local_rank, make_strategy, rank, rng_state,
-                                   seed_everything, set_rng_state, world_size)
+                                   seed_everything, set_rng_state, world_size, RESUME_CLUSTER)
 from rwkvforge.dpo import DpoReferenceError, dpo_reference
 from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dpo, evaluate_loss,
                             pair_rows)
@@ -84,7 +84,7 @@ log = logging.getLogger("rwkvforge.train")
 
 # settings that may change when resuming (everything else must match the run's config.json)
 RESUME_MUTABLE = ("max_steps", "epochs", "save_every", "eval_every", "log_every",
-                  "wandb_project", "device", "keep_checkpoints")
+                  "wandb_project", "device", "keep_checkpoints", *RESUME_CLUSTER)
 
 
 class Stopped(KeyboardInterrupt):
@@ -460,7 +460,7 @@ class Trainer:
         s = self.settings
         self.device = pick_device(s.device, local_rank())
         check_combination(s)
-        self.strategy = make_strategy(s, self.device)
+        self.strategy = make_strategy(s, self.device, self.run_dir)  # + shared-folder check
         self.folder.lock()  # before anything is written: one writer per run folder
         self.folder.open_log()
         self.folder.clean_stray()  # temp files a kill -9 left (the lock is ours now)
@@ -903,8 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<run> from its last "
                     "complete checkpoint (explicit: nothing is resumed otherwise)")
     ap.add_argument("--print-command", "--print-cmd", dest="print_command",
-                    action="store_true", help="TRAINER=rwkv-peft: print the RWKV-PEFT command "
-                    "and exit")
+                    action="store_true", help="print the command that would run (DeepSpeed's / "
+                    "torchrun's launcher, or TRAINER=rwkv-peft's) and exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines "
                     "instead)")
     ap.add_argument("--fallback-checkpoint", action="store_true", help="with --resume: when "
@@ -952,11 +952,11 @@ def main(argv: list[str] | None = None) -> int:
                                           run_dir, args.print_command)
         check_combination(s)
         in_dist = "WORLD_SIZE" in os.environ
-        if s.deepspeed_stage > 0 and not in_dist:  # DeepSpeed runs under its launcher
-            if not args.resume and run_started(run_dir):
+        if (s.deepspeed_stage > 0 or s.num_nodes > 1) and not in_dist:  # under a launcher
+            if not (args.resume or args.print_command or s.node_rank) and run_started(run_dir):
                 raise TrainError(f"{run_dir} already exists: pick another --run-name or "
                                  f"--resume {run_dir}.")
-            return launch(s, argv, run_dir.name)
+            return launch(s, argv, run_dir.name, print_only=args.print_command)
         if not args.resume and int(os.environ.get("RANK", "0")) == 0 \
                 and run_started(run_dir):
             raise TrainError(f"{run_dir} already exists: pick another --run-name, or continue "
