@@ -600,3 +600,28 @@ def test_offload_is_checked_before_training_starts(tmp_path: Path, monkeypatch) 
                                      env={}, root=ROOT).settings)  # no offload: nothing to build
     info = doctor.cpu_adam_info()
     assert info["state"] == "missing" and info["builder"].endswith("CPUAdamBuilder")
+
+
+# torch 2.13.0's CUDA builds (download.pytorch.org, x86_64; release wheels carry SASS only)
+TORCH_2_13_ARCHS = {"cu126": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"],
+                    "cu129": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"],
+                    "cu130": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]}
+
+
+@pytest.mark.parametrize("cap", ["7.5", "8.6", "8.9", "9.0", "10.0", "12.0"])
+def test_torch_2_13_builds_against_each_capability(cap: str) -> None:
+    """The healthcheck's comparison with each real arch list: cu126 stops at Hopper, the
+    CUDA 12.9 / 13.0 builds run everything from Turing to Blackwell - the route bootstrap takes
+    (tests/test_scripts.py) is one the healthcheck then accepts."""
+    blackwell = int(cap.split(".")[0]) >= 10
+    assert doctor.torch_supports(cap, TORCH_2_13_ARCHS["cu126"]) is not blackwell
+    assert doctor.torch_supports(cap, TORCH_2_13_ARCHS["cu129"])
+    assert doctor.torch_supports(cap, TORCH_2_13_ARCHS["cu130"])
+    rep = _report(gpu=_gpu(("GPU", cap, 16000)),
+                  torch={**CU129_TORCH, "version": "2.13.0+cu126", "cuda_build": "12.6",
+                         "arch_list": TORCH_2_13_ARCHS["cu126"]})
+    found = {f["id"]: f for f in doctor.findings_for(rep)}
+    assert ("gpu0-kernels" in found) is blackwell
+    if blackwell:
+        assert found["gpu0-kernels"]["level"] == "block"
+        assert "cu129 or cu130" in found["gpu0-kernels"]["fix"]

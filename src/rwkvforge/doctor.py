@@ -3,10 +3,12 @@
     ./scripts/healthcheck.sh            (== rwkvforge doctor)
     rwkvforge doctor --json
 
-Reports OS / WSL2 (and WSL's pinned-memory limit), GPU + driver + compute capability,
-whether the installed torch has kernels for that capability, the bitsandbytes backend,
-deepspeed, flash-linear-attention, the tokenizer encoder and CPU WKV kernel in use (the
-native C ones or their fallbacks), free disk, Python and key package versions.
+Reports OS / WSL2 (and WSL's pinned-memory limit), GPU + driver + compute capability, whether
+the installed torch has kernels for that capability, the bitsandbytes backend and whether its
+CUDA library has code for the GPU (read from the library's fatbin), deepspeed and whether
+DEEPSPEED_OFFLOAD=1's CPU Adam is built or can be (which DeepSpeed builder, compiler, ninja,
+Python headers, CUDA toolkit), flash-linear-attention, the tokenizer encoder and CPU WKV kernel
+in use (the native C ones or their fallbacks), free disk, Python and key package versions.
 Exit code: 0 = ready, 1 = warnings only, 2 = blockers.
 
 The JSON schema (SCHEMA_VERSION) is stable: top-level keys are listed in REPORT_KEYS and each
