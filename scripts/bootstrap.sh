@@ -6,8 +6,8 @@
 #   ./scripts/bootstrap.sh --with-upstream # + clone RWKV-PEFT and Albatross into third_party/
 #
 # torch: TORCH_SPEC / TORCH_INDEX_URL (configs/workspace.env or the environment) win.
-# Otherwise: no nvidia-smi -> the CPU build, never CUDA wheels; an RTX 50 (sm_120) card ->
-# a CUDA 12.8 build; older cards -> a CUDA 12.6 build. The choice and its reason are printed.
+# Otherwise: no nvidia-smi -> the CPU build, never CUDA wheels; with a GPU the CUDA build is
+# picked by its compute capability (torch_route below). The choice and its reason are printed.
 set -euo pipefail
 # shellcheck source=lib/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
@@ -97,6 +97,46 @@ install_fla() {
   fi
 }
 
+# ---- torch CUDA build by compute capability ------------------------------------------------
+# The CUDA builds torch 2.13.0 publishes on download.pytorch.org (x86_64) and the GPUs they
+# carry kernels for (SASS only, no PTX; a cubin runs on the same major with a higher minor):
+#   cu126: sm_50 60 70 75 80 86 90                (CUDA 12.6: Maxwell .. Hopper)
+#   cu129: sm_75 80 86 90 100 120                 (Linux only; the last CUDA 12 build)
+#   cu130: sm_75 80 86 90 100 120                 (== the default PyPI wheel)
+#   cu132: sm_75 80 86 90 100 120
+# cu128 ended with torch 2.11.0 and CUDA 11.8 long before. So Blackwell (major >= 10: B200
+# sm_100, B300 sm_103, RTX 50 sm_120, GB10 sm_121) needs cu129 or newer: cu130 when the
+# driver runs CUDA 13 (driver >= 580), else cu129 (any CUDA 12 driver that sees the card);
+# Turing .. Hopper keep cu126, which runs on the widest range of drivers, and Maxwell / Pascal /
+# Volta (dropped by the CUDA 13 builds) have only cu126. Older than sm_50: no torch 2.13 build.
+# torch_route CAP [DRIVER_CUDA] -> "INDEX<TAB>reason" (INDEX: cu126 | cu129 | cu130 | cpu).
+torch_route() {
+  local cap="$1" drv="${2:-}" major minor drv_major
+  major="${cap%%.*}"
+  minor="${cap#*.}"
+  [[ "$minor" == "$cap" ]] && minor=0
+  if ! [[ "$major" =~ ^[0-9]+$ && "$minor" =~ ^[0-9]+$ ]]; then
+    printf 'cpu\tcompute capability %s could not be read from nvidia-smi: CPU build' "$cap"
+    return 0
+  fi
+  drv_major="${drv%%.*}"
+  [[ "$drv_major" =~ ^[0-9]+$ ]] || drv_major=0
+  if ((major >= 10)); then
+    if ((drv_major >= 13)); then
+      printf 'cu130\tsm_%s%s (Blackwell) needs a CUDA 12.9+ build; the driver runs CUDA %s: cu130' \
+        "$major" "$minor" "$drv"
+    else
+      printf 'cu129\tsm_%s%s (Blackwell) needs a CUDA 12.9+ build (torch 2.13.0 has no cu128); the driver runs CUDA %s (cu130 needs driver 580+): cu129' \
+        "$major" "$minor" "${drv:-?}"
+    fi
+  elif ((major >= 5)); then
+    printf 'cu126\tsm_%s%s is in the CUDA 12.6 build (sm_50 .. sm_90)' "$major" "$minor"
+  else
+    printf 'cpu\tsm_%s%s is older than any torch 2.13.0 CUDA build supports (sm_50+): CPU build' \
+      "$major" "$minor"
+  fi
+}
+
 # Skip the slow part when nothing changed since the last successful bootstrap.
 STAMP="$VENV_DIR/.rwkvforge-bootstrap"
 stamp_value() {
@@ -122,14 +162,14 @@ else
   elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d ' ')"
     gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)"
-    major="${cap%%.*}"
+    # the highest CUDA version the driver runs ("CUDA Version: 12.8" in nvidia-smi's header)
+    drv_cuda="$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: *[0-9.]*' | grep -o '[0-9.]*$' || true)"
     TORCH_SPEC="torch==$TORCH_VERSION_DEFAULT"
-    if [[ "${major:-0}" -ge 12 ]]; then
-      TORCH_INDEX_URL="$CUDA_INDEX_BASE/cu128"
-      reason="$gpu (sm_${cap/./}) needs a CUDA 12.8+ build (RTX 50-series / Blackwell)"
-    else
-      TORCH_INDEX_URL="$CUDA_INDEX_BASE/cu126"
-      reason="$gpu (sm_${cap/./}) is supported by the CUDA 12.6 build"
+    route="$(torch_route "$cap" "$drv_cuda")"
+    TORCH_INDEX_URL="$CUDA_INDEX_BASE/${route%%$'\t'*}"
+    reason="$gpu: ${route#*$'\t'}"
+    if [[ "${route%%$'\t'*}" == cpu ]]; then
+      info "WARNING: $reason"
     fi
   else
     TORCH_SPEC="torch==$TORCH_VERSION_DEFAULT"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Check the environment: OS / WSL2, GPU + driver + compute capability, torch kernels for it,
-# bitsandbytes, deepspeed, fla, disk, Python and package versions.
+# bitsandbytes (and the GPU code in its CUDA library), deepspeed (and whether DEEPSPEED_OFFLOAD's
+# CPU Adam can be built), fla, disk, Python and package versions.
 # Exit code: 0 = ready, 1 = warnings only, 2 = blockers. Each finding says what to do.
 #
 #   ./scripts/healthcheck.sh          # human report

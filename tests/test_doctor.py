@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +71,7 @@ def test_missing_sm120_kernels_is_a_blocker_with_the_fix() -> None:
                     "cuda_available": True, "arch_list": ["sm_80", "sm_86", "sm_90"]}
     found = {f["id"]: f for f in doctor.findings_for(rep)}
     assert found["gpu0-kernels"]["level"] == "block"
-    assert "cu128" in found["gpu0-kernels"]["fix"]
+    assert "cu129 or cu130" in found["gpu0-kernels"]["fix"]  # builds torch 2.13.0 has
 
 
 def test_wsl_reports_pinned_memory_limit() -> None:
@@ -140,6 +143,9 @@ WSL = {"system": "Linux", "release": "5.15.167.4-microsoft-standard-WSL2", "mach
        "distro": "Ubuntu 22.04.5 LTS", "wsl": True, "wsl_version": 2}
 CPU_TORCH = {"installed": True, "version": "2.5.1+cpu", "cuda_build": None,
              "cuda_available": False, "arch_list": []}
+CU129_TORCH = {"installed": True, "version": "2.13.0+cu129", "cuda_build": "12.9",
+               "cuda_available": True,
+               "arch_list": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]}
 SCENARIOS: dict[str, dict[str, Any]] = {
     "all-ok": _report(),
     "wsl-cpu-torch": _report(
@@ -178,6 +184,34 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "linux-no-gpu": _report(
         status="warnings", gpu=_gpu(), torch=CPU_TORCH,
         disk={"path": "/srv/rwkvforge", "free_gib": 9.9, "total_gib": 100.0}),
+    # issue 21: bitsandbytes' CUDA library against the GPU, and DEEPSPEED_OFFLOAD's CPU Adam
+    "rtx50-cu129-old-bnb": _report(
+        status="warnings", gpu=_gpu(("NVIDIA GeForce RTX 5070 Ti", "12.0", 12227)),
+        torch=CU129_TORCH,
+        bitsandbytes={"installed": True, "version": "0.50.2", "backend": "cuda", "error": None,
+                      "cuda_library": "libbitsandbytes_cuda126.so",
+                      "cuda_archs": ["sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]},
+        deepspeed={"installed": True, "version": "0.16.4", "cpu_adam": {
+            "builder": "deepspeed.ops.op_builder.cpu_adam.CPUAdamBuilder", "state": "missing",
+            "missing": ["the CUDA toolkit's nvcc (CUDA_HOME=/usr/local/cuda has no bin/nvcc)"],
+            "fix": "install a CUDA 12.9 toolkit and set CUDA_HOME to it."}}),
+    "h100-cpu-adam-prebuilt": _report(
+        gpu=_gpu(("NVIDIA H100 80GB HBM3", "9.0", 81559)),
+        torch=CU129_TORCH,
+        bitsandbytes={"installed": True, "version": "0.50.2", "backend": "cuda", "error": None,
+                      "cuda_library": "libbitsandbytes_cuda128.so",
+                      "cuda_archs": ["sm_75", "sm_80", "sm_90", "sm_100", "sm_120"]},
+        deepspeed={"installed": True, "version": "0.19.8", "cpu_adam": {
+            "builder": "deepspeed.ops.op_builder.cpu.cpu_adam.CPUAdamBuilder", "state": "ready",
+            "how": "built into DeepSpeed", "missing": [], "fix": ""}}),
+    "a100-no-bnb-binary": _report(
+        status="warnings", gpu=_gpu(("NVIDIA A100-SXM4-40GB", "8.0", 40960)),
+        torch={**CU129_TORCH, "version": "2.13.0+cu140", "cuda_build": "14.0"},
+        bitsandbytes={"installed": True, "version": "0.50.2", "backend": "cuda", "error": None,
+                      "cuda_library": "libbitsandbytes_cuda140.so", "cuda_archs": None},
+        deepspeed={"installed": True, "version": "0.19.8", "cpu_adam": {
+            "builder": "deepspeed.ops.op_builder.cpu.cpu_adam.CPUAdamBuilder",
+            "state": "builds", "missing": [], "fix": ""}}),
 }
 
 # `rwkvforge doctor` for SCENARIOS, printed by the doctor before its texts moved into
@@ -239,9 +273,10 @@ GOLDEN_REPORTS = {
         "[BLOCK ] torch 2.5.1+cu124 has no kernels for NVIDIA GeForce RTX 5070 Ti (sm_120); it "
         "was built for sm_80, sm_86, sm_90. Symptom: 'no kernel image is available for "
         "execution on the device'.",
-        "         fix: RTX 50-series (sm_120) needs a CUDA 12.8+ torch build: set "
-        "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 in configs/workspace.env, "
-        "delete .venv, re-run ./scripts/bootstrap.sh.",
+        "         fix: Let bootstrap pick the torch build for this GPU: leave TORCH_SPEC and "
+        "TORCH_INDEX_URL empty in configs/workspace.env, delete .venv, re-run "
+        "./scripts/bootstrap.sh (sm_50 .. sm_90: cu126; sm_100 / sm_120 and newer: cu129 or "
+        "cu130 - torch 2.13.0 has no cu128 build).",
         "[BLOCK ] torch has CUDA but torch.cuda.is_available() is False.",
         "         fix: Update the NVIDIA driver (on WSL2: the Windows driver; do not install a "
         "Linux display driver inside WSL).",
@@ -270,9 +305,10 @@ GOLDEN_REPORTS = {
         "[  ok  ] torch 2.6.0 (CUDA build: 12.6).",
         "[BLOCK ] torch 2.6.0 has no kernels for NVIDIA GeForce RTX 4090 (sm_89); it was built "
         "for nothing. Symptom: 'no kernel image is available for execution on the device'.",
-        "         fix: RTX 50-series (sm_120) needs a CUDA 12.8+ torch build: set "
-        "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 in configs/workspace.env, "
-        "delete .venv, re-run ./scripts/bootstrap.sh.",
+        "         fix: Let bootstrap pick the torch build for this GPU: leave TORCH_SPEC and "
+        "TORCH_INDEX_URL empty in configs/workspace.env, delete .venv, re-run "
+        "./scripts/bootstrap.sh (sm_50 .. sm_90: cu126; sm_100 / sm_120 and newer: cu129 or "
+        "cu130 - torch 2.13.0 has no cu128 build).",
         "[  ok  ] bitsandbytes 0.44.1 (cuda backend).",
         "[  ok  ] deepspeed 0.15.4.",
         "[  ok  ] WKV on CUDA (training): fla-core 0.6.0 Triton kernels.",
@@ -318,6 +354,69 @@ GOLDEN_REPORTS = {
         "[  ok  ] WKV on CPU (training, prefill): native C kernel.",
         "[ warn ] Only 9.9 GiB free at /srv/rwkvforge.",
         "         fix: Free disk space: checkpoints of a 1.5B model take several GiB each.",
+        "packages: torch 2.5.1+cu124, peft 0.13.2",
+    ]),
+    "rtx50-cu129-old-bnb": "\n".join([
+        "rwkvforge healthcheck — warnings",
+        "os: Ubuntu 24.04.1 LTS 6.8.0-45-generic",
+        "[  ok  ] Python @PY@.",
+        "[  ok  ] torch 2.13.0+cu129 (CUDA build: 12.9).",
+        "[  ok  ] NVIDIA GeForce RTX 5070 Ti sm_120, 12227 MiB, driver 580.65.",
+        "[  ok  ] bitsandbytes 0.50.2 (cuda backend).",
+        "[ warn ] bitsandbytes 0.50.2's CUDA 12.9 library (libbitsandbytes_cuda126.so) has "
+        "kernels for sm_60, sm_70, sm_75, sm_80, sm_86, sm_90, none of which runs on NVIDIA "
+        "GeForce RTX 5070 Ti (sm_120): QLoRA (QUANT=nf4 / int8) fails on this GPU.",
+        "         fix: Upgrade bitsandbytes to a release built for sm_120 (re-run "
+        "./scripts/bootstrap.sh; "
+        "bitsandbytes 0.45+ with CUDA 12.8+ has Blackwell kernels), or train with "
+        "PROFILE=lora-bf16.",
+        "[  ok  ] deepspeed 0.16.4.",
+        "[ warn ] DEEPSPEED_OFFLOAD=1 would fail: DeepSpeed compiles its CPU Adam on first use "
+        "(deepspeed.ops.op_builder.cpu_adam.CPUAdamBuilder) and this machine lacks the CUDA "
+        "toolkit's nvcc (CUDA_HOME=/usr/local/cuda has no bin/nvcc).",
+        "         fix: Install what is missing: install a CUDA 12.9 toolkit and set CUDA_HOME "
+        "to it.",
+        "[  ok  ] WKV on CUDA (training): fla-core 0.6.0 Triton kernels.",
+        "[  ok  ] tokenizer: native C encoder (built and cached in ~/.cache/rwkvforge).",
+        "[  ok  ] WKV on CPU (training, prefill): native C kernel.",
+        "[  ok  ] 812.4 GiB free.",
+        "packages: torch 2.5.1+cu124, peft 0.13.2",
+    ]),
+    "h100-cpu-adam-prebuilt": "\n".join([
+        "rwkvforge healthcheck — ready",
+        "os: Ubuntu 24.04.1 LTS 6.8.0-45-generic",
+        "[  ok  ] Python @PY@.",
+        "[  ok  ] torch 2.13.0+cu129 (CUDA build: 12.9).",
+        "[  ok  ] NVIDIA H100 80GB HBM3 sm_90, 81559 MiB, driver 580.65.",
+        "[  ok  ] bitsandbytes 0.50.2 (cuda backend).",
+        "[  ok  ] deepspeed 0.19.8.",
+        "[  ok  ] DEEPSPEED_OFFLOAD=1: DeepSpeed's CPU Adam is ready (built into DeepSpeed).",
+        "[  ok  ] WKV on CUDA (training): fla-core 0.6.0 Triton kernels.",
+        "[  ok  ] tokenizer: native C encoder (built and cached in ~/.cache/rwkvforge).",
+        "[  ok  ] WKV on CPU (training, prefill): native C kernel.",
+        "[  ok  ] 812.4 GiB free.",
+        "packages: torch 2.5.1+cu124, peft 0.13.2",
+    ]),
+    "a100-no-bnb-binary": "\n".join([
+        "rwkvforge healthcheck — warnings",
+        "os: Ubuntu 24.04.1 LTS 6.8.0-45-generic",
+        "[  ok  ] Python @PY@.",
+        "[  ok  ] torch 2.13.0+cu140 (CUDA build: 14.0).",
+        "[  ok  ] NVIDIA A100-SXM4-40GB sm_80, 40960 MiB, driver 580.65.",
+        "[  ok  ] bitsandbytes 0.50.2 (cuda backend).",
+        "[ warn ] bitsandbytes 0.50.2 has no library for torch's CUDA 14.0 "
+        "(libbitsandbytes_cuda140.so is missing): QLoRA (QUANT=nf4 / int8) cannot run on the GPU.",
+        "         fix: Re-run ./scripts/bootstrap.sh to install a bitsandbytes built for CUDA "
+        "14.0, or "
+        "train with PROFILE=lora-bf16 (no bitsandbytes).",
+        "[  ok  ] deepspeed 0.19.8.",
+        "[  ok  ] DEEPSPEED_OFFLOAD=1: DeepSpeed's CPU Adam is compiled on its first use "
+        "(deepspeed.ops.op_builder.cpu.cpu_adam.CPUAdamBuilder; a minute or two) and everything "
+        "it needs is here.",
+        "[  ok  ] WKV on CUDA (training): fla-core 0.6.0 Triton kernels.",
+        "[  ok  ] tokenizer: native C encoder (built and cached in ~/.cache/rwkvforge).",
+        "[  ok  ] WKV on CPU (training, prefill): native C kernel.",
+        "[  ok  ] 812.4 GiB free.",
         "packages: torch 2.5.1+cu124, peft 0.13.2",
     ]),
 }
@@ -376,3 +475,153 @@ def test_every_finding_text_is_in_both_catalogues() -> None:
             assert i18n.t("en", key, **f["params"]) == f[part]
             chinese = i18n.t("zh-CN", key, **f["params"])
             assert re.search("[\u4e00-\u9fff]", chinese) and chinese != f[part], key
+
+
+# ---- issue 21: bitsandbytes' GPU code, DeepSpeed's CPU Adam -------------------------------------
+
+BNB_DIR = Path(importlib.util.find_spec("bitsandbytes").origin).parent
+
+
+@pytest.mark.parametrize("torch_cuda,env,library", [
+    ("12.6", {}, "libbitsandbytes_cuda126.so"),
+    ("12.9", {}, "libbitsandbytes_cuda128.so"),  # no cuda129 shipped: the newest 12.x below
+    ("13.0", {}, "libbitsandbytes_cuda130.so"),
+    ("12.9", {"BNB_CUDA_VERSION": "126"}, "libbitsandbytes_cuda126.so"),  # its override
+])
+def test_bnb_library_is_the_one_bitsandbytes_loads(torch_cuda: str, env: dict[str, str],
+                                                   library: str) -> None:
+    """The same pick as bitsandbytes' own get_cuda_bnb_library_path (given torch's CUDA)."""
+    from bitsandbytes import cextension
+    from bitsandbytes.cuda_specs import CUDASpecs
+
+    assert doctor.bnb_library(BNB_DIR, torch_cuda, env).name == library
+    old = dict(os.environ)
+    try:
+        os.environ.pop("BNB_CUDA_VERSION", None)
+        os.environ.update(env)
+        spec = CUDASpecs(highest_compute_capability=(9, 0),
+                         cuda_version_string=torch_cuda.replace(".", ""),
+                         cuda_version_tuple=tuple(int(x) for x in torch_cuda.split(".")))
+        assert cextension.get_cuda_bnb_library_path(spec).name == library
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+def test_cuda_binary_archs_reads_the_installed_bitsandbytes() -> None:
+    """The fatbin reader on the real libraries of the installed wheel: CUDA 11.8 cannot emit
+    Blackwell code and CUDA 12.8+ builds carry it (bitsandbytes' release notes)."""
+    old = doctor.cuda_binary_archs(BNB_DIR / "libbitsandbytes_cuda118.so")
+    new = doctor.cuda_binary_archs(BNB_DIR / "libbitsandbytes_cuda128.so")
+    assert "sm_90" in old and "sm_80" in old and not any(a in old for a in ("sm_100", "sm_120"))
+    assert {"sm_80", "sm_90", "sm_100", "sm_120"} <= set(new)
+    assert all(re.fullmatch(r"(sm|compute)_[0-9]+", a) for a in old + new)
+    assert doctor.cuda_binary_archs(BNB_DIR / "libbitsandbytes_cpu.so") == []
+
+
+@pytest.mark.parametrize("cap,bnb_cuda,ok", [
+    ("7.5", "126", True), ("8.6", "126", True), ("8.9", "126", True), ("9.0", "126", True),
+    ("10.0", "126", False), ("12.0", "126", False),   # CUDA 12.6 libraries: no Blackwell
+    ("10.0", "128", True), ("12.0", "128", True), ("10.3", "130", True), ("12.1", "130", True),
+    ("7.5", "130", True),
+])
+def test_bitsandbytes_binary_against_the_gpu(cap: str, bnb_cuda: str, ok: bool) -> None:
+    """bitsandbytes' library (its real arch list) compared with each capability: a mismatch
+    is a warning naming the GPU, the library and the way out."""
+    lib = BNB_DIR / f"libbitsandbytes_cuda{bnb_cuda}.so"
+    b = {"installed": True, "version": "0.50.2", "backend": "cuda", "error": None,
+         "cuda_library": lib.name, "cuda_archs": doctor.cuda_binary_archs(lib)}
+    rep = _report(gpu=_gpu(("GPU", cap, 16000)), bitsandbytes=b, torch=CU129_TORCH)
+    found = {f["id"]: f for f in doctor.findings_for(rep)}
+    assert ("bitsandbytes-gpu0" not in found) is ok
+    if not ok:
+        f = found["bitsandbytes-gpu0"]
+        assert f["level"] == "warn" and lib.name in f["message"]
+        assert f"sm_{cap.replace('.', '')}" in f["message"] and "lora-bf16" in f["fix"]
+
+
+def _cuda_accelerator():
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    return CUDA_Accelerator()
+
+
+def test_cpu_adam_on_cuda_needs_no_toolkit_with_the_pinned_deepspeed(tmp_path: Path) -> None:
+    """DeepSpeed 0.19's CUDA accelerator compiles cpu_adam with its CPU builder: a CUDA_HOME
+    without nvcc is no problem; only a C++ compiler, ninja and Python's headers are needed."""
+    builder = _cuda_accelerator().create_op_builder("CPUAdamBuilder")
+    env = {"PATH": os.environ["PATH"], "CUDA_HOME": str(tmp_path)}  # no bin/nvcc in it
+    missing = doctor.cpu_adam_missing(builder, "12.9", env)
+    assert not any("CUDA" in m for m in missing), missing
+    no_tools = doctor.cpu_adam_missing(builder, "12.9", {"PATH": str(tmp_path),
+                                                         "CUDA_HOME": str(tmp_path)})
+    assert any("C++ compiler" in m for m in no_tools) and any("ninja" in m for m in no_tools)
+    fix = doctor.cpu_adam_fix(no_tools, "12.9", "0.19.8")
+    assert "build-essential" in fix and "ninja-build" in fix and "DS_BUILD_CPU_ADAM=1" in fix
+
+
+def test_cuda_op_builder_without_nvcc_says_which_toolkit(tmp_path: Path) -> None:
+    """A CUDA op builder (DeepSpeed's cpu_adam before 0.19 was one; FusedAdam still is) with
+    CUDA_HOME pointing at a folder without nvcc: the toolkit is named, with torch's version."""
+    builder = _cuda_accelerator().create_op_builder("FusedAdamBuilder")
+    env = {"PATH": os.environ["PATH"], "CUDA_HOME": str(tmp_path)}
+    missing = doctor.cpu_adam_missing(builder, "12.9", env)
+    assert any("nvcc" in m and str(tmp_path) in m for m in missing), missing
+    fix = doctor.cpu_adam_fix(missing, "12.9", "0.19.8")
+    assert "cuda-toolkit-12-9" in fix and "nvidia-cuda-toolkit" in fix and "CUDA_HOME" in fix
+    assert doctor.cpu_adam_missing(builder, None, env) == missing[:-1]  # no GPU: no CUDA code
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # a real toolkit here: its major version against torch's
+        home = str(Path(nvcc).resolve().parent.parent)
+        release = doctor._nvcc_release(Path(home) / "bin" / "nvcc")
+        assert release
+        same = doctor.cpu_adam_missing(builder, release, {**env, "CUDA_HOME": home})
+        assert not any("CUDA" in m for m in same), same
+        other = f"{int(release.split('.')[0]) - 1}.8"
+        wrong = doctor.cpu_adam_missing(builder, other, {**env, "CUDA_HOME": home})
+        assert any(f"CUDA {release}" in m for m in wrong), wrong
+
+
+def test_offload_is_checked_before_training_starts(tmp_path: Path, monkeypatch) -> None:
+    """On this CPU machine (gloo) DEEPSPEED_OFFLOAD=1 passes the check (tests/test_distributed.py
+    trains with it); without a compiler and no compiled op cached, `train` refuses before
+    DeepSpeed's processes start, naming what to install."""
+    from rwkvforge import config as cfgmod
+    from rwkvforge.train import check_combination
+
+    s = cfgmod.resolve(cli={"deepspeed_stage": 2, "deepspeed_offload": 1}, env={},
+                       root=ROOT).settings
+    check_combination(s)  # the tools are here (or the op is compiled already)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))  # nothing cached there
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    with pytest.raises(cfgmod.ConfigError, match="C[+][+] compiler.*build-essential"):
+        check_combination(s)
+    check_combination(cfgmod.resolve(cli={"deepspeed_stage": 2, "deepspeed_offload": 0},
+                                     env={}, root=ROOT).settings)  # no offload: nothing to build
+    info = doctor.cpu_adam_info()
+    assert info["state"] == "missing" and info["builder"].endswith("CPUAdamBuilder")
+
+
+# torch 2.13.0's CUDA builds (download.pytorch.org, x86_64; release wheels carry SASS only)
+TORCH_2_13_ARCHS = {"cu126": ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"],
+                    "cu129": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"],
+                    "cu130": ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]}
+
+
+@pytest.mark.parametrize("cap", ["7.5", "8.6", "8.9", "9.0", "10.0", "12.0"])
+def test_torch_2_13_builds_against_each_capability(cap: str) -> None:
+    """The healthcheck's comparison with each real arch list: cu126 stops at Hopper, the
+    CUDA 12.9 / 13.0 builds run everything from Turing to Blackwell - the route bootstrap takes
+    (tests/test_scripts.py) is one the healthcheck then accepts."""
+    blackwell = int(cap.split(".")[0]) >= 10
+    assert doctor.torch_supports(cap, TORCH_2_13_ARCHS["cu126"]) is not blackwell
+    assert doctor.torch_supports(cap, TORCH_2_13_ARCHS["cu129"])
+    assert doctor.torch_supports(cap, TORCH_2_13_ARCHS["cu130"])
+    rep = _report(gpu=_gpu(("GPU", cap, 16000)),
+                  torch={**CU129_TORCH, "version": "2.13.0+cu126", "cuda_build": "12.6",
+                         "arch_list": TORCH_2_13_ARCHS["cu126"]})
+    found = {f["id"]: f for f in doctor.findings_for(rep)}
+    assert ("gpu0-kernels" in found) is blackwell
+    if blackwell:
+        assert found["gpu0-kernels"]["level"] == "block"
+        assert "cu129 or cu130" in found["gpu0-kernels"]["fix"]

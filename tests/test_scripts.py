@@ -114,3 +114,48 @@ def test_bootstrap_installs_fla_matching_torchs_triton(tmp_path: Path) -> None:
     (tmp_path / "dev").mkdir()
     out = _install_fla(tmp_path / "dev", "", "", dev=1)
     assert "triton==3.9.0" in out and "fla-core==0.6.0" in out
+
+
+def _torch_route(cap: str, driver_cuda: str = "") -> tuple[str, str]:
+    """bootstrap.sh's torch_route (taken from the script itself): (index, reason)."""
+    text = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    func = text[text.index("\ntorch_route() {"):].split("\n}\n", 1)[0] + "\n}\n"
+    out = subprocess.run(["bash", "-c", f"set -euo pipefail\n{func}\ntorch_route \"$@\"",
+                          "route", cap, driver_cuda], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    index, _, reason = out.stdout.partition("\t")
+    return index, reason
+
+
+# torch 2.13.0's CUDA builds (download.pytorch.org, x86_64) and the SASS each carries
+TORCH_2_13_BUILDS = {"cu126": {50, 60, 70, 75, 80, 86, 90},
+                     "cu129": {75, 80, 86, 90, 100, 120},
+                     "cu130": {75, 80, 86, 90, 100, 120},
+                     "cu132": {75, 80, 86, 90, 100, 120}}
+
+
+@pytest.mark.parametrize("cap,driver,want", [
+    ("7.5", "12.8", "cu126"),   # RTX 20 / T4
+    ("8.6", "13.0", "cu126"),   # RTX 30
+    ("8.9", "12.4", "cu126"),   # RTX 40
+    ("9.0", "13.0", "cu126"),   # H100
+    ("10.0", "13.0", "cu130"),  # B200, a CUDA 13 driver
+    ("10.0", "12.8", "cu129"),  # B200, a CUDA 12 driver: cu130 would not load
+    ("12.0", "12.8", "cu129"),  # RTX 50 under a 570 Windows driver (WSL2)
+    ("12.0", "13.1", "cu130"),
+    ("12.0", "", "cu129"),      # driver version unknown: the build any CUDA 12+ driver runs
+    ("10.3", "13.0", "cu130"),  # B300: sm_100 SASS runs on 10.3
+    ("6.1", "12.2", "cu126"),   # Pascal: only cu126 still has it
+    ("3.7", "11.4", "cpu"),     # Kepler: no torch 2.13 build
+    ("", "", "cpu"),            # nvidia-smi printed nothing
+])
+def test_bootstrap_picks_the_torch_build_by_compute_capability(cap: str, driver: str,
+                                                               want: str) -> None:
+    index, reason = _torch_route(cap, driver)
+    assert index == want, reason
+    if index != "cpu":
+        assert index in TORCH_2_13_BUILDS  # a build that exists for torch 2.13.0 ...
+        major, minor = (int(x) for x in cap.split("."))
+        have = {a for a in TORCH_2_13_BUILDS[index] if a // 10 == major and a % 10 <= minor}
+        assert have, f"{index} has no kernels for sm_{major}{minor}"  # ... with its kernels
+    assert "cu128" not in index  # torch 2.13.0 has no cu128 build

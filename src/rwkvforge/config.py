@@ -92,8 +92,9 @@ class Settings:
                          choices=("none", "int8", "bf16"))
     torch_spec: str = _f("", "pip requirement for torch chosen by bootstrap "
                          "(e.g. torch==2.13.0). Empty: picked from the GPU.")
-    torch_index_url: str = _f("", "pip index for torch (e.g. a CUDA 12.8 wheel index). "
-                              "Empty: picked from the GPU.")
+    torch_index_url: str = _f("", "pip index for torch (e.g. "
+                              "https://download.pytorch.org/whl/cu129). Empty: picked from the "
+                              "GPU.")
     device: str = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.",
                      choices=("auto", "cpu", "cuda"))
     seed: int = _f(42, "Random seed for data order, init and sampling.", lo=0, hi=2**32 - 1)

@@ -18,9 +18,8 @@ place), adapter/ (PEFT layout) and loss.png.
 One optimiser step consumes MICRO_BSZ x GRAD_ACCUM x NUM_GPUS sequences. All ranks read the
 same global batch and each takes its rows; every token's loss is divided by the masked-token
 count of the whole global batch, so the gradient is the same whatever the split into
-micro-batches or processes (1 process x 2 micro-batches == 2 processes x 1).
-
-The loss (chunked vocabulary head, DPO) lives in loss.py, the run folder in runs.py.
+micro-batches or processes (1 process x 2 micro-batches == 2 processes x 1). The loss (chunked
+vocabulary head, DPO) lives in loss.py, the run folder in runs.py.
 
 DeepSpeed (DEEPSPEED_STAGE 2 / 3, DEEPSPEED_OFFLOAD=1 for CPU-offloaded Adam states): the
 command re-runs itself with NUM_GPUS processes; checkpoints then hold DeepSpeed's sharded
@@ -56,7 +55,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from rwkvforge import config as cfgmod
-from rwkvforge import paths, upstream
+from rwkvforge import doctor, paths, upstream
 from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
 from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir,
                                   load_model, load_trainer_state, prune_checkpoints,
@@ -270,6 +269,7 @@ def check_combination(s: cfgmod.Settings) -> None:
                          "which rwkvforge does not do (fp16 gradients of the small LoRA updates "
                          "underflow to zero). Use PRECISION=bf16 (RTX 30 and newer) or fp32 "
                          "(older cards).")
+    doctor.require_cpu_adam(s)  # DEEPSPEED_OFFLOAD=1: checked before DeepSpeed's processes start
 
 
 def micro_inputs(batch: dict, device: torch.device, world: int, dpo_ftx: float,
