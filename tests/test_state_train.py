@@ -101,15 +101,24 @@ def test_state_tuning_learns_and_leaves_weights_bit_identical(tiny_model_path, s
 
 @pytest.mark.slow
 def test_state_resume_matches_uninterrupted(tiny_model_path, sft_prefix, tmp_path):
-    """6 steps straight == 3 steps, then --resume to 6: the same tuned state (fp32)."""
+    """6 steps straight == the same run stopped after its step-3 checkpoint, then --resume:
+    the same tuned state (fp32; the state comes back from trainer_state.pt)."""
     straight = tmp_path / "a"
     T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=6, precision="fp32"),
               straight, root=ROOT, progress=False).run()
     split = tmp_path / "b"
-    T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=3, save_every=3,
-                       precision="fp32"), split, root=ROOT, progress=False).run()
+
+    def stop(step, index, micro_bsz):  # noqa: ARG001
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=6, save_every=3,
+                           precision="fp32"), split, root=ROOT, progress=False,
+                  on_micro_batch=stop).run()
     assert (split / "checkpoints" / "step-3" / "state" / ST.STATE_PTH).is_file()
-    args = T.build_parser().parse_args(["--resume", str(split), "--max-steps", "6"])
+    assert not (split / "state").exists()
+    args = T.build_parser().parse_args(["--resume", str(split)])
     res = T.resolve_for_resume(split, args)
     T.Trainer(res, split, resume=True, root=ROOT, progress=False).run()
     a, b = ST.read_state(straight), ST.read_state(split)
