@@ -18,7 +18,8 @@ request that leaves a sampling field out gets the chat default that `rwkvforge i
 the dashboard use (generate.CHAT_DEFAULTS), a completion the OpenAI default. Chat messages
 are encoded in the RWKV World format ("User: ...\\n\\nAssistant:",
 generate.encode_chat_prompt) and a reply ends at its blank line. `--lora-modules name=PATH`
-serves several adapters over one base model, chosen by `model` (adapter.MultiLora).
+serves several adapters over one base model, chosen by `model` (adapter.MultiLora); `--state
+PATH` starts every conversation from a tuned initial state (state_tuning.py).
 
 One engine thread decodes every running request together: new requests join at the next
 step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
@@ -56,6 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvforge import config as cfgmod
 from rwkvforge.adapter import MultiLora, load_with_adapter
+from rwkvforge.state_tuning import load_state_into
 from rwkvforge.checkpoint import DTYPES
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.generate import (
@@ -572,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "serve_api_key", "serve_max_batch", "serve_max_queue",
                                         "serve_max_tokens"])
     ap.add_argument("--adapter", default="", help="LoRA adapter folder merged in memory")
+    ap.add_argument("--state", default="", metavar="PATH",
+                    help="a tuned initial state (state tuning: a run folder, its state/ or a "
+                    "state .pth) every conversation starts from")
     ap.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                     help="LoRA adapters served side by side over the one base model, chosen "
                     "per request by `model` (vLLM's spelling); requests for different "
@@ -629,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                file=sys.stderr))
         tok = get_tokenizer()
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
+        load_state_into(model, args.state)  # before the engine: its init_state starts there
         set_fast_path(model, s.infer_fast, device)
         adapters = attach_adapters(model, loras)
     except (FileNotFoundError, ValueError) as e:
@@ -652,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[rwkvforge] OpenAI-compatible API at http://{s.serve_host}:{s.serve_port}/v1 "
           f"(model id {opts.model_id!r}"
           + (f", adapter {args.adapter} merged in memory" if args.adapter else "")
+          + (f", state {args.state}" if args.state else "")
           + (f", adapters {', '.join(adapters)}" if adapters else "") + ")",
           file=sys.stderr)
     # SIGTERM / Ctrl-C: stop accepting, let open streams finish for up to DRAIN_S, then close;
