@@ -164,3 +164,26 @@ def test_lora_plus_state_writes_both(tiny_model_path, sft_prefix, tmp_path):
         want, _ = tr.inner(ids)  # (peft put the adapters into the RWKV7's own modules)
         got, _ = model(ids)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_planner_counts_the_state(tiny_model_path):
+    """memory.estimate: TRAIN_TYPE=state trains L x H x N x N fp32 numbers (no adapters);
+    lora+state adds them to the adapters; the model's own trainable count agrees."""
+    from rwkvforge import memory as M
+    from rwkvforge.checkpoint import infer_config, load_state_dict
+
+    cfg = infer_config(load_state_dict(tiny_model_path))
+    n_state = cfg.n_layer * cfg.n_head * cfg.head_size ** 2
+    kw = dict(precision="fp32", lora_r=4)
+    lora = M.estimate(cfg, dict(kw, train_type="lora"), device="cpu")
+    state = M.estimate(cfg, dict(kw, train_type="state"), device="cpu")
+    both = M.estimate(cfg, dict(kw, train_type="lora+state"), device="cpu")
+    assert state.items["adapter"] == 4 * n_state
+    assert state.items["optimizer"] == 8 * n_state
+    assert both.items["adapter"] == lora.items["adapter"] + 4 * n_state
+    assert "initial state 2x64x64 x 2 layers" in state.notes["adapter"]
+    model, _, _ = T.build_model(cfgmod.Settings(train_type="state", precision="fp32"),
+                                tiny_model_path, torch.device("cpu"))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_state
+    with pytest.raises(M.MemoryPlanError, match="TRAIN_TYPE"):
+        M.estimate(cfg, dict(kw, train_type="prefix"), device="cpu")
