@@ -187,3 +187,47 @@ def test_memory_planner_counts_the_state(tiny_model_path):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_state
     with pytest.raises(M.MemoryPlanError, match="TRAIN_TYPE"):
         M.estimate(cfg, dict(kw, train_type="prefix"), device="cpu")
+
+
+@pytest.mark.slow
+def test_state_tuning_with_dpo(tiny_model_path, tmp_path_factory, tmp_path):
+    """DATA_TYPE=dpo with TRAIN_TYPE=state: the reference is the untuned model (zero state), so
+    the held-out DPO loss starts at ln 2 exactly and the tuned state lowers it."""
+    from sample_data import prepare_sample
+
+    ln2 = 0.6931471805599453
+    prefix = prepare_sample(tmp_path_factory, "bsl_dpo", "dpo", 0.15)
+    run = tmp_path / "dpo"
+    out = T.Trainer(resolved(tiny_model_path, prefix, tmp_path, max_steps=12, micro_bsz=4,
+                             ctx_len=160, precision="fp32", lr_schedule="constant",
+                             data_type="dpo"), run, root=ROOT, progress=False).run()
+    assert out.val_loss_start == pytest.approx(ln2, abs=1e-6)
+    assert out.val_loss_end < ln2 - 0.01, out.val_loss_end
+    assert (run / "state" / ST.STATE_PTH).is_file() and not (run / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_state_tuning_under_deepspeed_matches_one_process(tiny_model_path, sft_prefix,
+                                                          tmp_path):
+    """DeepSpeed ZeRO-2 over gloo, 2 processes x MICRO_BSZ 1 == 1 process x MICRO_BSZ 2: the
+    same losses and the same tuned state."""
+    import subprocess
+
+    from test_train import _train_cmd, metrics, sub_env
+
+    env = sub_env()
+    base = ("--profile=state", "--max-steps=3", "--save-every=0", "--warmup-steps=0")
+    one = subprocess.run(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "one", *base,
+                                    "--micro-bsz=2"), env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(_train_cmd(tiny_model_path, sft_prefix, tmp_path, "two", *base,
+                                    "--micro-bsz=1", "--deepspeed-stage=2", "--num-gpus=2"),
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-4000:]
+    a = [r["loss"] for r in metrics(tmp_path / "one")]
+    b = [r["loss"] for r in metrics(tmp_path / "two")]
+    assert len(a) == 3 and b == pytest.approx(a, rel=1e-4)
+    sa, sb = ST.read_state(tmp_path / "one"), ST.read_state(tmp_path / "two")
+    assert sa.abs().max() > 0
+    torch.testing.assert_close(sb, sa, rtol=1e-4, atol=1e-5)
