@@ -231,3 +231,20 @@ def test_state_tuning_under_deepspeed_matches_one_process(tiny_model_path, sft_p
     sa, sb = ST.read_state(tmp_path / "one"), ST.read_state(tmp_path / "two")
     assert sa.abs().max() > 0
     torch.testing.assert_close(sb, sa, rtol=1e-4, atol=1e-5)
+
+
+def test_rwkv_peft_trainer_gets_train_type_state():
+    """TRAINER=rwkv-peft: TRAIN_TYPE=state becomes RWKV-PEFT's --train_type state (no adapter);
+    lora+state, which it has no form for, is refused."""
+    from rwkvforge import upstream as U
+    from rwkvforge.model.rwkv7 import RWKV7Config
+
+    cfg = RWKV7Config.suggested(24, 2048)
+    s = cfgmod.resolve(profile="state", cli={}, env={}, root=ROOT).settings
+    argv = U.rwkv_peft_command(s, Path("/m"), Path("/d"), cfg, Path("/o"), Path("/tp"))
+    opt = {argv[i]: argv[i + 1] for i in range(2, len(argv) - 1) if argv[i].startswith("--")}
+    assert opt["--train_type"] == "state" and opt["--peft"] == "none"
+    assert float(opt["--lr_init"]) == 1.0 and "--lora_config" not in opt
+    both = cfgmod.resolve(cli={"train_type": "lora+state"}, env={}, root=ROOT).settings
+    with pytest.raises(U.UpstreamError, match="TRAIN_TYPE=lora\\+state has no RWKV-PEFT"):
+        U.rwkv_peft_command(both, Path("/m"), Path("/d"), cfg, Path("/o"), Path("/tp"))
