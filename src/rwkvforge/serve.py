@@ -19,7 +19,8 @@ the dashboard use (generate.CHAT_DEFAULTS), a completion the OpenAI default. Cha
 are encoded in the RWKV World format ("User: ...\\n\\nAssistant:",
 generate.encode_chat_prompt) and a reply ends at its blank line. `--lora-modules name=PATH`
 serves several adapters over one base model, chosen by `model` (adapter.MultiLora); `--state
-PATH` starts every conversation from a tuned initial state (state_tuning.py).
+PATH` starts every conversation from a tuned initial state (state_tuning.py), and
+`--state-modules name=PATH` serves several, chosen by `model` like the adapters.
 
 One engine thread decodes every running request together: new requests join at the next
 step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
@@ -523,30 +524,40 @@ def create_app(engine: Engine, tokenizer: Any, opts: ServeOptions,
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
-def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
-    """`--lora-modules name=PATH ...` -> {name: path}, or the error message."""
+def parse_lora_modules(items: Sequence[str], flag: str = "--lora-modules"
+                       ) -> dict[str, str] | str:
+    """`--lora-modules name=PATH ...` (or `--state-modules`) -> {name: path}, or the error
+    message."""
     out: dict[str, str] = {}
     for item in items:
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
-            return f"--lora-modules takes NAME=PATH entries, got {item!r}"
+            return f"{flag} takes NAME=PATH entries, got {item!r}"
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", name):
-            return f"--lora-modules: {name!r} is not a usable model name (letters, digits, " \
+            return f"{flag}: {name!r} is not a usable model name (letters, digits, " \
                    "._:/-)"
         if name in out:
-            return f"--lora-modules: {name!r} is given twice"
+            return f"{flag}: {name!r} is given twice"
         out[name] = path
     return out
 
 
-def attach_adapters(model: Any, loras: dict[str, str]) -> dict[str, int]:
+def attach_adapters(model: Any, loras: dict[str, str],
+                    states: dict[str, str] | None = None) -> dict[str, int]:
     """Put the adapters on the model (adapter.MultiLora: base weights once, A / B per
-    adapter, applied per batch row); {name: row index}. ValueError for one that cannot
-    be served this way."""
-    if not loras:
+    adapter, applied per batch row) and the tuned initial states (`--state-modules`, each
+    row starting from its own); {name: row index}. ValueError for one that cannot be served
+    this way."""
+    if not loras and not states:
         return {}
     multi = MultiLora(model)
-    return {name: multi.add(name, p) for name, p in loras.items()}
+    out = {name: multi.add(name, p) for name, p in loras.items()}
+    for name, p in (states or {}).items():
+        if name in out:
+            raise ValueError(f"--state-modules: {name!r} is also a --lora-modules name; give "
+                             "each tuning its own name")
+        out[name] = multi.add_state(name, p)
+    return out
 
 
 def port_unavailable(host: str, port: int) -> str | None:
@@ -577,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--state", default="", metavar="PATH",
                     help="a tuned initial state (state tuning: a run folder, its state/ or a "
                     "state .pth) every conversation starts from")
+    ap.add_argument("--state-modules", nargs="+", default=[], metavar="NAME=PATH",
+                    help="tuned initial states (state tuning) served side by side, chosen per "
+                    "request by `model` like --lora-modules (rwkvserve's spelling)")
     ap.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                     help="LoRA adapters served side by side over the one base model, chosen "
                     "per request by `model` (vLLM's spelling); requests for different "
@@ -621,9 +635,11 @@ def main(argv: list[str] | None = None) -> int:
               "server running there? Pick another --serve-port.", file=sys.stderr)
         return 2
     loras = parse_lora_modules(args.lora_modules)
-    if isinstance(loras, str):
-        print(f"error: {loras}", file=sys.stderr)
-        return 2
+    states = parse_lora_modules(args.state_modules, "--state-modules")
+    for bad in (loras, states):
+        if isinstance(bad, str):
+            print(f"error: {bad}", file=sys.stderr)
+            return 2
     if loras and args.adapter:
         print("error: --adapter (merged) and --lora-modules cannot be combined: serve the "
               "merged adapter as one more --lora-modules entry", file=sys.stderr)
@@ -636,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
         load_state_into(model, args.state)  # before the engine: its init_state starts there
         set_fast_path(model, s.infer_fast, device)
-        adapters = attach_adapters(model, loras)
+        adapters = attach_adapters(model, loras, states)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -659,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(model id {opts.model_id!r}"
           + (f", adapter {args.adapter} merged in memory" if args.adapter else "")
           + (f", state {args.state}" if args.state else "")
-          + (f", adapters {', '.join(adapters)}" if adapters else "") + ")",
+          + (f", adapters / states {', '.join(adapters)}" if adapters else "") + ")",
           file=sys.stderr)
     # SIGTERM / Ctrl-C: stop accepting, let open streams finish for up to DRAIN_S, then close;
     # an idle keep-alive connection is closed after 5 s
