@@ -2,7 +2,8 @@
 states change (every weight bit-identical), the held-out loss drops, the run writes state/ in
 the RWKV-PEFT / rwkv pip / ai00 layouts, resume continues, QUANT and DPO work.
 
-Runs use the tiny fixture model (L2 C128, real 65536 vocabulary) and the shipped SFT sample.
+Runs use the tiny fixture model (L2 C128, real 65536 vocabulary; the learning test: the demo
+model, L4 C256) and the shipped SFT sample.
 """
 
 from __future__ import annotations
@@ -66,32 +67,41 @@ def test_state_only_model_trains_only_the_state(tiny_model_path):
     assert lrs == [1e-3, 0.1]
 
 
+@pytest.fixture(scope="module")
+def demo_model_path(tmp_path_factory):
+    """The workspace's random-weight demo model (demo.py: L4 C256, the real vocabulary)."""
+    from rwkvforge.demo import TINY_SHAPE, write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "rwkv7-tiny-demo.pth",
+                            *TINY_SHAPE)[0]
+
+
 @pytest.mark.slow
-def test_state_tuning_learns_and_leaves_weights_bit_identical(tiny_model_path, sft_prefix,
+def test_state_tuning_learns_and_leaves_weights_bit_identical(demo_model_path, sft_prefix,
                                                              tmp_path):
-    """The learning test: 30 steps of state tuning on the SFT sample lower the held-out loss
-    by at least 0.05 nats (margin stated here; the first run measured it, see the report),
-    and every weight of the model after training equals the base file's bit for bit."""
+    """The learning test, on the demo model and the shipped SFT sample: 30 steps of the state
+    profile (LR 1 -> 0.01, fp32, ctx 48, 2 rows per step) lower the held-out loss by at least
+    1.0 nat (measured: 11.63 -> 9.43, a 2.20 drop; the tiny L2 C128 model: 0.84), and every
+    weight of the model after training equals the base file's bit for bit."""
     run = tmp_path / "st"
-    tr = T.Trainer(resolved(tiny_model_path, sft_prefix, tmp_path, max_steps=30,
+    tr = T.Trainer(resolved(demo_model_path, sft_prefix, tmp_path, max_steps=30,
                             precision="fp32"), run, root=ROOT, progress=False)
     res = tr.run()
-    base = load_model(tiny_model_path)
+    base = load_model(demo_model_path)
     after = weights(tr.inner)
     assert after.keys() == weights(base).keys()
     for k, v in weights(base).items():
         assert torch.equal(after[k], v), k
-    assert res.val_loss_end < res.val_loss_start - 0.05, (res.val_loss_start, res.val_loss_end)
+    assert res.val_loss_end < res.val_loss_start - 1.0, (res.val_loss_start, res.val_loss_end)
     # outputs: no adapter, the state in three layouts
     assert not (run / "adapter").exists()
     wkv = tr.inner.initial_wkv().detach()
     assert wkv.abs().max() > 0
     sd = torch.load(run / "state" / ST.STATE_PTH, weights_only=True)
-    assert sorted(sd) == [f"blocks.{i}.att.time_state" for i in range(2)]
-    assert torch.equal(torch.stack([sd["blocks.0.att.time_state"],
-                                    sd["blocks.1.att.time_state"]]), wkv)
+    assert sorted(sd) == [f"blocks.{i}.att.time_state" for i in range(4)]
+    assert torch.equal(torch.stack([sd[f"blocks.{i}.att.time_state"] for i in range(4)]), wkv)
     pip = torch.load(run / "state" / ST.RWKV_PIP_STATE, weights_only=True)
-    assert len(pip) == 6 and torch.equal(pip[4], wkv[1]) and not pip[3].any()
+    assert len(pip) == 12 and torch.equal(pip[4], wkv[1]) and not pip[3].any()
     meta = json.loads((run / "state" / ST.STATE_JSON).read_text())
     assert meta["train_type"] == "state" and meta["step"] == 30
     assert torch.equal(ST.read_state(run), wkv)
