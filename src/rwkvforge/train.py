@@ -339,8 +339,10 @@ def model_summary(s: cfgmod.Settings, path: Path, cfg, n_total: int, n_trainable
                   device: torch.device, seconds: float) -> str:
     return (f"model {path} L{cfg.n_layer} C{cfg.n_embd} ({n_total / 1e6:.1f}M params, "
             f"{n_trainable / 1e6:.3f}M trainable; {s.profile}: QUANT={s.quant} "
-            f"PRECISION={s.precision} r={s.lora_r} init={s.peft_init}"
-            f"{' dora' if s.use_dora else ''}) on {device} in {seconds:.1f}s")
+            f"PRECISION={s.precision}" + (f" r={s.lora_r} init={s.peft_init}" if "lora" in
+                                          s.train_type else "") + f"{' dora' if s.use_dora else ''}"
+            f"{' TRAIN_TYPE=' + s.train_type if s.train_type != 'lora' else ''}) on {device} "
+            f"in {seconds:.1f}s")
 
 
 def step_line(step: int, total: int, loss: float, lr: float, tps: float, row: dict,
