@@ -7,6 +7,7 @@
                                                             # torch.distributed.run (gloo on CPU)
     TRAINER=rwkv-peft rwkvforge train --print-command           # the mapped RWKV-PEFT command
     ./scripts/train_lora_bf16.sh | train_qlora_nf4.sh | train_qlora_int8.sh
+    ./scripts/train_state.sh    # TRAIN_TYPE=state: the initial WKV states only (state_tuning.py)
     python -m rwkvforge.train --help
 
 Settings come from the config layers (workspace < model < profile < env < flags; see
