@@ -600,7 +600,10 @@ class MultiLora:
     """Several LoRA adapters over one base model (`rwkvforge serve --lora-modules`): the
     adapted Linears become `RowLoraLinear`s around the base weights (not copied), each
     adapter adds only its A / B factors, and `model.rows_adapters(rows)` (which the engine
-    enters around every forward) says which adapter each batch row uses."""
+    enters around every forward) says which adapter each batch row uses. Tuned initial
+    states (`--state-modules`, `add_state`) share the index space: a row with a state's index
+    starts from that state (`model.init_state`, which the engine calls inside the rows
+    context)."""
 
     def __init__(self, model: RWKV7):
         self.model = model
@@ -608,10 +611,39 @@ class MultiLora:
         self.names: dict[str, int] = {}
         self.wrapped: dict[str, RowLoraLinear] = {}
         self._last = 0  # row indices are never reused (the prefix cache keys states by them)
+        self.states: dict[int, torch.Tensor] = {}  # index -> initial WKV states (L,H,N,N)
+        self._model_init_state = model.init_state
         model.rows_adapters = self.rows  # the engine's hook (generate.Engine._rows)
+        model.init_state = self.init_state
 
     def rows(self, adapters: list[int]) -> "_RowsCtx":
         return _RowsCtx(self.ref, adapters)
+
+    def init_state(self, batch_size: int, device=None):
+        """The model's initial state, each row whose index is a state module's starting from
+        that state's WKV matrices."""
+        state = self._model_init_state(batch_size, device)
+        for b, idx in enumerate((self.ref.rows or [])[:batch_size]):
+            wkv = self.states.get(idx)
+            if wkv is not None:
+                for i, (_, S, _) in enumerate(state):
+                    S[b] = wkv[i].to(S.device)
+        return state
+
+    def add_state(self, name: str, path: str | os.PathLike) -> int:
+        """Serve the tuned initial state at `path` (state tuning: a run folder, its state/ or
+        a state .pth) as `name`; returns its row index. StateError (a ValueError) for a
+        state that does not fit the model."""
+        from rwkvforge.state_tuning import read_state
+
+        if name in self.names:
+            raise ValueError(f"a model named {name!r} is already served")
+        wkv = read_state(path, self.model.config)
+        idx = self._last + 1
+        self.states[idx] = wkv
+        self._last = idx
+        self.names[name] = idx
+        return idx
 
     def add(self, name: str, path: str | os.PathLike) -> int:
         """Read the adapter at `path` and serve it as `name`; returns its row index (1, 2,
@@ -666,6 +698,7 @@ class MultiLora:
         idx = self.names.pop(name)
         for w in self.wrapped.values():
             w.factors.pop(idx, None)
+        self.states.pop(idx, None)
         return idx
 
 

@@ -44,6 +44,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adamw8bit")
 LORA_TARGETS = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
 TRAIN_PARTS = ("ln", "time", "emb", "head")
+TRAIN_TYPES = ("lora", "state", "lora+state")
 
 
 class ConfigError(ValueError):
@@ -144,6 +145,13 @@ class Settings:
                            "adapters.", group="profile")
     train_parts: str = _f("", "Extra full-trained parts, comma list of: ln (layer norms), "
                           "time (time-mix / decay parameters), emb, head.", group="profile")
+    train_type: str = _f("lora", "What trains: lora (the adapters set here), state (only "
+                         "the initial WKV state of every layer, (heads, N, N) each, every "
+                         "weight frozen: RWKV-PEFT's state tuning; the run writes state/) or "
+                         "lora+state (both).", choices=TRAIN_TYPES, group="profile")
+    state_lr: float = _f(0.0, "Peak learning rate of the tuned initial state (TRAIN_TYPE="
+                         "state / lora+state); 0 = LR. The schedule scales it like LR.",
+                         lo=0.0, hi=100.0, group="profile")
     peft_init: str = _f("default", "Adapter init: default (B=0) or pissa (principal "
                         "singular vectors: faster start, slower setup).",
                         choices=("default", "pissa"), group="profile")

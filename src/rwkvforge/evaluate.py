@@ -21,7 +21,9 @@ Three things, each for the base and the tuned model:
 
 Tuned model: `--adapter DIR` (default runs/<run>/adapter) is merged into the base in memory in
 fp32 (`rwkvforge.adapter`, the merge `rwkvforge merge` verifies against peft), or `--tuned X.pth`
-loads a merged file. Results go to runs/<run>/eval/eval.json and report.md (atomic writes).
+loads a merged file. A state-tuning run (TRAIN_TYPE=state / lora+state) is evaluated with its
+tuned initial state (runs/<run>/state/; `--state PATH` names another): base vs base + state
+(+ adapter). Results go to runs/<run>/eval/eval.json and report.md (atomic writes).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from rwkvforge.generate import CHAT_STOP, Engine, encode_chat_prompt
 from rwkvforge.sampling import SamplingParams
 from rwkvforge.loss import dpo_losses
 from rwkvforge.runtime import keep_freed_memory
+from rwkvforge.state_tuning import STATE_DIR, StateError, load_state_into, resolve_state_path
 from rwkvforge.tokenizer import encode_chat, get_tokenizer
 
 CHECK_KINDS = ("substring", "regex")
@@ -345,12 +348,19 @@ def render_report(res: dict) -> str:
 def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, val: Path,
              checks_path: Path | None, out_dir: Path, ctx_len: int = 512, micro_bsz: int = 4,
              max_tokens: int = 128, max_val_batches: int | None = None, log=print,
-             dpo_beta: float = 0.1) -> dict:
+             dpo_beta: float = 0.1, state: Path | None = None) -> dict:
     t0 = time.time()
     # inputs first, all of them, before any long work
     if not Path(base).is_file():
         raise EvalError(f"{base}: base model not found (pass --base-model).")
-    if tuned is None and (adapter is None or not Path(adapter).exists()):
+    if state is not None:
+        try:
+            state = resolve_state_path(state)
+        except StateError as e:
+            raise EvalError(str(e)) from e
+    if tuned is None and state is not None and (adapter is None or not Path(adapter).exists()):
+        adapter = None  # a state-only run: base vs base + state
+    elif tuned is None and (adapter is None or not Path(adapter).exists()):
         raise EvalError(f"{adapter}: adapter not found; pass --adapter DIR or --tuned merged.pth "
                         f"(a run has runs/<run>/adapter once training finished).")
     if tuned is not None and not Path(tuned).is_file():
@@ -363,7 +373,14 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
         base_model = model_from_state_dict(base_sd)
     except CheckpointError as e:
         raise EvalError(f"base model: {e}") from e
-    tuned_model, tuned_desc = load_tuned(base_sd, adapter, tuned)
+    tuned_model, tuned_desc = (load_tuned(base_sd, adapter, tuned) if adapter or tuned
+                               else (model_from_state_dict(base_sd), "base"))
+    if state is not None:
+        try:
+            load_state_into(tuned_model, state)
+        except StateError as e:
+            raise EvalError(str(e)) from e
+        tuned_desc += f" + state {state}"
     if tuned_model.config != base_model.config:
         raise EvalError(f"tuned model shape {tuned_model.config} differs from the base "
                         f"{base_model.config}: not the same model family.")
@@ -429,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--adapter", type=Path, default=None, help="adapter folder (default: <run>/adapter)")
     g.add_argument("--tuned", type=Path, default=None, help="a merged .pth to evaluate instead")
+    ap.add_argument("--state", type=Path, default=None, help="a tuned initial state (a run "
+                    "folder, its state/ or a state .pth; default: <run>/state when the run "
+                    "tuned one)")
     ap.add_argument("--base", dest="base", type=Path, help=argparse.SUPPRESS)  # old name
     ap.add_argument("--val", type=Path, default=None,
                     help="validation data: a prepared prefix or a JSONL (default: the run's data "
@@ -475,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         evaluate(run, base, adapter, args.tuned, val, checks, args.out or run / "eval", ctx,
                  args.micro_bsz, args.max_tokens, args.max_val_batches,
                  log=lambda m: print(m, file=sys.stderr),
-                 dpo_beta=float(settings.get("dpo_beta") or 0.1))
+                 dpo_beta=float(settings.get("dpo_beta") or 0.1),
+                 state=args.state or ((run / STATE_DIR) if (run / STATE_DIR).is_dir() else None))
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

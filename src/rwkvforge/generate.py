@@ -645,10 +645,10 @@ class Engine:
                 break
         n = end - req.fed
         if n > 0:
-            if req.state is None:
-                req.state = self.model.init_state(1, device=self.device)
             x = torch.tensor([ids[req.fed:end]], dtype=torch.long, device=self.device)
-            with self._rows([req.adapter]):
+            with self._rows([req.adapter]):  # (a state module's row starts from its state)
+                if req.state is None:
+                    req.state = self.model.init_state(1, device=self.device)
                 hidden, req.state = self.model.forward_hidden(x, req.state)  # (1,T,C)
                 req.logits = self.model.head(hidden[:, -1]).float()[0]  # (V,)
             self.stats["prefill_tokens"] += n

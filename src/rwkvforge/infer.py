@@ -4,6 +4,7 @@
     rwkvforge infer --model models/merged/my.pth              # interactive chat REPL
     rwkvforge infer --model my.pth --raw --prompt "def f(x):" # plain completion, no chat format
     rwkvforge infer --infer-backend rwkv --prompt "Hi"         # the `rwkv` pip package
+    rwkvforge infer --state runs/<run> --prompt "Hi"          # a tuned initial state
     python scripts/infer_albatross.py --infer-backend albatross --prompt "Hi"  # CUDA + checkout
 
 Back-ends (INFER_BACKEND): `builtin` (this package's model + generate.Engine, default),
@@ -37,6 +38,7 @@ from rwkvforge.sampling import SamplingParams, count_token, request_generator, s
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.paths import workspace_root
 from rwkvforge.runtime import keep_freed_memory
+from rwkvforge.state_tuning import load_state_into, read_state, rwkv_pip_state
 from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
 
 
@@ -52,8 +54,9 @@ class BuiltinRunner:
     name = "builtin"
 
     def __init__(self, model_path: Path, tokenizer: Any, dtype: torch.dtype, device: str,
-                 adapter: str = "", fast: str = "none"):
+                 adapter: str = "", fast: str = "none", state: str = ""):
         model = load_with_adapter(model_path, adapter or None, dtype, device)
+        load_state_into(model, state)  # a tuned initial state: every conversation starts there
         set_fast_path(model, fast, device)
         self.model = model
         self.engine = Engine(model, tokenizer, max_batch=1, device=device)
@@ -114,16 +117,21 @@ class LoopRunner:
 
 
 def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, dtype: str,
-                adapter: str = "", root: Path | None = None, fast: str = "none"):
+                adapter: str = "", root: Path | None = None, fast: str = "none",
+                state: str = ""):
     if adapter and backend != "builtin":
         raise InferError("--adapter works with INFER_BACKEND=builtin; merge it first "
                          "(rwkvforge merge) to use another back-end")
+    if state and backend == "albatross":
+        raise InferError("--state works with INFER_BACKEND=builtin or rwkv")
     if backend == "builtin":
-        return BuiltinRunner(model_path, tokenizer, DTYPES[dtype], device, adapter, fast)
+        return BuiltinRunner(model_path, tokenizer, DTYPES[dtype], device, adapter, fast, state)
     try:
         if backend == "rwkv":
-            return LoopRunner("rwkv", upstream.rwkv_pip_forward(model_path, device, dtype),
-                              tokenizer)
+            forward = upstream.rwkv_pip_forward(model_path, device, dtype)
+            if state:  # the state in rwkv pip's own layout, a fresh copy per conversation
+                forward = _from_state(forward, read_state(state), device, dtype)
+            return LoopRunner("rwkv", forward, tokenizer)
         if backend == "albatross":
             return LoopRunner("albatross",
                               upstream.albatross_forward(model_path, root or workspace_root()),
@@ -131,6 +139,18 @@ def make_runner(backend: str, model_path: Path, tokenizer: Any, *, device: str, 
     except upstream.UpstreamError as e:
         raise InferError(str(e)) from None
     raise InferError(f"unknown INFER_BACKEND {backend!r}: use builtin, rwkv or albatross")
+
+
+def _from_state(forward: Callable, wkv: torch.Tensor, device: str, dtype: str) -> Callable:
+    """rwkv pip's forward, starting from the tuned state `wkv` (L,H,N,N) where it would start
+    from None (token-shift vectors in the weights' dtype, WKV states fp32)."""
+    shift_dtype = DTYPES.get(dtype, torch.float32)
+    start = [t.to(device, shift_dtype if t.dim() == 1 else torch.float32)
+             for t in rwkv_pip_state(wkv, wkv.shape[1] * wkv.shape[2])]
+
+    def fwd(ids: list[int], state: Any) -> tuple[torch.Tensor, Any]:
+        return forward(ids, [t.clone() for t in start] if state is None else state)
+    return fwd
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
@@ -147,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="send --prompt as plain text (completion), not as a chat turn")
     ap.add_argument("--adapter", default="", help="LoRA adapter folder (PEFT layout) "
                     "merged into the base model in memory")
+    ap.add_argument("--state", default="", metavar="PATH",
+                    help="a tuned initial state (state tuning: a run folder, its state/ or a "
+                    "state .pth) each conversation starts from")
     ap.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                     help="weight dtype: auto = fp16 on CUDA, fp32 on CPU")
     ap.add_argument("--max-tokens", type=int, default=256,
@@ -201,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                   "gibberish; set BASE_MODEL for a real model)", file=sys.stderr)
         tok = get_tokenizer()
         runner = make_runner(s.infer_backend, path, tok, device=device, dtype=dtype,
-                             adapter=args.adapter, fast=s.infer_fast)
+                             adapter=args.adapter, fast=s.infer_fast, state=args.state)
     except (InferError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

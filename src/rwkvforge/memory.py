@@ -56,7 +56,7 @@ import torch
 from rwkvforge import config as cfgmod
 from rwkvforge import paths
 from rwkvforge.checkpoint import infer_config, load_state_dict
-from rwkvforge.config import LORA_TARGETS, OPTIMIZERS, QUANTS
+from rwkvforge.config import LORA_TARGETS, OPTIMIZERS, QUANTS, TRAIN_TYPES
 from rwkvforge.model.rwkv7 import RWKV7Config
 from rwkvforge import native
 
@@ -162,6 +162,7 @@ class Workload:
     ctx_len: int = 512
     micro_bsz: int = 1
     data_type: str = "sft"  # dpo: a micro-batch of MICRO_BSZ pairs runs 2 x MICRO_BSZ rows
+    train_type: str = "lora"  # state / lora+state: + an (H, N, N) fp32 initial state per layer
 
     @classmethod
     def from_any(cls, settings: Any, **overrides) -> "Workload":
@@ -195,6 +196,9 @@ class Workload:
         if bad:
             raise MemoryPlanError(f"LORA_TARGETS: unknown {bad}; choose from "
                                   + ", ".join(LORA_TARGETS) + ".")
+        if self.train_type not in TRAIN_TYPES:
+            raise MemoryPlanError(f"TRAIN_TYPE={self.train_type!r}: expected one of "
+                                  f"{', '.join(TRAIN_TYPES)}.")
         if self.ctx_len < 1 or self.micro_bsz < 1 or self.lora_r < 1 or self.head_chunk < 1:
             raise MemoryPlanError("CTX_LEN, MICRO_BSZ, LORA_R and HEAD_CHUNK must be >= 1.")
 
@@ -329,16 +333,20 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
     # ---- adapter, gradients, optimizer -----------------------------------------------------------
     r = w.lora_r
     lora_tensors = []  # element counts of every trainable tensor
-    for t in targets:
+    kinds = w.train_type.split("+")
+    for t in targets if "lora" in kinds else ():
         i, o = shapes[t]
         lora_tensors += [r * i, r * o] * L
         if w.use_dora:
             lora_tensors += [o] * L
-    trainable = lora_tensors + [part_params[p] for p in parts if p in part_params]
+    states = [H * N * N] * L if "state" in kinds else []  # state tuning: S0 per layer
+    trainable = lora_tensors + [part_params[p] for p in parts if p in part_params] + states
     n_train = sum(trainable)
     items["adapter"] = 4 * n_train
-    notes["adapter"] = f"{n_train / 1e6:.2f}M params (LoRA r={r} on {len(targets)} Linears x {L} layers" + (
-        ", + " + ",".join(sorted(parts)) if parts else "") + ")"
+    what = ([f"LoRA r={r} on {len(targets)} Linears x {L} layers"] if lora_tensors else []) + (
+        [",".join(sorted(parts))] if parts else []) + (
+        [f"initial state {H}x{N}x{N} x {L} layers"] if states else [])
+    notes["adapter"] = f"{n_train / 1e6:.2f}M params ({' + '.join(what)})"
     items["gradients"] = 4 * n_train
     if w.optimizer == "adamw":
         items["optimizer"] = 8 * n_train

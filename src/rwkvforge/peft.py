@@ -311,7 +311,8 @@ def export_adapter(peft_model, spec: AdapterSpec) -> tuple[dict, dict[str, torch
                           init_override=True)
     base = unwrap(peft_model)
     for n, p in base.named_parameters():
-        if p.requires_grad and "lora_" not in n:
+        # the tuned initial states (TRAIN_TYPE=lora+state) are no weights: state_tuning.py
+        if p.requires_grad and "lora_" not in n and not n.endswith(".time_state"):
             tensors[PEFT_PREFIX + _blink_name(n)] = p.detach().float().contiguous().clone()
     return peft_config_dict(peft_cfg), tensors
 

@@ -18,7 +18,9 @@ request that leaves a sampling field out gets the chat default that `rwkvforge i
 the dashboard use (generate.CHAT_DEFAULTS), a completion the OpenAI default. Chat messages
 are encoded in the RWKV World format ("User: ...\\n\\nAssistant:",
 generate.encode_chat_prompt) and a reply ends at its blank line. `--lora-modules name=PATH`
-serves several adapters over one base model, chosen by `model` (adapter.MultiLora).
+serves several adapters over one base model, chosen by `model` (adapter.MultiLora); `--state
+PATH` starts every conversation from a tuned initial state (state_tuning.py), and
+`--state-modules name=PATH` serves several, chosen by `model` like the adapters.
 
 One engine thread decodes every running request together: new requests join at the next
 step, finished ones leave, long prompts are prefilled in chunks between decode steps, and
@@ -57,6 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rwkvforge import config as cfgmod
 from rwkvforge.adapter import MultiLora, load_with_adapter
+from rwkvforge.state_tuning import load_state_into
 from rwkvforge.checkpoint import DTYPES
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.generate import (
@@ -577,33 +580,41 @@ def add_lora_routes(app: FastAPI, engine: Engine, opts: ServeOptions) -> None:
 
 # ---- CLI -----------------------------------------------------------------------------------------
 
-def parse_lora_modules(items: Sequence[str]) -> dict[str, str] | str:
-    """`--lora-modules name=PATH ...` -> {name: path}, or the error message."""
+def parse_lora_modules(items: Sequence[str], flag: str = "--lora-modules"
+                       ) -> dict[str, str] | str:
+    """`--lora-modules name=PATH ...` (or `--state-modules`) -> {name: path}, or the error
+    message."""
     out: dict[str, str] = {}
     for item in items:
         name, eq, path = item.partition("=")
         if not eq or not name or not path:
-            return f"--lora-modules takes NAME=PATH entries, got {item!r}"
+            return f"{flag} takes NAME=PATH entries, got {item!r}"
         if not re.fullmatch(LORA_NAME_RE, name):
-            return f"--lora-modules: {name!r} is not a usable model name (letters, digits, " \
+            return f"{flag}: {name!r} is not a usable model name (letters, digits, " \
                    "._:/-)"
         if name in out:
-            return f"--lora-modules: {name!r} is given twice"
+            return f"{flag}: {name!r} is given twice"
         out[name] = path
     return out
 
 
-def attach_adapters(model: Any, loras: dict[str, str], runtime: bool = False
-                    ) -> MultiLora | None:
+def attach_adapters(model: Any, loras: dict[str, str], states: dict[str, str] | None = None,
+                    runtime: bool = False) -> MultiLora | None:
     """Put the adapters on the model (adapter.MultiLora: base weights once, A / B per
-    adapter, applied per batch row; its `names` maps name -> row index). None when there
-    are none and none may be added at run time (`runtime`). ValueError for one that cannot
-    be served this way."""
-    if not loras and not runtime:
+    adapter, applied per batch row) and the tuned initial states (`--state-modules`, each
+    row starting from its own); its `names` maps name -> row index. None when there are
+    none and none may be added at run time (`runtime`). ValueError for one that cannot be
+    served this way."""
+    if not loras and not states and not runtime:
         return None
     multi = MultiLora(model)
     for name, p in loras.items():
         multi.add(name, p)
+    for name, p in (states or {}).items():
+        if name in multi.names:
+            raise ValueError(f"--state-modules: {name!r} is also a --lora-modules name; give "
+                             "each tuning its own name")
+        multi.add_state(name, p)
     return multi
 
 
@@ -632,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "serve_api_key", "serve_max_batch", "serve_max_queue",
                                         "serve_max_tokens"])
     ap.add_argument("--adapter", default="", help="LoRA adapter folder merged in memory")
+    ap.add_argument("--state", default="", metavar="PATH",
+                    help="a tuned initial state (state tuning: a run folder, its state/ or a "
+                    "state .pth) every conversation starts from")
+    ap.add_argument("--state-modules", nargs="+", default=[], metavar="NAME=PATH",
+                    help="tuned initial states (state tuning) served side by side, chosen per "
+                    "request by `model` like --lora-modules (rwkvserve's spelling)")
     ap.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
                     help="LoRA adapters served side by side over the one base model, chosen "
                     "per request by `model` (vLLM's spelling); requests for different "
@@ -750,9 +767,11 @@ def main(argv: list[str] | None = None) -> int:
               "this machine, so only a client holding the key may call them", file=sys.stderr)
         return 2
     loras = parse_lora_modules(args.lora_modules)
-    if isinstance(loras, str):
-        print(f"error: {loras}", file=sys.stderr)
-        return 2
+    states = parse_lora_modules(args.state_modules, "--state-modules")
+    for bad in (loras, states):
+        if isinstance(bad, str):
+            print(f"error: {bad}", file=sys.stderr)
+            return 2
     if loras and args.adapter:
         print("error: --adapter (merged) and --lora-modules cannot be combined: serve the "
               "merged adapter as one more --lora-modules entry", file=sys.stderr)
@@ -763,8 +782,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                file=sys.stderr))
         tok = get_tokenizer()
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
+        load_state_into(model, args.state)  # before the engine: its init_state starts there
         set_fast_path(model, s.infer_fast, device)
-        multi = attach_adapters(model, loras, runtime=args.allow_runtime_lora)
+        multi = attach_adapters(model, loras, states, runtime=args.allow_runtime_lora)
         adapters = multi.names if multi is not None else {}
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -788,7 +808,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[rwkvforge] OpenAI-compatible API at http://{s.serve_host}:{s.serve_port}/v1 "
           f"(model id {opts.model_id!r}"
           + (f", adapter {args.adapter} merged in memory" if args.adapter else "")
-          + (f", adapters {', '.join(adapters)}" if adapters else "") + ")",
+          + (f", state {args.state}" if args.state else "")
+          + (f", adapters / states {', '.join(adapters)}" if adapters else "") + ")",
           file=sys.stderr)
     uvicorn.Server(uvicorn_config(app, s.serve_host, s.serve_port, log_level=args.log_level,
                                   drain_seconds=args.drain_seconds,

@@ -7,6 +7,7 @@
                                                             # torch.distributed.run (gloo on CPU)
     TRAINER=rwkv-peft rwkvforge train --print-command           # the mapped RWKV-PEFT command
     ./scripts/train_lora_bf16.sh | train_qlora_nf4.sh | train_qlora_int8.sh
+    ./scripts/train_state.sh    # TRAIN_TYPE=state: the initial WKV states only (state_tuning.py)
     python -m rwkvforge.train --help
 
 Settings come from the config layers (workspace < model < profile < env < flags; see
@@ -56,10 +57,9 @@ from tqdm import tqdm
 
 from rwkvforge import config as cfgmod
 from rwkvforge import doctor, paths, upstream
-from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
-from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, atomic_dir,
-                                  load_model, load_trainer_state, prune_checkpoints,
-                                  save_trainer_state, verified_checkpoint)
+from rwkvforge.checkpoint import (CheckpointError, CorruptCheckpoint, load_model,
+                                  load_trainer_state, prune_checkpoints, save_trainer_state,
+                                  verified_checkpoint)
 from rwkvforge.data.loader import build_loaders
 from rwkvforge.data.prepare import SAMPLES, DataInputError, PrepareError, detect_type, prepared_data
 from rwkvforge.demo import resolve_base_model
@@ -71,13 +71,14 @@ from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dp
                             pair_rows)
 from rwkvforge.memory import MemoryPlanError, preflight_model
 from rwkvforge.model.wkv import describe_impl
-from rwkvforge.peft import (AdapterError, AdapterSpec, apply_adapter, count_parameters,
-                            export_adapter, unwrap)
+from rwkvforge.peft import AdapterError, AdapterSpec, count_parameters, unwrap
 from rwkvforge.runs import (RunError, RunFolder, RunLocked, config_record,
                             default_run_name, disk_full_message, disk_plan,
-                            final_adapter, final_lines, init_wandb, metrics_row, run_started,
+                            final_lines, init_wandb, metrics_row, run_started,
                             start_disk_message)
 from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
+from rwkvforge.state_tuning import (StateError, Tuning, apply_training, check_settings,
+                                    done_lines, export_tuning, finished, optimizer_groups)
 
 log = logging.getLogger("rwkvforge.train")
 
@@ -177,7 +178,7 @@ def build_model(s: cfgmod.Settings, model_path: Path, device: torch.device):
     load_dev = "cpu" if spec.quant != "none" else device  # bnb quantises on the move
     base = load_model(model_path, dtype=torch.float32, device=load_dev)
     cfg = base.config
-    pm = apply_adapter(base, spec, compute_dtype=compute)
+    pm = apply_training(base, spec, s.train_type, compute_dtype=compute)
     inner = unwrap(pm)
     # frozen float weights in the compute dtype (bf16 halves their memory); trainables fp32
     for p in inner.parameters():
@@ -215,14 +216,7 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 def make_optimizer(model: nn.Module, s: cfgmod.Settings):
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if ("lora_" in n and p.ndim == 2) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": s.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = optimizer_groups(model, s)  # LoRA (decayed), other trainables, the states
     if s.deepspeed_stage > 0 and s.deepspeed_offload:
         if s.optimizer != "adamw":
             raise TrainError("DEEPSPEED_OFFLOAD=1 runs DeepSpeed's CPU Adam: set "
@@ -248,6 +242,8 @@ def make_optimizer(model: nn.Module, s: cfgmod.Settings):
 # ---- trainer parts -------------------------------------------------------------------------------
 def check_combination(s: cfgmod.Settings) -> None:
     """Settings that cannot go together; checked before DeepSpeed's launcher starts too."""
+    with as_train_error(StateError):
+        check_settings(s)  # TRAIN_TYPE=state / lora+state
     if s.compile and s.deepspeed_stage > 0:
         raise TrainError("COMPILE=1 is for single-process training; with DeepSpeed set "
                          "COMPILE=0.")
@@ -345,8 +341,10 @@ def model_summary(s: cfgmod.Settings, path: Path, cfg, n_total: int, n_trainable
                   device: torch.device, seconds: float) -> str:
     return (f"model {path} L{cfg.n_layer} C{cfg.n_embd} ({n_total / 1e6:.1f}M params, "
             f"{n_trainable / 1e6:.3f}M trainable; {s.profile}: QUANT={s.quant} "
-            f"PRECISION={s.precision} r={s.lora_r} init={s.peft_init}"
-            f"{' dora' if s.use_dora else ''}) on {device} in {seconds:.1f}s")
+            f"PRECISION={s.precision}" + (f" r={s.lora_r} init={s.peft_init}" if "lora" in
+                                          s.train_type else "") + f"{' dora' if s.use_dora else ''}"
+            f"{' TRAIN_TYPE=' + s.train_type if s.train_type != 'lora' else ''}) on {device} "
+            f"in {seconds:.1f}s")
 
 
 def step_line(step: int, total: int, loss: float, lr: float, tps: float, row: dict,
@@ -525,15 +523,14 @@ class Trainer:
                 self.wandb = init_wandb(s, self.run_dir)
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def _export(self) -> tuple[dict, dict, dict]:
-        """(adapter config, tensors, metadata) of the adapter as it is now; every rank calls it
-        (ZeRO-3 gathers the shards)."""
+    def _export(self) -> Tuning:
+        """The adapter and / or tuned state as they are now; every rank calls it (ZeRO-3
+        gathers the shards)."""
+        meta = self.spec.metadata(self.inputs.model_path, self.model_cfg, step=self.step,
+                                  run=self.run_dir.name, profile=self.settings.profile)
         with self.strategy.gathered():
-            peft_cfg, tensors = export_adapter(self.model, self.spec)
-        peft_cfg["base_model_name_or_path"] = str(self.inputs.model_path)
-        return peft_cfg, tensors, self.spec.metadata(
-            self.inputs.model_path, self.model_cfg, step=self.step, run=self.run_dir.name,
-            profile=self.settings.profile)
+            return export_tuning(self.model, self.spec, self.settings.train_type, meta,
+                                 str(self.inputs.model_path))
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "total_steps": self.total_steps,
@@ -544,7 +541,7 @@ class Trainer:
         adapter = self._export()
 
         def fill(tmp: Path) -> None:
-            save_adapter(tmp, *adapter)
+            adapter.save(tmp)
             save_trainer_state(tmp / "trainer_state.pt", state)
 
         self._writing = f"checkpoint step-{self.step}"
@@ -700,8 +697,7 @@ class Trainer:
             raise
         prev = self.folder.read_status() if self.resume else {}
         if self.resume and self.step >= self.total_steps:  # every rank returns here
-            if prev.get("state") == "finished" and (final_adapter(self.run_dir)
-                                                    / ADAPTER_CONFIG).is_file():
+            if prev.get("state") == "finished" and finished(self.run_dir, s.train_type):
                 self.say(f"{self.run_dir} already finished {self.total_steps} steps: nothing "
                          f"to do (pass --max-steps N with N > {self.step} to train further)")
                 self.folder.close_log()
@@ -815,20 +811,19 @@ class Trainer:
             self._bar = None
 
     def _finish(self, loss, mon: MemoryMonitor) -> None:
-        """The final adapter, loss curve and status; then the processes shut down in order."""
+        """Final adapter / state, loss curve and status; then the processes shut down in order."""
         self._close_bar(mon)
         adapter = self._export()
         self._writing = "the final adapter"
         if self.is_main:
-            with atomic_dir(self.run_dir / "adapter") as d:
-                save_adapter(d, *adapter)
+            adapter.save_final(self.run_dir)
             png = self.folder.plot_loss()
             self.folder.status("finished", self.step, self.total_steps, error=None,
                                peak_mem_mb=round(mon.peak_mb, 1),
                                weights_mb=round(self.weights_mb, 1), final_loss=loss,
                                val_loss_start=self.val_start, val_loss_end=self.val_end)
-            for line in final_lines(self.run_dir, loss, self.val_start, self.val_end, png,
-                                    mon.peak_mb):
+            lines = final_lines(self.run_dir, loss, self.val_start, self.val_end, png, mon.peak_mb)
+            for line in done_lines(lines, self.run_dir, self.settings.train_type):
                 self.say(line)
         if self.wandb is not None:
             self.wandb.finish()

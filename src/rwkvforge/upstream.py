@@ -66,6 +66,9 @@ def rwkv_peft_command(s: config.Settings, model_path: Path, data_prefix: Path,
     checkpoint (--n_layer / --n_embd / --dim_ffn / --head_size_a / --vocab_size)."""
     if s.data_type == "dpo":
         raise UpstreamError(DPO_NOT_MAPPED)
+    if s.train_type == "lora+state":
+        raise UpstreamError("TRAIN_TYPE=lora+state has no RWKV-PEFT equivalent (its "
+                            "--train_type state trains the state alone); use TRAINER=builtin.")
     if s.use_dora:
         raise UpstreamError("USE_DORA=1 has no RWKV-PEFT equivalent (it offers LoRA, PiSSA, "
                          "DiSHA); use TRAINER=builtin or USE_DORA=0.")
@@ -100,7 +103,9 @@ def rwkv_peft_command(s: config.Settings, model_path: Path, data_prefix: Path,
             ]
     if s.lr_schedule == "constant":
         argv[argv.index("--lr_final") + 1] = repr(float(s.lr))
-    if s.peft_init == "pissa":
+    if s.train_type == "state":  # RWKV-PEFT's state tuning: no adapter
+        argv += ["--train_type", "state", "--peft", "none"]
+    elif s.peft_init == "pissa":
         argv += ["--peft", "pissa", "--pissa_config", json.dumps(
             {"pissa_load": "", "pissa_init": "", "pissa_r": s.lora_r, "svd_niter": 4})]
     else:

@@ -501,10 +501,11 @@ def page_data() -> None:
 # ---- Chat page -----------------------------------------------------------------------------------
 
 @st.cache_resource(max_entries=2, show_spinner=False)
-def _engine(model_path: str, adapter: str | None):
+def _engine(model_path: str, adapter: str | None, state: str | None = None):
     from rwkvforge.dashboard import chat as C
 
-    return C.load_engine(Path(model_path), Path(adapter) if adapter else None)
+    return C.load_engine(Path(model_path), Path(adapter) if adapter else None,
+                         Path(state) if state else None)
 
 
 def page_chat(runs_dir: Path | None) -> None:
@@ -521,6 +522,7 @@ def page_chat(runs_dir: Path | None) -> None:
     tuned_opts = ["none"]
     if runs_dir is not None:
         tuned_opts += [f"adapter:{rel(p)}" for p in R.find_adapters(runs_dir, root)]
+        tuned_opts += [f"state:{rel(p)}" for p in R.find_states(runs_dir, root)]
     tuned_opts += [f"merged:{m}" for m in models if m != base]
 
     tuned_label = tuned_labeler(lang())
@@ -552,9 +554,11 @@ def page_chat(runs_dir: Path | None) -> None:
     if st.button(tr("chat.generate"), key="chat.go", type="primary"):
         try:
             base_path = R.check_inside(base, root)
-            tuned_model, adapter = base_path, None
+            tuned_model, adapter, state = base_path, None, None
             if tuned.startswith("adapter:"):
                 adapter = R.check_inside(tuned.partition(":")[2], root)
+            elif tuned.startswith("state:"):
+                state = R.check_inside(tuned.partition(":")[2], root)
             elif tuned.startswith("merged:"):
                 tuned_model = R.check_inside(tuned.partition(":")[2], root)
         except R.PathRefused as e:
@@ -568,8 +572,9 @@ def page_chat(runs_dir: Path | None) -> None:
             try:
                 answers["base"] = C.answer(_engine(str(base_path), None), req)
                 if tuned != "none":
-                    answers["tuned"] = C.answer(_engine(str(tuned_model),
-                                                        str(adapter) if adapter else None), req)
+                    answers["tuned"] = C.answer(_engine(
+                        str(tuned_model), str(adapter) if adapter else None,
+                        str(state) if state else None), req)
             except Exception as e:  # noqa: BLE001 - show the engine's own error to the user
                 ss["chat.error"] = f"{type(e).__name__}: {e}"
                 answers = {}

@@ -20,6 +20,7 @@ from pathlib import Path
 from rwkvforge.adapter import load_with_adapter
 from rwkvforge.generate import CHAT_DEFAULTS, Engine, chat_params, chat_turn, encode_chat_prompt
 from rwkvforge.sampling import SamplingParams
+from rwkvforge.state_tuning import load_state_into
 
 
 @dataclass
@@ -45,13 +46,16 @@ class ChatAnswer:
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def load_engine(model_path: Path, adapter_dir: Path | None = None) -> Engine:
+def load_engine(model_path: Path, adapter_dir: Path | None = None,
+                state: Path | None = None) -> Engine:
     """An inline (no background thread) engine over the model at `model_path` (+ a PEFT-layout
-    adapter folder, merged in memory in fp32). An incomplete adapter folder raises
-    adapter.read_adapter's MergeError (which file is missing, what to pass instead)."""
+    adapter folder, merged in memory in fp32; + a tuned initial state, state_tuning.py). An
+    incomplete adapter folder raises adapter.read_adapter's MergeError (which file is
+    missing, what to pass instead), a bad state state_tuning.StateError."""
     from rwkvforge.tokenizer import get_tokenizer
 
     model = load_with_adapter(model_path, adapter_dir)
+    load_state_into(model, state)
     model.eval()
     return Engine(model, get_tokenizer(), max_batch=2, cache_prompts=False)
 

@@ -28,6 +28,7 @@ from rwkvforge.checkpoint import checkpoint_dirs
 from rwkvforge.paths import is_within, workspace_root
 from rwkvforge.runs import CONFIG, FINAL_ADAPTER, MERGED, read_json, read_metrics
 from rwkvforge.runtime import pid_alive
+from rwkvforge.state_tuning import STATE_DIR, STATE_PTH
 
 # A "running" status.json whose `updated` is older than this is treated as dead: the trainer
 # refreshes it every logged step, and steps on a CPU demo take seconds, not minutes.
@@ -330,6 +331,13 @@ def find_models(root: Path | None = None) -> list[Path]:
     if runs.is_dir():
         found.update(p for p in runs.glob("*/merged/*.pth") if p.is_file())
     return sorted(p for p in found if is_within(p, root))
+
+
+def find_states(runs_dir: Path | str, root: Path | None = None) -> list[Path]:
+    """Tuned initial states of runs (state tuning: runs/<run>/state/)."""
+    root = Path(root or workspace_root()).resolve()
+    return [run.path / STATE_DIR for run in list_runs(runs_dir, root)
+            if (run.path / STATE_DIR / STATE_PTH).is_file() and is_within(run.path / STATE_DIR, root)]
 
 
 def find_adapters(runs_dir: Path | str, root: Path | None = None) -> list[Path]:

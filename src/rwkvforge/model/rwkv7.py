@@ -267,18 +267,41 @@ class RWKV7(nn.Module):
         self._consts: dict[int, tuple] = {}  # layer -> (param versions, small tensors for step)
 
     # ---- state -----------------------------------------------------------------------------------
+    def add_initial_state(self, wkv: torch.Tensor | None = None) -> None:
+        """Give every layer an initial WKV state, the parameter `blocks.{i}.att.time_state`
+        (H,N,N) fp32 (RWKV-PEFT's name and layout: rows = value, cols = key, as `wkv.py`):
+        `init_state`, and so `forward` without a state, starts from it instead of zeros.
+        `wkv` (L,H,N,N): its values (None: zeros, i.e. the plain model). State tuning trains
+        it (state_tuning.py); inference loads a tuned one."""
+        cfg = self.config
+        shape = (cfg.n_layer, cfg.n_head, cfg.head_size, cfg.head_size)
+        if wkv is not None and tuple(wkv.shape) != shape:
+            raise ValueError(f"initial state of shape {tuple(wkv.shape)}; this model takes "
+                             f"{shape} (layers, heads, head size, head size)")
+        dev = self.emb.weight.device
+        for i, block in enumerate(self.blocks):
+            init = torch.zeros(shape[1:]) if wkv is None else wkv[i].detach().float().clone()
+            block.att.time_state = nn.Parameter(init.to(dev), requires_grad=False)
+
+    def initial_wkv(self) -> torch.Tensor | None:
+        """The layers' initial WKV states stacked, (L,H,N,N) (None: the model has none)."""
+        states = [getattr(b.att, "time_state", None) for b in self.blocks]
+        return None if states[0] is None else torch.stack(states)
+
     def init_state(self, batch_size: int, device=None) -> State:
+        """Zeros, except the WKV state of a model with `add_initial_state`: its (trainable)
+        initial state, one copy per row (the graph to it kept: state tuning's gradient)."""
         cfg = self.config
         device = device if device is not None else self.emb.weight.device
         B, C, H, N = batch_size, cfg.n_embd, cfg.n_head, cfg.head_size
-        return [
-            (
-                torch.zeros(B, C, dtype=torch.float32, device=device),
-                torch.zeros(B, H, N, N, dtype=torch.float32, device=device),
-                torch.zeros(B, C, dtype=torch.float32, device=device),
-            )
-            for _ in range(cfg.n_layer)
-        ]
+        out = []
+        for block in self.blocks:
+            s0 = getattr(block.att, "time_state", None)
+            S = (torch.zeros(B, H, N, N, dtype=torch.float32, device=device) if s0 is None
+                 else s0.float().to(device).unsqueeze(0).repeat(B, 1, 1, 1))  # (B,H,N,N)
+            out.append((torch.zeros(B, C, dtype=torch.float32, device=device), S,
+                        torch.zeros(B, C, dtype=torch.float32, device=device)))
+        return out
 
     # ---- sequence --------------------------------------------------------------------------------
     def forward_hidden(self, idx: torch.Tensor, state: State | None = None):
