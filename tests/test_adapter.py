@@ -129,7 +129,7 @@ def test_adapter_checksums_are_checked(lora_dir, tmp_path):
         A.verify_checksums(d)
     (d / A.CHECKSUMS).write_text("not a checksum line\n")
     with pytest.raises(A.MergeError, match=r"SHA256SUMS:1: not a `sha256sum` line"):
-        A.read_adapter(d)
+        A.verify_checksums(d)
 
 
 def test_peft_export_of_a_read_adapter_is_the_same_adapter(lora_dir, tmp_path):

@@ -37,7 +37,8 @@ def _server(tiny_model_path, loras, states, state: str | None = None) -> LiveSer
     model = load_model(tiny_model_path)
     ST.load_state_into(model, state)  # serve --state
     s = LiveServer(model, get_tokenizer(), max_batch=8)
-    s.opts.adapters = attach_adapters(model, loras, states)
+    multi = attach_adapters(model, loras, states)
+    s.opts.adapters = multi.names if multi is not None else {}
     return s
 
 
