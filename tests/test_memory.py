@@ -348,3 +348,19 @@ def test_plan_says_how_much_disk_a_run_takes(capsys):
     assert total == 5 * per + 4_000_000 + (1 << 20)
     assert memory.run_disk_bytes(1_000_000, 100, 20, 2)[1] == 2
     assert memory.run_disk_bytes(1_000_000, 101, 20, 0)[1] == 6  # the last step is saved too
+
+
+def test_plan_on_a_machine_without_a_gpu_plans_for_its_ram(capsys):
+    """DEVICE=auto with no GPU torch can see (this machine): the plan is for this CPU's
+    memory, not a request for --vram (issue 27, item 7)."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: auto plans for the card")
+    rc = memory.main(["--size", "0.1b", "--ctx-len", "512", "--device", "auto", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    out = json.loads(cap.out)
+    assert out["plan"]["fits"] is True and "--vram" not in cap.err
+    assert 0 < out["plan"]["vram"] <= psutil.virtual_memory().total
