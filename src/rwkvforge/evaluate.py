@@ -19,9 +19,9 @@ Three things, each for the base and the tuned model:
    answer contains `expect` (substring) or `re.search(expect, answer)` finds a match (regex).
    Without --checks they come from the run's own held-out data (its prepared val split: up to
    HELD_OUT_CHECKS examples, the user turn as the prompt, the first line of the reference
-   reply, past a code fence, as the expected substring), or there are none (text data, no val split); the shipped
-   1C checks (data/samples/bsl_checks.jsonl) only for a run on the shipped sample data. One
-   line says which.
+   reply, past a code fence, as the expected substring), or there are none (text data, no val
+   split); the shipped 1C checks (data/samples/bsl_checks.jsonl) only for a run on the shipped
+   sample data. One line says which.
 3. the answers themselves, base vs tuned, in a table.
 
 Tuned model: `--adapter DIR` (default runs/<run>/adapter) is merged into the base in memory in

@@ -911,8 +911,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "complete one instead of stopping")
     ap.add_argument("--force", action="store_true", help="start even when the memory "
                     "planner predicts the run will not fit (see `rwkvforge plan`)")
-    # the server / dashboard / inference settings exist in every layer but do not change a
-    # training run: accepted, not listed
+    # the server / dashboard / inference / bootstrap (torch) settings exist in every layer but
+    # do not change a training run: accepted, not listed
     cfgmod.add_settings_flags(ap, hide=("serve_", "dashboard_", "infer_", "torch_"))
     return ap
 
