@@ -13,6 +13,11 @@ rwkvforge package's public API (the same functions the `rwkvforge` commands call
 
 Outputs go to the workspace (RWKVFORGE_ROOT, else this checkout): data/processed/ and
 runs/sft-walkthrough-<time>/. Small settings: a few minutes on 2 CPU cores.
+
+Model and data come from the same settings as `rwkvforge train`: BASE_MODEL and DATA_FILE (or
+DATA_PREFIX) in configs/workspace.env or the environment; unset, the demo model and the shipped
+sample. marimo comes with `./scripts/bootstrap.sh` (the `notebooks` extra); in another
+environment: `pip install "marimo>=0.9"`.
 """
 
 import marimo
@@ -37,8 +42,12 @@ def _(mo):
         This notebook fine-tunes the **embedded demo model** (real RWKV-7 architecture and World
         vocabulary, random weights) on the shipped 1C:Enterprise chat samples with LoRA, then
         measures it and talks to it. Every step calls the `rwkvforge` package, exactly as the
-        `rwkvforge prepare / train / eval / infer` commands do. Swap in your own model and data
-        by changing the settings in the next cell (see `docs/quickstart.md`).
+        `rwkvforge prepare / train / eval / infer` commands do. Your own model and data: set
+        `BASE_MODEL` and `DATA_FILE` in `configs/workspace.env` (or the environment), as for
+        `rwkvforge train`, and run the notebook again (see `docs/quickstart.md`).
+
+        marimo missing? `./scripts/bootstrap.sh` installs it (the `notebooks` extra), or
+        `pip install "marimo>=0.9"` in your environment.
         """
     )
     return
@@ -55,11 +64,14 @@ def _():
     from rwkvforge import config, paths
 
     root = paths.workspace_root()
-    # Small on purpose: runs in minutes on a laptop CPU. For a real run use a model config
-    # (e.g. "rwkv7-1.5b"), a profile that fits your card and hundreds of steps.
+    # Your BASE_MODEL / DATA_FILE (workspace.env, environment) as `rwkvforge train` reads
+    # them; without a BASE_MODEL the demo model's layer (configs/model/rwkv7-tiny.env).
+    # Small on purpose: runs in minutes on a laptop CPU. For a real run use a profile that
+    # fits your card and hundreds of steps.
+    own_model = bool(config.resolve(root=root).settings.base_model)
     run_name = "sft-walkthrough-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     resolved = config.resolve(
-        model="rwkv7-tiny",
+        model=None if own_model else "rwkv7-tiny",
         profile="lora-bf16",
         cli={
             "precision": "fp32" if not torch.cuda.is_available() else "bf16",
@@ -69,7 +81,6 @@ def _():
             "warmup_steps": 2,
             "save_every": 4,
             "lr": 1e-3,
-            "data_prefix": "data/processed/sft_walkthrough",
             "run_name": run_name,
         },
         root=root,
@@ -95,17 +106,14 @@ def _(mo, resolved, root):
 
 
 @app.cell
-def _(root, s):
-    from rwkvforge.data.prepare import SAMPLES, Options, run as prepare_run
+def _(json, resolved, root, s):
+    from rwkvforge.data.prepare import prepared_data
 
-    data_file = root / "data" / "samples" / SAMPLES[s.data_type]
-    prefix = root / s.data_prefix
-    meta = prepare_run(
-        Options(input=data_file, prefix=prefix, data_type=s.data_type, ctx_len=s.ctx_len,
-                seed=s.seed, val_fraction=s.val_fraction, workers=1,
-                micro_bsz=s.micro_bsz, grad_accum=s.grad_accum, progress=False),
-        log=lambda *a: None,
-    )
+    # DATA_FILE / DATA_PREFIX from the settings (the shipped sample when unset), prepared as
+    # `rwkvforge train` prepares it: data/processed/<name of the file>, again when it changed
+    prefix, data_file = prepared_data(s, resolved.sources, root, say=lambda *a: None)
+    with open(f"{prefix}.meta.json", encoding="utf-8") as _f:
+        meta = json.load(_f)
     return data_file, meta, prefix
 
 
@@ -116,31 +124,34 @@ def _(data_file, meta, mo, prefix):
         f"""
         ## 2. Prepare
 
-        `{data_file.name}` → `{prefix}` (`rwkvforge prepare` does the same). Every line was
-        validated; the prompt is masked out of the loss, only assistant text is trained.
+        `{data_file or prefix}` → `{prefix}` (`rwkvforge prepare` does the same). Every line
+        was validated; in chat data the prompt is masked out of the loss, only assistant text
+        is trained.
 
         - accepted: **{meta["documents"]}** examples, rejected: {meta["rejected"]}
         - train: {_tr["documents"]} examples, {_tr["tokens"]} tokens;
           validation: {_va["documents"] if _va else 0} examples
-        - steps per epoch at this batch size: {meta["steps_per_epoch"]}
+        - steps per epoch at this batch size: {meta.get("steps_per_epoch")}
         """
     )
     return
 
 
 @app.cell
-def _(data_file, json, mo):
-    from rwkvforge.tokenizer import encode_chat, get_tokenizer
+def _(mo, prefix):
+    from rwkvforge.data.loader import open_split
+    from rwkvforge.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
-    with open(data_file, encoding="utf-8") as _f:
-        _first = json.loads(_f.readline())
-    _ids, _mask = encode_chat(_first["messages"], tok)
-    _prompt = tok.decode([t for t, m in zip(_ids, _mask) if not m])
-    _trained = tok.decode([t for t, m in zip(_ids, _mask) if m])
+    # the first training example as the trainer reads it: token ids and their loss mask
+    _split = open_split(prefix, "train")
+    _ids, _mask = (a.tolist() for a in _split.item(0, 4096))
+    _prompt = tok.decode([t for t, m in zip(_ids, _mask) if not m and t])
+    _trained = tok.decode([t for t, m in zip(_ids, _mask) if m and t])
     mo.md(
         f"""
-        One example in the World chat format: {len(_ids)} tokens, {sum(_mask)} of them trained.
+        The first training example as the trainer reads it: {len(_ids)} tokens, {sum(_mask)}
+        of them trained.
 
         **not trained (prompt):**
         ```
@@ -176,14 +187,18 @@ def _(json, mo, result, run_dir):
 
 
 @app.cell
-def _(math, mo, prefix, result, root, run_dir, s, trainer):
-    from rwkvforge.evaluate import evaluate, render_report
+def _(math, mo, prefix, result, run_dir, s, trainer):
+    from rwkvforge import runs
+    from rwkvforge.evaluate import default_checks, evaluate, render_report
 
     # what `rwkvforge eval --run <run>` does: base vs tuned (adapter merged in memory) on the
-    # validation split, plus the shipped prompt checks answered greedily by both models
+    # validation split, plus the default prompt checks (your held-out examples; the shipped
+    # 1C checks for the sample data) answered greedily by both models
+    _record = runs.run_config(run_dir)
+    _checks, _which = default_checks(_record, prefix)
     evaluation = evaluate(run_dir, trainer.inputs.model_path, run_dir / "adapter", None, prefix,
-                          root / "data" / "samples" / "bsl_checks.jsonl", run_dir / "eval",
-                          ctx_len=s.ctx_len, micro_bsz=2, max_tokens=16, log=lambda *a: None)
+                          _checks, run_dir / "eval", ctx_len=s.ctx_len, micro_bsz=2,
+                          max_tokens=16, log=lambda *a: None, checks_source=_which)
     assert (run_dir / "eval" / "report.md").is_file()
     _lb, _la = result.val_loss_start, result.val_loss_end
     mo.md("\n".join([
@@ -191,7 +206,7 @@ def _(math, mo, prefix, result, root, run_dir, s, trainer):
         f"The trainer's own validation loss: {_lb:.4f} before training (perplexity "
         f"{math.exp(_lb):,.1f}), {_la:.4f} after (perplexity {math.exp(_la):,.1f}).", "",
         "`rwkvforge.evaluate` (the `rwkvforge eval` command) writes this report to "
-        f"`{run_dir / 'eval' / 'report.md'}`:", "",
+        f"`{run_dir / 'eval' / 'report.md'}`. Prompt checks: {_which}.", "",
         render_report(evaluation).replace("# Evaluation", "### Evaluation", 1),
     ]))
     return
@@ -203,12 +218,17 @@ def _(mo, run_dir, tok, trainer):
 
     from rwkvforge.generate import chat_params, chat_turn, encode_chat_prompt
     from rwkvforge.infer import BuiltinRunner
+    from rwkvforge.runs import chat_prompt, run_config
 
     # base + adapter merged in memory, as `rwkvforge infer --adapter runs/<run>/adapter` does
     runner = BuiltinRunner(trainer.inputs.model_path, tok, _torch.float32, "cpu",
                            adapter=str(run_dir / "adapter"))
-    _question = "Напиши функцию, которая проверяет, что число чётное."
-    _ids, _ends = encode_chat_prompt(chat_turn(_question), tok)
+    # a question of the data used: its first held-out one (the 1C question for the sample)
+    _mode, _question = chat_prompt(run_config(run_dir))
+    if _mode == "chat":
+        _ids, _ends = encode_chat_prompt(chat_turn(_question), tok)
+    else:  # text data: the start of a held-out document, continued as plain text
+        _ids, _ends = tok.encode(_question), ()
     _pieces = []
     _answer, _finish, _n = runner.generate(  # the chat defaults of infer / serve / dashboard
         _ids, chat_params(max_tokens=40, seed=0), _pieces.append, cache_at=_ends)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or update the workspace environment in .venv/ (safe to run again).
 #
-#   ./scripts/bootstrap.sh                 # runtime deps, torch picked from the GPU (or CPU)
+#   ./scripts/bootstrap.sh                 # runtime deps + marimo, torch picked from the GPU (or CPU)
 #   ./scripts/bootstrap.sh --dev           # + test / benchmark tools (pytest, openai, ...)
 #   ./scripts/bootstrap.sh --with-upstream # + clone RWKV-PEFT and Albatross into third_party/
 #
@@ -195,8 +195,8 @@ else
   "$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$CONSTRAINTS"
   info "pinned $(cat "$CONSTRAINTS") for every later install"
 
-  extras=""
-  [[ "$WITH_DEV" == 1 ]] && extras="[dev]"
+  extras="[notebooks]" # marimo: notebooks/ run in this environment
+  [[ "$WITH_DEV" == 1 ]] && extras="[notebooks,dev]"
   info "installing rwkvforge$extras (editable) and its dependencies"
   "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -e ".$extras"
   install_fla

@@ -62,9 +62,16 @@ require_file "$MERGED" "merge wrote no model; see its output above"
 info "3/5 evaluate base vs tuned"
 "$PY" -m rwkvforge.cli eval --run "$RUN_DIR"
 
-info "4/5 ask the merged model"
-"$PY" -m rwkvforge.cli infer --base-model "$MERGED" --max-tokens 80 \
-  --prompt "Напиши процедуру, которая выводит сообщение «Привет» на клиенте."
+# a question from the data used (its first held-out one; the 1C question for the demo data);
+# text data: the start of a held-out document, completed as plain text
+ASK="$("$PY" -m rwkvforge.runs chat-prompt "$RUN_DIR")"
+MODE="${ASK%%$'\n'*}"
+PROMPT="${ASK#*$'\n'}"
+raw=()
+[[ "$MODE" == raw ]] && raw=(--raw)
+info "4/5 ask the merged model${raw[*]+ (plain completion)}: $PROMPT"
+"$PY" -m rwkvforge.cli infer --base-model "$MERGED" --max-tokens 80 ${raw[@]+"${raw[@]}"} \
+  --prompt "$PROMPT"
 
 info "5/5 done. Run folder: $RUN_DIR (report: $RUN_DIR/eval/report.md)"
 info "next: ./scripts/dashboard.sh   |   ./scripts/serve.sh --base-model $(printf %q "$MERGED")"

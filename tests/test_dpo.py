@@ -367,3 +367,20 @@ def test_dpo_ftx_runs_log_the_dpo_loss_alone(tiny_model_path, dpo_prefix, tmp_pa
     row = metrics(run)[0]
     assert row["dpo_loss"] == pytest.approx(LN2, abs=1e-5) and row["loss"] > LN2 + 1.0
     assert out.val_loss_start == pytest.approx(LN2, abs=1e-6)  # validation: DPO alone
+
+
+def test_the_reference_pass_is_never_silent_for_long(tiny_model_path, dpo_prefix, tmp_path,
+                                                     capsys, monkeypatch):
+    """Not a terminal: plain lines count the reference pass's batches (EVERY_S shrunk below
+    the tiny model's pass), train and val pairs together, up to all of them."""
+    from rwkvforge import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.005)
+    T.Trainer(resolved(tiny_model_path, dpo_prefix, tmp_path, max_steps=1), tmp_path / "r",
+              root=ROOT, progress=False).run()
+    lines = [x for x in capsys.readouterr().err.splitlines()
+             if x.startswith("DPO reference pass: ")]
+    meta = json.loads(Path(f"{dpo_prefix}.meta.json").read_text())
+    n = (-(-meta["splits"]["train"]["documents"] // FAST["micro_bsz"])
+         + -(-meta["splits"]["val"]["documents"] // FAST["micro_bsz"]))
+    assert lines and lines[-1].startswith(f"DPO reference pass: {n}/{n} batch (100%)")

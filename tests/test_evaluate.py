@@ -260,3 +260,89 @@ def test_report_keeps_the_checks_row_in_the_table_of_a_dpo_run():
     i = next(n for n, x in enumerate(lines) if x.startswith("| chosen answer likelier"))
     assert lines[i + 1].startswith("| prompt checks passed")  # the same table
     assert any(x.startswith("DPO against the base") for x in lines[i + 2:])
+
+
+# ------------------------------------------------------------------ issue 27: 3, 4
+OWN = [{"messages": [{"role": "user", "content": f"Сколько будет {i} плюс {i}?"},
+                     {"role": "assistant", "content": f"```bsl\nРезультат = {2 * i};\n```\n"
+                                                      f"Ответ: {2 * i}."}]}
+       for i in range(10)]
+
+
+def _prepare(tmp_path: Path, name: str, records: list[dict], data_type: str) -> Path:
+    from rwkvforge.data.prepare import Options, run
+
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                   encoding="utf-8")
+    prefix = tmp_path / name
+    run(Options(input=src, prefix=prefix, data_type=data_type, ctx_len=64, seed=3,
+                val_fraction=0.3, workers=1, progress=False), log=lambda *a: None)
+    return prefix
+
+
+def _own_run(tmp_path: Path, model_path: Path, prefix: Path, demo: bool = False) -> Path:
+    """A run folder as training leaves it: config.json naming the model and the prepared data,
+    and an adapter (fresh, so the tuned model equals the base; eval does not care)."""
+    from rwkvforge import peft as rp
+    from rwkvforge.adapter import save_adapter
+    from rwkvforge.checkpoint import load_model
+
+    run = tmp_path / "run"
+    spec = rp.AdapterSpec(r=4, alpha=8.0, targets=rp.LORA_TARGETS)
+    save_adapter(run / "adapter", *rp.export_adapter(rp.apply_adapter(load_model(model_path),
+                                                                      spec), spec))
+    (run / "config.json").write_text(json.dumps({
+        "model": {"path": str(model_path)}, "settings": {"ctx_len": CTX},
+        "data": {"prefix": str(prefix), "demo": demo}}))
+    return run
+
+
+def test_eval_on_your_own_run_checks_its_held_out_examples(tiny_model_path, tmp_path, capsys):
+    """Not the shipped 1C checks: each held-out example of the run's own data asks its question
+    and expects the first line of its reference reply (past the code fence); one line says so."""
+    prefix = _prepare(tmp_path, "own", OWN, "sft")
+    run = _own_run(tmp_path, tiny_model_path, prefix)
+    assert E.main(["--run", str(run), "--max-tokens", "3", "--max-val-batches", "1"]) == 0
+    err = capsys.readouterr().err
+    which = [x for x in err.splitlines() if x.startswith("[eval] prompt checks: ")]
+    assert len(which) == 1 and "drawn from the run's held-out data" in which[0]
+    res = json.loads((run / "eval" / "eval.json").read_text(encoding="utf-8"))
+    items = res["checks"]["items"]
+    held_out = json.loads((Path(f"{prefix}.meta.json")).read_text())["splits"]["val"]
+    assert len(items) == held_out["documents"] == 3
+    by_question = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in OWN}
+    for it in items:
+        assert it["prompt"] in by_question  # a question of the run's own data, verbatim
+        assert it["expect"] == by_question[it["prompt"]].splitlines()[1]  # not the ``` line
+    assert "bsl_checks" not in res["checks"]["file"] and "held-out" in res["checks"]["file"]
+
+
+def test_default_checks_say_which_for_demo_and_text_runs(tiny_model_path, tmp_path):
+    from rwkvforge import paths
+
+    demo, why = E.default_checks({"data": {"prefix": "x", "demo": True}}, Path("x"))
+    assert len(demo) == len(E.load_checks(paths.sample_data_dir() / "bsl_checks.jsonl"))
+    assert "shipped 1C checks" in why
+    text = _prepare(tmp_path, "text", [{"text": f"строка номер {i}"} for i in range(10)], "text")
+    none, why = E.default_checks({"data": {"prefix": str(text), "demo": False}}, text)
+    assert none == [] and why.startswith("none: ") and "--checks FILE" in why
+    dpo = _prepare(tmp_path, "dpo", [{"prompt": f"Вопрос {i}?", "chosen": f"Да {i}.",
+                                      "rejected": f"Нет {i}."} for i in range(10)], "dpo")
+    checks, _ = E.default_checks({"data": {"prefix": str(dpo), "demo": False}}, dpo)
+    assert checks and all(c.expect == f"Да {c.prompt[7:-1]}." for c in checks)  # the chosen
+
+
+def test_answering_is_never_silent_for_long(tiny_model, capsys, monkeypatch):
+    """Not a terminal: plain lines count the finished answers (EVERY_S shrunk below the tiny
+    model's answering time) up to all of them."""
+    from rwkvforge import progress
+    from rwkvforge.tokenizer import get_tokenizer
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.005)
+    answers = E.answer_prompts(tiny_model, get_tokenizer(), ["Привет", "Как дела?", "Что?"], 8,
+                               desc="[eval] tuned: answering")
+    err = capsys.readouterr().err.splitlines()
+    assert len(answers) == 3 and err and all(x.startswith("[eval] tuned: answering: ")
+                                             for x in err)
+    assert err[-1].startswith("[eval] tuned: answering: 3/3 answer (100%)")

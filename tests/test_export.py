@@ -352,3 +352,18 @@ def test_export_merges_the_adapter_first(sd, base_path, tmp_path):
     assert changed  # the adapter does something ...
     for k in back:
         assert torch.equal(back[k], merged[k]), k  # ... and the export is exactly the merge
+
+
+def test_export_is_never_silent_for_long(base_path, tmp_path, capsys, monkeypatch):
+    """Not a terminal: plain lines while the export runs (EVERY_S shrunk below the tiny
+    model's export time), counting the steps it has logged; progress=False: none."""
+    from rwkvforge import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.005)
+    E.export("hf", base_path, out=tmp_path / "a-hf", dtype="fp32", log=lambda m: None)
+    err = capsys.readouterr().err.splitlines()
+    assert err and all(x.startswith("[export] hf: ") for x in err)
+    assert err[-1].startswith("[export] hf: 1 steps done, ") and err[-1].endswith(", done")
+    E.export("hf", base_path, out=tmp_path / "b-hf", dtype="fp32", log=lambda m: None,
+             progress=False)
+    assert capsys.readouterr().err == ""

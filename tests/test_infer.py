@@ -255,3 +255,15 @@ def test_nan_base_model_is_named_not_an_empty_answer(tmp_path, capsys):
     rc = infer.main(["--base-model", str(base), "--prompt", "Hello"])
     err = capsys.readouterr().err
     assert rc == 2 and "tensor blocks.1.att.output.weight holds 64 NaN/Inf" in err
+
+
+def test_every_infer_flag_says_what_it_does():
+    """`infer --help` explains every flag, --max-tokens and --temperature included (issue 27,
+    item 7: they had none)."""
+    ap = infer.build_parser()
+    bare = [a.option_strings[0] for a in ap._actions
+            if a.option_strings and not a.help]
+    assert not bare, f"flags without help: {bare}"
+    text = ap.format_help()
+    for flag in ("--max-tokens", "--temperature", "--top-p", "--top-k"):
+        assert flag in text

@@ -467,3 +467,19 @@ def test_plan_num_nodes_finds_the_smallest_cluster(capsys):
     qlora = memory.main([*argv, "--quant", "nf4", "--json"])
     rows = json.loads(capsys.readouterr().out)["cluster"]["zero"]
     assert qlora == 0 and all("refused" in r for r in rows if r["stage"] == 3)
+
+
+def test_plan_on_a_machine_without_a_gpu_plans_for_its_ram(capsys):
+    """DEVICE=auto with no GPU torch can see (this machine): the plan is for this CPU's
+    memory, not a request for --vram (issue 27, item 7)."""
+    import psutil
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: auto plans for the card")
+    rc = memory.main(["--size", "0.1b", "--ctx-len", "512", "--device", "auto", "--json"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    out = json.loads(cap.out)
+    assert out["plan"]["fits"] is True and "--vram" not in cap.err
+    assert 0 < out["plan"]["vram"] <= psutil.virtual_memory().total

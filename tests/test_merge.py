@@ -475,3 +475,24 @@ def test_full_disk_merge_says_how_much_space(base_path, lora_dir, small_fs):
     assert msg.startswith("the disk is full: writing the merged model")
     assert "It needs about" in msg and "run the same merge command again" in msg
     assert not [p.name for p in out.parent.iterdir() if p.suffix == ".pth"]
+
+
+# ----------------------------------------------------------------------------- progress
+def test_verification_is_never_silent_for_long(base_path, lora_dir, tmp_path, capsys,
+                                               monkeypatch):
+    """stderr is not a terminal here: plain lines count the verification's forward passes
+    (every EVERY_S seconds, shrunk so the tiny model's passes outlast it) up to all of them;
+    progress=False keeps it quiet."""
+    from rwkvforge import progress
+
+    monkeypatch.setattr(progress, "EVERY_S", 0.005)
+    M.merge(base_path, lora_dir, tmp_path / "m.pth", "bf16", runtime_check=False,
+            log=lambda m: None)
+    err = capsys.readouterr().err.splitlines()
+    total = M.verify_passes("bf16")
+    assert total == 7 and any(x.startswith("[merge] verifying: ") for x in err[:-1])
+    assert err[-1].startswith(f"[merge] verifying: {total}/{total} forward pass (100%)")
+    assert err[-1].endswith(", done")
+    M.merge(base_path, lora_dir, tmp_path / "q.pth", "fp32", runtime_check=False,
+            log=lambda m: None, progress=False)
+    assert capsys.readouterr().err == ""

@@ -75,7 +75,28 @@ def test_notebook_runs_headless(nb: Path, tmp_path: Path) -> None:
         assert status["state"] == "finished" and status["step"] == 8
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, 9))
-        assert (ws / "data" / "processed" / "sft_walkthrough.meta.json").is_file()
+        # the data the settings name (here none: the shipped sample), prepared as train does
+        assert (ws / "data" / "processed" / "bsl_sft.meta.json").is_file()
+        record = json.loads((run / "config.json").read_text())
+        assert record["data"]["demo"] is True
+        assert "the shipped 1C checks" in json.loads(
+            (run / "eval" / "eval.json").read_text())["checks"]["file"]
+    if nb.name == "dpo_walkthrough.py":
+        sft = sorted((ws / "runs").glob("dpo-walkthrough-*-sft"))
+        dpo = sorted((ws / "runs").glob("dpo-walkthrough-*-dpo"))
+        assert len(sft) == 1 and len(dpo) == 1, sorted((ws / "runs").iterdir())
+        merged = sorted((sft[0] / "merged").glob("*.pth"))
+        assert len(merged) == 1 and merged[0].with_suffix(".verify.json").is_file()
+        # a fresh DPO adapter on the merged SFT model, trained on preference pairs
+        record = json.loads((dpo[0] / "config.json").read_text())
+        assert Path(record["model"]["path"]).resolve() == merged[0].resolve()
+        assert record["settings"]["data_type"] == "dpo"
+        assert (dpo[0] / "reference_logps.pt").is_file()
+        rows = [json.loads(x) for x in (dpo[0] / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 7))
+        assert all("reward_margin" in r and "reward_acc" in r for r in rows)
+        assert (dpo[0] / "rewards.png").stat().st_size > 1000
+        assert "preference" in json.loads((dpo[0] / "eval" / "eval.json").read_text())
     repo_runs_after = set((ROOT / "runs").glob("*")) if (ROOT / "runs").is_dir() else set()
     assert repo_runs_after == repo_runs_before, "the notebook wrote into the repository's runs/"
 
@@ -90,3 +111,48 @@ def test_a_failing_cell_fails_the_headless_run(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "bsl_sft.jsonl" in proc.stdout + proc.stderr
     assert not (ws / "runs").exists(), "training must not start after a failed prepare cell"
+
+
+def test_bootstrap_installs_marimo():
+    """The notebooks run in the environment scripts/bootstrap.sh makes: its default install
+    names the extra that brings marimo (it used to be in the dev extra only)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    with_marimo = {k for k, v in extras.items() if any(d.startswith("marimo") for d in v)}
+    boot = (ROOT / "scripts" / "bootstrap.sh").read_text()
+    default = re.search(r'^\s*extras="\[([\w,]*)\]"', boot, re.M)
+    assert default, "bootstrap.sh installs no extra by default"
+    assert with_marimo & set(default.group(1).split(",")), (default.group(1), with_marimo)
+
+
+def test_notebook_state_folder_is_ignored():
+    ignored = subprocess.run(["git", "check-ignore", "-q", "notebooks/__marimo__/session/x.json"],
+                             cwd=ROOT, capture_output=True)
+    assert ignored.returncode == 0, "notebooks/__marimo__/ is not in .gitignore"
+
+
+@pytest.mark.slow
+def test_the_walkthrough_trains_on_the_data_the_settings_name(tmp_path: Path) -> None:
+    """DATA_FILE (here from the environment, as for `rwkvforge train`) is what the notebook
+    prepares and trains on; its eval checks and chat question come from that data too."""
+    ws = _workspace_copy(tmp_path)
+    own = ws / "data" / "raw" / "mine.jsonl"
+    own.parent.mkdir(parents=True)
+    own.write_text("".join(json.dumps({"prompt": f"Сколько будет {i} + {i}?",
+                                       "response": f"Ответ: {2 * i}."}) + "\n"
+                           for i in range(40)), encoding="utf-8")
+    env = dict(os.environ, RWKVFORGE_ROOT=str(ws), MPLBACKEND="Agg", CUDA_VISIBLE_DEVICES="",
+               DATA_FILE="data/raw/mine.jsonl", DATA_TYPE="sft")
+    proc = subprocess.run([sys.executable, str(ROOT / "notebooks" / "sft_walkthrough.py")],
+                          cwd=ws, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (ws / "data" / "processed" / "mine.meta.json").is_file()
+    assert not (ws / "data" / "processed" / "bsl_sft.meta.json").exists()
+    run = next((ws / "runs").glob("sft-walkthrough-*"))
+    record = json.loads((run / "config.json").read_text())
+    assert record["data"]["demo"] is False and record["data"]["file"].endswith("mine.jsonl")
+    checks = json.loads((run / "eval" / "eval.json").read_text())["checks"]
+    assert "held-out" in checks["file"]
+    assert all(it["prompt"].startswith("Сколько будет ") for it in checks["items"])

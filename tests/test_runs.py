@@ -108,3 +108,60 @@ def test_quickstart_merged_path_is_the_file_merge_writes(tmp_path):
                        capture_output=True, text=True, timeout=120, env=dict(os.environ))
     assert p.returncode == 0, p.stderr
     assert Path(p.stdout.strip()) == res.output.resolve()
+
+
+# ------------------------------------------------------------------ issue 27: 3 (quickstart)
+def _prepared(tmp_path: Path, name: str, records: list[dict], data_type: str) -> Path:
+    from rwkvforge.data.prepare import Options, run as prepare
+
+    src = tmp_path / f"{name}.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                   encoding="utf-8")
+    prepare(Options(input=src, prefix=tmp_path / name, data_type=data_type, ctx_len=64, seed=5,
+                    val_fraction=0.25, workers=1, progress=False), log=lambda *a: None)
+    return tmp_path / name
+
+
+def _quickstart_ask(run_dir: Path) -> tuple[str, str, str]:
+    """The chat step of scripts/quickstart.sh, its own lines run by bash: (MODE, PROMPT, the
+    extra infer flags)."""
+    qs = (ROOT / "scripts" / "quickstart.sh").read_text().splitlines()
+    a = next(i for i, x in enumerate(qs) if x.startswith("ASK="))
+    b = next(i for i, x in enumerate(qs) if x.startswith('[[ "$MODE" == raw ]]'))
+    script = "\n".join(["set -euo pipefail", *qs[a: b + 1],
+                        'printf "%s\\0%s\\0%s" "$MODE" "$PROMPT" "${raw[*]+${raw[*]}}"'])
+    env = dict(os.environ, PY=sys.executable, RUN_DIR=str(run_dir))
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 0, p.stderr
+    mode, prompt, flags = p.stdout.split("\0")
+    return mode, prompt, flags
+
+
+@pytest.mark.slow  # three python processes (torch imports): ~1 min on 2 busy cores
+def test_quickstart_asks_a_question_of_the_data_used(tmp_path):
+    """Your own SFT data: the first held-out question, verbatim; text data: the start of a
+    held-out document as a plain completion (--raw); the demo data: the 1C question."""
+    qa = [{"prompt": f"Назови столицу страны номер {i}.", "response": f"Столица {i}."}
+          for i in range(8)]
+    sft = _prepared(tmp_path, "sft", qa, "sft")
+    run = tmp_path / "own"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": {"prefix": str(sft), "demo": False}}))
+    mode, prompt, flags = _quickstart_ask(run)
+    assert mode == "chat" and flags == ""
+    assert prompt == runs.held_out_turns(sft, 1)[0][0] and prompt in {r["prompt"] for r in qa}
+    assert prompt != runs.DEMO_QUESTION
+    # the val split holds it (2 of 8 held out), not the first line of the file
+    val = json.loads(Path(f"{sft}.meta.json").read_text())["splits"]["val"]["documents"]
+    assert val == 2
+
+    text = _prepared(tmp_path, "text", [{"text": f"Глава {i}.\nТекст главы {i}."}
+                                        for i in range(8)], "text")
+    (run / "config.json").write_text(json.dumps({"data": {"prefix": str(text), "demo": False}}))
+    mode, prompt, flags = _quickstart_ask(run)
+    assert mode == "raw" and flags == "--raw" and prompt.startswith("Глава ")
+
+    (run / "config.json").write_text(json.dumps({"data": {"prefix": str(sft), "demo": True}}))
+    assert _quickstart_ask(run) == ("chat", runs.DEMO_QUESTION, "")
+    assert runs.DEMO_QUESTION not in (ROOT / "scripts" / "quickstart.sh").read_text()

@@ -614,6 +614,7 @@ def test_train_help_lists_training_flags_only(capsys):
     out = capsys.readouterr().out
     assert "--lora-r" in out and "--ctx-len" in out
     assert "--serve-port" not in out and "--infer-fast" not in out
+    assert "--torch-spec" not in out  # bootstrap's, not a training setting
     assert T.build_parser().parse_args(["--serve-port", "9000"]).set_serve_port == "9000"
 
 
@@ -812,3 +813,45 @@ def test_random_kill_9s_then_resumes_end_bit_identical(tiny_model_path, sft_pref
     assert a.factors.keys() == b.factors.keys()
     assert all(torch.equal(a.factors[k].A, b.factors[k].A)
                and torch.equal(a.factors[k].B, b.factors[k].B) for k in b.factors)
+
+
+# ------------------------------------------------------------------ issue 27: 4 (progress)
+@pytest.mark.slow  # a training process: ~15 s on 2 busy cores
+def test_training_on_a_0_column_terminal_prints_step_lines(tiny_model_path, sft_prefix,
+                                                           tmp_path):
+    """stderr is a real terminal 0 columns wide (as in some IDE consoles and `script` logs): no
+    bar fits, so every logged step gets its plain line (it used to print neither)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 0, 0, 0))
+    args = ["--base-model", str(tiny_model_path), "--data-prefix", str(sft_prefix),
+            "--runs-dir", str(tmp_path), "--run-name", "narrow", "--max-steps", "3",
+            "--ctx-len", "48", "--log-every", "1", "--save-every", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "rwkvforge.train", *args], env=sub_env(),
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child side is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    assert proc.wait(timeout=600) == 0
+    reader.join(timeout=30)
+    os.close(master)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    for step in (1, 2, 3):
+        assert f"step {step}/3 loss " in out, out[-3000:]

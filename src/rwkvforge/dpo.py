@@ -20,6 +20,7 @@ import torch.nn as nn
 from rwkvforge.data.loader import pair_batches, split_digest
 from rwkvforge.distributed import rng_state, set_rng_state
 from rwkvforge.loss import reference_logps
+from rwkvforge.progress import Progress
 
 class DpoReferenceError(ValueError):
     """A run's kept reference log-probs cannot be used; the message says why and what to do."""
@@ -71,10 +72,14 @@ def dpo_reference(s: Any, model: nn.Module, loader, val_batches: list[dict],
     args = (s.head_chunk, s.precision, device)
     # train pairs by the path training steps take (compiled ones, with COMPILE=1); val
     # pairs by evaluate_dpo's
-    ref_train = reference_logps(
-        model, pair_batches(loader.split, loader.examples, s.ctx_len, max(s.micro_bsz, 1)),
-        n_train, *args, compiled=s.compile)
-    ref_val = reference_logps(model, val_batches, n_val, *args)
+    bsz = max(s.micro_bsz, 1)
+    n_batches = -(-len(loader.examples) // bsz) + len(val_batches)
+    # minutes on a big model: a bar (or a line every few seconds) on the process that writes
+    with Progress("DPO reference pass", n_batches, "batch", enabled=write) as bar:
+        ref_train = reference_logps(
+            model, bar.iterate(pair_batches(loader.split, loader.examples, s.ctx_len, bsz)),
+            n_train, *args, compiled=s.compile)
+        ref_val = reference_logps(model, bar.iterate(val_batches), n_val, *args)
     set_rng_state(rng)
     if write:
         tmp = path.with_name(path.name + ".tmp")

@@ -17,6 +17,11 @@ Three things, each for the base and the tuned model:
 2. prompt checks from a JSONL of {"prompt", "expect", "kind": "substring" | "regex"}: the
    prompt is asked as a chat turn, answered greedily (temperature 0), and passes when the
    answer contains `expect` (substring) or `re.search(expect, answer)` finds a match (regex).
+   Without --checks they come from the run's own held-out data (its prepared val split: up to
+   HELD_OUT_CHECKS examples, the user turn as the prompt, the first line of the reference
+   reply, past a code fence, as the expected substring), or there are none (text data, no val
+   split); the shipped 1C checks (data/samples/bsl_checks.jsonl) only for a run on the shipped
+   sample data. One line says which.
 3. the answers themselves, base vs tuned, in a table.
 
 Tuned model: `--adapter DIR` (default runs/<run>/adapter) is merged into the base in memory in
@@ -50,11 +55,14 @@ from rwkvforge.data.records import dpo_hint, record_to_messages
 from rwkvforge.generate import CHAT_STOP, Engine, encode_chat_prompt
 from rwkvforge.sampling import SamplingParams
 from rwkvforge.loss import dpo_losses
+from rwkvforge.progress import Progress
 from rwkvforge.runtime import keep_freed_memory
 from rwkvforge.state_tuning import STATE_DIR, StateError, load_state_into, resolve_state_path
 from rwkvforge.tokenizer import encode_chat, get_tokenizer
 
 CHECK_KINDS = ("substring", "regex")
+HELD_OUT_CHECKS = 8  # answering is eval's slow part (seconds per prompt and model on a CPU)
+EXPECT_CHARS = 40  # a held-out check expects the reference reply's first line, up to this
 
 
 class EvalError(ValueError):
@@ -115,6 +123,41 @@ def load_checks(path: str | Path) -> list[Check]:
     if not checks:
         raise EvalError(f"{path}: no checks in the file.")
     return checks
+
+
+def held_out_checks(prefix: str | Path, limit: int = HELD_OUT_CHECKS, tok=None) -> list[Check]:
+    """Checks drawn from a prepared dataset's val split (runs.held_out_turns): each asks the
+    held-out question and expects the first line of its reference reply (up to EXPECT_CHARS;
+    a Markdown code fence line does not count)."""
+    try:
+        turns = runs.held_out_turns(Path(prefix), limit, "val", tok)
+    except (OSError, ValueError) as e:
+        raise EvalError(f"{prefix}: cannot read its validation split ({e}).") from e
+    checks = []
+    for i, (question, reply) in enumerate(turns, 1):
+        lines = [x.strip() for x in reply.splitlines() if x.strip()]
+        first = next((x for x in lines if not x.startswith("```")), lines[0])  # not a fence
+        checks.append(Check(question, first[:EXPECT_CHARS].rstrip(), "substring",
+                            f"{prefix}.val #{i}"))
+    return checks
+
+
+def default_checks(record: dict, val_prefix: Path | None) -> tuple[list[Check], str]:
+    """The checks `eval` runs without --checks, and the one line that says which: the shipped
+    1C checks for a run on the shipped sample data, else the run's held-out examples, else
+    none."""
+    if runs.uses_demo_data(record):
+        path = paths.sample_data_dir() / "bsl_checks.jsonl"
+        if path.is_file():
+            return load_checks(path), (f"the shipped 1C checks {path} (the run trained on the "
+                                       "shipped sample data)")
+    if val_prefix is not None and val_prefix.suffix != ".jsonl":
+        checks = held_out_checks(val_prefix)
+        if checks:
+            return checks, (f"{len(checks)} drawn from the run's held-out data {val_prefix}.val "
+                            f"(its question; expects the first line of the reference reply)")
+    return [], ("none: the run's data has no held-out chat examples (text data or "
+                "VAL_FRACTION=0); pass --checks FILE for your own")
 
 
 def pass_rate(checks: list[Check], answers: list[str]) -> dict:
@@ -276,8 +319,10 @@ def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
 
 
 # ---- answers -------------------------------------------------------------------------------------
-def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: int = 16) -> list[str]:
-    """Greedy answers, each prompt asked as one user turn in the World chat format."""
+def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: int = 16,
+                   desc: str = "[eval] answering", progress: bool = True) -> list[str]:
+    """Greedy answers, each prompt asked as one user turn in the World chat format; a bar (or
+    a line every few seconds) counts the finished answers."""
     eng = Engine(model, tok, max_batch=max_batch, cache_prompts=False)
     handles = []
     for p in prompts:
@@ -285,8 +330,12 @@ def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: i
         params = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens,
                                 stop=CHAT_STOP, seed=0)  # where a turn ends, as in serve
         handles.append(eng.submit(ids, params))
-    with torch.inference_mode():
-        eng.run_until_idle()
+    with torch.inference_mode(), Progress(desc, len(handles), "answer",
+                                          enabled=progress) as bar:
+        while not eng.idle():
+            eng.step()
+            done = sum(h.finish_reason is not None for h in handles)
+            bar.update(done - bar.n)
     return [h.result().strip() for h in handles]
 
 
@@ -346,9 +395,11 @@ def render_report(res: dict) -> str:
 
 
 def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, val: Path,
-             checks_path: Path | None, out_dir: Path, ctx_len: int = 512, micro_bsz: int = 4,
-             max_tokens: int = 128, max_val_batches: int | None = None, log=print,
-             dpo_beta: float = 0.1, state: Path | None = None) -> dict:
+             checks_path: Path | list[Check] | None, out_dir: Path, ctx_len: int = 512,
+             micro_bsz: int = 4, max_tokens: int = 128, max_val_batches: int | None = None,
+             log=print, dpo_beta: float = 0.1, checks_source: str | None = None,
+             progress: bool = True, state: Path | None = None) -> dict:
+    """`checks_path`: a checks JSONL, or the checks themselves (from `checks_source`)."""
     t0 = time.time()
     # inputs first, all of them, before any long work
     if not Path(base).is_file():
@@ -365,7 +416,11 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
                         f"(a run has runs/<run>/adapter once training finished).")
     if tuned is not None and not Path(tuned).is_file():
         raise EvalError(f"{tuned}: tuned (merged) model not found.")
-    checks = load_checks(checks_path) if checks_path else []
+    if isinstance(checks_path, list):
+        checks = checks_path
+    else:
+        checks = load_checks(checks_path) if checks_path else []
+        checks_source = checks_source or (str(checks_path) if checks_path else None)
     tok = get_tokenizer()
     batches, val_desc = val_batches(val, ctx_len, micro_bsz, tok, max_val_batches)
     try:
@@ -416,10 +471,11 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
         answers = {}
         for name, model in (("base", base_model), ("tuned", tuned_model)):
             log(f"[eval] {name}: answering {len(prompts)} prompts ...")
-            answers[name] = answer_prompts(model, tok, prompts, max_tokens)
+            answers[name] = answer_prompts(model, tok, prompts, max_tokens,
+                                           desc=f"[eval] {name}: answering", progress=progress)
         pr = {n: pass_rate(checks, answers[n]) for n in answers}
         res["checks"] = {
-            "file": str(checks_path),
+            "file": checks_source or "given checks",
             "base": {k: v for k, v in pr["base"].items() if k != "results"},
             "tuned": {k: v for k, v in pr["tuned"].items() if k != "results"},
             "items": [{"prompt": c.prompt, "expect": c.expect, "kind": c.kind, "where": c.where,
@@ -454,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="validation data: a prepared prefix or a JSONL (default: the run's data "
                          "prefix, else data/samples/bsl_sft.jsonl)")
     ap.add_argument("--checks", type=Path, default=None,
-                    help="prompt checks JSONL (default: data/samples/bsl_checks.jsonl if present)")
+                    help="prompt checks JSONL (default: drawn from the run's held-out data; the "
+                         "shipped 1C checks for a run on the shipped sample data)")
     ap.add_argument("--no-checks", action="store_true", help="skip prompt checks and answers")
     ap.add_argument("--ctx-len", type=int, default=None, help="tokens per validation row "
                     "(default: the run's CTX_LEN, else 512)")
@@ -485,17 +542,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     adapter = None if args.tuned else (args.adapter or runs.final_adapter(run))
     val = args.val or runs.run_data_prefix(record) or paths.sample_data_dir() / "bsl_sft.jsonl"
-    checks = None
-    if not args.no_checks:
-        checks = args.checks or paths.sample_data_dir() / "bsl_checks.jsonl"
-        if args.checks is None and not checks.is_file():
-            checks = None
     ctx = args.ctx_len or int(settings.get("ctx_len") or 512)
     try:
+        checks: Path | list[Check] | None = args.checks
+        if args.no_checks:
+            checks, which = None, "none (--no-checks)"
+        elif args.checks is not None:
+            which = f"{args.checks} (--checks)"
+        else:
+            checks, which = default_checks(record, runs.run_data_prefix(record))
+        print(f"[eval] prompt checks: {which}", file=sys.stderr)
         evaluate(run, base, adapter, args.tuned, val, checks, args.out or run / "eval", ctx,
                  args.micro_bsz, args.max_tokens, args.max_val_batches,
                  log=lambda m: print(m, file=sys.stderr),
                  dpo_beta=float(settings.get("dpo_beta") or 0.1),
+                 checks_source=which if isinstance(checks, list) else None,
                  state=args.state or ((run / STATE_DIR) if (run / STATE_DIR).is_dir() else None))
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from rwkvforge import gguf_file, hf, paths, runs
+from rwkvforge.progress import Progress, bar_fits
 from rwkvforge.adapter import (
     MergeError,
     check_adapter_matches_base,
@@ -210,7 +211,7 @@ def _export_gguf(sd, out: Path, dtype: str, verify: str, name: str, log) -> dict
     tmp = out.with_name(f".{out.name}.verifying-{os.getpid()}")
     try:
         t0 = time.time()
-        summary = gguf_file.write_gguf(sd, tmp, dtype, name=name, progress=sys.stderr.isatty())
+        summary = gguf_file.write_gguf(sd, tmp, dtype, name=name, progress=bar_fits())
         log(f"[export] wrote GGUF {dtype} ({summary['qtypes']}) in {time.time() - t0:.1f} s; verifying ...")
         meta, tensors, qtypes = gguf_file.read_gguf(tmp)
         file_sd = gguf_file.state_dict_from_gguf_tensors(tensors, int(meta["rwkv7.wkv.head_size"]))
@@ -344,8 +345,20 @@ def default_out(fmt: str, dtype: str, adapter: Path | None, base: Path) -> Path:
 
 def export(fmt: str, base: str | os.PathLike, adapter: str | os.PathLike | None = None,
            out: str | os.PathLike | None = None, dtype: str | None = None,
-           state: str | os.PathLike | None = None, verify: str = "auto", log=print) -> dict:
-    """The whole stage; returns the report (also written to <out>.verify.json)."""
+           state: str | os.PathLike | None = None, verify: str = "auto", log=print,
+           progress: bool = True) -> dict:
+    """The whole stage; returns the report (also written to <out>.verify.json). `progress`:
+    a bar on a terminal (else a line every few seconds) counting the steps logged so far."""
+    with Progress(f"[export] {fmt}", unit="steps done", enabled=progress) as bar:
+        def say(msg: str) -> None:
+            log(msg)
+            bar.update()
+        return _export(fmt, base, adapter, out, dtype, state, verify, say)
+
+
+def _export(fmt: str, base: str | os.PathLike, adapter: str | os.PathLike | None,
+            out: str | os.PathLike | None, dtype: str | None, state: str | os.PathLike | None,
+            verify: str, log) -> dict:
     t0 = time.time()
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")

@@ -42,11 +42,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from rwkvforge import runs, upstream
+from rwkvforge.progress import Progress
 from rwkvforge.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CHECKSUMS, Adapter, LoraFactor, MergeError,
                                apply_replacements, check_adapter_matches_base, merge_state_dict,
                                read_adapter, resolve_adapter_path, save_peft_adapter)
@@ -178,16 +180,27 @@ def simulated_rounding(sd: dict[str, torch.Tensor], adapter: Adapter, dtype: tor
     return out
 
 
+def verify_passes(dtype_name: str) -> int:
+    """Forward passes `verify_merge` runs (its progress total): reference, base, merged, and
+    for a rounded dtype the clean merge + ROUNDING_DRAWS noisy ones."""
+    return 3 + (0 if dtype_name == "fp32" else 1 + ROUNDING_DRAWS)
+
+
 def verify_merge(base_sd, adapter: Adapter, merged_sd, dtype_name: str,
-                 adapter_dir=None, idx: torch.Tensor | None = None) -> dict:
+                 adapter_dir=None, idx: torch.Tensor | None = None,
+                 tick: Callable[[], None] = lambda: None) -> dict:
     """Logit check of merged vs base + adapter (see module docstring). Returns the numbers;
-    `passed` False when the difference exceeds the tolerance."""
+    `passed` False when the difference exceeds the tolerance. `tick()` after each forward pass
+    (`verify_passes(dtype_name)` of them)."""
     vocab = int(base_sd["emb.weight"].shape[0])
     idx = probe_batch(vocab) if idx is None else idx
     ref = unmerged_logits(base_sd, adapter, idx, adapter_dir)
+    tick()
     base_fp32 = apply_replacements(base_sd, adapter)
     base_logits = model_logits(base_fp32, idx)
+    tick()
     merged = model_logits(merged_sd, idx)
+    tick()
     scale = max(1.0, float(ref.abs().max()))
     tol_fp32 = FP32_TOL * scale
     rounding = 0.0
@@ -195,10 +208,12 @@ def verify_merge(base_sd, adapter: Adapter, merged_sd, dtype_name: str,
         # effect of the noise alone: noisy vs clean version of the same (independent) weights
         clean = model_logits({k: (_merged_for_budget(v, adapter.factors[k]) if k in adapter.factors
                                   else v) for k, v in base_fp32.items()}, idx)
+        tick()
         for d in range(ROUNDING_DRAWS):
             noisy = simulated_rounding(base_fp32, adapter, DTYPES[dtype_name], seed=PROBE_SEED + 1 + d)
             rounding = max(rounding, float((model_logits(noisy, idx) - clean).abs().max()))
             del noisy
+            tick()
     tol = tol_fp32 + ROUNDING_FACTOR * rounding
     diff = float((merged - ref).abs().max())
     effect = float((ref - base_logits).abs().max())
@@ -284,8 +299,9 @@ def _check_outputs(out: Path, base: Path, adapter_path: Path,
 def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | os.PathLike | None = None,
           dtype_name: str = "bf16", alpha: float | None = None, rank: int | None = None,
           safetensors: bool = False, export_adapter: str | os.PathLike | None = None,
-          runtime_check: bool = True, log=print) -> MergeResult:
-    """The whole stage: validate inputs, merge, verify, then (only if verified) write."""
+          runtime_check: bool = True, log=print, progress: bool = True) -> MergeResult:
+    """The whole stage: validate inputs, merge, verify, then (only if verified) write.
+    `progress`: a bar on a terminal, else a line every few seconds while it verifies."""
     t0 = time.time()
     if dtype_name not in DTYPES:
         raise MergeError(f"--dtype {dtype_name!r}: choose one of {', '.join(DTYPES)}.")
@@ -349,8 +365,12 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
     checks = {}
     report["checks"] = checks
     tmp_out = out.parent / f".{out.stem}.verifying-{os.getpid()}.pth"
+    # the verification is the long part (minutes on a 1.5B): never silent for long
+    bar = Progress("[merge] verifying", verify_passes(dtype_name) + 2 * runtime_check,
+                   "forward pass", enabled=progress)
     try:
-        checks["logits"] = verify_merge(base_sd, adapter, merged, dtype_name, adapter_dir)
+        checks["logits"] = verify_merge(base_sd, adapter, merged, dtype_name, adapter_dir,
+                                        tick=bar.update)
         c = checks["logits"]
         log(f"[merge] logits: max|merged - (base + adapter)| = {c['max_abs_diff']:.3g} "
             f"(tolerance {c['tolerance']:.3g}; adapter effect {c['adapter_effect_max_abs']:.3g})")
@@ -363,11 +383,14 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
         if runtime_check:
             idx = probe_batch(int(base_sd["emb.weight"].shape[0]))
             ours = model_logits(merged, idx)
+            bar.update()
             del base_sd
+            bar.set_description("[merge] verifying in the rwkv pip package")
             try:
                 theirs = upstream.run_rwkv_pip(tmp_out, idx)
             except upstream.UpstreamError as e:
                 raise VerificationError(str(e)) from e
+            bar.update()
             rscale = max(1.0, float(ours.abs().max()))
             rdiff = float((theirs - ours).abs().max()) if theirs.shape == ours.shape else float("inf")
             checks["rwkv_pip"] = {
@@ -385,10 +408,12 @@ def merge(base: str | os.PathLike, adapter_path: str | os.PathLike, out: str | o
         else:
             checks["rwkv_pip"] = {"skipped": True}
         report["passed"] = True
+        bar.close()
         report["sha256"] = file_sha256(tmp_out)
         report["seconds"] = round(time.time() - t0, 2)
         os.replace(tmp_out, out)
     except BaseException as e:
+        bar.close()
         with contextlib.suppress(OSError):  # (on a read-only disk this fails too)
             tmp_out.unlink()
         if not isinstance(e, MergeError) and disk_error(e, out.parent) is not None:

@@ -11,6 +11,7 @@ for merge, eval, the dashboard and the scripts that read it.
                merged/<run>[-step-N]-<dtype>.pth   what `rwkvforge merge` writes by default
 
     python -m rwkvforge.runs merged-path runs/<run> [--dtype bf16]   # where merge writes
+    python -m rwkvforge.runs chat-prompt runs/<run>   # "chat" or "raw", then a prompt to try
 
 Writer: `RunFolder`; only rank 0 writes (`RunFolder(enabled=False)` elsewhere). Readers
 (`run_of`, `run_config`, `final_adapter`, `merged_path`, `read_json`, `read_metrics`) read
@@ -45,7 +46,7 @@ except ImportError:  # native Windows: no flock (WSL2 has it)
 from rwkvforge import config, paths
 from rwkvforge.checkpoint import (READ_ONLY, atomic_write_bytes, disk_error, fmt_mb, free_bytes,
                                   latest_checkpoint)
-from rwkvforge.data.loader import load_meta
+from rwkvforge.data.loader import load_meta, open_split
 from rwkvforge.memory import run_disk_bytes
 
 log = logging.getLogger("rwkvforge.train")
@@ -552,6 +553,72 @@ def merged_path(adapter_path: Path, dtype_name: str) -> Path:
         stem = adapter_path.parent.name
     return paths.workspace_root() / "models" / MERGED / f"{stem}-{dtype_name}.pth"
 
+# ---- the run's own held-out data -----------------------------------------------------------------
+# the question quickstart asks a model tuned on the shipped 1C sample (the demo data)
+DEMO_QUESTION = "Напиши процедуру, которая выводит сообщение «Привет» на клиенте."
+
+
+def uses_demo_data(record: dict[str, Any]) -> bool:
+    """True when the run trained on the shipped sample data, or records no data at all (its
+    readers then fall back to the sample)."""
+    data = record.get("data")
+    return not isinstance(data, dict) or not data.get("prefix") or bool(data.get("demo"))
+
+
+def held_out_turns(prefix: Path, limit: int, split: str = "val",
+                   tok=None) -> list[tuple[str, str]]:
+    """(question, reference reply) of the first `limit` examples of a prepared SFT / DPO split
+    that have one: the last user turn before the first trained reply, and that reply (DPO: the
+    chosen one), decoded from the tokens the run saw. [] for text data or without the split."""
+    split_data = open_split(prefix, split)
+    if split_data is None or split_data.mask is None:
+        return []
+    if tok is None:
+        from rwkvforge.tokenizer import get_tokenizer
+
+        tok = get_tokenizer()
+    out: list[tuple[str, str]] = []
+    per = 2 if split_data.data_type == "dpo" else 1  # (chosen, rejected): the chosen one
+    for i in range(0, len(split_data.ids), per):
+        ids, mask = (a.tolist() for a in split_data.item(i, len(split_data.ids[i])))
+        if 1 not in mask:
+            continue
+        a = mask.index(1)
+        b = mask.index(0, a) if 0 in mask[a:] else len(mask)
+        before = tok.decode([t for t in ids[:a] if t]).rsplit("User: ", 1)
+        reply = tok.decode([t for t in ids[a:b] if t]).strip()
+        question = before[-1].removesuffix("Assistant:").strip() if len(before) == 2 else ""
+        if question and reply:
+            out.append((question, reply))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def chat_prompt(record: dict[str, Any]) -> tuple[str, str]:
+    """("chat" | "raw", prompt): something to ask a model tuned by this run, from its own
+    data: the first held-out question (else the first training one); for text data the start
+    of the first held-out document, as a plain completion; the 1C question for the demo."""
+    prefix = run_data_prefix(record)
+    if uses_demo_data(record) or prefix is None:
+        return "chat", DEMO_QUESTION
+    for split in ("val", "train"):
+        try:
+            turns = held_out_turns(prefix, 1, split)
+            data = open_split(prefix, split)
+        except (OSError, ValueError):
+            break
+        if turns:
+            return "chat", turns[0][0]
+        if data is not None and data.data_type == "text" and len(data.ids):
+            from rwkvforge.tokenizer import get_tokenizer
+
+            text = get_tokenizer().decode([t for t in data.ids[0][:64].tolist() if t])
+            first = next((x for x in text.splitlines() if x.strip()), "").strip()
+            if first:
+                return "raw", first
+    return "chat", "Hello! What can you do?"
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rwkvforge.runs",
@@ -561,7 +628,14 @@ def main(argv: list[str] | None = None) -> int:
                         "by default (X: a run folder = its final adapter, or an adapter path)")
     mp.add_argument("path", type=Path)
     mp.add_argument("--dtype", default="bf16", help="merge's --dtype (default bf16)")
+    cp = sub.add_parser("chat-prompt", help="a prompt from the run's own data to try the tuned "
+                        "model with: prints 'chat' or 'raw' (a plain completion), then it")
+    cp.add_argument("path", type=Path)
     args = ap.parse_args(argv)
+    if args.cmd == "chat-prompt":
+        mode, prompt = chat_prompt(run_config(args.path))
+        print(f"{mode}\n{prompt}")
+        return 0
     adapter = final_adapter(args.path) if is_run(args.path) else args.path
     print(merged_path(adapter, args.dtype).resolve())
     return 0

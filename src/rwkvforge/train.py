@@ -29,8 +29,7 @@ state under step-N/deepspeed/ (read back by DeepSpeed's own loader) next to the 
 A CUDA out-of-memory error inside a step halves MICRO_BSZ and doubles GRAD_ACCUM (same
 effective batch), logs it (metrics "event": "oom_backoff") and retries the same step.
 
-TRAINER=rwkv-peft runs third_party/RWKV-PEFT/train.py with arguments mapped from the same
-config instead (`--print-command` shows the command).
+TRAINER=rwkv-peft runs third_party/RWKV-PEFT/train.py, mapped from the same config instead.
 """
 
 from __future__ import annotations
@@ -76,6 +75,7 @@ from rwkvforge.runs import (RunError, RunFolder, RunLocked, config_record,
                             default_run_name, disk_full_message, disk_plan,
                             final_lines, init_wandb, metrics_row, run_started,
                             start_disk_message)
+from rwkvforge.progress import bar_fits
 from rwkvforge.runtime import MemoryMonitor, keep_freed_memory, release_freed_memory
 from rwkvforge.state_tuning import (StateError, Tuning, apply_training, check_settings,
                                     done_lines, export_tuning, finished, optimizer_groups)
@@ -413,7 +413,7 @@ class Trainer:
         self.rank = rank()
         self.is_main = self.rank == 0
         self.folder = RunFolder(self.run_dir, enabled=self.is_main)
-        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
+        self.progress = (bar_fits(sys.stderr) if progress is None else progress) and self.is_main
         self._say = say or (lambda m: print(m, file=sys.stderr, flush=True))
         self.micro_bsz = self.settings.micro_bsz
         self.grad_accum = self.settings.grad_accum
@@ -907,9 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "complete one instead of stopping")
     ap.add_argument("--force", action="store_true", help="start even when the memory "
                     "planner predicts the run will not fit (see `rwkvforge plan`)")
-    # the server / dashboard / inference settings exist in every layer but do not change a
-    # training run: accepted, not listed
-    cfgmod.add_settings_flags(ap, hide=("serve_", "dashboard_", "infer_"))
+    # the server / dashboard / inference / bootstrap (torch) settings exist in every layer but
+    # do not change a training run: accepted, not listed
+    cfgmod.add_settings_flags(ap, hide=("serve_", "dashboard_", "infer_", "torch_"))
     return ap
 
 
