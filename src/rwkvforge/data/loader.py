@@ -573,8 +573,11 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
     examples CTX_LEN leaves out."""
     s = settings
     rows = micro_bsz * grad_accum * world
+    pack = bool(getattr(s, "pack", False))
+    if pack:
+        check_pack(s)
     try:
-        loader = build_train_loader(prefix, s.ctx_len, rows, s.seed)
+        loader = build_train_loader(prefix, s.ctx_len, rows, s.seed, pack=pack)
         val_batches = build_val_batches(prefix, s.ctx_len, max(s.micro_bsz, 1), max_batches=64)
     except ValueError as e:
         msg = str(e)
@@ -584,6 +587,9 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
                     "too)")
         raise ValueError(msg) from None
     dpo = s.data_type == "dpo"
+    if pack and loader.data_type == "text":
+        say("note: PACK=1 applies to SFT data; text windows are full CTX_LEN rows already "
+            "(RWKV-LM's stream, no resets)")
     if (loader.data_type == "dpo") != dpo:
         raise ValueError(
             f"{prefix}: the prepared data holds "
@@ -602,6 +608,39 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
             f"CTX_LEN={s.ctx_len} (they differ later): they add no preference signal "
             "(raise CTX_LEN)")
     return loader, val_batches
+
+
+def check_pack(settings: Any) -> None:
+    """PACK=1 with what it cannot serve: a clear ValueError naming the setting to change.
+
+    DPO: a pair's two answers are compared row against row, so pairs stay one per row.
+    State tuning: a packed row would have to restart each example from the tuned initial
+    state and sum its gradient over every restart; the kernels here restart from zero, so it
+    is refused rather than silently training a state only the first example sees."""
+    if getattr(settings, "data_type", "sft") == "dpo":
+        raise ValueError("PACK=1 does not apply to DATA_TYPE=dpo: each preference pair stays "
+                         "on its own rows (chosen against rejected). Set PACK=0 for DPO runs.")
+    train_type = str(getattr(settings, "train_type", "lora") or "lora")
+    if "state" in train_type:
+        raise ValueError(f"PACK=1 with TRAIN_TYPE={train_type}: packed rows restart every "
+                         "example from a zero state, not from the tuned initial state, so the "
+                         "state would only be trained on each row's first example. Set PACK=0 "
+                         "for state tuning.")
+
+
+def packing_line(prefix: str | Path, ctx_len: int, per_step: int) -> str | None:
+    """prepare's summary line for PACK=1 (None when there is no SFT train split): rows and
+    steps per epoch packed, and the padding share either way."""
+    split = open_split(prefix, "train")
+    if split is None or split.data_type != "sft":
+        return None
+    sizes = np.asarray(split.ids.sizes)  # in one shuffled order, as the loader reads them
+    st = pack_stats(sizes[np.random.default_rng([0, 0]).permutation(len(sizes))], ctx_len,
+                    per_step)
+    return (f"  PACK=1: {st['rows_packed']} rows of CTX_LEN={ctx_len} -> "
+            f"{st['rows_packed'] // max(per_step, 1)} steps per epoch (padding "
+            f"{st['pad_share_unpacked']:.0%} of the tokens unpacked -> "
+            f"{st['pad_share_packed']:.0%} packed)")
 
 
 def split_digest(split: Split) -> str:
