@@ -236,3 +236,44 @@ def test_dropping_any_one_reset_breaks_the_equality(model, monkeypatch, drop):
     # measured: some tokens' losses move by 0.05-1 nats without the reset; 1e-2 is 500x the
     # equality test's tolerance
     assert (packed - alone).abs().max() > 1e-2, (packed - alone).abs().max()
+
+
+# ---- a training run with PACK=1 ------------------------------------------------------------------
+
+def test_training_with_pack_trains_the_examples_own_loss(tiny_model_path, sft_prefix, tmp_path,
+                                                         one_torch_thread):
+    """`rwkvforge train` with PACK=1 (fp32, 2 steps): the first step's logged loss (LoRA B = 0:
+    the base model) is the mean token loss of the first batch's examples, each run alone."""
+    import json
+    from pathlib import Path
+
+    from rwkvforge import config as cfgmod
+    from rwkvforge import train as T
+    from rwkvforge.checkpoint import load_model
+    from rwkvforge.data.loader import build_train_loader, open_split
+
+    root = Path(__file__).resolve().parents[1]
+    cli = {"base_model": str(tiny_model_path), "data_prefix": str(sft_prefix),
+           "runs_dir": str(tmp_path), "ctx_len": 512, "micro_bsz": 2, "grad_accum": 1,
+           "lora_r": 8, "lora_alpha": 16, "warmup_steps": 1, "head_chunk": 256,
+           "eval_every": 0, "max_steps": 2, "save_every": 0, "precision": "fp32",
+           "pack": True}
+    run = tmp_path / "packed"
+    T.Trainer(cfgmod.resolve(cli=cli, env={}, root=root), run, root=root, progress=False).run()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+    ld = build_train_loader(sft_prefix, 512, 2, seed=cfgmod.resolve(cli=cli, env={}, root=root)
+                            .settings.seed, pack=True)
+    split, plan = open_split(sft_prefix), ld._plan(0)[:2]
+    assert sum(len(r) for r in plan) > 2  # the first step packs more than one example a row
+    model = load_model(tiny_model_path)
+    total, count = 0.0, 0.0
+    with torch.no_grad():
+        for i in (i for row in plan for i in row):
+            ids, mask = (torch.from_numpy(a.astype("int64")) for a in split.item(i, 513))
+            h, _ = model.forward_hidden(ids[None, :-1])
+            ce = F.cross_entropy(model.head(h)[0].float(), ids[1:], reduction="none")
+            total += float((ce * mask[1:]).sum())
+            count += float(mask[1:].sum())
+    assert rows[0]["loss"] == pytest.approx(total / count, rel=1e-5)
