@@ -277,3 +277,20 @@ def test_training_with_pack_trains_the_examples_own_loss(tiny_model_path, sft_pr
             total += float((ce * mask[1:]).sum())
             count += float(mask[1:].sum())
     assert rows[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_memory_planner_counts_packing(tiny_model):
+    """PACK=1: the planner adds the reset mask (and wkv_chunked's document masks) and says that
+    every row is CTX_LEN tokens; PACK=0 is unchanged."""
+    from rwkvforge import memory
+
+    cfg = tiny_model.config
+    for impl in ("chunked", "native"):
+        base = {"ctx_len": 512, "micro_bsz": 4, "wkv_impl": impl, "data_type": "sft"}
+        off = memory.estimate(cfg, {**base, "pack": False}, device="cpu")
+        on = memory.estimate(cfg, {**base, "pack": True}, device="cpu")
+        extra = on.items["activations"] - off.items["activations"]
+        per_layer_chunked = memory.ACT_WKV_PACK_CHUNKED * cfg.n_embd * cfg.n_layer
+        assert extra == int(4 * 512 * (1 + (per_layer_chunked if impl == "chunked" else 0)))
+        assert "PACK=1" in on.notes["activations"] and "PACK=1" not in off.notes["activations"]
+        assert memory.estimate(cfg, base, device="cpu").items == off.items
