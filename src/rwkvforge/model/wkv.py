@@ -289,8 +289,9 @@ def _wkv7_native(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
     S = _zeros_state(r) if s0 is None else s0.float().clone().contiguous()
     y = torch.empty(B, T, H, N)
     ckpt = torch.empty(B * H, -(-T // NATIVE_CKPT), N, N) if keep else torch.empty(0)
+    flags = _flags(reset)  # (held here while the kernel reads it)
     rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-        r, w, k, v, a, b, S, y, ckpt if keep else None, _flags(reset))))
+        r, w, k, v, a, b, S, y, ckpt if keep else None, flags)))
     if rc:
         raise MemoryError("wkv native forward: out of memory for its state buffer")
     return y, S, ckpt
@@ -319,8 +320,9 @@ def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: 
     dy = torch.zeros(B, T, H, N) if dy is None else dy.float().contiguous()
     G = torch.zeros(B, H, N, N) if dS is None else dS.float().clone().contiguous()
     grads = [torch.empty(B, T, H, N) for _ in range(6)]  # the kernel writes them all
+    flags = _flags(reset)
     rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-        r, w, k, v, a, b, ckpt, dy, G, *grads, _flags(reset))))
+        r, w, k, v, a, b, ckpt, dy, G, *grads, flags)))
     if rc:
         raise MemoryError("wkv native backward: out of memory for its state buffer")
     dr, dw, dk, dv, da, db = grads
