@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -256,3 +257,72 @@ def test_sft_examples_with_nothing_to_train_within_ctx_are_left_out(tmp_path):
         [0, 0]).permutation(3).tolist()
     with pytest.raises(ValueError, match="none of the 3 examples has a trained"):
         L.build_train_loader(tmp_path / "d", 1, 1, seed=0)
+
+
+# ---- packing (PACK=1) ----------------------------------------------------------------------------
+
+def test_packed_rows_reset_at_each_example_and_mask_the_boundary(tmp_path):
+    """Each packed row = its examples' own (input, target, mask) one after another, with
+    reset on each example's first token and the target that crosses into the next example
+    masked out (the model check of the same rows is tests/test_pack.py)."""
+    prefix = _sft_data(tmp_path, n=30)
+    split = L.open_split(prefix)
+    ctx = 128
+    ld = L.build_train_loader(prefix, ctx, 2, seed=4, pack=True)
+    plan = ld._plan(0)
+    assert sorted(i for row in plan for i in row) == list(range(30))  # each example once
+    assert max(split.ids.sizes) <= ctx + 1  # (none is cut)
+    assert max(len(r) for r in plan) > 2 and len(plan) < 30 / 2
+    pos = 0
+    for _ in range(len(plan) // 2):
+        b = next(ld)
+        assert set(b) == {"input_ids", "targets", "loss_mask", "reset"}
+        assert b["reset"].dtype == torch.bool and b["input_ids"].shape == (2, ctx)
+        for r in range(2):
+            x, y, m, rs = (b[k][r].numpy() for k in ("input_ids", "targets", "loss_mask", "reset"))
+            t = 0
+            for i in plan[pos]:
+                ids, mask = split.ids[i], split.mask[i]
+                n = len(ids)
+                np.testing.assert_array_equal(x[t:t + n - 1], ids[:-1])
+                np.testing.assert_array_equal(y[t:t + n - 1], ids[1:])
+                np.testing.assert_array_equal(m[t:t + n - 1], mask[1:])
+                assert rs[t] and not rs[t + 1:t + n].any()
+                if t + n - 1 < ctx:  # the example's final 0 predicts the next example
+                    assert m[t + n - 1] == 0
+                t += n
+            assert not m[t:].any()  # row padding is masked
+            pos += 1
+
+
+def test_plan_packing_fills_rows_with_whole_examples():
+    rng = np.random.default_rng(0)
+    sizes = np.minimum(rng.lognormal(4.0, 1.0, 500).astype(int) + 2, 600)
+    cap = 513
+    rows = L.plan_packing(sizes.tolist(), cap)
+    assert sorted(i for r in rows for i in r) == list(range(500))
+    assert all(sum(min(int(sizes[i]), cap) for i in r) <= cap for r in rows)
+    assert all(r == sorted(r) for r in rows)  # the given order is kept inside a row
+    st = L.pack_stats(sizes, cap - 1, micro_bsz=8)
+    # every row but a few is nearly full: the packed padding share is small and far below
+    # padding 8 rows to their longest
+    assert st["pad_share_packed"] < 0.1 < 0.5 < st["pad_share_unpacked"]
+    assert st["rows_packed"] == len(rows)
+    assert st["tokens"] == int((np.minimum(sizes, cap) - 1).sum())
+
+
+def test_pack_is_refused_with_dpo_and_state_tuning(tmp_path):
+    from types import SimpleNamespace as NS
+
+    with pytest.raises(ValueError, match="PACK=1 does not apply to DATA_TYPE=dpo.*PACK=0"):
+        L.check_pack(NS(pack=True, data_type="dpo"))
+    for tt in ("state", "lora+state"):
+        with pytest.raises(ValueError, match=rf"TRAIN_TYPE={re.escape(tt)}: .*tuned initial state"):
+            L.check_pack(NS(pack=True, data_type="sft", train_type=tt))
+    L.check_pack(NS(pack=True, data_type="sft", train_type="lora"))
+    prefix = _sft_data(tmp_path, n=12)
+    s = NS(pack=True, data_type="sft", ctx_len=64, seed=0, micro_bsz=2)
+    loader, _ = L.build_loaders(s, prefix, 2, 1, 1, say=lambda *_: None)
+    assert loader.pack and "reset" in next(loader)
+    with pytest.raises(ValueError, match="DATA_TYPE=dpo"):
+        L.build_loaders(NS(**{**vars(s), "data_type": "dpo"}), prefix, 2, 1, 1)

@@ -225,9 +225,10 @@ class LossModule(nn.Module):
         return unwrap(self.model)
 
     def forward(self, input_ids, targets, weights, ref=None, pair_scale: float = 1.0,
-                ftx_scale: float = 0.0):
-        m = self.inner()
-        hidden, _ = m.forward_hidden(input_ids)
+                ftx_scale: float = 0.0, reset=None):
+        m = self.inner()  # reset: the document starts of packed rows (PACK=1), or None
+        hidden, _ = m.forward_hidden(input_ids, reset=reset) if reset is not None else \
+            m.forward_hidden(input_ids)
         if ref is None:
             return chunked_head_loss(hidden, m.head, targets, weights, self.head_chunk,
                                      self.compute_dtype)

@@ -93,6 +93,10 @@ ACT_WKV_NATIVE = {"fp32": 24.0, "bf16": 59.0, "fp16": 59.0}
 # (fla-core 0.6.0, under Triton's interpreter, which keeps what a GPU run keeps):
 # tests/test_wkv_fla.py holds this constant to it.
 ACT_WKV_FLA = 12.0
+# PACK=1 (document resets): wkv_chunked also keeps its same-document masks, 0.75 B per channel
+# (measured: saved-tensor bytes per token and channel, T=512 minus T=256, fp32 and bf16); the
+# C kernel and fla keep only the (B, T) mask itself (1 B per token)
+ACT_WKV_PACK_CHUNKED = 0.75
 ACT_LORA_RANK = {"fp32": 4, "bf16": 2, "fp16": 2}  # per target per token per rank: lora_A output
 ACT_CP_BOUNDARY = {"fp32": 8.0, "bf16": 4.0, "fp16": 4.0}  # GRAD_CP: saved per layer (x, v_first)
 # outside the blocks: embedding + ln0 + ln_out outputs (compute dtype) and the chunked head's
@@ -163,6 +167,7 @@ class Workload:
     micro_bsz: int = 1
     data_type: str = "sft"  # dpo: a micro-batch of MICRO_BSZ pairs runs 2 x MICRO_BSZ rows
     train_type: str = "lora"  # state / lora+state: + an (H, N, N) fp32 initial state per layer
+    pack: bool = False  # PACK=1: every row is CTX_LEN tokens of whole examples + reset mask
 
     @classmethod
     def from_any(cls, settings: Any, **overrides) -> "Workload":
@@ -364,6 +369,8 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
             impl = "native" if native.available("wkv_cpu") else "chunked"
     wkv_c = (ACT_WKV_FLA if impl == "fla" else ACT_WKV_NATIVE[w.precision]
              if impl == "native" else ACT_WKV_CHUNKED[w.precision])
+    if w.pack and impl == "chunked":
+        wkv_c += ACT_WKV_PACK_CHUNKED
     per_tok_layer = ((ACT_BLOCK[w.precision] + wkv_c) * C
                      + ACT_LORA_RANK[w.precision] * r * len(targets))
     if w.use_dora:
@@ -379,6 +386,9 @@ def estimate(cfg, settings: Any, ctx_len: int | None = None, micro_bsz: int | No
     items["activations"] = int(act)
     if w.data_type == "dpo":
         notes["activations"] += f"; DPO: {w.micro_bsz} pairs = {B} sequences"
+    elif w.pack and w.data_type == "sft":  # every step reaches this peak (PACK=0: the longest)
+        items["activations"] += B * T  # the reset mask (bool)
+        notes["activations"] += "; PACK=1: every row is CTX_LEN tokens"
 
     # ---- head + cross-entropy, one chunk at a time (train.py computes its gradient in the --------
     # forward): fp32 logits + fp32 softmax/gradient + the gradient in the compute dtype, and

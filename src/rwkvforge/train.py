@@ -284,11 +284,11 @@ def micro_inputs(batch: dict, device: torch.device, world: int, dpo_ftx: float,
             return x, y, w, ref[batch["pair_index"][a:b]].to(device), pair_scale, ftx
         return pairs
     scale = world / max(float(batch["loss_mask"].sum()), 1.0)
+    keys = [k for k in ("input_ids", "targets", "loss_mask", "reset") if k in batch]
 
-    def rows(a: int, b: int) -> tuple:
-        return (batch["input_ids"][a:b].to(device, non_blocking=True),
-                batch["targets"][a:b].to(device, non_blocking=True),
-                batch["loss_mask"][a:b].to(device, non_blocking=True).float() * scale)
+    def rows(a: int, b: int) -> tuple:  # + (no ref, 1, 0, the document starts) when packed
+        x, y, m, *rs = (batch[k][a:b].to(device, non_blocking=True) for k in keys)
+        return x, y, m.float() * scale, *((None, 1.0, 0.0, *rs) if rs else ())
     return rows
 
 

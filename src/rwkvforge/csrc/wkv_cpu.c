@@ -24,6 +24,11 @@
  * only dv and dsa are row dot products (reduced 16 rows at a time). In an interleaved A/B it
  * took ~25% less time than the key-major form, which had five dot products per key.
  *
+ * Packed rows: `reset` (B, T) uint8, or NULL, marks the steps that start a document. The
+ * forward zeroes the state before such a step; the backward recomputes it from a zero previous
+ * state (so its dw, da, db are 0) and stops the state gradient there: the leftovers it hands
+ * to step t - 1 are w = 0 and dsa = 0, so G_{t-1} = dy_{t-1} r_{t-1}^T and da_t = 0.
+ *
  * Tensors are (B, T, H, N) fp32 contiguous: step t of head h of batch row b starts at
  * ((b T + t) H + h) N. A call handles the (b, h) pairs bh0 .. bh1 - 1, so the caller can
  * split the heads across threads. Built with -fopenmp (native.py tries it first), the
@@ -127,14 +132,15 @@ ALWAYS_INLINE void transpose(float *restrict dst, const float *restrict src) {
         for (int j = 0; j < N; j++) dst[j * N + i] = src[i * N + j];
 }
 
-/* r, k, v, a, b: fp32, or bf16 when `bf16` is 1 (w is always fp32).
+/* r, k, v, a, b: fp32, or bf16 when `bf16` is 1 (w is always fp32). reset (B, T) or NULL.
  * S (BH, N, N), value-major (row i = value i) as the API: initial state in, final out.
  * y (B, T, H, N). ckpt (BH, ceil(T/K), N, N) or NULL: the key-major state before steps 0, K,
  * 2K, ... (what backward needs). Returns 0, -1 (out of memory) or -2 (head size not 64). */
 CLONES static int32_t forward_heads(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
                                     const void *r, const float *w, const void *k,
                                     const void *v, const void *a, const void *b, float *S,
-                                    float *y, float *ckpt, int64_t bh0, int64_t bh1) {
+                                    float *y, float *ckpt, const uint8_t *reset, int64_t bh0,
+                                    int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
     float *ST = malloc(NN * sizeof(float));
@@ -142,9 +148,11 @@ CLONES static int32_t forward_heads(int64_t T, int64_t H, int64_t n, int64_t K, 
     float tmp[5][N] __attribute__((aligned(64)));
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
+        const uint8_t *rs = reset ? reset + (bh / H) * T : NULL; /* this row's flags */
         transpose(ST, S + bh * NN);
         for (int64_t t = 0; t < T; t++) {
             if (ckpt && t % K == 0) memcpy(ckpt + (bh * nck + t / K) * NN, ST, NN * sizeof(float));
+            if (rs && rs[t]) memset(ST, 0, NN * sizeof(float)); /* a document starts at t */
             const int64_t o = base + t * st;
             step(ST, ST, in_vec(r, o, bf16, tmp[0]), w + o, in_vec(k, o, bf16, tmp[1]),
                  in_vec(v, o, bf16, tmp[2]), in_vec(a, o, bf16, tmp[3]),
@@ -176,17 +184,21 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
                                      float *restrict dS, float *restrict dr,
                                      float *restrict dw, float *restrict dk,
                                      float *restrict dv, float *restrict da,
-                                     float *restrict db, int64_t bh0, int64_t bh1) {
+                                     float *restrict db, const uint8_t *reset, int64_t bh0,
+                                     int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
-    float *buf = aligned_alloc(64, (size_t)((K + 1) * NN + K * N) * sizeof(float));
+    float *buf = aligned_alloc(64, (size_t)((K + 2) * NN + K * N) * sizeof(float));
     if (!buf) return -1;
     float *restrict sab = buf + (K + 1) * NN; /* S_{t-1} a_t of the segment's steps */
+    float *zero = sab + K * N; /* the previous state of a step that starts a document */
+    memset(zero, 0, NN * sizeof(float));
     float tmp[5][N] __attribute__((aligned(64))), an[N] __attribute__((aligned(64)));
     float wn[N] __attribute__((aligned(64))), dsan[N] __attribute__((aligned(64)));
     v16 rowa[16], rowb[16];
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
+        const uint8_t *rs = reset ? reset + (bh / H) * T : NULL; /* this row's flags */
         float *restrict G = dS + bh * NN; /* value-major, updated in place */
         /* what step t + 1 left over: none yet for the last step */
         for (int j = 0; j < N; j++) wn[j] = 1.f, an[j] = 0.f, dsan[j] = 0.f;
@@ -195,7 +207,7 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
             const int64_t t0 = c * K, t1 = t0 + K < T ? t0 + K : T;
             transpose(buf, ckpt + (bh * nck + c) * NN);
             for (int64_t t = t0; t < t1; t++) { /* recompute the segment's states */
-                const float *restrict Sp = buf + (t - t0) * NN;
+                const float *restrict Sp = rs && rs[t] ? zero : buf + (t - t0) * NN;
                 float *restrict Sn = buf + (t - t0 + 1) * NN;
                 const int64_t o = base + t * st;
                 const float *restrict kt = in_vec(k, o, bf16, tmp[1]);
@@ -222,8 +234,9 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
                 }
             }
             for (int64_t t = t1 - 1; t >= t0; t--) {
-                const float *restrict Sp = buf + (t - t0) * NN; /* S_{t-1} */
-                const float *restrict Sc = Sp + NN;             /* S_t */
+                const int rst = rs && rs[t];
+                const float *restrict Sc = buf + (t - t0 + 1) * NN;   /* S_t */
+                const float *restrict Sp = rst ? zero : Sc - NN; /* S_{t-1} as step t read it */
                 const int64_t o = base + t * st;
                 const float *restrict rt = in_vec(r, o, bf16, tmp[0]);
                 const float *restrict kt = in_vec(k, o, bf16, tmp[1]);
@@ -271,6 +284,8 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
                     STO(wn + 16 * q, LD(w + o + 16 * q));
                     STO(dsan + 16 * q, LD(dsa + 16 * q));
                 }
+                if (rst) /* no gradient reaches S_{t-1} (nor a_t: its state was zero) */
+                    for (int j = 0; j < N; j++) wn[j] = 0.f, dsan[j] = 0.f;
                 on = o;
             }
         }
@@ -293,18 +308,18 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
  * target_clones function's dispatcher "<name>.ifunc" and exports no plain <name>. */
 int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16, const void *r,
                        const float *w, const void *k, const void *v, const void *a,
-                       const void *b, float *S, float *y, float *ckpt, int64_t bh0,
-                       int64_t bh1) {
-    return forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt, bh0, bh1);
+                       const void *b, float *S, float *y, float *ckpt, const uint8_t *reset,
+                       int64_t bh0, int64_t bh1) {
+    return forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt, reset, bh0, bh1);
 }
 
 int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
                         const void *r, const float *w, const void *k, const void *v,
                         const void *a, const void *b, const float *ckpt, const float *dy,
                         float *dS, float *dr, float *dw, float *dk, float *dv, float *da,
-                        float *db, int64_t bh0, int64_t bh1) {
+                        float *db, const uint8_t *reset, int64_t bh0, int64_t bh1) {
     return backward_heads(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS, dr, dw, dk, dv, da,
-                          db, bh0, bh1);
+                          db, reset, bh0, bh1);
 }
 
 /* 1 when built with OpenMP: the _par entry points below run in parallel (else serially) */
@@ -320,13 +335,13 @@ int32_t rf_wkv_openmp(void) {
 int32_t rf_wkv_forward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
                            const void *r, const float *w, const void *k, const void *v,
                            const void *a, const void *b, float *S, float *y, float *ckpt,
-                           int64_t BH, int64_t nthreads) {
+                           const uint8_t *reset, int64_t BH, int64_t nthreads) {
     int32_t rc = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
-        const int32_t e = forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt,
+        const int32_t e = forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt, reset,
                                         BH * i / nthreads, BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }
@@ -337,14 +352,14 @@ int32_t rf_wkv_backward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t 
                             const void *r, const float *w, const void *k, const void *v,
                             const void *a, const void *b, const float *ckpt, const float *dy,
                             float *dS, float *dr, float *dw, float *dk, float *dv, float *da,
-                            float *db, int64_t BH, int64_t nthreads) {
+                            float *db, const uint8_t *reset, int64_t BH, int64_t nthreads) {
     int32_t rc = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
         const int32_t e = backward_heads(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS,
-                                         dr, dw, dk, dv, da, db, BH * i / nthreads,
+                                         dr, dw, dk, dv, da, db, reset, BH * i / nthreads,
                                          BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }

@@ -26,8 +26,15 @@ of turn). Each epoch visits the examples in a permutation seeded by (seed, epoch
 example longer than C + 1 tokens is cut to C + 1. targets[t] = ids[t + 1] and
 loss_mask[t] = mask[t + 1] (the mask belongs to the predicted token). Batches are padded
 (input 0, target 0, mask 0) to the longest row (`pad_to="longest"`, fastest) or to C
-(`pad_to="ctx_len"`, fixed shapes). `pack=True` instead fills C + 1-token rows with whole
-consecutive examples (an RNN carries state across the 0 separators, as in pretraining).
+(`pad_to="ctx_len"`, fixed shapes).
+
+Packing (`pack=True`, PACK=1). Rows of C + 1 tokens are filled with whole examples (first
+fit, in the epoch's order, over the last PACK_WINDOW open rows), and the batch gains `reset`
+(B, T) bool: True on each example's first input token. The model restarts its state and token
+shift there (model/wkv.py), and loss_mask is 0 where the target is the next example's first
+token, so a packed row's loss is the sum of its examples' losses run one by one (unlike
+RWKV-LM's stream and RWKV-PEFT's padding, which carry state from one example into the next).
+`pack_stats` gives the padding share with and without packing for a list of example sizes.
 
 DPO. One prepared pair = two items, chosen then rejected, each ids + mask over the response.
 A batch has chosen_* and rejected_* versions of the three keys, all padded to one T, and
@@ -176,6 +183,70 @@ def open_split(prefix_or_meta: str | Path, split: str = "train") -> Split | None
 
 
 # ---- batch assembly ------------------------------------------------------------------------------
+
+def pack_rows(rows: list[list[tuple[np.ndarray, np.ndarray]]], T: int
+              ) -> dict[str, torch.Tensor]:
+    """Packed rows of whole examples -> (B, T) input_ids, targets, loss_mask and reset.
+
+    Each row is a list of (ids, mask) examples of total length <= T + 1, laid end to end.
+    reset[t] marks an example's first input token; the input before it (the previous
+    example's final 0) predicts it and is masked out of the loss."""
+    import torch
+
+    flat = [(np.concatenate([e[0] for e in parts]), np.concatenate([e[1] for e in parts]))
+            for parts in rows]
+    out = _rows_to_batch(flat, T)
+    reset = np.zeros((len(rows), T), dtype=bool)
+    m = out["loss_mask"].numpy()
+    for b, parts in enumerate(rows):
+        starts = np.cumsum([0] + [len(e[0]) for e in parts[:-1]])
+        if starts[-1] + len(parts[-1][0]) > T + 1:
+            raise ValueError(f"packed row {b}: {starts[-1] + len(parts[-1][0])} tokens do not "
+                             f"fit ctx_len={T} + 1")
+        reset[b, starts[starts < T]] = True
+        m[b, starts[(starts > 0) & (starts <= T)] - 1] = 0.0
+    out["reset"] = torch.from_numpy(reset)
+    return out
+
+
+PACK_WINDOW = 64  # open rows a packed example may go to (first fit): bounded planning time
+
+
+def plan_packing(sizes: list[int], cap: int, window: int = PACK_WINDOW) -> list[list[int]]:
+    """Rows of positions into `sizes` (each <= cap tokens): first fit over the last `window`
+    open rows, in the given order (the order is kept inside each row)."""
+    rows: list[list[int]] = []
+    room: list[int] = []  # free tokens of rows[len(rows) - len(room):]
+    for i, n in enumerate(sizes):
+        n = min(int(n), cap)
+        for j, free in enumerate(room):
+            if n <= free:
+                rows[len(rows) - len(room) + j].append(i)
+                room[j] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(cap - n)
+            if len(room) > window:
+                room.pop(0)
+    return rows
+
+
+def pack_stats(sizes: Any, ctx_len: int, micro_bsz: int = 1) -> dict[str, float]:
+    """What packing does to a list of example sizes (tokens, each ending with its 0): rows
+    and padding share with PACK=0 (micro-batches of `micro_bsz` padded to the longest, in
+    the given order) and PACK=1 (rows of ctx_len). A token here is an input position."""
+    cap = ctx_len + 1
+    n = [min(int(x), cap) - 1 for x in sizes]  # input positions of each example
+    useful = sum(n)
+    padded = sum(max(n[b:b + micro_bsz]) * len(n[b:b + micro_bsz])
+                 for b in range(0, len(n), micro_bsz))
+    rows = len(plan_packing([x + 1 for x in n], cap))
+    return {"examples": len(n), "tokens": useful, "rows_unpacked": len(n),
+            "rows_packed": rows,
+            "pad_share_unpacked": 1 - useful / padded if padded else 0.0,
+            "pad_share_packed": 1 - useful / (rows * ctx_len) if rows else 0.0}
+
 
 def _rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray]], T: int | None,
                    prefix: str = "") -> dict[str, torch.Tensor]:
@@ -360,22 +431,12 @@ class SFTLoader(_Stream):
         return self.examples[np.random.default_rng([self.seed, epoch]).permutation(self.n)]
 
     def _plan(self, epoch: int) -> list[list[int]]:
-        """Packed rows of an epoch: lists of example indices (whole examples, in order)."""
+        """Packed rows of an epoch: lists of example indices (whole examples)."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
-        cap = self.ctx_len + 1
-        rows: list[list[int]] = []
-        cur: list[int] = []
-        used = 0
-        for i in self._order(epoch).tolist():
-            size = min(int(self.split.ids.sizes[i]), cap)
-            if cur and used + size > cap:
-                rows.append(cur)
-                cur, used = [], 0
-            cur.append(i)
-            used += size
-        if cur:
-            rows.append(cur)
+        order = self._order(epoch)
+        sizes = self.split.ids.sizes[order]
+        rows = [[int(order[j]) for j in row] for row in plan_packing(sizes, self.ctx_len + 1)]
         self._plan_cache = (epoch, rows)
         return rows
 
@@ -387,13 +448,7 @@ class SFTLoader(_Stream):
                 "seed": self.seed}
 
     def _row(self, epoch: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
-        cap = self.ctx_len + 1
-        if not self.pack:
-            return self.split.item(self._epoch_order(epoch)[pos], cap)
-        parts = [self.split.item(i, cap) for i in self._plan(epoch)[pos]]
-        ids = np.concatenate([p[0] for p in parts])[:cap]
-        mask = np.concatenate([p[1] for p in parts])[:cap]
-        return ids, mask
+        return self.split.item(self._epoch_order(epoch)[pos], self.ctx_len + 1)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -401,8 +456,12 @@ class SFTLoader(_Stream):
         return self._order_cache[1]
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.pack:
+            cap = self.ctx_len + 1
+            return pack_rows([[self.split.item(i, cap) for i in self._plan(e)[p]] for e, p in
+                              (self._next_index() for _ in range(self.micro_bsz))], self.ctx_len)
         rows = [self._row(*self._next_index()) for _ in range(self.micro_bsz)]
-        T = self.ctx_len if (self.pad_to == "ctx_len" or self.pack) else None
+        T = self.ctx_len if self.pad_to == "ctx_len" else None
         return _rows_to_batch(rows, T)
 
 
@@ -514,8 +573,11 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
     examples CTX_LEN leaves out."""
     s = settings
     rows = micro_bsz * grad_accum * world
+    pack = bool(getattr(s, "pack", False))
+    if pack:
+        check_pack(s)
     try:
-        loader = build_train_loader(prefix, s.ctx_len, rows, s.seed)
+        loader = build_train_loader(prefix, s.ctx_len, rows, s.seed, pack=pack)
         val_batches = build_val_batches(prefix, s.ctx_len, max(s.micro_bsz, 1), max_batches=64)
     except ValueError as e:
         msg = str(e)
@@ -525,6 +587,9 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
                     "too)")
         raise ValueError(msg) from None
     dpo = s.data_type == "dpo"
+    if pack and loader.data_type == "text":
+        say("note: PACK=1 applies to SFT data; text windows are full CTX_LEN rows already "
+            "(RWKV-LM's stream, no resets)")
     if (loader.data_type == "dpo") != dpo:
         raise ValueError(
             f"{prefix}: the prepared data holds "
@@ -543,6 +608,39 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
             f"CTX_LEN={s.ctx_len} (they differ later): they add no preference signal "
             "(raise CTX_LEN)")
     return loader, val_batches
+
+
+def check_pack(settings: Any) -> None:
+    """PACK=1 with what it cannot serve: a clear ValueError naming the setting to change.
+
+    DPO: a pair's two answers are compared row against row, so pairs stay one per row.
+    State tuning: a packed row would have to restart each example from the tuned initial
+    state and sum its gradient over every restart; the kernels here restart from zero, so it
+    is refused rather than silently training a state only the first example sees."""
+    if getattr(settings, "data_type", "sft") == "dpo":
+        raise ValueError("PACK=1 does not apply to DATA_TYPE=dpo: each preference pair stays "
+                         "on its own rows (chosen against rejected). Set PACK=0 for DPO runs.")
+    train_type = str(getattr(settings, "train_type", "lora") or "lora")
+    if "state" in train_type:
+        raise ValueError(f"PACK=1 with TRAIN_TYPE={train_type}: packed rows restart every "
+                         "example from a zero state, not from the tuned initial state, so the "
+                         "state would only be trained on each row's first example. Set PACK=0 "
+                         "for state tuning.")
+
+
+def packing_line(prefix: str | Path, ctx_len: int, per_step: int) -> str | None:
+    """prepare's summary line for PACK=1 (None when there is no SFT train split): rows and
+    steps per epoch packed, and the padding share either way."""
+    split = open_split(prefix, "train")
+    if split is None or split.data_type != "sft":
+        return None
+    sizes = np.asarray(split.ids.sizes)  # in one shuffled order, as the loader reads them
+    st = pack_stats(sizes[np.random.default_rng([0, 0]).permutation(len(sizes))], ctx_len,
+                    per_step)
+    return (f"  PACK=1: {st['rows_packed']} rows of CTX_LEN={ctx_len} -> "
+            f"{st['rows_packed'] // max(per_step, 1)} steps per epoch (padding "
+            f"{st['pad_share_unpacked']:.0%} of the tokens unpacked -> "
+            f"{st['pad_share_packed']:.0%} packed)")
 
 
 def split_digest(split: Split) -> str:

@@ -79,7 +79,7 @@ from rwkvforge import paths
 from rwkvforge.data.binidx import BinIdxReader, BinIdxWriter, bin_path, idx_path
 from rwkvforge.data.blocks import (BlockResult, block_size_for, iter_blocks, pool_worker_init,
                                    worker_block, worker_init)
-from rwkvforge.data.loader import load_meta, magic_prime
+from rwkvforge.data.loader import load_meta, magic_prime, packing_line
 from rwkvforge.data.detect import (DataShapeError, auto_type, is_json_array, json_array_to_jsonl,
                                    mismatch_error, scan)
 from rwkvforge.data.records import LineResult, encoding_hint
@@ -571,6 +571,10 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
     else:
         log(f"  CTX_LEN={meta['ctx_len']}: {meta['steps_per_epoch']} steps per epoch "
             f"({batch}, unpacked)")
+        packed = packing_line(prefix, meta["ctx_len"], meta["micro_bsz"] * meta["grad_accum"]
+                              * meta["num_gpus"]) if meta["type"] == "sft" else None
+        if packed:
+            log(packed)
         if meta["steps_per_epoch"] == 0:
             log(f"  warning: {tr['documents']} {unit} make no full step of {batch}: lower "
                 "MICRO_BSZ / GRAD_ACCUM, add data, or prepare with --repeat N")

@@ -89,8 +89,11 @@ def _call(x, module, keep=False):  # noqa: ARG001 - checkpoint()'s keyword, unus
     return module(x)
 
 
-def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def token_shift(x: torch.Tensor, shift: torch.Tensor, reset: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """The previous token's x for every position: (B,T,C), with `shift` (B,C) before the first.
+    `reset` (B,T) bool: a token that starts a document (packed rows) has zeros before it, as
+    the first token of a fresh state does.
 
     Eager: a `cat`. Traced by torch.compile: `roll` + `where`, the same values. Inductor's CPU
     code turns the cat's boundary (and, in backward, the read of the next row) into masked
@@ -102,8 +105,12 @@ def token_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     used there."""
     if torch.compiler.is_compiling():
         first = torch.arange(x.shape[1], device=x.device).view(1, -1, 1) == 0
-        return torch.where(first, shift.to(x.dtype).unsqueeze(1), torch.roll(x, 1, dims=1))
-    return torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+        prev = torch.where(first, shift.to(x.dtype).unsqueeze(1), torch.roll(x, 1, dims=1))
+    else:
+        prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+    if reset is not None:
+        prev = prev.masked_fill(reset.unsqueeze(-1), 0.0)
+    return prev
 
 
 def _vec(C: int) -> nn.Parameter:
@@ -142,12 +149,13 @@ class TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=LN_X_EPS)
 
-    def forward(self, x, shift, S, v_first, wkv_impl: str, chunk: int, lin=_call):
+    def forward(self, x, shift, S, v_first, wkv_impl: str, chunk: int, lin=_call, reset=None):
         """x (B,T,C) after ln1; shift (B,C) = previous token's x; S (B,H,N,N) fp32.
-        `lin(x, module)` applies one of the big Linears (lets inference swap in bf16 copies)."""
+        `lin(x, module)` applies one of the big Linears (lets inference swap in bf16 copies).
+        `reset` (B,T) bool or None: tokens that start a document (shift and state restart)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
-        xx = token_shift(x, shift) - x  # (B,T,C)
+        xx = token_shift(x, shift, reset) - x  # (B,T,C)
         if self.fused_inference and not torch.is_grad_enabled():
             # inference (prefill): the same maths in fewer passes over (B,T,C) tensors. Not
             # used with autograd: one stacked (6,B,T,C) mix would keep all six alive for
@@ -188,7 +196,7 @@ class TimeMix(nn.Module):
         impl = "ref" if T == 1 else wkv_impl  # one step: the loop is the cheapest form
         y, S = wkv(
             r.view(B, T, H, N), log_w.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
-            -kk, kk * a4, S, impl=impl, chunk_size=chunk,
+            -kk, kk * a4, S, impl=impl, chunk_size=chunk, reset=reset,
         )  # y (B,T,H,N) fp32
         y = F.group_norm(y.reshape(B * T, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), LN_X_EPS)
         y = y.view(B, T, H, N).to(x.dtype)
@@ -206,8 +214,8 @@ class ChannelMix(nn.Module):
         self.key = nn.Linear(cfg.n_embd, cfg.dim_ffn, bias=False)
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
-    def forward(self, x, shift, lin=_call):
-        k = torch.addcmul(x, token_shift(x, shift) - x, self.x_k)
+    def forward(self, x, shift, lin=_call, reset=None):
+        k = torch.addcmul(x, token_shift(x, shift, reset) - x, self.x_k)
         k = lin(k, self.key, True)
         k = torch.relu(k).square() if torch.is_grad_enabled() else k.relu_().square_()
         return lin(k, self.value, True), x[:, -1].float()
@@ -224,10 +232,12 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg)
 
-    def forward(self, x, v_first, att_shift, S, ffn_shift, wkv_impl: str, chunk: int, lin=_call):
-        dx, att_shift, S, v_first = self.att(self.ln1(x), att_shift, S, v_first, wkv_impl, chunk, lin)
+    def forward(self, x, v_first, att_shift, S, ffn_shift, wkv_impl: str, chunk: int, lin=_call,
+                reset=None):
+        dx, att_shift, S, v_first = self.att(self.ln1(x), att_shift, S, v_first, wkv_impl, chunk,
+                                             lin, reset)
         x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, lin)
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, lin, reset)
         return x + dx, v_first, att_shift, S, ffn_shift
 
 
@@ -304,13 +314,22 @@ class RWKV7(nn.Module):
         return out
 
     # ---- sequence --------------------------------------------------------------------------------
-    def forward_hidden(self, idx: torch.Tensor, state: State | None = None):
-        """idx (B,T) long -> (hidden (B,T,C) after ln_out, new state)."""
+    def forward_hidden(self, idx: torch.Tensor, state: State | None = None,
+                       reset: torch.Tensor | None = None):
+        """idx (B,T) long -> (hidden (B,T,C) after ln_out, new state). `reset` (B,T) bool:
+        the tokens that start a document in a packed row; each restarts from a zero state
+        and token shift, so every document computes what it would alone (see model/wkv.py).
+        v_first is per token, so it needs nothing."""
         if self.wkv_impl not in WKV_IMPLS:
             raise ValueError(f"wkv_impl={self.wkv_impl!r}; expected one of {', '.join(WKV_IMPLS)}")
         B, T = idx.shape
         if state is None:
             state = self.init_state(B, idx.device)
+        if reset is not None:
+            if tuple(reset.shape) != (B, T):
+                raise ValueError(f"reset mask has shape {tuple(reset.shape)}, expected the "
+                                 f"tokens' (B, T) = {(B, T)}")
+            reset = reset.to(device=idx.device, dtype=torch.bool)
         x = self.emb(idx)  # (B,T,C)
         ln0 = self.blocks[0].ln0
         if x.dtype == torch.float32 and ln0.weight.dtype != torch.float32:
@@ -321,17 +340,21 @@ class RWKV7(nn.Module):
         new_state = []
         for block, (att_shift, S, ffn_shift) in zip(self.blocks, state):
             args = (x, v_first, att_shift, S, ffn_shift, self.wkv_impl, self.wkv_chunk, self._lin)
+            kw = {} if reset is None else {"reset": reset}
             if use_cp:
-                x, v_first, att_shift, S, ffn_shift = checkpoint(block, *args, use_reentrant=False)
+                x, v_first, att_shift, S, ffn_shift = checkpoint(block, *args, use_reentrant=False,
+                                                                 **kw)
             else:
-                x, v_first, att_shift, S, ffn_shift = block(*args)
+                x, v_first, att_shift, S, ffn_shift = block(*args, **kw)
             new_state.append((att_shift, S, ffn_shift))
         return self.ln_out(x), new_state
 
-    def forward(self, idx: torch.Tensor, state: State | None = None, *, last_only: bool = False):
+    def forward(self, idx: torch.Tensor, state: State | None = None, *, last_only: bool = False,
+                reset: torch.Tensor | None = None):
         """idx (B,T) long -> (logits (B,T,V) fp32, new state). `last_only`: logits (B,V) of
-        the final position only (prefill: skips T-1 rows of the vocabulary projection)."""
-        h, state = self.forward_hidden(idx, state)
+        the final position only (prefill: skips T-1 rows of the vocabulary projection).
+        `reset`: document starts of packed rows (see forward_hidden)."""
+        h, state = self.forward_hidden(idx, state, reset)
         if last_only:
             h = h[:, -1]
         return self._lin(h, self.head).float(), state

@@ -30,6 +30,16 @@ chunked form below stable in fp32.
 
 All functions take r, log_w, k, v, a, b as (B, T, H, N) and state as (B, H, N, N) fp32 (or
 None for zeros), and return (y (B, T, H, N) fp32, new state (B, H, N, N) fp32).
+
+Packed rows (PACK=1, data/loader.py): `reset` (B, T) bool, or None, marks the tokens that start
+a document. Before such a step every kernel takes the state as zero (the state carried in, or
+the previous document's, is dropped), and no gradient flows back across it, so each document of
+a packed row computes what it would alone: `wkv_ref` zeroes S; `wkv_chunked` keeps only the
+pairs of steps in the same document (masks on its in-chunk matrices, the chunk-start state and
+the end-of-chunk sums); the C kernel zeroes its state in forward and, in backward, takes the
+step's previous state as zero and stops the state gradient there; `wkv_fla` runs fla's
+variable-length form (`cu_seqlens`: every document its own sequence). With `reset=None` every
+kernel runs exactly the code it ran before (bit-identical results).
 """
 
 from __future__ import annotations
@@ -64,14 +74,28 @@ def _zeros_state(r: torch.Tensor) -> torch.Tensor:
     return torch.zeros(B, H, N, N, dtype=torch.float32, device=r.device)
 
 
-def wkv_ref(r, log_w, k, v, a, b, state=None):
-    """Sequential fp32 reference. Inputs (B,T,H,N); state (B,H,N,N) rows=value, cols=key."""
+def _check_reset(reset, r):
+    """`reset` as (B, T) bool on r's device, or None; a clear error for any other shape."""
+    if reset is None:
+        return None
+    if tuple(reset.shape) != tuple(r.shape[:2]):
+        raise ValueError(f"wkv: reset mask has shape {tuple(reset.shape)}, expected (B, T) = "
+                         f"{tuple(r.shape[:2])} (one flag per token: it starts a document)")
+    return reset.to(device=r.device, dtype=torch.bool)
+
+
+def wkv_ref(r, log_w, k, v, a, b, state=None, reset=None):
+    """Sequential fp32 reference. Inputs (B,T,H,N); state (B,H,N,N) rows=value, cols=key;
+    reset (B,T) bool or None: the state is zero before a step whose flag is set."""
     B, T, H, N = r.shape
     S = _zeros_state(r) if state is None else state.float()
     r, k, v, a, b = (x.float() for x in (r, k, v, a, b))
     w = torch.exp(log_w.float())
+    reset = _check_reset(reset, r)
     ys = []
     for t in range(T):
+        if reset is not None:  # a document starts at t: it sees no earlier state
+            S = torch.where(reset[:, t, None, None, None], 0.0, S)
         # (B,H,N,N) * (B,H,1,N): decay acts on the key (column) dimension
         sa = S @ a[:, t, :, :, None]  # (B,H,N,1)
         S = S * w[:, t, :, None, :] + sa @ b[:, t, :, None, :] + v[:, t, :, :, None] @ k[:, t, :, None, :]
@@ -80,7 +104,7 @@ def wkv_ref(r, log_w, k, v, a, b, state=None):
     return y, S
 
 
-def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK):
+def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK, reset=None):
     """Chunked matmul form of `wkv_ref` (same results up to fp32 rounding; differentiable).
 
     Inside a chunk of L steps, with g_t = sum_{s<=t} log_w_s (per key channel) and
@@ -92,10 +116,16 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
 
     The first line is a unit lower-triangular system in U (solved once per chunk, for all
     chunks at once); the loop across chunks is then three small matmuls per chunk.
+
+    With `reset` (B,T), doc(t) = the number of resets in the chunk up to t: a term from step s
+    to step t stays only when doc(s) == doc(t), the S_0 terms only where doc(t) == 0 and the
+    terms of S_L only from steps with doc(s) == doc(L-1) (S_0's only when no reset is in the
+    chunk). The decay factors between steps of one document are unchanged.
     """
     B, T, H, N = r.shape
     L = int(chunk_size)
     S = _zeros_state(r) if state is None else state.float()
+    reset = _check_reset(reset, r)
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=torch.float32), S
     pad = (-T) % L
@@ -131,6 +161,11 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     m_rb = (r_t @ b_hT).masked_fill_(~incl, 0.0)
     m_rk = (r_t @ k_hT).masked_fill_(~incl, 0.0)
 
+    r_0 = r_t  # what reads S_0 in y
+    if reset is not None:
+        m_ab, m_ak, m_rb, m_rk, a_t, r_0, b_end, k_end, decay_end = _reset_masks(
+            reset, pad, nc, H, L, m_ab, m_ak, m_rb, m_rk, a_t, r_t, b_end, k_end, decay_end)
+
     eye = torch.eye(L, dtype=torch.float32, device=r.device)
     lhs = eye - m_ab
     # U = W_a S_0^T + U_v   with  W_a = (I - M_ab)^-1 A~,  U_v = (I - M_ab)^-1 M_ak V
@@ -146,7 +181,7 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     St = S.transpose(-1, -2).reshape(BH, N, N)
     ys = []
     for w_ac, u_vc, r_tc, y_vc, m_rbc, be_c, ke_c, v_c, d_c in zip(
-            *(x.unbind(0) for x in (w_a, u_v, r_t, y_v, m_rb, b_endT, k_endT, v_, decay_end))):
+            *(x.unbind(0) for x in (w_a, u_v, r_0, y_v, m_rb, b_endT, k_endT, v_, decay_end))):
         u = torch.baddbmm(u_vc, w_ac, St)  # (BH,L,Nv)
         ys.append(torch.baddbmm(torch.baddbmm(y_vc, r_tc, St), m_rbc, u))
         St = torch.baddbmm(torch.baddbmm(St * d_c, be_c, u), ke_c, v_c)
@@ -154,14 +189,30 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     return y, St.view(B, H, N, N).transpose(-1, -2).contiguous()
 
 
+def _reset_masks(reset, pad, nc, H, L, m_ab, m_ak, m_rb, m_rk, a_t, r_t, b_end, k_end,
+                 decay_end):
+    """wkv_chunked's chunk-major tensors with the terms that cross a document start dropped
+    (see its docstring); reset (B,T) bool."""
+    B = reset.shape[0]
+    rs = F.pad(reset, (0, pad)).view(B, nc, L).transpose(0, 1)  # (nc,B,L); padded steps: no reset
+    doc = torch.cumsum(rs, dim=2, dtype=torch.int32)  # doc(t) inside each chunk
+    doc = doc.unsqueeze(2).expand(nc, B, H, L).reshape(nc, B * H, L)  # (nc,BH,L)
+    same = doc.unsqueeze(-1) == doc.unsqueeze(-2)  # (nc,BH,L,L): steps s, t in one document
+    first = (doc == 0).unsqueeze(-1).float()  # (nc,BH,L,1): still in S_0's document
+    last = (doc == doc[:, :, -1:]).unsqueeze(-1).float()  # in the chunk's last document
+    whole = (doc[:, :, -1] == 0).float().view(nc, B * H, 1, 1)  # no reset in the chunk
+    return (m_ab * same, m_ak * same, m_rb * same, m_rk * same, a_t * first, r_t * first,
+            b_end * last, k_end * last, decay_end * whole)
+
+
 @functools.lru_cache(maxsize=None)
 def _native_lib():
     lib = native.load("wkv_cpu")
     if lib is not None:
         i64, p = ctypes.c_int64, ctypes.c_void_p
-        lib.rf_wkv_forward.argtypes = [i64] * 5 + [p] * 9 + [i64, i64]
+        lib.rf_wkv_forward.argtypes = [i64] * 5 + [p] * 10 + [i64, i64]  # (..., reset, bh0, bh1)
         lib.rf_wkv_forward.restype = ctypes.c_int32
-        lib.rf_wkv_backward.argtypes = [i64] * 5 + [p] * 15 + [i64, i64]
+        lib.rf_wkv_backward.argtypes = [i64] * 5 + [p] * 16 + [i64, i64]
         lib.rf_wkv_backward.restype = ctypes.c_int32
         # the same with (..., BH, threads) in place of (..., bh0, bh1)
         lib.rf_wkv_forward_par.argtypes = lib.rf_wkv_forward.argtypes
@@ -213,6 +264,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _flags(reset: torch.Tensor | None) -> torch.Tensor | None:
+    """A reset mask as the C kernel reads it: (B, T) uint8, contiguous."""
+    return None if reset is None else reset.to(torch.uint8).contiguous()
+
+
 # The C kernel as two torch custom ops (forward; backward) with the forward's autograd
 # registered: torch.compile traces through them (they are opaque calls inside the block's
 # graph, no graph break), so the code around them (exp(log_w), the fp32 -> bf16 casts of the
@@ -221,25 +277,28 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 @torch.library.custom_op("rwkvforge::wkv7_native", mutates_args=())
 def _wkv7_native(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor | None,
-                 keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 keep: bool, reset: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (B,T,H,N) fp32, final state (B,H,N,N) fp32, and the state checkpoints backward
     needs (B*H, ceil(T/NATIVE_CKPT), N, N) when `keep`, else an empty tensor. w = exp(log_w)
-    fp32; r, k, v, a, b all bf16 (read as they are) or else taken as fp32."""
+    fp32; r, k, v, a, b all bf16 (read as they are) or else taken as fp32; reset (B,T) uint8
+    or None (document starts)."""
     B, T, H, N = r.shape
     r, k, v, a, b, bf16 = _kernel_inputs([r, k, v, a, b])
     w = w.float().contiguous()
     S = _zeros_state(r) if s0 is None else s0.float().clone().contiguous()
     y = torch.empty(B, T, H, N)
     ckpt = torch.empty(B * H, -(-T // NATIVE_CKPT), N, N) if keep else torch.empty(0)
+    flags = _flags(reset)  # (held here while the kernel reads it)
     rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-        r, w, k, v, a, b, S, y, ckpt if keep else None)))
+        r, w, k, v, a, b, S, y, ckpt if keep else None, flags)))
     if rc:
         raise MemoryError("wkv native forward: out of memory for its state buffer")
     return y, S, ckpt
 
 
 @_wkv7_native.register_fake
-def _(r, w, k, v, a, b, s0, keep):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
+def _(r, w, k, v, a, b, s0, keep, reset=None):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
     B, T, H, N = r.shape
     f32 = torch.float32
     return (r.new_empty(B, T, H, N, dtype=f32), r.new_empty(B, H, N, N, dtype=f32),
@@ -250,6 +309,7 @@ def _(r, w, k, v, a, b, s0, keep):  # noqa: ARG001 - a fake (meta) kernel: only 
 def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           a: torch.Tensor, b: torch.Tensor, ckpt: torch.Tensor,
                           dy: torch.Tensor | None, dS: torch.Tensor | None,
+                          reset: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                      torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (fp32) of r, w, k, v, a, b and the initial state, given those of y and of
@@ -260,8 +320,9 @@ def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: 
     dy = torch.zeros(B, T, H, N) if dy is None else dy.float().contiguous()
     G = torch.zeros(B, H, N, N) if dS is None else dS.float().clone().contiguous()
     grads = [torch.empty(B, T, H, N) for _ in range(6)]  # the kernel writes them all
+    flags = _flags(reset)
     rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-        r, w, k, v, a, b, ckpt, dy, G, *grads)))
+        r, w, k, v, a, b, ckpt, dy, G, *grads, flags)))
     if rc:
         raise MemoryError("wkv native backward: out of memory for its state buffer")
     dr, dw, dk, dv, da, db = grads
@@ -269,7 +330,7 @@ def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: 
 
 
 @_wkv7_native_backward.register_fake
-def _(r, w, k, v, a, b, ckpt, dy, dS):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
+def _(r, w, k, v, a, b, ckpt, dy, dS, reset=None):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
     B, T, H, N = r.shape
     f32 = torch.float32
     return (*(r.new_empty(B, T, H, N, dtype=f32) for _ in range(6)),
@@ -277,22 +338,22 @@ def _(r, w, k, v, a, b, ckpt, dy, dS):  # noqa: ARG001 - a fake (meta) kernel: o
 
 
 def _wkv7_setup_context(ctx, inputs, output):
-    r, w, k, v, a, b, s0, keep = inputs
-    ctx.save_for_backward(r, w, k, v, a, b, output[2])  # the inputs as given, checkpoints
+    r, w, k, v, a, b, s0, keep, reset = inputs
+    ctx.save_for_backward(r, w, k, v, a, b, output[2], reset)  # the inputs as given, checkpoints
     ctx.has_s0 = s0 is not None
 
 
 def _wkv7_backward(ctx, dy, dS, _dckpt):
-    r, w, k, v, a, b, ckpt = ctx.saved_tensors
-    dr, dw, dk, dv, da, db, g0 = _wkv7_native_backward(r, w, k, v, a, b, ckpt, dy, dS)
+    r, w, k, v, a, b, ckpt, reset = ctx.saved_tensors
+    dr, dw, dk, dv, da, db, g0 = _wkv7_native_backward(r, w, k, v, a, b, ckpt, dy, dS, reset)
     # fp32 gradients; autograd casts them to the inputs' dtypes (bf16 under autocast)
-    return dr, dw, dk, dv, da, db, (g0 if ctx.has_s0 else None), None
+    return dr, dw, dk, dv, da, db, (g0 if ctx.has_s0 else None), None, None
 
 
 _wkv7_native.register_autograd(_wkv7_backward, setup_context=_wkv7_setup_context)
 
 
-def wkv_native(r, log_w, k, v, a, b, state=None):
+def wkv_native(r, log_w, k, v, a, b, state=None, reset=None):
     """The recurrence in C on CPU, with its own backward (see the module doc)."""
     if not torch.compiler.is_compiling():  # (checked before tracing; see wkv())
         if not native_available():
@@ -302,13 +363,15 @@ def wkv_native(r, log_w, k, v, a, b, state=None):
             raise RuntimeError("wkv_impl='native' runs on CPU tensors only; on CUDA use "
                                "'fla' or 'chunked'")
     if r.shape[-1] != NATIVE_HEAD_SIZE:  # the C kernel is written for RWKV-7's heads
-        return wkv_chunked(r, log_w, k, v, a, b, state)
+        return wkv_chunked(r, log_w, k, v, a, b, state, reset=reset)
     if r.shape[1] == 0:
         return r.new_zeros(r.shape, dtype=torch.float32), (
             _zeros_state(r) if state is None else state.float())
     keep = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (r, log_w, k, v, a, b, state))
-    y, S, _ = _wkv7_native(r, torch.exp(log_w.float()), k, v, a, b, state, keep)
+    if reset is not None:
+        reset = _check_reset(reset, r).to(torch.uint8)
+    y, S, _ = _wkv7_native(r, torch.exp(log_w.float()), k, v, a, b, state, keep, reset)
     return y, S
 
 
@@ -352,12 +415,13 @@ def _takes_lower_bound(fn) -> bool:
     return "lower_bound" in inspect.signature(fn).parameters  # fla-core >= 0.6.0
 
 
-def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True):
+def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True, reset=None):
     """flash-linear-attention's chunk_rwkv7 (CUDA). fla keeps state as (B,H,K,V): transposed.
 
     `bound`: pass RWKV-7's decay bound as fla's `lower_bound` when the installed fla takes it
     (every log_w must then be >= LOG_W_MIN; the model's always are). False: fla's unbounded
-    16-step path (kept for the test that holds the two equal)."""
+    16-step path (kept for the test that holds the two equal). `reset`: the rows become one
+    flat stream of documents, fla's variable-length form (`cu_seqlens`, see `_fla_varlen`)."""
     fn = _load_fla()
     if not fn:
         raise RuntimeError(f"wkv_impl='fla' is unavailable: {fla_problem()}; "
@@ -372,12 +436,42 @@ def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True):
         # the bound cast the way log_w is (fp32 -> dt): rounding keeps order, so every
         # log_w >= LOG_W_MIN stays >= it after the cast (bf16: -0.60546875)
         extra["lower_bound"] = float(torch.tensor(LOG_W_MIN).to(dt))
+    xs = [x.to(dt) for x in (r, log_w, k, v, a, b)]
+    reset = _check_reset(reset, r)
+    if reset is not None:
+        return _fla_varlen(fn, xs, s0, reset, extra)
     out = fn(  # w is log-decay in fla's API; state (B,H,K,V)
-        r=r.to(dt), w=log_w.to(dt), k=k.to(dt), v=v.to(dt), a=a.to(dt), b=b.to(dt),
+        r=xs[0], w=xs[1], k=xs[2], v=xs[3], a=xs[4], b=xs[5],
         scale=1.0, initial_state=s0, output_final_state=True, **extra,
     )
     y, s1 = out[0], out[1]  # some fla versions return extra items
     return y.float(), s1.float().transpose(-1, -2)
+
+
+def _fla_varlen(fn, xs: list, s0, reset: torch.Tensor, extra: dict):
+    """chunk_rwkv7 over packed rows: the B rows laid end to end as one (1, B*T) stream cut at
+    every row start and every reset into sequences (`cu_seqlens`), each started from zero
+    except a row's first when it has no reset at t=0 (that one starts from the row's state
+    s0, fla's (B,H,K,V) layout). Returns y (B,T,H,N) fp32 and each row's final state (that of
+    the sequence holding its last token) in our (B,H,N,N) layout."""
+    B, T, H, N = xs[0].shape
+    starts = reset.clone()
+    starts[:, 0] = True  # a new row is a new sequence for fla
+    pos = starts.reshape(-1).nonzero().squeeze(1)  # (n_seq,) first token of each sequence
+    cu = torch.cat([pos, pos.new_tensor([B * T])])
+    seq_of_row = torch.cumsum(starts.reshape(-1), 0)[::T] - 1  # (B,) the row's first sequence
+    last_of_row = torch.cumsum(starts.reshape(-1), 0)[T - 1::T] - 1  # (B,) its last sequence
+    init = None
+    if s0 is not None:
+        init = s0.new_zeros(len(pos), H, N, N)
+        carry = ~reset[:, 0]  # rows whose first sequence continues the given state
+        init[seq_of_row[carry]] = s0[carry]
+    flat = [x.reshape(1, B * T, H, N) for x in xs]
+    out = fn(r=flat[0], w=flat[1], k=flat[2], v=flat[3], a=flat[4], b=flat[5], scale=1.0,
+             initial_state=init, output_final_state=True, cu_seqlens=cu,
+             cu_seqlens_cpu=cu.cpu(), **extra)
+    y, s1 = out[0], out[1]
+    return y.view(B, T, H, N).float(), s1[last_of_row].float().transpose(-1, -2)
 
 
 def resolve_impl(impl: str, device: torch.device | str) -> str:
@@ -417,28 +511,29 @@ def _resolve_const(impl: str, device_type: str) -> str:
     return resolve_impl(impl, device_type)
 
 
-def wkv(r, log_w, k, v, a, b, state=None, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK):
+def wkv(r, log_w, k, v, a, b, state=None, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK,
+        reset=None):
     """Dispatch to one of the kernels above (see module docstring for shapes). Under
     torch.compile the native kernel is traced as a custom op inside the caller's graph; the
     other forms stay one opaque call each (the torch loops of ref / chunked, fla's triton)."""
     name = _resolve_const(impl, r.device.type)
     if name == "native" and r.device.type == "cpu":
         with torch.autocast("cpu", enabled=False):  # (the kernel is fp32 inside anyway)
-            return wkv_native(r, log_w, k, v, a, b, state)
-    return _wkv_opaque(r, log_w, k, v, a, b, state, name, chunk_size)
+            return wkv_native(r, log_w, k, v, a, b, state, reset)
+    return _wkv_opaque(r, log_w, k, v, a, b, state, name, chunk_size, reset)
 
 
 @torch.compiler.disable  # one opaque call for torch.compile
-def _wkv_opaque(r, log_w, k, v, a, b, state, name: str, chunk_size: int):
+def _wkv_opaque(r, log_w, k, v, a, b, state, name: str, chunk_size: int, reset=None):
     if name == "fla":
-        return wkv_fla(r, log_w, k, v, a, b, state)
+        return wkv_fla(r, log_w, k, v, a, b, state, reset=reset)
     # fp32 as documented, even inside a bf16 autocast region: autocast would run every
     # matmul of the recurrence in bf16 (0.6% error on y, bf16 state) and cast their inputs
     # on every call, which made the chunked form slower than fp32 (76 vs 64 ms per layer,
     # forward + backward at T=512)
     with torch.autocast(r.device.type, enabled=False):
         if name == "ref":
-            return wkv_ref(r, log_w, k, v, a, b, state)
+            return wkv_ref(r, log_w, k, v, a, b, state, reset)
         if name == "native":
-            return wkv_native(r, log_w, k, v, a, b, state)
-        return wkv_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size)
+            return wkv_native(r, log_w, k, v, a, b, state, reset)
+        return wkv_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size, reset=reset)

@@ -1,0 +1,174 @@
+"""Packing (PACK=1) against padded SFT rows (PACK=0): useful (loss-masked) tokens per second of
+LoRA training, same model, same CTX_LEN, same MICRO_BSZ, in one process on the CPU.
+
+    python bench/pack_bench.py                                 # shipped sample + long tail
+    python bench/pack_bench.py --data sample --steps 4 --layers 4 --embd 256   # quicker
+    python bench/pack_bench.py --base-model models/base/rwkv7-0.1b-shape.pth
+
+The peers are this package's own padded batches: PACK=0 with rows padded to the longest of the
+micro-batch (the default, `pad_to="longest"`) and PACK=0 padded to CTX_LEN (fixed shapes, as
+RWKV-PEFT's pad mode). Data: the shipped SFT sample (data/samples/bsl_sft.jsonl) and a
+synthetic long-tail chat set (log-normal lengths, median ~60 tokens, a few near CTX_LEN), both
+through `rwkvforge prepare`. Each step is a real training step: train.py's build_model (LoRA
+r=32 on the six block Linears, bf16 autocast), LossModule (PACK=1 passes the reset mask),
+backward, train.py's AdamW. The modes run interleaved, one step each in turn, after one
+untimed step each, so the VM's drift hits them alike. Printed per data set: padding share of
+the input positions, useful tokens/s per mode and the ratios PACK=1 / PACK=0. Target (issue
+23): >= 2x. Padding costs the blocks, not the head (the loss skips masked positions), so the
+ratio grows with the model's depth and with the padding share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+MODES = {"pack": {"pack": True}, "pad_longest": {"pad_to": "longest"},
+         "pad_ctx": {"pad_to": "ctx_len"}}
+
+
+def long_tail_jsonl(path: Path, n: int, seed: int = 0) -> None:
+    """`n` prompt/response records with log-normal word counts (a few long ones)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = [f"слово{i}" for i in range(200)] + [f"word{i}" for i in range(200)]
+
+    def text(k):
+        return " ".join(words[j] for j in rng.integers(0, len(words), max(int(k), 1)))
+
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            total = min(rng.lognormal(np.log(30), 0.9), 900)
+            f.write(json.dumps({"prompt": text(total * 0.4), "response": text(total * 0.6)},
+                               ensure_ascii=False) + "\n")
+
+
+def prepare(src: Path, prefix: Path, ctx_len: int) -> Path:
+    from rwkvforge.data.prepare import Options, run
+
+    run(Options(input=src, prefix=prefix, data_type="sft", ctx_len=ctx_len, seed=42,
+                val_fraction=0.0, workers=1, progress=False), log=lambda *a: None)
+    return prefix
+
+
+def bench(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, steps: int) -> dict:
+    import torch
+
+    from rwkvforge import config as cfgmod
+    from rwkvforge.data.loader import build_train_loader, open_split, pack_stats
+    from rwkvforge.loss import LossModule, autocast_ctx
+    from rwkvforge.runtime import keep_freed_memory
+    from rwkvforge.train import build_model, make_optimizer
+
+    keep_freed_memory()  # what `rwkvforge train` does on a CPU
+    torch.manual_seed(0)
+    s = cfgmod.Settings(lora_r=32, lora_alpha=32.0, precision="bf16", lr=1e-4, head_chunk=1024)
+    pm, _, cfg = build_model(s, model_path, torch.device("cpu"))
+    lm = LossModule(pm, s.head_chunk, torch.bfloat16)
+    opt = make_optimizer(pm, s)
+    dev = torch.device("cpu")
+    loaders = {m: build_train_loader(prefix, ctx_len, micro_bsz, seed=42, **kw)
+               for m, kw in MODES.items()}
+    acc = {m: {"time": 0.0, "useful": 0.0, "positions": 0, "real": 0} for m in MODES}
+
+    def one(mode: str) -> tuple[float, dict]:
+        b = next(loaders[mode])
+        w = b["loss_mask"] / b["loss_mask"].sum().clamp_min(1)
+        reset = (None, 1.0, 0.0, b["reset"]) if "reset" in b else ()
+        t = time.perf_counter()
+        with autocast_ctx(dev, "bf16"):
+            loss = lm(b["input_ids"], b["targets"], w, *reset)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t, b
+
+    for m in MODES:  # untimed: first-call allocations, the C kernels' load
+        one(m)
+    for _ in range(steps):
+        for m in MODES:
+            dt, b = one(m)
+            a = acc[m]
+            a["time"] += dt
+            a["useful"] += float(b["loss_mask"].sum())
+            a["positions"] += b["input_ids"].numel()
+            a["real"] += int((b["input_ids"] != 0).sum())
+    split = open_split(prefix)
+    st = pack_stats(split.ids.sizes, ctx_len, micro_bsz)
+    out = {"model": {k: cfg.to_dict()[k] for k in ("n_layer", "n_embd")}, "ctx_len": ctx_len,
+           "micro_bsz": micro_bsz, "timed_steps_per_mode": steps, "examples": st["examples"],
+           "pad_share_epoch": {"pad_longest": st["pad_share_unpacked"],
+                               "pack": st["pad_share_packed"]},
+           "modes": {}}
+    for m, a in acc.items():
+        out["modes"][m] = {"useful_tok_s": a["useful"] / a["time"],
+                           "s_per_step": a["time"] / steps,
+                           "pad_share_measured": 1 - a["real"] / a["positions"]}
+    u = {m: out["modes"][m]["useful_tok_s"] for m in MODES}
+    out["ratio_pack_vs_pad_longest"] = u["pack"] / u["pad_longest"]
+    out["ratio_pack_vs_pad_ctx"] = u["pack"] / u["pad_ctx"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", choices=("sample", "longtail", "both"), default="both")
+    ap.add_argument("--ctx-len", type=int, default=1024)
+    ap.add_argument("--micro-bsz", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per mode")
+    ap.add_argument("--base-model", default="", help="a .pth; empty: a random model of "
+                    "--layers x --embd (real World vocabulary)")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--embd", type=int, default=768)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--json", default="", help="also write the results here")
+    a = ap.parse_args(argv)
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    results = {}
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        model = Path(a.base_model) if a.base_model else d / "model.pth"
+        if not a.base_model:
+            from rwkvforge.demo import write_demo_model
+
+            write_demo_model(model, a.layers, a.embd)
+        sets = {"sample": ROOT / "data" / "samples" / "bsl_sft.jsonl"}
+        if a.data in ("longtail", "both"):
+            long_tail_jsonl(d / "longtail.jsonl", 600)
+            sets["longtail"] = d / "longtail.jsonl"
+        if a.data == "longtail":
+            del sets["sample"]
+        for name, src in sets.items():
+            prefix = prepare(src, d / name, a.ctx_len)
+            r = bench(prefix, model, a.ctx_len, a.micro_bsz, a.steps)
+            results[name] = r
+            print(f"[{name}] {r['examples']} examples, model L{r['model']['n_layer']} "
+                  f"C{r['model']['n_embd']}, CTX_LEN {a.ctx_len}, MICRO_BSZ {a.micro_bsz}, "
+                  f"{a.steps} timed steps per mode, torch threads {torch.get_num_threads()}")
+            print(f"  padding share of input positions over an epoch: PACK=0 (longest) "
+                  f"{r['pad_share_epoch']['pad_longest']:.1%}, PACK=1 "
+                  f"{r['pad_share_epoch']['pack']:.1%}")
+            for m, v in r["modes"].items():
+                print(f"  {m:12s} {v['useful_tok_s']:8.1f} useful tok/s  {v['s_per_step']:6.2f} "
+                      f"s/step  padding {v['pad_share_measured']:.1%} (timed steps)")
+            print(f"  PACK=1 / PACK=0 pad-to-longest: {r['ratio_pack_vs_pad_longest']:.2f}x;  "
+                  f"PACK=1 / PACK=0 pad-to-CTX_LEN: {r['ratio_pack_vs_pad_ctx']:.2f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
