@@ -249,9 +249,12 @@ class RWKV7(nn.Module):
         self.wkv_chunk = DEFAULT_CHUNK
         # Inference speed knob (no_grad calls only; training never sees it):
         #   None           every matmul in the weights' own dtype: exact (parity tests use this)
-        #   torch.bfloat16 calls with >= 8 rows (batched decode, prefill) run the big Linears
-        #                  and the head on cached bf16 copies: ~2-4x faster GEMMs on CPUs with
-        #                  AMX / AVX512-BF16; +50% weight memory; ~1e-2 relative logit error
+        #   torch.bfloat16 the big Linears and the head run on cached bf16 copies: calls with
+        #                  >= 8 rows (batched decode, prefill) as bf16 GEMMs (~2-4x faster on
+        #                  CPUs with AMX / AVX512-BF16), up to 7 rows (decode) through the C
+        #                  GEMV of model/decode.py (half the bytes of fp32 at fp32's bandwidth;
+        #                  torch's own bf16 GEMV runs at about half of it); +50% weight
+        #                  memory; ~0.5% of the max |logit| error (the gate: docs/inference.md)
         #   torch.int8     as bf16 above 64 rows; up to 64 rows (decode, single or batched)
         #                  the big Linears and the head use cached per-output-channel int8
         #                  weights through fbgemm's dynamic W8A8 kernel
@@ -261,6 +264,9 @@ class RWKV7(nn.Module):
         #                  torch._int_mm with per-row activation scales for 8..64 rows.
         #                  ~1.6e-2 (1 stream) / ~1.8e-2 (16 streams) max logit error relative to
         #                  the max |logit| on the 0.1B-shaped random model
+        # `sparse_ffn` (below, every mode but int8): step's channel-mix reads only the value
+        # rows of channels that are non-zero after ReLU^2, from a transposed copy (fp32 in the
+        # exact mode: +1/3 of the layers' matrix memory). Exact.
         # State, norms and the WKV recurrence stay fp32 in every mode; with a fast mode set,
         # `step` updates the WKV state with fewer passes (`_wkv_step_fused`; fp32 rounding only).
         self.infer_dtype: torch.dtype | None = None
