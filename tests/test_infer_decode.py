@@ -89,6 +89,50 @@ def test_step_with_the_sparse_channel_mix_equals_the_dense_step(tiny_model):
             torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=0)
 
 
+@needs_kernel
+def test_fused_wkv_step_equals_the_torch_ops(tiny_model):
+    """decode.wkv_step against RWKV7._time_mix_tail (the exact mode's torch ops) on one
+    layer's constants, with a non-trivial state, for 1 and 3 streams."""
+    from rwkvforge.model.rwkv7 import LN_X_EPS
+
+    blk = tiny_model.blocks[1]
+    att = blk.att
+    with torch.no_grad():  # non-trivial per-channel constants
+        for p in (att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    c = tiny_model._step_consts(blk, torch.float32)
+    H, N = att.n_head, att.head_size
+    for B in (1, 3):
+        g = torch.Generator().manual_seed(B)
+        S = torch.randn(B, H, N, N, generator=g) * 0.3
+        w, k, v, r = (torch.randn(B, H * N, generator=g) for _ in range(4))
+        a = torch.rand(B, H * N, generator=g)
+        before = S.clone()
+        with torch.no_grad():
+            y, S2 = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS)
+            ry, rS2 = tiny_model._time_mix_tail(S, w, k, a, v, r, c, att)
+        assert torch.equal(S, before)  # the input state is not modified
+        torch.testing.assert_close(S2, rS2.view(B, H, N, N), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, ry, atol=1e-4, rtol=1e-4)  # after a GroupNorm: ~1e-6 x 1/std
+
+
+def test_fused_step_equals_the_torch_step(tiny_model):
+    V = tiny_model.config.vocab_size
+    outs = {}
+    with torch.no_grad():
+        for fused in (False, True):
+            tiny_model.fused_step = fused
+            state = tiny_model.init_state(2)
+            for t in (1, 50, 300, 7000, 12):
+                logits, state = tiny_model.step(torch.tensor([t % V, (3 * t) % V]), state)
+            outs[fused] = (logits, state)
+    (d, ds), (s, ss) = outs[False], outs[True]
+    torch.testing.assert_close(s, d, atol=1e-5 * d.abs().max().item(), rtol=0)
+    for a, b in zip(ss, ds):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=0)
+
+
 # The bf16 decode mode's gate (docs/inference.md, "Accuracy"): against the exact fp32 step
 # over a greedy generation, teacher-forced: max logit error <= 2% of the max |logit|, mean
 # <= 1% of the mean |logit|, greedy token the same at >= 95% of the steps.

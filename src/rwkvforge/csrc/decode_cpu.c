@@ -16,11 +16,17 @@
  *                   trained one): only the rows of channels that are non-zero in some stream
  *                   are read. Exact: a zero contributes nothing; only the fp32 summation
  *                   order differs from a dense matmul.
+ *   rf_wkv_step     the time-mix's per-element work of one step for all heads in one call:
+ *                   decay, kk, k', the WKV state update and read-out, ln_x, the bonus (about
+ *                   25 small torch ops per layer otherwise, each a few microseconds of
+ *                   dispatch for a few KB of data).
  *
- * Both split the output columns over an OpenMP team (torch's own when torch is loaded, see
+ * The first two split the output columns, the last the (stream, head) pairs, over an OpenMP team (torch's own when torch is loaded, see
  * wkv_cpu.c): each thread streams its own slice of the weight. K, C must be multiples of 16
  * (the caller checks; every RWKV-7 width is a multiple of 64).
  */
+#include <math.h>
+
 #include "simd.h"
 
 #define MAXB 16 /* rows per call: the caller splits larger batches (they are GEMMs, not here) */
@@ -122,6 +128,84 @@ int64_t rf_ffn_sparse(int64_t B, int64_t F, int64_t C, int64_t bf16, const void 
         ffn_cols(B, C, bf16, WT, k, nz, nnz, y, 16 * (blocks * i / nthreads),
                  16 * (blocks * (i + 1) / nthreads), F);
     return nnz;
+}
+
+/* One WKV-7 step for B streams, with everything around it that is per element: the decay
+ * from its pre-sigmoid value, kk = normalize(k * k_k) per head, k' = k * (1 + (a - 1) k_a),
+ *
+ *     S' = S diag(w) + (S @ -kk) (kk * a)^T + v k'^T        y = S' r     (per head, N x N)
+ *
+ * then the head's GroupNorm (ln_x) and the bonus (sum r * k' * r_k) * v. The same maths as
+ * RWKV7.step's torch ops in one pass per head (only the fp32 rounding order differs). S is
+ * read, S2 written (the caller's state stays untouched). All (B, C) inputs fp32; S, S2
+ * (B*H, N, N) with rows = value index; out (B, C). N must be a multiple of 16. */
+CLONES static void wkv_heads(int64_t H, int64_t N, const float *S, float *S2, const float *wr,
+                             const float *k, const float *a, const float *v, const float *r,
+                             const float *k_k, const float *k_a, const float *r_k,
+                             const float *lw, const float *lb, float eps, float *out,
+                             int64_t bh0, int64_t bh1) {
+    float w[256], kk[256], kp[256], b[256], y[256];
+    const int64_t C = H * N;
+    for (int64_t bh = bh0; bh < bh1; bh++) {
+        const int64_t bi = bh / H, h = bh % H, o = bi * C + h * N, c0 = h * N;
+        float nrm = 0.f, bonus = 0.f;
+        for (int64_t j = 0; j < N; j++) {
+            const float x = k[o + j] * k_k[c0 + j];
+            kk[j] = x;
+            nrm += x * x;
+            w[j] = expf(-0.606531f / (1.f + expf(-wr[o + j])));
+            kp[j] = k[o + j] * (1.f + (a[o + j] - 1.f) * k_a[c0 + j]);
+            bonus += r[o + j] * kp[j] * r_k[c0 + j];
+        }
+        nrm = sqrtf(nrm);
+        const float inv = 1.f / (nrm > 1e-12f ? nrm : 1e-12f);
+        for (int64_t j = 0; j < N; j++) {
+            kk[j] *= inv;
+            b[j] = kk[j] * a[o + j];
+        }
+        const float *Sh = S + bh * N * N;
+        float *S2h = S2 + bh * N * N;
+        float mean = 0.f;
+        for (int64_t i = 0; i < N; i++) {
+            const float *row = Sh + i * N;
+            v16 acc = {0};
+            for (int64_t j = 0; j < N; j += 16) acc += *(const v16fu *)(row + j) * *(const v16fu *)(kk + j);
+            const float sa = -hsum(acc), vi = v[o + i];
+            float *row2 = S2h + i * N;
+            v16 ya = {0};
+            for (int64_t j = 0; j < N; j += 16) {
+                const v16 s2 = *(const v16fu *)(row + j) * *(const v16fu *)(w + j)
+                    + bcast(sa) * *(const v16fu *)(b + j) + bcast(vi) * *(const v16fu *)(kp + j);
+                *(v16fu *)(row2 + j) = s2;
+                ya += s2 * *(const v16fu *)(r + o + j);
+            }
+            y[i] = hsum(ya);
+            mean += y[i];
+        }
+        mean /= (float)N;
+        float var = 0.f;
+        for (int64_t i = 0; i < N; i++) var += (y[i] - mean) * (y[i] - mean);
+        const float rstd = 1.f / sqrtf(var / (float)N + eps);
+        for (int64_t i = 0; i < N; i++)
+            out[o + i] = (y[i] - mean) * rstd * lw[c0 + i] + lb[c0 + i] + bonus * v[o + i];
+    }
+}
+
+int32_t rf_wkv_step(int64_t B, int64_t H, int64_t N, const float *S, float *S2, const float *wr,
+                    const float *k, const float *a, const float *v, const float *r,
+                    const float *k_k, const float *k_a, const float *r_k, const float *lw,
+                    const float *lb, float eps, float *out, int64_t nthreads) {
+    if (N % 16 || N > 256 || B < 1) return -1;
+    const int64_t BH = B * H;
+    if (nthreads > BH) nthreads = BH;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t i = 0; i < nthreads; i++)
+        wkv_heads(H, N, S, S2, wr, k, a, v, r, k_k, k_a, r_k, lw, lb, eps, out,
+                  BH * i / nthreads, BH * (i + 1) / nthreads);
+    return 0;
 }
 
 /* 1 when built with OpenMP: the entry points above run in parallel (else serially) */

@@ -43,6 +43,8 @@ def _lib():
         lib.rf_gemv_bf16.restype = ctypes.c_int32
         lib.rf_ffn_sparse.argtypes = [i64, i64, i64, i64, p, p, p, p, i64]
         lib.rf_ffn_sparse.restype = ctypes.c_int64
+        lib.rf_wkv_step.argtypes = [i64, i64, i64] + [p] * 12 + [ctypes.c_float, p, i64]
+        lib.rf_wkv_step.restype = ctypes.c_int32
     return lib
 
 
@@ -93,6 +95,32 @@ def ffn_sparse(k: torch.Tensor, wt: torch.Tensor) -> torch.Tensor | None:
     STATS["rows"] = STATS.get("rows", 0) + F
     STATS["read"] = STATS.get("read", 0) + read
     return y
+
+
+def wkv_step(S: torch.Tensor, w: torch.Tensor, k: torch.Tensor, a: torch.Tensor,
+             v: torch.Tensor, r: torch.Tensor, c: dict, eps: float) -> tuple | None:
+    """The time-mix of one decode step from the projections on: S (B,H,N,N) fp32 state; w the
+    decay before its sigmoid, k the key, a the in-context rate (after its sigmoid), v, r, all
+    (B,C) fp32; c the layer's `RWKV7._step_consts`, eps ln_x's. -> (y (B,C) after ln_x plus the bonus,
+    the new state (B,H,N,N)), or None where the kernel does not apply. S is not modified."""
+    if not (S.device.type == "cpu" and S.dtype == torch.float32 and not torch.is_grad_enabled()
+            and S.is_contiguous() and S.shape[-1] % 16 == 0 and S.shape[-1] <= 256):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    B, H, N, _ = S.shape
+    ins = [t.float().contiguous() for t in (w, k, a, v, r)]
+    if any(t.shape != (B, H * N) for t in ins):
+        return None
+    consts = [c[n].float().contiguous() for n in ("k_k", "k_a", "r_k", "lnx_w", "lnx_b")]
+    S2 = torch.empty_like(S)
+    y = torch.empty(B, H * N)
+    if lib.rf_wkv_step(B, H, N, S.data_ptr(), S2.data_ptr(), *(t.data_ptr() for t in ins),
+                       *(t.data_ptr() for t in consts), eps, y.data_ptr(),
+                       torch.get_num_threads()):
+        return None
+    return y, S2
 
 
 def torch_ffn_sparse(k: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
@@ -150,4 +178,4 @@ def fast_path_accuracy(model, mode: torch.dtype, prompt: list[int], n: int) -> d
 
 
 __all__ = ["MAX_ROWS", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
-           "ffn_sparse", "gemv_bf16", "torch_ffn_sparse"]
+           "ffn_sparse", "gemv_bf16", "torch_ffn_sparse", "wkv_step"]

@@ -413,6 +413,7 @@ class RWKV7(nn.Module):
 
     # ---- decode ----------------------------------------------------------------------------------
     sparse_ffn = True  # step's channel-mix reads only value rows of non-zero channels (exact)
+    fused_step = True  # step's time-mix per-element work + WKV in one C call (decode.wkv_step)
 
     def _ffn_value(self, k: torch.Tensor, value: nn.Linear) -> torch.Tensor:
         """relu(k)^2 @ value.weight^T for `step`, k (B,F) the key output (overwritten).
@@ -460,31 +461,41 @@ class RWKV7(nn.Module):
                 v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(c["v0"], xv @ att.v1, att.v2)))
             a = torch.sigmoid(torch.addmm(c["a0"], xa @ att.a1, att.a2))
             g = torch.sigmoid(xg @ att.g1) @ att.g2
-            kk = F.normalize((k * c["k_k"]).view(B * H, N, 1), dim=1, p=2.0).float()
-            k = k * (1 + (a - 1) * c["k_a"])
-            w = torch.exp(torch.sigmoid(w.float()) * -DECAY_SCALE).view(B * H, 1, N)
-            r4, k4, v4 = (t.float().view(B * H, N, 1) for t in (r, k, v))
-            # S <- S diag(w) + (S @ -kk) (kk*a)^T + v k^T ; y = S r      (B*H,N,N) fp32
-            if self.infer_dtype is None:  # exact: the reference order of operations
-                S2 = S.view(B * H, N, N)
-                sa = torch.bmm(S2, kk).neg_()
-                S2 = torch.baddbmm(S2 * w, sa, (kk * a.float().view(B * H, N, 1)).transpose(1, 2))
-                S2 = torch.baddbmm(S2, v4, k4.transpose(1, 2))
-                y = torch.bmm(S2, r4).view(B, C)
-            else:
-                kka = kk * a.float().view(B * H, N, 1)
-                S2, y = _wkv_step_fused(S.view(B * H, N, N), w, kk, kka, k4, v4, r4)
-                y = y.view(B, C)
-            y = F.group_norm(y, H, c["lnx_w"], c["lnx_b"], LN_X_EPS).view(B, H, N)
-            bonus = (r4 * k4).view(B, H, N).mul_(c["r_k"]).sum(-1, keepdim=True)  # (B,H,1)
-            y = torch.addcmul(y, bonus, v4.view(B, H, N)).view(B, C).to(x.dtype)
-            x = x + lin(y * g, att.output)
+            got = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS) if self.fused_step else None
+            # the per-element work and the WKV step in one C call, else torch ops
+            y, S2 = got if got is not None else self._time_mix_tail(S, w, k, a, v, r, c, att)
+            x = x + lin(y.to(x.dtype) * g, att.output)
 
             xf = block.ln2(x)
             kx = torch.addcmul(xf, ffn_shift.to(xf.dtype) - xf, c["ffn_x_k"])
             x = x + self._ffn_value(lin(kx, ffn.key), ffn.value)
             new_state.append((xa_.float(), S2.view(B, H, N, N), xf.float()))
         return lin(self.ln_out(x), self.head).float(), new_state
+
+    def _time_mix_tail(self, S, w, k, a, v, r, c, att):
+        """`step`'s time-mix from the projections to ln_x + bonus, in torch ops (the form
+        decode.wkv_step fuses; used where its kernel does not apply). -> (y (B,C), S')."""
+        B, C = k.shape
+        H, N = att.n_head, att.head_size
+        kk = F.normalize((k * c["k_k"]).view(B * H, N, 1), dim=1, p=2.0).float()
+        k = k * (1 + (a - 1) * c["k_a"])
+        w = torch.exp(torch.sigmoid(w.float()) * -DECAY_SCALE).view(B * H, 1, N)
+        r4, k4, v4 = (t.float().view(B * H, N, 1) for t in (r, k, v))
+        # S <- S diag(w) + (S @ -kk) (kk*a)^T + v k^T ; y = S r      (B*H,N,N) fp32
+        if self.infer_dtype is None:  # exact: the reference order of operations
+            S2 = S.view(B * H, N, N)
+            sa = torch.bmm(S2, kk).neg_()
+            S2 = torch.baddbmm(S2 * w, sa, (kk * a.float().view(B * H, N, 1)).transpose(1, 2))
+            S2 = torch.baddbmm(S2, v4, k4.transpose(1, 2))
+            y = torch.bmm(S2, r4).view(B, C)
+        else:
+            kka = kk * a.float().view(B * H, N, 1)
+            S2, y = _wkv_step_fused(S.view(B * H, N, N), w, kk, kka, k4, v4, r4)
+            y = y.view(B, C)
+        y = F.group_norm(y, H, c["lnx_w"], c["lnx_b"], LN_X_EPS).view(B, H, N)
+        bonus = (r4 * k4).view(B, H, N).mul_(c["r_k"]).sum(-1, keepdim=True)  # (B,H,1)
+        y = torch.addcmul(y, bonus, v4.view(B, H, N)).view(B, C)
+        return y, S2
 
 
 def _fbgemm_pack(w: torch.Tensor):
