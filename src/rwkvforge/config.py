@@ -86,8 +86,9 @@ class Settings:
                             choices=("builtin", "rwkv", "albatross"))
     infer_fast: str = _f("none", "CPU fast path of the builtin engine (infer, serve): none "
                          "(exact fp32 maths), int8 (int8 decode GEMVs, bf16 prefill: ~1.8x "
-                         "decode, ~3x prefill, ~2% logit error) or bf16 (bf16 GEMMs for "
-                         "batched decode and prefill, ~0.5% logit error).",
+                         "decode, ~3x prefill, ~2% logit error) or bf16 (bf16 weights: a C GEMV "
+                         "for decode, bf16 GEMMs for batched decode and prefill, ~0.5% logit "
+                         "error). See docs/inference.md for the accuracy gate.",
                          choices=("none", "int8", "bf16"))
     torch_spec: str = _f("", "pip requirement for torch chosen by bootstrap "
                          "(e.g. torch==2.13.0). Empty: picked from the GPU.")
