@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             sp, vp = best(theirs, kp)
             ratio = vo / vp if vp else float("inf")
             target = targets[ko] if ko == "decode_b" or mine != on else 0.0
-            if mine == [dflt]:
+            if title.startswith("the default path"):
                 ratios[ko] = ratio
             mark = ("ok" if ratio >= target else "BELOW") if target else ""
             print(f"  {label:<34} {vo:>8.1f} {so:>17} {vp:>8.1f} {sp:>21} {ratio:>6.2f}x "

@@ -424,7 +424,8 @@ class RWKV7(nn.Module):
         model, most in a trained one). int8 mode keeps its int8 GEMV (fewer bytes still)."""
         mode, w = self.infer_dtype, value.weight
         if self.sparse_ffn and mode is not torch.int8 and k.dtype == torch.float32 \
-                and type(value) is nn.Linear and k.shape[0] <= decode.SPARSE_MAX_ROWS:
+                and k.device.type == "cpu" and type(value) is nn.Linear \
+                and k.shape[0] <= decode.SPARSE_MAX_ROWS:
             kind = "bf16T" if mode == torch.bfloat16 or w.dtype == torch.bfloat16 else "fp32T"
             if w.dtype in (torch.float32, torch.bfloat16) and decode.available():
                 y = decode.ffn_sparse(k, self._lowp_weight(w, kind)[0])
