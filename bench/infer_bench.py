@@ -98,6 +98,7 @@ class Ours:
         dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.name = f"rwkvforge {mode}"
         self.model = model if model is not None else load_model(path, dtype=dt)
+        self.model.use_decode_layout()  # as `rwkvforge infer` / `serve` on CPU (set_fast_path)
         self.infer_dtype = {"": None, "int8": torch.int8, "bf16": torch.bfloat16}[fast]
         emb = self.model.emb.weight
         wbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

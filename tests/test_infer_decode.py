@@ -133,6 +133,38 @@ def test_fused_step_equals_the_torch_step(tiny_model):
             torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=0)
 
 
+def test_decode_layout_keeps_values_outputs_and_saved_files(tiny_model, tmp_path):
+    """use_decode_layout (what set_fast_path does on CPU) changes memory layout only: the
+    same state dict, the same step and forward (fp32 rounding), a .pth saved from it equal to
+    one saved before, and the weights still train."""
+    from rwkvforge.checkpoint import load_model, save_pth
+    from rwkvforge.generate import set_fast_path
+
+    V = tiny_model.config.vocab_size
+    ids = torch.tensor([[1, 50 % V, 300 % V, 7000 % V]])
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with torch.no_grad():
+        f0, _ = tiny_model(ids)
+        s0, _ = tiny_model.step(ids[:, 0], tiny_model.init_state(1))
+    set_fast_path(tiny_model, "none", "cpu")
+    assert not tiny_model.head.weight.is_contiguous()  # (in, out) storage, (out, in) view
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        f1, _ = tiny_model(ids)
+        s1, _ = tiny_model.step(ids[:, 0], tiny_model.init_state(1))
+    torch.testing.assert_close(f1, f0, atol=1e-5 * f0.abs().max().item(), rtol=0)
+    torch.testing.assert_close(s1, s0, atol=1e-5 * s0.abs().max().item(), rtol=0)
+    path = save_pth(tiny_model.state_dict(), tmp_path / "m.pth")
+    again = load_model(path).state_dict()
+    assert all(torch.equal(again[k], before[k]) for k in before)
+    tiny_model.train()
+    loss = tiny_model(ids)[0].square().mean()
+    loss.backward()
+    assert tiny_model.head.weight.grad is not None and tiny_model.head.weight.grad.shape == \
+        tiny_model.head.weight.shape
+
+
 # The bf16 decode mode's gate (docs/inference.md, "Accuracy"): against the exact fp32 step
 # over a greedy generation, teacher-forced: max logit error <= 2% of the max |logit|, mean
 # <= 1% of the mean |logit|, greedy token the same at >= 95% of the steps.

@@ -389,12 +389,16 @@ class RWKV7(nn.Module):
         key = (id(w), kind)
         hit = self._lowp.get(key)
         if hit is None or hit[0] is not w or hit[1] != w._version:
-            wd = w.detach()
+            if kind in ("fp32T", "bf16T"):  # transposed (in, out): rows = input channels
+                # (a view, no copy, of an fp32 weight in use_decode_layout's layout)
+                data = (w.detach().t().to(torch.float32 if kind == "fp32T" else torch.bfloat16)
+                        .contiguous(),)
+                hit = (w, w._version, data)
+                self._lowp[key] = hit
+                return hit[2]
+            wd = w.detach().contiguous()  # (out, in) rows, whatever layout the weight has
             if kind == "bf16":
                 data = (wd.to(torch.bfloat16),)
-            elif kind in ("fp32T", "bf16T"):  # transposed (in, out): rows = input channels
-                data = (wd.t().to(torch.float32 if kind == "fp32T" else torch.bfloat16)
-                        .contiguous(),)
             elif kind == "fbgemm":
                 data = (_fbgemm_pack(wd.float()),)
             else:  # symmetric per-output-channel int8; scale in bf16 as the kernel expects
@@ -405,6 +409,25 @@ class RWKV7(nn.Module):
             hit = (w, w._version, data)
             self._lowp[key] = hit
         return hit[2]
+
+    @torch.no_grad()
+    def use_decode_layout(self) -> None:
+        """Store the big matrices (time-mix r/k/v/o, channel-mix key/value, head) as (in, out)
+        in memory, each weight becoming a transposed view of that storage: same values, same
+        shapes, no extra memory. A one-row fp32 matmul (decode) over that layout reads the
+        weight ~1.5x faster on CPU than over BlinkDL's (out, in) (one stream through the
+        matrix instead of one dot product per row), prefill GEMMs take either, and the exact
+        mode's sparse channel-mix reads the value matrix in place (no transposed copy). For
+        inference processes (generate.set_fast_path calls it on CPU); `state_dict()` then
+        holds non-contiguous tensors, which `checkpoint.save_pth` makes contiguous."""
+        mods = [self.head] + [m for b in self.blocks for m in (
+            b.att.receptance, b.att.key, b.att.value, b.att.output, b.ffn.key, b.ffn.value)]
+        for mod in mods:
+            w = mod.weight
+            if type(mod) is nn.Linear and w.device.type == "cpu" and w.is_contiguous() \
+                    and w.dtype == torch.float32:
+                w.data = w.data.t().contiguous().t()
+        self._lowp.clear()
 
     def train(self, mode: bool = True):
         self._lowp.clear()  # weights are about to change: drop low-precision copies
