@@ -265,8 +265,8 @@ class RWKV7(nn.Module):
         #                  ~1.6e-2 (1 stream) / ~1.8e-2 (16 streams) max logit error relative to
         #                  the max |logit| on the 0.1B-shaped random model
         # `sparse_ffn` (below, every mode but int8): step's channel-mix reads only the value
-        # rows of channels that are non-zero after ReLU^2, from a transposed copy (fp32 in the
-        # exact mode: +1/3 of the layers' matrix memory). Exact.
+        # rows of channels that are non-zero after ReLU^2, from the (in, out) matrix: a view
+        # after use_decode_layout, else a copy (+1/3 of the layers' matrix memory). Exact.
         # State, norms and the WKV recurrence stay fp32 in every mode; with a fast mode set,
         # `step` updates the WKV state with fewer passes (`_wkv_step_fused`; fp32 rounding only).
         self.infer_dtype: torch.dtype | None = None
