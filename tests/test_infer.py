@@ -36,10 +36,14 @@ def _greedy(model_path, ids, n, chat: bool) -> str:
     from rwkvforge.checkpoint import load_model
     from rwkvforge.tokenizer import get_tokenizer
 
+    from rwkvforge.config import Settings
+
     p = chat_params(temperature=0, max_tokens=n)
     if not chat:
         p.stop = ()
-    eng = Engine(load_model(model_path), get_tokenizer())
+    model = load_model(model_path)
+    set_fast_path(model, Settings().infer_fast, "cpu")  # the default INFER_FAST, as infer's
+    eng = Engine(model, get_tokenizer())
     return eng.generate(ids, p).result()
 
 

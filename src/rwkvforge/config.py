@@ -86,10 +86,11 @@ class Settings:
     infer_backend: str = _f("builtin", "Inference engine: builtin, rwkv (pip package) or "
                             "albatross (third_party/Albatross, CUDA only).",
                             choices=("builtin", "rwkv", "albatross"))
-    infer_fast: str = _f("none", "CPU fast path of the builtin engine (infer, serve): none "
-                         "(exact fp32 maths), int8 (int8 decode GEMVs, bf16 prefill: ~1.8x "
-                         "decode, ~3x prefill, ~2% logit error) or bf16 (bf16 GEMMs for "
-                         "batched decode and prefill, ~0.5% logit error).",
+    infer_fast: str = _f("bf16", "CPU fast path of the builtin engine (infer, serve): bf16 "
+                         "(bf16 weights: a C GEMV for decode, bf16 GEMMs for batched decode and "
+                         "prefill; ~0.3% logit error, within the accuracy gate of "
+                         "docs/inference.md), int8 (int8 decode GEMVs, bf16 prefill: ~2% logit "
+                         "error) or none (exact fp32 maths).",
                          choices=("none", "int8", "bf16"))
     torch_spec: str = _f("", "pip requirement for torch chosen by bootstrap "
                          "(e.g. torch==2.13.0). Empty: picked from the GPU.")

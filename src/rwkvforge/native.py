@@ -7,7 +7,8 @@ the same results. They are:
 
 * ``trie_tokenizer``: the World tokenizer's greedy longest match (used by tokenizer.py);
 * ``wkv_cpu``: the RWKV-7 recurrence forward and backward on CPU (used by model/wkv.py);
-* ``softmax_cpu``: the training head's row softmax of bf16 logits (used by train.py).
+* ``softmax_cpu``: the training head's row softmax of bf16 logits (used by train.py);
+* ``decode_cpu``: the decode step's bf16 GEMV and sparse channel-mix (used by model/decode.py).
 
 The compiler is ``$CC`` (else ``cc``); the library goes to ``$XDG_CACHE_HOME/rwkvforge`` (else
 ``~/.cache/rwkvforge``) under a name hashing the source with the shared headers
@@ -37,11 +38,11 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("trie_tokenizer", "wkv_cpu", "softmax_cpu")
+SOURCES = ("trie_tokenizer", "wkv_cpu", "softmax_cpu", "decode_cpu")
 FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp-simd", "-fno-math-errno", "-Wno-psabi")
 # flags a source is first built with; where that build fails (a compiler without OpenMP) it
 # is built without them, and the library says so itself (wkv_cpu: rf_wkv_openmp())
-OPTIONAL_FLAGS = {"wkv_cpu": ("-fopenmp",), "softmax_cpu": ("-fopenmp",)}
+OPTIONAL_FLAGS = {"wkv_cpu": ("-fopenmp",), "softmax_cpu": ("-fopenmp",), "decode_cpu": ("-fopenmp",)}
 _problems: dict[str, str] = {}
 
 

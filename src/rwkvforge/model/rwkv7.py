@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rwkvforge.model import decode
 from rwkvforge.model.wkv import DEFAULT_CHUNK, WKV_IMPLS, wkv
 
 # log(decay) = -exp(-0.5) * sigmoid(z): decay per step lies in (exp(-0.6065), 1). The literal
@@ -258,9 +259,12 @@ class RWKV7(nn.Module):
         self.wkv_chunk = DEFAULT_CHUNK
         # Inference speed knob (no_grad calls only; training never sees it):
         #   None           every matmul in the weights' own dtype: exact (parity tests use this)
-        #   torch.bfloat16 calls with >= 8 rows (batched decode, prefill) run the big Linears
-        #                  and the head on cached bf16 copies: ~2-4x faster GEMMs on CPUs with
-        #                  AMX / AVX512-BF16; +50% weight memory; ~1e-2 relative logit error
+        #   torch.bfloat16 the big Linears and the head run on cached bf16 copies: calls with
+        #                  >= 8 rows (batched decode, prefill) as bf16 GEMMs (~2-4x faster on
+        #                  CPUs with AMX / AVX512-BF16), up to 7 rows (decode) through the C
+        #                  GEMV of model/decode.py (half the bytes of fp32 at fp32's bandwidth;
+        #                  torch's own bf16 GEMV runs at about half of it); +50% weight
+        #                  memory; ~0.5% of the max |logit| error (the gate: docs/inference.md)
         #   torch.int8     as bf16 above 64 rows; up to 64 rows (decode, single or batched)
         #                  the big Linears and the head use cached per-output-channel int8
         #                  weights through fbgemm's dynamic W8A8 kernel
@@ -270,6 +274,9 @@ class RWKV7(nn.Module):
         #                  torch._int_mm with per-row activation scales for 8..64 rows.
         #                  ~1.6e-2 (1 stream) / ~1.8e-2 (16 streams) max logit error relative to
         #                  the max |logit| on the 0.1B-shaped random model
+        # `sparse_ffn` (below, every mode but int8): step's channel-mix reads only the value
+        # rows of channels that are non-zero after ReLU^2, from the (in, out) matrix: a view
+        # after use_decode_layout, else a copy (+1/3 of the layers' matrix memory). Exact.
         # State, norms and the WKV recurrence stay fp32 in every mode; with a fast mode set,
         # `step` updates the WKV state with fewer passes (`_wkv_step_fused`; fp32 rounding only).
         self.infer_dtype: torch.dtype | None = None
@@ -408,6 +415,10 @@ class RWKV7(nn.Module):
                 return mod(x)
             y = F.linear(x.to(torch.bfloat16), self._lowp_weight(w, "bf16")[0])
             return y if keep else y.to(x.dtype)
+        if mode == torch.bfloat16 and w.dtype != torch.bfloat16:  # decode (<= 7 rows)
+            shape = x.shape
+            y = decode.gemv_bf16(x.reshape(-1, shape[-1]), self._lowp_weight(w, "bf16")[0])
+            return mod(x) if y is None else y.view(*shape[:-1], -1)
         if mode == torch.int8:  # decode (<= 64 rows): int8 GEMV / small GEMM
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
@@ -424,7 +435,14 @@ class RWKV7(nn.Module):
         key = (id(w), kind)
         hit = self._lowp.get(key)
         if hit is None or hit[0] is not w or hit[1] != w._version:
-            wd = w.detach()
+            if kind in ("fp32T", "bf16T"):  # transposed (in, out): rows = input channels
+                # (a view, no copy, of an fp32 weight in use_decode_layout's layout)
+                data = (w.detach().t().to(torch.float32 if kind == "fp32T" else torch.bfloat16)
+                        .contiguous(),)
+                hit = (w, w._version, data)
+                self._lowp[key] = hit
+                return hit[2]
+            wd = w.detach().contiguous()  # (out, in) rows, whatever layout the weight has
             if kind == "bf16":
                 data = (wd.to(torch.bfloat16),)
             elif kind == "fbgemm":
@@ -438,12 +456,52 @@ class RWKV7(nn.Module):
             self._lowp[key] = hit
         return hit[2]
 
+    @torch.no_grad()
+    def use_decode_layout(self) -> None:
+        """Store the big matrices (time-mix r/k/v/o, channel-mix key/value, head) as (in, out)
+        in memory, each weight becoming a transposed view of that storage: same values, same
+        shapes, no extra memory. A one-row fp32 matmul (decode) over that layout reads the
+        weight ~1.5x faster on CPU than over BlinkDL's (out, in) (one stream through the
+        matrix instead of one dot product per row), prefill GEMMs take either, and the exact
+        mode's sparse channel-mix reads the value matrix in place (no transposed copy). For
+        inference processes (generate.set_fast_path calls it on CPU); `state_dict()` then
+        holds non-contiguous tensors, which `checkpoint.save_pth` makes contiguous."""
+        mods = [self.head] + [m for b in self.blocks for m in (
+            b.att.receptance, b.att.key, b.att.value, b.att.output, b.ffn.key, b.ffn.value)]
+        for mod in mods:
+            w = mod.weight
+            if type(mod) is nn.Linear and w.device.type == "cpu" and w.is_contiguous() \
+                    and w.dtype == torch.float32:
+                w.data = w.data.t().contiguous().t()
+        self._lowp.clear()
+
     def train(self, mode: bool = True):
         self._lowp.clear()  # weights are about to change: drop low-precision copies
         self._consts.clear()
         return super().train(mode)
 
     # ---- decode ----------------------------------------------------------------------------------
+    sparse_ffn = True  # step's channel-mix reads only value rows of non-zero channels (exact)
+    fused_step = True  # step's time-mix per-element work + WKV in one C call (decode.wkv_step)
+
+    def _ffn_value(self, k: torch.Tensor, value: nn.Linear) -> torch.Tensor:
+        """relu(k)^2 @ value.weight^T for `step`, k (B,F) the key output (overwritten).
+
+        With `sparse_ffn` and at most decode.SPARSE_MAX_ROWS rows, the C kernel reads only the
+        rows of a transposed copy of the weight (fp32 exact mode, bf16 with infer_dtype bf16) for
+        channels that are non-zero after ReLU^2: exact, in fewer bytes (~half in a random
+        model, most in a trained one). int8 mode keeps its int8 GEMV (fewer bytes still)."""
+        mode, w = self.infer_dtype, value.weight
+        if self.sparse_ffn and mode is not torch.int8 and k.dtype == torch.float32 \
+                and k.device.type == "cpu" and type(value) is nn.Linear \
+                and k.shape[0] <= decode.SPARSE_MAX_ROWS:
+            kind = "bf16T" if mode == torch.bfloat16 or w.dtype == torch.bfloat16 else "fp32T"
+            if w.dtype in (torch.float32, torch.bfloat16) and decode.available():
+                y = decode.ffn_sparse(k, self._lowp_weight(w, kind)[0])
+                if y is not None:
+                    return y
+        return self._lin(torch.relu(k).square_(), value)
+
     @torch.no_grad()
     def step(self, idx: torch.Tensor, state: State):
         """One decoding step: idx (B,) long, state -> (logits (B,V) fp32, new state).
@@ -473,31 +531,41 @@ class RWKV7(nn.Module):
                 v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(c["v0"], xv @ att.v1, att.v2)))
             a = torch.sigmoid(torch.addmm(c["a0"], xa @ att.a1, att.a2))
             g = torch.sigmoid(xg @ att.g1) @ att.g2
-            kk = F.normalize((k * c["k_k"]).view(B * H, N, 1), dim=1, p=2.0).float()
-            k = k * (1 + (a - 1) * c["k_a"])
-            w = torch.exp(torch.sigmoid(w.float()) * -DECAY_SCALE).view(B * H, 1, N)
-            r4, k4, v4 = (t.float().view(B * H, N, 1) for t in (r, k, v))
-            # S <- S diag(w) + (S @ -kk) (kk*a)^T + v k^T ; y = S r      (B*H,N,N) fp32
-            if self.infer_dtype is None:  # exact: the reference order of operations
-                S2 = S.view(B * H, N, N)
-                sa = torch.bmm(S2, kk).neg_()
-                S2 = torch.baddbmm(S2 * w, sa, (kk * a.float().view(B * H, N, 1)).transpose(1, 2))
-                S2 = torch.baddbmm(S2, v4, k4.transpose(1, 2))
-                y = torch.bmm(S2, r4).view(B, C)
-            else:
-                kka = kk * a.float().view(B * H, N, 1)
-                S2, y = _wkv_step_fused(S.view(B * H, N, N), w, kk, kka, k4, v4, r4)
-                y = y.view(B, C)
-            y = F.group_norm(y, H, c["lnx_w"], c["lnx_b"], LN_X_EPS).view(B, H, N)
-            bonus = (r4 * k4).view(B, H, N).mul_(c["r_k"]).sum(-1, keepdim=True)  # (B,H,1)
-            y = torch.addcmul(y, bonus, v4.view(B, H, N)).view(B, C).to(x.dtype)
-            x = x + lin(y * g, att.output)
+            got = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS) if self.fused_step else None
+            # the per-element work and the WKV step in one C call, else torch ops
+            y, S2 = got if got is not None else self._time_mix_tail(S, w, k, a, v, r, c, att)
+            x = x + lin(y.to(x.dtype) * g, att.output)
 
             xf = block.ln2(x)
             kx = torch.addcmul(xf, ffn_shift.to(xf.dtype) - xf, c["ffn_x_k"])
-            x = x + lin(torch.relu(lin(kx, ffn.key)).square_(), ffn.value)
+            x = x + self._ffn_value(lin(kx, ffn.key), ffn.value)
             new_state.append((xa_.float(), S2.view(B, H, N, N), xf.float()))
         return lin(self.ln_out(x), self.head).float(), new_state
+
+    def _time_mix_tail(self, S, w, k, a, v, r, c, att):
+        """`step`'s time-mix from the projections to ln_x + bonus, in torch ops (the form
+        decode.wkv_step fuses; used where its kernel does not apply). -> (y (B,C), S')."""
+        B, C = k.shape
+        H, N = att.n_head, att.head_size
+        kk = F.normalize((k * c["k_k"]).view(B * H, N, 1), dim=1, p=2.0).float()
+        k = k * (1 + (a - 1) * c["k_a"])
+        w = torch.exp(torch.sigmoid(w.float()) * -DECAY_SCALE).view(B * H, 1, N)
+        r4, k4, v4 = (t.float().view(B * H, N, 1) for t in (r, k, v))
+        # S <- S diag(w) + (S @ -kk) (kk*a)^T + v k^T ; y = S r      (B*H,N,N) fp32
+        if self.infer_dtype is None:  # exact: the reference order of operations
+            S2 = S.view(B * H, N, N)
+            sa = torch.bmm(S2, kk).neg_()
+            S2 = torch.baddbmm(S2 * w, sa, (kk * a.float().view(B * H, N, 1)).transpose(1, 2))
+            S2 = torch.baddbmm(S2, v4, k4.transpose(1, 2))
+            y = torch.bmm(S2, r4).view(B, C)
+        else:
+            kka = kk * a.float().view(B * H, N, 1)
+            S2, y = _wkv_step_fused(S.view(B * H, N, N), w, kk, kka, k4, v4, r4)
+            y = y.view(B, C)
+        y = F.group_norm(y, H, c["lnx_w"], c["lnx_b"], LN_X_EPS).view(B, H, N)
+        bonus = (r4 * k4).view(B, H, N).mul_(c["r_k"]).sum(-1, keepdim=True)  # (B,H,1)
+        y = torch.addcmul(y, bonus, v4.view(B, H, N)).view(B, C)
+        return y, S2
 
 
 def _fbgemm_pack(w: torch.Tensor):

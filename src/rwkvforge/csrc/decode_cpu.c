@@ -1,0 +1,218 @@
+/* rwkvforge: the decode step's weight-bound products on CPU, for a few rows (streams) at once.
+ *
+ * Built on first use by rwkvforge/native.py and called by model/rwkv7.py (RWKV7.step and
+ * RWKV7._lin) under no_grad; the torch ops they replace are the fallback and the test oracle
+ * (tests/test_infer_decode.py). Decoding one token reads every weight once, so its speed is
+ * the memory bandwidth divided by the bytes read; these kernels read fewer bytes, and read
+ * them in one streaming pass:
+ *
+ *   rf_gemv_bf16    y (B,N) = x (B,K) @ W^T, W (N,K) bf16, x and y fp32, fp32 accumulation.
+ *                   torch's bf16 matmul with one row runs at ~half the bandwidth of its fp32
+ *                   one here, which threw away the halved bytes; this is a plain streaming
+ *                   dot product per output row (bf16 widened to fp32 is exact).
+ *   rf_ffn_sparse   y (B,C) = relu(k)^2 (B,F) @ WT (F,C), WT the channel-mix value weight
+ *                   transposed (row j = input channel j), fp32 or bf16. After ReLU^2 many
+ *                   activations are exactly 0 (about half in a random model, most in a
+ *                   trained one): only the rows of channels that are non-zero in some stream
+ *                   are read. Exact: a zero contributes nothing; only the fp32 summation
+ *                   order differs from a dense matmul.
+ *   rf_wkv_step     the time-mix's per-element work of one step for all heads in one call:
+ *                   decay, kk, k', the WKV state update and read-out, ln_x, the bonus (about
+ *                   25 small torch ops per layer otherwise, each a few microseconds of
+ *                   dispatch for a few KB of data).
+ *
+ * The first two split the output columns, the last the (stream, head) pairs, over an OpenMP team (torch's own when torch is loaded, see
+ * wkv_cpu.c): each thread streams its own slice of the weight. K, C must be multiples of 16
+ * (the caller checks; every RWKV-7 width is a multiple of 64).
+ */
+#include <math.h>
+
+#include "simd.h"
+
+#define MAXB 16 /* rows per call: the caller splits larger batches (they are GEMMs, not here) */
+
+ALWAYS_INLINE float hsum(v16 v) {
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+ALWAYS_INLINE v16 bcast(float f) { return (v16){0} + f; }
+
+/* rows n0..n1 of W (N,K) bf16 against B rows of x */
+CLONES static void gemv_bf16_rows(int64_t B, int64_t K, const uint16_t *W, const float *x,
+                                  float *y, int64_t N, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *w = W + n * K;
+        if (B == 1) { /* two accumulators: independent FMA chains */
+            v16 a0 = {0}, a1 = {0};
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                a0 += widen(w + k) * *(const v16fu *)(x + k);
+                a1 += widen(w + k + 16) * *(const v16fu *)(x + k + 16);
+            }
+            for (; k < K; k += 16) a0 += widen(w + k) * *(const v16fu *)(x + k);
+            y[n] = hsum(a0 + a1);
+            continue;
+        }
+        v16 acc[MAXB];
+        for (int64_t b = 0; b < B; b++) acc[b] = (v16){0};
+        for (int64_t k = 0; k < K; k += 16) {
+            const v16 wv = widen(w + k);
+            for (int64_t b = 0; b < B; b++) acc[b] += wv * *(const v16fu *)(x + b * K + k);
+        }
+        for (int64_t b = 0; b < B; b++) y[b * N + n] = hsum(acc[b]);
+    }
+}
+
+int32_t rf_gemv_bf16(int64_t B, int64_t N, int64_t K, const uint16_t *W, const float *x,
+                     float *y, int64_t nthreads) {
+    if (B < 1 || B > MAXB || K % 16) return -1;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t i = 0; i < nthreads; i++)
+        gemv_bf16_rows(B, K, W, x, y, N, N * i / nthreads, N * (i + 1) / nthreads);
+    return 0;
+}
+
+/* columns c0..c1 (multiples of 16) of y += sum_j a[b,j] WT[j, :] over the listed channels */
+CLONES static void ffn_cols(int64_t B, int64_t C, int64_t bf16, const void *WT,
+                            const float *act, const int32_t *nz, int64_t nnz, float *y,
+                            int64_t c0, int64_t c1, int64_t F) {
+    for (int64_t c = c0; c < c1; c += 64) { /* a 64-column tile of y stays in registers */
+        const int64_t w16 = (c1 - c) < 64 ? (c1 - c) / 16 : 4;
+        v16 acc[MAXB][4];
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t t = 0; t < 4; t++) acc[b][t] = (v16){0};
+        for (int64_t i = 0; i < nnz; i++) {
+            const int64_t j = nz[i];
+            v16 row[4];
+            for (int64_t t = 0; t < w16; t++)
+                row[t] = bf16 ? widen((const uint16_t *)WT + j * C + c + 16 * t)
+                              : *(const v16fu *)((const float *)WT + j * C + c + 16 * t);
+            for (int64_t b = 0; b < B; b++) {
+                const v16 s = bcast(act[b * F + j]);
+                for (int64_t t = 0; t < w16; t++) acc[b][t] += s * row[t];
+            }
+        }
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t t = 0; t < w16; t++) *(v16fu *)(y + b * C + c + 16 * t) = acc[b][t];
+    }
+}
+
+/* k (B,F) pre-activation of the channel-mix key; overwritten with relu(k)^2. y (B,C) fp32.
+ * nz: an int32 scratch of F entries. Returns the number of channels read (non-zero in some
+ * row), or -1 for shapes this kernel does not take. */
+int64_t rf_ffn_sparse(int64_t B, int64_t F, int64_t C, int64_t bf16, const void *WT,
+                      float *k, int32_t *nz, float *y, int64_t nthreads) {
+    if (B < 1 || B > MAXB || C % 16) return -1;
+    if (nthreads < 1) nthreads = 1;
+    int64_t nnz = 0;
+    for (int64_t j = 0; j < F; j++) {
+        int any = 0;
+        for (int64_t b = 0; b < B; b++) {
+            const float v = k[b * F + j];
+            const float a = v > 0.f ? v * v : 0.f;
+            k[b * F + j] = a;
+            any |= a != 0.f;
+        }
+        if (any) nz[nnz++] = (int32_t)j;
+    }
+    const int64_t blocks = C / 16;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t i = 0; i < nthreads; i++)
+        ffn_cols(B, C, bf16, WT, k, nz, nnz, y, 16 * (blocks * i / nthreads),
+                 16 * (blocks * (i + 1) / nthreads), F);
+    return nnz;
+}
+
+/* One WKV-7 step for B streams, with everything around it that is per element: the decay
+ * from its pre-sigmoid value, kk = normalize(k * k_k) per head, k' = k * (1 + (a - 1) k_a),
+ *
+ *     S' = S diag(w) + (S @ -kk) (kk * a)^T + v k'^T        y = S' r     (per head, N x N)
+ *
+ * then the head's GroupNorm (ln_x) and the bonus (sum r * k' * r_k) * v. The same maths as
+ * RWKV7.step's torch ops in one pass per head (only the fp32 rounding order differs). S is
+ * read, S2 written (the caller's state stays untouched). All (B, C) inputs fp32; S, S2
+ * (B*H, N, N) with rows = value index; out (B, C). N must be a multiple of 16. */
+CLONES static void wkv_heads(int64_t H, int64_t N, const float *S, float *S2, const float *wr,
+                             const float *k, const float *a, const float *v, const float *r,
+                             const float *k_k, const float *k_a, const float *r_k,
+                             const float *lw, const float *lb, float eps, float *out,
+                             int64_t bh0, int64_t bh1) {
+    float w[256], kk[256], kp[256], b[256], y[256];
+    const int64_t C = H * N;
+    for (int64_t bh = bh0; bh < bh1; bh++) {
+        const int64_t bi = bh / H, h = bh % H, o = bi * C + h * N, c0 = h * N;
+        float nrm = 0.f, bonus = 0.f;
+        for (int64_t j = 0; j < N; j++) {
+            const float x = k[o + j] * k_k[c0 + j];
+            kk[j] = x;
+            nrm += x * x;
+            w[j] = expf(-0.606531f / (1.f + expf(-wr[o + j])));
+            kp[j] = k[o + j] * (1.f + (a[o + j] - 1.f) * k_a[c0 + j]);
+            bonus += r[o + j] * kp[j] * r_k[c0 + j];
+        }
+        nrm = sqrtf(nrm);
+        const float inv = 1.f / (nrm > 1e-12f ? nrm : 1e-12f);
+        for (int64_t j = 0; j < N; j++) {
+            kk[j] *= inv;
+            b[j] = kk[j] * a[o + j];
+        }
+        const float *Sh = S + bh * N * N;
+        float *S2h = S2 + bh * N * N;
+        float mean = 0.f;
+        for (int64_t i = 0; i < N; i++) {
+            const float *row = Sh + i * N;
+            v16 acc = {0};
+            for (int64_t j = 0; j < N; j += 16) acc += *(const v16fu *)(row + j) * *(const v16fu *)(kk + j);
+            const float sa = -hsum(acc), vi = v[o + i];
+            float *row2 = S2h + i * N;
+            v16 ya = {0};
+            for (int64_t j = 0; j < N; j += 16) {
+                const v16 s2 = *(const v16fu *)(row + j) * *(const v16fu *)(w + j)
+                    + bcast(sa) * *(const v16fu *)(b + j) + bcast(vi) * *(const v16fu *)(kp + j);
+                *(v16fu *)(row2 + j) = s2;
+                ya += s2 * *(const v16fu *)(r + o + j);
+            }
+            y[i] = hsum(ya);
+            mean += y[i];
+        }
+        mean /= (float)N;
+        float var = 0.f;
+        for (int64_t i = 0; i < N; i++) var += (y[i] - mean) * (y[i] - mean);
+        const float rstd = 1.f / sqrtf(var / (float)N + eps);
+        for (int64_t i = 0; i < N; i++)
+            out[o + i] = (y[i] - mean) * rstd * lw[c0 + i] + lb[c0 + i] + bonus * v[o + i];
+    }
+}
+
+int32_t rf_wkv_step(int64_t B, int64_t H, int64_t N, const float *S, float *S2, const float *wr,
+                    const float *k, const float *a, const float *v, const float *r,
+                    const float *k_k, const float *k_a, const float *r_k, const float *lw,
+                    const float *lb, float eps, float *out, int64_t nthreads) {
+    if (N % 16 || N > 256 || B < 1) return -1;
+    const int64_t BH = B * H;
+    if (nthreads > BH) nthreads = BH;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t i = 0; i < nthreads; i++)
+        wkv_heads(H, N, S, S2, wr, k, a, v, r, k_k, k_a, r_k, lw, lb, eps, out,
+                  BH * i / nthreads, BH * (i + 1) / nthreads);
+    return 0;
+}
+
+/* 1 when built with OpenMP: the entry points above run in parallel (else serially) */
+int32_t rf_decode_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -1,0 +1,181 @@
+"""The decode step's weight-bound products: native kernels (csrc/decode_cpu.c) and torch forms.
+
+Decoding reads every weight once per token, so its speed is bandwidth / bytes read. Two
+products here read fewer bytes than the plain torch ops `RWKV7.step` would use:
+
+- `gemv_bf16(x, w)`: x (B,K) fp32 @ w (N,K) bf16 ^T -> (B,N) fp32, fp32 accumulation; half
+  the bytes of the fp32 weight at the bandwidth torch's fp32 GEMV reaches (torch's own bf16
+  one-row matmul runs at about half of it on CPU, which loses the saving).
+- `ffn_sparse(k, wt)`: relu(k)^2 @ wt for the channel-mix value weight kept transposed
+  (wt (F,C): row j = input channel j), reading only the rows of channels where relu(k) is
+  non-zero in some row. Exact (zeros add nothing); fp32 summation order only.
+
+Each returns None where the kernel is unavailable or does not apply (CUDA, grad, > 16 rows,
+odd widths); the caller then uses the torch op. `torch_ffn_sparse` is the torch form of the
+sparse product (the oracle of the tests, and the CPU path where no C compiler exists).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from rwkvforge import native
+
+MAX_ROWS = 16  # rows (streams) per call; more rows are GEMMs, where the dense matmul wins
+# the sparse channel-mix reads a value row when its channel is on in ANY stream: with more
+# streams the union covers nearly every row (random model: ~50% at 1 row, ~94% at 4, all at
+# 16) and the dense GEMM, which reuses each row across streams in registers, is faster
+SPARSE_MAX_ROWS = 4
+# ffn_sparse's running count: "rows" of the value weight there are, "read" of them (the bench
+# reports the fraction; clear() it to start a count)
+STATS: dict[str, int] = {}
+
+
+@functools.lru_cache(maxsize=None)
+def _lib():
+    lib = native.load("decode_cpu")
+    if lib is not None:
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        lib.rf_gemv_bf16.argtypes = [i64, i64, i64, p, p, p, i64]
+        lib.rf_gemv_bf16.restype = ctypes.c_int32
+        lib.rf_ffn_sparse.argtypes = [i64, i64, i64, i64, p, p, p, p, i64]
+        lib.rf_ffn_sparse.restype = ctypes.c_int64
+        lib.rf_wkv_step.argtypes = [i64, i64, i64] + [p] * 12 + [ctypes.c_float, p, i64]
+        lib.rf_wkv_step.restype = ctypes.c_int32
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.shape[1] % 16 == 0
+            and w.is_contiguous() and not torch.is_grad_enabled())
+
+
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x (B,K) fp32 @ w (N,K) bf16 ^T -> (B,N) fp32, or None (see the module doc)."""
+    if w.dtype != torch.bfloat16 or not _applies(x, w) or w.shape[1] != x.shape[1]:
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    x = x.contiguous()
+    B, K = x.shape
+    y = torch.empty(B, w.shape[0])
+    if lib.rf_gemv_bf16(B, w.shape[0], K, w.data_ptr(), x.data_ptr(), y.data_ptr(),
+                        torch.get_num_threads()):
+        return None
+    return y
+
+
+def ffn_sparse(k: torch.Tensor, wt: torch.Tensor) -> torch.Tensor | None:
+    """relu(k)^2 (B,F) @ wt (F,C) -> (B,C) fp32, reading only rows of non-zero channels;
+    wt fp32 or bf16. `k` (fp32, contiguous) is overwritten with relu(k)^2. None where the
+    kernel does not apply (k is then untouched)."""
+    if wt.dtype not in (torch.float32, torch.bfloat16) or not _applies(k, wt) \
+            or not k.is_contiguous() or wt.shape[0] != k.shape[1] or wt.shape[1] % 16:
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    B, F = k.shape
+    C = wt.shape[1]
+    y = torch.empty(B, C)
+    nz = torch.empty(F, dtype=torch.int32)
+    read = lib.rf_ffn_sparse(B, F, C, int(wt.dtype == torch.bfloat16), wt.data_ptr(),
+                             k.data_ptr(), nz.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    if read < 0:
+        return None
+    STATS["rows"] = STATS.get("rows", 0) + F
+    STATS["read"] = STATS.get("read", 0) + read
+    return y
+
+
+def wkv_step(S: torch.Tensor, w: torch.Tensor, k: torch.Tensor, a: torch.Tensor,
+             v: torch.Tensor, r: torch.Tensor, c: dict, eps: float) -> tuple | None:
+    """The time-mix of one decode step from the projections on: S (B,H,N,N) fp32 state; w the
+    decay before its sigmoid, k the key, a the in-context rate (after its sigmoid), v, r, all
+    (B,C) fp32; c the layer's `RWKV7._step_consts`, eps ln_x's. -> (y (B,C) after ln_x plus the bonus,
+    the new state (B,H,N,N)), or None where the kernel does not apply. S is not modified."""
+    if not (S.device.type == "cpu" and S.dtype == torch.float32 and not torch.is_grad_enabled()
+            and S.is_contiguous() and S.shape[-1] % 16 == 0 and S.shape[-1] <= 256):
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    B, H, N, _ = S.shape
+    ins = [t.float().contiguous() for t in (w, k, a, v, r)]
+    if any(t.shape != (B, H * N) for t in ins):
+        return None
+    consts = [c[n].float().contiguous() for n in ("k_k", "k_a", "r_k", "lnx_w", "lnx_b")]
+    S2 = torch.empty_like(S)
+    y = torch.empty(B, H * N)
+    if lib.rf_wkv_step(B, H, N, S.data_ptr(), S2.data_ptr(), *(t.data_ptr() for t in ins),
+                       *(t.data_ptr() for t in consts), eps, y.data_ptr(),
+                       torch.get_num_threads()):
+        return None
+    return y, S2
+
+
+def torch_ffn_sparse(k: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """The same product with torch ops: the rows of wt for channels non-zero in some row."""
+    a = torch.relu(k.float()).square()  # (B,F)
+    nz = (a != 0).any(0).nonzero().squeeze(1)
+    return a.index_select(1, nz) @ wt.index_select(0, nz).float()
+
+
+# ---- accuracy gate of a fast decode mode -----------------------------------------------------
+
+@torch.no_grad()
+def fast_path_accuracy(model, mode: torch.dtype, prompt: list[int], n: int) -> dict:
+    """How far `model.step` with `infer_dtype = mode` is from the exact fp32 step.
+
+    The exact path decodes greedily `n` tokens after `prompt`; the fast path is fed the same
+    tokens (teacher forcing, so one early flip does not make every later comparison
+    meaningless). Returns max_err (max |logit diff| / max |exact logit|, over all steps),
+    mean_err (mean |logit diff| / mean |exact logit|), agree (fraction of the `n` steps whose
+    greedy token is the same), and free_run (greedy tokens the fast path generates on its
+    own before its first difference from the exact sequence)."""
+    saved = model.infer_dtype
+    try:
+        exact, fast, toks = [], [], []
+        for m, out in ((None, exact), (mode, fast)):
+            model.infer_dtype = m
+            state = model.init_state(1)
+            for t in prompt[:-1]:
+                _, state = model.step(torch.tensor([t]), state)
+            tok = prompt[-1]
+            for i in range(n):
+                logits, state = model.step(torch.tensor([tok]), state)
+                out.append(logits[0])
+                if m is None:
+                    toks.append(int(logits[0].argmax()))
+                tok = toks[i]
+        model.infer_dtype = mode  # free-running greedy of the fast path
+        state, tok, free_run = model.init_state(1), prompt[-1], 0
+        for t in prompt[:-1]:
+            _, state = model.step(torch.tensor([t]), state)
+        for i in range(n):
+            logits, state = model.step(torch.tensor([tok]), state)
+            tok = int(logits[0].argmax())
+            if tok != toks[i]:
+                break
+            free_run += 1
+    finally:
+        model.infer_dtype = saved
+    e, f = torch.stack(exact), torch.stack(fast)  # (n,V)
+    diff = (f - e).abs()
+    return {"max_err": float(diff.max() / e.abs().max()),
+            "mean_err": float(diff.mean() / e.abs().mean()),
+            "agree": float((f.argmax(-1) == e.argmax(-1)).float().mean()),
+            "free_run": free_run, "n": n}
+
+
+__all__ = ["MAX_ROWS", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
+           "ffn_sparse", "gemv_bf16", "torch_ffn_sparse", "wkv_step"]

@@ -1,0 +1,181 @@
+"""The decode step's kernels (model/decode.py, csrc/decode_cpu.c) against the torch products
+they replace, the sparse channel-mix inside RWKV7.step against the dense one, and the
+accuracy gate of the bf16 decode mode (docs/inference.md states it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rwkvforge.model import decode
+
+needs_kernel = pytest.mark.skipif(not decode.available(), reason="no C compiler: decode_cpu "
+                                  "not built (the torch ops run instead)")
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def _bound(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 summation error bound of a @ w per output: K * eps * sum_k |a_k w_k| (w (K,N))."""
+    return a.shape[1] * EPS32 * (a.double().abs() @ w.double().abs())
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,N,K", [(1, 70, 48), (3, 33, 256), (16, 64, 128)])
+def test_gemv_bf16_is_the_fp32_product_of_the_bf16_weight(B, N, K):
+    g = torch.Generator().manual_seed(B * N)
+    x = torch.randn(B, K, generator=g)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    with torch.no_grad():
+        y = decode.gemv_bf16(x, w)
+    ref = x.double() @ w.double().t()  # bf16 -> fp32/64 widening is exact
+    assert y.shape == (B, N) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= _bound(x, w.t().float()) + 1e-30).all()
+
+
+@needs_kernel
+def test_gemv_bf16_declines_what_it_does_not_take():
+    w = torch.randn(8, 40).bfloat16()  # K not a multiple of 16
+    with torch.no_grad():
+        assert decode.gemv_bf16(torch.randn(1, 40), w) is None
+        assert decode.gemv_bf16(torch.randn(17, 48), torch.randn(8, 48).bfloat16()) is None
+        assert decode.gemv_bf16(torch.randn(1, 48), torch.randn(8, 48)) is None  # fp32 weight
+    x = torch.randn(1, 48, requires_grad=True)
+    assert decode.gemv_bf16(x, torch.randn(8, 48).bfloat16()) is None  # autograd: torch ops
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 5, 16])
+def test_sparse_channel_mix_equals_the_dense_product(dtype, B):
+    g = torch.Generator().manual_seed(B)
+    F_, C = 320, 112  # C: a 64-column tile and a 48-column rest
+    k = torch.randn(B, F_, generator=g)
+    k[:, : F_ // 3] = -k[:, : F_ // 3].abs()  # a third of the channels are off in every row
+    w = (torch.randn(C, F_, generator=g) / 20).to(dtype)  # value.weight (out, in)
+    wt = w.t().contiguous()
+    a = torch.relu(k).square()
+    ref = a.double() @ wt.double()
+    with torch.no_grad():
+        kk = k.clone()
+        y = decode.ffn_sparse(kk, wt)
+        dense = F.linear(a, w.float())
+    assert torch.equal(kk, a)  # the activation is left in k, as documented
+    bound = _bound(a, wt.float()) + 1e-30
+    assert ((y.double() - ref).abs() <= bound).all()
+    assert ((dense.double() - ref).abs() <= bound).all()  # the same bound holds the dense one
+    torch.testing.assert_close(decode.torch_ffn_sparse(k, wt), y, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no channel on: nothing read, zeros out
+        assert torch.equal(decode.ffn_sparse(-k.abs(), wt), torch.zeros(B, C))
+
+
+def test_step_with_the_sparse_channel_mix_equals_the_dense_step(tiny_model):
+    """Exact mode: the sparse channel-mix changes only the fp32 summation order."""
+    V = tiny_model.config.vocab_size
+    ids = [t % V for t in (1, 50, 300, 7000, 12, 65535, 0, 5)]
+    outs = {}
+    with torch.no_grad():
+        for sparse in (False, True):
+            tiny_model.sparse_ffn = sparse
+            state = tiny_model.init_state(2)
+            for t in ids:
+                logits, state = tiny_model.step(torch.tensor([t, (t * 7 + 3) % V]), state)
+            outs[sparse] = (logits, state)
+    (d, ds), (s, ss) = outs[False], outs[True]
+    scale = d.abs().max().item()
+    torch.testing.assert_close(s, d, atol=1e-5 * scale, rtol=0)
+    for a, b in zip(ss, ds):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=0)
+
+
+@needs_kernel
+def test_fused_wkv_step_equals_the_torch_ops(tiny_model):
+    """decode.wkv_step against RWKV7._time_mix_tail (the exact mode's torch ops) on one
+    layer's constants, with a non-trivial state, for 1 and 3 streams."""
+    from rwkvforge.model.rwkv7 import LN_X_EPS
+
+    blk = tiny_model.blocks[1]
+    att = blk.att
+    with torch.no_grad():  # non-trivial per-channel constants
+        for p in (att.k_k, att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    c = tiny_model._step_consts(blk, torch.float32)
+    H, N = att.n_head, att.head_size
+    for B in (1, 3):
+        g = torch.Generator().manual_seed(B)
+        S = torch.randn(B, H, N, N, generator=g) * 0.3
+        w, k, v, r = (torch.randn(B, H * N, generator=g) for _ in range(4))
+        a = torch.rand(B, H * N, generator=g)
+        before = S.clone()
+        with torch.no_grad():
+            y, S2 = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS)
+            ry, rS2 = tiny_model._time_mix_tail(S, w, k, a, v, r, c, att)
+        assert torch.equal(S, before)  # the input state is not modified
+        torch.testing.assert_close(S2, rS2.view(B, H, N, N), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, ry, atol=1e-4, rtol=1e-4)  # after a GroupNorm: ~1e-6 x 1/std
+
+
+def test_fused_step_equals_the_torch_step(tiny_model):
+    V = tiny_model.config.vocab_size
+    outs = {}
+    with torch.no_grad():
+        for fused in (False, True):
+            tiny_model.fused_step = fused
+            state = tiny_model.init_state(2)
+            for t in (1, 50, 300, 7000, 12):
+                logits, state = tiny_model.step(torch.tensor([t % V, (3 * t) % V]), state)
+            outs[fused] = (logits, state)
+    (d, ds), (s, ss) = outs[False], outs[True]
+    torch.testing.assert_close(s, d, atol=1e-5 * d.abs().max().item(), rtol=0)
+    for a, b in zip(ss, ds):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=0)
+
+
+def test_decode_layout_keeps_values_outputs_and_saved_files(tiny_model, tmp_path):
+    """use_decode_layout (what set_fast_path does on CPU) changes memory layout only: the
+    same state dict, the same step and forward (fp32 rounding), a .pth saved from it equal to
+    one saved before, and the weights still train."""
+    from rwkvforge.checkpoint import load_model, save_pth
+    from rwkvforge.generate import set_fast_path
+
+    V = tiny_model.config.vocab_size
+    ids = torch.tensor([[1, 50 % V, 300 % V, 7000 % V]])
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with torch.no_grad():
+        f0, _ = tiny_model(ids)
+        s0, _ = tiny_model.step(ids[:, 0], tiny_model.init_state(1))
+    set_fast_path(tiny_model, "none", "cpu")
+    assert not tiny_model.head.weight.is_contiguous()  # (in, out) storage, (out, in) view
+    after = tiny_model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        f1, _ = tiny_model(ids)
+        s1, _ = tiny_model.step(ids[:, 0], tiny_model.init_state(1))
+    torch.testing.assert_close(f1, f0, atol=1e-5 * f0.abs().max().item(), rtol=0)
+    torch.testing.assert_close(s1, s0, atol=1e-5 * s0.abs().max().item(), rtol=0)
+    path = save_pth(tiny_model.state_dict(), tmp_path / "m.pth")
+    again = load_model(path).state_dict()
+    assert all(torch.equal(again[k], before[k]) for k in before)
+    tiny_model.train()
+    loss = tiny_model(ids)[0].square().mean()
+    loss.backward()
+    assert tiny_model.head.weight.grad is not None and tiny_model.head.weight.grad.shape == \
+        tiny_model.head.weight.shape
+
+
+# The bf16 decode mode's gate (docs/inference.md, "Accuracy"): against the exact fp32 step
+# over a greedy generation, teacher-forced: max logit error <= 2% of the max |logit|, mean
+# <= 1% of the mean |logit|, greedy token the same at >= 95% of the steps.
+BF16_GATE = {"max_err": 0.02, "mean_err": 0.01, "agree": 0.95}
+
+
+@pytest.mark.slow
+def test_bf16_decode_mode_passes_its_accuracy_gate(tiny_model):
+    V = tiny_model.config.vocab_size
+    rep = decode.fast_path_accuracy(tiny_model, torch.bfloat16, [1, 50 % V, 300 % V, 7000 % V], 64)
+    assert rep["max_err"] > 0  # the mode really reads bf16 weights
+    assert rep["max_err"] <= BF16_GATE["max_err"], rep
+    assert rep["mean_err"] <= BF16_GATE["mean_err"], rep
+    assert rep["agree"] >= BF16_GATE["agree"], rep
