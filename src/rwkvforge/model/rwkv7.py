@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rwkvforge.model import decode
+import rwkvforge.model.decode as decode
 from rwkvforge.model.wkv import DEFAULT_CHUNK, WKV_IMPLS, wkv
 
 # log(decay) = -exp(-0.5) * sigmoid(z): decay per step lies in (exp(-0.6065), 1). The literal
