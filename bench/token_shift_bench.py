@@ -31,11 +31,13 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 
-def cat_shift(x, shift):
-    """The form `token_shift` uses eagerly, and used under torch.compile before."""
+def cat_shift(x, shift, reset=None):
+    """The form `token_shift` uses eagerly, and used under torch.compile before (same
+    signature, packed rows' `reset` mask included)."""
     import torch
 
-    return torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+    prev = torch.cat([shift.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+    return prev if reset is None else prev.masked_fill(reset.unsqueeze(-1), 0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

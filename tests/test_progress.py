@@ -25,8 +25,12 @@ def _pty(columns: int):
 
 
 def _read_all(master: int) -> str:
+    """Everything written to the pty so far: a pty may hand back one write per read, so read
+    until nothing more arrives for a moment (not until the first short read)."""
+    import select
+
     out = b""
-    while True:
+    while select.select([master], [], [], 0.2)[0]:
         try:
             chunk = os.read(master, 65536)
         except OSError:
@@ -34,8 +38,6 @@ def _read_all(master: int) -> str:
         if not chunk:
             break
         out += chunk
-        if len(chunk) < 65536:
-            break
     return out.decode("utf-8", "replace")
 
 
