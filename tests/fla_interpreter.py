@@ -32,6 +32,26 @@ class Unavailable(Exception):
     """fla / triton cannot be imported: the tests skip with this reason."""
 
 
+def measure(script: str | os.PathLike) -> dict:
+    """Run `script` (this file, or a test file whose `__main__` measures under the
+    interpreter) in a child process with src/ on PYTHONPATH; the last line it prints, as
+    JSON. Skips the calling test with the child's reason when fla / triton are missing."""
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if "skip" in got:
+        pytest.skip(got["skip"])
+    return got
+
+
 def load():
     """fla's `chunk_rwkv7`, imported with its kernels interpreted on the CPU."""
     if "triton.language" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

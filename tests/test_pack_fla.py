@@ -11,11 +11,9 @@ whose loader and helpers it uses). Skips, saying why, where fla / triton are not
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
+import fla_interpreter
 import pytest
 
 # Two rows of 40 tokens: row 0 keeps the given state for its first document, row 1 drops it;
@@ -69,15 +67,7 @@ def _child() -> int:
 
 @pytest.fixture(scope="module")
 def measured():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, __file__], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    if "skip" in got:
-        pytest.skip(got["skip"])
-    return got
+    return fla_interpreter.measure(__file__)
 
 
 @pytest.mark.slow  # the interpreter: ~1-2.5 min on 2 busy cores

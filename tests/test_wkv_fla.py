@@ -9,12 +9,9 @@ installs the pinned triton + fla-core; without them these tests skip and say why
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import fla_interpreter
 import pytest
 import torch
 
@@ -25,15 +22,7 @@ HELPER = Path(__file__).with_name("fla_interpreter.py")
 
 @pytest.fixture(scope="module")
 def measured():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, str(HELPER)], capture_output=True, text=True,
-                         timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-4000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    if "skip" in got:
-        pytest.skip(got["skip"])
-    return got
+    return fla_interpreter.measure(HELPER)
 
 
 def _check(diff: dict, rel: float, what: str):

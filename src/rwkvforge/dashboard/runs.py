@@ -224,13 +224,20 @@ def read_run(run_dir: Path, now: float | None = None, root: Path | None = None) 
 SETUP_FAILED = "the run did not start: "  # what train.py logs when setup fails
 
 
-def _setup_failure(log: Path) -> str | None:
-    """The reason a run's setup failed, from the end of its train.log (None: not logged)."""
+def _log_tail(log: Path, size: int = 8192) -> str | None:
+    """The last `size` bytes of a run's train.log as text (None: unreadable)."""
     try:
         with open(log, "rb") as f:
-            f.seek(max(f.seek(0, os.SEEK_END) - 8192, 0))
-            tail = f.read().decode("utf-8", errors="replace")
+            f.seek(max(f.seek(0, os.SEEK_END) - size, 0))
+            return f.read().decode("utf-8", errors="replace")
     except OSError:
+        return None
+
+
+def _setup_failure(log: Path) -> str | None:
+    """The reason a run's setup failed, from the end of its train.log (None: not logged)."""
+    tail = _log_tail(log)
+    if tail is None:
         return None
     i = tail.rfind(SETUP_FAILED)
     if i < 0:
@@ -249,11 +256,8 @@ def _last_logged_error(log: Path) -> str | None:
     """The message of an ERROR record among the last 3 records of a run's train.log (the
     trainer logs one as its run fails; one further up belongs to an earlier attempt that was
     resumed). None when there is none, e.g. the process was killed."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(f.seek(0, os.SEEK_END) - 8192, 0))
-            tail = f.read().decode("utf-8", errors="replace")
-    except OSError:
+    tail = _log_tail(log)
+    if tail is None:
         return None
     last = _LOG_LEVEL.findall(tail)[-3:]
     errors = [msg.strip() for level, msg in last if level == "ERROR" and msg.strip()]
