@@ -28,6 +28,11 @@
  * forward zeroes the state before such a step; the backward recomputes it from a zero previous
  * state (so its dw, da, db are 0) and stops the state gradient there: the leftovers it hands
  * to step t - 1 are w = 0 and dsa = 0, so G_{t-1} = dy_{t-1} r_{t-1}^T and da_t = 0.
+ * With `s0` (H, N, N) value-major, or NULL (zero), a document starts from s0[h] instead (state
+ * tuning over packed rows): the forward copies it in; the backward recomputes step t from it,
+ * completes da_t = s0^T dsa_t at once and adds the gradient that would have gone to S_{t-1},
+ * G_t diag(w_t) + dsa_t a_t^T, to ds0[bh] (BH, N, N); the caller sums ds0 over the batch rows
+ * (each (b, h) pair writes its own slice: no two threads write one place).
  *
  * Tensors are (B, T, H, N) fp32 contiguous: step t of head h of batch row b starts at
  * ((b T + t) H + h) N. A call handles the (b, h) pairs bh0 .. bh1 - 1, so the caller can
@@ -139,20 +144,27 @@ ALWAYS_INLINE void transpose(float *restrict dst, const float *restrict src) {
 CLONES static int32_t forward_heads(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
                                     const void *r, const float *w, const void *k,
                                     const void *v, const void *a, const void *b, float *S,
-                                    float *y, float *ckpt, const uint8_t *reset, int64_t bh0,
-                                    int64_t bh1) {
+                                    float *y, float *ckpt, const uint8_t *reset,
+                                    const float *s0, int64_t bh0, int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
-    float *ST = malloc(NN * sizeof(float));
+    float *ST = malloc(2 * NN * sizeof(float));
     if (!ST) return -1;
+    float *S0T = ST + NN; /* s0[h] key-major: what a document starts from */
     float tmp[5][N] __attribute__((aligned(64)));
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
         const uint8_t *rs = reset ? reset + (bh / H) * T : NULL; /* this row's flags */
+        if (rs && s0) transpose(S0T, s0 + (bh % H) * NN);
         transpose(ST, S + bh * NN);
         for (int64_t t = 0; t < T; t++) {
             if (ckpt && t % K == 0) memcpy(ckpt + (bh * nck + t / K) * NN, ST, NN * sizeof(float));
-            if (rs && rs[t]) memset(ST, 0, NN * sizeof(float)); /* a document starts at t */
+            if (rs && rs[t]) { /* a document starts at t */
+                if (s0)
+                    memcpy(ST, S0T, NN * sizeof(float));
+                else
+                    memset(ST, 0, NN * sizeof(float));
+            }
             const int64_t o = base + t * st;
             step(ST, ST, in_vec(r, o, bf16, tmp[0]), w + o, in_vec(k, o, bf16, tmp[1]),
                  in_vec(v, o, bf16, tmp[2]), in_vec(a, o, bf16, tmp[3]),
@@ -184,8 +196,8 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
                                      float *restrict dS, float *restrict dr,
                                      float *restrict dw, float *restrict dk,
                                      float *restrict dv, float *restrict da,
-                                     float *restrict db, const uint8_t *reset, int64_t bh0,
-                                     int64_t bh1) {
+                                     float *restrict db, const uint8_t *reset,
+                                     const float *s0, float *ds0, int64_t bh0, int64_t bh1) {
     if (n != N) return -2;
     const int64_t st = H * N, nck = (T + K - 1) / K;
     float *buf = aligned_alloc(64, (size_t)((K + 2) * NN + K * N) * sizeof(float));
@@ -200,6 +212,9 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
         const int64_t base = (bh / H) * T * st + (bh % H) * N;
         const uint8_t *rs = reset ? reset + (bh / H) * T : NULL; /* this row's flags */
         float *restrict G = dS + bh * NN; /* value-major, updated in place */
+        const float *start = s0 ? s0 + (bh % H) * NN : zero; /* a document's first state */
+        float *restrict G0 = ds0 ? ds0 + bh * NN : NULL;
+        if (G0) memset(G0, 0, NN * sizeof(float));
         /* what step t + 1 left over: none yet for the last step */
         for (int j = 0; j < N; j++) wn[j] = 1.f, an[j] = 0.f, dsan[j] = 0.f;
         int64_t on = -1; /* offset of step t + 1, whose da is completed by step t */
@@ -207,7 +222,7 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
             const int64_t t0 = c * K, t1 = t0 + K < T ? t0 + K : T;
             transpose(buf, ckpt + (bh * nck + c) * NN);
             for (int64_t t = t0; t < t1; t++) { /* recompute the segment's states */
-                const float *restrict Sp = rs && rs[t] ? zero : buf + (t - t0) * NN;
+                const float *restrict Sp = rs && rs[t] ? start : buf + (t - t0) * NN;
                 float *restrict Sn = buf + (t - t0 + 1) * NN;
                 const int64_t o = base + t * st;
                 const float *restrict kt = in_vec(k, o, bf16, tmp[1]);
@@ -236,7 +251,7 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
             for (int64_t t = t1 - 1; t >= t0; t--) {
                 const int rst = rs && rs[t];
                 const float *restrict Sc = buf + (t - t0 + 1) * NN;   /* S_t */
-                const float *restrict Sp = rst ? zero : Sc - NN; /* S_{t-1} as step t read it */
+                const float *restrict Sp = rst ? start : Sc - NN; /* S_{t-1} as step t read it */
                 const int64_t o = base + t * st;
                 const float *restrict rt = in_vec(r, o, bf16, tmp[0]);
                 const float *restrict kt = in_vec(k, o, bf16, tmp[1]);
@@ -284,9 +299,22 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
                     STO(wn + 16 * q, LD(w + o + 16 * q));
                     STO(dsan + 16 * q, LD(dsa + 16 * q));
                 }
-                if (rst) /* no gradient reaches S_{t-1} (nor a_t: its state was zero) */
-                    for (int j = 0; j < N; j++) wn[j] = 0.f, dsan[j] = 0.f;
                 on = o;
+                if (rst && s0) { /* S_{t-1} was s0: da_t = s0^T dsa_t and its gradient, now */
+                    v16 D[NV] = {0};
+                    for (int i = 0; i < N; i++)
+                        for (int q = 0; q < NV; q++) {
+                            D[q] += LD(start + i * N + 16 * q) * dsan[i];
+                            if (!G0) continue;
+                            float *gp = G0 + i * N + 16 * q;
+                            STO(gp, LD(gp) + LD(G + i * N + 16 * q) * LD(wn + 16 * q) +
+                                        dsan[i] * LD(an + 16 * q));
+                        }
+                    for (int q = 0; q < NV; q++) STO(da + o + 16 * q, D[q]);
+                    on = -1; /* step t - 1 does not write da_t */
+                }
+                if (rst) /* no gradient reaches S_{t-1} (nor a_t when its state was zero) */
+                    for (int j = 0; j < N; j++) wn[j] = 0.f, dsan[j] = 0.f;
             }
         }
         /* step 0's leftovers: da_0 = S_{-1}^T dsa_0 and the gradient of the initial state */
@@ -297,7 +325,7 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
                 DA[q] += LD(buf + i * N + 16 * q) * dsan[i];
                 STO(gp, LD(gp) * LD(wn + 16 * q) + dsan[i] * LD(an + 16 * q));
             }
-        if (on >= 0) /* T > 0 (the caller never passes T = 0) */
+        if (on >= 0) /* (-1: step 0 started a document from s0 and wrote its da) */
             for (int q = 0; q < NV; q++) STO(da + on + 16 * q, DA[q]);
     }
     free(buf);
@@ -309,17 +337,18 @@ CLONES static int32_t backward_heads(int64_t T, int64_t H, int64_t n, int64_t K,
 int32_t rf_wkv_forward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16, const void *r,
                        const float *w, const void *k, const void *v, const void *a,
                        const void *b, float *S, float *y, float *ckpt, const uint8_t *reset,
-                       int64_t bh0, int64_t bh1) {
-    return forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt, reset, bh0, bh1);
+                       const float *s0, int64_t bh0, int64_t bh1) {
+    return forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt, reset, s0, bh0, bh1);
 }
 
 int32_t rf_wkv_backward(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
                         const void *r, const float *w, const void *k, const void *v,
                         const void *a, const void *b, const float *ckpt, const float *dy,
                         float *dS, float *dr, float *dw, float *dk, float *dv, float *da,
-                        float *db, const uint8_t *reset, int64_t bh0, int64_t bh1) {
+                        float *db, const uint8_t *reset, const float *s0, float *ds0,
+                        int64_t bh0, int64_t bh1) {
     return backward_heads(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS, dr, dw, dk, dv, da,
-                          db, reset, bh0, bh1);
+                          db, reset, s0, ds0, bh0, bh1);
 }
 
 /* 1 when built with OpenMP: the _par entry points below run in parallel (else serially) */
@@ -335,14 +364,15 @@ int32_t rf_wkv_openmp(void) {
 int32_t rf_wkv_forward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t bf16,
                            const void *r, const float *w, const void *k, const void *v,
                            const void *a, const void *b, float *S, float *y, float *ckpt,
-                           const uint8_t *reset, int64_t BH, int64_t nthreads) {
+                           const uint8_t *reset, const float *s0, int64_t BH,
+                           int64_t nthreads) {
     int32_t rc = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
         const int32_t e = forward_heads(T, H, n, K, bf16, r, w, k, v, a, b, S, y, ckpt, reset,
-                                        BH * i / nthreads, BH * (i + 1) / nthreads);
+                                        s0, BH * i / nthreads, BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }
     return rc;
@@ -352,15 +382,16 @@ int32_t rf_wkv_backward_par(int64_t T, int64_t H, int64_t n, int64_t K, int64_t 
                             const void *r, const float *w, const void *k, const void *v,
                             const void *a, const void *b, const float *ckpt, const float *dy,
                             float *dS, float *dr, float *dw, float *dk, float *dv, float *da,
-                            float *db, const uint8_t *reset, int64_t BH, int64_t nthreads) {
+                            float *db, const uint8_t *reset, const float *s0, float *ds0,
+                            int64_t BH, int64_t nthreads) {
     int32_t rc = 0;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1) reduction(min : rc)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
         const int32_t e = backward_heads(T, H, n, K, bf16, r, w, k, v, a, b, ckpt, dy, dS,
-                                         dr, dw, dk, dv, da, db, reset, BH * i / nthreads,
-                                         BH * (i + 1) / nthreads);
+                                         dr, dw, dk, dv, da, db, reset, s0, ds0,
+                                         BH * i / nthreads, BH * (i + 1) / nthreads);
         rc = e < rc ? e : rc;
     }
     return rc;

@@ -614,18 +614,11 @@ def check_pack(settings: Any) -> None:
     """PACK=1 with what it cannot serve: a clear ValueError naming the setting to change.
 
     DPO: a pair's two answers are compared row against row, so pairs stay one per row.
-    State tuning: a packed row would have to restart each example from the tuned initial
-    state and sum its gradient over every restart; the kernels here restart from zero, so it
-    is refused rather than silently training a state only the first example sees."""
+    State tuning (TRAIN_TYPE=state / lora+state) packs: every example of a packed row restarts
+    from the tuned initial state (model/wkv.py's `reset_state`), whose gradient sums them all."""
     if getattr(settings, "data_type", "sft") == "dpo":
         raise ValueError("PACK=1 does not apply to DATA_TYPE=dpo: each preference pair stays "
                          "on its own rows (chosen against rejected). Set PACK=0 for DPO runs.")
-    train_type = str(getattr(settings, "train_type", "lora") or "lora")
-    if "state" in train_type:
-        raise ValueError(f"PACK=1 with TRAIN_TYPE={train_type}: packed rows restart every "
-                         "example from a zero state, not from the tuned initial state, so the "
-                         "state would only be trained on each row's first example. Set PACK=0 "
-                         "for state tuning.")
 
 
 def packing_line(prefix: str | Path, ctx_len: int, per_step: int) -> str | None:

@@ -153,7 +153,8 @@ class TimeMix(nn.Module):
     def forward(self, x, shift, S, v_first, wkv_impl: str, chunk: int, lin=_call, reset=None):
         """x (B,T,C) after ln1; shift (B,C) = previous token's x; S (B,H,N,N) fp32.
         `lin(x, module)` applies one of the big Linears (lets inference swap in bf16 copies).
-        `reset` (B,T) bool or None: tokens that start a document (shift and state restart)."""
+        `reset` (B,T) bool or None: tokens that start a document (shift and state restart:
+        the WKV state from this layer's `time_state` when it has one, else from zero)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift, reset) - x  # (B,T,C)
@@ -195,9 +196,11 @@ class TimeMix(nn.Module):
         log_w = -DECAY_SCALE * torch.sigmoid(w.float())  # (B,T,C) fp32, in (-0.61, 0)
         a4 = a.view(B, T, H, N)
         impl = "ref" if T == 1 else wkv_impl  # one step: the loop is the cheapest form
+        # a document of a packed row starts where a row would: from the (tuned) initial state
+        s_doc = None if reset is None else getattr(self, "time_state", None)  # (H,N,N) or None
         y, S = wkv(
             r.view(B, T, H, N), log_w.view(B, T, H, N), k.view(B, T, H, N), v.view(B, T, H, N),
-            -kk, kk * a4, S, impl=impl, chunk_size=chunk, reset=reset,
+            -kk, kk * a4, S, impl=impl, chunk_size=chunk, reset=reset, reset_state=s_doc,
         )  # y (B,T,H,N) fp32
         y = F.group_norm(y.reshape(B * T, C), H, self.ln_x.weight.float(), self.ln_x.bias.float(), LN_X_EPS)
         y = y.view(B, T, H, N).to(x.dtype)
@@ -324,9 +327,10 @@ class RWKV7(nn.Module):
     def forward_hidden(self, idx: torch.Tensor, state: State | None = None,
                        reset: torch.Tensor | None = None):
         """idx (B,T) long -> (hidden (B,T,C) after ln_out, new state). `reset` (B,T) bool:
-        the tokens that start a document in a packed row; each restarts from a zero state
-        and token shift, so every document computes what it would alone (see model/wkv.py).
-        v_first is per token, so it needs nothing."""
+        the tokens that start a document in a packed row; each restarts from a zero token
+        shift and the WKV state a row starts from (`init_state`: zero, or the layer's
+        `time_state`, whose gradient then sums every restart), so every document computes
+        what it would alone (see model/wkv.py). v_first is per token, so it needs nothing."""
         if self.wkv_impl not in WKV_IMPLS:
             raise ValueError(f"wkv_impl={self.wkv_impl!r}; expected one of {', '.join(WKV_IMPLS)}")
         B, T = idx.shape

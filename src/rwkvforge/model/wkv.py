@@ -84,18 +84,34 @@ def _check_reset(reset, r):
     return reset.to(device=r.device, dtype=torch.bool)
 
 
-def wkv_ref(r, log_w, k, v, a, b, state=None, reset=None):
+def _check_reset_state(reset_state, reset, r):
+    """`reset_state` as (H, N, N) fp32, or None (zero; also when there is no reset to use it);
+    a clear error for any other shape."""
+    if reset_state is None or reset is None:
+        return None
+    H, N = r.shape[2:]
+    if tuple(reset_state.shape) != (H, N, N):
+        raise ValueError(f"wkv: reset_state has shape {tuple(reset_state.shape)}, expected "
+                         f"(H, N, N) = {(H, N, N)} (the state every document starts from, "
+                         f"shared by the batch: e.g. blocks.i.att.time_state)")
+    return reset_state.float()
+
+
+def wkv_ref(r, log_w, k, v, a, b, state=None, reset=None, reset_state=None):
     """Sequential fp32 reference. Inputs (B,T,H,N); state (B,H,N,N) rows=value, cols=key;
-    reset (B,T) bool or None: the state is zero before a step whose flag is set."""
+    reset (B,T) bool or None: the state is `reset_state` (H,N,N), or zero when that is None,
+    before a step whose flag is set."""
     B, T, H, N = r.shape
     S = _zeros_state(r) if state is None else state.float()
     r, k, v, a, b = (x.float() for x in (r, k, v, a, b))
     w = torch.exp(log_w.float())
     reset = _check_reset(reset, r)
+    s_doc = _check_reset_state(reset_state, reset, r)
+    s_doc = 0.0 if s_doc is None else s_doc  # (H,N,N) broadcasts over the batch
     ys = []
     for t in range(T):
         if reset is not None:  # a document starts at t: it sees no earlier state
-            S = torch.where(reset[:, t, None, None, None], 0.0, S)
+            S = torch.where(reset[:, t, None, None, None], s_doc, S)
         # (B,H,N,N) * (B,H,1,N): decay acts on the key (column) dimension
         sa = S @ a[:, t, :, :, None]  # (B,H,N,1)
         S = S * w[:, t, :, None, :] + sa @ b[:, t, :, None, :] + v[:, t, :, :, None] @ k[:, t, :, None, :]
@@ -104,7 +120,8 @@ def wkv_ref(r, log_w, k, v, a, b, state=None, reset=None):
     return y, S
 
 
-def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK, reset=None):
+def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUNK, reset=None,
+                reset_state=None):
     """Chunked matmul form of `wkv_ref` (same results up to fp32 rounding; differentiable).
 
     Inside a chunk of L steps, with g_t = sum_{s<=t} log_w_s (per key channel) and
@@ -121,11 +138,18 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     to step t stays only when doc(s) == doc(t), the S_0 terms only where doc(t) == 0 and the
     terms of S_L only from steps with doc(s) == doc(L-1) (S_0's only when no reset is in the
     chunk). The decay factors between steps of one document are unchanged.
+
+    With `reset_state` s (H,N,N) as well, a document that starts at step p of the chunk reads s
+    where the first document reads S_0, with the decay counted from p: its steps add
+    s (a_t e^{g_{t-1} - g_{p-1}}) to u_t and s (r_t e^{g_t - g_{p-1}}) to y_t, and when it is
+    the chunk's last document S_L gains s diag(e^{g_L - g_{p-1}}). s is not carried from chunk
+    to chunk, so its terms are computed for all chunks at once (one more triangular solve).
     """
     B, T, H, N = r.shape
     L = int(chunk_size)
     S = _zeros_state(r) if state is None else state.float()
     reset = _check_reset(reset, r)
+    s_doc = _check_reset_state(reset_state, reset, r)
     if T == 0:
         return r.new_zeros(B, 0, H, N, dtype=torch.float32), S
     pad = (-T) % L
@@ -173,6 +197,15 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     w_a = torch.linalg.solve_triangular(lhs, a_t, upper=False, unitriangular=True)
     u_v = torch.linalg.solve_triangular(lhs, m_ak @ v_, upper=False, unitriangular=True)
     y_v = m_rk @ v_  # state-independent part of y, (nc,BH,L,N)
+    d_doc = []  # per chunk: the decay of reset_state to the chunk end, (BH,N,1) (or none)
+    if s_doc is not None:
+        a_doc, r_doc, dd = _doc_start_factors(reset, pad, nc, H, L, g, lw, a_, r_)
+        sT = s_doc.transpose(-1, -2)  # (H,Nk,Nv), broadcast over chunks and batch rows
+        w_doc = torch.linalg.solve_triangular(lhs, a_doc, upper=False, unitriangular=True)
+        u_v = u_v + (w_doc.view(nc, B, H, L, N) @ sT).view(nc, BH, L, N)
+        y_v = y_v + (r_doc.view(nc, B, H, L, N) @ sT).view(nc, BH, L, N)
+        sT_bh = sT.expand(B, H, N, N).reshape(BH, N, N)
+        d_doc = dd.unbind(0)
     b_endT, k_endT = b_end.transpose(2, 3), k_end.transpose(2, 3)  # (nc,BH,N,L) views
 
     # the loop carries St = S^T (B*H, Nk, Nv): every product below is a plain bmm
@@ -180,11 +213,13 @@ def wkv_chunked(r, log_w, k, v, a, b, state=None, chunk_size: int = DEFAULT_CHUN
     # each x[c] would backpropagate a zero-filled full-size gradient (O(nc^2) traffic).
     St = S.transpose(-1, -2).reshape(BH, N, N)
     ys = []
-    for w_ac, u_vc, r_tc, y_vc, m_rbc, be_c, ke_c, v_c, d_c in zip(
-            *(x.unbind(0) for x in (w_a, u_v, r_0, y_v, m_rb, b_endT, k_endT, v_, decay_end))):
+    for c, (w_ac, u_vc, r_tc, y_vc, m_rbc, be_c, ke_c, v_c, d_c) in enumerate(zip(
+            *(x.unbind(0) for x in (w_a, u_v, r_0, y_v, m_rb, b_endT, k_endT, v_, decay_end)))):
         u = torch.baddbmm(u_vc, w_ac, St)  # (BH,L,Nv)
         ys.append(torch.baddbmm(torch.baddbmm(y_vc, r_tc, St), m_rbc, u))
         St = torch.baddbmm(torch.baddbmm(St * d_c, be_c, u), ke_c, v_c)
+        if d_doc:  # the chunk's last document started from reset_state inside the chunk
+            St = torch.addcmul(St, d_doc[c], sT_bh)
     y = torch.stack(ys).view(nc, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, nc * L, H, N)[:, :T]
     return y, St.view(B, H, N, N).transpose(-1, -2).contiguous()
 
@@ -205,14 +240,35 @@ def _reset_masks(reset, pad, nc, H, L, m_ab, m_ak, m_rb, m_rk, a_t, r_t, b_end, 
             b_end * last, k_end * last, decay_end * whole)
 
 
+def _doc_start_factors(reset, pad, nc, H, L, g, lw, a_, r_):
+    """wkv_chunked's factors of reset_state (see its docstring), chunk-major: what reads it
+    into u and y, (nc,BH,L,N) each (zero in a chunk's first document, which reads S_0), and
+    its decay to the chunk end, (nc,BH,N,1) (zero unless the chunk's last document starts in
+    it). g (nc,BH,L,N) is the inclusive log decay, lw the step's own."""
+    B = reset.shape[0]
+    rs = F.pad(reset, (0, pad)).view(B, nc, L).transpose(0, 1)  # (nc,B,L)
+    pos = torch.arange(L, device=reset.device, dtype=torch.int64)
+    start = torch.cummax(rs * pos, dim=2).values  # the step its document started at
+    start = start.unsqueeze(2).expand(nc, B, H, L).reshape(nc, B * H, L)
+    in_doc = torch.cumsum(rs, dim=2) > 0  # (nc,B,L): past a reset of this chunk
+    in_doc = in_doc.unsqueeze(2).expand(nc, B, H, L).reshape(nc, B * H, L, 1).float()
+    g_ex = g - lw  # exclusive log decay (up to t-1)
+    g_start = torch.gather(g_ex, 2, start.unsqueeze(-1).expand_as(g))  # g_{p-1}, (nc,BH,L,N)
+    a_doc = a_ * torch.exp(g_ex - g_start) * in_doc  # exponents <= 0: no overflow
+    r_doc = r_ * torch.exp(g - g_start) * in_doc
+    d_end = torch.exp(g[:, :, -1:] - g_start[:, :, -1:]) * in_doc[:, :, -1:]  # (nc,BH,1,N)
+    return a_doc, r_doc, d_end.transpose(2, 3).contiguous()
+
+
 @functools.lru_cache(maxsize=None)
 def _native_lib():
     lib = native.load("wkv_cpu")
     if lib is not None:
         i64, p = ctypes.c_int64, ctypes.c_void_p
-        lib.rf_wkv_forward.argtypes = [i64] * 5 + [p] * 10 + [i64, i64]  # (..., reset, bh0, bh1)
+        # (..., reset, s0, bh0, bh1) and (..., reset, s0, ds0, bh0, bh1)
+        lib.rf_wkv_forward.argtypes = [i64] * 5 + [p] * 11 + [i64, i64]
         lib.rf_wkv_forward.restype = ctypes.c_int32
-        lib.rf_wkv_backward.argtypes = [i64] * 5 + [p] * 16 + [i64, i64]
+        lib.rf_wkv_backward.argtypes = [i64] * 5 + [p] * 18 + [i64, i64]
         lib.rf_wkv_backward.restype = ctypes.c_int32
         # the same with (..., BH, threads) in place of (..., bh0, bh1)
         lib.rf_wkv_forward_par.argtypes = lib.rf_wkv_forward.argtypes
@@ -278,11 +334,13 @@ def _flags(reset: torch.Tensor | None) -> torch.Tensor | None:
 def _wkv7_native(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  a: torch.Tensor, b: torch.Tensor, s0: torch.Tensor | None,
                  keep: bool, reset: torch.Tensor | None = None,
+                 reset_state: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (B,T,H,N) fp32, final state (B,H,N,N) fp32, and the state checkpoints backward
     needs (B*H, ceil(T/NATIVE_CKPT), N, N) when `keep`, else an empty tensor. w = exp(log_w)
     fp32; r, k, v, a, b all bf16 (read as they are) or else taken as fp32; reset (B,T) uint8
-    or None (document starts)."""
+    or None (document starts); reset_state (H,N,N) fp32 or None (zero): what they start
+    from."""
     B, T, H, N = r.shape
     r, k, v, a, b, bf16 = _kernel_inputs([r, k, v, a, b])
     w = w.float().contiguous()
@@ -290,15 +348,21 @@ def _wkv7_native(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Ten
     y = torch.empty(B, T, H, N)
     ckpt = torch.empty(B * H, -(-T // NATIVE_CKPT), N, N) if keep else torch.empty(0)
     flags = _flags(reset)  # (held here while the kernel reads it)
+    s_doc = _doc_state(reset_state, flags)
     rc = _over_heads("rf_wkv_forward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-        r, w, k, v, a, b, S, y, ckpt if keep else None, flags)))
+        r, w, k, v, a, b, S, y, ckpt if keep else None, flags, s_doc)))
     if rc:
         raise MemoryError("wkv native forward: out of memory for its state buffer")
     return y, S, ckpt
 
 
+def _doc_state(reset_state: torch.Tensor | None, flags) -> torch.Tensor | None:
+    """reset_state as the C kernel reads it: (H, N, N) fp32 contiguous (None without resets)."""
+    return None if reset_state is None or flags is None else reset_state.float().contiguous()
+
+
 @_wkv7_native.register_fake
-def _(r, w, k, v, a, b, s0, keep, reset=None):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
+def _(r, w, k, v, a, b, s0, keep, reset=None, reset_state=None):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
     B, T, H, N = r.shape
     f32 = torch.float32
     return (r.new_empty(B, T, H, N, dtype=f32), r.new_empty(B, H, N, N, dtype=f32),
@@ -310,10 +374,12 @@ def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: 
                           a: torch.Tensor, b: torch.Tensor, ckpt: torch.Tensor,
                           dy: torch.Tensor | None, dS: torch.Tensor | None,
                           reset: torch.Tensor | None = None,
+                          reset_state: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                     torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (fp32) of r, w, k, v, a, b and the initial state, given those of y and of
-    the final state (None: zero)."""
+                                     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (fp32) of r, w, k, v, a, b, the initial state and reset_state (summed over
+    every document start; an empty tensor when there is none), given those of y and of the
+    final state (None: zero)."""
     B, T, H, N = r.shape
     r, k, v, a, b, bf16 = _kernel_inputs([r, k, v, a, b])
     w = w.float().contiguous()
@@ -321,39 +387,46 @@ def _wkv7_native_backward(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: 
     G = torch.zeros(B, H, N, N) if dS is None else dS.float().clone().contiguous()
     grads = [torch.empty(B, T, H, N) for _ in range(6)]  # the kernel writes them all
     flags = _flags(reset)
+    s_doc = _doc_state(reset_state, flags)
+    # per (b, h) pair: each thread writes its own, summed over the batch rows below
+    g_doc = None if s_doc is None else torch.empty(B, H, N, N)
     rc = _over_heads("rf_wkv_backward", B * H, T, H, N, NATIVE_CKPT, bf16, *map(_ptr, (
-        r, w, k, v, a, b, ckpt, dy, G, *grads, flags)))
+        r, w, k, v, a, b, ckpt, dy, G, *grads, flags, s_doc, g_doc)))
     if rc:
         raise MemoryError("wkv native backward: out of memory for its state buffer")
     dr, dw, dk, dv, da, db = grads
-    return dr, dw, dk, dv, da, db, G
+    return dr, dw, dk, dv, da, db, G, (torch.empty(0) if g_doc is None else g_doc.sum(0))
 
 
 @_wkv7_native_backward.register_fake
-def _(r, w, k, v, a, b, ckpt, dy, dS, reset=None):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
+def _(r, w, k, v, a, b, ckpt, dy, dS, reset=None, reset_state=None):  # noqa: ARG001 - a fake (meta) kernel: only the shapes matter
     B, T, H, N = r.shape
     f32 = torch.float32
     return (*(r.new_empty(B, T, H, N, dtype=f32) for _ in range(6)),
-            r.new_empty(B, H, N, N, dtype=f32))
+            r.new_empty(B, H, N, N, dtype=f32),
+            r.new_empty((0,) if reset is None or reset_state is None else (H, N, N), dtype=f32))
 
 
 def _wkv7_setup_context(ctx, inputs, output):
-    r, w, k, v, a, b, s0, keep, reset = inputs
-    ctx.save_for_backward(r, w, k, v, a, b, output[2], reset)  # the inputs as given, checkpoints
+    r, w, k, v, a, b, s0, keep, reset, reset_state = inputs
+    # the inputs as given, the checkpoints
+    ctx.save_for_backward(r, w, k, v, a, b, output[2], reset, reset_state)
     ctx.has_s0 = s0 is not None
 
 
 def _wkv7_backward(ctx, dy, dS, _dckpt):
-    r, w, k, v, a, b, ckpt, reset = ctx.saved_tensors
-    dr, dw, dk, dv, da, db, g0 = _wkv7_native_backward(r, w, k, v, a, b, ckpt, dy, dS, reset)
+    r, w, k, v, a, b, ckpt, reset, reset_state = ctx.saved_tensors
+    dr, dw, dk, dv, da, db, g0, g_doc = _wkv7_native_backward(r, w, k, v, a, b, ckpt, dy, dS,
+                                                               reset, reset_state)
     # fp32 gradients; autograd casts them to the inputs' dtypes (bf16 under autocast)
-    return dr, dw, dk, dv, da, db, (g0 if ctx.has_s0 else None), None, None
+    return (dr, dw, dk, dv, da, db, (g0 if ctx.has_s0 else None), None, None,
+            (g_doc if reset_state is not None and reset is not None else None))
 
 
 _wkv7_native.register_autograd(_wkv7_backward, setup_context=_wkv7_setup_context)
 
 
-def wkv_native(r, log_w, k, v, a, b, state=None, reset=None):
+def wkv_native(r, log_w, k, v, a, b, state=None, reset=None, reset_state=None):
     """The recurrence in C on CPU, with its own backward (see the module doc)."""
     if not torch.compiler.is_compiling():  # (checked before tracing; see wkv())
         if not native_available():
@@ -363,15 +436,19 @@ def wkv_native(r, log_w, k, v, a, b, state=None, reset=None):
             raise RuntimeError("wkv_impl='native' runs on CPU tensors only; on CUDA use "
                                "'fla' or 'chunked'")
     if r.shape[-1] != NATIVE_HEAD_SIZE:  # the C kernel is written for RWKV-7's heads
-        return wkv_chunked(r, log_w, k, v, a, b, state, reset=reset)
+        return wkv_chunked(r, log_w, k, v, a, b, state, reset=reset, reset_state=reset_state)
     if r.shape[1] == 0:
         return r.new_zeros(r.shape, dtype=torch.float32), (
             _zeros_state(r) if state is None else state.float())
-    keep = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (r, log_w, k, v, a, b, state))
     if reset is not None:
+        reset_state = _check_reset_state(reset_state, reset, r)
         reset = _check_reset(reset, r).to(torch.uint8)
-    y, S, _ = _wkv7_native(r, torch.exp(log_w.float()), k, v, a, b, state, keep, reset)
+    else:
+        reset_state = None
+    keep = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (r, log_w, k, v, a, b, state, reset_state))
+    y, S, _ = _wkv7_native(r, torch.exp(log_w.float()), k, v, a, b, state, keep, reset,
+                           reset_state)
     return y, S
 
 
@@ -415,13 +492,15 @@ def _takes_lower_bound(fn) -> bool:
     return "lower_bound" in inspect.signature(fn).parameters  # fla-core >= 0.6.0
 
 
-def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True, reset=None):
+def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True, reset=None,
+            reset_state=None):
     """flash-linear-attention's chunk_rwkv7 (CUDA). fla keeps state as (B,H,K,V): transposed.
 
     `bound`: pass RWKV-7's decay bound as fla's `lower_bound` when the installed fla takes it
     (every log_w must then be >= LOG_W_MIN; the model's always are). False: fla's unbounded
     16-step path (kept for the test that holds the two equal). `reset`: the rows become one
-    flat stream of documents, fla's variable-length form (`cu_seqlens`, see `_fla_varlen`)."""
+    flat stream of documents, fla's variable-length form (`cu_seqlens`, see `_fla_varlen`),
+    each started from `reset_state` (H,N,N) or zero."""
     fn = _load_fla()
     if not fn:
         raise RuntimeError(f"wkv_impl='fla' is unavailable: {fla_problem()}; "
@@ -439,7 +518,9 @@ def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True, reset=None):
     xs = [x.to(dt) for x in (r, log_w, k, v, a, b)]
     reset = _check_reset(reset, r)
     if reset is not None:
-        return _fla_varlen(fn, xs, s0, reset, extra)
+        s_doc = _check_reset_state(reset_state, reset, r)
+        return _fla_varlen(fn, xs, s0, reset, extra,
+                           None if s_doc is None else s_doc.transpose(-1, -2))
     out = fn(  # w is log-decay in fla's API; state (B,H,K,V)
         r=xs[0], w=xs[1], k=xs[2], v=xs[3], a=xs[4], b=xs[5],
         scale=1.0, initial_state=s0, output_final_state=True, **extra,
@@ -448,12 +529,14 @@ def wkv_fla(r, log_w, k, v, a, b, state=None, bound: bool = True, reset=None):
     return y.float(), s1.float().transpose(-1, -2)
 
 
-def _fla_varlen(fn, xs: list, s0, reset: torch.Tensor, extra: dict):
+def _fla_varlen(fn, xs: list, s0, reset: torch.Tensor, extra: dict, s_doc=None):
     """chunk_rwkv7 over packed rows: the B rows laid end to end as one (1, B*T) stream cut at
-    every row start and every reset into sequences (`cu_seqlens`), each started from zero
-    except a row's first when it has no reset at t=0 (that one starts from the row's state
-    s0, fla's (B,H,K,V) layout). Returns y (B,T,H,N) fp32 and each row's final state (that of
-    the sequence holding its last token) in our (B,H,N,N) layout."""
+    every row start and every reset into sequences (`cu_seqlens`), each started from `s_doc`
+    (H,K,V) (None: zero) except a row's first when it has no reset at t=0 (that one starts
+    from the row's state s0, fla's (B,H,K,V) layout). fla takes one initial state per
+    sequence: s_doc is expanded to every sequence, and autograd sums their gradients.
+    Returns y (B,T,H,N) fp32 and each row's final state (that of the sequence holding its last
+    token) in our (B,H,N,N) layout."""
     B, T, H, N = xs[0].shape
     starts = reset.clone()
     starts[:, 0] = True  # a new row is a new sequence for fla
@@ -462,8 +545,10 @@ def _fla_varlen(fn, xs: list, s0, reset: torch.Tensor, extra: dict):
     seq_of_row = torch.cumsum(starts.reshape(-1), 0)[::T] - 1  # (B,) the row's first sequence
     last_of_row = torch.cumsum(starts.reshape(-1), 0)[T - 1::T] - 1  # (B,) its last sequence
     init = None
+    if s_doc is not None:
+        init = s_doc.unsqueeze(0).expand(len(pos), H, N, N).clone()
     if s0 is not None:
-        init = s0.new_zeros(len(pos), H, N, N)
+        init = s0.new_zeros(len(pos), H, N, N) if init is None else init
         carry = ~reset[:, 0]  # rows whose first sequence continues the given state
         init[seq_of_row[carry]] = s0[carry]
     flat = [x.reshape(1, B * T, H, N) for x in xs]
@@ -512,28 +597,30 @@ def _resolve_const(impl: str, device_type: str) -> str:
 
 
 def wkv(r, log_w, k, v, a, b, state=None, impl: str = "auto", chunk_size: int = DEFAULT_CHUNK,
-        reset=None):
+        reset=None, reset_state=None):
     """Dispatch to one of the kernels above (see module docstring for shapes). Under
     torch.compile the native kernel is traced as a custom op inside the caller's graph; the
     other forms stay one opaque call each (the torch loops of ref / chunked, fla's triton)."""
     name = _resolve_const(impl, r.device.type)
     if name == "native" and r.device.type == "cpu":
         with torch.autocast("cpu", enabled=False):  # (the kernel is fp32 inside anyway)
-            return wkv_native(r, log_w, k, v, a, b, state, reset)
-    return _wkv_opaque(r, log_w, k, v, a, b, state, name, chunk_size, reset)
+            return wkv_native(r, log_w, k, v, a, b, state, reset, reset_state)
+    return _wkv_opaque(r, log_w, k, v, a, b, state, name, chunk_size, reset, reset_state)
 
 
 @torch.compiler.disable  # one opaque call for torch.compile
-def _wkv_opaque(r, log_w, k, v, a, b, state, name: str, chunk_size: int, reset=None):
+def _wkv_opaque(r, log_w, k, v, a, b, state, name: str, chunk_size: int, reset=None,
+                reset_state=None):
     if name == "fla":
-        return wkv_fla(r, log_w, k, v, a, b, state, reset=reset)
+        return wkv_fla(r, log_w, k, v, a, b, state, reset=reset, reset_state=reset_state)
     # fp32 as documented, even inside a bf16 autocast region: autocast would run every
     # matmul of the recurrence in bf16 (0.6% error on y, bf16 state) and cast their inputs
     # on every call, which made the chunked form slower than fp32 (76 vs 64 ms per layer,
     # forward + backward at T=512)
     with torch.autocast(r.device.type, enabled=False):
         if name == "ref":
-            return wkv_ref(r, log_w, k, v, a, b, state, reset)
+            return wkv_ref(r, log_w, k, v, a, b, state, reset, reset_state)
         if name == "native":
-            return wkv_native(r, log_w, k, v, a, b, state, reset)
-        return wkv_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size, reset=reset)
+            return wkv_native(r, log_w, k, v, a, b, state, reset, reset_state)
+        return wkv_chunked(r, log_w, k, v, a, b, state, chunk_size=chunk_size, reset=reset,
+                           reset_state=reset_state)
