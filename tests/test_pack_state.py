@@ -5,7 +5,8 @@ by one, each from s0.
 
 Kernel level, for ref, chunked (two chunk sizes), the C kernel, and fla under Triton's
 interpreter (a child process: tests/fla_interpreter.py says why): y, the final states and the
-gradients of every input, s0 included, of a packed row against its documents run alone; and
+gradients of every input, s0 included, of a packed row against its documents run alone through
+the sequential reference `wkv_ref` (the judge); and
 the same call restarting from zero instead (reset_state dropped) is another computation.
 Model level (ref, chunked, native): the masked loss of a packed batch and its gradients (s0
 and every weight) against the sum of the examples alone, each from the model's time_state; the
@@ -77,8 +78,8 @@ def packed_and_alone(fn, xs, reset_state: bool = True):
     """(packed, alone): y, final states and the gradients of r, log_w, k, v, a, b, the row
     state and s0 under fixed random cotangents on y and the final state; `packed` from one
     call over the rows with the reset mask (and s0 as reset_state unless `reset_state` is
-    False: a restart from zero), `alone` from one call per document, each from s0 (a row's
-    first document without a reset: from the row state)."""
+    False: a restart from zero), `alone` from one call of the judge, `wkv_ref`, per document,
+    each from s0 (a row's first document without a reset: from the row state)."""
     xs = [x.detach().clone().requires_grad_(True) for x in xs]
     reset = reset_mask()
     g = torch.Generator().manual_seed(4)
@@ -101,7 +102,7 @@ def packed_and_alone(fn, xs, reset_state: bool = True):
         for i, n in enumerate(lens):
             part = [x[b:b + 1, t:t + n] for x in xs[:6]]
             start = xs[6][b:b + 1] if t == 0 and not reset[b, 0] else xs[7][None]
-            yd, sd = fn(*part, start)
+            yd, sd = W.wkv_ref(*part, start)
             total = total + (yd * gy[b:b + 1, t:t + n]).sum()
             ys[b, t:t + n] = yd[0].detach()
             if i == len(lens) - 1:
@@ -303,7 +304,6 @@ def test_fla_restarting_from_zero_is_another_computation(fla_measured):
 
 # ---- a training run ------------------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_state_training_with_pack_trains_each_example_from_the_state(
         tiny_model_path, sft_prefix, tmp_path, monkeypatch, one_torch_thread):
     """`rwkvforge train` (train.main) with TRAIN_TYPE=state PACK=1, fp32, 2 steps: step 2's

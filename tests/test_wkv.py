@@ -177,6 +177,11 @@ def test_native_custom_op_registration_holds(dtype):
     w = torch.exp(lw).requires_grad_()
     for state in (s0.requires_grad_(), None):
         torch.library.opcheck(_wkv7_native, (xs[0], w, *xs[1:], state, True))
+    # packed rows with a trained state: the reset mask and the state documents start from
+    reset = torch.zeros(1, 20, dtype=torch.uint8)
+    reset[0, [0, 7, 16]] = 1
+    s_doc = s0[0].detach().clone().requires_grad_()  # (H,N,N)
+    torch.library.opcheck(_wkv7_native, (xs[0], w, *xs[1:], None, True, reset, s_doc))
 
 
 @needs_native

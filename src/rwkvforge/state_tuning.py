@@ -5,7 +5,9 @@ RWKV-PEFT's state tuning: every weight stays frozen and the initial WKV state of
 conversation starts. Here it is the parameter `blocks.{i}.att.time_state` the model gets from
 `RWKV7.add_initial_state` (RWKV-PEFT's name): `init_state`, and so every forward without an
 explicit state, starts from it; every WKV kernel returns the initial state's gradient
-(model/wkv.py; tests/test_state_grad.py holds each against the sequential reference).
+(model/wkv.py; tests/test_state_grad.py holds each against the sequential reference). With
+PACK=1 every example of a packed row restarts from it (the kernels' `reset_state`), and its
+gradient sums every example's (tests/test_pack_state.py).
 
     TRAIN_TYPE=state ./scripts/train_state.sh                 # configs/profile/state.env
     rwkvforge train --train-type lora+state                   # LoRA and the state together

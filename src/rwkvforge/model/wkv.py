@@ -40,6 +40,15 @@ the end-of-chunk sums); the C kernel zeroes its state in forward and, in backwar
 step's previous state as zero and stops the state gradient there; `wkv_fla` runs fla's
 variable-length form (`cu_seqlens`: every document its own sequence). With `reset=None` every
 kernel runs exactly the code it ran before (bit-identical results).
+
+State tuning over packed rows: `reset_state` (H, N, N), shared by the batch (the layer's tuned
+`time_state`), or None (zero), is the state a document starts from at a reset, and its gradient
+is the sum over every restart: `wkv_ref` puts it in at the reset; `wkv_chunked` adds the terms
+that read it (see there); the C kernel copies it in, and in backward completes the reset step's
+gradient of its previous state (G diag(w) + dsa a^T) into the gradient of `reset_state`; fla
+gets it as the initial state of every sequence that starts at a reset (autograd sums them).
+Without a reset mask it is unused. tests/test_pack_state.py holds every kernel to the examples
+run alone through `wkv_ref`.
 """
 
 from __future__ import annotations
