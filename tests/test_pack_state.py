@@ -289,9 +289,10 @@ def fla_measured():
 @pytest.mark.slow  # the interpreter: a few minutes on 2 busy cores
 @pytest.mark.parametrize("bound", [True, False], ids=["lower_bound", "no_bound"])
 def test_fla_varlen_restarts_every_document_from_s0(fla_measured, bound):
-    # fla's own fp32 error under the interpreter (64- / 16-step chunks): up to 3e-5 relative
-    # measured in tests/test_wkv_fla.py, whose tolerance (1e-4) this keeps; a restart from
-    # zero is O(1) (below)
+    # fla's own fp32 error under the interpreter, against wkv_ref: its 64-step chunks
+    # (lower_bound) measured up to 3e-5 in tests/test_wkv_fla.py and 4.7e-5 here (da; max |.|
+    # relative, the rest <= 2.4e-5), the 16-step path <= 4e-7; tests/test_wkv_fla.py's 1e-4
+    # kept. A restart from zero is O(1) (below)
     for name, d in fla_measured[f"bound={bound}"].items():
         assert d < 1e-4, (name, d)
 
