@@ -20,10 +20,13 @@
  *                   decay, kk, k', the WKV state update and read-out, ln_x, the bonus (about
  *                   25 small torch ops per layer otherwise, each a few microseconds of
  *                   dispatch for a few KB of data).
+ *   rf_topp_cutoff  the sampler's nucleus (top-p) cutoff of each row of probabilities without
+ *                   sorting them (called by sampling.py; see its section below).
  *
- * The first two split the output columns, the last the (stream, head) pairs, over an OpenMP team (torch's own when torch is loaded, see
- * wkv_cpu.c): each thread streams its own slice of the weight. K, C must be multiples of 16
- * (the caller checks; every RWKV-7 width is a multiple of 64).
+ * The first two split the output columns, rf_wkv_step the (stream, head) pairs, rf_topp_cutoff
+ * the rows, over an OpenMP team (torch's own when torch is loaded, see wkv_cpu.c): each thread
+ * streams its own slice of the weight. K, C must be multiples of 16 (the caller checks; every
+ * RWKV-7 width is a multiple of 64).
  */
 #include <math.h>
 
@@ -205,6 +208,69 @@ int32_t rf_wkv_step(int64_t B, int64_t H, int64_t N, const float *S, float *S2, 
     for (int64_t i = 0; i < nthreads; i++)
         wkv_heads(H, N, S, S2, wr, k, a, v, r, k_k, k_a, r_k, lw, lb, eps, out,
                   BH * i / nthreads, BH * (i + 1) / nthreads);
+    return 0;
+}
+
+/* ---- the nucleus (top-p) cutoff without a sort ------------------------------------------ */
+
+/* The sampler's nucleus cut (sampling.filter_probs_ref): sort the probabilities descending,
+ * take the first position where their running sum (torch.cumsum: double accumulation, each
+ * prefix rounded to fp32) reaches top_p, and keep every probability >= the value there. On a
+ * flat distribution the nucleus holds half of a 65536-token vocabulary, and the full sort
+ * costs more than the decode step's head. Here the same value is found by a three-level
+ * radix select on the fp32 bit patterns (non-negative floats order as their bits): 11, 10,
+ * then 10 bits, each level a histogram of probability mass walked from the top; the last
+ * level's buckets are single values, so a tie group is summed whole, as the sorted prefix
+ * sums reach its end. The sums match the sort's exactly: every value added is >= 2^-29 and
+ * shares its bucket's exponent, so each double sum (< 2, multiples of 2^-52) is exact in any
+ * order. Where that does not hold (the cut falls below 2^-29, the mass never reaches top_p,
+ * a NaN) the row's cut is -1: the caller sorts that row. */
+#define TOPP_MIN_BITS 0x31000000u /* 2^-29 */
+
+static int topp_walk(const double *mass, int n, double *acc, float top_p) {
+    for (int i = n - 1; i >= 0; i--) {
+        if (mass[i] == 0) continue;
+        if ((float)(*acc + mass[i]) >= top_p) return i;
+        *acc += mass[i];
+    }
+    return -1;
+}
+
+static float topp_row(const float *p, int64_t V, float top_p) {
+    const uint32_t *u = (const uint32_t *)p;
+    double m1[2048] = {0}, m2[1024] = {0}, m3[1024] = {0}, acc = 0;
+    for (int64_t i = 0; i < V; i++) {
+        if (u[i] > 0x7f800000u) return -1.f; /* NaN, or a negative value */
+        m1[u[i] >> 20] += p[i];
+    }
+    const int b1 = topp_walk(m1, 2048, &acc, top_p);
+    if (b1 < 0 || ((uint32_t)b1 << 20) < TOPP_MIN_BITS) return -1.f;
+    for (int64_t i = 0; i < V; i++)
+        if ((u[i] >> 20) == (uint32_t)b1) m2[(u[i] >> 10) & 1023] += p[i];
+    const int b2 = topp_walk(m2, 1024, &acc, top_p);
+    if (b2 < 0) return -1.f; /* unreachable: the bucket's mass crossed */
+    const uint32_t hi = ((uint32_t)b1 << 10) | (uint32_t)b2;
+    for (int64_t i = 0; i < V; i++)
+        if ((u[i] >> 10) == hi) m3[u[i] & 1023] += p[i];
+    const int b3 = topp_walk(m3, 1024, &acc, top_p);
+    if (b3 < 0) return -1.f;
+    const uint32_t bits = (hi << 10) | (uint32_t)b3;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* probs (B,V) fp32 rows, top_p (B,) -> cut (B,): the nucleus cutoff value of each row (keep
+ * probs >= cut), or -1 where the row needs the sort (see above). Rows over an OpenMP team. */
+int32_t rf_topp_cutoff(int64_t B, int64_t V, const float *probs, const float *top_p, float *cut,
+                       int64_t nthreads) {
+    if (B < 1 || V < 1) return -1;
+    if (nthreads > B) nthreads = B;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t b = 0; b < B; b++) cut[b] = topp_row(probs + b * V, V, top_p[b]);
     return 0;
 }
 
