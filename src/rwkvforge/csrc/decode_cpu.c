@@ -80,6 +80,142 @@ int32_t rf_gemv_bf16(int64_t B, int64_t N, int64_t K, const uint16_t *W, const f
     return 0;
 }
 
+/* ---- bf16 GEMV / small GEMM over the packed layout ----------------------------------------- */
+
+/* W (N,K) packed as P (N/16, K/2, 16, 2) bf16: block nb holds output rows nb*16..nb*16+15,
+ * and its 64-byte line kp holds W[n, 2kp] and W[n, 2kp+1] for those 16 rows side by side.
+ * One line read as 16 uint32 lanes gives two fp32 vectors exactly (the even k: the low half
+ * shifted up; the odd k: the high half masked), which multiply two broadcast activations of
+ * every row: no horizontal sums, each weight byte read once in one sequential stream per
+ * thread for all B rows, the activations stay fp32 (as rf_gemv_bf16; torch's bf16 GEMM
+ * rounds them to bf16). */
+typedef v16u v16uu __attribute__((aligned(4))); /* unaligned access */
+
+ALWAYS_INLINE v16 bits_f(v16u u) {
+    v16 f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* n-blocks nb0..nb1 for a compile-time row count B (the accumulators stay in registers) */
+ALWAYS_INLINE void gemm_p_blocks(const int B, int64_t N, int64_t K, const uint32_t *P,
+                                 const float *x, float *y, int64_t nb0, int64_t nb1) {
+    const int64_t K2 = K / 2;
+    for (int64_t nb = nb0; nb < nb1; nb++) {
+        const uint32_t *p = P + nb * K2 * 16;
+        v16 acc[16], acc2[16];
+        for (int b = 0; b < B; b++) acc[b] = acc2[b] = (v16){0};
+        for (int64_t kp = 0; kp < K2; kp++) {
+            const v16u w = *(const v16uu *)(p + kp * 16);
+            const v16 we = bits_f(w << 16), wo = bits_f(w & 0xffff0000u);
+            for (int b = 0; b < B; b++) {
+                const float *xb = x + b * K + 2 * kp;
+                if (B <= 4) { /* few rows: two independent FMA chains each */
+                    acc[b] += we * bcast(xb[0]);
+                    acc2[b] += wo * bcast(xb[1]);
+                } else {
+                    acc[b] += we * bcast(xb[0]) + wo * bcast(xb[1]);
+                }
+            }
+        }
+        for (int b = 0; b < B; b++)
+            *(v16fu *)(y + b * N + nb * 16) = B <= 4 ? acc[b] + acc2[b] : acc[b];
+    }
+}
+
+#define GEMM_P_CASE(n) case n: gemm_p_blocks(n, N, K, P, x, y, nb0, nb1); break;
+CLONES static void gemm_p(int64_t B, int64_t N, int64_t K, const uint32_t *P, const float *x,
+                          float *y, int64_t nb0, int64_t nb1) {
+    switch (B) {
+        GEMM_P_CASE(1) GEMM_P_CASE(2) GEMM_P_CASE(3) GEMM_P_CASE(4) GEMM_P_CASE(5)
+        GEMM_P_CASE(6) GEMM_P_CASE(7) GEMM_P_CASE(8) GEMM_P_CASE(9) GEMM_P_CASE(10)
+        GEMM_P_CASE(11) GEMM_P_CASE(12) GEMM_P_CASE(13) GEMM_P_CASE(14) GEMM_P_CASE(15)
+        GEMM_P_CASE(16)
+    }
+}
+
+/* The same product with the activations rounded to bf16 (as torch's bf16 GEMM does), on CPUs
+ * with AVX512-BF16: one vdpbf16ps multiplies a packed line by a row's broadcast (k, k+1)
+ * activation pair and adds both products, 32 multiply-adds an instruction where the fp32 form
+ * above does 16 and spends two more on widening. With 8 and more rows the fp32 form is bound
+ * by its multiply-adds, this one by the bytes read. xp: the rows' bf16 activations as (k, k+1)
+ * pairs, pair-major (K/2, B): one line of them per kp, read at fixed offsets from one pointer. */
+#if defined(__x86_64__) && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || \
+                             (defined(__clang__) && __clang_major__ >= 14))
+#include <immintrin.h>
+#define RF_HAVE_DPBF16 1
+#define DPBF16_TARGET __attribute__((target("avx512f,avx512bf16")))
+
+DPBF16_TARGET ALWAYS_INLINE void gemm_dp_blocks(const int B, int64_t N, int64_t K,
+                                                const uint32_t *P, const uint32_t *xp, float *y,
+                                                int64_t nb0, int64_t nb1) {
+    const int64_t K2 = K / 2;
+    for (int64_t nb = nb0; nb < nb1; nb++) {
+        const uint32_t *p = P + nb * K2 * 16;
+        __m512 acc[16];
+        for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t kp = 0; kp < K2; kp++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(p + kp * 16));
+            for (int b = 0; b < B; b++)
+                acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)w,
+                                          (__m512bh)_mm512_set1_epi32((int)xp[kp * B + b]));
+        }
+        for (int b = 0; b < B; b++) _mm512_storeu_ps(y + b * N + nb * 16, acc[b]);
+    }
+}
+
+#define GEMM_DP_CASE(n) case n: gemm_dp_blocks(n, N, K, P, xp, y, nb0, nb1); break;
+DPBF16_TARGET static void gemm_dp(int64_t B, int64_t N, int64_t K, const uint32_t *P,
+                                  const uint32_t *xp, float *y, int64_t nb0, int64_t nb1) {
+    switch (B) {
+        GEMM_DP_CASE(1) GEMM_DP_CASE(2) GEMM_DP_CASE(3) GEMM_DP_CASE(4) GEMM_DP_CASE(5)
+        GEMM_DP_CASE(6) GEMM_DP_CASE(7) GEMM_DP_CASE(8) GEMM_DP_CASE(9) GEMM_DP_CASE(10)
+        GEMM_DP_CASE(11) GEMM_DP_CASE(12) GEMM_DP_CASE(13) GEMM_DP_CASE(14) GEMM_DP_CASE(15)
+        GEMM_DP_CASE(16)
+    }
+}
+#endif
+
+/* 1 when rf_gemm_bf16p can take bf16 activations (this CPU has AVX512-BF16), else 0 */
+int32_t rf_gemm_bf16p_dp(void) {
+#ifdef RF_HAVE_DPBF16
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* y (B,N) fp32 = x (B,K) @ W^T, W packed (see above). N % 16 == 0, K even, B <= 16. x: fp32
+ * (B,K) when xbf16 is 0, else bf16 pairs (K/2, B) (see gemm_dp_blocks) on a CPU where
+ * rf_gemm_bf16p_dp() is 1. */
+int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const void *x,
+                      int64_t xbf16, float *y, int64_t nthreads) {
+    if (B < 1 || B > MAXB || N % 16 || K % 2) return -1;
+#ifdef RF_HAVE_DPBF16
+    if (xbf16 && !rf_gemm_bf16p_dp()) return -1;
+#else
+    if (xbf16) return -1;
+#endif
+    const int64_t NB = N / 16;
+    if (nthreads > NB) nthreads = NB;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t i = 0; i < nthreads; i++) {
+        const int64_t nb0 = NB * i / nthreads, nb1 = NB * (i + 1) / nthreads;
+#ifdef RF_HAVE_DPBF16
+        if (xbf16) {
+            gemm_dp(B, N, K, (const uint32_t *)P, (const uint32_t *)x, y, nb0, nb1);
+            continue;
+        }
+#endif
+        gemm_p(B, N, K, (const uint32_t *)P, (const float *)x, y, nb0, nb1);
+    }
+    return 0;
+}
+
 /* columns c0..c1 (multiples of 16) of y += sum_j a[b,j] WT[j, :] over the listed channels */
 CLONES static void ffn_cols(int64_t B, int64_t C, int64_t bf16, const void *WT,
                             const float *act, const int32_t *nz, int64_t nnz, float *y,

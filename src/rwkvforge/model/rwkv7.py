@@ -410,6 +410,15 @@ class RWKV7(nn.Module):
             xq = torch.round(xs / sx).to(torch.int8)
             y = torch._int_mm(xq, q.t()).float().mul_(sx).mul_(scale)
             return y.view(*shape[:-1], -1).to(x.dtype)
+        if mode == torch.bfloat16 and rows <= decode.MAX_ROWS and w.dtype != torch.bfloat16:
+            # decode: the packed bf16 copy, read once for all rows (model/decode.gemm_bf16p);
+            # activations fp32 up to 7 rows, bf16 (as the GEMM below) from 8
+            packed = self._lowp_weight(w, "bf16p")[0]
+            shape = x.shape
+            y = None if packed is None else decode.gemm_bf16p(
+                x.reshape(-1, shape[-1]), packed, bf16_rows=rows > 7)
+            if y is not None:
+                return y.view(*shape[:-1], -1)
         if rows > (64 if mode == torch.int8 else 7):  # many rows: bf16 GEMM (AMX / AVX512-BF16)
             if w.dtype == torch.bfloat16:
                 return mod(x)
@@ -445,6 +454,8 @@ class RWKV7(nn.Module):
             wd = w.detach().contiguous()  # (out, in) rows, whatever layout the weight has
             if kind == "bf16":
                 data = (wd.to(torch.bfloat16),)
+            elif kind == "bf16p":  # decode's packed layout (None: a shape it does not take)
+                data = (decode.pack_bf16(wd),)
             elif kind == "fbgemm":
                 data = (_fbgemm_pack(wd.float()),)
             else:  # symmetric per-output-channel int8; scale in bf16 as the kernel expects
