@@ -106,6 +106,34 @@ def test_sparse_channel_mix_equals_the_dense_product(dtype, B):
         assert torch.equal(decode.ffn_sparse(-k.abs(), wt), torch.zeros(B, C))
 
 
+@needs_kernel
+def test_sparse_channel_mix_hands_a_dense_activation_to_the_dense_product():
+    """Past max_density the kernel reads nothing and `dense` gets relu(k)^2; below it the
+    rows are read sparsely and `dense` is not called."""
+    g = torch.Generator().manual_seed(7)
+    F_, C = 256, 64
+    wt = torch.randn(F_, C, generator=g).bfloat16()
+    calls = []
+
+    def dense(a):
+        calls.append(a.clone())
+        return a @ wt.float()
+
+    for on, want_calls in ((0.9, 1), (0.1, 0)):
+        k = torch.randn(1, F_, generator=g).abs() + 0.1
+        k[:, int(F_ * on):] = -1.0  # channels on: the first `on` fraction
+        a = torch.relu(k).square()
+        calls.clear()
+        decode.STATS.clear()
+        with torch.no_grad():
+            y = decode.ffn_sparse(k.clone(), wt, 0.4, dense)
+        assert len(calls) == want_calls
+        if want_calls:
+            assert torch.equal(calls[0], a)
+        assert decode.STATS["read"] == (F_ if want_calls else int(F_ * on))
+        torch.testing.assert_close(y, a @ wt.float(), atol=1e-4, rtol=1e-5)
+
+
 def test_step_with_the_sparse_channel_mix_equals_the_dense_step(tiny_model):
     """Exact mode: the sparse channel-mix changes only the fp32 summation order."""
     V = tiny_model.config.vocab_size

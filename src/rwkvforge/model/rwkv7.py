@@ -501,14 +501,19 @@ class RWKV7(nn.Module):
         With `sparse_ffn` and at most decode.SPARSE_MAX_ROWS rows, the C kernel reads only the
         rows of a transposed copy of the weight (fp32 exact mode, bf16 with infer_dtype bf16) for
         channels that are non-zero after ReLU^2: exact, in fewer bytes (~half in a random
-        model, most in a trained one). int8 mode keeps its int8 GEMV (fewer bytes still)."""
+        model, most in a trained one); in bf16 mode only below decode.SPARSE_MAX_DENSITY (above
+        it the dense packed product is faster). int8 mode keeps its int8 GEMV."""
         mode, w = self.infer_dtype, value.weight
         if self.sparse_ffn and mode is not torch.int8 and k.dtype == torch.float32 \
                 and k.device.type == "cpu" and type(value) is nn.Linear \
                 and k.shape[0] <= decode.SPARSE_MAX_ROWS:
             kind = "bf16T" if mode == torch.bfloat16 or w.dtype == torch.bfloat16 else "fp32T"
             if w.dtype in (torch.float32, torch.bfloat16) and decode.available():
-                y = decode.ffn_sparse(k, self._lowp_weight(w, kind)[0])
+                # bf16: past SPARSE_MAX_DENSITY the dense packed product is faster (measured
+                # there; the exact mode's fp32 rows are read sparsely at any density)
+                dense = (lambda act: self._lin(act, value)) if mode == torch.bfloat16 else None
+                y = decode.ffn_sparse(k, self._lowp_weight(w, kind)[0],
+                                      decode.SPARSE_MAX_DENSITY, dense)
                 if y is not None:
                     return y
         return self._lin(torch.relu(k).square_(), value)
