@@ -260,11 +260,12 @@ class RWKV7(nn.Module):
         # Inference speed knob (no_grad calls only; training never sees it):
         #   None           every matmul in the weights' own dtype: exact (parity tests use this)
         #   torch.bfloat16 the big Linears and the head run on cached bf16 copies: calls with
-        #                  >= 8 rows (batched decode, prefill) as bf16 GEMMs (~2-4x faster on
-        #                  CPUs with AMX / AVX512-BF16), up to 7 rows (decode) through the C
-        #                  GEMV of model/decode.py (half the bytes of fp32 at fp32's bandwidth;
-        #                  torch's own bf16 GEMV runs at about half of it); +50% weight
-        #                  memory; ~0.5% of the max |logit| error (the gate: docs/inference.md)
+        #                  > 16 rows (prefill) as bf16 GEMMs (~2-4x faster on CPUs with AMX /
+        #                  AVX512-BF16), up to 16 rows (decode) through model/decode.gemm_bf16p
+        #                  over a packed copy (half the bytes of fp32, read once for all rows;
+        #                  fp32 activations up to 7 rows, bf16 ones from 8 as the GEMMs);
+        #                  +50% weight memory (+100% with both copies in use); ~0.5% of the
+        #                  max |logit| error (the gate: docs/inference.md)
         #   torch.int8     as bf16 above 64 rows; up to 64 rows (decode, single or batched)
         #                  the big Linears and the head use cached per-output-channel int8
         #                  weights through fbgemm's dynamic W8A8 kernel
