@@ -5,8 +5,9 @@
     python bench/serve_bench.py --clients 8              # one client count only
     python bench/serve_bench.py --model models/base/rwkv7-0.1b-shape.pth --requests 2
 
-Each server runs alone on 127.0.0.1 (started here as a subprocess, stopped afterwards) and
-gets the same load at each client count (--clients, default 1 and 8): that many concurrent
+Both servers run on 127.0.0.1 (started here as subprocesses, stopped afterwards; the one not
+being measured sits idle), measured back to back at each client count, and each gets the same
+load at each client count (--clients, default 1 and 8): that many concurrent
 clients, each sending the same list of prompts to /v1/completions with the same sampling
 settings. Printed per server and client count: aggregate completion
 tokens/s (sum of `usage.completion_tokens` over the wall time of the run, non-streaming
@@ -29,6 +30,7 @@ run stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -295,52 +297,56 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs", flush=True)
     results: dict[int, dict[str, dict]] = {c: {} for c in counts}
 
-    port = free_port()
-    proc = start_ours(args.model, port, batch)
-    try:
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[str, subprocess.Popen]] = {}
+        port = free_port()
+        proc = start_ours(args.model, port, batch)
+        stack.callback(stop, proc)
         wait_ready(f"http://127.0.0.1:{port}/health", proc)
+        servers["rwkvforge serve"] = (f"http://127.0.0.1:{port}", proc)
+        if not args.ours_only:
+            model_dir = convert_for_rwkvserve(
+                args.model, Path(stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="rwkvserve-model-"))))
+            problems = check_rwkvserve_load(str(Path(args.venv) / "bin" / "python"), model_dir)
+            if problems:
+                print("rwkvserve does not load this checkpoint completely (it would silently "
+                      "use random weights):\n  " + "\n  ".join(problems))
+                return 1
+            print("rwkvserve: converted (config.json + model.pth); every parameter loaded from "
+                  "the file", flush=True)
+            port = free_port()
+            peer = start_rwkvserve(str(exe), model_dir, port, batch)
+            stack.callback(stop, peer)
+            servers["rwkvserve"] = (f"http://127.0.0.1:{port}", peer)
+        # both servers up (idle while the other is measured); at each client count they run
+        # back to back, so a change in the machine's load between counts hits both alike
         for c in counts:
-            results[c]["rwkvforge serve"] = run_load(f"http://127.0.0.1:{port}", "bench", c,
-                                                     args.requests, args.max_tokens)
-            print(f"rwkvforge serve, {c} clients: {results[c]['rwkvforge serve']}", flush=True)
-        chat = {name: run_chat(f"http://127.0.0.1:{port}", "bench", batch,
-                               args.requests, args.max_tokens, schema)
+            for name, (url, p) in servers.items():
+                try:
+                    if name == "rwkvserve" and c == counts[0]:
+                        wait_ready(f"{url}/health", p)
+                    results[c][name] = run_load(url, "bench", c, args.requests, args.max_tokens)
+                except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not raised
+                    if name != "rwkvserve":
+                        raise
+                    err = p.stderr.read()[-2000:] if p.poll() is not None and p.stderr else ""
+                    print(f"rwkvserve run failed: {e}\n{err}")
+                    return 1
+                print(f"{name}, {c} clients: {results[c][name]} (load average "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
+        url = servers["rwkvforge serve"][0]
+        chat = {name: run_chat(url, "bench", batch, args.requests, args.max_tokens, schema)
                 for name, schema in (("chat", None), ("chat + json_schema", SCHEMA))}
-    finally:
-        stop(proc)
     print(f"\n{f'rwkvforge serve, {batch} clients':<30} {'tok/s (aggregate)':>18} "
           f"{'tokens/request':>15}")
     for name, r in chat.items():
         print(f"{name:<30} {r['tok_s']:>18.1f} {r['tokens_per_request']:>15.1f}"
               + (f"   valid JSON {r['valid_json']}/{r['requests']}" if "json" in name else ""))
     cost = chat["chat + json_schema"]["tok_s"] / chat["chat"]["tok_s"]
-    print(f"constrained decoding: {cost:.2f}x the unconstrained tokens/s\n", flush=True)
+    print(f"constrained decoding: {cost:.2f}x the unconstrained tokens/s", flush=True)
     if args.ours_only:
         return 0
-
-    with tempfile.TemporaryDirectory(prefix="rwkvserve-model-") as td:
-        model_dir = convert_for_rwkvserve(args.model, Path(td))
-        problems = check_rwkvserve_load(str(Path(args.venv) / "bin" / "python"), model_dir)
-        if problems:
-            print("rwkvserve does not load this checkpoint completely (it would silently use "
-                  "random weights):\n  " + "\n  ".join(problems))
-            return 1
-        print("rwkvserve: converted (config.json + model.pth); every parameter loaded from "
-              "the file", flush=True)
-        port = free_port()
-        proc = start_rwkvserve(str(exe), model_dir, port, batch)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", proc)
-            for c in counts:
-                results[c]["rwkvserve"] = run_load(f"http://127.0.0.1:{port}", "bench", c,
-                                                   args.requests, args.max_tokens)
-                print(f"rwkvserve, {c} clients: {results[c]['rwkvserve']}", flush=True)
-        except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not raised
-            err = proc.stderr.read()[-2000:] if proc.poll() is not None and proc.stderr else ""
-            print(f"rwkvserve run failed: {e}\n{err}")
-            return 1
-        finally:
-            stop(proc)
 
     print()
     print(f"{'server':<18} {'clients':>7} {'tok/s (aggregate)':>18} {'tokens/request':>15} "
