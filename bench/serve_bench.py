@@ -1,19 +1,22 @@
 """Serving speed: `rwkvforge serve` vs `rwkvserve` (PyPI) on CPU, same model, same prompts.
 
     python -m venv /tmp/vbench2 && /tmp/vbench2/bin/pip install -c /tmp/c.txt torch==2.13.0 rwkvserve==0.1.0
-    python bench/serve_bench.py                          # the demo model, 8 clients
+    python bench/serve_bench.py                          # the demo model, 1 and 8 clients
+    python bench/serve_bench.py --clients 8              # one client count only
     python bench/serve_bench.py --model models/base/rwkv7-0.1b-shape.pth --requests 2
 
-Each server runs alone on 127.0.0.1 (started here as a subprocess, stopped afterwards) and
-gets the same load: 8 concurrent clients, each sending the same list of prompts to
-/v1/completions with the same sampling settings. Printed per server: aggregate completion
+Both servers run on 127.0.0.1 (started here as subprocesses, stopped afterwards; the one not
+being measured sits idle), measured back to back at each client count, and each gets the same
+load at each client count (--clients, default 1 and 8): that many concurrent
+clients, each sending the same list of prompts to /v1/completions with the same sampling
+settings. Printed per server and client count: aggregate completion
 tokens/s (sum of `usage.completion_tokens` over the wall time of the run, non-streaming
 requests) and median time-to-first-token (streaming requests, time until the first
 non-empty text chunk), then the ratios. Known rwkvserve 0.1.0 quirks, measured around: it
 ignores `max_tokens` on /v1/completions (always 100 new tokens: the handler passes
 "max_new_tokens", the engine reads "max_tokens"), and its completion stream is bare JSON
-objects without SSE "data: " lines. Targets (issue 7): tokens/s >= 1.5x, median TTFT
-no worse.
+objects without SSE "data: " lines. Targets (issue 26): tokens/s >= 3x at 8 clients and
+>= 1.5x at 1 client; median TTFT no worse.
 
 rwkvserve reads a model *directory* (config.json + model.pth) and loads weights with
 strict=False, silently keeping random values for any key it does not know, defaults the
@@ -27,6 +30,7 @@ run stops.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -259,7 +263,9 @@ def start_rwkvserve(exe: str, model_dir: Path, port: int, batch: int) -> subproc
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "base" / "rwkv7-tiny-demo.pth"))
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", default="1,8",
+                    help="concurrent client counts, comma-separated; each server is measured at "
+                         "each (its max batch: the largest)")
     ap.add_argument("--requests", type=int, default=3, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=100,
                     help="100: rwkvserve 0.1.0 ignores max_tokens on /v1/completions and "
@@ -277,66 +283,87 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.venv} && {args.venv}/bin/pip install -c /tmp/c.txt torch==2.13.0 "
               "rwkvserve==0.1.0", file=sys.stderr)
         return 2
-    print(f"model {args.model}; {args.clients} clients x {args.requests} requests, "
+    try:
+        counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        print(f"error: --clients {args.clients!r}: give client counts >= 1, e.g. 1,8",
+              file=sys.stderr)
+        return 2
+    batch = max(counts)
+    print(f"model {args.model}; {','.join(map(str, counts))} clients x {args.requests} requests, "
           f"max_tokens {args.max_tokens}; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs", flush=True)
-    results: dict[str, dict] = {}
+    results: dict[int, dict[str, dict]] = {c: {} for c in counts}
 
-    port = free_port()
-    proc = start_ours(args.model, port, args.clients)
-    try:
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, tuple[str, subprocess.Popen]] = {}
+        port = free_port()
+        proc = start_ours(args.model, port, batch)
+        stack.callback(stop, proc)
         wait_ready(f"http://127.0.0.1:{port}/health", proc)
-        results["rwkvforge serve"] = run_load(f"http://127.0.0.1:{port}", "bench",
-                                              args.clients, args.requests, args.max_tokens)
-        print(f"rwkvforge serve: {results['rwkvforge serve']}", flush=True)
-        chat = {name: run_chat(f"http://127.0.0.1:{port}", "bench", args.clients,
-                               args.requests, args.max_tokens, schema)
+        servers["rwkvforge serve"] = (f"http://127.0.0.1:{port}", proc)
+        if not args.ours_only:
+            model_dir = convert_for_rwkvserve(
+                args.model, Path(stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="rwkvserve-model-"))))
+            problems = check_rwkvserve_load(str(Path(args.venv) / "bin" / "python"), model_dir)
+            if problems:
+                print("rwkvserve does not load this checkpoint completely (it would silently "
+                      "use random weights):\n  " + "\n  ".join(problems))
+                return 1
+            print("rwkvserve: converted (config.json + model.pth); every parameter loaded from "
+                  "the file", flush=True)
+            port = free_port()
+            peer = start_rwkvserve(str(exe), model_dir, port, batch)
+            stack.callback(stop, peer)
+            servers["rwkvserve"] = (f"http://127.0.0.1:{port}", peer)
+        # both servers up (idle while the other is measured); at each client count they run
+        # back to back, so a change in the machine's load between counts hits both alike
+        for c in counts:
+            for name, (url, p) in servers.items():
+                try:
+                    if name == "rwkvserve" and c == counts[0]:
+                        wait_ready(f"{url}/health", p)
+                    results[c][name] = run_load(url, "bench", c, args.requests, args.max_tokens)
+                except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not raised
+                    if name != "rwkvserve":
+                        raise
+                    err = p.stderr.read()[-2000:] if p.poll() is not None and p.stderr else ""
+                    print(f"rwkvserve run failed: {e}\n{err}")
+                    return 1
+                print(f"{name}, {c} clients: {results[c][name]} (load average "
+                      f"{os.getloadavg()[0]:.1f})", flush=True)
+        url = servers["rwkvforge serve"][0]
+        chat = {name: run_chat(url, "bench", batch, args.requests, args.max_tokens, schema)
                 for name, schema in (("chat", None), ("chat + json_schema", SCHEMA))}
-    finally:
-        stop(proc)
-    print(f"\n{'rwkvforge serve':<22} {'tok/s (aggregate)':>18} {'tokens/request':>15}")
+    print(f"\n{f'rwkvforge serve, {batch} clients':<30} {'tok/s (aggregate)':>18} "
+          f"{'tokens/request':>15}")
     for name, r in chat.items():
-        print(f"{name:<22} {r['tok_s']:>18.1f} {r['tokens_per_request']:>15.1f}"
+        print(f"{name:<30} {r['tok_s']:>18.1f} {r['tokens_per_request']:>15.1f}"
               + (f"   valid JSON {r['valid_json']}/{r['requests']}" if "json" in name else ""))
     cost = chat["chat + json_schema"]["tok_s"] / chat["chat"]["tok_s"]
-    print(f"constrained decoding: {cost:.2f}x the unconstrained tokens/s\n", flush=True)
+    print(f"constrained decoding: {cost:.2f}x the unconstrained tokens/s", flush=True)
     if args.ours_only:
         return 0
 
-    with tempfile.TemporaryDirectory(prefix="rwkvserve-model-") as td:
-        model_dir = convert_for_rwkvserve(args.model, Path(td))
-        problems = check_rwkvserve_load(str(Path(args.venv) / "bin" / "python"), model_dir)
-        if problems:
-            print("rwkvserve does not load this checkpoint completely (it would silently use "
-                  "random weights):\n  " + "\n  ".join(problems))
-            return 1
-        print("rwkvserve: converted (config.json + model.pth); every parameter loaded from "
-              "the file", flush=True)
-        port = free_port()
-        proc = start_rwkvserve(str(exe), model_dir, port, args.clients)
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/health", proc)
-            results["rwkvserve"] = run_load(f"http://127.0.0.1:{port}", "bench", args.clients,
-                                            args.requests, args.max_tokens)
-        except Exception as e:  # noqa: BLE001 - a peer's failure is reported, not raised
-            err = proc.stderr.read()[-2000:] if proc.poll() is not None and proc.stderr else ""
-            print(f"rwkvserve run failed: {e}\n{err}")
-            return 1
-        finally:
-            stop(proc)
-    print(f"rwkvserve: {results['rwkvserve']}", flush=True)
-
-    a, b = results["rwkvforge serve"], results["rwkvserve"]
     print()
-    print(f"{'server':<18} {'tok/s (aggregate)':>18} {'tokens/request':>15} {'median TTFT':>12}")
-    for name, r in results.items():
-        print(f"{name:<18} {r['tok_s']:>18.1f} {r['tokens_per_request']:>15.1f} "
-              f"{r['ttft_median_s'] * 1000:>10.0f}ms")
-    ratio = a["tok_s"] / b["tok_s"] if b["tok_s"] else float("inf")
-    print(f"\nthroughput ratio rwkvforge / rwkvserve: {ratio:.2f}x (target >= 1.5x: "
-          f"{'ok' if ratio >= 1.5 else 'BELOW'})")
-    print(f"median TTFT: {a['ttft_median_s'] * 1000:.0f} ms vs {b['ttft_median_s'] * 1000:.0f} ms "
-          f"({'ok' if a['ttft_median_s'] <= b['ttft_median_s'] else 'WORSE'})")
+    print(f"{'server':<18} {'clients':>7} {'tok/s (aggregate)':>18} {'tokens/request':>15} "
+          f"{'median TTFT':>12}")
+    for c in counts:
+        for name, r in results[c].items():
+            print(f"{name:<18} {c:>7} {r['tok_s']:>18.1f} {r['tokens_per_request']:>15.1f} "
+                  f"{r['ttft_median_s'] * 1000:>10.0f}ms")
+    print()
+    for c in counts:
+        a, b = results[c]["rwkvforge serve"], results[c]["rwkvserve"]
+        ratio = a["tok_s"] / b["tok_s"] if b["tok_s"] else float("inf")
+        target = 1.5 if c == 1 else 3.0
+        print(f"{c} clients: throughput rwkvforge / rwkvserve {ratio:.2f}x (target >= "
+              f"{target:.1f}x: {'ok' if ratio >= target else 'BELOW'}); median TTFT "
+              f"{a['ttft_median_s'] * 1000:.0f} ms vs {b['ttft_median_s'] * 1000:.0f} ms "
+              f"({'ok' if a['ttft_median_s'] <= b['ttft_median_s'] else 'WORSE'})")
     return 0
 
 

@@ -60,6 +60,57 @@ def test_wide_nucleus_falls_back_to_full_sort():
     assert (fast[0] > 0).sum() > 4000
 
 
+def _sorted_cutoff(probs: torch.Tensor, top_p: float) -> float:
+    """filter_probs_ref's nucleus cutoff, by its full sort."""
+    desc = torch.sort(probs, descending=True).values
+    reached = (torch.cumsum(desc, 0) >= top_p).nonzero()
+    return float(desc[int(reached[0]) if len(reached) else len(desc) - 1])
+
+
+@pytest.mark.parametrize("scale,ties", [(0.01, False), (0.5, False), (3.0, False), (20.0, False),
+                                        (1.0, True), (4.0, True)])
+def test_topp_cutoff_without_sort_is_the_sorted_cutoff(scale, ties):
+    """The radix-select cutoff (C) is the very value the full sort gives, on a World-sized
+    vocabulary, flat to peaked, and with large groups of tied probabilities (rounded logits:
+    a few distinct values), for nuclei from one token to nearly all of them."""
+    from rwkvforge import sampling
+
+    logits = torch.randn(4, 65536, generator=torch.Generator().manual_seed(int(scale * 7))) * scale
+    if ties:
+        logits = logits.round()
+    probs = torch.softmax(logits, dim=-1)
+    lib = sampling._lib()
+    for tp in (0.0, 1e-6, 0.3, 0.85, 0.95, 0.999, 0.99999):
+        top_p = torch.full((4,), tp)
+        got = sampling._topp_cutoff(probs, top_p)
+        want = [_sorted_cutoff(probs[b], tp) for b in range(4)]
+        assert got.tolist() == want, (scale, ties, tp)
+        assert sampling._topp_cutoff_torch(probs, top_p).tolist() == want
+        if lib is not None and tp <= 0.95:  # the kernel itself answered (no sort fallback)
+            raw = torch.empty(4)
+            assert lib.rf_topp_cutoff(4, 65536, probs.data_ptr(), top_p.data_ptr(),
+                                      raw.data_ptr(), 2) == 0
+            assert raw.tolist() == want
+
+
+def test_topp_cutoff_in_the_tiny_tail_sorts_that_row():
+    """A cut among probabilities below 2^-29 (where the kernel's exact sums end) is found by
+    the sort for that row only; the other rows keep the kernel's answer."""
+    from rwkvforge import sampling
+
+    logits = torch.randn(2, 4096, generator=torch.Generator().manual_seed(5))
+    logits[0, 0] = 22.0  # one token holds all but ~2e-6 of the mass, spread ~5e-10 a token
+    probs = torch.softmax(logits, dim=-1)
+    top_p = torch.tensor([1.0 - 2 ** -24, 0.85])
+    got = sampling._topp_cutoff(probs, top_p)
+    assert got.tolist() == [_sorted_cutoff(probs[b], float(top_p[b])) for b in range(2)]
+    lib = sampling._lib()
+    if lib is not None:
+        raw = torch.empty(2)
+        lib.rf_topp_cutoff(2, 4096, probs.data_ptr(), top_p.data_ptr(), raw.data_ptr(), 1)
+        assert raw[0] == -1 and raw[1] == got[1]
+
+
 def test_sample_batch_matches_reference_tokens():
     B = 16
     logits = _rand_logits(B, seed=3)

@@ -45,6 +45,43 @@ def test_gemv_bf16_declines_what_it_does_not_take():
 
 
 @needs_kernel
+@pytest.mark.parametrize("B,N,K", [(1, 48, 64), (4, 96, 34), (7, 32, 256), (8, 64, 128),
+                                   (16, 80, 96), (13, 16, 2)])
+def test_packed_bf16_product_is_the_product_of_the_bf16_weight(B, N, K):
+    """gemm_bf16p over pack_bf16's layout: with fp32 activations, the fp32 product of the
+    bf16 weight (within fp32 summation error); with bf16 activations (8+ rows, AVX512-BF16),
+    the product of both rounded to bf16, as torch's bf16 GEMM computes it."""
+    g = torch.Generator().manual_seed(B * N + K)
+    x = torch.randn(B, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    wb = w.bfloat16()
+    p = decode.pack_bf16(w)
+    assert p.shape == (N // 16, K // 2, 16, 2)
+    with torch.no_grad():
+        y = decode.gemm_bf16p(x, p)
+        y_dp = decode.gemm_bf16p(x, p, bf16_rows=True)
+    ref = x.double() @ wb.double().t()
+    assert y.shape == (B, N) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= _bound(x, wb.t().float()) + 1e-30).all()
+    xr = x.bfloat16() if decode.dp_available() else x
+    ref_dp = xr.double() @ wb.double().t()
+    assert ((y_dp.double() - ref_dp).abs() <= _bound(xr.float(), wb.t().float()) + 1e-30).all()
+    if decode.dp_available():  # the bf16 activations are used (not silently fp32)
+        assert not torch.equal(y_dp, y)
+
+
+@needs_kernel
+def test_packed_bf16_declines_what_it_does_not_take():
+    assert decode.pack_bf16(torch.randn(24, 32)) is None  # N not a multiple of 16
+    assert decode.pack_bf16(torch.randn(32, 33)) is None  # K odd
+    p = decode.pack_bf16(torch.randn(32, 48))
+    with torch.no_grad():
+        assert decode.gemm_bf16p(torch.randn(17, 48), p) is None  # more rows than MAX_ROWS
+        assert decode.gemm_bf16p(torch.randn(2, 64), p) is None  # K mismatch
+    assert decode.gemm_bf16p(torch.randn(1, 48, requires_grad=True), p) is None  # autograd
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B", [1, 5, 16])
 def test_sparse_channel_mix_equals_the_dense_product(dtype, B):
@@ -67,6 +104,34 @@ def test_sparse_channel_mix_equals_the_dense_product(dtype, B):
     torch.testing.assert_close(decode.torch_ffn_sparse(k, wt), y, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # no channel on: nothing read, zeros out
         assert torch.equal(decode.ffn_sparse(-k.abs(), wt), torch.zeros(B, C))
+
+
+@needs_kernel
+def test_sparse_channel_mix_hands_a_dense_activation_to_the_dense_product():
+    """Past max_density the kernel reads nothing and `dense` gets relu(k)^2; below it the
+    rows are read sparsely and `dense` is not called."""
+    g = torch.Generator().manual_seed(7)
+    F_, C = 256, 64
+    wt = torch.randn(F_, C, generator=g).bfloat16()
+    calls = []
+
+    def dense(a):
+        calls.append(a.clone())
+        return a @ wt.float()
+
+    for on, want_calls in ((0.9, 1), (0.1, 0)):
+        k = torch.randn(1, F_, generator=g).abs() + 0.1
+        k[:, int(F_ * on):] = -1.0  # channels on: the first `on` fraction
+        a = torch.relu(k).square()
+        calls.clear()
+        decode.STATS.clear()
+        with torch.no_grad():
+            y = decode.ffn_sparse(k.clone(), wt, 0.4, dense)
+        assert len(calls) == want_calls
+        if want_calls:
+            assert torch.equal(calls[0], a)
+        assert decode.STATS["read"] == (F_ if want_calls else int(F_ * on))
+        torch.testing.assert_close(y, a @ wt.float(), atol=1e-4, rtol=1e-5)
 
 
 def test_step_with_the_sparse_channel_mix_equals_the_dense_step(tiny_model):

@@ -8,7 +8,8 @@ the same results. They are:
 * ``trie_tokenizer``: the World tokenizer's greedy longest match (used by tokenizer.py);
 * ``wkv_cpu``: the RWKV-7 recurrence forward and backward on CPU (used by model/wkv.py);
 * ``softmax_cpu``: the training head's row softmax of bf16 logits (used by train.py);
-* ``decode_cpu``: the decode step's bf16 GEMV and sparse channel-mix (used by model/decode.py).
+* ``decode_cpu``: the decode step's bf16 GEMV and sparse channel-mix (used by model/decode.py),
+  and the sampler's top-p cutoff (used by sampling.py).
 
 The compiler is ``$CC`` (else ``cc``); the library goes to ``$XDG_CACHE_HOME/rwkvforge`` (else
 ``~/.cache/rwkvforge``) under a name hashing the source with the shared headers

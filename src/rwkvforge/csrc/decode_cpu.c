@@ -20,10 +20,13 @@
  *                   decay, kk, k', the WKV state update and read-out, ln_x, the bonus (about
  *                   25 small torch ops per layer otherwise, each a few microseconds of
  *                   dispatch for a few KB of data).
+ *   rf_topp_cutoff  the sampler's nucleus (top-p) cutoff of each row of probabilities without
+ *                   sorting them (called by sampling.py; see its section below).
  *
- * The first two split the output columns, the last the (stream, head) pairs, over an OpenMP team (torch's own when torch is loaded, see
- * wkv_cpu.c): each thread streams its own slice of the weight. K, C must be multiples of 16
- * (the caller checks; every RWKV-7 width is a multiple of 64).
+ * The first two split the output columns, rf_wkv_step the (stream, head) pairs, rf_topp_cutoff
+ * the rows, over an OpenMP team (torch's own when torch is loaded, see wkv_cpu.c): each thread
+ * streams its own slice of the weight. K, C must be multiples of 16 (the caller checks; every
+ * RWKV-7 width is a multiple of 64).
  */
 #include <math.h>
 
@@ -77,36 +80,185 @@ int32_t rf_gemv_bf16(int64_t B, int64_t N, int64_t K, const uint16_t *W, const f
     return 0;
 }
 
-/* columns c0..c1 (multiples of 16) of y += sum_j a[b,j] WT[j, :] over the listed channels */
+/* ---- bf16 GEMV / small GEMM over the packed layout ----------------------------------------- */
+
+/* W (N,K) packed as P (N/16, K/2, 16, 2) bf16: block nb holds output rows nb*16..nb*16+15,
+ * and its 64-byte line kp holds W[n, 2kp] and W[n, 2kp+1] for those 16 rows side by side.
+ * One line read as 16 uint32 lanes gives two fp32 vectors exactly (the even k: the low half
+ * shifted up; the odd k: the high half masked), which multiply two broadcast activations of
+ * every row: no horizontal sums, each weight byte read once in one sequential stream per
+ * thread for all B rows, the activations stay fp32 (as rf_gemv_bf16; torch's bf16 GEMM
+ * rounds them to bf16). */
+typedef v16u v16uu __attribute__((aligned(4))); /* unaligned access */
+
+ALWAYS_INLINE v16 bits_f(v16u u) {
+    v16 f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* n-blocks nb0..nb1 for a compile-time row count B (the accumulators stay in registers) */
+ALWAYS_INLINE void gemm_p_blocks(const int B, int64_t N, int64_t K, const uint32_t *P,
+                                 const float *x, float *y, int64_t nb0, int64_t nb1) {
+    const int64_t K2 = K / 2;
+    for (int64_t nb = nb0; nb < nb1; nb++) {
+        const uint32_t *p = P + nb * K2 * 16;
+        v16 acc[16], acc2[16];
+        for (int b = 0; b < B; b++) acc[b] = acc2[b] = (v16){0};
+        for (int64_t kp = 0; kp < K2; kp++) {
+            const v16u w = *(const v16uu *)(p + kp * 16);
+            const v16 we = bits_f(w << 16), wo = bits_f(w & 0xffff0000u);
+            for (int b = 0; b < B; b++) {
+                const float *xb = x + b * K + 2 * kp;
+                if (B <= 4) { /* few rows: two independent FMA chains each */
+                    acc[b] += we * bcast(xb[0]);
+                    acc2[b] += wo * bcast(xb[1]);
+                } else {
+                    acc[b] += we * bcast(xb[0]) + wo * bcast(xb[1]);
+                }
+            }
+        }
+        for (int b = 0; b < B; b++)
+            *(v16fu *)(y + b * N + nb * 16) = B <= 4 ? acc[b] + acc2[b] : acc[b];
+    }
+}
+
+#define GEMM_P_CASE(n) case n: gemm_p_blocks(n, N, K, P, x, y, nb0, nb1); break;
+CLONES static void gemm_p(int64_t B, int64_t N, int64_t K, const uint32_t *P, const float *x,
+                          float *y, int64_t nb0, int64_t nb1) {
+    switch (B) {
+        GEMM_P_CASE(1) GEMM_P_CASE(2) GEMM_P_CASE(3) GEMM_P_CASE(4) GEMM_P_CASE(5)
+        GEMM_P_CASE(6) GEMM_P_CASE(7) GEMM_P_CASE(8) GEMM_P_CASE(9) GEMM_P_CASE(10)
+        GEMM_P_CASE(11) GEMM_P_CASE(12) GEMM_P_CASE(13) GEMM_P_CASE(14) GEMM_P_CASE(15)
+        GEMM_P_CASE(16)
+    }
+}
+
+/* The same product with the activations rounded to bf16 (as torch's bf16 GEMM does), on CPUs
+ * with AVX512-BF16: one vdpbf16ps multiplies a packed line by a row's broadcast (k, k+1)
+ * activation pair and adds both products, 32 multiply-adds an instruction where the fp32 form
+ * above does 16 and spends two more on widening. With 8 and more rows the fp32 form is bound
+ * by its multiply-adds, this one by the bytes read. xp: the rows' bf16 activations as (k, k+1)
+ * pairs, pair-major (K/2, B): one line of them per kp, read at fixed offsets from one pointer. */
+#if defined(__x86_64__) && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || \
+                             (defined(__clang__) && __clang_major__ >= 14))
+#include <immintrin.h>
+#define RF_HAVE_DPBF16 1
+#define DPBF16_TARGET __attribute__((target("avx512f,avx512bf16")))
+
+DPBF16_TARGET ALWAYS_INLINE void gemm_dp_blocks(const int B, int64_t N, int64_t K,
+                                                const uint32_t *P, const uint32_t *xp, float *y,
+                                                int64_t nb0, int64_t nb1) {
+    const int64_t K2 = K / 2;
+    for (int64_t nb = nb0; nb < nb1; nb++) {
+        const uint32_t *p = P + nb * K2 * 16;
+        __m512 acc[16];
+        for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t kp = 0; kp < K2; kp++) {
+            const __m512i w = _mm512_loadu_si512((const void *)(p + kp * 16));
+            for (int b = 0; b < B; b++)
+                acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)w,
+                                          (__m512bh)_mm512_set1_epi32((int)xp[kp * B + b]));
+        }
+        for (int b = 0; b < B; b++) _mm512_storeu_ps(y + b * N + nb * 16, acc[b]);
+    }
+}
+
+#define GEMM_DP_CASE(n) case n: gemm_dp_blocks(n, N, K, P, xp, y, nb0, nb1); break;
+DPBF16_TARGET static void gemm_dp(int64_t B, int64_t N, int64_t K, const uint32_t *P,
+                                  const uint32_t *xp, float *y, int64_t nb0, int64_t nb1) {
+    switch (B) {
+        GEMM_DP_CASE(1) GEMM_DP_CASE(2) GEMM_DP_CASE(3) GEMM_DP_CASE(4) GEMM_DP_CASE(5)
+        GEMM_DP_CASE(6) GEMM_DP_CASE(7) GEMM_DP_CASE(8) GEMM_DP_CASE(9) GEMM_DP_CASE(10)
+        GEMM_DP_CASE(11) GEMM_DP_CASE(12) GEMM_DP_CASE(13) GEMM_DP_CASE(14) GEMM_DP_CASE(15)
+        GEMM_DP_CASE(16)
+    }
+}
+#endif
+
+/* 1 when rf_gemm_bf16p can take bf16 activations (this CPU has AVX512-BF16), else 0 */
+int32_t rf_gemm_bf16p_dp(void) {
+#ifdef RF_HAVE_DPBF16
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+/* y (B,N) fp32 = x (B,K) @ W^T, W packed (see above). N % 16 == 0, K even, B <= 16. x: fp32
+ * (B,K) when xbf16 is 0, else bf16 pairs (K/2, B) (see gemm_dp_blocks) on a CPU where
+ * rf_gemm_bf16p_dp() is 1. */
+int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const void *x,
+                      int64_t xbf16, float *y, int64_t nthreads) {
+    if (B < 1 || B > MAXB || N % 16 || K % 2) return -1;
+#ifdef RF_HAVE_DPBF16
+    if (xbf16 && !rf_gemm_bf16p_dp()) return -1;
+#else
+    if (xbf16) return -1;
+#endif
+    const int64_t NB = N / 16;
+    if (nthreads > NB) nthreads = NB;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t i = 0; i < nthreads; i++) {
+        const int64_t nb0 = NB * i / nthreads, nb1 = NB * (i + 1) / nthreads;
+#ifdef RF_HAVE_DPBF16
+        if (xbf16) {
+            gemm_dp(B, N, K, (const uint32_t *)P, (const uint32_t *)x, y, nb0, nb1);
+            continue;
+        }
+#endif
+        gemm_p(B, N, K, (const uint32_t *)P, (const float *)x, y, nb0, nb1);
+    }
+    return 0;
+}
+
+/* columns c0..c1 (multiples of 16) of y = sum_j a[b,j] WT[j, :] over the listed channels: the
+ * listed rows are streamed in order (each a contiguous run of this thread's columns, the row
+ * PF_AHEAD listed channels on prefetched) and y's slice is accumulated in L1. (A tile of y
+ * held in registers across all rows instead walks the matrix once per tile, in short strided
+ * pieces: ~1.4x slower than the dense product on a random model's ~50% of rows.) */
+#define PF_AHEAD 4
 CLONES static void ffn_cols(int64_t B, int64_t C, int64_t bf16, const void *WT,
                             const float *act, const int32_t *nz, int64_t nnz, float *y,
                             int64_t c0, int64_t c1, int64_t F) {
-    for (int64_t c = c0; c < c1; c += 64) { /* a 64-column tile of y stays in registers */
-        const int64_t w16 = (c1 - c) < 64 ? (c1 - c) / 16 : 4;
-        v16 acc[MAXB][4];
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t t = 0; t < 4; t++) acc[b][t] = (v16){0};
-        for (int64_t i = 0; i < nnz; i++) {
-            const int64_t j = nz[i];
-            v16 row[4];
-            for (int64_t t = 0; t < w16; t++)
-                row[t] = bf16 ? widen((const uint16_t *)WT + j * C + c + 16 * t)
-                              : *(const v16fu *)((const float *)WT + j * C + c + 16 * t);
-            for (int64_t b = 0; b < B; b++) {
-                const v16 s = bcast(act[b * F + j]);
-                for (int64_t t = 0; t < w16; t++) acc[b][t] += s * row[t];
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = c0; c < c1; c += 16) *(v16fu *)(y + b * C + c) = (v16){0};
+    const int64_t esz = bf16 ? 2 : 4;
+    for (int64_t i = 0; i < nnz; i++) {
+        const int64_t j = nz[i];
+        if (i + PF_AHEAD < nnz) {
+            const char *next = (const char *)WT + (nz[i + PF_AHEAD] * C + c0) * esz;
+            for (int64_t o = 0; o < (c1 - c0) * esz; o += 64) __builtin_prefetch(next + o);
+        }
+        float s[MAXB];
+        for (int64_t b = 0; b < B; b++) s[b] = act[b * F + j];
+        if (bf16) {
+            const uint16_t *row = (const uint16_t *)WT + j * C;
+            for (int64_t c = c0; c < c1; c += 16) {
+                const v16 r = widen(row + c);
+                for (int64_t b = 0; b < B; b++) *(v16fu *)(y + b * C + c) += bcast(s[b]) * r;
+            }
+        } else {
+            const float *row = (const float *)WT + j * C;
+            for (int64_t c = c0; c < c1; c += 16) {
+                const v16 r = *(const v16fu *)(row + c);
+                for (int64_t b = 0; b < B; b++) *(v16fu *)(y + b * C + c) += bcast(s[b]) * r;
             }
         }
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t t = 0; t < w16; t++) *(v16fu *)(y + b * C + c + 16 * t) = acc[b][t];
     }
 }
 
 /* k (B,F) pre-activation of the channel-mix key; overwritten with relu(k)^2. y (B,C) fp32.
  * nz: an int32 scratch of F entries. Returns the number of channels read (non-zero in some
- * row), or -1 for shapes this kernel does not take. */
+ * row), -2 when more than max_nnz are non-zero (nothing read: rows picked one by one stream
+ * at about half the rate of a dense pass, so a dense product wins there), or -1 for shapes
+ * this kernel does not take (k untouched). */
 int64_t rf_ffn_sparse(int64_t B, int64_t F, int64_t C, int64_t bf16, const void *WT,
-                      float *k, int32_t *nz, float *y, int64_t nthreads) {
+                      float *k, int32_t *nz, float *y, int64_t max_nnz, int64_t nthreads) {
     if (B < 1 || B > MAXB || C % 16) return -1;
     if (nthreads < 1) nthreads = 1;
     int64_t nnz = 0;
@@ -120,6 +272,7 @@ int64_t rf_ffn_sparse(int64_t B, int64_t F, int64_t C, int64_t bf16, const void 
         }
         if (any) nz[nnz++] = (int32_t)j;
     }
+    if (nnz > max_nnz) return -2; /* too dense to gain: k holds relu(k)^2, y is not written */
     const int64_t blocks = C / 16;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
@@ -205,6 +358,69 @@ int32_t rf_wkv_step(int64_t B, int64_t H, int64_t N, const float *S, float *S2, 
     for (int64_t i = 0; i < nthreads; i++)
         wkv_heads(H, N, S, S2, wr, k, a, v, r, k_k, k_a, r_k, lw, lb, eps, out,
                   BH * i / nthreads, BH * (i + 1) / nthreads);
+    return 0;
+}
+
+/* ---- the nucleus (top-p) cutoff without a sort ------------------------------------------ */
+
+/* The sampler's nucleus cut (sampling.filter_probs_ref): sort the probabilities descending,
+ * take the first position where their running sum (torch.cumsum: double accumulation, each
+ * prefix rounded to fp32) reaches top_p, and keep every probability >= the value there. On a
+ * flat distribution the nucleus holds half of a 65536-token vocabulary, and the full sort
+ * costs more than the decode step's head. Here the same value is found by a three-level
+ * radix select on the fp32 bit patterns (non-negative floats order as their bits): 11, 10,
+ * then 10 bits, each level a histogram of probability mass walked from the top; the last
+ * level's buckets are single values, so a tie group is summed whole, as the sorted prefix
+ * sums reach its end. The sums match the sort's exactly: every value added is >= 2^-29 and
+ * shares its bucket's exponent, so each double sum (< 2, multiples of 2^-52) is exact in any
+ * order. Where that does not hold (the cut falls below 2^-29, the mass never reaches top_p,
+ * a NaN) the row's cut is -1: the caller sorts that row. */
+#define TOPP_MIN_BITS 0x31000000u /* 2^-29 */
+
+static int topp_walk(const double *mass, int n, double *acc, float top_p) {
+    for (int i = n - 1; i >= 0; i--) {
+        if (mass[i] == 0) continue;
+        if ((float)(*acc + mass[i]) >= top_p) return i;
+        *acc += mass[i];
+    }
+    return -1;
+}
+
+static float topp_row(const float *p, int64_t V, float top_p) {
+    const uint32_t *u = (const uint32_t *)p;
+    double m1[2048] = {0}, m2[1024] = {0}, m3[1024] = {0}, acc = 0;
+    for (int64_t i = 0; i < V; i++) {
+        if (u[i] > 0x7f800000u) return -1.f; /* NaN, or a negative value */
+        m1[u[i] >> 20] += p[i];
+    }
+    const int b1 = topp_walk(m1, 2048, &acc, top_p);
+    if (b1 < 0 || ((uint32_t)b1 << 20) < TOPP_MIN_BITS) return -1.f;
+    for (int64_t i = 0; i < V; i++)
+        if ((u[i] >> 20) == (uint32_t)b1) m2[(u[i] >> 10) & 1023] += p[i];
+    const int b2 = topp_walk(m2, 1024, &acc, top_p);
+    if (b2 < 0) return -1.f; /* unreachable: the bucket's mass crossed */
+    const uint32_t hi = ((uint32_t)b1 << 10) | (uint32_t)b2;
+    for (int64_t i = 0; i < V; i++)
+        if ((u[i] >> 10) == hi) m3[u[i] & 1023] += p[i];
+    const int b3 = topp_walk(m3, 1024, &acc, top_p);
+    if (b3 < 0) return -1.f;
+    const uint32_t bits = (hi << 10) | (uint32_t)b3;
+    float out;
+    memcpy(&out, &bits, sizeof out);
+    return out;
+}
+
+/* probs (B,V) fp32 rows, top_p (B,) -> cut (B,): the nucleus cutoff value of each row (keep
+ * probs >= cut), or -1 where the row needs the sort (see above). Rows over an OpenMP team. */
+int32_t rf_topp_cutoff(int64_t B, int64_t V, const float *probs, const float *top_p, float *cut,
+                       int64_t nthreads) {
+    if (B < 1 || V < 1) return -1;
+    if (nthreads > B) nthreads = B;
+    if (nthreads < 1) nthreads = 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nthreads) schedule(static, 1)
+#endif
+    for (int64_t b = 0; b < B; b++) cut[b] = topp_row(probs + b * V, V, top_p[b]);
     return 0;
 }
 

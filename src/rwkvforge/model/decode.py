@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import Callable
 
 import torch
 
@@ -29,6 +30,9 @@ MAX_ROWS = 16  # rows (streams) per call; more rows are GEMMs, where the dense m
 # streams the union covers nearly every row (random model: ~50% at 1 row, ~94% at 4, all at
 # 16) and the dense GEMM, which reuses each row across streams in registers, is faster
 SPARSE_MAX_ROWS = 4
+# above this fraction of channels on, RWKV7.step's channel-mix takes the dense packed product
+# (measured on the 0.1B shape, one stream: equal speed at ~50%, the sparse read 6x faster at 12%)
+SPARSE_MAX_DENSITY = 0.4
 # ffn_sparse's running count: "rows" of the value weight there are, "read" of them (the bench
 # reports the fraction; clear() it to start a count)
 STATS: dict[str, int] = {}
@@ -41,7 +45,11 @@ def _lib():
         i64, p = ctypes.c_int64, ctypes.c_void_p
         lib.rf_gemv_bf16.argtypes = [i64, i64, i64, p, p, p, i64]
         lib.rf_gemv_bf16.restype = ctypes.c_int32
-        lib.rf_ffn_sparse.argtypes = [i64, i64, i64, i64, p, p, p, p, i64]
+        lib.rf_gemm_bf16p.argtypes = [i64, i64, i64, p, p, i64, p, i64]
+        lib.rf_gemm_bf16p.restype = ctypes.c_int32
+        lib.rf_gemm_bf16p_dp.argtypes = []
+        lib.rf_gemm_bf16p_dp.restype = ctypes.c_int32
+        lib.rf_ffn_sparse.argtypes = [i64, i64, i64, i64, p, p, p, p, i64, i64]
         lib.rf_ffn_sparse.restype = ctypes.c_int64
         lib.rf_wkv_step.argtypes = [i64, i64, i64] + [p] * 12 + [ctypes.c_float, p, i64]
         lib.rf_wkv_step.restype = ctypes.c_int32
@@ -74,9 +82,57 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return y
 
 
-def ffn_sparse(k: torch.Tensor, wt: torch.Tensor) -> torch.Tensor | None:
+def pack_bf16(w: torch.Tensor) -> torch.Tensor | None:
+    """w (N,K) -> the packed bf16 layout of `gemm_bf16p`, (N/16, K/2, 16, 2): block nb holds
+    rows nb*16.. nb*16+15, its line kp their k = 2kp and 2kp+1 side by side. None where
+    N % 16 or K % 2 (the caller keeps its other path)."""
+    N, K = w.shape
+    if N % 16 or K % 2:
+        return None
+    return w.detach().to(torch.bfloat16).view(N // 16, 16, K // 2, 2).transpose(1, 2).contiguous()
+
+
+def gemm_bf16p(x: torch.Tensor, p: torch.Tensor, bf16_rows: bool = False) -> torch.Tensor | None:
+    """x (B,K) fp32 @ W^T -> (B,N) fp32 for W packed by `pack_bf16` (p), B <= MAX_ROWS:
+    each weight line read once for all rows, exact bf16 widening, fp32 accumulation.
+    `bf16_rows`: the activations rounded to bf16 first, as torch's bf16 GEMM does (AVX512-BF16
+    dot products, twice the multiply-adds per instruction: what 8+ rows need), where the CPU
+    has them (`dp_available`), else fp32 activations. None where the kernel does not apply."""
+    if p.dtype != torch.bfloat16 or p.dim() != 4 or p.device.type != "cpu" \
+            or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 \
+            or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != 2 * p.shape[1] \
+            or not p.is_contiguous() or torch.is_grad_enabled():
+        return None
+    lib = _lib()
+    if lib is None:
+        return None
+    B, K = x.shape
+    if bf16_rows and dp_available():  # (k, k+1) bf16 pairs, pair-major (K/2, B)
+        xs = x.to(torch.bfloat16).contiguous().view(torch.int32).t().contiguous()
+    else:
+        xs = x.contiguous()
+    N = p.shape[0] * 16
+    y = torch.empty(B, N)
+    if lib.rf_gemm_bf16p(B, N, K, p.data_ptr(), xs.data_ptr(), int(xs.dtype == torch.int32),
+                         y.data_ptr(), torch.get_num_threads()):
+        return None
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def dp_available() -> bool:
+    """The CPU has AVX512-BF16 dot products (gemm_bf16p's bf16-activation form)."""
+    lib = _lib()
+    return lib is not None and bool(lib.rf_gemm_bf16p_dp())
+
+
+def ffn_sparse(k: torch.Tensor, wt: torch.Tensor, max_density: float = 1.0,
+               dense: Callable[[torch.Tensor], torch.Tensor] | None = None
+               ) -> torch.Tensor | None:
     """relu(k)^2 (B,F) @ wt (F,C) -> (B,C) fp32, reading only rows of non-zero channels;
-    wt fp32 or bf16. `k` (fp32, contiguous) is overwritten with relu(k)^2. None where the
+    wt fp32 or bf16. `k` (fp32, contiguous) is overwritten with relu(k)^2. Where more than
+    `max_density` of the channels are on and `dense` is given, returns dense(relu(k)^2)
+    instead (picked rows stream at about half the rate of a dense pass). None where the
     kernel does not apply (k is then untouched)."""
     if wt.dtype not in (torch.float32, torch.bfloat16) or not _applies(k, wt) \
             or not k.is_contiguous() or wt.shape[0] != k.shape[1] or wt.shape[1] % 16:
@@ -88,8 +144,12 @@ def ffn_sparse(k: torch.Tensor, wt: torch.Tensor) -> torch.Tensor | None:
     C = wt.shape[1]
     y = torch.empty(B, C)
     nz = torch.empty(F, dtype=torch.int32)
+    max_nnz = int(F * max_density) if dense is not None else F
     read = lib.rf_ffn_sparse(B, F, C, int(wt.dtype == torch.bfloat16), wt.data_ptr(),
-                             k.data_ptr(), nz.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                             k.data_ptr(), nz.data_ptr(), y.data_ptr(), max_nnz,
+                             torch.get_num_threads())
+    if read == -2 and dense is not None:  # k holds relu(k)^2 now
+        read, y = F, dense(k)
     if read < 0:
         return None
     STATS["rows"] = STATS.get("rows", 0) + F
@@ -177,5 +237,5 @@ def fast_path_accuracy(model, mode: torch.dtype, prompt: list[int], n: int) -> d
             "free_run": free_run, "n": n}
 
 
-__all__ = ["MAX_ROWS", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
-           "ffn_sparse", "gemv_bf16", "torch_ffn_sparse", "wkv_step"]
+__all__ = ["MAX_ROWS", "SPARSE_MAX_DENSITY", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
+           "dp_available", "ffn_sparse", "gemm_bf16p", "gemv_bf16", "pack_bf16", "torch_ffn_sparse", "wkv_step"]

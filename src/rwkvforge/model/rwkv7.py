@@ -263,11 +263,12 @@ class RWKV7(nn.Module):
         # Inference speed knob (no_grad calls only; training never sees it):
         #   None           every matmul in the weights' own dtype: exact (parity tests use this)
         #   torch.bfloat16 the big Linears and the head run on cached bf16 copies: calls with
-        #                  >= 8 rows (batched decode, prefill) as bf16 GEMMs (~2-4x faster on
-        #                  CPUs with AMX / AVX512-BF16), up to 7 rows (decode) through the C
-        #                  GEMV of model/decode.py (half the bytes of fp32 at fp32's bandwidth;
-        #                  torch's own bf16 GEMV runs at about half of it); +50% weight
-        #                  memory; ~0.5% of the max |logit| error (the gate: docs/inference.md)
+        #                  > 16 rows (prefill) as bf16 GEMMs (~2-4x faster on CPUs with AMX /
+        #                  AVX512-BF16), up to 16 rows (decode) through model/decode.gemm_bf16p
+        #                  over a packed copy (half the bytes of fp32, read once for all rows;
+        #                  fp32 activations up to 7 rows, bf16 ones from 8 as the GEMMs);
+        #                  +50% weight memory (+100% with both copies in use); ~0.5% of the
+        #                  max |logit| error (the gate: docs/inference.md)
         #   torch.int8     as bf16 above 64 rows; up to 64 rows (decode, single or batched)
         #                  the big Linears and the head use cached per-output-channel int8
         #                  weights through fbgemm's dynamic W8A8 kernel
@@ -414,6 +415,15 @@ class RWKV7(nn.Module):
             xq = torch.round(xs / sx).to(torch.int8)
             y = torch._int_mm(xq, q.t()).float().mul_(sx).mul_(scale)
             return y.view(*shape[:-1], -1).to(x.dtype)
+        if mode == torch.bfloat16 and rows <= decode.MAX_ROWS and w.dtype != torch.bfloat16:
+            # decode: the packed bf16 copy, read once for all rows (model/decode.gemm_bf16p);
+            # activations fp32 up to 7 rows, bf16 (as the GEMM below) from 8
+            packed = self._lowp_weight(w, "bf16p")[0]
+            shape = x.shape
+            y = None if packed is None else decode.gemm_bf16p(
+                x.reshape(-1, shape[-1]), packed, bf16_rows=rows > 7)
+            if y is not None:
+                return y.view(*shape[:-1], -1)
         if rows > (64 if mode == torch.int8 else 7):  # many rows: bf16 GEMM (AMX / AVX512-BF16)
             if w.dtype == torch.bfloat16:
                 return mod(x)
@@ -449,6 +459,8 @@ class RWKV7(nn.Module):
             wd = w.detach().contiguous()  # (out, in) rows, whatever layout the weight has
             if kind == "bf16":
                 data = (wd.to(torch.bfloat16),)
+            elif kind == "bf16p":  # decode's packed layout (None: a shape it does not take)
+                data = (decode.pack_bf16(wd),)
             elif kind == "fbgemm":
                 data = (_fbgemm_pack(wd.float()),)
             else:  # symmetric per-output-channel int8; scale in bf16 as the kernel expects
@@ -494,14 +506,19 @@ class RWKV7(nn.Module):
         With `sparse_ffn` and at most decode.SPARSE_MAX_ROWS rows, the C kernel reads only the
         rows of a transposed copy of the weight (fp32 exact mode, bf16 with infer_dtype bf16) for
         channels that are non-zero after ReLU^2: exact, in fewer bytes (~half in a random
-        model, most in a trained one). int8 mode keeps its int8 GEMV (fewer bytes still)."""
+        model, most in a trained one); in bf16 mode only below decode.SPARSE_MAX_DENSITY (above
+        it the dense packed product is faster). int8 mode keeps its int8 GEMV."""
         mode, w = self.infer_dtype, value.weight
         if self.sparse_ffn and mode is not torch.int8 and k.dtype == torch.float32 \
                 and k.device.type == "cpu" and type(value) is nn.Linear \
                 and k.shape[0] <= decode.SPARSE_MAX_ROWS:
             kind = "bf16T" if mode == torch.bfloat16 or w.dtype == torch.bfloat16 else "fp32T"
             if w.dtype in (torch.float32, torch.bfloat16) and decode.available():
-                y = decode.ffn_sparse(k, self._lowp_weight(w, kind)[0])
+                # bf16: past SPARSE_MAX_DENSITY the dense packed product is faster (measured
+                # there; the exact mode's fp32 rows are read sparsely at any density)
+                dense = (lambda act: self._lin(act, value)) if mode == torch.bfloat16 else None
+                y = decode.ffn_sparse(k, self._lowp_weight(w, kind)[0],
+                                      decode.SPARSE_MAX_DENSITY, dense)
                 if y is not None:
                     return y
         return self._lin(torch.relu(k).square_(), value)
