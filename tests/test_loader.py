@@ -314,8 +314,7 @@ def test_plan_packing_fills_rows_with_whole_examples():
 def test_pack_is_refused_with_dpo_and_state_tuning(tmp_path):
     from types import SimpleNamespace as NS
 
-    with pytest.raises(ValueError, match="PACK=1 does not apply to DATA_TYPE=dpo.*PACK=0"):
-        L.check_pack(NS(pack=True, data_type="dpo"))
+    L.check_pack(NS(pack=True, data_type="dpo"))  # packs whole pairs: tests/test_pack_dpo.py
     for tt in ("state", "lora+state"):
         with pytest.raises(ValueError, match=rf"TRAIN_TYPE={re.escape(tt)}: .*tuned initial state"):
             L.check_pack(NS(pack=True, data_type="sft", train_type=tt))
