@@ -20,7 +20,8 @@ import torch
 from sample_data import prepare_sample
 from rwkvforge import config as cfgmod
 from rwkvforge import train as T
-from rwkvforge.data.loader import build_train_loader, open_split, pair_batches
+from rwkvforge.data.loader import (build_train_loader, open_split, packing_line,
+                                   pair_batches, pair_pack_stats)
 from rwkvforge.loss import LossModule, reference_logps
 from rwkvforge.model import wkv as W
 
@@ -63,6 +64,15 @@ def test_packed_rows_hold_whole_pairs_laid_as_their_unpacked_rows(dpo_prefix):
     rows = ld._plan(0)
     assert sorted(k for r in rows for k in r) == sorted(ld.examples.tolist())
     assert ld.epoch_len(0) == len(rows) < ld.n
+    # prepare's summary counts the same rows, and the padding it removes
+    order = ld._order(0)
+    st = pair_pack_stats(split, order, CTX, 2)
+    assert st["rows_packed"] == len(rows)
+    assert st["tokens"] == sum(min(int(split.ids.sizes[i]), CTX + 1) - 1
+                               for k in order.tolist() for i in (2 * k, 2 * k + 1))
+    assert 0 <= st["pad_share_packed"] < st["pad_share_unpacked"] < 1
+    line = packing_line(dpo_prefix, CTX, 2)
+    assert "rows of 2 x CTX_LEN = 1024 positions (whole pairs)" in line
 
 
 # ---- packed loss and gradient == unpacked --------------------------------------------------------
