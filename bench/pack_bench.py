@@ -200,11 +200,73 @@ def bench_dpo(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, step
     return out
 
 
+def shape_profile(model_path: Path, ctx_list: list[int], micro_bsz: int, steps: int) -> dict:
+    """Speed per input position of one training step at fixed shapes (what PACK=1 runs:
+    MICRO_BSZ x CTX_LEN rows, with and without a reset every 270 tokens) against rows whose
+    length changes every step (what PACK=0 padded to the longest runs: 400-519 here), each
+    split into the forward of the blocks, the head + loss, backward and the AdamW step.
+    Random tokens, 70% of them in the loss. Modes interleaved, one untimed step each."""
+    import torch
+
+    from rwkvforge import config as cfgmod
+    from rwkvforge.loss import LossModule, autocast_ctx, chunked_head_loss
+    from rwkvforge.runtime import keep_freed_memory
+    from rwkvforge.train import build_model, make_optimizer
+
+    keep_freed_memory()
+    torch.manual_seed(0)
+    s = cfgmod.Settings(lora_r=32, lora_alpha=32.0, precision="bf16", lr=1e-4, head_chunk=1024)
+    pm, _, _ = build_model(s, model_path, torch.device("cpu"))
+    lm = LossModule(pm, s.head_chunk, torch.bfloat16)
+    m, opt, dev = lm.inner(), make_optimizer(pm, s), torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+
+    def step(T: int, reset: bool) -> list[float]:
+        x, y = (torch.randint(1, 65536, (micro_bsz, T), generator=g) for _ in range(2))
+        w = (torch.rand(micro_bsz, T, generator=g) < 0.7).float()
+        kw = {}
+        if reset:
+            kw["reset"] = torch.zeros(micro_bsz, T, dtype=torch.bool)
+            kw["reset"][:, ::270] = True
+        t = [time.perf_counter()]
+        with autocast_ctx(dev, "bf16"):
+            h, _ = m.forward_hidden(x, **kw)
+            t.append(time.perf_counter())
+            loss = chunked_head_loss(h, m.head, y, w / w.sum(), s.head_chunk, torch.bfloat16)
+        t.append(time.perf_counter())
+        loss.backward()
+        t.append(time.perf_counter())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t.append(time.perf_counter())
+        return [b - a for a, b in zip(t, t[1:])]
+
+    varying = list(range(519, 400, -7))
+    modes = {f"{c} reset": ([c], True) for c in ctx_list}
+    modes[f"{ctx_list[0]} no reset"] = ([ctx_list[0]], False)
+    modes["400-519 changing"] = (varying, False)
+    acc = {k: [0.0] * 4 + [0] for k in modes}
+    for Ts, r in modes.values():
+        step(Ts[0], r)
+    for i in range(steps):
+        for k, (Ts, r) in modes.items():
+            T = Ts[(i + 1) % len(Ts)]
+            for j, dt in enumerate(step(T, r)):
+                acc[k][j] += dt
+            acc[k][4] += micro_bsz * T
+    return {k: {"positions_s": a[4] / sum(a[:4]),
+                **{part: 1e3 * a[j] / a[4] for j, part in
+                   enumerate(("fwd_s_per_1k", "head_s_per_1k", "bwd_s_per_1k", "opt_s_per_1k"))}}
+            for k, a in acc.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", choices=("sample", "longtail", "both", "dpo", "all"),
+    ap.add_argument("--data", choices=("sample", "longtail", "both", "dpo", "all", "shapes"),
                     default="all", help="dpo: the shipped DPO sample, PACK=1 vs PACK=0 "
-                    "(pairs); all: sample, longtail and dpo")
+                    "(pairs); all: sample, longtail and dpo; shapes: no data, the speed per "
+                    "position of fixed rows (each --ctx-len, with / without resets) against "
+                    "rows whose length changes every step")
     ap.add_argument("--ctx-len", default="1024", help="one or several, comma-separated "
                     "(e.g. 512,1024: each in turn in this process)")
     ap.add_argument("--peers", default="pad_longest,pad_ctx", help="the PACK=0 modes to time "
@@ -231,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
             from rwkvforge.demo import write_demo_model
 
             write_demo_model(model, a.layers, a.embd)
+        if a.data == "shapes":
+            r = results["shapes"] = shape_profile(model, ctx_list, a.micro_bsz, a.steps)
+            print(f"[shapes] MICRO_BSZ {a.micro_bsz}, {a.steps} timed steps per mode, torch "
+                  f"threads {torch.get_num_threads()}; seconds per 1000 positions:")
+            for k, v in r.items():
+                print(f"  {k:18s} {v['positions_s']:8.1f} positions/s  fwd "
+                      f"{v['fwd_s_per_1k']:.3f}  head {v['head_s_per_1k']:.3f}  bwd "
+                      f"{v['bwd_s_per_1k']:.3f}  adamw {v['opt_s_per_1k']:.3f}")
         sets = {}
         if a.data in ("sample", "both", "all"):
             sets["sample"] = ROOT / "data" / "samples" / "bsl_sft.jsonl"
