@@ -310,14 +310,10 @@ def test_plan_packing_fills_rows_with_whole_examples():
     assert st["tokens"] == int((np.minimum(sizes, cap) - 1).sum())
 
 
-def test_pack_is_refused_with_dpo_and_state_tuning(tmp_path):
+def test_pack_builds_reset_rows_and_checks_the_data_type(tmp_path):
+    # (PACK=1 refuses nothing now: DPO in tests/test_pack_dpo.py, state in test_pack_state.py)
     from types import SimpleNamespace as NS
 
-    with pytest.raises(ValueError, match="PACK=1 does not apply to DATA_TYPE=dpo.*PACK=0"):
-        L.check_pack(NS(pack=True, data_type="dpo"))
-    for tt in ("state", "lora+state"):  # packs (tests/test_pack_state.py): not refused
-        L.check_pack(NS(pack=True, data_type="sft", train_type=tt))
-    L.check_pack(NS(pack=True, data_type="sft", train_type="lora"))
     prefix = _sft_data(tmp_path, n=12)
     s = NS(pack=True, data_type="sft", ctx_len=64, seed=0, micro_bsz=2)
     loader, _ = L.build_loaders(s, prefix, 2, 1, 1, say=lambda *_: None)

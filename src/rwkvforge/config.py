@@ -167,8 +167,9 @@ class Settings:
     pack: bool = _f(False, "DATA_TYPE=sft: fill each CTX_LEN row with whole examples instead "
                     "of one padded example per row (far less padding on short examples: "
                     "more trained tokens per second). The state and token shift restart at "
-                    "every example, so the loss is the examples' own. Not with "
-                    "DATA_TYPE=dpo.", group="train")
+                    "every example, so the loss is the examples' own. DATA_TYPE=dpo: rows of "
+                    "2 x CTX_LEN hold whole pairs, each answer its own document.",
+                    group="train")
     lr: float = _f(1e-4, "Peak learning rate.", lo=0.0, hi=1.0, group="train")
     lr_final: float = _f(1e-5, "Learning rate at the end of the schedule.", lo=0.0, hi=1.0,
                          group="train")

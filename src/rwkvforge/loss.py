@@ -174,6 +174,17 @@ def sequence_logps(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                          for b in range(hidden.shape[0])])
 
 
+def segment_logps(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
+                  mask: torch.Tensor, segment: torch.Tensor, n: int, chunk: int = 1024,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n,) fp32: for s = 0 .. n-1, the sum of log p(target) over the masked tokens whose
+    `segment` (B,T) is s (a packed row's answers, -1 on padding), with autograd. One chunked
+    head pass per segment over its own tokens only: the same head work as sequence_logps on
+    the answers' unpacked rows."""
+    return -torch.stack([chunked_head_loss(hidden, head, targets, mask * (segment == s),
+                                           chunk, dtype) for s in range(n)])
+
+
 def dpo_losses(policy: torch.Tensor, reference: torch.Tensor | None, beta: float,
                kind: str = "sigmoid", gamma: float = 0.0,
                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +209,11 @@ class LossModule(nn.Module):
     DPO: `forward(x, y, w, ref, pair_scale, ftx_scale)` takes the B chosen rows then the B
     rejected rows of B pairs (w = their loss masks) and `ref` (B, 2), the pairs' reference
     log-probs (unused by SimPO), and returns pair_scale * sum of the pairs' DPO losses +
-    ftx_scale * the chosen rows' summed cross-entropy. `last_stats` then holds (sum of DPO losses, pairs with a
-    positive margin, sum of margins, pairs), detached."""
+    ftx_scale * the chosen rows' summed cross-entropy. Packed (PACK=1): the rows hold whole
+    pairs and `segments` (rows, T) numbers their answers, 2j / 2j + 1 for pair j's chosen /
+    rejected (data/loader.py pack_pairs), with `reset` at each answer's start. `last_stats`
+    then holds (sum of DPO losses, pairs with a positive margin, sum of margins, pairs),
+    detached."""
 
     def __init__(self, model: nn.Module, head_chunk: int, compute_dtype: torch.dtype,
                  dpo_beta: float = 0.1, dpo_loss: str = "sigmoid", simpo_gamma: float = 0.5):
@@ -225,7 +239,7 @@ class LossModule(nn.Module):
         return unwrap(self.model)
 
     def forward(self, input_ids, targets, weights, ref=None, pair_scale: float = 1.0,
-                ftx_scale: float = 0.0, reset=None):
+                ftx_scale: float = 0.0, reset=None, segments=None):
         m = self.inner()  # reset: the document starts of packed rows (PACK=1), or None
         hidden, _ = m.forward_hidden(input_ids, reset=reset) if reset is not None else \
             m.forward_hidden(input_ids)
@@ -233,9 +247,17 @@ class LossModule(nn.Module):
             return chunked_head_loss(hidden, m.head, targets, weights, self.head_chunk,
                                      self.compute_dtype)
         B = ref.shape[0]
-        logp = sequence_logps(hidden, m.head, targets, weights, self.head_chunk,
-                              self.compute_dtype)
-        n = weights.sum(1)  # trained tokens per answer (SimPO's length normalisation)
+        if segments is None:  # rows: B chosen, then B rejected
+            logp = sequence_logps(hidden, m.head, targets, weights, self.head_chunk,
+                                  self.compute_dtype)
+            n = weights.sum(1)  # trained tokens per answer (SimPO's length normalisation)
+        else:  # packed: segment 2j / 2j + 1 -> entries j / B + j, the unpacked order
+            logp = segment_logps(hidden, m.head, targets, weights, segments, 2 * B,
+                                 self.head_chunk, self.compute_dtype)
+            n = torch.zeros(2 * B, dtype=torch.float32, device=weights.device).index_add_(
+                0, segments.clamp_min(0).flatten(),
+                (weights.float() * (segments >= 0)).flatten())
+            logp, n = (torch.cat([v[0::2], v[1::2]]) for v in (logp, n))
         losses, margin = dpo_losses(torch.stack([logp[:B], logp[B:]], 1), ref.float(),
                                     self.dpo_beta, self.dpo_loss, self.simpo_gamma,
                                     torch.stack([n[:B], n[B:]], 1))
@@ -324,6 +346,26 @@ def pair_rows(batch: dict, a: int = 0, b: int | None = None
     """The chosen rows a:b then the rejected rows a:b of a DPO batch: (x, y, mask)."""
     return tuple(torch.cat([batch[f"chosen_{k}"][a:b], batch[f"rejected_{k}"][a:b]])
                  for k in ("input_ids", "targets", "loss_mask"))  # type: ignore[return-value]
+
+
+def packed_pair_inputs(batch: dict, device: torch.device, world: int, dpo_ftx: float,
+                       ref: torch.Tensor) -> Callable[[int, int], tuple]:
+    """train.micro_inputs for a packed DPO batch (data/loader.py pack_pairs): the loss
+    module's arguments for rows a:b, which hold pairs row_pairs[a]:row_pairs[b] whole. Each
+    pair's loss is divided by the global batch's pair count and DPO_FTX's chosen-answer
+    cross-entropy by its chosen tokens, as unpacked; x world undoes DeepSpeed's average."""
+    seg, off = batch["segment"], batch["row_pairs"]
+    pair_scale = world / batch["pair_index"].numel()
+    chosen = float((batch["loss_mask"] * ((seg >= 0) & (seg % 2 == 0))).sum())
+    ftx = dpo_ftx * world / max(chosen, 1.0)
+
+    def rows(a: int, b: int) -> tuple:
+        p0, p1 = int(off[a]), int(off[b])
+        x, y, w, rs, s = (batch[k][a:b].to(device, non_blocking=True) for k in
+                          ("input_ids", "targets", "loss_mask", "reset", "segment"))
+        s = torch.where(s >= 0, s - 2 * p0, s)  # numbered from this micro-batch's first pair
+        return x, y, w, ref[batch["pair_index"][p0:p1]].to(device), pair_scale, ftx, rs, s
+    return rows
 
 
 def reference_logps(model: nn.Module, batches, n_pairs: int, head_chunk: int = 1024,

@@ -67,7 +67,7 @@ from rwkvforge.distributed import (DeepSpeedError, DeepSpeedStrategy, SingleProc
                                    seed_everything, set_rng_state, world_size, RESUME_CLUSTER)
 from rwkvforge.dpo import DpoReferenceError, dpo_reference
 from rwkvforge.loss import (LossModule, autocast_ctx, compute_dtype, evaluate_dpo, evaluate_loss,
-                            pair_rows)
+                            packed_pair_inputs, pair_rows)
 from rwkvforge.memory import MemoryPlanError, preflight_model
 from rwkvforge.model.wkv import describe_impl
 from rwkvforge.peft import AdapterError, AdapterSpec, count_parameters, unwrap
@@ -275,6 +275,8 @@ def micro_inputs(batch: dict, device: torch.device, world: int, dpo_ftx: float,
     pair's loss, and DPO_FTX's chosen-answer cross-entropy by their token count) is divided
     by the count over the whole global batch, so any split into micro-batches or processes
     gives the same gradient. x world: DeepSpeed averages the ranks' gradients, undo it."""
+    if ref is not None and "segment" in batch:  # PACK=1: whole pairs in packed rows
+        return packed_pair_inputs(batch, device, world, dpo_ftx, ref)
     if ref is not None:
         pair_scale = world / batch["pair_index"].numel()
         ftx = dpo_ftx * world / max(float(batch["chosen_loss_mask"].sum()), 1.0)
@@ -728,7 +730,8 @@ class Trainer:
                 self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
                                  dynamic_ncols=True, file=sys.stderr, desc="train")
             rows = (f"{self.rows_per_step} pairs ({2 * self.rows_per_step} sequences)"
-                    if self.dpo else f"{self.rows_per_step} sequences")
+                    if self.dpo and not s.pack else f"{self.rows_per_step} sequences"
+                    if not self.dpo else f"{self.rows_per_step} packed rows of pairs, 2")
             self.say(f"training {self.total_steps} steps: {rows} x <= {s.ctx_len} tokens "
                      f"per step, lr {s.lr:g} ({s.lr_schedule}), run folder {self.run_dir}")
             t_log, tok_log, tps = time.time(), 0, 0.0

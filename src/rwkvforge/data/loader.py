@@ -42,6 +42,16 @@ A batch has chosen_* and rejected_* versions of the three keys, all padded to on
 DPO run computes once). Pairs where either answer has no trained token within ctx_len are
 left out, like such SFT examples.
 
+Packed DPO (`pack=True`). A row is 2 x C positions, the room of one unpacked pair (its chosen
+row and its rejected row), and holds whole pairs (first fit over PACK_WINDOW open rows): each
+answer cut to C + 1 tokens as unpacked, laid as its own C positions of (input, target) (no
+position is spent on a boundary), `reset` True on its first input. `segment` (B, 2C) int64
+says whose each position is: 2j for pair j's chosen answer, 2j + 1 for its rejected one, -1
+on padding; `pair_index` (P,) names the P pairs in row order and `row_pairs` (B + 1,) the
+offsets (row b holds pairs row_pairs[b]:row_pairs[b + 1]), so any split into micro-batches
+of whole rows keeps both answers of a pair together. The loss sums each segment's log-probs
+separately (loss.segment_logps): the same numbers as the unpacked pair.
+
 Data parallel: rank r of w ranks takes global samples r, r + w, r + 2w, ...; with the same
 seed the ranks never overlap. State (epoch, position) is plain ints: resuming yields exactly
 the batches an uninterrupted run would have.
@@ -209,6 +219,49 @@ def pack_rows(rows: list[list[tuple[np.ndarray, np.ndarray]]], T: int
     return out
 
 
+def pack_pairs(split: Split, rows: list[list[int]], ctx_len: int) -> dict[str, torch.Tensor]:
+    """Packed DPO rows (lists of pair numbers) -> (B, 2 x ctx_len) input_ids, targets,
+    loss_mask, reset and segment, + pair_index (P,) and row_pairs (B + 1,) (module doc)."""
+    import torch
+
+    cap, T = ctx_len + 1, 2 * ctx_len
+    B = len(rows)
+    x = np.zeros((B, T), dtype=np.int64)
+    y = np.zeros((B, T), dtype=np.int64)
+    m = np.zeros((B, T), dtype=np.float32)
+    reset = np.zeros((B, T), dtype=bool)
+    seg = np.full((B, T), -1, dtype=np.int64)
+    j = 0
+    for b, pairs in enumerate(rows):
+        t = 0
+        for k in pairs:
+            for side in (0, 1):
+                ids, mask = split.item(2 * k + side, cap)
+                n = len(ids) - 1
+                if t + n > T:
+                    raise ValueError(f"packed DPO row {b}: pair {k} does not fit 2 x "
+                                     f"ctx_len={ctx_len} positions")
+                x[b, t:t + n], y[b, t:t + n], m[b, t:t + n] = ids[:-1], ids[1:], mask[1:]
+                reset[b, t], seg[b, t:t + n] = True, 2 * j + side
+                t += n
+            j += 1
+    offsets = np.cumsum([0] + [len(r) for r in rows])
+    return {"input_ids": torch.from_numpy(x), "targets": torch.from_numpy(y),
+            "loss_mask": torch.from_numpy(m), "reset": torch.from_numpy(reset),
+            "segment": torch.from_numpy(seg),
+            "pair_index": torch.tensor([k for r in rows for k in r], dtype=torch.int64),
+            "row_pairs": torch.from_numpy(offsets.astype(np.int64))}
+
+
+def pair_positions(split: Split, pairs: Any, ctx_len: int) -> np.ndarray:
+    """Input positions each pair takes in a packed DPO row (both answers, each cut to
+    ctx_len + 1 tokens)."""
+    cap = ctx_len + 1
+    k = np.asarray(pairs, dtype=np.int64)
+    sizes = np.minimum(np.asarray(split.ids.sizes, dtype=np.int64), cap) - 1
+    return sizes[2 * k] + sizes[2 * k + 1]
+
+
 PACK_WINDOW = 64  # open rows a packed example may go to (first fit): bounded planning time
 
 
@@ -246,6 +299,25 @@ def pack_stats(sizes: Any, ctx_len: int, micro_bsz: int = 1) -> dict[str, float]
             "rows_packed": rows,
             "pad_share_unpacked": 1 - useful / padded if padded else 0.0,
             "pad_share_packed": 1 - useful / (rows * ctx_len) if rows else 0.0}
+
+
+def pair_pack_stats(split: Split, pairs: Any, ctx_len: int, micro_bsz: int = 1
+                    ) -> dict[str, float]:
+    """pack_stats for DPO pairs (in the given order): PACK=0 runs each micro-batch of
+    `micro_bsz` pairs as 2 x micro_bsz rows padded to its longest answer; PACK=1 packs whole
+    pairs into rows of 2 x ctx_len positions."""
+    cap = ctx_len + 1
+    k = np.asarray(pairs, dtype=np.int64)
+    sizes = np.minimum(np.asarray(split.ids.sizes, dtype=np.int64), cap) - 1
+    longest = np.maximum(sizes[2 * k], sizes[2 * k + 1])
+    useful = int(sizes[2 * k].sum() + sizes[2 * k + 1].sum())
+    padded = sum(2 * int(longest[b:b + micro_bsz].max()) * len(longest[b:b + micro_bsz])
+                 for b in range(0, len(k), micro_bsz))
+    rows = len(plan_packing(pair_positions(split, k, ctx_len), 2 * ctx_len))
+    return {"examples": len(k), "tokens": useful, "rows_unpacked": 2 * len(k),
+            "rows_packed": rows,
+            "pad_share_unpacked": 1 - useful / padded if padded else 0.0,
+            "pad_share_packed": 1 - useful / (rows * 2 * ctx_len) if rows else 0.0}
 
 
 def _rows_to_batch(rows: list[tuple[np.ndarray, np.ndarray]], T: int | None,
@@ -435,10 +507,14 @@ class SFTLoader(_Stream):
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         order = self._order(epoch)
-        sizes = self.split.ids.sizes[order]
-        rows = [[int(order[j]) for j in row] for row in plan_packing(sizes, self.ctx_len + 1)]
+        sizes, cap = self._pack_sizes(order)
+        rows = [[int(order[j]) for j in row] for row in plan_packing(sizes, cap)]
         self._plan_cache = (epoch, rows)
         return rows
+
+    def _pack_sizes(self, order: np.ndarray) -> tuple[Any, int]:
+        """(size of each example in `order`, room of a row), in the packer's units."""
+        return self.split.ids.sizes[order], self.ctx_len + 1
 
     def epoch_len(self, epoch: int) -> int:
         return len(self._plan(epoch)) if self.pack else self.n
@@ -471,15 +547,24 @@ class DPOLoader(SFTLoader):
     data_type = "dpo"
 
     def __init__(self, split: Split, ctx_len: int, micro_bsz: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, pad_to: str = "longest") -> None:
-        super().__init__(split, ctx_len, micro_bsz, seed, rank, world_size, pack=False,
+                 rank: int = 0, world_size: int = 1, pad_to: str = "longest",
+                 pack: bool = False) -> None:
+        super().__init__(split, ctx_len, micro_bsz, seed, rank, world_size, pack=pack,
                          pad_to=pad_to)
         cap = ctx_len + 1  # pairs whose answers differ only past ctx_len teach nothing
         self.same_within_ctx = sum(
             np.array_equal(split.ids[2 * k][:cap], split.ids[2 * k + 1][:cap])
             for k in self.examples.tolist())
 
+    def _pack_sizes(self, order: np.ndarray) -> tuple[Any, int]:
+        # a pair is one unit (both answers); a row holds what one unpacked pair's two rows do
+        return pair_positions(self.split, order, self.ctx_len), 2 * self.ctx_len
+
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.pack:
+            return pack_pairs(self.split, [self._plan(e)[p] for e, p in
+                                           (self._next_index() for _ in range(self.micro_bsz))],
+                              self.ctx_len)
         pairs = [self._epoch_order(e)[p] for e, p in
                  (self._next_index() for _ in range(self.micro_bsz))]
         return _pair_batch(self.split, pairs, self.ctx_len, self.pad_to)
@@ -529,7 +614,7 @@ def build_train_loader(prefix_or_meta: str | Path, ctx_len: int, micro_bsz: int,
     if split.data_type == "sft":
         return SFTLoader(split, ctx_len, micro_bsz, seed, rank, world_size, pack, pad_to)
     if split.data_type == "dpo":
-        return DPOLoader(split, ctx_len, micro_bsz, seed, rank, world_size, pad_to)
+        return DPOLoader(split, ctx_len, micro_bsz, seed, rank, world_size, pad_to, pack)
     raise ValueError(f"{prefix_or_meta}: unknown data type {split.data_type!r}")
 
 
@@ -574,8 +659,6 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
     s = settings
     rows = micro_bsz * grad_accum * world
     pack = bool(getattr(s, "pack", False))
-    if pack:
-        check_pack(s)
     try:
         loader = build_train_loader(prefix, s.ctx_len, rows, s.seed, pack=pack)
         val_batches = build_val_batches(prefix, s.ctx_len, max(s.micro_bsz, 1), max_batches=64)
@@ -610,26 +693,21 @@ def build_loaders(settings: Any, prefix: str | Path, micro_bsz: int, grad_accum:
     return loader, val_batches
 
 
-def check_pack(settings: Any) -> None:
-    """PACK=1 with what it cannot serve: a clear ValueError naming the setting to change.
-
-    DPO: a pair's two answers are compared row against row, so pairs stay one per row.
-    State tuning (TRAIN_TYPE=state / lora+state) packs: every example of a packed row restarts
-    from the tuned initial state (model/wkv.py's `reset_state`), whose gradient sums them all."""
-    if getattr(settings, "data_type", "sft") == "dpo":
-        raise ValueError("PACK=1 does not apply to DATA_TYPE=dpo: each preference pair stays "
-                         "on its own rows (chosen against rejected). Set PACK=0 for DPO runs.")
-
-
 def packing_line(prefix: str | Path, ctx_len: int, per_step: int) -> str | None:
     """prepare's summary line for PACK=1 (None when there is no SFT train split): rows and
     steps per epoch packed, and the padding share either way."""
     split = open_split(prefix, "train")
-    if split is None or split.data_type != "sft":
+    if split is None or split.data_type not in ("sft", "dpo"):
         return None
-    sizes = np.asarray(split.ids.sizes)  # in one shuffled order, as the loader reads them
-    st = pack_stats(sizes[np.random.default_rng([0, 0]).permutation(len(sizes))], ctx_len,
-                    per_step)
+    # in one shuffled order, as the loader reads them
+    order = np.random.default_rng([0, 0]).permutation(split.num_examples)
+    if split.data_type == "dpo":
+        st = pair_pack_stats(split, order, ctx_len, per_step)
+        return (f"  PACK=1: {st['rows_packed']} rows of 2 x CTX_LEN = {2 * ctx_len} positions "
+                f"(whole pairs) -> {st['rows_packed'] // max(per_step, 1)} steps per epoch "
+                f"(padding {st['pad_share_unpacked']:.0%} of the tokens unpacked -> "
+                f"{st['pad_share_packed']:.0%} packed)")
+    st = pack_stats(np.asarray(split.ids.sizes)[order], ctx_len, per_step)
     return (f"  PACK=1: {st['rows_packed']} rows of CTX_LEN={ctx_len} -> "
             f"{st['rows_packed'] // max(per_step, 1)} steps per epoch (padding "
             f"{st['pad_share_unpacked']:.0%} of the tokens unpacked -> "

@@ -572,7 +572,7 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
         log(f"  CTX_LEN={meta['ctx_len']}: {meta['steps_per_epoch']} steps per epoch "
             f"({batch}, unpacked)")
         packed = packing_line(prefix, meta["ctx_len"], meta["micro_bsz"] * meta["grad_accum"]
-                              * meta["num_gpus"]) if meta["type"] == "sft" else None
+                              * meta["num_gpus"])  # None: no SFT / DPO train split
         if packed:
             log(packed)
         if meta["steps_per_epoch"] == 0:
