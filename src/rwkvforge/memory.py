@@ -900,6 +900,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run:   profile {s.profile}, QUANT={w.quant}, PRECISION={w.precision}, LORA_R={w.lora_r}, "
           f"CTX_LEN={w.ctx_len}, MICRO_BSZ={w.micro_bsz}, GRAD_CP={int(w.grad_cp)}, "
           f"OPTIMIZER={w.optimizer}, HEAD_CHUNK={w.head_chunk}, device {device}\n")
+    if device == "cpu" and s.device == "auto":
+        # a CPU run's peak differs from a card's (no CUDA context, other head / WKV buffers)
+        print("no GPU on this machine: planned for a CPU run. To plan for a GPU you will train "
+              "on, add --device cuda (and --vram with its memory).\n")
     print(pl.breakdown.table())
     print()
     print(disk_line(pl.breakdown, s))
