@@ -348,6 +348,13 @@ def test_plan_says_how_much_disk_a_run_takes(capsys):
     assert total == 5 * per + 4_000_000 + (1 << 20)
     assert memory.run_disk_bytes(1_000_000, 100, 20, 2)[1] == 2
     assert memory.run_disk_bytes(1_000_000, 101, 20, 0)[1] == 6  # the last step is saved too
+    assert line.endswith("+ the final adapter")
+    # a state run writes no adapter: the line named one
+    for train_type, end in (("state", "+ the final state"),
+                            ("lora+state", "+ the final adapter and state")):
+        assert memory.main(["--size", "0.1b", "--train-type", train_type]) == 0
+        out = capsys.readouterr().out
+        assert next(x for x in out.splitlines() if x.startswith("disk: ")).endswith(end)
 
 
 # ----------------------------------------------------------------------------- several GPUs / nodes
