@@ -271,3 +271,29 @@ def test_every_infer_flag_says_what_it_does():
     text = ap.format_help()
     for flag in ("--max-tokens", "--temperature", "--top-p", "--top-k"):
         assert flag in text
+
+
+def test_adapter_of_a_lora_plus_state_run_names_the_state_it_leaves_out(tiny_model, tiny_model_path,
+                                                                        tmp_path, capsys):
+    """`infer --adapter runs/<run>` of a TRAIN_TYPE=lora+state run answered from base + adapter
+    without a word about the run's tuned state; it now says to add --state."""
+    import json
+
+    from rwkvforge import adapter as A
+    from rwkvforge import peft as rp
+
+    spec = rp.AdapterSpec(r=4, alpha=8.0)
+    run = tmp_path / "runs" / "ls"
+    A.save_adapter(run / "adapter", *rp.export_adapter(rp.apply_adapter(tiny_model, spec), spec))
+    (run / "config.json").write_text(json.dumps({"model": {"path": str(tiny_model_path)}}))
+    (run / "state").mkdir()
+    (run / "state" / "state.pth").write_bytes(b"")  # not read without --state
+    argv = ["--base-model", str(tiny_model_path), "--adapter", str(run), "--prompt", "Hi",
+            "--max-tokens", "2", "--temperature", "0"]
+    assert infer.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"this run also tuned an initial state ({run / 'state'})" in err
+    assert f"--state {run} with infer" in err
+    (run / "state" / "state.pth").unlink()
+    assert infer.main(argv) == 0
+    assert "initial state" not in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 from rwkvforge import adapter as A
 from rwkvforge import merge as M
 from rwkvforge.checkpoint import DTYPES
+from rwkvforge.state_tuning import run_state_note
 
 VOCAB, LAYERS, EMBD = 1024, 2, 128  # small vocab: merge does not care, the tests get faster
 
@@ -425,7 +426,7 @@ def test_cli_adapter_that_is_missing_or_a_run_folder(base_path, lora_dir, tmp_pa
     assert f"this run also tuned an initial state ({run / 'state'})" in err
     assert f"--state {run} with infer / serve / eval" in err
     (run / "state" / "state.pth").unlink()
-    assert M.state_note(run / "adapter") is None
+    assert run_state_note(run / "adapter", "x") is None
 
 
 # ----------------------------------------------------------------------------- issue 28

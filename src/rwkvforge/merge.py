@@ -57,6 +57,7 @@ from rwkvforge.checkpoint import (COMPLETE_MARKER, DTYPES, CheckpointError, Corr
                                   atomic_output, atomic_write_bytes, disk_error, fmt_mb,
                                   free_bytes, load_state_dict, model_from_state_dict, save_pth,
                                   verify_checkpoint)
+from rwkvforge.state_tuning import run_state_note
 
 # fp32 logit tolerance, relative to the logit scale. Merged vs unmerged fp32 differ only in
 # summation order (x (W + sBA)^T vs x W^T + s (x A^T) B^T): measured ~1e-6 relative on the test
@@ -509,23 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"verification: {res.report_path}")
     for k, v in res.report.get("exports", {}).items():
         print(f"{k}: {v}")
-    note = state_note(args.adapter)
+    note = run_state_note(args.adapter, "the merged .pth holds the weights only")
     if note:
-        print(note, file=sys.stderr)
+        print(f"[merge] {note}", file=sys.stderr)
     return 0
-
-
-def state_note(adapter_path: Path) -> str | None:
-    """What to say when the adapter's run also tuned an initial state (TRAIN_TYPE=lora+state):
-    the merged .pth holds the weights only, and the state goes with it as --state."""
-    from rwkvforge.state_tuning import STATE_DIR, STATE_PTH
-
-    run_dir = runs.run_of(adapter_path)
-    if run_dir is None or not (run_dir / STATE_DIR / STATE_PTH).is_file():
-        return None
-    return (f"[merge] note: this run also tuned an initial state ({run_dir / STATE_DIR}); the "
-            f"merged .pth holds the weights only. Use them together: --state {run_dir} with "
-            "infer / serve / eval (and export --format ai00 --state), see docs/state-tuning.md")
 
 
 if __name__ == "__main__":
