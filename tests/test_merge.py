@@ -424,7 +424,7 @@ def test_cli_adapter_that_is_missing_or_a_run_folder(base_path, lora_dir, tmp_pa
     assert f"using the run's final adapter {run / 'adapter'}" in err
     assert "--base is required" not in err
     assert f"this run also tuned an initial state ({run / 'state'})" in err
-    assert f"--state {run} with infer / serve / eval" in err
+    assert f"--state {run} with infer / serve" in err
     (run / "state" / "state.pth").unlink()
     assert run_state_note(run / "adapter", "x") is None
 

@@ -203,8 +203,8 @@ def run_state_note(adapter_path: str | os.PathLike, without: str) -> str | None:
     if run_dir is None or not (run_dir / STATE_DIR / STATE_PTH).is_file():
         return None
     return (f"note: this run also tuned an initial state ({run_dir / STATE_DIR}); {without}. "
-            f"Use them together: --state {run_dir} with infer / serve / eval (and export "
-            "--format ai00 --state), see docs/state-tuning.md")
+            f"Use them together: --state {run_dir} with infer / serve (eval --run finds it by "
+            "itself; export --format ai00 takes --state too), see docs/state-tuning.md")
 
 
 # ---- files ---------------------------------------------------------------------------------------
