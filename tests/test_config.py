@@ -230,3 +230,40 @@ def test_non_ascii_serve_api_key_is_refused_at_start() -> None:
         assert bad not in str(ei.value)
     assert resolve(env={"SERVE_API_KEY": "sk-A1b2_c3.D4"}, root=ROOT).settings.serve_api_key \
         == "sk-A1b2_c3.D4"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="named pipes and SIGINT are POSIX here")
+def test_ctrl_c_in_a_command_ends_with_one_line_not_a_traceback(tmp_path):
+    """Ctrl-C in `rwkvforge merge` (and every command that does not handle it, as train does)
+    printed a KeyboardInterrupt traceback. Made deterministic: `config check` blocks reading
+    a named pipe among the .env files, and SIGINT arrives while it waits."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "configs" / "profile").mkdir(parents=True)
+    fifo = tmp_path / "configs" / "profile" / "slow.env"
+    os.mkfifo(fifo)
+    p = subprocess.Popen([sys.executable, "-m", "rwkvforge.cli", "config", "check"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "RWKVFORGE_ROOT": str(tmp_path)})
+
+    def writer() -> int | None:  # opens only once the command is waiting on the pipe
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return None
+
+    fd, t0 = None, time.monotonic()
+    while fd is None and p.poll() is None and time.monotonic() - t0 < 60:
+        fd = writer()
+        time.sleep(0.05)
+    assert fd is not None, p.communicate()
+    try:
+        time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        os.close(fd)
+    assert p.returncode == 130, err
+    assert "rwkvforge config: interrupted (Ctrl-C)" in err and "Traceback" not in err

@@ -171,6 +171,25 @@ def test_eval_binidx_val_split(tiny_model, tmp_path):
     assert r["tokens"] == int(masked) and math.isfinite(r["loss"])
 
 
+def test_one_document_holds_none_out_and_both_stages_say_why(tmp_path):
+    """A folder with one text file (VAL_FRACTION=0.05): prepare warned of nothing, and eval
+    blamed 'VAL_FRACTION=0?' (quickstart's eval step failed on it)."""
+    from rwkvforge.data import prepare
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("The quick brown fox. " * 200, encoding="utf-8")
+    lines: list[str] = []
+    prefix = tmp_path / "notes"
+    prepare.run(prepare.Options(input=tmp_path / "docs", prefix=prefix, data_type="text",
+                                val_fraction=0.05, workers=1, progress=False),
+                log=lambda m, *a, **k: lines.append(str(m)))
+    warn = next(x for x in lines if "no validation split" in x)
+    assert "VAL_FRACTION=0.05" in warn and "(there is 1)" in warn and "several files" in warn
+    with pytest.raises(E.EvalError, match=r"no validation split \(VAL_FRACTION=0.05 holds out "
+                       r"whole documents and the data has 1\); .*--val"):
+        E.val_batches(prefix, CTX, 4)
+
+
 def test_bad_inputs(tiny_model_path, tmp_path, capsys):
     assert E.main(["--run", str(tmp_path / "nope")]) == 2
     assert "no such run folder" in capsys.readouterr().err

@@ -185,6 +185,27 @@ def test_default_model_is_the_demo(tmp_path):
     assert is_demo and path.is_file() and path.parent == tmp_path / "models" / "base"
 
 
+def test_missing_model_names_the_dated_download_beside_it(tmp_path):
+    """configs/model/rwkv7-1.5b.env names models/base/rwkv7-g1-1.5b.pth; BlinkDL's download
+    carries a date: the error names it and the link to make."""
+    from rwkvforge.checkpoint import CheckpointError
+    from rwkvforge.demo import resolve_base_model
+
+    base = tmp_path / "models" / "base"
+    base.mkdir(parents=True)
+    want = "models/base/rwkv7-g1-1.5b.pth"
+    with pytest.raises(CheckpointError) as ei:
+        resolve_base_model(want, "configs/model/rwkv7-1.5b.env:5", root=tmp_path)
+    assert "model file not found" in str(ei.value) and "ln -s" not in str(ei.value)
+    (base / "rwkv7-g1-1.5b-20250429-ctx4096.pth").write_bytes(b"")
+    (base / "rwkv7-g1-0.4b-20250324-ctx4096.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError) as ei:
+        resolve_base_model(want, "configs/model/rwkv7-1.5b.env:5", root=tmp_path)
+    assert (f"{base} has rwkv7-g1-1.5b-20250429-ctx4096.pth: link it under the expected name "
+            f"(ln -s rwkv7-g1-1.5b-20250429-ctx4096.pth {base / 'rwkv7-g1-1.5b.pth'})"
+            in str(ei.value)) and "0.4b" not in str(ei.value)
+
+
 def test_model_flag_takes_a_config_layer_not_a_file(tiny_model_path, capsys):
     """--model names a configs/model/*.env layer for every command; a .pth there is refused
     with the flag that takes it (it used to be read as the base model by infer only)."""
@@ -271,3 +292,29 @@ def test_every_infer_flag_says_what_it_does():
     text = ap.format_help()
     for flag in ("--max-tokens", "--temperature", "--top-p", "--top-k"):
         assert flag in text
+
+
+def test_adapter_of_a_lora_plus_state_run_names_the_state_it_leaves_out(tiny_model, tiny_model_path,
+                                                                        tmp_path, capsys):
+    """`infer --adapter runs/<run>` of a TRAIN_TYPE=lora+state run answered from base + adapter
+    without a word about the run's tuned state; it now says to add --state."""
+    import json
+
+    from rwkvforge import adapter as A
+    from rwkvforge import peft as rp
+
+    spec = rp.AdapterSpec(r=4, alpha=8.0)
+    run = tmp_path / "runs" / "ls"
+    A.save_adapter(run / "adapter", *rp.export_adapter(rp.apply_adapter(tiny_model, spec), spec))
+    (run / "config.json").write_text(json.dumps({"model": {"path": str(tiny_model_path)}}))
+    (run / "state").mkdir()
+    (run / "state" / "state.pth").write_bytes(b"")  # not read without --state
+    argv = ["--base-model", str(tiny_model_path), "--adapter", str(run), "--prompt", "Hi",
+            "--max-tokens", "2", "--temperature", "0"]
+    assert infer.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"this run also tuned an initial state ({run / 'state'})" in err
+    assert f"--state {run} with infer" in err
+    (run / "state" / "state.pth").unlink()
+    assert infer.main(argv) == 0
+    assert "initial state" not in capsys.readouterr().err

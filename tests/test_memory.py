@@ -348,6 +348,13 @@ def test_plan_says_how_much_disk_a_run_takes(capsys):
     assert total == 5 * per + 4_000_000 + (1 << 20)
     assert memory.run_disk_bytes(1_000_000, 100, 20, 2)[1] == 2
     assert memory.run_disk_bytes(1_000_000, 101, 20, 0)[1] == 6  # the last step is saved too
+    assert line.endswith("+ the final adapter")
+    # a state run writes no adapter: the line named one
+    for train_type, end in (("state", "+ the final state"),
+                            ("lora+state", "+ the final adapter and state")):
+        assert memory.main(["--size", "0.1b", "--train-type", train_type]) == 0
+        out = capsys.readouterr().out
+        assert next(x for x in out.splitlines() if x.startswith("disk: ")).endswith(end)
 
 
 # ----------------------------------------------------------------------------- several GPUs / nodes
@@ -483,3 +490,32 @@ def test_plan_on_a_machine_without_a_gpu_plans_for_its_ram(capsys):
     out = json.loads(cap.out)
     assert out["plan"]["fits"] is True and "--vram" not in cap.err
     assert 0 < out["plan"]["vram"] <= psutil.virtual_memory().total
+
+
+def test_cli_on_a_machine_without_a_gpu_says_how_to_plan_for_one(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: auto plans for it")
+    argv = ["--size", "1.5b", "--ctx-len", "1024", "--vram", "12GiB"]
+    assert memory.main([*argv, "--device", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "device cpu" in out and "add --device cuda" in out
+    assert memory.main([*argv, "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "device cuda" in out and "add --device cuda" not in out
+
+
+@pytest.mark.parametrize("doc", ["quickstart.md", "quickstart.zh-CN.md"])
+def test_quickstart_memory_table_is_the_planners_output(doc, capsys):
+    """docs/quickstart.md's table per size x profile, as `rwkvforge plan` prints it for a card
+    with the settings the doc names (it had drifted from the planner)."""
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+\.\dB) \| ([\d.]+ GiB) \| ([\d.]+ GiB) \| ([\d.]+ GiB) \|$",
+                      text, re.M)
+    assert [r[0] for r in rows] == ["0.1B", "0.4B", "1.5B", "2.9B", "7.2B"]
+    assert memory.main(["--size", "1.5b", "--ctx-len", "1024", "--micro-bsz", "1", "--grad-cp",
+                        "1", "--lora-r", "32", "--device", "cuda", "--json"]) == 0
+    table = {r["size"]: r for r in json.loads(capsys.readouterr().out)["fit_table"]}
+    for size, *cells in rows:
+        got = [memory.fmt_bytes(table[size.lower()][p]["total"])
+               for p in ("lora-bf16", "qlora-int8", "qlora-nf4")]
+        assert cells == got, f"docs/{doc}: the {size} row; `rwkvforge plan` prints {got}"

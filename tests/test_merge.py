@@ -15,6 +15,7 @@ import torch
 from rwkvforge import adapter as A
 from rwkvforge import merge as M
 from rwkvforge.checkpoint import DTYPES
+from rwkvforge.state_tuning import run_state_note
 
 VOCAB, LAYERS, EMBD = 1024, 2, 128  # small vocab: merge does not care, the tests get faster
 
@@ -414,11 +415,18 @@ def test_cli_adapter_that_is_missing_or_a_run_folder(base_path, lora_dir, tmp_pa
     run = tmp_path / "runs" / "r"
     shutil.copytree(lora_dir, run / "adapter")
     (run / "config.json").write_text(json.dumps({"model": {"path": str(base_path)}}))
+    # TRAIN_TYPE=lora+state: the merged .pth leaves the state out, and merge says so
+    (run / "state").mkdir()
+    (run / "state" / "state.pth").write_bytes(b"")
     rc = M.main(["--adapter", str(run), "--dtype", "fp32", "--out", str(tmp_path / "m.pth")])
     err = capsys.readouterr().err
     assert rc == 0, err
     assert f"using the run's final adapter {run / 'adapter'}" in err
     assert "--base is required" not in err
+    assert f"this run also tuned an initial state ({run / 'state'})" in err
+    assert f"--state {run} with infer / serve" in err
+    (run / "state" / "state.pth").unlink()
+    assert run_state_note(run / "adapter", "x") is None
 
 
 # ----------------------------------------------------------------------------- issue 28

@@ -178,6 +178,8 @@ def test_not_utf8_and_oversize_lines(tmp_path):
     ('{"text": "a"}\n'.encode("utf-16-be"), "looks like UTF-16.*iconv -f utf-16be"),
     (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff", "gzip-compressed"),
     ("Процедура Тест()\n".encode("utf-8"), "must be JSON Lines"),
+    # a plain .txt given as the input: where plain text goes instead
+    ("Line 1: the quick brown fox\n".encode("utf-8"), "plain text files go in a folder"),
 ])
 def test_wrong_file_kinds_get_their_own_hint(tmp_path, data, hint):
     src = tmp_path / "c.jsonl"

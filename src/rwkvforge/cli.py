@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"rwkvforge: unknown command '{cmd}'.{hint}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[cmd][0])
     try:
-        return int(module.main(rest) or 0)
+        return int(importlib.import_module(STAGES[cmd][0]).main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C in a stage that does not handle it itself (train does)
+        print(f"\nrwkvforge {cmd}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading
         import os
 

@@ -129,9 +129,23 @@ def resolve_base_model(base_model: str, source: str = "cli", root: Path | None =
         return p, False  # a Hugging Face RWKV-7 folder (checkpoint.load_state_dict reads it)
     if not p.is_file():
         raise CheckpointError(f"BASE_MODEL={base_model} (from {source}): model file not found "
-                              f"at {p}. Put the .pth there or fix the path (--base-model "
-                              "PATH.pth); leave BASE_MODEL empty for the demo model.")
+                              f"at {p}. {_missing_model_hint(p)}Put the .pth there or fix the "
+                              "path (--base-model PATH.pth); leave BASE_MODEL empty for the "
+                              "demo model.")
     return p, False
+
+
+def _missing_model_hint(p: Path) -> str:
+    """BlinkDL's downloads carry a date (rwkv7-g1-1.5b-20250429-ctx4096.pth) where a model
+    .env names the short file (rwkv7-g1-1.5b.pth): name the downloads that start like it."""
+    try:
+        near = sorted(f.name for f in p.parent.glob(f"{p.stem}*.pth") if f.is_file())
+    except OSError:
+        return ""
+    if not near:
+        return ""
+    return (f"{p.parent} has {', '.join(near[:3])}: link it under the expected name "
+            f"(ln -s {near[0]} {p}) or pass it as --base-model. ")
 
 
 def main(argv: list[str] | None = None) -> int:

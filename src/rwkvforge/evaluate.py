@@ -239,9 +239,12 @@ def val_batches(source: str | Path, ctx_len: int, micro_bsz: int, tok=None,
         else:
             batches = build_val_batches(prefix, ctx_len, micro_bsz)
             if not batches:
+                frac = (meta.get("options") or {}).get("val_fraction", 0)
+                why = (f"VAL_FRACTION={frac} holds out whole documents and the data has "
+                       f"{meta.get('documents', '?')}" if frac else "VAL_FRACTION=0")
                 raise EvalError(f"{prefix}: the prepared data has no validation split "
-                                f"(VAL_FRACTION=0?); prepare it with VAL_FRACTION > 0 or pass "
-                                f"--val with a JSONL.")
+                                f"({why}); prepare it with VAL_FRACTION > 0 and at least 2 "
+                                "documents, or pass --val with a JSONL.")
             desc = f"{prefix} (val split, {meta.get('type', '?')})"
     if max_batches is not None:
         batches = batches[:max_batches]

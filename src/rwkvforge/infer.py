@@ -38,7 +38,7 @@ from rwkvforge.sampling import SamplingParams, count_token, request_generator, s
 from rwkvforge.demo import resolve_base_model
 from rwkvforge.paths import workspace_root
 from rwkvforge.runtime import keep_freed_memory
-from rwkvforge.state_tuning import load_state_into, read_state, rwkv_pip_state
+from rwkvforge.state_tuning import load_state_into, read_state, run_state_note, rwkv_pip_state
 from rwkvforge.tokenizer import ChatFormatError, get_tokenizer
 
 
@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if is_demo:
             print(f"[rwkvforge] using the demo model {path} (random weights: output is "
                   "gibberish; set BASE_MODEL for a real model)", file=sys.stderr)
+        if args.adapter and not args.state:
+            note = run_state_note(args.adapter, "this answers from base + adapter alone")
+            if note:
+                print(f"[rwkvforge] {note}", file=sys.stderr)
         tok = get_tokenizer()
         runner = make_runner(s.infer_backend, path, tok, device=device, dtype=dtype,
                              adapter=args.adapter, fast=s.infer_fast, state=args.state)

@@ -820,6 +820,12 @@ def run_disk_bytes(n_trainable: int, total_steps: int, save_every: int, keep: in
     return per, kept, kept * per + 4 * n_trainable + (1 << 20)
 
 
+def final_outputs(train_type: str) -> str:
+    """What a run of TRAIN_TYPE writes at its end, as a disk estimate names it."""
+    return {"state": "the final state",
+            "lora+state": "the final adapter and state"}.get(train_type, "the final adapter")
+
+
 def disk_line(breakdown: Breakdown, s: Any) -> str:
     """`rwkvforge plan`'s disk estimate of a run with these settings."""
     n_train = breakdown.items.get("adapter", 0) // 4
@@ -828,7 +834,8 @@ def disk_line(breakdown: Breakdown, s: Any) -> str:
     steps = (f"MAX_STEPS={s.max_steps}, SAVE_EVERY={s.save_every}" if s.max_steps else
              "MAX_STEPS=0 (the count of checkpoints depends on the data; one counted)")
     return (f"disk: about {fmt_bytes(total)} per run: {kept} checkpoint(s) of ~{fmt_bytes(per)} "
-            f"({steps}, KEEP_CHECKPOINTS={s.keep_checkpoints or 'all'}) + the final adapter")
+            f"({steps}, KEEP_CHECKPOINTS={s.keep_checkpoints or 'all'}) + "
+            f"{final_outputs(s.train_type)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -900,6 +907,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run:   profile {s.profile}, QUANT={w.quant}, PRECISION={w.precision}, LORA_R={w.lora_r}, "
           f"CTX_LEN={w.ctx_len}, MICRO_BSZ={w.micro_bsz}, GRAD_CP={int(w.grad_cp)}, "
           f"OPTIMIZER={w.optimizer}, HEAD_CHUNK={w.head_chunk}, device {device}\n")
+    if device == "cpu" and s.device == "auto":
+        # a CPU run's peak differs from a card's (no CUDA context, other head / WKV buffers)
+        print("no GPU on this machine: planned for a CPU run. To plan for a GPU you will train "
+              "on, add --device cuda (and --vram with its memory).\n")
     print(pl.breakdown.table())
     print()
     print(disk_line(pl.breakdown, s))

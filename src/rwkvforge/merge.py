@@ -57,6 +57,7 @@ from rwkvforge.checkpoint import (COMPLETE_MARKER, DTYPES, CheckpointError, Corr
                                   atomic_output, atomic_write_bytes, disk_error, fmt_mb,
                                   free_bytes, load_state_dict, model_from_state_dict, save_pth,
                                   verify_checkpoint)
+from rwkvforge.state_tuning import run_state_note
 
 # fp32 logit tolerance, relative to the logit scale. Merged vs unmerged fp32 differ only in
 # summation order (x (W + sBA)^T vs x W^T + s (x A^T) B^T): measured ~1e-6 relative on the test
@@ -509,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"verification: {res.report_path}")
     for k, v in res.report.get("exports", {}).items():
         print(f"{k}: {v}")
+    note = run_state_note(args.adapter, "the merged .pth holds the weights only")
+    if note:
+        print(f"[merge] {note}", file=sys.stderr)
     return 0
 
 

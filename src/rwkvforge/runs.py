@@ -47,7 +47,7 @@ from rwkvforge import config, paths
 from rwkvforge.checkpoint import (READ_ONLY, atomic_write_bytes, disk_error, fmt_mb, free_bytes,
                                   latest_checkpoint)
 from rwkvforge.data.loader import load_meta, open_split
-from rwkvforge.memory import run_disk_bytes
+from rwkvforge.memory import final_outputs, run_disk_bytes
 
 log = logging.getLogger("rwkvforge.train")
 
@@ -663,7 +663,7 @@ def disk_plan(run_dir: Path, n_trainable: int, total_steps: int, s: config.Setti
                                         s.keep_checkpoints, s.optimizer)
     free = free_bytes(run_dir)
     notes = [(f"disk: about {fmt_mb(total)} for this run ({n_kept} checkpoint(s) of "
-              f"~{fmt_mb(per)} + the final adapter; KEEP_CHECKPOINTS="
+              f"~{fmt_mb(per)} + {final_outputs(s.train_type)}; KEEP_CHECKPOINTS="
               f"{s.keep_checkpoints or 'all'}), {fmt_mb(free)} free at {run_dir.parent}",
               logging.INFO)]
     if free is not None and free < total:

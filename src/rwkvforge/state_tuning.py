@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from rwkvforge.adapter import ADAPTER_CONFIG, save_adapter
+from rwkvforge import runs
+from rwkvforge.adapter import ADAPTER_CONFIG, resolve_adapter_path, save_adapter
 from rwkvforge.checkpoint import atomic_dir, atomic_output
 from rwkvforge.config import TRAIN_TYPES
 from rwkvforge.peft import (AdapterSpec, apply_adapter, export_adapter, quantize_linears,
@@ -192,6 +193,18 @@ def done_lines(lines: list[str], run_dir: Path, train_type: str) -> list[str]:
         return [first, rest + f"Next: rwkvforge eval --run {run_dir}  (base vs base + state), "
                 f"rwkvforge infer --state {run_dir}"]
     return [lines[0] + f", state {where}", *lines[1:]]
+
+
+def run_state_note(adapter_path: str | os.PathLike, without: str) -> str | None:
+    """What to say when an adapter (or its run folder) comes from a run that also tuned an
+    initial state (TRAIN_TYPE=lora+state) and the command does not use it: `without` says
+    what the user gets instead. None when the run has no state."""
+    run_dir = runs.run_of(resolve_adapter_path(adapter_path))
+    if run_dir is None or not (run_dir / STATE_DIR / STATE_PTH).is_file():
+        return None
+    return (f"note: this run also tuned an initial state ({run_dir / STATE_DIR}); {without}. "
+            f"Use them together: --state {run_dir} with infer / serve (eval --run finds it by "
+            "itself; export --format ai00 takes --state too), see docs/state-tuning.md")
 
 
 # ---- files ---------------------------------------------------------------------------------------

@@ -555,6 +555,12 @@ def _summary(meta: dict[str, Any], prefix: Path, log) -> None:
     log(f"  train: {tr['documents']} {unit}, {tr['tokens']} tokens -> {prefix}.bin/.idx")
     if va:
         log(f"  val:   {va['documents']} {unit}, {va['tokens']} tokens -> {prefix}.val.bin/.idx")
+    elif meta["options"]["val_fraction"] > 0:
+        log(f"  warning: no validation split: VAL_FRACTION={meta['options']['val_fraction']} holds "
+            f"out whole {unit} and needs at least 2 (there is {meta['documents']}); no "
+            "validation loss, and `rwkvforge eval` needs --val FILE. "
+            + ("Split the text into several files (one file = one document)"
+               if meta["source"].get("files") else "Add records") + " to get one.")
     batch = (f"micro_bsz {meta['micro_bsz']} x grad_accum {meta['grad_accum']} x "
              f"{meta['num_gpus']} GPU")
     if meta["type"] == "text":

@@ -365,7 +365,9 @@ def parse_line(raw: bytes, lineno: int) -> Any:
                     "\\n (json.dumps does it)")
         elif lineno == 1 and e.pos == 0 and not line.lstrip().startswith(("{", "[", '"')):
             hint = (": the input must be JSON Lines, one object per line such as "
-                    '{"text": "..."} (see "Your own data" in docs/quickstart.md)')
+                    '{"text": "..."}, or a JSON array; plain text files go in a folder, '
+                    "given as the input (one file = one document; see \"Your own data\" in "
+                    "docs/quickstart.md)")
         msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "... starting at" + column
         raise ValueError(f"invalid JSON: {msg} at column {e.colno}{hint}") from None
     except RecursionError:
