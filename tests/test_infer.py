@@ -318,3 +318,36 @@ def test_adapter_of_a_lora_plus_state_run_names_the_state_it_leaves_out(tiny_mod
     (run / "state" / "state.pth").unlink()
     assert infer.main(argv) == 0
     assert "initial state" not in capsys.readouterr().err
+
+
+def test_adapter_of_a_run_loads_the_base_that_run_trained_on(tiny_model, tiny_model_path,
+                                                              tmp_path, capsys, monkeypatch):
+    """`infer --adapter runs/<run>` loaded BASE_MODEL (the demo model when unset) whatever the
+    run trained on; like merge and eval it now takes the run's base unless --base-model says
+    otherwise on the command line."""
+    import json
+
+    from rwkvforge import adapter as A
+    from rwkvforge import peft as rp
+    from rwkvforge.demo import write_demo_model
+
+    other = tmp_path / "other.pth"
+    write_demo_model(other, 1, 64)  # another shape: the adapter does not fit it
+    spec = rp.AdapterSpec(r=4, alpha=8.0)
+    run = tmp_path / "runs" / "r1"
+    A.save_adapter(run / "adapter", *rp.export_adapter(rp.apply_adapter(tiny_model, spec), spec))
+    (run / "config.json").write_text(json.dumps({"model": {"path": str(tiny_model_path)}}))
+    monkeypatch.setenv("BASE_MODEL", str(other))
+    tail = ["--prompt", "Hi", "--max-tokens", "2", "--temperature", "0"]
+    for adapter in (run, run / "adapter"):
+        assert infer.main(["--adapter", str(adapter), *tail]) == 0
+        err = capsys.readouterr().err
+        assert (f"using the base model the adapter's run trained on: {tiny_model_path}" in err
+                and f"BASE_MODEL says {other}" in err)
+    # given on the command line, BASE_MODEL wins (and here does not fit the adapter)
+    assert infer.main(["--base-model", str(other), "--adapter", str(run), *tail]) == 2
+    assert "using the base model" not in capsys.readouterr().err
+    # the run's base moved away: BASE_MODEL as configured
+    (run / "config.json").write_text(json.dumps({"model": {"path": str(tmp_path / "gone.pth")}}))
+    assert infer.main(["--adapter", str(run), *tail]) == 2
+    assert "using the base model" not in capsys.readouterr().err

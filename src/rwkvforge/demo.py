@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from rwkvforge import paths
+from rwkvforge import paths, runs
 from rwkvforge.checkpoint import CheckpointError, save_pth
 from rwkvforge.model.rwkv7 import RWKV7Config
 
@@ -109,12 +109,24 @@ def write_demo_model(path: Path, n_layer: int, n_embd: int, seed: int = 0, force
 
 
 def resolve_base_model(base_model: str, source: str = "cli", root: Path | None = None, *,
-                       generate: bool = True, say: Callable[[str], None] = print
-                       ) -> tuple[Path, bool]:
+                       generate: bool = True, say: Callable[[str], None] = print,
+                       adapter: str | Path | None = None) -> tuple[Path, bool]:
     """The base model .pth every command loads: BASE_MODEL resolved by the one path rule
     (paths.resolve), or, when it is empty, the embedded demo model, written when missing and
-    `generate`. Returns (path, is_demo); CheckpointError names the file and the fix."""
+    `generate`. Returns (path, is_demo); CheckpointError names the file and the fix.
+
+    With `adapter` from a run (its folder or a path in it) and BASE_MODEL not given on the
+    command line, the base that run trained on (its config.json) when that file still exists,
+    as merge and eval do: an adapter only fits the base it was trained on."""
     root = root or paths.workspace_root()
+    trained = _trained_base(adapter) if adapter and source != "cli" else None
+    if trained is not None:
+        configured = paths.resolve(base_model, source, root) if base_model else None
+        if configured is None or configured.resolve() != trained.resolve():
+            say(f"using the base model the adapter's run trained on: {trained} (its config.json; "
+                f"BASE_MODEL {'says ' + base_model if base_model else 'is empty'}); pass "
+                "--base-model to choose another")
+        return trained, trained.resolve() == paths.demo_model_path(root).resolve()
     if not base_model:
         p = paths.demo_model_path(root)
         if not p.is_file():
@@ -133,6 +145,14 @@ def resolve_base_model(base_model: str, source: str = "cli", root: Path | None =
                               "path (--base-model PATH.pth); leave BASE_MODEL empty for the "
                               "demo model.")
     return p, False
+
+
+def _trained_base(adapter: str | Path) -> Path | None:
+    """The existing base model file of the run `adapter` is (or is in); None otherwise."""
+    p = Path(adapter)
+    run_dir = p if runs.is_run(p) else runs.run_of(p)
+    base = runs.run_base_model(runs.run_config(run_dir)) if run_dir is not None else None
+    return base if base is not None and base.is_file() else None
 
 
 def _missing_model_hint(p: Path) -> str:

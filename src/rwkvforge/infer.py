@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = resolve_device_dtype(s.device, args.dtype)
         path, is_demo = resolve_base_model(s.base_model, res.sources["BASE_MODEL"],
                                            say=lambda m: print(f"[rwkvforge] {m}",
-                                                               file=sys.stderr))
+                                                               file=sys.stderr),
+                                           adapter=args.adapter or None)
         if is_demo:
             print(f"[rwkvforge] using the demo model {path} (random weights: output is "
                   "gibberish; set BASE_MODEL for a real model)", file=sys.stderr)

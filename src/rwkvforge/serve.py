@@ -779,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path, is_demo = resolve_base_model(s.base_model, res.sources["BASE_MODEL"],
                                            say=lambda m: print(f"[rwkvforge] {m}",
-                                                               file=sys.stderr))
+                                                               file=sys.stderr),
+                                           adapter=args.adapter or None)
         tok = get_tokenizer()
         model = load_with_adapter(path, args.adapter or None, DTYPES[dtype], device)
         load_state_into(model, args.state)  # before the engine: its init_state starts there
