@@ -73,6 +73,12 @@ def test_packed_rows_hold_whole_pairs_laid_as_their_unpacked_rows(dpo_prefix):
     assert 0 <= st["pad_share_packed"] < st["pad_share_unpacked"] < 1
     line = packing_line(dpo_prefix, CTX, 2)
     assert "rows of 2 x CTX_LEN = 1024 positions (whole pairs)" in line
+    assert "warning" not in line
+    # more rows per step than the data packs into: said at prepare, not after the model loads
+    many = st["rows_packed"] + 1
+    line = packing_line(dpo_prefix, CTX, many)
+    assert ("-> 0 steps per epoch" in line and f"make no full step of {many} rows: train "
+            "with PACK=0" in line)
 
 
 # ---- packed loss and gradient == unpacked --------------------------------------------------------

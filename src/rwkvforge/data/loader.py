@@ -703,15 +703,19 @@ def packing_line(prefix: str | Path, ctx_len: int, per_step: int) -> str | None:
     order = np.random.default_rng([0, 0]).permutation(split.num_examples)
     if split.data_type == "dpo":
         st = pair_pack_stats(split, order, ctx_len, per_step)
-        return (f"  PACK=1: {st['rows_packed']} rows of 2 x CTX_LEN = {2 * ctx_len} positions "
-                f"(whole pairs) -> {st['rows_packed'] // max(per_step, 1)} steps per epoch "
-                f"(padding {st['pad_share_unpacked']:.0%} of the tokens unpacked -> "
-                f"{st['pad_share_packed']:.0%} packed)")
-    st = pack_stats(np.asarray(split.ids.sizes)[order], ctx_len, per_step)
-    return (f"  PACK=1: {st['rows_packed']} rows of CTX_LEN={ctx_len} -> "
-            f"{st['rows_packed'] // max(per_step, 1)} steps per epoch (padding "
+        rows = f"{st['rows_packed']} rows of 2 x CTX_LEN = {2 * ctx_len} positions (whole pairs)"
+    else:
+        st = pack_stats(np.asarray(split.ids.sizes)[order], ctx_len, per_step)
+        rows = f"{st['rows_packed']} rows of CTX_LEN={ctx_len}"
+    steps = st["rows_packed"] // max(per_step, 1)
+    line = (f"  PACK=1: {rows} -> {steps} steps per epoch (padding "
             f"{st['pad_share_unpacked']:.0%} of the tokens unpacked -> "
             f"{st['pad_share_packed']:.0%} packed)")
+    if steps == 0:  # train would refuse it only after loading the model
+        line += (f"\n  warning: packed, the {st['rows_packed']} rows make no full step of "
+                 f"{per_step} rows: train with PACK=0, lower MICRO_BSZ / GRAD_ACCUM, add data, "
+                 "or prepare with --repeat N")
+    return line
 
 
 def split_digest(split: Split) -> str:
