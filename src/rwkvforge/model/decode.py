@@ -107,13 +107,10 @@ def gemm_bf16p(x: torch.Tensor, p: torch.Tensor, bf16_rows: bool = False) -> tor
     if lib is None:
         return None
     B, K = x.shape
-    if bf16_rows and dp_available():  # (k, k+1) bf16 pairs, pair-major (K/2, B)
-        xs = x.to(torch.bfloat16).contiguous().view(torch.int32).t().contiguous()
-    else:
-        xs = x.contiguous()
+    x = x.contiguous()  # the kernel rounds it to bf16 itself where bf16_rows and the CPU has it
     N = p.shape[0] * 16
     y = torch.empty(B, N)
-    if lib.rf_gemm_bf16p(B, N, K, p.data_ptr(), xs.data_ptr(), int(xs.dtype == torch.int32),
+    if lib.rf_gemm_bf16p(B, N, K, p.data_ptr(), x.data_ptr(), int(bf16_rows and dp_available()),
                          y.data_ptr(), torch.get_num_threads()):
         return None
     return y
