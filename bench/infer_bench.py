@@ -112,7 +112,10 @@ class Ours:
         self.value_bytes = 0 if self.infer_dtype is torch.int8 else sum(
             b.ffn.value.weight.numel() * per for b in self.model.blocks)
         if self.infer_dtype is torch.bfloat16:  # single stream reads bf16 copies of the Linears
-            self.bytes_per_token -= sum(w.numel() * (w.element_size() - 2) for w in lins)
+            # and of the time-mix's low-rank matrices (RWKV7._mm)
+            lowrank = [getattr(b.att, n) for b in self.model.blocks
+                       for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2") if hasattr(b.att, n)]
+            self.bytes_per_token -= sum(w.numel() * (w.element_size() - 2) for w in lins + lowrank)
         if self.infer_dtype is torch.int8:  # single stream reads int8 copies of the Linears
             self.bytes_per_token -= sum(w.numel() * w.element_size() for w in lins)
             self.bytes_per_token += sum(w.numel() + 2 * w.shape[0] for w in lins)

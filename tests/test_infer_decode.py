@@ -71,6 +71,58 @@ def test_packed_bf16_product_is_the_product_of_the_bf16_weight(B, N, K):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dp", [True, False])
+def test_packed_bf16_product_over_many_blocks_and_both_threads(dp, monkeypatch):
+    """A shape the software prefetch runs across blocks, thread slices and past the end of the
+    packed weight (37 blocks, K/2 odd, 2 threads): still the bound; `dp` False forces the
+    fp32-activation form a CPU without AVX512-BF16 takes for 8+ rows."""
+    if not dp:
+        monkeypatch.setattr(decode, "dp_available", lambda: False)
+    g = torch.Generator().manual_seed(37)
+    B, N, K = 16, 16 * 37, 770
+    x = torch.randn(B, K, generator=g)
+    wb = torch.randn(N, K, generator=g).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            y = decode.gemm_bf16p(x, decode.pack_bf16(wb), bf16_rows=True)
+    finally:
+        torch.set_num_threads(threads)
+    xr = x.bfloat16().float() if decode.dp_available() else x
+    ref = xr.double() @ wb.double().t()
+    assert ((y.double() - ref).abs() <= _bound(xr, wb.t().float()) + 1e-30).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,dp", [(3, True), (9, True), (9, False)])
+def test_step_low_rank_products_are_the_bf16_products(tiny_model, B, dp, monkeypatch):
+    """RWKV7._mm (step's w/a/v/g low-rank products) in bf16 mode: x @ bf16(w) + bias within
+    fp32 summation error (activations bf16 from 8 rows where the CPU has AVX512-BF16; `dp`
+    False forces the fp32-activation form); the exact mode keeps the fp32 torch product."""
+    if not dp:
+        monkeypatch.setattr(decode, "dp_available", lambda: False)
+    att = tiny_model.blocks[1].att
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, att.w1.shape[0], generator=g)
+    bias = torch.randn(att.w1.shape[1], generator=g)
+    with torch.no_grad():
+        tiny_model.infer_dtype = None
+        exact = tiny_model._mm(x, att.w1, bias)
+        tiny_model.infer_dtype = torch.bfloat16
+        try:
+            y = tiny_model._mm(x, att.w1, bias)
+        finally:
+            tiny_model.infer_dtype = None
+    assert torch.equal(exact, torch.addmm(bias, x, att.w1))
+    wb = att.w1.detach().bfloat16().float()
+    xr = x.bfloat16().float() if B > 7 and decode.dp_available() else x
+    ref = xr.double() @ wb.double() + bias.double()
+    assert ((y.double() - ref).abs() <= _bound(xr, wb) + 1e-6 * bias.abs().max()).all()
+    assert not torch.equal(y, exact)  # the bf16 weight is really used
+
+
+@needs_kernel
 def test_packed_bf16_declines_what_it_does_not_take():
     assert decode.pack_bf16(torch.randn(24, 32)) is None  # N not a multiple of 16
     assert decode.pack_bf16(torch.randn(32, 33)) is None  # K odd

@@ -90,6 +90,12 @@ int32_t rf_gemv_bf16(int64_t B, int64_t N, int64_t K, const uint16_t *W, const f
  * thread for all B rows, the activations stay fp32 (as rf_gemv_bf16; torch's bf16 GEMM
  * rounds them to bf16). */
 typedef v16u v16uu __attribute__((aligned(4))); /* unaligned access */
+/* With 8+ rows each line costs 8-16 multiply-adds, and the hardware prefetcher alone leaves
+ * the product waiting on memory (0.1B shape, 16 rows, weights not cached: 8.4 GB/s, well
+ * under both the bandwidth and the multiply-add rate); a software prefetch this far ahead of
+ * the line being read keeps it busy (the head 148 -> 185-198 GFLOP/s, one thread; 512 / 1024 /
+ * 4096 / 8192 measured slower). With 1-7 rows it slows the stream down: not used there. */
+#define GEMM_PF_BYTES 2048
 
 ALWAYS_INLINE v16 bits_f(v16u u) {
     v16 f;
@@ -106,6 +112,7 @@ ALWAYS_INLINE void gemm_p_blocks(const int B, int64_t N, int64_t K, const uint32
         v16 acc[16], acc2[16];
         for (int b = 0; b < B; b++) acc[b] = acc2[b] = (v16){0};
         for (int64_t kp = 0; kp < K2; kp++) {
+            if (B >= 8) __builtin_prefetch((const char *)(p + kp * 16) + GEMM_PF_BYTES);
             const v16u w = *(const v16uu *)(p + kp * 16);
             const v16 we = bits_f(w << 16), wo = bits_f(w & 0xffff0000u);
             for (int b = 0; b < B; b++) {
@@ -139,7 +146,7 @@ CLONES static void gemm_p(int64_t B, int64_t N, int64_t K, const uint32_t *P, co
  * activation pair and adds both products, 32 multiply-adds an instruction where the fp32 form
  * above does 16 and spends two more on widening. With 8 and more rows the fp32 form is bound
  * by its multiply-adds, this one by the bytes read. xp: the rows' bf16 activations as (k, k+1)
- * pairs, pair-major (K/2, B): one line of them per kp, read at fixed offsets from one pointer. */
+ * pairs, pair-major (K/2, B) (pairs_bf16 builds it): one line per kp, fixed offsets. */
 #if defined(__x86_64__) && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || \
                              (defined(__clang__) && __clang_major__ >= 14))
 #include <immintrin.h>
@@ -155,6 +162,7 @@ DPBF16_TARGET ALWAYS_INLINE void gemm_dp_blocks(const int B, int64_t N, int64_t 
         __m512 acc[16];
         for (int b = 0; b < B; b++) acc[b] = _mm512_setzero_ps();
         for (int64_t kp = 0; kp < K2; kp++) {
+            _mm_prefetch((const char *)(p + kp * 16) + GEMM_PF_BYTES, _MM_HINT_T0);
             const __m512i w = _mm512_loadu_si512((const void *)(p + kp * 16));
             for (int b = 0; b < B; b++)
                 acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)w,
@@ -174,6 +182,34 @@ DPBF16_TARGET static void gemm_dp(int64_t B, int64_t N, int64_t K, const uint32_
         GEMM_DP_CASE(16)
     }
 }
+
+/* x (B,K) fp32 -> xp (K/2, B) bf16 pairs for gemm_dp: rounded to nearest even as torch's
+ * .to(bfloat16) (vcvtne2ps2bf16; it also flushes fp32 denormals, below 1.2e-38, to zero).
+ * Here rather than in torch ops: their convert + transpose + copy cost the 16-stream step
+ * ~5% (0.1B shape), this ~1/5 of that. */
+DPBF16_TARGET static void pairs_bf16(int64_t B, int64_t K, const float *x, uint32_t *xp) {
+    const int64_t K2 = K / 2;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * K;
+        int64_t kp = 0;
+        for (; kp + 16 <= K2; kp += 16) {
+            uint32_t t[16];
+            _mm512_storeu_si512((void *)t, (__m512i)_mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(xb + 2 * kp + 16), _mm512_loadu_ps(xb + 2 * kp)));
+            for (int i = 0; i < 16; i++) xp[(kp + i) * B + b] = t[i];
+        }
+        if (kp < K2) { /* the last 1-15 pairs (2-30 values), masked loads */
+            const int64_t n = 2 * (K2 - kp);
+            const __m512 lo = _mm512_maskz_loadu_ps(
+                (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1u), xb + 2 * kp);
+            const __m512 hi = _mm512_maskz_loadu_ps(
+                (__mmask16)(n > 16 ? (1u << (n - 16)) - 1u : 0u), xb + 2 * kp + 16);
+            uint32_t t[16];
+            _mm512_storeu_si512((void *)t, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            for (int64_t i = 0; i < K2 - kp; i++) xp[(kp + i) * B + b] = t[i];
+        }
+    }
+}
 #endif
 
 /* 1 when rf_gemm_bf16p can take bf16 activations (this CPU has AVX512-BF16), else 0 */
@@ -187,8 +223,8 @@ int32_t rf_gemm_bf16p_dp(void) {
 }
 
 /* y (B,N) fp32 = x (B,K) @ W^T, W packed (see above). N % 16 == 0, K even, B <= 16. x: fp32
- * (B,K) when xbf16 is 0, else bf16 pairs (K/2, B) (see gemm_dp_blocks) on a CPU where
- * rf_gemm_bf16p_dp() is 1. */
+ * (B,K); xbf16 1: rounded to bf16 first (gemm_dp_blocks), only on a CPU where
+ * rf_gemm_bf16p_dp() is 1. Returns -1 for shapes it does not take, -2 out of memory. */
 int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const void *x,
                       int64_t xbf16, float *y, int64_t nthreads) {
     if (B < 1 || B > MAXB || N % 16 || K % 2) return -1;
@@ -200,19 +236,28 @@ int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const 
     const int64_t NB = N / 16;
     if (nthreads > NB) nthreads = NB;
     if (nthreads < 1) nthreads = 1;
+    uint32_t *xp = NULL;
+#ifdef RF_HAVE_DPBF16
+    if (xbf16) {
+        xp = (uint32_t *)malloc((size_t)(K / 2 * B) * sizeof *xp);
+        if (!xp) return -2;
+        pairs_bf16(B, K, (const float *)x, xp);
+    }
+#endif
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
         const int64_t nb0 = NB * i / nthreads, nb1 = NB * (i + 1) / nthreads;
 #ifdef RF_HAVE_DPBF16
-        if (xbf16) {
-            gemm_dp(B, N, K, (const uint32_t *)P, (const uint32_t *)x, y, nb0, nb1);
+        if (xp) {
+            gemm_dp(B, N, K, (const uint32_t *)P, xp, y, nb0, nb1);
             continue;
         }
 #endif
         gemm_p(B, N, K, (const uint32_t *)P, (const float *)x, y, nb0, nb1);
     }
+    free(xp);
     return 0;
 }
 

@@ -98,22 +98,20 @@ def gemm_bf16p(x: torch.Tensor, p: torch.Tensor, bf16_rows: bool = False) -> tor
     `bf16_rows`: the activations rounded to bf16 first, as torch's bf16 GEMM does (AVX512-BF16
     dot products, twice the multiply-adds per instruction: what 8+ rows need), where the CPU
     has them (`dp_available`), else fp32 activations. None where the kernel does not apply."""
-    if p.dtype != torch.bfloat16 or p.dim() != 4 or p.device.type != "cpu" \
-            or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 \
-            or not 1 <= x.shape[0] <= MAX_ROWS or x.shape[1] != 2 * p.shape[1] \
-            or not p.is_contiguous() or torch.is_grad_enabled():
+    # (called ~20 times per layer and step: the checks are ordered and written for speed)
+    if torch.is_grad_enabled() or x.dtype is not torch.float32 or p.dtype is not torch.bfloat16 \
+            or x.dim() != 2 or p.dim() != 4 or not (x.is_cpu and p.is_cpu):
+        return None
+    B, K = x.shape
+    if not 1 <= B <= MAX_ROWS or K != 2 * p.shape[1] or not p.is_contiguous():
         return None
     lib = _lib()
     if lib is None:
         return None
-    B, K = x.shape
-    if bf16_rows and dp_available():  # (k, k+1) bf16 pairs, pair-major (K/2, B)
-        xs = x.to(torch.bfloat16).contiguous().view(torch.int32).t().contiguous()
-    else:
-        xs = x.contiguous()
+    x = x.contiguous()  # the kernel rounds it to bf16 itself where bf16_rows and the CPU has it
     N = p.shape[0] * 16
     y = torch.empty(B, N)
-    if lib.rf_gemm_bf16p(B, N, K, p.data_ptr(), xs.data_ptr(), int(xs.dtype == torch.int32),
+    if lib.rf_gemm_bf16p(B, N, K, p.data_ptr(), x.data_ptr(), int(bf16_rows and dp_available()),
                          y.data_ptr(), torch.get_num_threads()):
         return None
     return y

@@ -402,6 +402,14 @@ class RWKV7(nn.Module):
         `keep`: the caller takes a bf16 result as it is (it only adds it to an fp32 tensor,
         or feeds it to another Linear), saving a full-size conversion pass."""
         mode = self.infer_dtype
+        if mode is torch.bfloat16 and x.dim() == 2 and x.shape[0] <= decode.MAX_ROWS \
+                and type(mod) is nn.Linear and not torch.is_grad_enabled():
+            # step's case first, without reshapes (a Python-bound ~8 us call ~100 times a step)
+            w = mod.weight
+            packed = None if w.dtype is torch.bfloat16 else self._lowp_weight(w, "bf16p")[0]
+            y = None if packed is None else decode.gemm_bf16p(x, packed, x.shape[0] > 7)
+            if y is not None:
+                return y
         if mode is None or type(mod) is not nn.Linear or torch.is_grad_enabled():
             return mod(x)
         w = mod.weight
@@ -445,6 +453,20 @@ class RWKV7(nn.Module):
             return y.view(*shape[:-1], -1).to(x.dtype)
         return mod(x)
 
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+            ) -> torch.Tensor:
+        """`step`'s x (B,in) @ w (in,out) (+ bias), the time-mix's low-rank projections: in
+        bf16 mode with up to decode.MAX_ROWS rows, the packed bf16 product (as `_lin`'s
+        Linears: at 16 streams these fp32 products took ~10% of the step), else torch."""
+        if self.infer_dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= decode.MAX_ROWS \
+                and w.dtype != torch.bfloat16 and not torch.is_grad_enabled():
+            packed = self._lowp_weight(w, "bf16pT")[0]
+            y = None if packed is None else decode.gemm_bf16p(
+                x, packed, bf16_rows=x.shape[0] > 7)
+            if y is not None:
+                return y if bias is None else y.add_(bias)
+        return x @ w if bias is None else torch.addmm(bias, x, w)
+
     def _lowp_weight(self, w: torch.Tensor, kind: str) -> tuple:
         key = (id(w), kind)
         hit = self._lowp.get(key)
@@ -461,6 +483,8 @@ class RWKV7(nn.Module):
                 data = (wd.to(torch.bfloat16),)
             elif kind == "bf16p":  # decode's packed layout (None: a shape it does not take)
                 data = (decode.pack_bf16(wd),)
+            elif kind == "bf16pT":  # the same for an (in, out) matrix used as x @ w
+                data = (decode.pack_bf16(wd.t()),)
             elif kind == "fbgemm":
                 data = (_fbgemm_pack(wd.float()),)
             else:  # symmetric per-output-channel int8; scale in bf16 as the kernel expects
@@ -543,15 +567,16 @@ class RWKV7(nn.Module):
             # the six token-shift interpolations in one op: (6,B,C)
             xr, xw, xk, xv, xa, xg = torch.addcmul(xa_, att_shift.to(xa_.dtype) - xa_, c["maa"]).unbind(0)
             r = lin(xr, att.receptance)
-            w = torch.addmm(c["w0"], torch.tanh(xw @ att.w1), att.w2)
+            mm = self._mm
+            w = mm(torch.tanh(mm(xw, att.w1)), att.w2, c["w0"])
             k = lin(xk, att.key)
             v = lin(xv, att.value)
             if att.layer_id == 0:
                 v_first = v
             else:
-                v = torch.lerp(v, v_first, torch.sigmoid(torch.addmm(c["v0"], xv @ att.v1, att.v2)))
-            a = torch.sigmoid(torch.addmm(c["a0"], xa @ att.a1, att.a2))
-            g = torch.sigmoid(xg @ att.g1) @ att.g2
+                v = torch.lerp(v, v_first, torch.sigmoid(mm(mm(xv, att.v1), att.v2, c["v0"])))
+            a = torch.sigmoid(mm(mm(xa, att.a1), att.a2, c["a0"]))
+            g = mm(torch.sigmoid(mm(xg, att.g1)), att.g2)
             got = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS) if self.fused_step else None
             # the per-element work and the WKV step in one C call, else torch ops
             y, S2 = got if got is not None else self._time_mix_tail(S, w, k, a, v, r, c, att)
