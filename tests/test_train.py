@@ -369,6 +369,8 @@ def test_sigterm_stops_a_run_as_failed_and_resumable(tiny_model_path, sft_prefix
     assert "Traceback" not in err
     st = json.loads((run / "status.json").read_text())
     assert st["state"] == "failed" and st["error"] == "stopped by SIGTERM"
+    # kept for the resume's closing "validation a -> b" (it read it from this file: dropped)
+    assert isinstance(st.get("val_loss_start"), float)
 
 
 @pytest.mark.slow

@@ -729,9 +729,10 @@ class Trainer:
             if self.progress:
                 self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
                                  dynamic_ncols=True, file=sys.stderr, desc="train")
-            rows = (f"{self.rows_per_step} pairs ({2 * self.rows_per_step} sequences)"
-                    if self.dpo and not s.pack else f"{self.rows_per_step} sequences"
-                    if not self.dpo else f"{self.rows_per_step} packed rows of pairs, 2")
+            n, packed = self.rows_per_step, s.pack and self.loader.data_type != "text"
+            rows = (f"{n} packed rows of pairs, 2" if self.dpo and packed else
+                    f"{n} pairs ({2 * n} sequences)" if self.dpo else
+                    f"{n} packed rows of whole examples," if packed else f"{n} sequences")
             self.say(f"training {self.total_steps} steps: {rows} x <= {s.ctx_len} tokens "
                      f"per step, lr {s.lr:g} ({s.lr_schedule}), run folder {self.run_dir}")
             t_log, tok_log, tps = time.time(), 0, 0.0
@@ -777,7 +778,8 @@ class Trainer:
                        disk or f"{type(e).__name__}: {e}")
                 # on a full disk these writes may fail too: the message above is what counts
                 with contextlib.suppress(OSError, RuntimeError):
-                    self.folder.status("failed", self.step, self.total_steps, error=msg)
+                    self.folder.status("failed", self.step, self.total_steps, error=msg,
+                                       val_loss_start=self.val_start)  # for a resume's summary
                 log.error("run failed at step %d: %s", self.step, msg)
                 with contextlib.suppress(OSError, RuntimeError):
                     self.folder.plot_loss()
