@@ -36,6 +36,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import test_pack
+
 from rwkvforge.model import wkv as W
 
 TESTS = Path(__file__).resolve().parent
@@ -120,12 +122,7 @@ def rel_diffs(got, want) -> dict[str, float]:
 
 # ---- kernel level --------------------------------------------------------------------------------
 
-KERNELS = {
-    "ref": W.wkv_ref,
-    "chunked8": lambda *a, **k: W.wkv_chunked(*a, chunk_size=8, **k),
-    "chunked32": W.wkv_chunked,
-    "native": W.wkv_native,
-}
+KERNELS = test_pack.KERNELS  # the same four kernels as packing without a tuned state
 
 
 def _skip_without_native(name):
