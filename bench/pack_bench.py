@@ -65,22 +65,32 @@ def prepare(src: Path, prefix: Path, ctx_len: int, data_type: str = "sft") -> Pa
     return prefix
 
 
+def trainer(model_path: Path):
+    """What every mode here trains with: train.py's build_model (LoRA r=32 on the six block
+    Linears, bf16 autocast), its LossModule and AdamW, after what `rwkvforge train` does on a
+    CPU (keep freed memory, seed 0). Returns (settings, model config, loss module, optimiser)."""
+    import torch
+
+    from rwkvforge import config as cfgmod
+    from rwkvforge.loss import LossModule
+    from rwkvforge.runtime import keep_freed_memory
+    from rwkvforge.train import build_model, make_optimizer
+
+    keep_freed_memory()
+    torch.manual_seed(0)
+    s = cfgmod.Settings(lora_r=32, lora_alpha=32.0, precision="bf16", lr=1e-4, head_chunk=1024)
+    pm, _, cfg = build_model(s, model_path, torch.device("cpu"))
+    return s, cfg, LossModule(pm, s.head_chunk, torch.bfloat16), make_optimizer(pm, s)
+
+
 def bench(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, steps: int,
           modes: tuple[str, ...] = tuple(MODES)) -> dict:
     import torch
 
-    from rwkvforge import config as cfgmod
     from rwkvforge.data.loader import build_train_loader, open_split, pack_stats
-    from rwkvforge.loss import LossModule, autocast_ctx
-    from rwkvforge.runtime import keep_freed_memory
-    from rwkvforge.train import build_model, make_optimizer
+    from rwkvforge.loss import autocast_ctx
 
-    keep_freed_memory()  # what `rwkvforge train` does on a CPU
-    torch.manual_seed(0)
-    s = cfgmod.Settings(lora_r=32, lora_alpha=32.0, precision="bf16", lr=1e-4, head_chunk=1024)
-    pm, _, cfg = build_model(s, model_path, torch.device("cpu"))
-    lm = LossModule(pm, s.head_chunk, torch.bfloat16)
-    opt = make_optimizer(pm, s)
+    s, cfg, lm, opt = trainer(model_path)
     dev = torch.device("cpu")
     loaders = {m: build_train_loader(prefix, ctx_len, micro_bsz, seed=42, **MODES[m])
                for m in modes}
@@ -140,18 +150,11 @@ def bench_dpo(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, step
     tokens."""
     import torch
 
-    from rwkvforge import config as cfgmod
     from rwkvforge.data.loader import build_train_loader, open_split, pair_pack_stats
-    from rwkvforge.loss import LossModule, autocast_ctx
-    from rwkvforge.runtime import keep_freed_memory
-    from rwkvforge.train import build_model, make_optimizer, micro_inputs
+    from rwkvforge.loss import autocast_ctx
+    from rwkvforge.train import micro_inputs
 
-    keep_freed_memory()
-    torch.manual_seed(0)
-    s = cfgmod.Settings(lora_r=32, lora_alpha=32.0, precision="bf16", lr=1e-4, head_chunk=1024)
-    pm, _, cfg = build_model(s, model_path, torch.device("cpu"))
-    lm = LossModule(pm, s.head_chunk, torch.bfloat16)
-    opt = make_optimizer(pm, s)
+    s, cfg, lm, opt = trainer(model_path)
     dev = torch.device("cpu")
     modes = {"pack": {"pack": True}, "pad_longest": {"pad_to": "longest"}}
     loaders = {m: build_train_loader(prefix, ctx_len, micro_bsz, seed=42, **kw)
@@ -212,17 +215,10 @@ def shape_profile(model_path: Path, ctx_list: list[int], micro_bsz: int, steps: 
     Random tokens, 70% of them in the loss. Modes interleaved, one untimed step each."""
     import torch
 
-    from rwkvforge import config as cfgmod
-    from rwkvforge.loss import LossModule, autocast_ctx, chunked_head_loss
-    from rwkvforge.runtime import keep_freed_memory
-    from rwkvforge.train import build_model, make_optimizer
+    from rwkvforge.loss import autocast_ctx, chunked_head_loss
 
-    keep_freed_memory()
-    torch.manual_seed(0)
-    s = cfgmod.Settings(lora_r=32, lora_alpha=32.0, precision="bf16", lr=1e-4, head_chunk=1024)
-    pm, _, _ = build_model(s, model_path, torch.device("cpu"))
-    lm = LossModule(pm, s.head_chunk, torch.bfloat16)
-    m, opt, dev = lm.inner(), make_optimizer(pm, s), torch.device("cpu")
+    s, _, lm, opt = trainer(model_path)
+    m, dev = lm.inner(), torch.device("cpu")
     g = torch.Generator().manual_seed(0)
 
     def step(T: int, reset: bool) -> list[float]:
