@@ -62,6 +62,29 @@ def _grads(xs):
     return out
 
 
+def documents_alone(fn, xs, reset, gy, gs, start):
+    """Each document of the DOCS rows through `fn` alone, from `start` (None: zero; else a
+    tensor (H,N,N)), a row's first document without a reset from the row state xs[6]; the
+    outputs and final states weighted by the cotangents gy / gs as the packed call's are, and
+    backward run. Returns (y, final states) laid out as the packed call's."""
+    ys, ss, total = torch.zeros_like(gy), torch.zeros_like(gs), 0.0
+    for b, lens in enumerate(DOCS):
+        t = 0
+        for i, n in enumerate(lens):
+            part = [x[b:b + 1, t:t + n] for x in xs[:6]]
+            first = t == 0 and not reset[b, 0]
+            yd, sd = fn(*part, xs[6][b:b + 1] if first else
+                        None if start is None else start[None])
+            total = total + (yd * gy[b:b + 1, t:t + n]).sum()
+            ys[b, t:t + n] = yd[0].detach()
+            if i == len(lens) - 1:
+                total = total + (sd * gs[b:b + 1]).sum()
+                ss[b] = sd[0].detach()
+            t += n
+    total.backward()
+    return ys, ss
+
+
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_kernel_packed_row_equals_documents_alone(kernel):
     if kernel == "native" and not W.native_available():
@@ -77,20 +100,7 @@ def test_kernel_packed_row_equals_documents_alone(kernel):
     ((y * gy).sum() + (s * gs).sum()).backward()
     packed = (y.detach(), s.detach(), _grads(xs))
 
-    ys, ss, total = torch.zeros_like(y), torch.zeros_like(s), 0.0
-    for b, lens in enumerate(DOCS):
-        t = 0
-        for i, n in enumerate(lens):
-            part = [x[b:b + 1, t:t + n] for x in xs[:6]]
-            s0 = xs[6][b:b + 1] if t == 0 and not reset[b, 0] else None
-            yd, sd = fn(*part, s0)
-            total = total + (yd * gy[b:b + 1, t:t + n]).sum()
-            ys[b, t:t + n] = yd[0].detach()
-            if i == len(lens) - 1:
-                total = total + (sd * gs[b:b + 1]).sum()
-                ss[b] = sd[0].detach()
-            t += n
-    total.backward()
+    ys, ss = documents_alone(fn, xs, reset, gy, gs, None)
     alone = (ys, ss, _grads(xs))
 
     # fp32 rounding: ref and the C kernel run the same operations on the same numbers either

@@ -44,7 +44,7 @@ TESTS = Path(__file__).resolve().parent
 
 # two rows of 43 tokens; row 0 continues the given row state (no reset at t=0), row 1 starts
 # from s0; documents cross 8- and 16-step chunk edges, start on one, and one is one token
-DOCS = ([5, 17, 1, 20], [3, 13, 27])
+DOCS = test_pack.DOCS  # documents_alone runs these
 T_ROW = 43
 H, N = 2, 64  # N: the C kernel's head size
 TOL_OUT, TOL_GRAD = 1e-5, 2e-5  # relative to max |.| (module docstring)
@@ -98,20 +98,7 @@ def packed_and_alone(fn, xs, reset_state: bool = True):
     ((y * gy).sum() + (s * gs).sum()).backward()
     packed = [y.detach(), s.detach(), *grads()]
 
-    ys, ss, total = torch.zeros_like(y), torch.zeros_like(s), 0.0
-    for b, lens in enumerate(DOCS):
-        t = 0
-        for i, n in enumerate(lens):
-            part = [x[b:b + 1, t:t + n] for x in xs[:6]]
-            start = xs[6][b:b + 1] if t == 0 and not reset[b, 0] else xs[7][None]
-            yd, sd = W.wkv_ref(*part, start)
-            total = total + (yd * gy[b:b + 1, t:t + n]).sum()
-            ys[b, t:t + n] = yd[0].detach()
-            if i == len(lens) - 1:
-                total = total + (sd * gs[b:b + 1]).sum()
-                ss[b] = sd[0].detach()
-            t += n
-    total.backward()
+    ys, ss = test_pack.documents_alone(W.wkv_ref, xs, reset, gy, gs, xs[7])
     return packed, [ys, ss, *grads()]
 
 
