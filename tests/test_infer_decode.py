@@ -223,6 +223,8 @@ def test_fused_wkv_step_equals_the_torch_ops(tiny_model):
         g = torch.Generator().manual_seed(B)
         S = torch.randn(B, H, N, N, generator=g) * 0.3
         w, k, v, r = (torch.randn(B, H * N, generator=g) for _ in range(4))
+        w[0, :8] = torch.tensor([-200.0, -90.0, -30.0, -5.0, 5.0, 30.0, 90.0, 200.0])
+        w[-1, -4:] = 0.0  # the kernel's own exp: its clamped range ends, sigmoid 0.5
         a = torch.rand(B, H * N, generator=g)
         before = S.clone()
         with torch.no_grad():
@@ -248,6 +250,32 @@ def test_fused_step_equals_the_torch_step(tiny_model):
     for a, b in zip(ss, ds):
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, atol=1e-5 * max(1.0, y.abs().max().item()), rtol=0)
+
+
+@pytest.mark.parametrize("mode", [None, torch.bfloat16])
+def test_step_inplace_is_the_same_step_on_the_same_memory(tiny_model, mode):
+    """step(inplace=True) (generate.Engine's decode) returns the same logits and state as a
+    step into fresh tensors; where the C kernel runs, its WKV states are the input's memory
+    (updated there), and without `inplace` the input state is left untouched."""
+    V = tiny_model.config.vocab_size
+    tiny_model.infer_dtype = mode
+    try:
+        with torch.no_grad():
+            state = tiny_model.init_state(3)
+            for t in (1, 50, 300):
+                _, state = tiny_model.step(torch.tensor([t, 2 * t, 3 * t]) % V, state)
+            frozen = [tuple(x.clone() for x in layer) for layer in state]
+            idx = torch.tensor([7000, 12, 9]) % V
+            ref, ref_state = tiny_model.step(idx, state)
+            assert all(torch.equal(x, y) for a, b in zip(state, frozen) for x, y in zip(a, b))
+            got, got_state = tiny_model.step(idx, state, inplace=True)
+    finally:
+        tiny_model.infer_dtype = None
+    assert torch.equal(got, ref)
+    assert all(torch.equal(x, y) for a, b in zip(got_state, ref_state) for x, y in zip(a, b))
+    if decode.available():  # the kernel ran: the new WKV state is the old one's memory
+        assert all(n[1].data_ptr() == o[1].data_ptr() for n, o in zip(got_state, state))
+        assert not torch.equal(state[0][1], frozen[0][1])  # ... updated there
 
 
 def test_decode_layout_keeps_values_outputs_and_saved_files(tiny_model, tmp_path):

@@ -42,6 +42,7 @@ its own torch.Generator, so its samples do not depend on what else is in the bat
 from __future__ import annotations
 
 import codecs
+import inspect
 import queue
 import sys
 import threading
@@ -441,6 +442,10 @@ class Engine:
         self._prefilling: list[tuple[Request, Handle]] = []
         self._decoding: list[tuple[Request, Handle]] = []
         self._dec_state: Any = None  # batched state of the decoding streams, row i = i-th
+        # the engine owns _dec_state (built by state_cat / state_select, cached copies are
+        # clones), so a model that can update it in place may (RWKV7.step's `inplace`)
+        self._step_kw = {"inplace": True} if "inplace" in inspect.signature(
+            model.step).parameters else {}
         self._occ: torch.Tensor | None = None  # (B,V) decayed occurrence counts
         self._seen: torch.Tensor | None = None  # (B,V) bool
         self._cv = threading.Condition()
@@ -685,7 +690,7 @@ class Engine:
         idx = torch.tensor([r.generated[-1] for r in reqs], dtype=torch.long,
                            device=self.device)
         with self._rows([r.adapter for r in reqs]):
-            logits, self._dec_state = self.model.step(idx, self._dec_state)  # (B,V)
+            logits, self._dec_state = self.model.step(idx, self._dec_state, **self._step_kw)
         toks = self._sample(reqs, logits, self._occ, self._seen)
         self.stats["decode_tokens"] += len(reqs)
         done = [i for i, ((r, h), t) in enumerate(zip(self._decoding, toks))

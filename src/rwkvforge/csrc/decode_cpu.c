@@ -328,6 +328,44 @@ int64_t rf_ffn_sparse(int64_t B, int64_t F, int64_t C, int64_t bf16, const void 
     return nnz;
 }
 
+/* exp of 16 lanes: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by a degree-6
+ * polynomial (Cephes' expf coefficients): within 2 ulp of expf over the clamped range, where
+ * glibc's scalar expf, one call per lane, cost the step more than the state update itself */
+ALWAYS_INLINE v16 vclamp(v16 x, float lo, float hi) { /* (C has no vector ?:) */
+    v16u u, l, h;
+    const v16 lv = bcast(lo), hv = bcast(hi);
+    memcpy(&u, &x, sizeof u);
+    memcpy(&l, &lv, sizeof l);
+    memcpy(&h, &hv, sizeof h);
+    const v16u below = (v16u)(x < lv), above = (v16u)(x > hv);
+    u = (u & ~below & ~above) | (l & below) | (h & above);
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+ALWAYS_INLINE v16 vexp(v16 x) {
+    x = vclamp(x, -87.3f, 88.3f);
+    const v16 t = x * 1.44269504f + 0.5f;
+    v16i n = __builtin_convertvector(t, v16i); /* toward zero */
+    n += (v16i)(t < __builtin_convertvector(n, v16)); /* -> floor (true is -1) */
+    const v16 nf = __builtin_convertvector(n, v16);
+    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v16 p = bcast(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const v16 e = p * r * r + r + 1.f;
+    const v16i scale = (n + 127) << 23;
+    v16 s;
+    memcpy(&s, &scale, sizeof s);
+    return e * s;
+}
+
+#define LD(p) (*(const v16fu *)(p))
+#define ST(p, x) (*(v16fu *)(p) = (x))
+
 /* One WKV-7 step for B streams, with everything around it that is per element: the decay
  * from its pre-sigmoid value, kk = normalize(k * k_k) per head, k' = k * (1 + (a - 1) k_a),
  *
@@ -336,58 +374,83 @@ int64_t rf_ffn_sparse(int64_t B, int64_t F, int64_t C, int64_t bf16, const void 
  * then the head's GroupNorm (ln_x) and the bonus (sum r * k' * r_k) * v. The same maths as
  * RWKV7.step's torch ops in one pass per head (only the fp32 rounding order differs). S is
  * read, S2 written (the caller's state stays untouched). All (B, C) inputs fp32; S, S2
- * (B*H, N, N) with rows = value index; out (B, C). N must be a multiple of 16. */
+ * (B*H, N, N) with rows = value index; out (B, C). N must be a multiple of 16.
+ *
+ * The row dot products (S kk, S' r) are summed 16 rows at a time (hsum16): one reduction per
+ * row, its 15 dependent adds, made the step bound by add latency (~4x slower at 16 streams). */
 CLONES static void wkv_heads(int64_t H, int64_t N, const float *S, float *S2, const float *wr,
                              const float *k, const float *a, const float *v, const float *r,
                              const float *k_k, const float *k_a, const float *r_k,
                              const float *lw, const float *lb, float eps, float *out,
                              int64_t bh0, int64_t bh1) {
-    float w[256], kk[256], kp[256], b[256], y[256];
+    float w[256], kk[256], kp[256], b[256], sa[256], y[256];
     const int64_t C = H * N;
     for (int64_t bh = bh0; bh < bh1; bh++) {
         const int64_t bi = bh / H, h = bh % H, o = bi * C + h * N, c0 = h * N;
-        float nrm = 0.f, bonus = 0.f;
-        for (int64_t j = 0; j < N; j++) {
-            const float x = k[o + j] * k_k[c0 + j];
-            kk[j] = x;
+        const float *kh = k + o, *ah = a + o, *rh = r + o, *vh = v + o, *wh = wr + o;
+        v16 nrm = {0}, bon = {0};
+        for (int64_t j = 0; j < N; j += 16) {
+            const v16 kj = LD(kh + j), x = kj * LD(k_k + c0 + j);
+            ST(kk + j, x);
             nrm += x * x;
-            w[j] = expf(-0.606531f / (1.f + expf(-wr[o + j])));
-            kp[j] = k[o + j] * (1.f + (a[o + j] - 1.f) * k_a[c0 + j]);
-            bonus += r[o + j] * kp[j] * r_k[c0 + j];
+            ST(w + j, vexp(-0.606531f / (1.f + vexp(-LD(wh + j)))));
+            const v16 kpj = kj * (1.f + (LD(ah + j) - 1.f) * LD(k_a + c0 + j));
+            ST(kp + j, kpj);
+            bon += LD(rh + j) * kpj * LD(r_k + c0 + j);
         }
-        nrm = sqrtf(nrm);
-        const float inv = 1.f / (nrm > 1e-12f ? nrm : 1e-12f);
-        for (int64_t j = 0; j < N; j++) {
-            kk[j] *= inv;
-            b[j] = kk[j] * a[o + j];
+        const float nr = sqrtf(hsum(nrm)), bonus = hsum(bon);
+        const float inv = 1.f / (nr > 1e-12f ? nr : 1e-12f);
+        for (int64_t j = 0; j < N; j += 16) {
+            const v16 kkj = LD(kk + j) * inv;
+            ST(kk + j, kkj);
+            ST(b + j, kkj * LD(ah + j));
         }
         const float *Sh = S + bh * N * N;
         float *S2h = S2 + bh * N * N;
-        float mean = 0.f;
-        for (int64_t i = 0; i < N; i++) {
-            const float *row = Sh + i * N;
-            v16 acc = {0};
-            for (int64_t j = 0; j < N; j += 16) acc += *(const v16fu *)(row + j) * *(const v16fu *)(kk + j);
-            const float sa = -hsum(acc), vi = v[o + i];
-            float *row2 = S2h + i * N;
-            v16 ya = {0};
-            for (int64_t j = 0; j < N; j += 16) {
-                const v16 s2 = *(const v16fu *)(row + j) * *(const v16fu *)(w + j)
-                    + bcast(sa) * *(const v16fu *)(b + j) + bcast(vi) * *(const v16fu *)(kp + j);
-                *(v16fu *)(row2 + j) = s2;
-                ya += s2 * *(const v16fu *)(r + o + j);
+        for (int64_t i0 = 0; i0 < N; i0 += 16) { /* sa = S kk, 16 rows at a time */
+            v16 acc[16];
+            for (int q = 0; q < 16; q++) {
+                const float *row = Sh + (i0 + q) * N;
+                v16 t = LD(row) * LD(kk);
+                for (int64_t j = 16; j < N; j += 16) t += LD(row + j) * LD(kk + j);
+                acc[q] = t;
             }
-            y[i] = hsum(ya);
-            mean += y[i];
+            hsum16(acc, sa + i0);
         }
-        mean /= (float)N;
-        float var = 0.f;
-        for (int64_t i = 0; i < N; i++) var += (y[i] - mean) * (y[i] - mean);
-        const float rstd = 1.f / sqrtf(var / (float)N + eps);
-        for (int64_t i = 0; i < N; i++)
-            out[o + i] = (y[i] - mean) * rstd * lw[c0 + i] + lb[c0 + i] + bonus * v[o + i];
+        for (int64_t i0 = 0; i0 < N; i0 += 16) { /* S' and y = S' r */
+            v16 ya[16];
+            for (int q = 0; q < 16; q++) {
+                const int64_t i = i0 + q;
+                const float *row = Sh + i * N;
+                float *row2 = S2h + i * N;
+                const v16 si = bcast(-sa[i]), vi = bcast(vh[i]);
+                v16 t = {0};
+                for (int64_t j = 0; j < N; j += 16) {
+                    const v16 s2 = LD(row + j) * LD(w + j) + si * LD(b + j) + vi * LD(kp + j);
+                    ST(row2 + j, s2);
+                    t += s2 * LD(rh + j);
+                }
+                ya[q] = t;
+            }
+            hsum16(ya, y + i0);
+        }
+        v16 m = {0};
+        for (int64_t i = 0; i < N; i += 16) m += LD(y + i);
+        const float mean = hsum(m) / (float)N;
+        v16 var = {0};
+        for (int64_t i = 0; i < N; i += 16) {
+            const v16 d = LD(y + i) - mean;
+            var += d * d;
+        }
+        const float rstd = 1.f / sqrtf(hsum(var) / (float)N + eps);
+        for (int64_t i = 0; i < N; i += 16)
+            ST(out + o + i, (LD(y + i) - mean) * rstd * LD(lw + c0 + i) + LD(lb + c0 + i)
+                                + bonus * LD(vh + i));
     }
 }
+
+#undef LD
+#undef ST
 
 int32_t rf_wkv_step(int64_t B, int64_t H, int64_t N, const float *S, float *S2, const float *wr,
                     const float *k, const float *a, const float *v, const float *r,

@@ -548,11 +548,14 @@ class RWKV7(nn.Module):
         return self._lin(torch.relu(k).square_(), value)
 
     @torch.no_grad()
-    def step(self, idx: torch.Tensor, state: State):
+    def step(self, idx: torch.Tensor, state: State, inplace: bool = False):
         """One decoding step: idx (B,) long, state -> (logits (B,V) fp32, new state).
 
         Same maths as `forward` with T=1, written on (B,C) tensors to keep per-token
-        overhead low. The input state is not modified.
+        overhead low. The input state is not modified, unless `inplace`: then the WKV states
+        may be updated in place (the new state may share them), which saves a write of the
+        whole state per step where the C kernel runs (decode.wkv_step). For a caller that
+        owns the state and drops the old one (generate.Engine's decode batch).
         """
         x = self.blocks[0].ln0(self.emb(idx))  # (B,C)
         B, C = x.shape
@@ -577,7 +580,8 @@ class RWKV7(nn.Module):
                 v = torch.lerp(v, v_first, torch.sigmoid(mm(mm(xv, att.v1), att.v2, c["v0"])))
             a = torch.sigmoid(mm(mm(xa, att.a1), att.a2, c["a0"]))
             g = mm(torch.sigmoid(mm(xg, att.g1)), att.g2)
-            got = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS) if self.fused_step else None
+            got = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS, inplace) if self.fused_step \
+                else None
             # the per-element work and the WKV step in one C call, else torch ops
             y, S2 = got if got is not None else self._time_mix_tail(S, w, k, a, v, r, c, att)
             x = x + lin(y.to(x.dtype) * g, att.output)
