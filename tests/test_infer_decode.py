@@ -123,6 +123,83 @@ def test_step_low_rank_products_are_the_bf16_products(tiny_model, B, dp, monkeyp
 
 
 @needs_kernel
+@pytest.mark.parametrize("B", [1, 5, 16])
+def test_packed_product_extras_are_the_torch_ops_around_it(B):
+    """gemm_bf16p's element-wise extras against the same product with torch ops around it:
+    x * xmul and relu(x)^2 first, + bias, tanh / sigmoid, + resid after. The adds and the
+    input work round as torch's (equal); the activations within 1e-6 of torch's."""
+    g = torch.Generator().manual_seed(B)
+    N, K = 48, 96
+    p = decode.pack_bf16(torch.randn(N, K, generator=g))
+    x, xmul = torch.randn(B, K, generator=g), torch.randn(B, K, generator=g)
+    bias, resid = torch.randn(N, generator=g), torch.randn(B, N, generator=g)
+    with torch.no_grad():
+        plain = lambda t: decode.gemm_bf16p(t, p, B > 7)  # noqa: E731
+        assert torch.equal(decode.gemm_bf16p(x, p, B > 7, xmul=xmul), plain(x * xmul))
+        assert torch.equal(decode.gemm_bf16p(x, p, B > 7, relu2=True),
+                           plain(torch.relu(x).square()))
+        assert torch.equal(decode.gemm_bf16p(x, p, B > 7, bias=bias, resid=resid),
+                           resid + (plain(x) + bias))
+        for act, fn in (("tanh", torch.tanh), ("sigmoid", torch.sigmoid)):
+            for scale in (1.0, 30.0):  # saturated lanes too
+                y = decode.gemm_bf16p(x * scale, p, B > 7, bias=bias, act=act)
+                torch.testing.assert_close(y, fn(plain(x * scale) + bias), atol=1e-6, rtol=0)
+        # an extra it cannot take (wrong dtype / shape): None, the caller does it in torch
+        assert decode.gemm_bf16p(x, p, B > 7, bias=bias.double()) is None
+        assert decode.gemm_bf16p(x, p, B > 7, resid=resid[:, :8]) is None
+
+
+@needs_kernel
+def test_ln_mix_is_layer_norm_and_the_token_shift_mix(tiny_model):
+    """decode.ln_mix: ln(x) and ln(x) + (shift - ln(x)) * maa[m] as torch's layer_norm and
+    addcmul, for the six time-mix vectors (M,1,C) and the channel-mix one (C,)."""
+    blk = tiny_model.blocks[1]
+    C = tiny_model.config.n_embd
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        blk.ln1.weight.copy_(torch.randn(C, generator=g))
+        blk.ln1.bias.copy_(torch.randn(C, generator=g))
+        x, shift = torch.randn(3, C, generator=g) * 4 + 1, torch.randn(3, C, generator=g)
+        for maa in (torch.rand(6, 1, C, generator=g), torch.rand(C, generator=g)):
+            ln, mix = decode.ln_mix(x, shift, blk.ln1, maa)
+            ref = blk.ln1(x)
+            torch.testing.assert_close(ln, ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mix.view(-1, 3, C), torch.addcmul(ref, shift - ref, maa)
+                                       .view(-1, 3, C), atol=1e-5, rtol=1e-5)
+        assert decode.ln_mix(x.double(), shift, blk.ln1, maa) is None
+
+
+@needs_kernel
+def test_bf16_step_with_its_c_extras_equals_it_with_torch_ops(tiny_model, monkeypatch):
+    """RWKV7.step in bf16 mode, 1 and 9 streams: with ln_mix and the products' extras in C
+    vs the same step with torch doing that work, to fp32 rounding."""
+    from rwkvforge.model.rwkv7 import _epilogue, _prologue
+
+    V = tiny_model.config.vocab_size
+    outs = {}
+    tiny_model.infer_dtype = torch.bfloat16
+    try:
+        for fused in (True, False):
+            if not fused:  # the plain product with rwkv7's torch forms of the extras
+                real = decode.gemm_bf16p
+                monkeypatch.setattr(decode, "ln_mix", lambda *a: None)
+                monkeypatch.setattr(decode, "gemm_bf16p", lambda x, p, bf16_rows=False, **epi:
+                                    _epilogue(real(_prologue(x, **epi), p, bf16_rows), **epi))
+            with torch.no_grad():
+                for B in (1, 9):
+                    state = tiny_model.init_state(B)
+                    for t in (1, 50, 300, 7000):
+                        logits, state = tiny_model.step(
+                            (torch.arange(B) * 7 + t) % V, state)
+                    outs[fused, B] = logits
+    finally:
+        tiny_model.infer_dtype = None
+    for B in (1, 9):
+        ref = outs[False, B]
+        torch.testing.assert_close(outs[True, B], ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+@needs_kernel
 def test_packed_bf16_declines_what_it_does_not_take():
     assert decode.pack_bf16(torch.randn(24, 32)) is None  # N not a multiple of 16
     assert decode.pack_bf16(torch.randn(32, 33)) is None  # K odd

@@ -42,6 +42,45 @@ ALWAYS_INLINE float hsum(v16 v) {
 
 ALWAYS_INLINE v16 bcast(float f) { return (v16){0} + f; }
 
+/* exp of 16 lanes: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by a degree-6
+ * polynomial (Cephes' expf coefficients): within 2 ulp of expf over the clamped range, where
+ * glibc's scalar expf, one call per lane, cost the step more than the state update itself */
+ALWAYS_INLINE v16 vclamp(v16 x, float lo, float hi) { /* (C has no vector ?:) */
+    v16u u, l, h;
+    const v16 lv = bcast(lo), hv = bcast(hi);
+    memcpy(&u, &x, sizeof u);
+    memcpy(&l, &lv, sizeof l);
+    memcpy(&h, &hv, sizeof h);
+    const v16u below = (v16u)(x < lv), above = (v16u)(x > hv);
+    u = (u & ~below & ~above) | (l & below) | (h & above);
+    memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+ALWAYS_INLINE v16 vexp(v16 x) {
+    x = vclamp(x, -87.3f, 88.3f);
+    const v16 t = x * 1.44269504f + 0.5f;
+    v16i n = __builtin_convertvector(t, v16i); /* toward zero */
+    n += (v16i)(t < __builtin_convertvector(n, v16)); /* -> floor (true is -1) */
+    const v16 nf = __builtin_convertvector(n, v16);
+    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v16 p = bcast(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const v16 e = p * r * r + r + 1.f;
+    const v16i scale = (n + 127) << 23;
+    v16 s;
+    memcpy(&s, &scale, sizeof s);
+    return e * s;
+}
+
+/* tanh and the logistic sigmoid from vexp: within ~1e-7 absolute of torch's */
+ALWAYS_INLINE v16 vsigmoid(v16 x) { return 1.f / (1.f + vexp(-x)); }
+ALWAYS_INLINE v16 vtanh(v16 x) { return 1.f - 2.f / (1.f + vexp(2.f * x)); }
+
 /* rows n0..n1 of W (N,K) bf16 against B rows of x */
 CLONES static void gemv_bf16_rows(int64_t B, int64_t K, const uint16_t *W, const float *x,
                                   float *y, int64_t N, int64_t n0, int64_t n1) {
@@ -222,11 +261,43 @@ int32_t rf_gemm_bf16p_dp(void) {
 #endif
 }
 
+/* columns c0..c1 of y's B rows: + bias[c], then act (1 tanh, 2 sigmoid), then + resid[b,c] */
+CLONES static void gemm_epilogue(int64_t B, int64_t N, float *y, const float *bias, int64_t act,
+                                 const float *resid, int64_t c0, int64_t c1) {
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = c0; c < c1; c += 16) {
+            v16 t = *(const v16fu *)(y + b * N + c);
+            if (bias) t += *(const v16fu *)(bias + c);
+            if (act == 1) t = vtanh(t);
+            else if (act == 2) t = vsigmoid(t);
+            if (resid) t += *(const v16fu *)(resid + b * N + c);
+            *(v16fu *)(y + b * N + c) = t;
+        }
+}
+
+/* x (B,K) times xmul (B,K) if given, then relu(.)^2 if relu2, into t */
+CLONES static void gemm_prologue(int64_t n, const float *x, const float *xmul, int64_t relu2,
+                                 float *t) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = xmul ? x[i] * xmul[i] : x[i];
+        if (relu2) {
+            v = v > 0.f ? v : 0.f;
+            v *= v;
+        }
+        t[i] = v;
+    }
+}
+
 /* y (B,N) fp32 = x (B,K) @ W^T, W packed (see above). N % 16 == 0, K even, B <= 16. x: fp32
  * (B,K); xbf16 1: rounded to bf16 first (gemm_dp_blocks), only on a CPU where
- * rf_gemm_bf16p_dp() is 1. Returns -1 for shapes it does not take, -2 out of memory. */
+ * rf_gemm_bf16p_dp() is 1. Returns -1 for shapes it does not take, -2 out of memory.
+ * Also the element-wise work around a decode product, in the same call (each a
+ * torch op of a few microseconds otherwise, ~10 a layer): the input x * xmul (B,K) and/or
+ * relu(x)^2 first; the output + bias (N,), tanh (act 1) or sigmoid (act 2), + resid (B,N)
+ * after; any of them NULL / 0 to skip. */
 int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const void *x,
-                      int64_t xbf16, float *y, int64_t nthreads) {
+                      int64_t xbf16, float *y, int64_t nthreads, const float *xmul,
+                      int64_t relu2, const float *bias, int64_t act, const float *resid) {
     if (B < 1 || B > MAXB || N % 16 || K % 2) return -1;
 #ifdef RF_HAVE_DPBF16
     if (xbf16 && !rf_gemm_bf16p_dp()) return -1;
@@ -236,28 +307,76 @@ int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const 
     const int64_t NB = N / 16;
     if (nthreads > NB) nthreads = NB;
     if (nthreads < 1) nthreads = 1;
+    float *xt = NULL;
+    if (xmul || relu2) {
+        xt = (float *)malloc((size_t)(B * K) * sizeof *xt);
+        if (!xt) return -2;
+        gemm_prologue(B * K, (const float *)x, xmul, relu2, xt);
+        x = xt;
+    }
     uint32_t *xp = NULL;
 #ifdef RF_HAVE_DPBF16
     if (xbf16) {
         xp = (uint32_t *)malloc((size_t)(K / 2 * B) * sizeof *xp);
-        if (!xp) return -2;
+        if (!xp) {
+            free(xt);
+            return -2;
+        }
         pairs_bf16(B, K, (const float *)x, xp);
     }
 #endif
+    const int epi = bias || act || resid;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nthreads) schedule(static, 1)
 #endif
     for (int64_t i = 0; i < nthreads; i++) {
         const int64_t nb0 = NB * i / nthreads, nb1 = NB * (i + 1) / nthreads;
 #ifdef RF_HAVE_DPBF16
-        if (xp) {
-            gemm_dp(B, N, K, (const uint32_t *)P, xp, y, nb0, nb1);
-            continue;
-        }
+        if (xp) gemm_dp(B, N, K, (const uint32_t *)P, xp, y, nb0, nb1);
+        else
 #endif
-        gemm_p(B, N, K, (const uint32_t *)P, (const float *)x, y, nb0, nb1);
+            gemm_p(B, N, K, (const uint32_t *)P, (const float *)x, y, nb0, nb1);
+        if (epi) gemm_epilogue(B, N, y, bias, act, resid, nb0 * 16, nb1 * 16);
     }
     free(xp);
+    free(xt);
+    return 0;
+}
+
+/* The token shift's input of a decode step: ln = LayerNorm(x) per row (weight lw, bias lb),
+ * and mix[m] = ln + (shift - ln) * maa[m] for the M mixing vectors (time-mix: 6, channel-mix:
+ * 1). x, shift, ln (B,C); maa (M,C); mix (M,B,C). fp32; one thread (a few KB). */
+CLONES static void ln_mix_rows(int64_t B, int64_t C, const float *x, const float *shift,
+                               const float *lw, const float *lb, float eps, const float *maa,
+                               int64_t M, float *ln, float *mix) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = x + b * C, *sb = shift + b * C;
+        float *lnb = ln + b * C;
+        v16 m = {0};
+        for (int64_t c = 0; c < C; c += 16) m += *(const v16fu *)(xb + c);
+        const float mean = hsum(m) / (float)C;
+        v16 var = {0};
+        for (int64_t c = 0; c < C; c += 16) {
+            const v16 d = *(const v16fu *)(xb + c) - mean;
+            var += d * d;
+        }
+        const float rstd = 1.f / sqrtf(hsum(var) / (float)C + eps);
+        for (int64_t c = 0; c < C; c += 16) {
+            const v16 l = (*(const v16fu *)(xb + c) - mean) * rstd * *(const v16fu *)(lw + c)
+                + *(const v16fu *)(lb + c);
+            *(v16fu *)(lnb + c) = l;
+            const v16 d = *(const v16fu *)(sb + c) - l;
+            for (int64_t q = 0; q < M; q++)
+                *(v16fu *)(mix + (q * B + b) * C + c) = l + d * *(const v16fu *)(maa + q * C + c);
+        }
+    }
+}
+
+int32_t rf_ln_mix(int64_t B, int64_t C, const float *x, const float *shift, const float *lw,
+                  const float *lb, float eps, const float *maa, int64_t M, float *ln,
+                  float *mix) {
+    if (B < 1 || C % 16 || M < 1) return -1;
+    ln_mix_rows(B, C, x, shift, lw, lb, eps, maa, M, ln, mix);
     return 0;
 }
 
@@ -326,41 +445,6 @@ int64_t rf_ffn_sparse(int64_t B, int64_t F, int64_t C, int64_t bf16, const void 
         ffn_cols(B, C, bf16, WT, k, nz, nnz, y, 16 * (blocks * i / nthreads),
                  16 * (blocks * (i + 1) / nthreads), F);
     return nnz;
-}
-
-/* exp of 16 lanes: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by a degree-6
- * polynomial (Cephes' expf coefficients): within 2 ulp of expf over the clamped range, where
- * glibc's scalar expf, one call per lane, cost the step more than the state update itself */
-ALWAYS_INLINE v16 vclamp(v16 x, float lo, float hi) { /* (C has no vector ?:) */
-    v16u u, l, h;
-    const v16 lv = bcast(lo), hv = bcast(hi);
-    memcpy(&u, &x, sizeof u);
-    memcpy(&l, &lv, sizeof l);
-    memcpy(&h, &hv, sizeof h);
-    const v16u below = (v16u)(x < lv), above = (v16u)(x > hv);
-    u = (u & ~below & ~above) | (l & below) | (h & above);
-    memcpy(&x, &u, sizeof x);
-    return x;
-}
-
-ALWAYS_INLINE v16 vexp(v16 x) {
-    x = vclamp(x, -87.3f, 88.3f);
-    const v16 t = x * 1.44269504f + 0.5f;
-    v16i n = __builtin_convertvector(t, v16i); /* toward zero */
-    n += (v16i)(t < __builtin_convertvector(n, v16)); /* -> floor (true is -1) */
-    const v16 nf = __builtin_convertvector(n, v16);
-    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    v16 p = bcast(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const v16 e = p * r * r + r + 1.f;
-    const v16i scale = (n + 127) << 23;
-    v16 s;
-    memcpy(&s, &scale, sizeof s);
-    return e * s;
 }
 
 #define LD(p) (*(const v16fu *)(p))

@@ -45,8 +45,10 @@ def _lib():
         i64, p = ctypes.c_int64, ctypes.c_void_p
         lib.rf_gemv_bf16.argtypes = [i64, i64, i64, p, p, p, i64]
         lib.rf_gemv_bf16.restype = ctypes.c_int32
-        lib.rf_gemm_bf16p.argtypes = [i64, i64, i64, p, p, i64, p, i64]
+        lib.rf_gemm_bf16p.argtypes = [i64, i64, i64, p, p, i64, p, i64, p, i64, p, i64, p]
         lib.rf_gemm_bf16p.restype = ctypes.c_int32
+        lib.rf_ln_mix.argtypes = [i64, i64, p, p, p, p, ctypes.c_float, p, i64, p, p]
+        lib.rf_ln_mix.restype = ctypes.c_int32
         lib.rf_gemm_bf16p_dp.argtypes = []
         lib.rf_gemm_bf16p_dp.restype = ctypes.c_int32
         lib.rf_ffn_sparse.argtypes = [i64, i64, i64, i64, p, p, p, p, i64, i64]
@@ -92,12 +94,31 @@ def pack_bf16(w: torch.Tensor) -> torch.Tensor | None:
     return w.detach().to(torch.bfloat16).view(N // 16, 16, K // 2, 2).transpose(1, 2).contiguous()
 
 
-def gemm_bf16p(x: torch.Tensor, p: torch.Tensor, bf16_rows: bool = False) -> torch.Tensor | None:
+ACTS = {None: 0, "tanh": 1, "sigmoid": 2}  # gemm_bf16p's output activations
+
+
+def _f32(t: torch.Tensor | None, n: int) -> int | None:
+    """data_ptr of an optional fp32 contiguous CPU tensor of n elements; -1 if unusable."""
+    if t is None:
+        return None
+    if t.dtype is not torch.float32 or not t.is_contiguous() or t.numel() != n or not t.is_cpu:
+        return -1
+    return t.data_ptr()
+
+
+def gemm_bf16p(x: torch.Tensor, p: torch.Tensor, bf16_rows: bool = False, *,
+               xmul: torch.Tensor | None = None, relu2: bool = False,
+               bias: torch.Tensor | None = None, act: str | None = None,
+               resid: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (B,K) fp32 @ W^T -> (B,N) fp32 for W packed by `pack_bf16` (p), B <= MAX_ROWS:
     each weight line read once for all rows, exact bf16 widening, fp32 accumulation.
     `bf16_rows`: the activations rounded to bf16 first, as torch's bf16 GEMM does (AVX512-BF16
     dot products, twice the multiply-adds per instruction: what 8+ rows need), where the CPU
-    has them (`dp_available`), else fp32 activations. None where the kernel does not apply."""
+    has them (`dp_available`), else fp32 activations. In the same call, the element-wise
+    work around the product (a torch op each otherwise, several microseconds apiece at decode
+    sizes): the input times `xmul` (B,K) and/or `relu2` (relu(.)^2) first; the output plus
+    `bias` (N,), then `act` ("tanh" / "sigmoid", within ~1e-7 of torch's), then plus `resid`
+    (B,N). None where the kernel does not apply (the caller does the same with torch ops)."""
     # (called ~20 times per layer and step: the checks are ordered and written for speed)
     if torch.is_grad_enabled() or x.dtype is not torch.float32 or p.dtype is not torch.bfloat16 \
             or x.dim() != 2 or p.dim() != 4 or not (x.is_cpu and p.is_cpu):
@@ -108,13 +129,42 @@ def gemm_bf16p(x: torch.Tensor, p: torch.Tensor, bf16_rows: bool = False) -> tor
     lib = _lib()
     if lib is None:
         return None
-    x = x.contiguous()  # the kernel rounds it to bf16 itself where bf16_rows and the CPU has it
     N = p.shape[0] * 16
+    extra = (_f32(xmul, B * K), _f32(bias, N), _f32(resid, B * N))
+    if -1 in extra:
+        return None
+    x = x.contiguous()  # the kernel rounds it to bf16 itself where bf16_rows and the CPU has it
     y = torch.empty(B, N)
     if lib.rf_gemm_bf16p(B, N, K, p.data_ptr(), x.data_ptr(), int(bf16_rows and dp_available()),
-                         y.data_ptr(), torch.get_num_threads()):
+                         y.data_ptr(), torch.get_num_threads(), extra[0], int(relu2), extra[1],
+                         ACTS[act], extra[2]):
         return None
     return y
+
+
+def ln_mix(x: torch.Tensor, shift: torch.Tensor, ln: torch.nn.LayerNorm, maa: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A decode step's token-shift input in one call: (ln(x) (B,C), mix (M,B,C)) with
+    mix[m] = ln(x) + (shift - ln(x)) * maa[m], maa (M,1,C) or (C,) (M = 1); x, shift (B,C)
+    fp32. The same as torch's layer_norm + addcmul up to fp32 rounding order. None where the
+    kernel does not apply."""
+    if torch.is_grad_enabled() or x.dim() != 2 or not (x.is_cpu and shift.is_cpu) \
+            or x.dtype is not torch.float32 or shift.dtype is not torch.float32 \
+            or ln.weight is None or ln.bias is None or ln.weight.dtype is not torch.float32:
+        return None
+    B, C = x.shape
+    M = maa.numel() // C
+    lib = _lib()
+    if lib is None or C % 16 or shift.shape != x.shape or maa.numel() != M * C \
+            or maa.dtype is not torch.float32 or ln.normalized_shape != (C,):
+        return None
+    x, shift, maa = x.contiguous(), shift.contiguous(), maa.contiguous()
+    out, mix = torch.empty(B, C), torch.empty(M, B, C)
+    if lib.rf_ln_mix(B, C, x.data_ptr(), shift.data_ptr(), ln.weight.data_ptr(),
+                     ln.bias.data_ptr(), ln.eps, maa.data_ptr(), M, out.data_ptr(),
+                     mix.data_ptr()):
+        return None
+    return out, mix
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,5 +289,5 @@ def fast_path_accuracy(model, mode: torch.dtype, prompt: list[int], n: int) -> d
             "free_run": free_run, "n": n}
 
 
-__all__ = ["MAX_ROWS", "SPARSE_MAX_DENSITY", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
-           "dp_available", "ffn_sparse", "gemm_bf16p", "gemv_bf16", "pack_bf16", "torch_ffn_sparse", "wkv_step"]
+__all__ = ["ACTS", "MAX_ROWS", "SPARSE_MAX_DENSITY", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
+           "dp_available", "ffn_sparse", "gemm_bf16p", "gemv_bf16", "ln_mix", "pack_bf16", "torch_ffn_sparse", "wkv_step"]

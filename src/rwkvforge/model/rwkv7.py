@@ -397,7 +397,22 @@ class RWKV7(nn.Module):
         self._consts[block.layer_id] = (key, c)
         return c
 
-    def _lin(self, x: torch.Tensor, mod: nn.Module, keep: bool = False) -> torch.Tensor:
+    def _lin(self, x: torch.Tensor, mod: nn.Module, keep: bool = False, **epi) -> torch.Tensor:
+        """mod(x) as `_lin_plain`, with `step`'s element-wise work around it (`epi`: xmul,
+        relu2, act, resid, see decode.gemm_bf16p): fused into the packed bf16 product where
+        that runs (bf16 mode, decode rows), else the same torch ops around `_lin_plain`."""
+        if not epi:
+            return self._lin_plain(x, mod, keep)
+        if self.infer_dtype is torch.bfloat16 and x.dim() == 2 and x.shape[0] <= decode.MAX_ROWS \
+                and type(mod) is nn.Linear and mod.weight.dtype is not torch.bfloat16 \
+                and not torch.is_grad_enabled():
+            packed = self._lowp_weight(mod.weight, "bf16p")[0]
+            y = None if packed is None else decode.gemm_bf16p(x, packed, x.shape[0] > 7, **epi)
+            if y is not None:
+                return y
+        return _epilogue(self._lin_plain(_prologue(x, **epi), mod), **epi)
+
+    def _lin_plain(self, x: torch.Tensor, mod: nn.Module, keep: bool = False) -> torch.Tensor:
         """mod(x), on a cached low-precision weight copy when `infer_dtype` allows it.
         `keep`: the caller takes a bf16 result as it is (it only adds it to an fp32 tensor,
         or feeds it to another Linear), saving a full-size conversion pass."""
@@ -453,19 +468,20 @@ class RWKV7(nn.Module):
             return y.view(*shape[:-1], -1).to(x.dtype)
         return mod(x)
 
-    def _mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
-            ) -> torch.Tensor:
-        """`step`'s x (B,in) @ w (in,out) (+ bias), the time-mix's low-rank projections: in
-        bf16 mode with up to decode.MAX_ROWS rows, the packed bf16 product (as `_lin`'s
+    def _mm(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+            act: str | None = None) -> torch.Tensor:
+        """`step`'s act(x (B,in) @ w (in,out) (+ bias)), the time-mix's low-rank projections
+        (act None, "tanh" or "sigmoid"): in bf16 mode with up to decode.MAX_ROWS rows, the
+        packed bf16 product with its bias and activation in the same call (as `_lin`'s
         Linears: at 16 streams these fp32 products took ~10% of the step), else torch."""
         if self.infer_dtype == torch.bfloat16 and x.dim() == 2 and x.shape[0] <= decode.MAX_ROWS \
                 and w.dtype != torch.bfloat16 and not torch.is_grad_enabled():
             packed = self._lowp_weight(w, "bf16pT")[0]
             y = None if packed is None else decode.gemm_bf16p(
-                x, packed, bf16_rows=x.shape[0] > 7)
+                x, packed, bf16_rows=x.shape[0] > 7, bias=bias, act=act)
             if y is not None:
-                return y if bias is None else y.add_(bias)
-        return x @ w if bias is None else torch.addmm(bias, x, w)
+                return y
+        return _epilogue(x @ w if bias is None else torch.addmm(bias, x, w), act=act)
 
     def _lowp_weight(self, w: torch.Tensor, kind: str) -> tuple:
         key = (id(w), kind)
@@ -524,8 +540,8 @@ class RWKV7(nn.Module):
     sparse_ffn = True  # step's channel-mix reads only value rows of non-zero channels (exact)
     fused_step = True  # step's time-mix per-element work + WKV in one C call (decode.wkv_step)
 
-    def _ffn_value(self, k: torch.Tensor, value: nn.Linear) -> torch.Tensor:
-        """relu(k)^2 @ value.weight^T for `step`, k (B,F) the key output (overwritten).
+    def _ffn_value(self, k: torch.Tensor, value: nn.Linear, resid: torch.Tensor) -> torch.Tensor:
+        """resid + relu(k)^2 @ value.weight^T for `step`, k (B,F) the key output (overwritten).
 
         With `sparse_ffn` and at most decode.SPARSE_MAX_ROWS rows, the C kernel reads only the
         rows of a transposed copy of the weight (fp32 exact mode, bf16 with infer_dtype bf16) for
@@ -544,8 +560,8 @@ class RWKV7(nn.Module):
                 y = decode.ffn_sparse(k, self._lowp_weight(w, kind)[0],
                                       decode.SPARSE_MAX_DENSITY, dense)
                 if y is not None:
-                    return y
-        return self._lin(torch.relu(k).square_(), value)
+                    return resid + y
+        return self._lin(k, value, relu2=True, resid=resid)
 
     @torch.no_grad()
     def step(self, idx: torch.Tensor, state: State, inplace: bool = False):
@@ -560,35 +576,44 @@ class RWKV7(nn.Module):
         x = self.blocks[0].ln0(self.emb(idx))  # (B,C)
         B, C = x.shape
         lin = self._lin
+        # step's element-wise work in C calls (decode.ln_mix, gemm_bf16p's extras) in bf16
+        # mode; the exact mode keeps torch's ops
+        fused = self.infer_dtype is torch.bfloat16 and x.device.type == "cpu"
         v_first = x
         new_state = []
         for block, (att_shift, S, ffn_shift) in zip(self.blocks, state):
             att, ffn = block.att, block.ffn
             c = self._step_consts(block, x.dtype)
             H, N = att.n_head, att.head_size
-            xa_ = block.ln1(x)
-            # the six token-shift interpolations in one op: (6,B,C)
-            xr, xw, xk, xv, xa, xg = torch.addcmul(xa_, att_shift.to(xa_.dtype) - xa_, c["maa"]).unbind(0)
+            # ln1 and the six token-shift interpolations (6,B,C): one C call in bf16 mode
+            got = decode.ln_mix(x, att_shift, block.ln1, c["maa"]) if fused else None
+            if got is None:
+                xa_ = block.ln1(x)
+                got = xa_, torch.addcmul(xa_, att_shift.to(xa_.dtype) - xa_, c["maa"])
+            xa_, (xr, xw, xk, xv, xa, xg) = got[0], got[1].unbind(0)
             r = lin(xr, att.receptance)
             mm = self._mm
-            w = mm(torch.tanh(mm(xw, att.w1)), att.w2, c["w0"])
+            w = mm(mm(xw, att.w1, act="tanh"), att.w2, c["w0"])
             k = lin(xk, att.key)
             v = lin(xv, att.value)
             if att.layer_id == 0:
                 v_first = v
             else:
-                v = torch.lerp(v, v_first, torch.sigmoid(mm(mm(xv, att.v1), att.v2, c["v0"])))
-            a = torch.sigmoid(mm(mm(xa, att.a1), att.a2, c["a0"]))
-            g = mm(torch.sigmoid(mm(xg, att.g1)), att.g2)
+                v = torch.lerp(v, v_first, mm(mm(xv, att.v1), att.v2, c["v0"], act="sigmoid"))
+            a = mm(mm(xa, att.a1), att.a2, c["a0"], act="sigmoid")
+            g = mm(mm(xg, att.g1, act="sigmoid"), att.g2)
             got = decode.wkv_step(S, w, k, a, v, r, c, LN_X_EPS, inplace) if self.fused_step \
                 else None
             # the per-element work and the WKV step in one C call, else torch ops
             y, S2 = got if got is not None else self._time_mix_tail(S, w, k, a, v, r, c, att)
-            x = x + lin(y.to(x.dtype) * g, att.output)
+            x = lin(y.to(x.dtype), att.output, xmul=g, resid=x)  # x + output(y * g)
 
-            xf = block.ln2(x)
-            kx = torch.addcmul(xf, ffn_shift.to(xf.dtype) - xf, c["ffn_x_k"])
-            x = x + self._ffn_value(lin(kx, ffn.key), ffn.value)
+            got = decode.ln_mix(x, ffn_shift, block.ln2, c["ffn_x_k"]) if fused else None
+            if got is None:
+                xf = block.ln2(x)
+                got = xf, torch.addcmul(xf, ffn_shift.to(xf.dtype) - xf, c["ffn_x_k"])
+            xf, kx = got[0], got[1].view(-1, C)
+            x = self._ffn_value(lin(kx, ffn.key), ffn.value, resid=x)
             new_state.append((xa_.float(), S2.view(B, H, N, N), xf.float()))
         return lin(self.ln_out(x), self.head).float(), new_state
 
@@ -616,6 +641,24 @@ class RWKV7(nn.Module):
         bonus = (r4 * k4).view(B, H, N).mul_(c["r_k"]).sum(-1, keepdim=True)  # (B,H,1)
         y = torch.addcmul(y, bonus, v4.view(B, H, N)).view(B, C)
         return y, S2
+
+
+def _prologue(x: torch.Tensor, xmul: torch.Tensor | None = None, relu2: bool = False,
+              **_) -> torch.Tensor:
+    """The torch form of decode.gemm_bf16p's input work: x * xmul, then relu(.)^2."""
+    if xmul is not None:
+        x = x * xmul
+    return torch.relu(x).square_() if relu2 else x
+
+
+def _epilogue(y: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
+              resid: torch.Tensor | None = None, **_) -> torch.Tensor:
+    """The torch form of decode.gemm_bf16p's output work: + bias, act, + resid."""
+    if bias is not None:
+        y = y + bias
+    if act is not None:
+        y = torch.tanh(y) if act == "tanh" else torch.sigmoid(y)
+    return y if resid is None else resid + y
 
 
 def _fbgemm_pack(w: torch.Tensor):
