@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from rwkvforge.generate import (
     CHAT_DEFAULTS, CHAT_STOP, Engine, PrefixCache, QueueFull, TextStream, chat_params, state_cat,
     state_clone, state_select)
+from rwkvforge.model import decode
 from rwkvforge.sampling import (
     PenaltyStateRef, SamplingParams, apply_penalties, count_token, filter_probs_batch,
     filter_probs_ref, pick_ref, sample_batch, sample_ref, sample_step)
@@ -79,7 +80,7 @@ def test_topp_cutoff_without_sort_is_the_sorted_cutoff(scale, ties):
     if ties:
         logits = logits.round()
     probs = torch.softmax(logits, dim=-1)
-    lib = sampling._lib()
+    lib = decode.library()
     for tp in (0.0, 1e-6, 0.3, 0.85, 0.95, 0.999, 0.99999):
         top_p = torch.full((4,), tp)
         got = sampling._topp_cutoff(probs, top_p)
@@ -104,7 +105,7 @@ def test_topp_cutoff_in_the_tiny_tail_sorts_that_row():
     top_p = torch.tensor([1.0 - 2 ** -24, 0.85])
     got = sampling._topp_cutoff(probs, top_p)
     assert got.tolist() == [_sorted_cutoff(probs[b], float(top_p[b])) for b in range(2)]
-    lib = sampling._lib()
+    lib = decode.library()
     if lib is not None:
         raw = torch.empty(2)
         lib.rf_topp_cutoff(2, 4096, probs.data_ptr(), top_p.data_ptr(), raw.data_ptr(), 1)

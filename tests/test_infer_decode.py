@@ -200,6 +200,47 @@ def test_bf16_step_with_its_c_extras_equals_it_with_torch_ops(tiny_model, monkey
 
 
 @needs_kernel
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bf16_step_layer_in_c_equals_the_step_in_pieces(tiny_model, monkeypatch, sparse):
+    """RWKV7.step in bf16 mode with each layer in one C call (decode.layer_step, one OpenMP
+    team for the layer) vs the same step in pieces (fused_layer off: the products, WKV and
+    ln_mix called one by one from Python): logits and every state the same, for 1, 3 (fp32
+    activations), 9 and 16 streams (bf16 activations), the channel-mix dense and, with
+    `sparse`, through its picked rows (density limit lifted so the random model takes it).
+    (Bit-identical on the machines this was built on; the bound catches a wrong buffer or a
+    missing barrier, which move the logits by 10-60%.)"""
+    if sparse:
+        monkeypatch.setattr(decode, "SPARSE_MAX_DENSITY", 1.0)
+    V = tiny_model.config.vocab_size
+    ran = []
+    real = decode.layer_step
+    monkeypatch.setattr(decode, "layer_step", lambda f, s: ran.append(real(f, s)) or ran[-1])
+    tiny_model.infer_dtype = torch.bfloat16
+    try:
+        for B in (1, 3, 9, 16):
+            outs = {}
+            for fused in (True, False):
+                tiny_model.fused_layer = fused
+                with torch.no_grad():
+                    state = tiny_model.init_state(B)
+                    for t in (1, 50, 300, 7000, 5):
+                        logits, state = tiny_model.step((torch.arange(B) * 7 + t) % V, state,
+                                                        inplace=fused)
+                outs[fused] = logits, state
+            (lc, sc), (lp, sp) = outs[True], outs[False]
+            torch.testing.assert_close(lc, lp, atol=1e-5 * lp.abs().max().item(), rtol=0)
+            for a, b in zip(sc, sp):
+                for x, y in zip(a, b):
+                    torch.testing.assert_close(x, y, atol=1e-5 * y.abs().max().item(), rtol=0)
+    finally:
+        tiny_model.infer_dtype, tiny_model.fused_layer = None, True
+    n_layer = tiny_model.config.n_layer
+    assert len(ran) == 4 * 5 * n_layer and None not in ran  # every layer ran in C
+    if sparse:  # B <= SPARSE_MAX_ROWS took the picked rows (fewer than all, random model)
+        assert any(r < tiny_model.blocks[0].ffn.key.weight.shape[0] for r in ran)
+
+
+@needs_kernel
 def test_packed_bf16_declines_what_it_does_not_take():
     assert decode.pack_bf16(torch.randn(24, 32)) is None  # N not a multiple of 16
     assert decode.pack_bf16(torch.randn(32, 33)) is None  # K odd

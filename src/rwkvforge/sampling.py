@@ -8,15 +8,13 @@ them together), the decaying presence / frequency penalties, and the one samplin
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from rwkvforge import native
+from rwkvforge.model import decode
 
 # A token's text that matches one of these gets occurrence weight 0 (presence penalty only,
 # no frequency growth): PIPELINE's `ttt in ' \t0123456789'` rule (a substring test).
@@ -188,16 +186,6 @@ class PenaltyStateRef:
 
 # ---- Fast path: a batch of rows, each with its own parameters ------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _lib() -> ctypes.CDLL | None:
-    lib = native.load("decode_cpu")
-    if lib is not None:
-        i64, p = ctypes.c_int64, ctypes.c_void_p
-        lib.rf_topp_cutoff.argtypes = [i64, i64, p, p, p, i64]
-        lib.rf_topp_cutoff.restype = ctypes.c_int32
-    return lib
-
-
 def _topp_cutoff(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The nucleus cutoff of each row of probs (B,V) fp32 for top_p (B,): the probability
     where the descending running sum first reaches top_p (keep probs >= it), the value
@@ -207,7 +195,7 @@ def _topp_cutoff(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     2^-29, no C compiler) take `_topp_cutoff_torch`."""
     B, V = probs.shape
     tp = top_p.to(torch.float32).contiguous()
-    lib = _lib() if probs.device.type == "cpu" else None
+    lib = decode.library() if probs.device.type == "cpu" else None
     if lib is None:
         return _topp_cutoff_torch(probs, tp)
     probs = probs.contiguous()

@@ -222,30 +222,30 @@ DPBF16_TARGET static void gemm_dp(int64_t B, int64_t N, int64_t K, const uint32_
     }
 }
 
-/* x (B,K) fp32 -> xp (K/2, B) bf16 pairs for gemm_dp: rounded to nearest even as torch's
+/* pairs kp0..kp1 of x (B,K) fp32 -> xp (K/2, B) bf16 pairs for gemm_dp: rounded to nearest even as torch's
  * .to(bfloat16) (vcvtne2ps2bf16; it also flushes fp32 denormals, below 1.2e-38, to zero).
  * Here rather than in torch ops: their convert + transpose + copy cost the 16-stream step
  * ~5% (0.1B shape), this ~1/5 of that. */
-DPBF16_TARGET static void pairs_bf16(int64_t B, int64_t K, const float *x, uint32_t *xp) {
-    const int64_t K2 = K / 2;
+DPBF16_TARGET static void pairs_bf16(int64_t B, int64_t K, const float *x, uint32_t *xp,
+                                     int64_t kp0, int64_t kp1) {
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * K;
-        int64_t kp = 0;
-        for (; kp + 16 <= K2; kp += 16) {
+        int64_t kp = kp0;
+        for (; kp + 16 <= kp1; kp += 16) {
             uint32_t t[16];
             _mm512_storeu_si512((void *)t, (__m512i)_mm512_cvtne2ps_pbh(
                 _mm512_loadu_ps(xb + 2 * kp + 16), _mm512_loadu_ps(xb + 2 * kp)));
             for (int i = 0; i < 16; i++) xp[(kp + i) * B + b] = t[i];
         }
-        if (kp < K2) { /* the last 1-15 pairs (2-30 values), masked loads */
-            const int64_t n = 2 * (K2 - kp);
+        if (kp < kp1) { /* the last 1-15 pairs (2-30 values), masked loads */
+            const int64_t n = 2 * (kp1 - kp);
             const __m512 lo = _mm512_maskz_loadu_ps(
                 (__mmask16)(n >= 16 ? 0xffffu : (1u << n) - 1u), xb + 2 * kp);
             const __m512 hi = _mm512_maskz_loadu_ps(
                 (__mmask16)(n > 16 ? (1u << (n - 16)) - 1u : 0u), xb + 2 * kp + 16);
             uint32_t t[16];
             _mm512_storeu_si512((void *)t, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-            for (int64_t i = 0; i < K2 - kp; i++) xp[(kp + i) * B + b] = t[i];
+            for (int64_t i = 0; i < kp1 - kp; i++) xp[(kp + i) * B + b] = t[i];
         }
     }
 }
@@ -261,17 +261,23 @@ int32_t rf_gemm_bf16p_dp(void) {
 #endif
 }
 
-/* columns c0..c1 of y's B rows: + bias[c], then act (1 tanh, 2 sigmoid), then + resid[b,c] */
-CLONES static void gemm_epilogue(int64_t B, int64_t N, float *y, const float *bias, int64_t act,
-                                 const float *resid, int64_t c0, int64_t c1) {
+/* columns c0..c1 of B rows: out = act(y + bias[c]) + resid[b,c] (act 1 tanh, 2 sigmoid,
+ * 3 relu^2); out may be y or resid (each element is read before it is written) */
+CLONES static void gemm_epilogue(int64_t B, int64_t N, const float *y, const float *bias,
+                                 int64_t act, const float *resid, float *out, int64_t c0,
+                                 int64_t c1) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t c = c0; c < c1; c += 16) {
             v16 t = *(const v16fu *)(y + b * N + c);
             if (bias) t += *(const v16fu *)(bias + c);
             if (act == 1) t = vtanh(t);
             else if (act == 2) t = vsigmoid(t);
+            else if (act == 3) {
+                t = vclamp(t, 0.f, 3.0e38f);
+                t *= t;
+            }
             if (resid) t += *(const v16fu *)(resid + b * N + c);
-            *(v16fu *)(y + b * N + c) = t;
+            *(v16fu *)(out + b * N + c) = t;
         }
 }
 
@@ -322,7 +328,7 @@ int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const 
             free(xt);
             return -2;
         }
-        pairs_bf16(B, K, (const float *)x, xp);
+        pairs_bf16(B, K, (const float *)x, xp, 0, K / 2);
     }
 #endif
     const int epi = bias || act || resid;
@@ -336,7 +342,7 @@ int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const 
         else
 #endif
             gemm_p(B, N, K, (const uint32_t *)P, (const float *)x, y, nb0, nb1);
-        if (epi) gemm_epilogue(B, N, y, bias, act, resid, nb0 * 16, nb1 * 16);
+        if (epi) gemm_epilogue(B, N, y, bias, act, resid, y, nb0 * 16, nb1 * 16);
     }
     free(xp);
     free(xt);
@@ -345,11 +351,12 @@ int32_t rf_gemm_bf16p(int64_t B, int64_t N, int64_t K, const uint16_t *P, const 
 
 /* The token shift's input of a decode step: ln = LayerNorm(x) per row (weight lw, bias lb),
  * and mix[m] = ln + (shift - ln) * maa[m] for the M mixing vectors (time-mix: 6, channel-mix:
- * 1). x, shift, ln (B,C); maa (M,C); mix (M,B,C). fp32; one thread (a few KB). */
+ * 1). x, shift, ln (B,C); maa (M,C); mix (M,B,C). fp32; rows b0..b1 (rf_ln_mix: all, one
+ * thread: a few KB). */
 CLONES static void ln_mix_rows(int64_t B, int64_t C, const float *x, const float *shift,
                                const float *lw, const float *lb, float eps, const float *maa,
-                               int64_t M, float *ln, float *mix) {
-    for (int64_t b = 0; b < B; b++) {
+                               int64_t M, float *ln, float *mix, int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
         const float *xb = x + b * C, *sb = shift + b * C;
         float *lnb = ln + b * C;
         v16 m = {0};
@@ -376,7 +383,7 @@ int32_t rf_ln_mix(int64_t B, int64_t C, const float *x, const float *shift, cons
                   const float *lb, float eps, const float *maa, int64_t M, float *ln,
                   float *mix) {
     if (B < 1 || C % 16 || M < 1) return -1;
-    ln_mix_rows(B, C, x, shift, lw, lb, eps, maa, M, ln, mix);
+    ln_mix_rows(B, C, x, shift, lw, lb, eps, maa, M, ln, mix, 0, B);
     return 0;
 }
 
@@ -550,6 +557,215 @@ int32_t rf_wkv_step(int64_t B, int64_t H, int64_t N, const float *S, float *S2, 
     for (int64_t i = 0; i < nthreads; i++)
         wkv_heads(H, N, S, S2, wr, k, a, v, r, k_k, k_a, r_k, lw, lb, eps, out,
                   BH * i / nthreads, BH * (i + 1) / nthreads);
+    return 0;
+}
+
+/* ---- one whole layer of a bf16-mode decode step --------------------------------------- */
+
+/* RWKV7.step's layer in bf16 mode (model/decode.py, decode_layer, builds this from a block):
+ * every product on the packed bf16 weights (pack_bf16 layout; the low-rank matrices packed
+ * transposed), the element-wise work fused around them, the WKV step in place, the sparse
+ * channel-mix where few channels are on; one OpenMP team for the whole layer instead of ~20
+ * calls from Python, each with its dispatch and its team start (at one stream the 0.1B
+ * shape's step spent ~2-3 ms of ~12 there). */
+typedef struct {
+    int64_t B, C, H, N, F, dw, da, dv, dg, layer0, bf16rows, nthreads;
+    int64_t sparse_max, sparse_nnz; /* the sparse channel-mix: at most these rows, channels on */
+    float ln_eps, lnx_eps;
+    const float *ln1w, *ln1b, *ln2w, *ln2b, *maa, *ffn_xk, *w0, *a0, *v0, *k_k, *k_a, *r_k,
+        *lnxw, *lnxb;
+    const uint16_t *Wr, *Wk, *Wv, *Wo, *Wkey, *Wval, *w1, *w2, *a1, *a2, *v1, *v2, *g1, *g2;
+    const uint16_t *WvalT; /* (F,C) bf16 rows for the sparse channel-mix, or NULL */
+    float *x;              /* (B,C) the residual stream, updated */
+    const float *att_shift, *ffn_shift; /* (B,C) last token's ln1 / ln2 outputs */
+    float *att_shift_out, *ffn_shift_out;
+    float *S;       /* (B,H,N,N) WKV state, updated in place */
+    float *v_first; /* (B,C): layer 0 writes it, the others read it */
+    float *work;    /* scratch, rf_decode_layer_work floats */
+    uint32_t *xp;   /* scratch, 6 * B * max(C, F) / 2 (bf16 pairs) */
+    int32_t *nz;    /* scratch, F */
+    int64_t ffn_read; /* out: value rows read (F for the dense product) */
+} rf_layer;
+
+int64_t rf_decode_layer_work(int64_t B, int64_t C, int64_t F, int64_t dw, int64_t da,
+                             int64_t dv, int64_t dg) {
+    return B * (6 * C + 8 * C + F + dw + da + dv + dg);
+}
+
+#ifdef _OPENMP
+#include <omp.h>
+#define TEAM_T omp_get_thread_num()
+#define TEAM_N omp_get_num_threads()
+#define PRAGMA(x) _Pragma(#x)
+#define TEAM(n) PRAGMA(omp parallel num_threads(n))
+#define BARRIER PRAGMA(omp barrier)
+#define SINGLE PRAGMA(omp single)
+#else
+#define TEAM_T 0
+#define TEAM_N 1
+#define TEAM(n)
+#define BARRIER
+#define SINGLE
+#endif
+
+/* thread t of T: its column blocks of y (B,N) = x @ W^T (x fp32, or xp its bf16 pairs), then
+ * out = act(y + bias) + resid on the same columns (no barrier needed between products) */
+static void team_product(int64_t B, int64_t N, int64_t K, const uint16_t *P, const float *x,
+                         const uint32_t *xp, float *y, const float *bias, int64_t act,
+                         const float *resid, float *out) {
+    const int64_t T = TEAM_N, t = TEAM_T, NB = N / 16;
+    const int64_t nb0 = NB * t / T, nb1 = NB * (t + 1) / T;
+    if (nb0 >= nb1) return;
+#ifdef RF_HAVE_DPBF16
+    if (xp) gemm_dp(B, N, K, (const uint32_t *)P, xp, y, nb0, nb1);
+    else
+#endif
+        gemm_p(B, N, K, (const uint32_t *)P, x, y, nb0, nb1);
+    if (bias || act || resid || out != y)
+        gemm_epilogue(B, N, y, bias, act, resid, out, nb0 * 16, nb1 * 16);
+}
+
+/* this thread's share of the bf16 pairs of x (B,K) into xp, when the layer rounds its
+ * activations: a run of whole 64-byte lines of xp (pairs split in multiples of 16; split by
+ * rows, two threads would write the same lines) */
+static void team_pairs(const rf_layer *L, int64_t K, const float *x, uint32_t *xp) {
+#ifdef RF_HAVE_DPBF16
+    if (L->bf16rows) {
+        const int64_t K16 = (K / 2 + 15) / 16, T = TEAM_N, t = TEAM_T;
+        int64_t kp0 = 16 * (K16 * t / T), kp1 = 16 * (K16 * (t + 1) / T);
+        if (kp1 > K / 2) kp1 = K / 2;
+        if (kp0 < kp1) pairs_bf16(L->B, K, x, xp, kp0, kp1);
+    }
+#else
+    (void)L, (void)K, (void)x, (void)xp;
+#endif
+}
+
+/* rows of B split over the team: this thread's b0..b1 */
+#define TEAM_ROWS(B, b0, b1) \
+    const int64_t b0 = (B) * TEAM_T / TEAM_N, b1 = (B) * (TEAM_T + 1) / TEAM_N
+
+/* v = torch.lerp(v, e, t), rounded as torch's CPU kernel rounds it (one fused multiply-add
+ * from whichever end is nearer): the bf16 activations that follow would turn a 1-ulp
+ * difference here into a flipped rounding now and then */
+CLONES static void lerp_rows(int64_t n, float *v, const float *e, const float *t) {
+    for (int64_t i = 0; i < n; i++) {
+        const float d = e[i] - v[i];
+        v[i] = fabsf(t[i]) < 0.5f ? fmaf(t[i], d, v[i]) : fmaf(t[i] - 1.f, d, e[i]);
+    }
+}
+
+int32_t rf_decode_layer(rf_layer *L) {
+    const int64_t B = L->B, C = L->C, F = L->F;
+    if (B < 1 || B > MAXB || C % 16 || F % 16 || L->N % 16 || L->N > 256 || L->dw % 16 ||
+        L->da % 16 || L->dv % 16 || L->dg % 16)
+        return -1;
+#ifdef RF_HAVE_DPBF16
+    if (L->bf16rows && !rf_gemm_bf16p_dp()) return -1;
+#else
+    if (L->bf16rows) return -1;
+#endif
+    float *w = L->work, *mix = w, *r = mix + 6 * B * C, *k = r + B * C, *v = k + B * C,
+          *dec = v + B * C, *a = dec + B * C, *g = a + B * C, *y = g + B * C, *tmp = y + B * C,
+          *kk = tmp + B * C, *hw = kk + B * F, *ha = hw + B * L->dw, *hv = ha + B * L->da,
+          *hg = hv + B * L->dv;
+    float *xr = mix, *xw = mix + B * C, *xk = mix + 2 * B * C, *xv = mix + 3 * B * C,
+          *xa = mix + 4 * B * C, *xg = mix + 5 * B * C;
+    uint32_t *xp = L->xp;
+    const int64_t K2max = (C > F ? C : F) / 2;
+    /* one bf16-pair buffer per input of a stage (the products of a stage run unsynchronised) */
+    uint32_t *p0 = xp, *p1 = p0 + B * K2max, *p2 = p1 + B * K2max, *p3 = p2 + B * K2max,
+             *p4 = p3 + B * K2max, *p5 = p4 + B * K2max;
+    int64_t nnz = F;
+    TEAM(L->nthreads)
+    {
+        /* element-wise stages split the rows over the team, the bf16 conversions and the
+         * products the columns (a barrier wherever the next stage reads what another thread
+         * wrote; none between the products of one stage: separate buffers) */
+        TEAM_ROWS(B, b0, b1);
+        const uint32_t *q0 = L->bf16rows ? p0 : NULL, *q1 = L->bf16rows ? p1 : NULL,
+                       *q2 = L->bf16rows ? p2 : NULL, *q3 = L->bf16rows ? p3 : NULL,
+                       *q4 = L->bf16rows ? p4 : NULL, *q5 = L->bf16rows ? p5 : NULL;
+        ln_mix_rows(B, C, L->x, L->att_shift, L->ln1w, L->ln1b, L->ln_eps, L->maa, 6,
+                    L->att_shift_out, mix, b0, b1);
+        BARRIER;
+        if (L->bf16rows) { /* (a condition every thread shares) */
+            for (int i = 0; i < 6; i++) team_pairs(L, C, mix + i * B * C, xp + i * B * K2max);
+            BARRIER;
+        }
+        team_product(B, C, C, L->Wr, xr, q0, r, NULL, 0, NULL, r);
+        team_product(B, L->dw, C, L->w1, xw, q1, hw, NULL, 1, NULL, hw);
+        team_product(B, C, C, L->Wk, xk, q2, k, NULL, 0, NULL, k);
+        team_product(B, C, C, L->Wv, xv, q3, v, NULL, 0, NULL, v);
+        team_product(B, L->da, C, L->a1, xa, q4, ha, NULL, 0, NULL, ha);
+        if (!L->layer0) team_product(B, L->dv, C, L->v1, xv, q3, hv, NULL, 0, NULL, hv);
+        team_product(B, L->dg, C, L->g1, xg, q5, hg, NULL, 2, NULL, hg);
+        BARRIER;
+        if (L->bf16rows) {
+            team_pairs(L, L->dw, hw, p0);
+            team_pairs(L, L->da, ha, p1);
+            if (!L->layer0) team_pairs(L, L->dv, hv, p2);
+            team_pairs(L, L->dg, hg, p3);
+            BARRIER;
+        }
+        team_product(B, C, L->dw, L->w2, hw, q0, dec, L->w0, 0, NULL, dec);
+        team_product(B, C, L->da, L->a2, ha, q1, a, L->a0, 2, NULL, a);
+        if (!L->layer0) team_product(B, C, L->dv, L->v2, hv, q2, tmp, L->v0, 2, NULL, tmp);
+        team_product(B, C, L->dg, L->g2, hg, q3, g, NULL, 0, NULL, g);
+        BARRIER;
+        if (L->layer0) memcpy(L->v_first + b0 * C, v + b0 * C, (size_t)((b1 - b0) * C) * sizeof *v);
+        else /* v = lerp(v, v_first, sigmoid(...)) */
+            lerp_rows((b1 - b0) * C, v + b0 * C, L->v_first + b0 * C, tmp + b0 * C);
+        BARRIER;
+        {
+            const int64_t BH = B * L->H, T = TEAM_N, t = TEAM_T;
+            wkv_heads(L->H, L->N, L->S, L->S, dec, k, a, v, r, L->k_k, L->k_a, L->r_k, L->lnxw,
+                      L->lnxb, L->lnx_eps, y, BH * t / T, BH * (t + 1) / T);
+        }
+        BARRIER;
+        for (int64_t i = b0 * C; i < b1 * C; i++) y[i] *= g[i];
+        BARRIER;
+        if (L->bf16rows) {
+            team_pairs(L, C, y, p0);
+            BARRIER;
+        }
+        team_product(B, C, C, L->Wo, y, q0, tmp, NULL, 0, L->x, L->x); /* x += (y*g) Wo */
+        BARRIER;
+        ln_mix_rows(B, C, L->x, L->ffn_shift, L->ln2w, L->ln2b, L->ln_eps, L->ffn_xk, 1,
+                    L->ffn_shift_out, mix, b0, b1);
+        BARRIER;
+        if (L->bf16rows) {
+            team_pairs(L, C, mix, p0);
+            BARRIER;
+        }
+        team_product(B, F, C, L->Wkey, mix, q0, kk, NULL, 3, NULL, kk); /* relu(.)^2 */
+        BARRIER;
+        SINGLE
+        if (L->WvalT && B <= L->sparse_max) { /* the channels on in some row */
+            int64_t n = 0;
+            for (int64_t j = 0; j < F; j++) {
+                int any = 0;
+                for (int64_t b = 0; b < B; b++) any |= kk[b * F + j] != 0.f;
+                if (any) L->nz[n++] = (int32_t)j;
+            }
+            if (n <= L->sparse_nnz) nnz = n;
+        } /* (the single's barrier) */
+        if (nnz < F) {
+            const int64_t blocks = C / 16, T = TEAM_N, t = TEAM_T;
+            const int64_t c0 = 16 * (blocks * t / T), c1 = 16 * (blocks * (t + 1) / T);
+            if (c0 < c1) {
+                ffn_cols(B, C, 1, L->WvalT, kk, L->nz, nnz, tmp, c0, c1, F);
+                gemm_epilogue(B, C, tmp, NULL, 0, L->x, L->x, c0, c1);
+            }
+        } else {
+            if (L->bf16rows) {
+                team_pairs(L, F, kk, p0);
+                BARRIER;
+            }
+            team_product(B, C, F, L->Wval, kk, q0, tmp, NULL, 0, L->x, L->x);
+        }
+    }
+    L->ffn_read = nnz;
     return 0;
 }
 

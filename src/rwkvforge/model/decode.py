@@ -38,8 +38,51 @@ SPARSE_MAX_DENSITY = 0.4
 STATS: dict[str, int] = {}
 
 
+class Layer(ctypes.Structure):
+    """csrc/decode_cpu.c's rf_layer: one bf16-mode decode layer's sizes, weights and buffers
+    (RWKV7._step_layer fills it; `layer_step` runs it)."""
+    _fields_ = ([(n, ctypes.c_int64) for n in (
+        "B", "C", "H", "N", "F", "dw", "da", "dv", "dg", "layer0", "bf16rows", "nthreads",
+        "sparse_max", "sparse_nnz")]
+        + [("ln_eps", ctypes.c_float), ("lnx_eps", ctypes.c_float)]
+        + [(n, ctypes.c_void_p) for n in (
+            "ln1w", "ln1b", "ln2w", "ln2b", "maa", "ffn_xk", "w0", "a0", "v0", "k_k", "k_a",
+            "r_k", "lnxw", "lnxb", "Wr", "Wk", "Wv", "Wo", "Wkey", "Wval", "w1", "w2", "a1",
+            "a2", "v1", "v2", "g1", "g2", "WvalT", "x", "att_shift", "ffn_shift",
+            "att_shift_out", "ffn_shift_out", "S", "v_first", "work", "xp", "nz")]
+        + [("ffn_read", ctypes.c_int64)])
+
+
+def layer_step(fields: dict, scratch: dict) -> int | None:
+    """Run one decode layer in C (rf_decode_layer) from `fields` (Layer's names: ints, floats,
+    fp32 / bf16 tensors or None); `scratch` is the caller's cache of work buffers (kept between
+    calls). -> value rows the channel-mix read, or None where the kernel does not apply (no C
+    compiler, shapes it does not take: nothing has been written then)."""
+    lib = library()
+    if lib is None:
+        return None
+    B, C, F = fields["B"], fields["C"], fields["F"]
+    n = lib.rf_decode_layer_work(B, C, F, fields["dw"], fields["da"], fields["dv"], fields["dg"])
+    nxp = 6 * B * max(C, F) // 2
+    if "work" not in scratch or scratch["work"].numel() < n or scratch["xp"].numel() < nxp \
+            or scratch["nz"].numel() < F:  # grown to the largest layer / batch seen
+        scratch.update(work=torch.empty(n), xp=torch.empty(nxp, dtype=torch.int32),
+                       nz=torch.empty(F, dtype=torch.int32))
+    L = Layer()
+    for name, v in fields.items():
+        setattr(L, name, v.data_ptr() if isinstance(v, torch.Tensor) else v)
+    L.work, L.xp, L.nz = (scratch[k].data_ptr() for k in ("work", "xp", "nz"))
+    if lib.rf_decode_layer(ctypes.byref(L)):
+        return None
+    STATS["rows"] = STATS.get("rows", 0) + F
+    STATS["read"] = STATS.get("read", 0) + L.ffn_read
+    return L.ffn_read
+
+
 @functools.lru_cache(maxsize=None)
-def _lib():
+def library() -> ctypes.CDLL | None:
+    """csrc/decode_cpu.c built and loaded, every entry point declared (the decode products
+    here, the sampler's top-p cut in sampling.py), or None without a C compiler."""
     lib = native.load("decode_cpu")
     if lib is not None:
         i64, p = ctypes.c_int64, ctypes.c_void_p
@@ -55,11 +98,17 @@ def _lib():
         lib.rf_ffn_sparse.restype = ctypes.c_int64
         lib.rf_wkv_step.argtypes = [i64, i64, i64] + [p] * 12 + [ctypes.c_float, p, i64]
         lib.rf_wkv_step.restype = ctypes.c_int32
+        lib.rf_decode_layer.argtypes = [ctypes.POINTER(Layer)]
+        lib.rf_decode_layer.restype = ctypes.c_int32
+        lib.rf_decode_layer_work.argtypes = [i64] * 7
+        lib.rf_decode_layer_work.restype = i64
+        lib.rf_topp_cutoff.argtypes = [i64, i64, p, p, p, i64]
+        lib.rf_topp_cutoff.restype = ctypes.c_int32
     return lib
 
 
 def available() -> bool:
-    return _lib() is not None
+    return library() is not None
 
 
 def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -72,7 +121,7 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     """x (B,K) fp32 @ w (N,K) bf16 ^T -> (B,N) fp32, or None (see the module doc)."""
     if w.dtype != torch.bfloat16 or not _applies(x, w) or w.shape[1] != x.shape[1]:
         return None
-    lib = _lib()
+    lib = library()
     if lib is None:
         return None
     x = x.contiguous()
@@ -126,7 +175,7 @@ def gemm_bf16p(x: torch.Tensor, p: torch.Tensor, bf16_rows: bool = False, *,
     B, K = x.shape
     if not 1 <= B <= MAX_ROWS or K != 2 * p.shape[1] or not p.is_contiguous():
         return None
-    lib = _lib()
+    lib = library()
     if lib is None:
         return None
     N = p.shape[0] * 16
@@ -154,7 +203,7 @@ def ln_mix(x: torch.Tensor, shift: torch.Tensor, ln: torch.nn.LayerNorm, maa: to
         return None
     B, C = x.shape
     M = maa.numel() // C
-    lib = _lib()
+    lib = library()
     if lib is None or C % 16 or shift.shape != x.shape or maa.numel() != M * C \
             or maa.dtype is not torch.float32 or ln.normalized_shape != (C,):
         return None
@@ -170,7 +219,7 @@ def ln_mix(x: torch.Tensor, shift: torch.Tensor, ln: torch.nn.LayerNorm, maa: to
 @functools.lru_cache(maxsize=None)
 def dp_available() -> bool:
     """The CPU has AVX512-BF16 dot products (gemm_bf16p's bf16-activation form)."""
-    lib = _lib()
+    lib = library()
     return lib is not None and bool(lib.rf_gemm_bf16p_dp())
 
 
@@ -185,7 +234,7 @@ def ffn_sparse(k: torch.Tensor, wt: torch.Tensor, max_density: float = 1.0,
     if wt.dtype not in (torch.float32, torch.bfloat16) or not _applies(k, wt) \
             or not k.is_contiguous() or wt.shape[0] != k.shape[1] or wt.shape[1] % 16:
         return None
-    lib = _lib()
+    lib = library()
     if lib is None:
         return None
     B, F = k.shape
@@ -218,7 +267,7 @@ def wkv_step(S: torch.Tensor, w: torch.Tensor, k: torch.Tensor, a: torch.Tensor,
     if not (S.device.type == "cpu" and S.dtype == torch.float32 and not torch.is_grad_enabled()
             and S.is_contiguous() and S.shape[-1] % 16 == 0 and S.shape[-1] <= 256):
         return None
-    lib = _lib()
+    lib = library()
     if lib is None:
         return None
     B, H, N, _ = S.shape
@@ -290,4 +339,4 @@ def fast_path_accuracy(model, mode: torch.dtype, prompt: list[int], n: int) -> d
 
 
 __all__ = ["ACTS", "MAX_ROWS", "SPARSE_MAX_DENSITY", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
-           "dp_available", "ffn_sparse", "gemm_bf16p", "gemv_bf16", "ln_mix", "pack_bf16", "torch_ffn_sparse", "wkv_step"]
+           "dp_available", "ffn_sparse", "Layer", "gemm_bf16p", "gemv_bf16", "layer_step", "library", "ln_mix", "pack_bf16", "torch_ffn_sparse", "wkv_step"]

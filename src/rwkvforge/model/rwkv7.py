@@ -286,6 +286,7 @@ class RWKV7(nn.Module):
         self.infer_dtype: torch.dtype | None = None
         self._lowp: dict[tuple, tuple] = {}  # (id(weight), kind) -> (weight, version, copies)
         self._consts: dict[int, tuple] = {}  # layer -> (param versions, small tensors for step)
+        self._layer_scratch: dict = {}  # decode.layer_step's work buffers
 
     # ---- state -----------------------------------------------------------------------------------
     def add_initial_state(self, wkv: torch.Tensor | None = None) -> None:
@@ -539,6 +540,58 @@ class RWKV7(nn.Module):
     # ---- decode ----------------------------------------------------------------------------------
     sparse_ffn = True  # step's channel-mix reads only value rows of non-zero channels (exact)
     fused_step = True  # step's time-mix per-element work + WKV in one C call (decode.wkv_step)
+    fused_layer = True  # bf16 mode: each layer of step in one C call (decode.layer_step)
+
+    def _step_layer(self, block: Block, c: dict, x: torch.Tensor, att_shift: torch.Tensor,
+                    S: torch.Tensor, ffn_shift: torch.Tensor, v_first: torch.Tensor,
+                    inplace: bool) -> tuple | None:
+        """`step`'s layer in one C call (decode.layer_step) in bf16 mode on CPU, the same
+        maths as the torch-op path below it in `step` (fp32 rounding order only): x (B,C) is
+        updated in place. -> (v_first, (xa_, S', xf)) or None where it does not apply
+        (adapters' wrapped Linears, bf16 weights, shapes the kernel does not take)."""
+        att, ffn = block.att, block.ffn
+        B, C = x.shape
+        lins = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
+        if not (self.fused_layer and self.infer_dtype is torch.bfloat16 and x.is_cpu
+                and x.dtype is torch.float32 and B <= decode.MAX_ROWS and x.is_contiguous()
+                and decode.available() and all(type(m) is nn.Linear and m.bias is None
+                                               and m.weight.dtype is torch.float32 for m in lins)):
+            return None
+        packed = [self._lowp_weight(m.weight, "bf16p")[0] for m in lins]
+        first = att.layer_id == 0
+        low = [None if first and n[0] == "v" else self._lowp_weight(getattr(att, n), "bf16pT")[0]
+               for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")]
+        if any(p is None for p in packed) or any(p is None for p in low[:4] + low[6:]) \
+                or (not first and None in low[4:6]):
+            return None
+        F = ffn.key.weight.shape[0]
+        sparse = self.sparse_ffn and B <= decode.SPARSE_MAX_ROWS
+        S2 = S if inplace else S.clone()
+        xa_, xf = torch.empty(B, C), torch.empty(B, C)
+        if first:
+            v_first = torch.empty(B, C)
+        f = dict(B=B, C=C, H=att.n_head, N=att.head_size, F=F, dw=att.w1.shape[1],
+                 da=att.a1.shape[1], dv=0 if first else att.v1.shape[1], dg=att.g1.shape[1],
+                 layer0=int(first), bf16rows=int(B > 7 and decode.dp_available()),
+                 nthreads=torch.get_num_threads(), sparse_max=decode.SPARSE_MAX_ROWS if sparse
+                 else 0, sparse_nnz=int(F * decode.SPARSE_MAX_DENSITY), ln_eps=block.ln1.eps,
+                 lnx_eps=LN_X_EPS, ln1w=block.ln1.weight, ln1b=block.ln1.bias,
+                 ln2w=block.ln2.weight, ln2b=block.ln2.bias, maa=c["maa"], ffn_xk=c["ffn_x_k"],
+                 w0=c["w0"], a0=c["a0"], v0=None if first else c["v0"], k_k=c["k_k"],
+                 k_a=c["k_a"], r_k=c["r_k"], lnxw=c["lnx_w"], lnxb=c["lnx_b"],
+                 WvalT=self._lowp_weight(ffn.value.weight, "bf16T")[0] if sparse else None,
+                 x=x, att_shift=att_shift, ffn_shift=ffn_shift, att_shift_out=xa_,
+                 ffn_shift_out=xf, S=S2, v_first=v_first)
+        fp32 = [t for n, t in f.items() if isinstance(t, torch.Tensor) and n != "WvalT"]
+        if any(t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu
+               for t in fp32) or att_shift.shape != x.shape or ffn_shift.shape != x.shape \
+                or block.ln1.eps != block.ln2.eps:
+            return None  # every fp32 operand as the kernel reads it (bf16 copies are built so)
+        f.update(zip(("Wr", "Wk", "Wv", "Wo", "Wkey", "Wval"), packed))
+        f.update(zip(("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"), low))
+        if decode.layer_step(f, self._layer_scratch) is None:
+            return None
+        return v_first, (xa_, S2, xf)
 
     def _ffn_value(self, k: torch.Tensor, value: nn.Linear, resid: torch.Tensor) -> torch.Tensor:
         """resid + relu(k)^2 @ value.weight^T for `step`, k (B,F) the key output (overwritten).
@@ -584,6 +637,12 @@ class RWKV7(nn.Module):
         for block, (att_shift, S, ffn_shift) in zip(self.blocks, state):
             att, ffn = block.att, block.ffn
             c = self._step_consts(block, x.dtype)
+            got = self._step_layer(block, c, x, att_shift, S, ffn_shift, v_first, inplace) \
+                if fused else None
+            if got is not None:  # x updated in place
+                v_first, layer_state = got
+                new_state.append(layer_state)
+                continue
             H, N = att.n_head, att.head_size
             # ln1 and the six token-shift interpolations (6,B,C): one C call in bf16 mode
             got = decode.ln_mix(x, att_shift, block.ln1, c["maa"]) if fused else None
