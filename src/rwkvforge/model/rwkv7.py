@@ -18,6 +18,7 @@ engine that uses them: one copy.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 
 import torch
@@ -286,7 +287,7 @@ class RWKV7(nn.Module):
         self.infer_dtype: torch.dtype | None = None
         self._lowp: dict[tuple, tuple] = {}  # (id(weight), kind) -> (weight, version, copies)
         self._consts: dict[int, tuple] = {}  # layer -> (param versions, small tensors for step)
-        self._layer_scratch: dict = {}  # decode.layer_step's work buffers
+        self._layer_scratch: dict = {}  # thread -> decode.layer_step's work buffers
 
     # ---- state -----------------------------------------------------------------------------------
     def add_initial_state(self, wkv: torch.Tensor | None = None) -> None:
@@ -589,7 +590,12 @@ class RWKV7(nn.Module):
             return None  # every fp32 operand as the kernel reads it (bf16 copies are built so)
         f.update(zip(("Wr", "Wk", "Wv", "Wo", "Wkey", "Wval"), packed))
         f.update(zip(("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"), low))
-        if decode.layer_step(f, self._layer_scratch) is None:
+        # (work buffers per calling thread: two threads may decode with one model; a few MB
+        # each, dropped when threads come and go)
+        if len(self._layer_scratch) > 8:
+            self._layer_scratch.clear()
+        scratch = self._layer_scratch.setdefault(threading.get_ident(), {})
+        if decode.layer_step(f, scratch) is None:
             return None
         return v_first, (xa_, S2, xf)
 
