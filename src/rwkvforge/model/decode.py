@@ -53,24 +53,30 @@ class Layer(ctypes.Structure):
         + [("ffn_read", ctypes.c_int64)])
 
 
-def layer_step(fields: dict, scratch: dict) -> int | None:
-    """Run one decode layer in C (rf_decode_layer) from `fields` (Layer's names: ints, floats,
-    fp32 / bf16 tensors or None); `scratch` is the caller's cache of work buffers (kept between
-    calls). -> value rows the channel-mix read, or None where the kernel does not apply (no C
+def layer_struct(fields: dict) -> Layer:
+    """A Layer from `fields` (its field names: ints, floats, tensors -> their data pointers,
+    None -> NULL). The caller keeps the tensors alive while the struct is in use."""
+    L = Layer()
+    for name, v in fields.items():
+        setattr(L, name, v.data_ptr() if isinstance(v, torch.Tensor) else v)
+    return L
+
+
+def layer_step(L: Layer, scratch: dict) -> int | None:
+    """Run one decode layer in C (rf_decode_layer) from a filled Layer; `scratch` is the
+    caller's cache of work buffers (kept between calls, grown to the largest layer / batch
+    seen). -> value rows the channel-mix read, or None where the kernel does not apply (no C
     compiler, shapes it does not take: nothing has been written then)."""
     lib = library()
     if lib is None:
         return None
-    B, C, F = fields["B"], fields["C"], fields["F"]
-    n = lib.rf_decode_layer_work(B, C, F, fields["dw"], fields["da"], fields["dv"], fields["dg"])
+    B, C, F = L.B, L.C, L.F
+    n = lib.rf_decode_layer_work(B, C, F, L.dw, L.da, L.dv, L.dg)
     nxp = 6 * B * max(C, F) // 2
     if "work" not in scratch or scratch["work"].numel() < n or scratch["xp"].numel() < nxp \
-            or scratch["nz"].numel() < F:  # grown to the largest layer / batch seen
+            or scratch["nz"].numel() < F:
         scratch.update(work=torch.empty(n), xp=torch.empty(nxp, dtype=torch.int32),
                        nz=torch.empty(F, dtype=torch.int32))
-    L = Layer()
-    for name, v in fields.items():
-        setattr(L, name, v.data_ptr() if isinstance(v, torch.Tensor) else v)
     L.work, L.xp, L.nz = (scratch[k].data_ptr() for k in ("work", "xp", "nz"))
     if lib.rf_decode_layer(ctypes.byref(L)):
         return None
@@ -339,4 +345,4 @@ def fast_path_accuracy(model, mode: torch.dtype, prompt: list[int], n: int) -> d
 
 
 __all__ = ["ACTS", "MAX_ROWS", "SPARSE_MAX_DENSITY", "SPARSE_MAX_ROWS", "STATS", "available", "fast_path_accuracy",
-           "dp_available", "ffn_sparse", "Layer", "gemm_bf16p", "gemv_bf16", "layer_step", "library", "ln_mix", "pack_bf16", "torch_ffn_sparse", "wkv_step"]
+           "dp_available", "ffn_sparse", "Layer", "gemm_bf16p", "gemv_bf16", "layer_step", "layer_struct", "library", "ln_mix", "pack_bf16", "torch_ffn_sparse", "wkv_step"]

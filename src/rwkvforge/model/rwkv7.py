@@ -378,8 +378,13 @@ class RWKV7(nn.Module):
         """Per-layer small tensors reshaped for `step` (flat (C,) vectors, the six mixing
         vectors stacked), cached and rebuilt whenever a parameter of the layer changes."""
         att, ffn = block.att, block.ffn
-        srcs = (att.x_r, att.x_w, att.x_k, att.x_v, att.x_a, att.x_g, att.w0, att.a0, att.k_k,
-                att.k_a, att.r_k, att.ln_x.weight, att.ln_x.bias, ffn.x_k) + ((att.v0,) if att.layer_id else ())
+        # (the parameter dicts read directly: nn.Module.__getattr__, ~0.5 us a name, was a
+        # tenth of a one-stream step's Python time across this and _step_layer)
+        ap, lx = att._parameters, att._modules["ln_x"]._parameters
+        srcs = tuple(ap[n] for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k",
+                                     "k_a", "r_k")) + (lx["weight"], lx["bias"],
+                                                       ffn._parameters["x_k"]) \
+            + ((ap["v0"],) if att.layer_id else ())
         key = (dtype, tuple((id(p), p._version) for p in srcs))
         hit = self._consts.get(block.layer_id)
         if hit is not None and hit[0] == key:
@@ -552,52 +557,77 @@ class RWKV7(nn.Module):
         (adapters' wrapped Linears, bf16 weights, shapes the kernel does not take)."""
         att, ffn = block.att, block.ffn
         B, C = x.shape
-        lins = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
+        am, fm = att._modules, ffn._modules  # (direct: see _step_consts)
+        lins = (am["receptance"], am["key"], am["value"], am["output"], fm["key"], fm["value"])
+        ws = [m._parameters.get("weight") for m in lins]
         if not (self.fused_layer and self.infer_dtype is torch.bfloat16 and x.is_cpu
                 and x.dtype is torch.float32 and B <= decode.MAX_ROWS and x.is_contiguous()
                 and decode.available() and all(type(m) is nn.Linear and m.bias is None
-                                               and m.weight.dtype is torch.float32 for m in lins)):
+                                               for m in lins)
+                and all(w.dtype is torch.float32 for w in ws)):
             return None
-        packed = [self._lowp_weight(m.weight, "bf16p")[0] for m in lins]
+        if not all(t.dtype is torch.float32 and t.is_contiguous() and t.shape == x.shape
+                   for t in (att_shift, ffn_shift)) or S.dtype is not torch.float32 \
+                or not S.is_contiguous():
+            return None
         first = att.layer_id == 0
-        low = [None if first and n[0] == "v" else self._lowp_weight(getattr(att, n), "bf16pT")[0]
-               for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")]
-        if any(p is None for p in packed) or any(p is None for p in low[:4] + low[6:]) \
-                or (not first and None in low[4:6]):
-            return None
-        F = ffn.key.weight.shape[0]
         sparse = self.sparse_ffn and B <= decode.SPARSE_MAX_ROWS
+        ap, lowp = att._parameters, self._lowp_weight
+        weights = tuple(lowp(w, "bf16p")[0] for w in ws) + tuple(
+            None if first and n[0] == "v" else lowp(ap[n], "bf16pT")[0]
+            for n in ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")) + (
+            lowp(ws[5], "bf16T")[0] if sparse else None,)
+        # (work buffers and structs per calling thread: two threads may decode with one
+        # model; a few MB each, dropped when threads come and go)
+        if len(self._layer_scratch) > 8:
+            self._layer_scratch.clear()
+        scratch = self._layer_scratch.setdefault(threading.get_ident(), {})
+        key = (B, id(c), tuple(map(id, weights)), torch.get_num_threads(),
+               decode.SPARSE_MAX_DENSITY, decode.dp_available())
+        hit = scratch.get(att.layer_id)
+        if hit is None or hit[0] != key:  # the layer's constant fields, checked once
+            hit = self._layer_struct(block, c, B, weights, sparse)
+            if hit is None:
+                return None
+            hit = scratch[att.layer_id] = (key, *hit)
+        L = hit[1]
         S2 = S if inplace else S.clone()
         xa_, xf = torch.empty(B, C), torch.empty(B, C)
         if first:
             v_first = torch.empty(B, C)
-        f = dict(B=B, C=C, H=att.n_head, N=att.head_size, F=F, dw=att.w1.shape[1],
-                 da=att.a1.shape[1], dv=0 if first else att.v1.shape[1], dg=att.g1.shape[1],
-                 layer0=int(first), bf16rows=int(B > 7 and decode.dp_available()),
+        L.x, L.att_shift, L.ffn_shift, L.att_shift_out, L.ffn_shift_out, L.S, L.v_first = (
+            t.data_ptr() for t in (x, att_shift, ffn_shift, xa_, xf, S2, v_first))
+        if decode.layer_step(L, scratch) is None:
+            return None
+        return v_first, (xa_, S2, xf)
+
+    def _layer_struct(self, block: Block, c: dict, B: int, weights: tuple, sparse: bool
+                      ) -> tuple | None:
+        """decode.Layer of `_step_layer` with its constant fields (weights: the six packed
+        Linears, the eight packed low-rank matrices, the value rows for the sparse
+        channel-mix) -> (struct, the tensors it points to), or None (shapes, dtypes)."""
+        att, ffn = block.att, block.ffn
+        first = att.layer_id == 0
+        if any(w is None for w in weights[:6] + weights[6:10] + weights[12:14]) \
+                or (not first and None in weights[10:12]) or block.ln1.eps != block.ln2.eps:
+            return None
+        F = ffn.key.weight.shape[0]
+        f = dict(B=B, C=self.config.n_embd, H=att.n_head, N=att.head_size, F=F,
+                 dw=att.w1.shape[1], da=att.a1.shape[1], dv=0 if first else att.v1.shape[1],
+                 dg=att.g1.shape[1], layer0=int(first),
+                 bf16rows=int(B > 7 and decode.dp_available()),
                  nthreads=torch.get_num_threads(), sparse_max=decode.SPARSE_MAX_ROWS if sparse
                  else 0, sparse_nnz=int(F * decode.SPARSE_MAX_DENSITY), ln_eps=block.ln1.eps,
                  lnx_eps=LN_X_EPS, ln1w=block.ln1.weight, ln1b=block.ln1.bias,
                  ln2w=block.ln2.weight, ln2b=block.ln2.bias, maa=c["maa"], ffn_xk=c["ffn_x_k"],
                  w0=c["w0"], a0=c["a0"], v0=None if first else c["v0"], k_k=c["k_k"],
-                 k_a=c["k_a"], r_k=c["r_k"], lnxw=c["lnx_w"], lnxb=c["lnx_b"],
-                 WvalT=self._lowp_weight(ffn.value.weight, "bf16T")[0] if sparse else None,
-                 x=x, att_shift=att_shift, ffn_shift=ffn_shift, att_shift_out=xa_,
-                 ffn_shift_out=xf, S=S2, v_first=v_first)
-        fp32 = [t for n, t in f.items() if isinstance(t, torch.Tensor) and n != "WvalT"]
+                 k_a=c["k_a"], r_k=c["r_k"], lnxw=c["lnx_w"], lnxb=c["lnx_b"])
         if any(t.dtype is not torch.float32 or not t.is_contiguous() or not t.is_cpu
-               for t in fp32) or att_shift.shape != x.shape or ffn_shift.shape != x.shape \
-                or block.ln1.eps != block.ln2.eps:
-            return None  # every fp32 operand as the kernel reads it (bf16 copies are built so)
-        f.update(zip(("Wr", "Wk", "Wv", "Wo", "Wkey", "Wval"), packed))
-        f.update(zip(("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2"), low))
-        # (work buffers per calling thread: two threads may decode with one model; a few MB
-        # each, dropped when threads come and go)
-        if len(self._layer_scratch) > 8:
-            self._layer_scratch.clear()
-        scratch = self._layer_scratch.setdefault(threading.get_ident(), {})
-        if decode.layer_step(f, scratch) is None:
-            return None
-        return v_first, (xa_, S2, xf)
+               for t in f.values() if isinstance(t, torch.Tensor)):
+            return None  # every fp32 operand as the kernel reads it
+        f.update(zip(("Wr", "Wk", "Wv", "Wo", "Wkey", "Wval", "w1", "w2", "a1", "a2", "v1",
+                      "v2", "g1", "g2", "WvalT"), weights))
+        return decode.layer_struct(f), [t for t in f.values() if isinstance(t, torch.Tensor)]
 
     def _ffn_value(self, k: torch.Tensor, value: nn.Linear, resid: torch.Tensor) -> torch.Tensor:
         """resid + relu(k)^2 @ value.weight^T for `step`, k (B,F) the key output (overwritten).
