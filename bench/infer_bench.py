@@ -15,7 +15,7 @@ Prints one table: single-stream decode, 16-stream batched decode (aggregate) and
 strategies listed are all measured; the fastest per row is the peer), with ratios. Decode is
 also reported as a fraction of the memory-bandwidth limit: bytes of weights read per token
 (every parameter except the embedding table, of which one row is read) vs the bandwidth
-measured in each round (a sum over a large tensor: read only; a copy is printed beside it).
+measured just before each decode (a sum over a large tensor: read only; a copy beside it).
 Both systems live in this one process with the same torch thread count and are measured in
 interleaved rounds (best of each kept), so a load spike from other work on the machine hits
 both alike.
@@ -76,9 +76,9 @@ def _best(fn, reps: int) -> float:
 def measure_bandwidth(mib: int = 1024, reps: int = 5) -> tuple[float, float]:
     """(copy, read) bytes/s of the memory: a large tensor copy (read + write bytes) and a sum
     over it (read only: what a decode step does to its weights), best of `reps` each. The
-    driver measures both in every round beside the decode and keeps the highest of each; the
-    limit it prints is the read rate (on this 2-core VM it moves between ~31 and ~56 GB/s
-    from one run to the next, the copy ~33: the share of the limit is quoted against both)."""
+    driver measures both just before each of our single-stream decodes and quotes the decode
+    against them round by round (on a shared 2-core VM the read rate moved between ~31 and
+    ~56 GB/s from one minute to the next, the copy between ~33 and ~50)."""
     import torch
 
     n = mib * 2**20 // 4
@@ -267,13 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     def keep(name: str, key: str, v: float) -> None:
         res[name][key] = max(res[name].get(key, 0.0), v)
 
-    bw_copy = bw = 0.0  # bw: the read rate, the limit
     for r in range(args.rounds):  # interleaved, so a load spike hits both systems alike
-        copy, read = measure_bandwidth()
-        bw_copy, bw = max(bw_copy, copy), max(bw, read)
         for x in [*ours, *peers]:
             if isinstance(x, Ours):
                 decode.STATS.clear()
+                # the memory's speed just before this decode (it drifts on a shared VM)
+                x.bandwidth = getattr(x, "bandwidth", []) + [measure_bandwidth(reps=3)]
             d1 = x.decode(1, args.tokens)
             keep(x.name, "decode_1", d1)
             if isinstance(x, Ours) and decode.STATS.get("rows"):  # sparse channel-mix
@@ -288,10 +287,14 @@ def main(argv: list[str] | None = None) -> int:
                 # (raw measured before and after it: their geometric mean is the reference)
                 ref = (d1 * x.decode(1, args.tokens)) ** 0.5
                 x.engine_ratios = getattr(x, "engine_ratios", []) + [e1 / ref]
+                x.decodes = getattr(x, "decodes", []) + [d1]
         print(f"round {r + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.1f})",
               flush=True)
-    print(f"memory bandwidth (1 GiB tensor, best of the rounds): read (a sum) {bw / 1e9:.1f} "
-          f"GB/s, copy (read+write bytes) {bw_copy / 1e9:.1f} GB/s; the limit below is the read")
+    reads = [bw[1] for x in ours for bw in x.bandwidth]
+    copies = [bw[0] for x in ours for bw in x.bandwidth]
+    print(f"memory bandwidth (1 GiB tensor, before each of our decodes): read (a sum) "
+          f"{min(reads) / 1e9:.1f}-{max(reads) / 1e9:.1f} GB/s, copy (read+write bytes) "
+          f"{min(copies) / 1e9:.1f}-{max(copies) / 1e9:.1f} GB/s")
 
     def best(names: list[str], key: str) -> tuple[str, float]:
         k = max(names, key=lambda n: res[n].get(key, 0.0))
@@ -320,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             so, vo = best(mine, ko)
             sp, vp = best(theirs, kp)
             ratio = vo / vp if vp else float("inf")
-            target = targets[ko] if ko == "decode_b" or mine != on else 0.0
+            # 25x at 16 streams for the default path; the exact path: ahead on every row
+            target = (1.0 if mine == [exact] else targets[ko]) if mine != on else \
+                (targets[ko] if ko == "decode_b" else 0.0)
             if title.startswith("the default path"):
                 ratios[ko] = ratio
             mark = ("ok" if ratio >= target else "BELOW") if target else ""
@@ -330,13 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     for x in ours:
         r = res[x.name]
         nbytes = x.bytes_per_token - x.value_bytes * (1.0 - getattr(x, "read_fraction", 1.0))
-        limit = bw / nbytes
+        # each round's decode against the read / copy rate measured just before it
+        share = statistics.median(d * nbytes / bw[1] for d, bw in zip(x.decodes, x.bandwidth))
+        share_c = statistics.median(d * nbytes / bw[0] for d, bw in zip(x.decodes, x.bandwidth))
+        limit = statistics.median(bw[1] for bw in x.bandwidth) / nbytes
         sparse = (f" (channel-mix value rows read: {x.read_fraction:.0%})"
                   if hasattr(x, "read_fraction") else "")
         print(f"{x.name}: {nbytes / 1e6:.0f} MB of weights read per token{sparse} -> "
               f"bandwidth limit {limit:.1f} tok/s; single-stream decode {r['decode_1']:.1f} "
-              f"tok/s = {r['decode_1'] / limit:.0%} of the limit ({r['decode_1'] * nbytes / bw_copy:.0%}"
-              f" of the copy bandwidth); {args.batch}-stream aggregate "
+              f"tok/s, {share:.0%} of the read bandwidth measured just before it ({share_c:.0%} of "
+              f"the copy; medians over the rounds); {args.batch}-stream aggregate "
               f"{r['decode_b']:.1f} tok/s (weights read once per step for all streams); "
               f"engine end-to-end single stream (sampling incl.) {r['engine_decode_1']:.1f} tok/s "
               f"= {statistics.median(x.engine_ratios):.0%} of the raw step (median over the "
