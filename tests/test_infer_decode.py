@@ -241,6 +241,31 @@ def test_bf16_step_layer_in_c_equals_the_step_in_pieces(tiny_model, monkeypatch,
 
 
 @needs_kernel
+def test_bf16_step_layer_in_c_follows_weight_changes(tiny_model):
+    """The C layer's cached arguments follow in-place changes of a layer's weights and of its
+    small parameters (a LoRA merge, a tuned mixing vector): after the change the step equals
+    the step in pieces on the changed model."""
+    V = tiny_model.config.vocab_size
+    idx = torch.tensor([5, 300 % V])
+    tiny_model.infer_dtype = torch.bfloat16
+    try:
+        with torch.no_grad():
+            before, _ = tiny_model.step(idx, tiny_model.init_state(2))  # builds the cache
+            att = tiny_model.blocks[1].att
+            att.receptance.weight.mul_(1.5)
+            att.x_r.add_(0.25)
+            outs = {}
+            for fused in (True, False):
+                tiny_model.fused_layer = fused
+                outs[fused], _ = tiny_model.step(idx, tiny_model.init_state(2))
+    finally:
+        tiny_model.infer_dtype, tiny_model.fused_layer = None, True
+    assert not torch.allclose(outs[True], before)  # the change moved the logits
+    torch.testing.assert_close(outs[True], outs[False], atol=1e-5 * outs[False].abs().max().item(),
+                               rtol=0)
+
+
+@needs_kernel
 def test_packed_bf16_declines_what_it_does_not_take():
     assert decode.pack_bf16(torch.randn(24, 32)) is None  # N not a multiple of 16
     assert decode.pack_bf16(torch.randn(32, 33)) is None  # K odd

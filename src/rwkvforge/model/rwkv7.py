@@ -605,7 +605,7 @@ class RWKV7(nn.Module):
                       ) -> tuple | None:
         """decode.Layer of `_step_layer` with its constant fields (weights: the six packed
         Linears, the eight packed low-rank matrices, the value rows for the sparse
-        channel-mix) -> (struct, the tensors it points to), or None (shapes, dtypes)."""
+        channel-mix) -> (struct, what it points to), or None (shapes, dtypes)."""
         att, ffn = block.att, block.ffn
         first = att.layer_id == 0
         if any(w is None for w in weights[:6] + weights[6:10] + weights[12:14]) \
@@ -627,7 +627,8 @@ class RWKV7(nn.Module):
             return None  # every fp32 operand as the kernel reads it
         f.update(zip(("Wr", "Wk", "Wv", "Wo", "Wkey", "Wval", "w1", "w2", "a1", "a2", "v1",
                       "v2", "g1", "g2", "WvalT"), weights))
-        return decode.layer_struct(f), [t for t in f.values() if isinstance(t, torch.Tensor)]
+        # (kept with the struct: its tensors, and `c`, whose id is part of the cache key)
+        return decode.layer_struct(f), [c] + [t for t in f.values() if isinstance(t, torch.Tensor)]
 
     def _ffn_value(self, k: torch.Tensor, value: nn.Linear, resid: torch.Tensor) -> torch.Tensor:
         """resid + relu(k)^2 @ value.weight^T for `step`, k (B,F) the key output (overwritten).
