@@ -18,7 +18,9 @@ not fit is skipped and says so):
    the peak reserved by the allocator against RWKV-PEFT's published RTX 4090 figures
    (README, deepspeed_stage_1, same ctx / batch / rank; 1.5B: 5.6 / 4.6 / 3.9 GB).
 5. Inference on the larger model in bf16: prefill tokens/s (one 1024-token prompt) and
-   single-stream decode tokens/s (128 greedy steps through RWKV7.step).
+   single-stream decode tokens/s (128 greedy steps through RWKV7.step), eager and replayed
+   from a CUDA graph (model/graphs.py, what generate.Engine uses on CUDA), with the graph's
+   first logits against the eager step's.
 
 Writes the table to OUT/acceptance.json and OUT/acceptance.md (OUT: --out, default
 runs/gpu-acceptance/) and prints it. With --smoke (no GPU needed): the tiny demo shape, one
@@ -167,9 +169,40 @@ def child_infer(a: argparse.Namespace) -> None:
             logits, state = model.step(logits.argmax(-1), state)
         sync()
         decode_s = time.perf_counter() - t0
+        graphed = {}
+        if dev.type == "cuda":  # the same loop through a CUDA graph (what generate.Engine does)
+            from rwkvforge.model.graphs import GraphedStep
+
+            gs = GraphedStep(model)
+            g_state = [tuple(t.clone() for t in layer) for layer in state]
+            e_logits, _ = model.step(tok, [tuple(t.clone() for t in layer) for layer in state])
+            g_logits, g_state = gs.step(tok, g_state)  # captures, then replays
+            first_diff = float((g_logits.float() - e_logits.float()).abs().max())
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(a.decode):
+                g_logits, g_state = gs.step(g_logits.argmax(-1), g_state)
+            sync()
+            graphed = {"graph_failed": gs.failed,
+                       "graph_decode_tokens_per_s": a.decode / (time.perf_counter() - t0)
+                       if gs.failed is None else None,
+                       # the replayed step against the eager one from the same state
+                       "graph_first_logits_max_diff": first_diff}
     print(json.dumps({"size": a.size, "dtype": "bf16" if dev.type == "cuda" else "fp32",
                       "prefill_tokens": a.prefill, "prefill_tokens_per_s": a.prefill / prefill_s,
-                      "decode_tokens": a.decode, "decode_tokens_per_s": a.decode / decode_s}))
+                      "decode_tokens": a.decode, "decode_tokens_per_s": a.decode / decode_s,
+                      **graphed}))
+
+
+def _graph_line(inf: dict) -> str:
+    """The CUDA-graph decode beside the eager one (absent on CPU runs)."""
+    if "graph_failed" not in inf:
+        return ""
+    if inf["graph_failed"]:
+        return f"; CUDA graph: capture failed ({inf['graph_failed']})"
+    return (f"; through a CUDA graph {inf['graph_decode_tokens_per_s']:.1f} tokens/s "
+            f"({inf['graph_decode_tokens_per_s'] / inf['decode_tokens_per_s']:.2f}x), first "
+            f"logits within {inf['graph_first_logits_max_diff']:.2e} of the eager step")
 
 
 def child_probe(a: argparse.Namespace) -> None:  # noqa: ARG001
@@ -260,7 +293,7 @@ def markdown(rep: dict) -> str:
             (f"inference ({inf['size']}, {inf['dtype']}): prefill "
              f"{inf['prefill_tokens_per_s']:.0f} tokens/s ({inf['prefill_tokens']}-token prompt), "
              "decode "
-             f"{inf['decode_tokens_per_s']:.1f} tokens/s (one stream)")]
+             f"{inf['decode_tokens_per_s']:.1f} tokens/s (one stream)" + _graph_line(inf))]
     skipped = [f"- {k}: {v}" for k, v in rep["skipped"].items()]
     return "\n".join(head + lines + tail + (["", "skipped:"] + skipped if skipped else [])) + "\n"
 

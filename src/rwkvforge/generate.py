@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from rwkvforge.model import graphs
 from rwkvforge.sampling import (SamplingParams, count_token, request_generator, sample_step,
                                 token_logprobs)
 from rwkvforge.tokenizer import chat_segments
@@ -446,6 +447,10 @@ class Engine:
         # clones), so a model that can update it in place may (RWKV7.step's `inplace`)
         self._step_kw = {"inplace": True} if "inplace" in inspect.signature(
             model.step).parameters else {}
+        # on CUDA, the decode step replayed from a CUDA graph per batch size (model/graphs.py);
+        # not with per-row adapters, which switch in Python at every step
+        self._graphed = graphs.GraphedStep(model) if self.device.type == "cuda" \
+            and graphs.enabled() and not hasattr(model, "rows_adapters") else None
         self._occ: torch.Tensor | None = None  # (B,V) decayed occurrence counts
         self._seen: torch.Tensor | None = None  # (B,V) bool
         self._cv = threading.Condition()
@@ -690,7 +695,9 @@ class Engine:
         idx = torch.tensor([r.generated[-1] for r in reqs], dtype=torch.long,
                            device=self.device)
         with self._rows([r.adapter for r in reqs]):
-            logits, self._dec_state = self.model.step(idx, self._dec_state, **self._step_kw)
+            logits, self._dec_state = self._graphed.step(idx, self._dec_state) \
+                if self._graphed is not None else \
+                self.model.step(idx, self._dec_state, **self._step_kw)  # (B,V)
         toks = self._sample(reqs, logits, self._occ, self._seen)
         self.stats["decode_tokens"] += len(reqs)
         done = [i for i, ((r, h), t) in enumerate(zip(self._decoding, toks))
