@@ -385,33 +385,25 @@ def cuda_rows(args) -> None:
     m = load_model(args.model, dtype=torch.float16).cuda()
     peer = RwkvPip(args.model, "cuda fp16")
 
-    def ours_decode(n: int) -> float:
+    def decode_with(step, n: int) -> float:  # one stream, greedy, GPU time included
         with torch.inference_mode():
             state, idx = m.init_state(1), torch.tensor([1], device="cuda")
             for _ in range(2):
-                logits, state = m.step(idx, state)
+                logits, state = step(idx, state)
             torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(n):
-                logits, state = m.step(idx, state)
-                idx = logits.argmax(-1)
+                logits, state = step(logits.argmax(-1), state)
             torch.cuda.synchronize()
             return n / (time.perf_counter() - t)
+
+    def ours_decode(n: int) -> float:
+        return decode_with(m.step, n)
 
     def graphed_decode(n: int) -> float:  # the same through model/graphs.py (the Engine's)
         from rwkvforge.model.graphs import GraphedStep
 
-        gs = GraphedStep(m)
-        with torch.inference_mode():
-            state, idx = m.init_state(1), torch.tensor([1], device="cuda")
-            for _ in range(2):
-                logits, state = gs.step(idx, state)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(n):
-                logits, state = gs.step(logits.argmax(-1), state)
-            torch.cuda.synchronize()
-            return n / (time.perf_counter() - t)
+        return decode_with(GraphedStep(m).step, n)
 
     o = max(ours_decode(args.tokens) for _ in range(args.rounds))
     g = max(graphed_decode(args.tokens) for _ in range(args.rounds))
