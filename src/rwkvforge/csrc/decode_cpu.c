@@ -20,10 +20,16 @@
  *                   decay, kk, k', the WKV state update and read-out, ln_x, the bonus (about
  *                   25 small torch ops per layer otherwise, each a few microseconds of
  *                   dispatch for a few KB of data).
+ *   rf_gemm_bf16p   y (B,N) = x (B,K) @ W^T over W packed in bf16 for decode (each weight line
+ *                   read once for all rows), with the element-wise work around a product
+ *                   (x*g, ReLU^2, bias, tanh / sigmoid, residual) in the same call.
+ *   rf_ln_mix       LayerNorm and the token-shift mixes of a decode step.
+ *   rf_decode_layer a whole bf16-mode decode layer in one call: one OpenMP team for its
+ *                   products, element-wise work, WKV step and channel mix (its section below).
  *   rf_topp_cutoff  the sampler's nucleus (top-p) cutoff of each row of probabilities without
  *                   sorting them (called by sampling.py; see its section below).
  *
- * The first two split the output columns, rf_wkv_step the (stream, head) pairs, rf_topp_cutoff
+ * The products split the output columns, rf_wkv_step the (stream, head) pairs, rf_topp_cutoff
  * the rows, over an OpenMP team (torch's own when torch is loaded, see wkv_cpu.c): each thread
  * streams its own slice of the weight. K, C must be multiples of 16 (the caller checks; every
  * RWKV-7 width is a multiple of 64).
@@ -562,7 +568,8 @@ int32_t rf_wkv_step(int64_t B, int64_t H, int64_t N, const float *S, float *S2, 
 
 /* ---- one whole layer of a bf16-mode decode step --------------------------------------- */
 
-/* RWKV7.step's layer in bf16 mode (model/decode.py, decode_layer, builds this from a block):
+/* RWKV7.step's layer in bf16 mode (RWKV7._step_layer fills this; model/decode.py's Layer
+ * mirrors the struct):
  * every product on the packed bf16 weights (pack_bf16 layout; the low-rank matrices packed
  * transposed), the element-wise work fused around them, the WKV step in place, the sparse
  * channel-mix where few channels are on; one OpenMP team for the whole layer instead of ~20
