@@ -244,9 +244,13 @@ def test_ctrl_c_in_a_command_ends_with_one_line_not_a_traceback(tmp_path):
     (tmp_path / "configs" / "profile").mkdir(parents=True)
     fifo = tmp_path / "configs" / "profile" / "slow.env"
     os.mkfifo(fifo)
+    # (SIGINT back to its default in the child: a test run started as a background job of a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: the command would hang, as a user's terminal never makes it)
     p = subprocess.Popen([sys.executable, "-m", "rwkvforge.cli", "config", "check"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "RWKVFORGE_ROOT": str(tmp_path)})
+                         env={**os.environ, "RWKVFORGE_ROOT": str(tmp_path)},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def writer() -> int | None:  # opens only once the command is waiting on the pipe
         try:
