@@ -365,6 +365,12 @@ def test_chat_page_base_and_tuned_side_by_side(app, workspace) -> None:
     req = C.ChatRequest(system="", prompt=i18n.t("en", "chat.default_prompt"),
                         max_tokens=8, temperature=0.0)
     assert C.answer(eng, req).text == answers[0]
+    # the page decodes on the workspace's INFER_FAST, as infer / serve (the default: bf16)
+    import torch
+
+    assert eng.model.infer_dtype is torch.bfloat16
+    assert C.load_engine(workspace / "models" / "base" / "rwkv7-tiny-test.pth",
+                         fast="none").model.infer_dtype is None
 
 
 def test_chat_answer_uses_the_one_chat_encoding_and_defaults() -> None:

@@ -365,3 +365,20 @@ def test_answering_is_never_silent_for_long(tiny_model, capsys, monkeypatch):
     assert len(answers) == 3 and err and all(x.startswith("[eval] tuned: answering: ")
                                              for x in err)
     assert err[-1].startswith("[eval] tuned: answering: 3/3 answer (100%)")
+
+
+def test_answers_take_infer_fast_and_leave_the_model_exact(tiny_model, monkeypatch):
+    """eval's prompt checks answer on INFER_FAST's path (bf16: the decode kernels run) and
+    give the model back in its exact mode, so nothing after them is approximate."""
+    from rwkvforge.tokenizer import get_tokenizer
+
+    seen = []
+    real = tiny_model.step
+    monkeypatch.setattr(tiny_model, "step", lambda *a, **k: seen.append(
+        tiny_model.infer_dtype) or real(*a, **k))
+    E.answer_prompts(tiny_model, get_tokenizer(), ["Привет"], 4, progress=False, fast="bf16")
+    assert seen and set(seen) == {torch.bfloat16}
+    assert tiny_model.infer_dtype is None
+    seen.clear()
+    E.answer_prompts(tiny_model, get_tokenizer(), ["Привет"], 4, progress=False)
+    assert set(seen) == {None}

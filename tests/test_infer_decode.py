@@ -265,6 +265,23 @@ def test_bf16_step_layer_in_c_follows_weight_changes(tiny_model):
                                rtol=0)
 
 
+def test_fp16_weights_prefill_in_bf16_mode(tiny_model_path):
+    """An fp16 model in the bf16 mode (infer --dtype fp16 on CPU): a prompt of 8+ tokens
+    takes the bf16 GEMMs; their kept bf16 results met fp16 activations, promoted the
+    residual to fp32, and the next LayerNorm refused it. Now it prefills, near fp32."""
+    from rwkvforge.checkpoint import load_model
+
+    m16 = load_model(tiny_model_path, dtype=torch.float16)
+    m32 = load_model(tiny_model_path)
+    m16.infer_dtype = torch.bfloat16
+    ids = torch.arange(1, 13)[None] * 37 % m32.config.vocab_size
+    with torch.no_grad():
+        h16, _ = m16.forward_hidden(ids, m16.init_state(1))
+        h32, _ = m32.forward_hidden(ids, m32.init_state(1))
+    assert h16.dtype == torch.float16
+    assert (h16.float() - h32).abs().max() <= 0.05 * h32.abs().max()
+
+
 @needs_kernel
 def test_packed_bf16_declines_what_it_does_not_take():
     assert decode.pack_bf16(torch.randn(24, 32)) is None  # N not a multiple of 16

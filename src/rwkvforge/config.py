@@ -86,9 +86,10 @@ class Settings:
     infer_backend: str = _f("builtin", "Inference engine: builtin, rwkv (pip package) or "
                             "albatross (third_party/Albatross, CUDA only).",
                             choices=("builtin", "rwkv", "albatross"))
-    infer_fast: str = _f("bf16", "CPU fast path of the builtin engine (infer, serve): bf16 "
-                         "(bf16 weights: a C GEMV for decode, bf16 GEMMs for batched decode and "
-                         "prefill; ~0.3% logit error, within the accuracy gate of "
+    infer_fast: str = _f("bf16", "CPU fast path of the builtin engine (infer, serve, the "
+                         "dashboard's chat, eval's prompt checks): bf16 (bf16 weights: each "
+                         "decode layer one C call for up to 16 streams, bf16 GEMMs above that "
+                         "and for prefill; ~0.3% logit error, within the accuracy gate of "
                          "docs/inference.md), int8 (int8 decode GEMVs, bf16 prefill: ~2% logit "
                          "error) or none (exact fp32 maths).",
                          choices=("none", "int8", "bf16"))

@@ -46,13 +46,14 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from rwkvforge import config as cfgmod
 from rwkvforge import paths, runs
 from rwkvforge.adapter import MergeError, load_with_adapter
 from rwkvforge.checkpoint import (CheckpointError, atomic_write_bytes, load_state_dict,
                                   model_from_state_dict)
 from rwkvforge.data.loader import build_val_batches, load_meta, open_split
 from rwkvforge.data.records import dpo_hint, record_to_messages
-from rwkvforge.generate import CHAT_STOP, Engine, encode_chat_prompt
+from rwkvforge.generate import CHAT_STOP, FAST_PATHS, Engine, encode_chat_prompt
 from rwkvforge.sampling import SamplingParams
 from rwkvforge.loss import dpo_losses
 from rwkvforge.progress import Progress
@@ -323,9 +324,22 @@ def preference(base: torch.Tensor, tuned: torch.Tensor, beta: float) -> dict:
 
 # ---- answers -------------------------------------------------------------------------------------
 def answer_prompts(model, tok, prompts: list[str], max_tokens: int, max_batch: int = 16,
-                   desc: str = "[eval] answering", progress: bool = True) -> list[str]:
+                   desc: str = "[eval] answering", progress: bool = True,
+                   fast: str = "none") -> list[str]:
     """Greedy answers, each prompt asked as one user turn in the World chat format; a bar (or
-    a line every few seconds) counts the finished answers."""
+    a line every few seconds) counts the finished answers. `fast`: INFER_FAST for these
+    answers on CPU (the model's mode is restored afterwards: losses stay exact)."""
+    saved = model.infer_dtype
+    if next(model.parameters()).device.type == "cpu":
+        model.infer_dtype = FAST_PATHS[fast]
+    try:
+        return _answer(model, tok, prompts, max_tokens, max_batch, desc, progress)
+    finally:
+        model.infer_dtype = saved
+
+
+def _answer(model, tok, prompts: list[str], max_tokens: int, max_batch: int, desc: str,
+            progress: bool) -> list[str]:
     eng = Engine(model, tok, max_batch=max_batch, cache_prompts=False)
     handles = []
     for p in prompts:
@@ -401,8 +415,9 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
              checks_path: Path | list[Check] | None, out_dir: Path, ctx_len: int = 512,
              micro_bsz: int = 4, max_tokens: int = 128, max_val_batches: int | None = None,
              log=print, dpo_beta: float = 0.1, checks_source: str | None = None,
-             progress: bool = True, state: Path | None = None) -> dict:
-    """`checks_path`: a checks JSONL, or the checks themselves (from `checks_source`)."""
+             progress: bool = True, state: Path | None = None, infer_fast: str = "none") -> dict:
+    """`checks_path`: a checks JSONL, or the checks themselves (from `checks_source`);
+    `infer_fast`: INFER_FAST of the prompt checks' answers (the losses are always exact)."""
     t0 = time.time()
     # inputs first, all of them, before any long work
     if not Path(base).is_file():
@@ -475,7 +490,8 @@ def evaluate(run: Path, base: Path, adapter: Path | None, tuned: Path | None, va
         for name, model in (("base", base_model), ("tuned", tuned_model)):
             log(f"[eval] {name}: answering {len(prompts)} prompts ...")
             answers[name] = answer_prompts(model, tok, prompts, max_tokens,
-                                           desc=f"[eval] {name}: answering", progress=progress)
+                                           desc=f"[eval] {name}: answering", progress=progress,
+                                           fast=infer_fast)
         pr = {n: pass_rate(checks, answers[n]) for n in answers}
         res["checks"] = {
             "file": checks_source or "given checks",
@@ -522,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128, help="answer length cap")
     ap.add_argument("--max-val-batches", type=int, default=None, help="evaluate only the first N batches")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/eval)")
+    cfgmod.add_settings_flags(ap, only=["infer_fast"])  # the prompt checks' answers
     args = ap.parse_args(argv)
     for flag in ("ctx_len", "micro_bsz", "max_tokens", "max_val_batches"):
         v = getattr(args, flag)
@@ -529,6 +546,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{flag.replace('_', '-')} must be >= {2 if flag == 'ctx_len' else 1}, "
                      f"got {v}")
 
+    try:
+        infer_fast = cfgmod.resolve_from_args(args).settings.infer_fast
+    except cfgmod.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     run = args.run
     if not run.is_dir():
         print(f"error: {run}: no such run folder.", file=sys.stderr)
@@ -560,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                  log=lambda m: print(m, file=sys.stderr),
                  dpo_beta=float(settings.get("dpo_beta") or 0.1),
                  checks_source=which if isinstance(checks, list) else None,
-                 state=args.state or ((run / STATE_DIR) if (run / STATE_DIR).is_dir() else None))
+                 state=args.state or ((run / STATE_DIR) if (run / STATE_DIR).is_dir() else None),
+                 infer_fast=infer_fast)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

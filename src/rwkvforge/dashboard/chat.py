@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rwkvforge import config as cfgmod
 from rwkvforge.adapter import load_with_adapter
-from rwkvforge.generate import CHAT_DEFAULTS, Engine, chat_params, chat_turn, encode_chat_prompt
+from rwkvforge.generate import (CHAT_DEFAULTS, Engine, chat_params, chat_turn, encode_chat_prompt,
+                               set_fast_path)
 from rwkvforge.sampling import SamplingParams
 from rwkvforge.state_tuning import load_state_into
 
@@ -46,10 +48,20 @@ class ChatAnswer:
         return self.n_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def _workspace_fast() -> str:
+    """INFER_FAST as the workspace's configs and environment set it (its default if they
+    cannot be read: the page still answers)."""
+    try:
+        return cfgmod.resolve().settings.infer_fast
+    except cfgmod.ConfigError:
+        return cfgmod.Settings().infer_fast
+
+
 def load_engine(model_path: Path, adapter_dir: Path | None = None,
-                state: Path | None = None) -> Engine:
+                state: Path | None = None, fast: str | None = None) -> Engine:
     """An inline (no background thread) engine over the model at `model_path` (+ a PEFT-layout
-    adapter folder, merged in memory in fp32; + a tuned initial state, state_tuning.py). An
+    adapter folder, merged in memory in fp32; + a tuned initial state, state_tuning.py), on
+    the CPU fast path `fast` (default: the workspace's INFER_FAST, as infer / serve). An
     incomplete adapter folder raises adapter.read_adapter's MergeError (which file is
     missing, what to pass instead), a bad state state_tuning.StateError."""
     from rwkvforge.tokenizer import get_tokenizer
@@ -57,6 +69,7 @@ def load_engine(model_path: Path, adapter_dir: Path | None = None,
     model = load_with_adapter(model_path, adapter_dir)
     load_state_into(model, state)
     model.eval()
+    set_fast_path(model, fast if fast is not None else _workspace_fast(), "cpu")
     return Engine(model, get_tokenizer(), max_batch=2, cache_prompts=False)
 
 

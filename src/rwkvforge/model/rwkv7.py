@@ -458,7 +458,9 @@ class RWKV7(nn.Module):
             if w.dtype == torch.bfloat16:
                 return mod(x)
             y = F.linear(x.to(torch.bfloat16), self._lowp_weight(w, "bf16")[0])
-            return y if keep else y.to(x.dtype)
+            # (kept as bf16 only beside fp32 activations: bf16 + fp16 promotes to fp32, and an
+            # fp16 model's next LayerNorm then refused the fp32 input)
+            return y if keep and x.dtype is torch.float32 else y.to(x.dtype)
         if mode == torch.bfloat16 and w.dtype != torch.bfloat16:  # decode (<= 7 rows)
             shape = x.shape
             y = decode.gemv_bf16(x.reshape(-1, shape[-1]), self._lowp_weight(w, "bf16")[0])
