@@ -253,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; freed memory kept "
           f"for reuse (runtime.keep_freed_memory): {kept}; clock: {args.clock}", flush=True)
+    if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1):
+        print(f"WARNING: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs before "
+              "the bench: other work is running, and the figures below measure it too",
+              flush=True)
     fast_default = Settings().infer_fast  # what a user gets with no INFER_FAST set
     default_mode = "fp32" if fast_default == "none" else f"fp32+{fast_default}"
     modes = list(dict.fromkeys(["fp32", default_mode, *args.dtypes.split(",")]))
