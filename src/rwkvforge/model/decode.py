@@ -1,7 +1,16 @@
-"""The decode step's weight-bound products: native kernels (csrc/decode_cpu.c) and torch forms.
+"""The decode step's native kernels (csrc/decode_cpu.c) and their torch forms.
 
-Decoding reads every weight once per token, so its speed is bandwidth / bytes read. Two
-products here read fewer bytes than the plain torch ops `RWKV7.step` would use:
+Decoding reads every weight once per token, so its speed is bandwidth / bytes read, plus
+whatever else a step spends per call. Here:
+
+- `layer_step(Layer, scratch)`: a whole bf16-mode layer of `RWKV7.step` in one C call (one
+  OpenMP team for its products, element-wise work, WKV step and channel mix); `RWKV7._step_layer`
+  fills the `Layer` struct. The pieces below are what it is made of, and what the step uses
+  where it does not apply.
+- `gemm_bf16p(x, packed, ...)`: the packed bf16 product for up to 16 rows, each weight line
+  read once for all rows, with the element-wise work around a product in the same call;
+  `ln_mix`: LayerNorm + the token-shift mixes; `wkv_step`: the WKV step with its per-element
+  work.
 
 - `gemv_bf16(x, w)`: x (B,K) fp32 @ w (N,K) bf16 ^T -> (B,N) fp32, fp32 accumulation; half
   the bytes of the fp32 weight at the bandwidth torch's fp32 GEMV reaches (torch's own bf16
