@@ -6,7 +6,10 @@ step once (after two warm-up steps that fill the model's caches) and afterwards 
 one launch per token. The graph reads and writes static buffers: the caller's token ids and
 state are copied in (the state only when it is not the one the last replay returned: the
 engine's decode batch, fed back step after step, is not copied), the logits and new state
-come back in the graph's buffers, valid until the next replay of that batch size.
+come back in the graph's buffers, valid until the next replay of that batch size. A graph
+reads the weights where they are, but the small tensors the step derives from them
+(`RWKV7._step_consts`) as they were at capture: after changing a model's parameters, build a
+new `GraphedStep` (a new engine).
 
 `generate.Engine` uses it on CUDA for models without per-row adapters (serve's multi-LoRA
 switches adapters in Python, which a graph would freeze). Any failure to capture (an
