@@ -83,43 +83,45 @@ def trainer(model_path: Path):
     return s, cfg, LossModule(pm, s.head_chunk, torch.bfloat16), make_optimizer(pm, s)
 
 
-def bench(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, steps: int,
-          modes: tuple[str, ...] = tuple(MODES)) -> dict:
+def timed_modes(lm, opt, loaders: dict, steps: int, make, tally, counters=()) -> dict:
+    """Training steps of each mode, interleaved (one untimed step each first: first-call
+    allocations, the C kernels' load): `make(batch)` -> a thunk giving the loss module's
+    arguments (what it does up front is untimed, the thunk itself is timed with the forward,
+    backward and AdamW step); `tally(acc, mode, batch)` counts a timed batch. -> per mode
+    {"time", "useful", "positions", *counters}."""
     import torch
 
-    from rwkvforge.data.loader import build_train_loader, open_split, pack_stats
     from rwkvforge.loss import autocast_ctx
 
-    s, cfg, lm, opt = trainer(model_path)
     dev = torch.device("cpu")
-    loaders = {m: build_train_loader(prefix, ctx_len, micro_bsz, seed=42, **MODES[m])
-               for m in modes}
-    acc = {m: {"time": 0.0, "useful": 0.0, "positions": 0, "real": 0} for m in modes}
+    acc = {m: {"time": 0.0, "useful": 0.0, "positions": 0, **dict.fromkeys(counters, 0)}
+           for m in loaders}
 
     def one(mode: str) -> tuple[float, dict]:
         b = next(loaders[mode])
-        w = b["loss_mask"] / b["loss_mask"].sum().clamp_min(1)
-        reset = (None, 1.0, 0.0, b["reset"]) if "reset" in b else ()
+        args = make(b)
         t = time.perf_counter()
         with autocast_ctx(dev, "bf16"):
-            loss = lm(b["input_ids"], b["targets"], w, *reset)
+            loss = lm(*args())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t, b
 
-    for m in modes:  # untimed: first-call allocations, the C kernels' load
+    for m in loaders:
         one(m)
     for _ in range(steps):
-        for m in modes:
+        for m in loaders:
             dt, b = one(m)
-            a = acc[m]
-            a["time"] += dt
-            a["useful"] += float(b["loss_mask"].sum())
-            a["positions"] += b["input_ids"].numel()
-            a["real"] += int((b["input_ids"] != 0).sum())
-    split = open_split(prefix)
-    st = pack_stats(split.ids.sizes, ctx_len, micro_bsz)
+            acc[m]["time"] += dt
+            tally(acc[m], m, b)
+    return acc
+
+
+def report(cfg, ctx_len: int, micro_bsz: int, steps: int, st: dict, acc: dict, per_mode
+           ) -> dict:
+    """The results of `timed_modes`: the run's shape, the epoch's padding shares (`st`), each
+    mode's speeds (+ `per_mode(acc)`'s own figures) and PACK=1 against every other mode."""
     out = {"model": {k: cfg.to_dict()[k] for k in ("n_layer", "n_embd")}, "ctx_len": ctx_len,
            "micro_bsz": micro_bsz, "timed_steps_per_mode": steps, "examples": st["examples"],
            "pad_share_epoch": {"pad_longest": st["pad_share_unpacked"],
@@ -131,14 +133,37 @@ def bench(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, steps: i
         out["modes"][m] = {"useful_tok_s": a["useful"] / a["time"],
                            "positions_s": a["positions"] / a["time"],
                            "useful_share": a["useful"] / a["positions"],
-                           "s_per_step": a["time"] / steps,
-                           "pad_share_measured": 1 - a["real"] / a["positions"]}
+                           "s_per_step": a["time"] / steps, **per_mode(a)}
     o = out["modes"]
-    for peer in (m for m in modes if m != "pack"):
+    for peer in (m for m in acc if m != "pack"):
         out[f"ratio_pack_vs_{peer}"] = o["pack"]["useful_tok_s"] / o[peer]["useful_tok_s"]
         # what the ratio would be at the peer's speed per position: padding alone
         out[f"padding_only_vs_{peer}"] = o["pack"]["useful_share"] / o[peer]["useful_share"]
     return out
+
+
+def bench(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, steps: int,
+          modes: tuple[str, ...] = tuple(MODES)) -> dict:
+    from rwkvforge.data.loader import build_train_loader, open_split, pack_stats
+
+    s, cfg, lm, opt = trainer(model_path)
+    loaders = {m: build_train_loader(prefix, ctx_len, micro_bsz, seed=42, **MODES[m])
+               for m in modes}
+
+    def make(b: dict):
+        w = b["loss_mask"] / b["loss_mask"].sum().clamp_min(1)
+        reset = (None, 1.0, 0.0, b["reset"]) if "reset" in b else ()
+        return lambda: (b["input_ids"], b["targets"], w, *reset)
+
+    def tally(a: dict, _mode: str, b: dict) -> None:
+        a["useful"] += float(b["loss_mask"].sum())
+        a["positions"] += b["input_ids"].numel()
+        a["real"] += int((b["input_ids"] != 0).sum())
+
+    acc = timed_modes(lm, opt, loaders, steps, make, tally, ("real",))
+    st = pack_stats(open_split(prefix).ids.sizes, ctx_len, micro_bsz)
+    return report(cfg, ctx_len, micro_bsz, steps, st, acc,
+                  lambda a: {"pad_share_measured": 1 - a["real"] / a["positions"]})
 
 
 def bench_dpo(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, steps: int
@@ -151,7 +176,6 @@ def bench_dpo(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, step
     import torch
 
     from rwkvforge.data.loader import build_train_loader, open_split, pair_pack_stats
-    from rwkvforge.loss import autocast_ctx
     from rwkvforge.train import micro_inputs
 
     s, cfg, lm, opt = trainer(model_path)
@@ -160,51 +184,25 @@ def bench_dpo(prefix: Path, model_path: Path, ctx_len: int, micro_bsz: int, step
     loaders = {m: build_train_loader(prefix, ctx_len, micro_bsz, seed=42, **kw)
                for m, kw in modes.items()}
     ref = torch.zeros(loaders["pack"].split.num_examples, 2, dtype=torch.float64)
-    acc = {m: {"time": 0.0, "useful": 0.0, "positions": 0, "pairs": 0} for m in modes}
 
-    def one(mode: str) -> tuple[float, dict]:
-        b = next(loaders[mode])
+    def make(b: dict):
         rows = b["input_ids"].shape[0] if "segment" in b else b["pair_index"].numel()
-        t = time.perf_counter()
-        args = micro_inputs(b, dev, 1, 0.0, ref)(0, rows)
-        with autocast_ctx(dev, "bf16"):
-            loss = lm(*args)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t, b
+        return lambda: micro_inputs(b, dev, 1, 0.0, ref)(0, rows)  # (timed, as before)
 
-    for m in modes:  # untimed first step each
-        one(m)
-    for _ in range(steps):
-        for m in modes:
-            dt, b = one(m)
-            a = acc[m]
-            a["time"] += dt
-            a["pairs"] += b["pair_index"].numel()
-            if m == "pack":
-                a["useful"] += float(b["loss_mask"].sum())
-                a["positions"] += b["input_ids"].numel()
-            else:
-                a["useful"] += float(b["chosen_loss_mask"].sum() + b["rejected_loss_mask"].sum())
-                a["positions"] += 2 * b["chosen_input_ids"].numel()
+    def tally(a: dict, mode: str, b: dict) -> None:
+        a["pairs"] += b["pair_index"].numel()
+        if mode == "pack":
+            a["useful"] += float(b["loss_mask"].sum())
+            a["positions"] += b["input_ids"].numel()
+        else:
+            a["useful"] += float(b["chosen_loss_mask"].sum() + b["rejected_loss_mask"].sum())
+            a["positions"] += 2 * b["chosen_input_ids"].numel()
+
+    acc = timed_modes(lm, opt, loaders, steps, make, tally, ("pairs",))
     split = open_split(prefix)
     st = pair_pack_stats(split, range(split.num_examples), ctx_len, micro_bsz)
-    out = {"model": {k: cfg.to_dict()[k] for k in ("n_layer", "n_embd")}, "ctx_len": ctx_len,
-           "micro_bsz": micro_bsz, "timed_steps_per_mode": steps, "examples": st["examples"],
-           "pad_share_epoch": {"pad_longest": st["pad_share_unpacked"],
-                               "pack": st["pad_share_packed"]}, "modes": {}}
-    for m, a in acc.items():
-        out["modes"][m] = {"useful_tok_s": a["useful"] / a["time"],
-                           "positions_s": a["positions"] / a["time"],
-                           "useful_share": a["useful"] / a["positions"],
-                           "s_per_step": a["time"] / steps,
-                           "pairs_per_step": a["pairs"] / steps}
-    o = out["modes"]
-    out["ratio_pack_vs_pad_longest"] = o["pack"]["useful_tok_s"] / o["pad_longest"]["useful_tok_s"]
-    out["padding_only_vs_pad_longest"] = (o["pack"]["useful_share"]
-                                          / o["pad_longest"]["useful_share"])
-    return out
+    return report(cfg, ctx_len, micro_bsz, steps, st, acc,
+                  lambda a: {"pairs_per_step": a["pairs"] / steps})
 
 
 def shape_profile(model_path: Path, ctx_list: list[int], micro_bsz: int, steps: int) -> dict:
