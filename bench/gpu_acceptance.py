@@ -169,25 +169,27 @@ def child_infer(a: argparse.Namespace) -> None:
             logits, state = model.step(logits.argmax(-1), state)
         sync()
         decode_s = time.perf_counter() - t0
-        graphed = {}
-        if dev.type == "cuda":  # the same loop through a CUDA graph (what generate.Engine does)
-            from rwkvforge.model.graphs import GraphedStep
+        # the same loop through a CUDA graph (what generate.Engine does); on a CPU (--smoke)
+        # through graphs.ReplayApi, the recorded step re-run on the same buffers, so this code
+        # has run before the first GPU meets it (its speed there means nothing)
+        from rwkvforge.model.graphs import GraphedStep, ReplayApi
 
-            gs = GraphedStep(model)
-            g_state = [tuple(t.clone() for t in layer) for layer in state]
-            e_logits, _ = model.step(tok, [tuple(t.clone() for t in layer) for layer in state])
-            g_logits, g_state = gs.step(tok, g_state)  # captures, then replays
-            first_diff = float((g_logits.float() - e_logits.float()).abs().max())
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(a.decode):
-                g_logits, g_state = gs.step(g_logits.argmax(-1), g_state)
-            sync()
-            graphed = {"graph_failed": gs.failed,
-                       "graph_decode_tokens_per_s": a.decode / (time.perf_counter() - t0)
-                       if gs.failed is None else None,
-                       # the replayed step against the eager one from the same state
-                       "graph_first_logits_max_diff": first_diff}
+        gs = GraphedStep(model, api=None if dev.type == "cuda" else ReplayApi())
+        g_state = [tuple(t.clone() for t in layer) for layer in state]
+        e_logits, _ = model.step(tok, [tuple(t.clone() for t in layer) for layer in state])
+        g_logits, g_state = gs.step(tok, g_state)  # captures, then replays
+        first_diff = float((g_logits.float() - e_logits.float()).abs().max())
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(a.decode):
+            g_logits, g_state = gs.step(g_logits.argmax(-1), g_state)
+        sync()
+        graphed = {"graph_api": "cuda" if dev.type == "cuda" else "cpu stand-in",
+                   "graph_failed": gs.failed,
+                   "graph_decode_tokens_per_s": a.decode / (time.perf_counter() - t0)
+                   if gs.failed is None else None,
+                   # the replayed step against the eager one from the same state
+                   "graph_first_logits_max_diff": first_diff}
     print(json.dumps({"size": a.size, "dtype": "bf16" if dev.type == "cuda" else "fp32",
                       "prefill_tokens": a.prefill, "prefill_tokens_per_s": a.prefill / prefill_s,
                       "decode_tokens": a.decode, "decode_tokens_per_s": a.decode / decode_s,
@@ -195,11 +197,14 @@ def child_infer(a: argparse.Namespace) -> None:
 
 
 def _graph_line(inf: dict) -> str:
-    """The CUDA-graph decode beside the eager one (absent on CPU runs)."""
+    """The CUDA-graph decode beside the eager one (on CPU: that its code ran)."""
     if "graph_failed" not in inf:
         return ""
     if inf["graph_failed"]:
         return f"; CUDA graph: capture failed ({inf['graph_failed']})"
+    if inf.get("graph_api") != "cuda":
+        return (f"; the graph path through its CPU stand-in ran (first logits within "
+                f"{inf['graph_first_logits_max_diff']:.2e} of the eager step)")
     return (f"; through a CUDA graph {inf['graph_decode_tokens_per_s']:.1f} tokens/s "
             f"({inf['graph_decode_tokens_per_s'] / inf['decode_tokens_per_s']:.2f}x), first "
             f"logits within {inf['graph_first_logits_max_diff']:.2e} of the eager step")

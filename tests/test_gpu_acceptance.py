@@ -35,6 +35,10 @@ def test_smoke_run_writes_the_table_and_the_reasons(tmp_path: Path) -> None:
     assert row["ratio"] == pytest.approx(row["peak"] / row["predicted"])
     inf = rep["inference"]
     assert inf["prefill_tokens_per_s"] > 0 and inf["decode_tokens_per_s"] > 0
+    # the CUDA-graph decode's code ran through its CPU stand-in: the replayed step is the step
+    assert inf["graph_api"] == "cpu stand-in" and inf["graph_failed"] is None
+    assert inf["graph_first_logits_max_diff"] == 0.0 and inf["graph_decode_tokens_per_s"] > 0
+    assert "the graph path through its CPU stand-in ran" in table
     # the markdown holds the same numbers as the JSON
     assert f"| tiny | lora-bf16 | {row['wkv']} | {row['tokens_per_s']:.0f} |" in table
     assert f"{row['ratio']:.2f}" in table and "skipped:" in table

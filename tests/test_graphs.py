@@ -1,7 +1,7 @@
 """model/graphs.py: the decode step replayed from a graph per batch size.
 
 No GPU here, so torch.cuda's capture is replaced by what a replay does: the recorded body
-run again on the same static buffers (`ReplayApi`). What these tests hold is the bookkeeping
+run again on the same static buffers (graphs.ReplayApi). What these tests hold is the bookkeeping
 a real graph depends on: inputs copied into the static buffers (the state only when it is
 not the one the last replay returned), one capture per batch size, outputs in the graph's
 buffers, the engine's batch joining and leaving, and the fall-back when capture fails.
@@ -12,24 +12,23 @@ from __future__ import annotations
 import torch
 
 from rwkvforge.generate import Engine
-from rwkvforge.model.graphs import GraphedStep
+from rwkvforge.model.graphs import GraphedStep, ReplayApi
 from rwkvforge.sampling import SamplingParams
 from rwkvforge.tokenizer import get_tokenizer
 
 
-class ReplayApi:
-    """torch.cuda's capture on CPU: warm-up twice, record (nothing runs), replay = the body."""
+class CountingApi(ReplayApi):
+    """graphs.ReplayApi (torch.cuda's capture on CPU) counting its captures, or failing them."""
 
     def __init__(self, fail: bool = False):
         self.captures, self.fail = 0, fail
 
     def capture(self, body, warmup):
-        warmup()
-        warmup()
         if self.fail:
+            warmup()
             raise RuntimeError("operation not permitted when stream is capturing")
         self.captures += 1
-        return body, None
+        return super().capture(body, warmup)
 
 
 def _clone(state):
@@ -38,7 +37,7 @@ def _clone(state):
 
 def test_graphed_step_is_the_step_across_batch_sizes(tiny_model):
     V = tiny_model.config.vocab_size
-    api = ReplayApi()
+    api = CountingApi()
     gs = GraphedStep(tiny_model, api=api)
     with torch.no_grad():
         state = tiny_model.init_state(2)
@@ -71,7 +70,7 @@ def test_graphed_step_is_the_step_across_batch_sizes(tiny_model):
 
 
 def test_failed_capture_falls_back_to_the_step_once(tiny_model, capsys):
-    gs = GraphedStep(tiny_model, api=ReplayApi(fail=True))
+    gs = GraphedStep(tiny_model, api=CountingApi(fail=True))
     with torch.no_grad():
         state = tiny_model.init_state(1)
         for t in (1, 2, 3):

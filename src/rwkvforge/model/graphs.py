@@ -15,8 +15,8 @@ new `GraphedStep` (a new engine).
 switches adapters in Python, which a graph would freeze). Any failure to capture (an
 operation that syncs with the CPU, an old driver) is reported once and the engine goes on
 with the eager step; `RWKVFORGE_CUDA_GRAPHS=0` turns it off. The capture API is a parameter
-(`api`): tests drive the bookkeeping on CPU with a stand-in that re-runs the recorded body,
-which is what a replay does to the same buffers.
+(`api`): tests and the GPU acceptance script's CPU smoke run drive the bookkeeping with
+`ReplayApi`, which re-runs the recorded body, what a replay does to the same buffers.
 """
 
 from __future__ import annotations
@@ -48,6 +48,18 @@ class CudaApi:
         with torch.cuda.graph(graph):
             out = body()
         return graph.replay, out
+
+
+class ReplayApi:
+    """`CudaApi`'s stand-in on a CPU: two warm-ups, nothing runs at capture, and a replay runs
+    the recorded body again on the same buffers, which is what a graph replay does. For the
+    tests and bench/gpu_acceptance.py's --smoke run (no speed meaning)."""
+
+    @staticmethod
+    def capture(body: Callable[[], Any], warmup: Callable[[], Any]) -> tuple[Callable, Any]:
+        warmup()
+        warmup()
+        return body, None
 
 
 def enabled() -> bool:
@@ -108,4 +120,4 @@ class GraphedStep:
         return replay, sidx, sstate, slogits
 
 
-__all__ = ["CudaApi", "GraphedStep", "enabled"]
+__all__ = ["CudaApi", "GraphedStep", "ReplayApi", "enabled"]
